@@ -1,0 +1,3 @@
+//! The local agent runtime behind `mosaic.agent.v1.AgentControl`.
+
+pub mod service;

@@ -1,0 +1,539 @@
+//! Who is calling: API keys (made, hashed, scoped, revoked) and the tower layer that
+//! authenticates every call before any handler runs.
+//!
+//! The layer looks the method up in [`requirement_for`] — one table for the whole
+//! server — and either rejects the call or puts a [`Caller`] into the request's
+//! extensions for the handler. A method of a known service that is missing from the
+//! table is refused (fail closed).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use base64::Engine;
+use ring::rand::{SecureRandom, SystemRandom};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::clock::now_ms;
+use crate::identity::PublicKey;
+use crate::store::{ApiKeyRecord, Store, StoreError};
+
+/// The prefix of every API key, so leaked keys are easy to recognise and scan for.
+pub const API_KEY_PREFIX: &str = "mosaic_";
+/// Random bytes in a key (256 bits).
+const API_KEY_RANDOM_BYTES: usize = 32;
+/// Characters of the key kept in the clear to tell keys apart in listings.
+const DISPLAY_PREFIX_CHARS: usize = 12;
+/// `last_used_at` is written at most this often per key, so a busy key does not
+/// turn every call into a database write.
+const TOUCH_INTERVAL_MS: i64 = 60_000;
+
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Federation administration: peers, keys, remote agents.
+    Admin,
+    /// The local agent runtime (`AgentControl`).
+    Agents,
+    /// The job API (`Coordinator`).
+    Coordinator,
+    /// Bot entry points (`HandleWebhook`, `DispatchJob`).
+    Webhook,
+}
+
+impl Scope {
+    /// Every scope, in display order.
+    pub const ALL: [Scope; 4] = [
+        Scope::Admin,
+        Scope::Agents,
+        Scope::Coordinator,
+        Scope::Webhook,
+    ];
+
+    /// The scope's name as typed and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Admin => "admin",
+            Scope::Agents => "agents",
+            Scope::Coordinator => "coordinator",
+            Scope::Webhook => "webhook",
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.as_str() == text.trim())
+            .ok_or_else(|| {
+                format!(
+                    "unknown scope {text:?}; expected one of admin, agents, coordinator, webhook"
+                )
+            })
+    }
+}
+
+/// A newly created key: the only moment the secret exists outside the caller.
+pub struct NewApiKey {
+    /// The stored record (hash only).
+    pub record: ApiKeyRecord,
+    /// The key itself, to be shown once.
+    pub secret: zeroize::Zeroizing<String>,
+}
+
+/// Why an API key operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiKeyError {
+    /// Name or scopes are unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The random source failed.
+    #[error("the system random source failed")]
+    Random,
+}
+
+/// Creates and stores a new API key.
+pub async fn create_api_key(
+    store: &Store,
+    name: &str,
+    scopes: &[Scope],
+) -> Result<NewApiKey, ApiKeyError> {
+    let name = name.trim();
+    if name.is_empty() || name.len() > 128 {
+        return Err(ApiKeyError::Invalid(
+            "an API key needs a name of 1 to 128 characters".into(),
+        ));
+    }
+    if scopes.is_empty() {
+        return Err(ApiKeyError::Invalid(
+            "an API key needs at least one scope (admin, agents, coordinator, webhook)".into(),
+        ));
+    }
+    let mut random = zeroize::Zeroizing::new([0u8; API_KEY_RANDOM_BYTES]);
+    SystemRandom::new()
+        .fill(random.as_mut())
+        .map_err(|_| ApiKeyError::Random)?;
+    let secret = zeroize::Zeroizing::new(format!(
+        "{API_KEY_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(*random)
+    ));
+    let mut sorted_scopes = scopes.to_vec();
+    sorted_scopes.sort();
+    sorted_scopes.dedup();
+    let record = ApiKeyRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        name: name.to_owned(),
+        key_hash: hash_api_key(&secret),
+        prefix: secret.chars().take(DISPLAY_PREFIX_CHARS).collect(),
+        scopes: sorted_scopes
+            .iter()
+            .map(|scope| scope.as_str().to_owned())
+            .collect(),
+        created_at_ms: now_ms(),
+        last_used_at_ms: None,
+        revoked_at_ms: None,
+    };
+    store.insert_api_key(&record).await?;
+    Ok(NewApiKey { record, secret })
+}
+
+/// SHA-256 of the key. Keys carry 256 random bits, so a fast hash is enough: there
+/// is nothing to brute-force that a slow hash would protect.
+pub fn hash_api_key(key: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, key.as_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+/// What a method demands of its caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requirement {
+    /// Anyone (health, reflection, public identity).
+    Public,
+    /// An API key holding this scope.
+    ApiKey(Scope),
+    /// A TLS client certificate; the handler checks that it belongs to a peer.
+    PeerCertificate,
+}
+
+/// The one table of who may call what. `None` means the service is not ours, and
+/// the router will answer UNIMPLEMENTED without running anything.
+pub fn requirement_for(path: &str) -> Option<Requirement> {
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    let requirement = match service {
+        "grpc.health.v1.Health"
+        | "grpc.reflection.v1.ServerReflection"
+        | "grpc.reflection.v1alpha.ServerReflection" => Requirement::Public,
+        "mosaic.federation.v1.Federation" => match method {
+            "GetInstance" => Requirement::Public,
+            "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "Ping" => {
+                Requirement::PeerCertificate
+            }
+            _ => Requirement::ApiKey(Scope::Admin),
+        },
+        "mosaic.agent.v1.AgentControl" => Requirement::ApiKey(Scope::Agents),
+        "mosaic.coordinator.v1.Coordinator" => match method {
+            "Health" => Requirement::Public,
+            "HandleWebhook" | "DispatchJob" => Requirement::ApiKey(Scope::Webhook),
+            _ => Requirement::ApiKey(Scope::Coordinator),
+        },
+        _ => return None,
+    };
+    Some(requirement)
+}
+
+/// Who made a call, as established by the auth layer.
+#[derive(Clone, Debug)]
+pub enum Caller {
+    /// No credentials (public methods only).
+    Anonymous,
+    /// A validated, unrevoked API key.
+    ApiKey {
+        /// The key's id (never the key).
+        id: String,
+        /// The key's name.
+        name: String,
+    },
+    /// A TLS client presenting a certificate for this key.
+    PeerCertificate(PublicKey),
+}
+
+impl Caller {
+    /// The caller of a request that went through the auth layer.
+    pub fn of<T>(request: &tonic::Request<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or(Caller::Anonymous)
+    }
+
+    /// The verified TLS peer key, if the caller presented a certificate.
+    pub fn peer_key(&self) -> Option<&PublicKey> {
+        match self {
+            Caller::PeerCertificate(key) => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Checks credentials against the store.
+pub struct Authenticator {
+    store: Store,
+    last_touched: Mutex<HashMap<String, i64>>,
+}
+
+impl Authenticator {
+    /// An authenticator backed by `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            last_touched: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Decides a call. `peer_certificates` are those of the TLS connection, if any.
+    pub async fn authenticate(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer_key: Option<PublicKey>,
+    ) -> Result<Caller, tonic::Status> {
+        match requirement_for(path) {
+            None | Some(Requirement::Public) => Ok(Caller::Anonymous),
+            Some(Requirement::PeerCertificate) => {
+                peer_key.map(Caller::PeerCertificate).ok_or_else(|| {
+                    tonic::Status::unauthenticated(
+                        "this federation method needs a TLS client certificate of a connected peer",
+                    )
+                })
+            }
+            Some(Requirement::ApiKey(scope)) => self.api_key(headers, scope).await,
+        }
+    }
+
+    async fn api_key(
+        &self,
+        headers: &http::HeaderMap,
+        scope: Scope,
+    ) -> Result<Caller, tonic::Status> {
+        let presented = presented_api_key(headers, scope)?;
+        let record = self
+            .store
+            .find_api_key_by_hash(&hash_api_key(presented))
+            .await
+            .map_err(|error| match error {
+                StoreError::Unavailable(_) => {
+                    tonic::Status::unavailable("the database is unavailable; try again shortly")
+                }
+                other => {
+                    tracing::error!(error = %other, "api key lookup failed");
+                    tonic::Status::internal("internal error")
+                }
+            })?;
+        let Some(record) = record.filter(|record| record.revoked_at_ms.is_none()) else {
+            return Err(tonic::Status::unauthenticated("invalid or revoked API key"));
+        };
+        if !record
+            .scopes
+            .iter()
+            .any(|granted| granted == scope.as_str())
+        {
+            return Err(tonic::Status::permission_denied(format!(
+                "API key {:?} lacks the `{scope}` scope this method needs",
+                record.name
+            )));
+        }
+        self.touch(&record.id);
+        Ok(Caller::ApiKey {
+            id: record.id,
+            name: record.name,
+        })
+    }
+
+    /// Records use of a key in the background, at most once per interval.
+    fn touch(&self, key_id: &str) {
+        let now = now_ms();
+        {
+            let mut last_touched = self
+                .last_touched
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            match last_touched.get(key_id) {
+                Some(previous) if now - previous < TOUCH_INTERVAL_MS => return,
+                _ => {
+                    last_touched.insert(key_id.to_owned(), now);
+                }
+            }
+        }
+        let store = self.store.clone();
+        let key_id = key_id.to_owned();
+        tokio::spawn(async move {
+            if let Err(error) = store.touch_api_key(&key_id, now).await {
+                tracing::warn!(api_key.id = %key_id, %error, "could not record api key use");
+            }
+        });
+    }
+}
+
+/// Extracts the key from `authorization: Bearer <key>` or `x-api-key: <key>`.
+fn presented_api_key(headers: &http::HeaderMap, scope: Scope) -> Result<&str, tonic::Status> {
+    let malformed = |detail: &str| {
+        tonic::Status::unauthenticated(format!("malformed API key header: {detail}"))
+    };
+    let from_authorization = match headers.get(http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => {
+            let value = value
+                .to_str()
+                .map_err(|_| malformed("authorization is not ASCII"))?;
+            let (kind, key) = value
+                .split_once(' ')
+                .ok_or_else(|| malformed("expected `authorization: Bearer <key>`"))?;
+            if !kind.eq_ignore_ascii_case("bearer") {
+                return Err(malformed("expected `authorization: Bearer <key>`"));
+            }
+            Some(key.trim())
+        }
+    };
+    let from_header = match headers.get("x-api-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| malformed("x-api-key is not ASCII"))?
+                .trim(),
+        ),
+    };
+    let key = match (from_authorization, from_header) {
+        (Some(a), Some(b)) if a != b => {
+            return Err(malformed(
+                "authorization and x-api-key carry different keys",
+            ));
+        }
+        (Some(key), _) | (None, Some(key)) => key,
+        (None, None) => {
+            return Err(tonic::Status::unauthenticated(format!(
+                "this method needs an API key with the `{scope}` scope: send `authorization: Bearer <key>` or `x-api-key: <key>`"
+            )));
+        }
+    };
+    if key.is_empty() || key.len() > 256 {
+        return Err(malformed("empty or oversized key"));
+    }
+    Ok(key)
+}
+
+/// The tower layer that runs [`Authenticator::authenticate`] before every call.
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Arc<Authenticator>,
+}
+
+impl AuthLayer {
+    /// A layer deciding calls with `authenticator`.
+    pub fn new(authenticator: Arc<Authenticator>) -> Self {
+        Self { authenticator }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            authenticator: Arc::clone(&self.authenticator),
+        }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    authenticator: Arc<Authenticator>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was driven to readiness is the one to call (tower's rule).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = Arc::clone(&self.authenticator);
+        Box::pin(async move {
+            let peer_key = peer_key_of(request.extensions());
+            match authenticator
+                .authenticate(request.uri().path(), request.headers(), peer_key)
+                .await
+            {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(status) => Ok(status.into_http()),
+            }
+        })
+    }
+}
+
+/// The verified client certificate key of the connection, if any.
+fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
+    let info = extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certificates = info.peer_certs()?;
+    crate::tls::peer_public_key(&certificates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, value.parse().expect("header value"));
+        }
+        map
+    }
+
+    #[test]
+    fn keys_come_from_either_header() {
+        assert_eq!(
+            presented_api_key(&headers(&[("authorization", "Bearer abc")]), Scope::Admin).ok(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_api_key(&headers(&[("authorization", "bearer  abc ")]), Scope::Admin).ok(),
+            Some("abc")
+        );
+        assert_eq!(
+            presented_api_key(&headers(&[("x-api-key", "abc")]), Scope::Admin).ok(),
+            Some("abc")
+        );
+    }
+
+    #[test]
+    fn malformed_or_missing_keys_are_unauthenticated() {
+        for pairs in [
+            vec![("authorization", "Basic abc")],
+            vec![("authorization", "Bearer")],
+            vec![("authorization", "Bearer a"), ("x-api-key", "b")],
+            vec![],
+        ] {
+            let status = presented_api_key(&headers(&pairs), Scope::Agents).expect_err("refused");
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn the_method_table_fails_closed_for_our_services() {
+        assert_eq!(
+            requirement_for("/mosaic.federation.v1.Federation/GetInstance"),
+            Some(Requirement::Public)
+        );
+        assert_eq!(
+            requirement_for("/mosaic.federation.v1.Federation/SomethingNew"),
+            Some(Requirement::ApiKey(Scope::Admin))
+        );
+        assert_eq!(
+            requirement_for("/mosaic.federation.v1.Federation/ExecuteCommand"),
+            Some(Requirement::PeerCertificate)
+        );
+        assert_eq!(
+            requirement_for("/mosaic.coordinator.v1.Coordinator/HandleWebhook"),
+            Some(Requirement::ApiKey(Scope::Webhook))
+        );
+        assert_eq!(
+            requirement_for("/mosaic.coordinator.v1.Coordinator/Health"),
+            Some(Requirement::Public)
+        );
+        assert_eq!(
+            requirement_for("/mosaic.agent.v1.AgentControl/Spawn"),
+            Some(Requirement::ApiKey(Scope::Agents))
+        );
+        assert_eq!(
+            requirement_for("/grpc.health.v1.Health/Check"),
+            Some(Requirement::Public)
+        );
+        assert_eq!(requirement_for("/other.Service/Method"), None);
+    }
+
+    #[test]
+    fn scopes_parse_and_print() {
+        for scope in Scope::ALL {
+            assert_eq!(scope.as_str().parse::<Scope>(), Ok(scope));
+        }
+        assert!("root".parse::<Scope>().is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! The `mosaicd` command tree (clap). Offline commands work on the data dir or the
+//! database directly; client commands talk gRPC to a running daemon.
+
+pub mod apikey;
+pub mod client;
+pub mod exit;
+pub mod identity;
+pub mod serve;
+
+use clap::{Parser, Subcommand};
+
+pub use self::client::ClientArgs;
+pub use self::exit::CliError;
+use crate::auth::Scope;
+use crate::config::ConfigArgs;
+
+/// mosaicd: federate Mosaic instances; run agents and jobs.
+#[derive(Debug, Parser)]
+#[command(name = "mosaicd", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration shared by every command.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// How client commands reach a daemon.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Log filter (tracing `EnvFilter` syntax) [default: info].
+    #[arg(long, env = "MOSAIC_LOG", global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    /// Log format.
+    #[arg(long, env = "MOSAIC_LOG_FORMAT", global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// For people.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
+/// The top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (creates the identity on first start).
+    Serve,
+    /// Create the data dir, database and identity, then exit.
+    Init,
+    /// Run database migrations, then exit.
+    Migrate,
+    /// Show, print or rotate the instance identity.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// Create, list and revoke API keys (offline, on the database).
+    #[command(subcommand)]
+    Apikey(ApiKeyCommand),
+}
+
+/// `mosaicd identity ...`
+#[derive(Debug, Subcommand)]
+pub enum IdentityCommand {
+    /// Show the instance id, name, URL, key id and fingerprint (offline).
+    Show,
+    /// Print the daemon's TLS certificate as PEM (offline, from the data dir).
+    Cert,
+    /// Make a new key current on the running daemon (admin API key).
+    Rotate {
+        /// How long the old key stays valid, e.g. `24h` [default: from config].
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<humantime::Duration>,
+    },
+}
+
+/// `mosaicd apikey ...`
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyCommand {
+    /// Create a key; it is printed once and never again.
+    Create {
+        /// A name that says who uses the key.
+        #[arg(long)]
+        name: String,
+        /// Scopes, comma separated: admin, agents, coordinator, webhook.
+        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        scopes: Vec<Scope>,
+    },
+    /// List keys (never the secrets).
+    List,
+    /// Revoke a key by id.
+    Revoke {
+        /// The key id (from `apikey list`).
+        id: String,
+    },
+}
+
+/// Runs a parsed command line. Tracing is already set up.
+pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
+    crate::tls::install_default_provider();
+    let output = exit::Output { json: cli.json };
+    match cli.command {
+        Command::Serve => serve::serve(&cli.config).await,
+        Command::Init => serve::init(&cli.config, output).await,
+        Command::Migrate => serve::migrate(&cli.config, output).await,
+        Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,
+        Command::Identity(IdentityCommand::Cert) => identity::cert(&cli.config),
+        Command::Identity(IdentityCommand::Rotate { grace }) => {
+            identity::rotate(&cli.config, &cli.client, grace.map(Into::into), output).await
+        }
+        Command::Apikey(ApiKeyCommand::Create { name, scopes }) => {
+            apikey::create(&cli.config, &name, &scopes, output).await
+        }
+        Command::Apikey(ApiKeyCommand::List) => apikey::list(&cli.config, output).await,
+        Command::Apikey(ApiKeyCommand::Revoke { id }) => {
+            apikey::revoke(&cli.config, &id, output).await
+        }
+    }
+}

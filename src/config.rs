@@ -1,0 +1,445 @@
+//! The configuration tree and its sources. Later sources win: the TOML file
+//! (`--config` / `MOSAIC_CONFIG`), then `MOSAIC_*` environment variables, then flags
+//! (clap reads each flag's variable itself, so the two share one definition).
+//!
+//! Every field says its unit and default. Invalid configuration is an error at
+//! start that names the key; unknown keys in the file are errors too, so a typo
+//! never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::InstanceProfile;
+
+/// Path of the TOML configuration file.
+pub const ENV_CONFIG: &str = "MOSAIC_CONFIG";
+/// The data directory.
+pub const ENV_DATA_DIR: &str = "MOSAIC_DATA_DIR";
+/// The listen address.
+pub const ENV_LISTEN: &str = "MOSAIC_LISTEN";
+/// The database URL.
+pub const ENV_DATABASE_URL: &str = "MOSAIC_DATABASE_URL";
+/// The Redis URL.
+pub const ENV_REDIS_URL: &str = "MOSAIC_REDIS_URL";
+/// Plaintext (no TLS) for local development.
+pub const ENV_PLAINTEXT: &str = "MOSAIC_PLAINTEXT";
+/// The instance name.
+pub const ENV_INSTANCE_NAME: &str = "MOSAIC_INSTANCE_NAME";
+/// The public URL peers dial.
+pub const ENV_PUBLIC_URL: &str = "MOSAIC_PUBLIC_URL";
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+/// The SQLite file inside the data dir.
+pub const SQLITE_FILE: &str = "mosaic.db";
+
+/// Settings given as flags or environment variables (clap reads both).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = ENV_CONFIG, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory: SQLite database, master key file, agent work dirs
+    /// [default: $XDG_DATA_HOME/mosaicd or ~/.local/share/mosaicd].
+    #[arg(long, env = ENV_DATA_DIR, global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL: `postgres://...` or `sqlite://PATH` [default: SQLite in the data dir].
+    #[arg(long, env = ENV_DATABASE_URL, global = true, hide_env_values = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:7443].
+    #[arg(long, env = ENV_LISTEN, global = true, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Redis/Valkey URL for shared rate limits [default: none, in-memory limits].
+    #[arg(long, env = ENV_REDIS_URL, global = true, hide_env_values = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Serve without TLS (local development; refused on non-loopback addresses).
+    #[arg(long, env = ENV_PLAINTEXT, global = true)]
+    pub plaintext: bool,
+    /// Instance name shown to peers [default: the host name].
+    #[arg(long, env = ENV_INSTANCE_NAME, global = true, value_name = "NAME")]
+    pub name: Option<String>,
+    /// URL peers use to reach this instance [default: https://LISTEN].
+    #[arg(long, env = ENV_PUBLIC_URL, global = true, value_name = "URL")]
+    pub public_url: Option<String>,
+}
+
+/// The configuration file, as written. Every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Config::listen`].
+    pub listen: Option<SocketAddr>,
+    /// See [`Config::database_url`].
+    pub database_url: Option<String>,
+    /// See [`Config::redis_url`].
+    pub redis_url: Option<String>,
+    /// See [`Config::plaintext`].
+    pub plaintext: Option<bool>,
+    /// `[instance]`.
+    #[serde(default)]
+    pub instance: InstanceFileConfig,
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerFileConfig,
+    /// `[identity]`.
+    #[serde(default)]
+    pub identity: IdentityFileConfig,
+}
+
+/// `[instance]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceFileConfig {
+    /// Instance name.
+    pub name: Option<String>,
+    /// Public URL.
+    pub public_url: Option<String>,
+    /// Capabilities offered to peers.
+    pub capabilities: Option<Vec<String>>,
+    /// Metadata shown to peers.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `[server]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFileConfig {
+    /// Seconds to drain in-flight calls on shutdown (default 10).
+    pub shutdown_grace_secs: Option<u64>,
+    /// Largest accepted request message in bytes (default 4 MiB).
+    pub max_message_bytes: Option<usize>,
+    /// Seconds a client has to finish the TLS handshake (default 10).
+    pub tls_handshake_timeout_secs: Option<u64>,
+}
+
+/// `[identity]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFileConfig {
+    /// Seconds a rotated-out key stays valid for verification (default 86400).
+    pub rotation_grace_secs: Option<u64>,
+}
+
+/// Why the configuration is unusable. Each message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this tree.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong (TOML's message names the key and line).
+        message: String,
+    },
+    /// A value is out of range or contradicts another.
+    #[error("invalid configuration value for `{key}`: {message}")]
+    Invalid {
+        /// The key (file key / flag / variable).
+        key: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Data directory (SQLite file, master key file, TLS certificate copy).
+    pub data_dir: PathBuf,
+    /// Listen address (default 127.0.0.1:7443).
+    pub listen: SocketAddr,
+    /// Database URL (default `sqlite://<data_dir>/mosaic.db`).
+    pub database_url: String,
+    /// Redis URL, if rate limits are shared (default none).
+    pub redis_url: Option<String>,
+    /// Serve without TLS (default false; loopback only).
+    pub plaintext: bool,
+    /// The instance profile published to peers.
+    pub instance: InstanceProfile,
+    /// Time to drain in-flight calls on shutdown (default 10 s).
+    pub shutdown_grace: Duration,
+    /// Largest accepted request message (default 4 MiB).
+    pub max_message_bytes: usize,
+    /// Time a client has to complete the TLS handshake (default 10 s).
+    pub tls_handshake_timeout: Duration,
+    /// How long a rotated-out key still verifies (default 24 h).
+    pub rotation_grace: Duration,
+    /// The master key from `MOSAIC_MASTER_KEY` (base64), if set; otherwise the key
+    /// file in the data dir is used. Read from the environment only, never a flag,
+    /// so it does not show in process listings.
+    pub master_key: Option<Secret>,
+}
+
+/// A secret string: zeroised on drop, never printed by `Debug`.
+#[derive(Clone)]
+pub struct Secret(pub zeroize::Zeroizing<String>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("<redacted>")
+    }
+}
+
+/// Capabilities an instance offers unless configured otherwise.
+pub fn default_capabilities() -> Vec<String> {
+    ["agent.spawn", "agent.status", "agent.kill"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Config {
+    /// Reads the file named by `args.config` (if any) and resolves everything.
+    pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let mut config = Self::resolve(file, args)?;
+        config.master_key = std::env::var(crate::identity::sealing::MASTER_KEY_ENV)
+            .ok()
+            .filter(|value| !value.is_empty())
+            .map(|value| Secret(zeroize::Zeroizing::new(value)));
+        Ok(config)
+    }
+
+    /// Combines the file and the flags/environment, flags winning, and validates.
+    pub fn resolve(file: FileConfig, args: &ConfigArgs) -> Result<Self, ConfigError> {
+        let data_dir = args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(default_data_dir);
+        let listen = match (args.listen, file.listen) {
+            (Some(listen), _) | (None, Some(listen)) => listen,
+            (None, None) => DEFAULT_LISTEN
+                .parse()
+                .map_err(|_| invalid("listen", "default address does not parse".into()))?,
+        };
+        let plaintext = args.plaintext || file.plaintext.unwrap_or(false);
+        if plaintext && !listen.ip().is_loopback() {
+            return Err(invalid(
+                "plaintext",
+                format!(
+                    "--plaintext is only allowed on a loopback address, not {listen}; remove --plaintext or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        let database_url = args
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join(SQLITE_FILE).display()));
+        if !(database_url.starts_with("sqlite://")
+            || database_url.starts_with("postgres://")
+            || database_url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database_url",
+                "expected postgres://... or sqlite://PATH".into(),
+            ));
+        }
+        let redis_url = args.redis_url.clone().or(file.redis_url);
+        if let Some(url) = &redis_url
+            && !(url.starts_with("redis://") || url.starts_with("rediss://"))
+        {
+            return Err(invalid("redis_url", "expected redis://HOST:PORT".into()));
+        }
+
+        let scheme = if plaintext { "http" } else { "https" };
+        let public_url = args
+            .public_url
+            .clone()
+            .or(file.instance.public_url)
+            .unwrap_or_else(|| format!("{scheme}://{listen}"));
+        let parsed: http::Uri = public_url
+            .parse()
+            .map_err(|_| invalid("public_url", format!("{public_url:?} is not a URL")))?;
+        if parsed.host().is_none() || !matches!(parsed.scheme_str(), Some("https" | "http")) {
+            return Err(invalid(
+                "public_url",
+                format!("{public_url:?} must look like https://HOST:PORT"),
+            ));
+        }
+        let name = args
+            .name
+            .clone()
+            .or(file.instance.name)
+            .unwrap_or_else(default_instance_name);
+        if name.trim().is_empty() || name.len() > 128 {
+            return Err(invalid("name", "must be 1 to 128 characters".into()));
+        }
+        let capabilities = file
+            .instance
+            .capabilities
+            .unwrap_or_else(default_capabilities);
+
+        let shutdown_grace = Duration::from_secs(file.server.shutdown_grace_secs.unwrap_or(10));
+        let max_message_bytes = file.server.max_message_bytes.unwrap_or(4 * 1024 * 1024);
+        if !(1024..=64 * 1024 * 1024).contains(&max_message_bytes) {
+            return Err(invalid(
+                "server.max_message_bytes",
+                "must be between 1024 and 67108864".into(),
+            ));
+        }
+        let handshake_secs = file.server.tls_handshake_timeout_secs.unwrap_or(10);
+        if handshake_secs == 0 {
+            return Err(invalid(
+                "server.tls_handshake_timeout_secs",
+                "must be at least 1".into(),
+            ));
+        }
+        let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+
+        Ok(Self {
+            data_dir,
+            listen,
+            database_url,
+            redis_url,
+            plaintext,
+            instance: InstanceProfile {
+                name,
+                public_url,
+                capabilities,
+                metadata: file.instance.metadata,
+            },
+            shutdown_grace,
+            max_message_bytes,
+            tls_handshake_timeout: Duration::from_secs(handshake_secs),
+            rotation_grace: Duration::from_secs(rotation_grace_secs),
+            master_key: None,
+        })
+    }
+
+    /// Where the master key comes from for this configuration.
+    pub fn master_key_source(&self) -> crate::identity::MasterKeySource {
+        crate::identity::MasterKeySource {
+            environment_value: self.master_key.as_ref().map(|secret| secret.0.clone()),
+            key_file: self
+                .data_dir
+                .join(crate::identity::sealing::MASTER_KEY_FILE),
+        }
+    }
+
+    /// The copy of the current certificate written for local clients.
+    pub fn certificate_path(&self) -> PathBuf {
+        certificate_path(&self.data_dir)
+    }
+}
+
+/// Where the daemon writes its current certificate (public) for local clients.
+pub fn certificate_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls").join("cert.pem")
+}
+
+fn invalid(key: &'static str, message: String) -> ConfigError {
+    ConfigError::Invalid { key, message }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse_file(&text).map_err(|message| ConfigError::Parse {
+        path: path.display().to_string(),
+        message,
+    })
+}
+
+/// Parses configuration file text.
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|error| error.to_string())
+}
+
+fn default_data_dir() -> PathBuf {
+    if let Some(data_home) = std::env::var_os("XDG_DATA_HOME").filter(|value| !value.is_empty()) {
+        return PathBuf::from(data_home).join("mosaicd");
+    }
+    match std::env::var_os("HOME").filter(|value| !value.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/mosaicd"),
+        None => PathBuf::from(".mosaicd"),
+    }
+}
+
+fn default_instance_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "mosaic".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_with_dir() -> ConfigArgs {
+        ConfigArgs {
+            data_dir: Some(PathBuf::from("/tmp/mosaic-test")),
+            ..ConfigArgs::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_sqlite_in_the_data_dir_and_loopback_tls() {
+        let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
+        assert_eq!(config.database_url, "sqlite:///tmp/mosaic-test/mosaic.db");
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.instance.public_url, "https://127.0.0.1:7443");
+        assert!(!config.plaintext);
+        assert_eq!(config.rotation_grace, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = parse_file("listen = \"127.0.0.1:9000\"\n[instance]\nname = \"from-file\"\n")
+            .expect("parse");
+        let mut args = args_with_dir();
+        args.name = Some("from-flag".into());
+        let config = Config::resolve(file, &args).expect("config");
+        assert_eq!(config.instance.name, "from-flag");
+        assert_eq!(config.listen.port(), 9000);
+    }
+
+    #[test]
+    fn plaintext_is_refused_off_loopback() {
+        let mut args = args_with_dir();
+        args.plaintext = true;
+        args.listen = Some("0.0.0.0:7443".parse().expect("addr"));
+        let error = Config::resolve(FileConfig::default(), &args).expect_err("refused");
+        assert!(error.to_string().contains("plaintext"), "{error}");
+        args.listen = Some("127.0.0.1:7443".parse().expect("addr"));
+        assert!(Config::resolve(FileConfig::default(), &args).is_ok());
+    }
+
+    #[test]
+    fn unknown_and_malformed_keys_name_themselves() {
+        let error = parse_file("lisen = \"x\"").expect_err("unknown key");
+        assert!(error.contains("lisen"), "{error}");
+        let error = parse_file("listen = \"not an address\"").expect_err("bad value");
+        assert!(error.contains("listen"), "{error}");
+        let file = parse_file("[server]\nmax_message_bytes = 1\n").expect("parse");
+        let error = Config::resolve(file, &args_with_dir()).expect_err("too small");
+        assert!(
+            error.to_string().contains("server.max_message_bytes"),
+            "{error}"
+        );
+    }
+}

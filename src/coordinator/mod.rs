@@ -1,0 +1,3 @@
+//! The job coordinator behind `mosaic.coordinator.v1.Coordinator`.
+
+pub mod service;

@@ -1,0 +1,58 @@
+//! The one table from error kinds to gRPC status codes.
+//!
+//! Each area has its own error type; this file says, once, which code each kind
+//! becomes and what the caller reads. Internal failures become a generic
+//! "internal error" to the caller and are logged here, once, with their cause.
+
+use tonic::{Code, Status};
+
+use crate::auth::ApiKeyError;
+use crate::identity::IdentityError;
+use crate::store::StoreError;
+
+/// Logs an internal failure with its cause and returns the generic status.
+pub fn internal(context: &str, error: &dyn std::error::Error) -> Status {
+    tracing::error!(error = %error, context, "internal error");
+    Status::internal("internal error")
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(_) => {
+                tracing::warn!(%error, "database unavailable");
+                Status::unavailable("the database is unavailable; try again shortly")
+            }
+            StoreError::NotFound => Status::not_found("not found"),
+            StoreError::Conflict(_) => Status::already_exists("already exists"),
+            other => internal("store", &other),
+        }
+    }
+}
+
+impl From<IdentityError> for Status {
+    fn from(error: IdentityError) -> Self {
+        match error {
+            IdentityError::Store(store) => store.into(),
+            other => internal("identity", &other),
+        }
+    }
+}
+
+impl From<ApiKeyError> for Status {
+    fn from(error: ApiKeyError) -> Self {
+        match error {
+            ApiKeyError::Invalid(message) => Status::invalid_argument(message),
+            ApiKeyError::Store(store) => store.into(),
+            other => internal("api keys", &other),
+        }
+    }
+}
+
+/// A status for an RPC whose issue has not landed yet: it names what is missing.
+pub fn not_yet(what: &str) -> Status {
+    Status::new(
+        Code::Unimplemented,
+        format!("{what} is not implemented in this build of mosaicd yet"),
+    )
+}

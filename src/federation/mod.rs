@@ -1,0 +1,4 @@
+//! Federation: the public instance identity, key rotation, and (as their issues
+//! land) peering and signed commands between instances.
+
+pub mod service;

@@ -1,0 +1,110 @@
+//! The instance's self-signed X.509 certificate, made for the instance key at start
+//! (and after each rotation). Peers pin the key inside it, not a CA; ordinary
+//! clients (`grpcurl -cacert`, grpcio `root_certificates`) can pin the certificate.
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+
+use super::keys::InstanceKey;
+
+/// How long a generated certificate is valid. Trust comes from the pinned key, so
+/// the dates are hygiene only; the certificate is re-made at every start.
+const CERTIFICATE_LIFETIME: time::Duration = time::Duration::days(3650);
+/// Back-dating that absorbs small clock differences between peers.
+const CLOCK_SKEW_ALLOWANCE: time::Duration = time::Duration::hours(1);
+
+/// Why a certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("could not create the instance certificate: {0}")]
+pub struct CertificateError(String);
+
+/// A certificate for the instance key, as DER and PEM.
+#[derive(Clone, Debug)]
+pub struct InstanceCertificate {
+    /// The certificate DER.
+    pub der: Vec<u8>,
+    /// The same certificate as PEM text.
+    pub pem: String,
+}
+
+/// Makes a self-signed certificate for `key`, naming `common_name` and carrying
+/// `subject_alt_names` (host names or IP addresses), plus `localhost` and the
+/// loopback addresses.
+pub fn self_signed(
+    key: &InstanceKey,
+    common_name: &str,
+    subject_alt_names: &[String],
+) -> Result<InstanceCertificate, CertificateError> {
+    let pkcs8 = PrivatePkcs8KeyDer::from(key.pkcs8_der());
+    let key_pair = KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &PKCS_ECDSA_P256_SHA256)
+        .map_err(|error| CertificateError(error.to_string()))?;
+
+    let mut names: Vec<String> = subject_alt_names
+        .iter()
+        .map(|name| {
+            name.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned()
+        })
+        .filter(|name| !name.is_empty())
+        .collect();
+    for default_name in ["localhost", "127.0.0.1", "::1"] {
+        if !names.iter().any(|name| name == default_name) {
+            names.push(default_name.to_owned());
+        }
+    }
+    let mut params =
+        CertificateParams::new(names).map_err(|error| CertificateError(error.to_string()))?;
+    let mut distinguished_name = DistinguishedName::new();
+    distinguished_name.push(DnType::CommonName, common_name);
+    distinguished_name.push(DnType::OrganizationName, "mosaic-mesh instance");
+    params.distinguished_name = distinguished_name;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - CLOCK_SKEW_ALLOWANCE;
+    params.not_after = now + CERTIFICATE_LIFETIME;
+
+    let certificate = params
+        .self_signed(&key_pair)
+        .map_err(|error| CertificateError(error.to_string()))?;
+    Ok(InstanceCertificate {
+        der: certificate.der().to_vec(),
+        pem: certificate.pem(),
+    })
+}
+
+/// The SubjectPublicKeyInfo DER inside a certificate, or `None` if it does not parse.
+pub fn spki_of_certificate(certificate_der: &[u8]) -> Option<Vec<u8>> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(certificate_der).ok()?;
+    Some(certificate.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_carries_the_instance_key_and_names() {
+        let key = InstanceKey::generate().expect("generate");
+        let certificate =
+            self_signed(&key, "node-a", &["mesh.example.org".to_owned()]).expect("certificate");
+        assert_eq!(
+            spki_of_certificate(&certificate.der).expect("spki"),
+            key.public_key().spki_der()
+        );
+        assert!(certificate.pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&certificate.der).expect("parse");
+        let names = parsed
+            .subject_alternative_name()
+            .expect("san")
+            .expect("present")
+            .value
+            .general_names
+            .iter()
+            .map(|name| format!("{name}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(names.contains("mesh.example.org"), "{names}");
+        assert!(names.contains("localhost"), "{names}");
+        assert!(names.contains("IPAddress(7f:00:00:01)"), "{names}");
+    }
+}

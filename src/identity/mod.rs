@@ -1,0 +1,399 @@
+//! The instance identity: id, profile, the current ECDSA P-256 key and the previous
+//! keys still in their grace period, and the TLS certificate made for the key.
+//!
+//! This module (with its children) is the only place that holds private key
+//! material. Everything else sees [`PublicKey`]s, signatures and certificates.
+
+pub mod certificate;
+pub mod fingerprint;
+pub mod keys;
+pub mod sealing;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use zeroize::Zeroizing;
+
+pub use self::certificate::InstanceCertificate;
+pub use self::keys::{InstanceKey, KeyError, PublicKey};
+pub use self::sealing::{MasterKey, MasterKeySource, SealingError};
+use crate::clock::now_ms;
+use crate::store::{InstanceKeyRecord, InstanceRecord, Store, StoreError};
+
+/// Associated-data prefix binding a sealed private key to its key id.
+const SEALING_CONTEXT: &[u8] = b"mosaic-instance-key-v1:";
+
+/// What the operator configures about the instance (everything but keys and id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceProfile {
+    /// Human-readable name.
+    pub name: String,
+    /// The URL peers dial, e.g. `https://mesh.example.org:7443`.
+    pub public_url: String,
+    /// Capabilities this instance offers (`agent.spawn`, ...).
+    pub capabilities: Vec<String>,
+    /// Free-form metadata shown to peers.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A key that is no longer current but still verifies until `valid_until_ms`.
+#[derive(Debug, Clone)]
+pub struct PreviousKey {
+    /// The public key.
+    pub public_key: PublicKey,
+    /// When it was created.
+    pub created_at_ms: i64,
+    /// When it stops being accepted.
+    pub valid_until_ms: i64,
+}
+
+/// Why the identity could not be loaded, created or rotated.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Master key trouble (missing, malformed, wrong).
+    #[error(transparent)]
+    Sealing(#[from] SealingError),
+    /// The stored key does not parse or match.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The certificate could not be made.
+    #[error(transparent)]
+    Certificate(#[from] certificate::CertificateError),
+    /// Stored rows contradict each other.
+    #[error("the stored identity is inconsistent: {0}")]
+    Corrupt(String),
+    /// The TLS stack refused the key.
+    #[error("the TLS library refused the instance key")]
+    Tls,
+}
+
+/// A snapshot of the identity. Cheap to share; replaced whole on rotation.
+pub struct Identity {
+    /// The instance id (a UUID).
+    pub instance_id: String,
+    /// The configured profile.
+    pub profile: InstanceProfile,
+    /// When the identity was created.
+    pub created_at_ms: i64,
+    /// When the current key was created.
+    pub current_key_created_at_ms: i64,
+    current_key: InstanceKey,
+    previous_keys: Vec<PreviousKey>,
+    certificate: InstanceCertificate,
+    certified_key: Arc<CertifiedKey>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Identity")
+            .field("instance_id", &self.instance_id)
+            .field("profile", &self.profile)
+            .field("current_key", &self.current_key)
+            .field("previous_keys", &self.previous_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    fn new(
+        instance: &InstanceRecord,
+        current_key: InstanceKey,
+        current_key_created_at_ms: i64,
+        previous_keys: Vec<PreviousKey>,
+    ) -> Result<Self, IdentityError> {
+        let profile = InstanceProfile {
+            name: instance.name.clone(),
+            public_url: instance.public_url.clone(),
+            capabilities: instance.capabilities.clone(),
+            metadata: instance.metadata.clone(),
+        };
+        let certificate = certificate::self_signed(
+            &current_key,
+            &profile.name,
+            &host_of_url(&profile.public_url)
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )?;
+        let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
+            PrivatePkcs8KeyDer::from(current_key.pkcs8_der().to_vec()),
+        ))
+        .map_err(|_| IdentityError::Tls)?;
+        let certified_key = Arc::new(CertifiedKey::new(
+            vec![CertificateDer::from(certificate.der.clone())],
+            signing_key,
+        ));
+        Ok(Self {
+            instance_id: instance.instance_id.clone(),
+            profile,
+            created_at_ms: instance.created_at_ms,
+            current_key_created_at_ms,
+            current_key,
+            previous_keys,
+            certificate,
+            certified_key,
+        })
+    }
+
+    /// The current public key.
+    pub fn public_key(&self) -> &PublicKey {
+        self.current_key.public_key()
+    }
+
+    /// Previous keys still inside their grace period at `now_ms`.
+    pub fn previous_keys(&self, now_ms: i64) -> impl Iterator<Item = &PreviousKey> {
+        self.previous_keys
+            .iter()
+            .filter(move |key| key.valid_until_ms > now_ms)
+    }
+
+    /// The current certificate (public).
+    pub fn certificate(&self) -> &InstanceCertificate {
+        &self.certificate
+    }
+
+    /// The certificate and signing key for rustls.
+    pub fn certified_key(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.certified_key)
+    }
+
+    /// Signs `message` with the current key.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.current_key.sign(message)
+    }
+}
+
+/// The host part of a URL, for the certificate's subject alternative names.
+fn host_of_url(url: &str) -> Option<String> {
+    let uri: http::Uri = url.parse().ok()?;
+    uri.host().map(str::to_owned)
+}
+
+/// Owns the identity for a running daemon: loads or creates it, and rotates it.
+pub struct IdentityManager {
+    store: Store,
+    master_key: MasterKey,
+    current: RwLock<Arc<Identity>>,
+}
+
+impl std::fmt::Debug for IdentityManager {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("IdentityManager")
+            .field("current", &self.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdentityManager {
+    /// Loads the stored identity (updating its profile if the configuration
+    /// changed), or creates one if the database has none.
+    ///
+    /// A wrong master key fails before anything is written.
+    pub async fn load_or_create(
+        store: Store,
+        master_key_source: &MasterKeySource,
+        profile: &InstanceProfile,
+    ) -> Result<Self, IdentityError> {
+        let now = now_ms();
+        let Some((mut instance, key_records)) = store.load_instance().await? else {
+            let master_key = master_key_source.load_or_create()?;
+            let key = InstanceKey::generate()?;
+            let instance = InstanceRecord {
+                instance_id: uuid::Uuid::new_v4().to_string(),
+                name: profile.name.clone(),
+                public_url: profile.public_url.clone(),
+                capabilities: profile.capabilities.clone(),
+                metadata: profile.metadata.clone(),
+                created_at_ms: now,
+                updated_at_ms: now,
+            };
+            let record = seal_key(&master_key, &key, now)?;
+            store.create_instance(&instance, &record).await?;
+            tracing::info!(
+                instance.id = %instance.instance_id,
+                key.id = %key.public_key().key_id(),
+                "created a new instance identity"
+            );
+            let identity = Identity::new(&instance, key, now, Vec::new())?;
+            return Ok(Self {
+                store,
+                master_key,
+                current: RwLock::new(Arc::new(identity)),
+            });
+        };
+
+        let master_key = master_key_source
+            .load()?
+            .ok_or_else(|| master_key_source.missing_error())?;
+        let (current_record, previous_keys) = split_key_records(&key_records, now)?;
+        let current_key = open_key(&master_key, current_record)?;
+
+        let stored_profile = InstanceProfile {
+            name: instance.name.clone(),
+            public_url: instance.public_url.clone(),
+            capabilities: instance.capabilities.clone(),
+            metadata: instance.metadata.clone(),
+        };
+        if stored_profile != *profile {
+            store
+                .update_instance_profile(
+                    &profile.name,
+                    &profile.public_url,
+                    &profile.capabilities,
+                    &profile.metadata,
+                    now,
+                )
+                .await?;
+            instance.name.clone_from(&profile.name);
+            instance.public_url.clone_from(&profile.public_url);
+            instance.capabilities.clone_from(&profile.capabilities);
+            instance.metadata.clone_from(&profile.metadata);
+        }
+        let identity = Identity::new(
+            &instance,
+            current_key,
+            current_record.created_at_ms,
+            previous_keys,
+        )?;
+        Ok(Self {
+            store,
+            master_key,
+            current: RwLock::new(Arc::new(identity)),
+        })
+    }
+
+    /// The current identity snapshot.
+    pub fn current(&self) -> Arc<Identity> {
+        // A poisoned lock only means a writer panicked between two whole-Arc
+        // assignments; the value inside is still a complete snapshot.
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
+    }
+
+    /// Makes a new key current. The previous key stays valid for verification for
+    /// `grace_period`; the certificate follows the new key.
+    pub async fn rotate(&self, grace_period: Duration) -> Result<Arc<Identity>, IdentityError> {
+        let now = now_ms();
+        let old = self.current();
+        let new_key = InstanceKey::generate()?;
+        let record = seal_key(&self.master_key, &new_key, now)?;
+        let grace_ms = i64::try_from(grace_period.as_millis()).unwrap_or(i64::MAX);
+        let valid_until_ms = now.saturating_add(grace_ms);
+        self.store
+            .rotate_instance_key(&record, valid_until_ms)
+            .await?;
+
+        let mut previous_keys: Vec<PreviousKey> = old.previous_keys(now).cloned().collect();
+        previous_keys.insert(
+            0,
+            PreviousKey {
+                public_key: old.public_key().clone(),
+                created_at_ms: old.current_key_created_at_ms,
+                valid_until_ms,
+            },
+        );
+        let instance = InstanceRecord {
+            instance_id: old.instance_id.clone(),
+            name: old.profile.name.clone(),
+            public_url: old.profile.public_url.clone(),
+            capabilities: old.profile.capabilities.clone(),
+            metadata: old.profile.metadata.clone(),
+            created_at_ms: old.created_at_ms,
+            updated_at_ms: now,
+        };
+        let identity = Arc::new(Identity::new(&instance, new_key, now, previous_keys)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::clone(&identity);
+        tracing::info!(
+            key.id = %identity.public_key().key_id(),
+            previous_key.id = %old.public_key().key_id(),
+            grace_ms,
+            "rotated the instance key"
+        );
+        Ok(identity)
+    }
+}
+
+/// Reads the public identity without the master key: enough for `identity show`.
+pub async fn load_public(
+    store: &Store,
+) -> Result<Option<(InstanceRecord, PublicKey, Vec<PreviousKey>)>, IdentityError> {
+    let Some((instance, key_records)) = store.load_instance().await? else {
+        return Ok(None);
+    };
+    let (current_record, previous_keys) = split_key_records(&key_records, now_ms())?;
+    let public_key = PublicKey::from_spki_der(&current_record.public_key)?;
+    Ok(Some((instance, public_key, previous_keys)))
+}
+
+fn split_key_records(
+    key_records: &[InstanceKeyRecord],
+    now: i64,
+) -> Result<(&InstanceKeyRecord, Vec<PreviousKey>), IdentityError> {
+    let mut current = None;
+    let mut previous = Vec::new();
+    for record in key_records {
+        if record.is_current {
+            if current.replace(record).is_some() {
+                return Err(IdentityError::Corrupt("more than one current key".into()));
+            }
+        } else if let Some(valid_until_ms) = record.valid_until_ms.filter(|until| *until > now) {
+            previous.push(PreviousKey {
+                public_key: PublicKey::from_spki_der(&record.public_key)?,
+                created_at_ms: record.created_at_ms,
+                valid_until_ms,
+            });
+        }
+    }
+    let current = current.ok_or_else(|| IdentityError::Corrupt("no current key".into()))?;
+    Ok((current, previous))
+}
+
+fn sealing_context(key_id: &str) -> Vec<u8> {
+    [SEALING_CONTEXT, key_id.as_bytes()].concat()
+}
+
+fn seal_key(
+    master_key: &MasterKey,
+    key: &InstanceKey,
+    now: i64,
+) -> Result<InstanceKeyRecord, IdentityError> {
+    let key_id = key.public_key().key_id();
+    let sealed_private_key = master_key.seal(key.pkcs8_der(), &sealing_context(&key_id))?;
+    Ok(InstanceKeyRecord {
+        key_id,
+        public_key: key.public_key().spki_der().to_vec(),
+        sealed_private_key,
+        created_at_ms: now,
+        valid_until_ms: None,
+        is_current: true,
+    })
+}
+
+fn open_key(
+    master_key: &MasterKey,
+    record: &InstanceKeyRecord,
+) -> Result<InstanceKey, IdentityError> {
+    let pkcs8: Zeroizing<Vec<u8>> =
+        master_key.open(&record.sealed_private_key, &sealing_context(&record.key_id))?;
+    let key = InstanceKey::from_pkcs8(pkcs8)?;
+    if key.public_key().spki_der() != record.public_key.as_slice() {
+        return Err(IdentityError::Corrupt(
+            "the stored private key does not match the stored public key".into(),
+        ));
+    }
+    Ok(key)
+}

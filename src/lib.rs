@@ -1,0 +1,34 @@
+//! `mosaicd`: a gRPC daemon that federates independently run Mosaic instances.
+//!
+//! Reading order, from the outside in:
+//!
+//! - [`cli`]: the clap command tree; offline commands work on the data dir, client
+//!   commands talk gRPC to a running daemon.
+//! - [`config`]: the one configuration tree and its sources (file, `MOSAIC_*`, flags).
+//! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the three
+//!   services, health, reflection and graceful shutdown.
+//! - [`auth`]: API keys (generation, hashing, scopes) and the layer that says who a
+//!   caller is before any handler runs.
+//! - [`tls`]: rustls configurations: the server that asks for (but does not demand) a
+//!   client certificate, and clients that pin a key instead of trusting a CA.
+//! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
+//!   encryption at rest, its certificate and its rotation.
+//! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
+//! - [`store`]: the only module that speaks SQL (diesel-async on SQLite or PostgreSQL).
+//! - [`error`]: the one table from error kinds to `tonic::Status`.
+//! - [`proto`]: the generated code.
+#![forbid(unsafe_code)]
+
+pub mod agents;
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod federation;
+pub mod identity;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod tls;

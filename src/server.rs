@@ -1,0 +1,254 @@
+//! The server: one tonic server on one listener with the three Mosaic services,
+//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha), behind the auth
+//! layer, over TLS unless `--plaintext` on loopback.
+//!
+//! [`run`] takes its listener and shutdown future as arguments (mini-redis style), so
+//! tests bind `127.0.0.1:0` and stop the daemon when they like.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Server;
+
+use crate::agents::service::AgentControlService;
+use crate::auth::{AuthLayer, Authenticator};
+use crate::config::Config;
+use crate::coordinator::service::CoordinatorService;
+use crate::federation::service::FederationService;
+use crate::identity::IdentityManager;
+use crate::proto::agent::agent_control_server::AgentControlServer;
+use crate::proto::coordinator::coordinator_server::CoordinatorServer;
+use crate::proto::federation::federation_server::FederationServer;
+use crate::store::Store;
+
+/// Accepted connections waiting for tonic; a full queue slows `accept`, which is
+/// the backpressure we want.
+const ACCEPT_QUEUE: usize = 128;
+
+/// What the services share: storage, identity and configuration.
+#[derive(Clone)]
+pub struct Shared {
+    /// The database.
+    pub store: Store,
+    /// The instance identity.
+    pub identity: Arc<IdentityManager>,
+    /// The resolved configuration.
+    pub config: Arc<Config>,
+}
+
+/// Opens the store, runs migrations and loads (or creates) the identity: what
+/// `serve` and `init` both need before anything else.
+pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}",
+            config.data_dir.display()
+        )
+    })?;
+    let store = Store::connect(&config.database_url)
+        .await
+        .context("cannot open the database")?;
+    store
+        .run_migrations()
+        .await
+        .context("cannot run database migrations")?;
+    let identity = IdentityManager::load_or_create(
+        store.clone(),
+        &config.master_key_source(),
+        &config.instance,
+    )
+    .await
+    .context("cannot load the instance identity")?;
+    let shared = Shared {
+        store,
+        identity: Arc::new(identity),
+        config: Arc::new(config.clone()),
+    };
+    write_certificate(&shared)?;
+    Ok(shared)
+}
+
+/// Writes the current (public) certificate into the data dir, where local client
+/// commands and tools such as `grpcurl -cacert` find it.
+pub fn write_certificate(shared: &Shared) -> anyhow::Result<()> {
+    let path = shared.config.certificate_path();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let temporary = path.with_extension("pem.tmp");
+    std::fs::write(&temporary, &shared.identity.current().certificate().pem)
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, &path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Runs the daemon on `listener` until `shutdown` completes, then drains in-flight
+/// calls for up to the configured grace period.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::tls::install_default_provider();
+    let shared = prepare(&config).await?;
+    serve(listener, shared, shutdown).await
+}
+
+/// Serves already-prepared state on `listener`.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Shared,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let config = Arc::clone(&shared.config);
+    let max_message_bytes = config.max_message_bytes;
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    for service_name in crate::proto::SERVICE_NAMES {
+        health_reporter
+            .set_service_status(service_name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("cannot build the reflection service")?;
+
+    let authenticator = Arc::new(Authenticator::new(shared.store.clone()));
+    let router = Server::builder()
+        .layer(AuthLayer::new(authenticator))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            FederationServer::new(FederationService::new(shared.clone()))
+                .max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            AgentControlServer::new(AgentControlService::new(shared.clone()))
+                .max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            CoordinatorServer::new(CoordinatorService::new(shared.clone()))
+                .max_decoding_message_size(max_message_bytes),
+        );
+
+    let local_address = listener.local_addr().context("listener has no address")?;
+    let identity = shared.identity.current();
+    tracing::info!(
+        listen = %local_address,
+        tls = !config.plaintext,
+        instance.id = %identity.instance_id,
+        fingerprint = %identity.public_key().fingerprint(),
+        services = ?crate::proto::SERVICE_NAMES,
+        "serving with health and reflection (v1, v1alpha)"
+    );
+
+    let (stop_serving, stop_signal) = tokio::sync::oneshot::channel::<()>();
+    let stop_signal = async {
+        let _ = stop_signal.await;
+    };
+    let serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = if config.plaintext {
+        Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal))
+    } else {
+        let tls = crate::tls::server_config(Arc::clone(&shared.identity))
+            .context("cannot configure TLS")?;
+        let incoming = tls_incoming(
+            listener,
+            TlsAcceptor::from(Arc::new(tls)),
+            config.tls_handshake_timeout,
+        );
+        Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
+    };
+    drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await
+}
+
+/// Runs `serving`; when `shutdown` fires, stops accepting and gives in-flight calls
+/// `grace` to finish.
+async fn drain_on_shutdown(
+    mut serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    >,
+    shutdown: impl Future<Output = ()>,
+    stop_serving: tokio::sync::oneshot::Sender<()>,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        result = &mut serving => return result.context("the server stopped"),
+        () = shutdown => {}
+    }
+    tracing::info!(
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: draining in-flight calls"
+    );
+    let _ = stop_serving.send(());
+    match tokio::time::timeout(grace, serving).await {
+        Ok(result) => result.context("the server stopped")?,
+        Err(_) => tracing::warn!("calls still in flight after the grace period were dropped"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently (a slow
+/// client cannot hold up others), yielding finished TLS streams to tonic.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = sender.closed() => break,
+            };
+            let (tcp, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually EMFILE; back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = sender.send(Ok(stream)).await;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(client.address = %remote, %error, "tls handshake failed");
+                    }
+                    Err(_) => {
+                        tracing::debug!(client.address = %remote, "tls handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}

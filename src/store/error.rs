@@ -1,0 +1,79 @@
+//! The store's error type: what went wrong, in the terms a caller acts on.
+
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel_async::pooled_connection::PoolError;
+
+/// Why a store operation failed.
+///
+/// No message carries a password from the database URL: connection errors are
+/// scrubbed where connections are made (see `pools.rs`), and every other
+/// message is written here or comes from a query, which never sees the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached: a refused or timed-out connection, a
+    /// pool with no connection to hand out in time, or a connection that the
+    /// server closed. Callers report it as gRPC `UNAVAILABLE`; retrying later
+    /// may succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The row the operation needs does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The write would break a uniqueness rule (an instance already exists, a
+    /// key hash is already registered, ...).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Any other failure of a query, including a stored value that cannot be
+    /// decoded.
+    #[error("database query failed")]
+    Query(#[source] DieselError),
+    /// The embedded migrations could not be applied.
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    /// The database URL names no backend the store supports.
+    #[error("invalid database url: {0}")]
+    InvalidUrl(String),
+}
+
+impl From<DieselError> for StoreError {
+    fn from(error: DieselError) -> Self {
+        match error {
+            DieselError::NotFound => StoreError::NotFound,
+            DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                StoreError::Conflict(info.message().to_owned())
+            }
+            DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
+                StoreError::Unavailable("the database closed the connection".to_owned())
+            }
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+impl From<bb8::RunError<PoolError>> for StoreError {
+    fn from(error: bb8::RunError<PoolError>) -> Self {
+        match error {
+            bb8::RunError::TimedOut => {
+                StoreError::Unavailable("timed out waiting for a database connection".to_owned())
+            }
+            bb8::RunError::User(error) => StoreError::Unavailable(error.to_string()),
+        }
+    }
+}
+
+impl StoreError {
+    /// A stored value that cannot be turned back into its Rust type, such as a
+    /// JSON column that no longer parses.
+    pub(super) fn undecodable(
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Query(DieselError::DeserializationError(error.into()))
+    }
+
+    /// A value that cannot be written in its stored form.
+    pub(super) fn unencodable(
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> StoreError {
+        StoreError::Query(DieselError::SerializationError(error.into()))
+    }
+}

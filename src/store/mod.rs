@@ -1,0 +1,305 @@
+//! Persistent state in SQLite or PostgreSQL: the `Store` handle, its pools,
+//! migrations, and the queries, one file per group of tables.
+//!
+//! Every query is written once. `with_connection!` expands the same diesel
+//! code once per backend, and the schema keeps to column types both backends
+//! share (text, 64-bit integers with times as epoch milliseconds, booleans,
+//! bytes), so SQLite and PostgreSQL behave alike. Only this module uses
+//! diesel.
+
+/// Runs `$body` with `$conn` bound to a `&mut` connection checked out of the
+/// store's pool, whichever backend that is.
+///
+/// The body is expanded once per backend, so one piece of diesel query code
+/// is compiled against both SQLite and PostgreSQL. It runs inside the calling
+/// async function: `.await`, `?` and `return` act on that function, which must
+/// return `Result<_, StoreError>`. The connection goes back to the pool when
+/// the body finishes.
+///
+/// ```text
+/// let count = with_connection!(self, |conn| {
+///     api_keys::table.count().get_result::<i64>(conn).await?
+/// });
+/// ```
+macro_rules! with_connection {
+    ($store:expr, |$conn:ident| $body:expr) => {
+        match &$store.pools {
+            $crate::store::Pools::Sqlite(pool) => {
+                let mut pooled = pool.get().await?;
+                let $conn: &mut $crate::store::pools::SqliteConnection = &mut pooled;
+                $body
+            }
+            $crate::store::Pools::Postgres(pool) => {
+                let mut pooled = pool.get().await?;
+                let $conn: &mut $crate::store::pools::PostgresConnection = &mut pooled;
+                $body
+            }
+        }
+    };
+}
+
+mod api_keys;
+mod database_url;
+mod error;
+mod identity;
+mod pools;
+mod schema;
+pub mod testing;
+
+use std::fmt;
+
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, RunQueryDsl};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
+
+pub use api_keys::ApiKeyRecord;
+pub use error::StoreError;
+pub use identity::{InstanceKeyRecord, InstanceRecord};
+
+use database_url::DatabaseTarget;
+use pools::{PostgresConnection, SqliteConnection};
+
+/// The schema changes under `migrations/`, compiled into the binary so the
+/// daemon can bring any database it is given up to date.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+/// Which database engine a `Store` talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file: the embedded default, nothing to install.
+    Sqlite,
+    /// A PostgreSQL server: for production and for replicas sharing state.
+    Postgres,
+}
+
+/// A handle to the database. Cloning is cheap (the pools are reference
+/// counted) and every clone shares the same connections.
+#[derive(Clone)]
+pub struct Store {
+    pools: Pools,
+}
+
+/// One pool per backend; `with_connection!` matches on it.
+#[derive(Clone)]
+enum Pools {
+    Sqlite(Pool<SqliteConnection>),
+    Postgres(Pool<PostgresConnection>),
+}
+
+impl Store {
+    /// Connects to the database named by `database_url`: `sqlite://<path>`
+    /// or a bare path ending in `.db` for SQLite, `postgres://...` or
+    /// `postgresql://...` for PostgreSQL.
+    ///
+    /// One connection is opened before this returns, so a database that is
+    /// unreachable fails here with `StoreError::Unavailable`, within a few
+    /// seconds, rather than on the first query. Migrations are not run; call
+    /// `run_migrations` for that.
+    pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
+        let pools = match DatabaseTarget::parse(database_url)? {
+            DatabaseTarget::Sqlite { path } => Pools::Sqlite(pools::sqlite_pool(&path).await?),
+            DatabaseTarget::Postgres { url } => Pools::Postgres(pools::postgres_pool(&url).await?),
+        };
+        let store = Store { pools };
+        tracing::debug!(backend = ?store.backend(), "connected to the database");
+        Ok(store)
+    }
+
+    /// The database engine behind this store.
+    pub fn backend(&self) -> Backend {
+        match self.pools {
+            Pools::Sqlite(_) => Backend::Sqlite,
+            Pools::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Checks that the database answers a trivial query.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_connection!(self, |conn| {
+            diesel::sql_query("SELECT 1").execute(conn).await?;
+        });
+        Ok(())
+    }
+
+    /// Applies the embedded migrations that the database has not seen yet;
+    /// with none pending it changes nothing.
+    ///
+    /// diesel's migration runner is synchronous; diesel-async bridges it with
+    /// `tokio::task::block_in_place`, which needs the multi-thread runtime.
+    /// On any other runtime this returns `StoreError::Migration` instead of
+    /// panicking.
+    pub async fn run_migrations(&self) -> Result<(), StoreError> {
+        let on_multi_thread_runtime = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+            runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        });
+        if !on_multi_thread_runtime {
+            return Err(StoreError::Migration(
+                "migrations must run on tokio's multi-thread runtime".to_owned(),
+            ));
+        }
+        match &self.pools {
+            Pools::Sqlite(pool) => apply_pending_migrations(pool.get_owned().await?),
+            Pools::Postgres(pool) => apply_pending_migrations(pool.get_owned().await?),
+        }
+    }
+}
+
+impl fmt::Debug for Store {
+    /// Shows the backend only: the pools hold the database URL, which may
+    /// contain a password.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs the pending embedded migrations over one connection.
+fn apply_pending_migrations<C>(connection: C) -> Result<(), StoreError>
+where
+    C: AsyncConnection + 'static,
+    AsyncMigrationHarness<C>: MigrationHarness<C::Backend>,
+{
+    let mut harness = AsyncMigrationHarness::new(connection);
+    let applied = harness
+        .run_pending_migrations(MIGRATIONS)
+        .map_err(|error| StoreError::Migration(error.to_string()))?;
+    if !applied.is_empty() {
+        let versions: Vec<String> = applied.iter().map(ToString::to_string).collect();
+        tracing::info!(count = applied.len(), versions = ?versions, "applied database migrations");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{TestDatabase, test_on_both_backends};
+
+    async fn ping_answers(store: Store) {
+        store.ping().await.expect("ping");
+    }
+
+    async fn migrations_run_twice_are_a_no_op(store: Store) {
+        let key = ApiKeyRecord {
+            id: "kept".to_owned(),
+            name: "kept".to_owned(),
+            key_hash: vec![1],
+            prefix: "mk_kept".to_owned(),
+            scopes: vec!["read".to_owned()],
+            created_at_ms: 1_000,
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        };
+        store.insert_api_key(&key).await.expect("insert");
+        store
+            .run_migrations()
+            .await
+            .expect("run the migrations again");
+        assert_eq!(store.list_api_keys().await.expect("list"), vec![key]);
+    }
+
+    test_on_both_backends!(ping_answers, migrations_run_twice_are_a_no_op);
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn each_url_form_selects_its_backend() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let sqlite_url = TestDatabase::sqlite(dir.path()).url.clone();
+        let bare_path = dir.path().join("bare.db");
+        let bare_path = bare_path.to_str().expect("a UTF-8 path");
+        for url in [sqlite_url.as_str(), bare_path] {
+            let store = Store::connect(url).await.expect("connect");
+            assert_eq!(store.backend(), Backend::Sqlite);
+        }
+        assert!(std::path::Path::new(bare_path).exists());
+
+        let database = TestDatabase::postgres()
+            .await
+            .expect("create a test database");
+        let store = Store::connect(&database.url).await.expect("connect");
+        assert_eq!(store.backend(), Backend::Postgres);
+        assert_eq!(format!("{store:?}"), "Store { backend: Postgres, .. }");
+        drop(store);
+        database.cleanup().await.expect("drop the test database");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_unreachable_postgres_is_unavailable_within_seconds() {
+        let started = tokio::time::Instant::now();
+        let outcome = Store::connect("postgres://postgres@127.0.0.1:1/x").await;
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(6));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_server_that_never_answers_is_unavailable_within_seconds() {
+        // The kernel completes the TCP handshake for a listener nobody
+        // accepts on, so the client waits for a reply that never comes.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a listener");
+        let port = silent.local_addr().expect("listener address").port();
+        let started = tokio::time::Instant::now();
+        let outcome = Store::connect(&format!("postgres://postgres@127.0.0.1:{port}/x")).await;
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(6));
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn connection_errors_do_not_reveal_the_password() {
+        let urls = [
+            "postgres://postgres:hunter2secret@127.0.0.1:1/x",
+            // Reaches the server, which refuses the database name.
+            "postgres://postgres:hunter2secret@127.0.0.1:5432/no_such_database_hunter2secret",
+        ];
+        for url in urls {
+            let outcome = Store::connect(url).await;
+            let Err(error) = outcome else {
+                panic!("{url}: expected an error");
+            };
+            assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+            for printed in [error.to_string(), format!("{error:?}")] {
+                assert!(!printed.contains("hunter2secret"), "{printed}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sqlite_file_that_cannot_be_opened_is_unavailable() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let url = format!("sqlite://{}/missing-dir/mosaic.db", dir.path().display());
+        let outcome = Store::connect(&url).await;
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unsupported_urls_are_invalid() {
+        let outcome = Store::connect("mysql://root@127.0.0.1/mosaic").await;
+        assert!(
+            matches!(outcome, Err(StoreError::InvalidUrl(_))),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn migrations_on_a_current_thread_runtime_fail_without_panicking() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let database = TestDatabase::sqlite(dir.path());
+        let store = Store::connect(&database.url).await.expect("connect");
+        let outcome = store.run_migrations().await;
+        assert!(
+            matches!(outcome, Err(StoreError::Migration(_))),
+            "{outcome:?}"
+        );
+    }
+}

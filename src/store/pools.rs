@@ -1,0 +1,155 @@
+//! Opening connections and pooling them: the per-backend connection setup,
+//! the time limits, and the bb8 settings.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use diesel::{ConnectionError, ConnectionResult};
+use diesel_async::pooled_connection::bb8::Pool;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+
+use super::StoreError;
+use super::database_url::redact_password;
+
+/// A SQLite connection. SQLite is synchronous; the wrapper runs each
+/// operation on tokio's blocking thread pool so it never stalls a worker.
+pub(super) type SqliteConnection = SyncConnectionWrapper<diesel::SqliteConnection>;
+
+/// A PostgreSQL connection, asynchronous all the way down.
+pub(super) type PostgresConnection = AsyncPgConnection;
+
+/// How long opening and setting up one connection may take. A server that
+/// does not answer (a dropped packet rather than a refusal) would otherwise
+/// hold `Store::connect` for the operating system's TCP timeout, minutes.
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How long a query waits for a pooled connection before failing with
+/// `StoreError::Unavailable`. bb8's default of 30 s would hold a request far
+/// beyond any client's deadline.
+const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// SQLite admits one writer at a time however many connections there are, so
+/// a few connections serve concurrent readers and the rest would only queue.
+const SQLITE_POOL_SIZE: u32 = 4;
+
+/// PostgreSQL serves connections concurrently; ten is bb8's default and far
+/// below a stock server's `max_connections` of 100, leaving room for replicas.
+const POSTGRES_POOL_SIZE: u32 = 10;
+
+/// Run on every new SQLite connection. `busy_timeout` comes first so that
+/// switching to WAL, which needs a lock, waits for a concurrent connection
+/// instead of failing at once. WAL lets readers proceed during a write, and
+/// `synchronous = NORMAL` is durable across crashes of the process in WAL
+/// mode (a power loss may lose the last transactions, never corrupt the file).
+const SQLITE_SETUP: &str = "PRAGMA busy_timeout = 5000; \
+    PRAGMA journal_mode = WAL; \
+    PRAGMA foreign_keys = ON; \
+    PRAGMA synchronous = NORMAL;";
+
+/// What diesel-async's `ManagerConfig::custom_setup` expects a setup function
+/// to return.
+type SetupFuture<'a, C> = Pin<Box<dyn Future<Output = ConnectionResult<C>> + Send + 'a>>;
+
+/// A pool of SQLite connections to the database file at `path`.
+pub(super) async fn sqlite_pool(path: &str) -> Result<Pool<SqliteConnection>, StoreError> {
+    build_pool(path, open_sqlite, SQLITE_POOL_SIZE).await
+}
+
+/// A pool of PostgreSQL connections to `url`.
+pub(super) async fn postgres_pool(url: &str) -> Result<Pool<PostgresConnection>, StoreError> {
+    build_pool(url, open_postgres, POSTGRES_POOL_SIZE).await
+}
+
+/// Opens one connection directly, then builds the pool around it.
+///
+/// The first connection is opened here rather than through the pool because
+/// bb8 only reports "timed out" when its own attempts fail, and whoever
+/// starts the daemon deserves the reason (refused, unknown database, bad
+/// password).
+async fn build_pool<C>(
+    url: &str,
+    open: for<'a> fn(&'a str) -> SetupFuture<'a, C>,
+    max_size: u32,
+) -> Result<Pool<C>, StoreError>
+where
+    C: AsyncConnection + 'static,
+    AsyncDieselConnectionManager<C>: bb8::ManageConnection<Connection = C, Error = PoolError>,
+{
+    let first_connection = open(url)
+        .await
+        .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+
+    let mut manager_config = ManagerConfig::default();
+    manager_config.custom_setup = Box::new(open);
+    let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
+    let pool = Pool::builder()
+        .max_size(max_size)
+        .connection_timeout(CHECKOUT_TIMEOUT)
+        // A ping on every checkout doubles the latency of short queries; a
+        // broken connection is noticed when it is returned to the pool.
+        .test_on_check_out(false)
+        .error_sink(Box::new(LogConnectionErrors))
+        .build_unchecked(manager);
+    if pool.add(first_connection).is_err() {
+        // A new pool has room for its first connection; if not, the pool
+        // simply opens another on demand.
+        tracing::debug!("the new pool did not take its first connection");
+    }
+    Ok(pool)
+}
+
+/// Opens a SQLite connection and applies `SQLITE_SETUP`.
+fn open_sqlite(path: &str) -> SetupFuture<'_, SqliteConnection> {
+    Box::pin(within_connect_timeout(async move {
+        let mut connection = SqliteConnection::establish(path).await?;
+        connection
+            .batch_execute(SQLITE_SETUP)
+            .await
+            .map_err(ConnectionError::CouldntSetupConfiguration)?;
+        Ok(connection)
+    }))
+}
+
+/// Opens a PostgreSQL connection, keeping the URL's password out of any
+/// error.
+fn open_postgres(url: &str) -> SetupFuture<'_, PostgresConnection> {
+    Box::pin(async move {
+        within_connect_timeout(PostgresConnection::establish(url))
+            .await
+            .map_err(|error| {
+                ConnectionError::BadConnection(redact_password(&error.to_string(), url))
+            })
+    })
+}
+
+/// Bounds the time `opening` may take by `CONNECT_TIMEOUT`.
+async fn within_connect_timeout<C>(
+    opening: impl Future<Output = ConnectionResult<C>>,
+) -> ConnectionResult<C> {
+    tokio::time::timeout(CONNECT_TIMEOUT, opening)
+        .await
+        .unwrap_or_else(|_elapsed| {
+            Err(ConnectionError::BadConnection(format!(
+                "no answer from the database within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// Logs the failures of connections the pool opens in the background; a
+/// caller waiting for one of them only sees a timeout.
+#[derive(Debug, Clone, Copy)]
+struct LogConnectionErrors;
+
+impl bb8::ErrorSink<PoolError> for LogConnectionErrors {
+    fn sink(&self, error: PoolError) {
+        tracing::warn!(error = %error, "database connection failed");
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<PoolError>> {
+        Box::new(*self)
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: real daemons on 127.0.0.1:0 over real TLS, on SQLite and on
+//! PostgreSQL. One test binary (faster to link); nextest runs each test in its own
+//! process.
+
+mod api_keys;
+mod cli;
+mod identity;
+mod server;
+mod support;

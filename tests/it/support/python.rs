@@ -1,0 +1,76 @@
+//! A Python interpreter with `grpcio` and `grpcio-tools`, for tests that check the
+//! daemon against gRPC's C-core TLS stack (what most generated stubs use).
+//!
+//! `.ci/run` makes a throwaway virtualenv and sets `MOSAIC_TEST_PYTHON`; without it
+//! the tests make one under cargo's target tmp dir, once, behind a lock file.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Names the interpreter to use.
+pub const PYTHON_VARIABLE: &str = "MOSAIC_TEST_PYTHON";
+const PACKAGES: [&str; 5] = [
+    "grpcio",
+    "grpcio-tools",
+    "grpcio-reflection",
+    "grpcio-health-checking",
+    "protobuf",
+];
+
+/// The path of a Python that can `import grpc, grpc_tools`.
+pub fn python_with_grpcio() -> PathBuf {
+    if let Some(python) = std::env::var_os(PYTHON_VARIABLE).filter(|value| !value.is_empty()) {
+        return PathBuf::from(python);
+    }
+    let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-grpcio");
+    let python = venv.join("bin").join("python");
+    let lock = venv.with_extension("lock");
+    let started = Instant::now();
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&lock)
+        {
+            Ok(_) => break,
+            Err(_) if started.elapsed() < Duration::from_secs(300) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(_) => {
+                // A test killed while holding the lock; take it over.
+                let _ = std::fs::remove_file(&lock);
+            }
+        }
+    }
+    let ready = python.exists()
+        && Command::new(&python)
+            .args([
+                "-c",
+                "import grpc, grpc_tools, grpc_reflection, grpc_health",
+            ])
+            .status()
+            .is_ok_and(|status| status.success());
+    if !ready {
+        let created = Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv)
+            .status()
+            .expect("run python3 -m venv");
+        assert!(created.success(), "python3 -m venv failed");
+        let installed = Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(PACKAGES)
+            .status()
+            .expect("run pip");
+        assert!(installed.success(), "pip install {PACKAGES:?} failed");
+    }
+    let _ = std::fs::remove_file(&lock);
+    python
+}
