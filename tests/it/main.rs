@@ -7,3 +7,4 @@ mod cli;
 mod identity;
 mod server;
 mod support;
+mod tidy;
