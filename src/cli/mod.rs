@@ -62,6 +62,11 @@ pub enum Command {
     /// Create, list and revoke API keys (offline, on the database).
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `mosaicd identity ...`
@@ -105,6 +110,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     crate::tls::install_default_provider();
     let output = exit::Output { json: cli.json };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "mosaicd", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Serve => serve::serve(&cli.config).await,
         Command::Init => serve::init(&cli.config, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,

@@ -263,3 +263,25 @@ fn no_daemon_is_unavailable_with_a_hint() {
     assert_eq!(output.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&output.stderr).contains("mosaicd serve"));
 }
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    for (shell, marker) in [
+        ("bash", "_mosaicd()"),
+        ("zsh", "#compdef mosaicd"),
+        ("fish", "complete -c mosaicd"),
+    ] {
+        let output = run(mosaicd(data_dir.path()).args(["completions", shell]));
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains(marker),
+            "{shell}: {}",
+            &script[..script.len().min(200)]
+        );
+        assert!(script.contains("apikey"), "{shell} completes subcommands");
+    }
+    let unknown = run(mosaicd(data_dir.path()).args(["completions", "tcsh"]));
+    assert_eq!(unknown.status.code(), Some(2));
+}
