@@ -336,12 +336,9 @@ fn outcome(
     timeout: Duration,
     ended: &mut super::model::AgentRecord,
 ) -> (AgentState, String) {
-    match &exit {
-        Some(Ok(status)) => {
-            ended.exit_code = status.code();
-            ended.signal = status.signal();
-        }
-        Some(Err(_)) | None => {}
+    if let Some(Ok(status)) = &exit {
+        ended.exit_code = status.code();
+        ended.signal = status.signal();
     }
     match (cause, exit) {
         (Some(StopCause::Requested(StopRequest::Kill(reason))), _) => (AgentState::Killed, reason),

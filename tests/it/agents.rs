@@ -583,7 +583,7 @@ async fn listing_filters_and_pages(backend: Backend) {
         })
         .await
         .expect("running");
-    assert_eq!(listed_ids(&running_sh), [sleeper.agent_id.clone()]);
+    assert_eq!(listed_ids(&running_sh), [sleeper.agent_id.as_str()]);
     let from_peers = agents
         .list(pb::ListAgentsRequest {
             origin_kind: pb::AgentOriginKind::Peer as i32,
