@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use crate::agents::AgentError;
 use crate::auth::ApiKeyError;
 use crate::identity::IdentityError;
 use crate::store::StoreError;
@@ -45,6 +46,21 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::Invalid(message) => Status::invalid_argument(message),
             ApiKeyError::Store(store) => store.into(),
             other => internal("api keys", &other),
+        }
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(error: AgentError) -> Self {
+        match error {
+            AgentError::Invalid(_) => Status::invalid_argument(error.to_string()),
+            AgentError::NotFound(_) => Status::not_found(error.to_string()),
+            AgentError::AtCapacity { .. } => Status::resource_exhausted(error.to_string()),
+            AgentError::SupervisedElsewhere { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
+            AgentError::Interrupted => Status::unavailable(error.to_string()),
+            AgentError::Store(store) => store.into(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The `mosaicd` command tree (clap). Offline commands work on the data dir or the
 //! database directly; client commands talk gRPC to a running daemon.
 
+pub mod agent;
 pub mod apikey;
 pub mod client;
 pub mod exit;
@@ -67,6 +68,10 @@ pub enum Command {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
+    /// Spawn, inspect, stop and follow agents on the running daemon (API key
+    /// with the `agents` scope).
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
 }
 
 /// `mosaicd identity ...`
@@ -130,5 +135,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Apikey(ApiKeyCommand::Revoke { id }) => {
             apikey::revoke(&cli.config, &id, output).await
         }
+        Command::Agent(command) => agent::run(command, &cli.config, &cli.client, output).await,
     }
 }

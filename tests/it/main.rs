@@ -2,6 +2,7 @@
 //! PostgreSQL. One test binary (faster to link); nextest runs each test in its own
 //! process.
 
+mod agents;
 mod api_keys;
 mod cli;
 mod faults;
