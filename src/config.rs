@@ -65,6 +65,9 @@ pub struct ConfigArgs {
     /// URL peers use to reach this instance [default: https://LISTEN].
     #[arg(long, env = ENV_PUBLIC_URL, global = true, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Rate limits (`MOSAIC_RATE_LIMIT_*`).
+    #[command(flatten)]
+    pub rate_limit: crate::ratelimit::RateLimitArgs,
 }
 
 /// The configuration file, as written. Every field is optional.
@@ -90,6 +93,9 @@ pub struct FileConfig {
     /// `[identity]`.
     #[serde(default)]
     pub identity: IdentityFileConfig,
+    /// `[rate_limit]`.
+    #[serde(default)]
+    pub rate_limit: crate::ratelimit::RateLimitFileConfig,
 }
 
 /// `[instance]` in the file.
@@ -184,6 +190,8 @@ pub struct Config {
     /// file in the data dir is used. Read from the environment only, never a flag,
     /// so it does not show in process listings.
     pub master_key: Option<Secret>,
+    /// Rate limits: tiers, storage, fallback, proxies (see `ratelimit::settings`).
+    pub rate_limit: crate::ratelimit::RateLimitSettings,
 }
 
 /// A secret string: zeroised on drop, never printed by `Debug`.
@@ -306,6 +314,11 @@ impl Config {
             ));
         }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+        let rate_limit = crate::ratelimit::RateLimitSettings::resolve(
+            file.rate_limit,
+            &args.rate_limit,
+            redis_url.is_some(),
+        )?;
 
         Ok(Self {
             data_dir,
@@ -324,6 +337,7 @@ impl Config {
             tls_handshake_timeout: Duration::from_secs(handshake_secs),
             rotation_grace: Duration::from_secs(rotation_grace_secs),
             master_key: None,
+            rate_limit,
         })
     }
 
