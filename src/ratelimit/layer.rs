@@ -7,8 +7,9 @@
 //!    here — no database lookup, no Redis round trip.
 //! 2. The existing [`Authenticator`] decides who is calling (API key validated
 //!    against the store, or the verified TLS client certificate).
-//! 3. Failed authentication: the IP alone is charged, and the auth error returned;
-//!    a random API key therefore costs its sender's IP budget and creates no state.
+//! 3. Failed authentication: the IP alone is charged (and the call refused if that
+//!    exceeds the IP's budget), else the auth error is returned; a random API key
+//!    therefore costs its sender's IP budget and creates no state of its own.
 //!    Success: one check charges the IP and the caller's key (API key id, or the
 //!    instance's certificate key) together. With Redis that is one atomic script,
 //!    so a refusal by either spends neither; in memory the IP comes first, so a
@@ -114,14 +115,17 @@ where
             {
                 Ok(caller) => caller,
                 Err(status) => {
-                    // Charged to the IP only; the answer is the auth error.
+                    // Charged to the IP only. Over its budget, the call is refused
+                    // as any other; within it, the answer is the auth error.
                     let verdict = limiter.check(tier, std::slice::from_ref(&ip_key)).await;
-                    let mut response = status.into_http();
-                    let state = match verdict {
-                        super::decision::Verdict::Admitted(state) => state,
-                        super::decision::Verdict::Refused(refusal) => refusal.quota_state(),
+                    let state = match limiter.enforce(verdict, &path) {
+                        Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
+                        Enforcement::Admit(state) => state,
                     };
-                    write_quota_headers(response.headers_mut(), &state);
+                    let mut response = status.into_http();
+                    if let Some(state) = state {
+                        write_quota_headers(response.headers_mut(), &state);
+                    }
                     return Ok(response);
                 }
             };

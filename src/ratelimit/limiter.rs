@@ -137,26 +137,44 @@ impl RateLimiter {
                 return Verdict::Refused(refusal);
             }
         }
-        let verdict = match &self.backend {
-            Backend::Memory(memory) => memory.check_all(tier, keys),
-            Backend::Redis(storage) => Some(self.check_redis(storage, tier, keys).await),
+        // Only refusals from the authoritative store are remembered: a refusal by
+        // the fallback must not outlive Redis's recovery.
+        let (verdict, authoritative) = match &self.backend {
+            Backend::Memory(memory) => (memory.check_all(tier, keys), true),
+            Backend::Redis(storage) => self.check_redis(storage, tier, keys).await,
         };
-        let verdict = verdict.unwrap_or(Verdict::Admitted(QuotaState {
-            limit: self.settings.limits.quota(tier).limit,
-            remaining: self.settings.limits.quota(tier).limit,
-            reset: std::time::Duration::ZERO,
-        }));
-        if let Verdict::Refused(refusal) = &verdict {
+        let verdict = verdict.unwrap_or_else(|| self.untouched(tier, self.settings.limits));
+        if authoritative && let Verdict::Refused(refusal) = &verdict {
             self.refused
                 .remember(tier, refusal.key.clone(), now + refusal.retry_after, now);
         }
         verdict
     }
 
-    async fn check_redis(&self, storage: &RedisStorage, tier: Tier, keys: &[LimitKey]) -> Verdict {
+    /// The verdict of a call that counted against no key.
+    fn untouched(&self, tier: Tier, limits: super::tiers::TierLimits) -> Verdict {
+        let quota = limits.quota(tier);
+        Verdict::Admitted(QuotaState {
+            limit: quota.limit,
+            remaining: quota.limit,
+            reset: std::time::Duration::ZERO,
+        })
+    }
+
+    /// Asks Redis (unless the breaker says not to), falling back to memory. The
+    /// flag says whether the answer came from Redis.
+    async fn check_redis(
+        &self,
+        storage: &RedisStorage,
+        tier: Tier,
+        keys: &[LimitKey],
+    ) -> (Option<Verdict>, bool) {
+        if keys.is_empty() {
+            return (None, true);
+        }
         let permit = self.with_breaker(storage, |breaker| breaker.permit(Instant::now()));
         if permit == Permit::Skip {
-            return self.fallback(storage, tier, keys);
+            return (self.fallback(storage, tier, keys), false);
         }
         match storage.redis.check(&self.settings.limits, tier, keys).await {
             Ok(verdict) => {
@@ -166,7 +184,7 @@ impl RateLimiter {
                 {
                     tracing::info!("redis answers again: rate limits are shared again");
                 }
-                verdict
+                (Some(verdict), true)
             }
             Err(error) => {
                 self.metrics.redis_error();
@@ -182,25 +200,14 @@ impl RateLimiter {
                 } else {
                     tracing::debug!(%error, "redis rate-limit check failed; using the fallback");
                 }
-                self.fallback(storage, tier, keys)
+                (self.fallback(storage, tier, keys), false)
             }
         }
     }
 
-    fn fallback(&self, storage: &RedisStorage, tier: Tier, keys: &[LimitKey]) -> Verdict {
+    fn fallback(&self, storage: &RedisStorage, tier: Tier, keys: &[LimitKey]) -> Option<Verdict> {
         self.metrics.fallback_check();
-        storage.fallback.check_all(tier, keys).unwrap_or_else(|| {
-            let quota = self
-                .settings
-                .limits
-                .divided_among(self.settings.replicas)
-                .quota(tier);
-            Verdict::Admitted(QuotaState {
-                limit: quota.limit,
-                remaining: quota.limit,
-                reset: std::time::Duration::ZERO,
-            })
-        })
+        storage.fallback.check_all(tier, keys)
     }
 
     fn with_breaker<T>(

@@ -5,5 +5,6 @@
 mod api_keys;
 mod cli;
 mod identity;
+mod rate_limit;
 mod server;
 mod support;

@@ -75,6 +75,7 @@ impl TestEnvironment {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let shared = mosaic_mesh::server::prepare(&config).await?;
+        let rate_limiter = Arc::clone(&shared.rate_limiter);
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
             let _ = stopped.await;
@@ -83,6 +84,7 @@ impl TestEnvironment {
             address,
             data_dir: self.data_dir.path().to_path_buf(),
             config,
+            rate_limiter,
             stop: Some(stop),
             handle: Some(handle),
         })
@@ -102,6 +104,8 @@ pub struct TestDaemon {
     pub data_dir: PathBuf,
     /// The configuration it runs with.
     pub config: Config,
+    /// Its rate limiter (for its counters).
+    pub rate_limiter: Arc<mosaic_mesh::ratelimit::RateLimiter>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }

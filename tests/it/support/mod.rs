@@ -3,5 +3,6 @@
 
 pub mod daemon;
 pub mod python;
+pub mod redis;
 
 pub use daemon::Backend;
