@@ -634,3 +634,233 @@ async fn the_daemon_starts_and_limits_with_redis_down() {
     assert!(counters.fallback_checks >= 6, "{counters:?}");
     daemon.stop().await;
 }
+
+/// A TLS channel presenting a fresh client certificate (the server is not
+/// verified: this test is about what the server does with the client's key).
+async fn channel_with_client_certificate(
+    daemon: &TestDaemon,
+) -> (tonic::transport::Channel, mosaic_mesh::identity::PublicKey) {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls_pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime,
+    };
+
+    #[derive(Debug)]
+    struct AnyServer(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+    impl ServerCertVerifier for AnyServer {
+        fn verify_server_cert(
+            &self,
+            _end_entity: &CertificateDer<'_>,
+            _intermediates: &[CertificateDer<'_>],
+            _server_name: &ServerName<'_>,
+            _ocsp_response: &[u8],
+            _now: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            certificate: &CertificateDer<'_>,
+            signature: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                certificate,
+                signature,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            certificate: &CertificateDer<'_>,
+            signature: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                certificate,
+                signature,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let certificate = rcgen::CertificateParams::new(vec!["peer.test".to_owned()])
+        .expect("params")
+        .self_signed(&key_pair)
+        .expect("certificate");
+    let spki =
+        mosaic_mesh::identity::certificate::spki_of_certificate(certificate.der()).expect("spki");
+    let public_key = mosaic_mesh::identity::PublicKey::from_spki_der(&spki).expect("p-256 key");
+    let provider = mosaic_mesh::tls::crypto_provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(
+            vec![certificate.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der())),
+        )
+        .expect("client certificate");
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let channel = mosaic_mesh::tls::connect_channel(
+        &daemon.url(),
+        Some(std::sync::Arc::new(config)),
+        mosaic_mesh::tls::ChannelTimeouts::default(),
+    )
+    .await
+    .expect("connect with a client certificate");
+    (channel, public_key)
+}
+
+async fn ping(
+    channel: tonic::transport::Channel,
+    forwarded: &str,
+) -> Result<tonic::Response<federation_pb::PingResponse>, tonic::Status> {
+    let request = forwarded_for(
+        tonic::Request::new(federation_pb::PingRequest::default()),
+        forwarded,
+    );
+    federation_pb::federation_client::FederationClient::new(channel)
+        .ping(request)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn federated_instances_are_limited_by_their_certificate_key() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let config = limited(
+        &environment,
+        None,
+        "ttl = 3600\nfederation_limit = 2\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    );
+    let daemon = environment.start_with(config).await.expect("daemon");
+    let (first_peer, first_key) = channel_with_client_certificate(&daemon).await;
+    let (second_peer, _) = channel_with_client_certificate(&daemon).await;
+
+    // One instance from three addresses: its own budget of 2 follows it.
+    assert!(admitted(&ping(first_peer.clone(), "203.0.113.1").await));
+    assert!(admitted(&ping(first_peer.clone(), "203.0.113.2").await));
+    let refused = ping(first_peer.clone(), "203.0.113.3")
+        .await
+        .expect_err("the instance is spent");
+    let subject = &refused
+        .get_details_quota_failure()
+        .expect("quota failure")
+        .violations[0]
+        .subject;
+    assert_eq!(subject, &format!("instance:{}", first_key.key_id()));
+    assert!(
+        refused
+            .get_details_quota_failure()
+            .expect("quota failure")
+            .violations[0]
+            .description
+            .contains("federation")
+    );
+
+    // Another instance, from the same address as the first call, is untouched.
+    assert!(admitted(&ping(second_peer.clone(), "203.0.113.3").await));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_script_is_exact_and_all_or_nothing() {
+    use mosaic_mesh::ratelimit::redis::RedisLimiter;
+    use mosaic_mesh::ratelimit::tiers::TierLimits;
+    use mosaic_mesh::ratelimit::{LimitKey, Tier, Verdict};
+
+    let url = shared_redis_url();
+    let prefix = unique_prefix();
+    let limiter = RedisLimiter::new(&url, &prefix, Duration::from_secs(5)).expect("redis limiter");
+    let limits = TierLimits::new(Duration::from_secs(3600), Tier::ALL.map(|tier| (tier, 5)))
+        .expect("limits");
+    let ip = LimitKey::for_ip("192.0.2.10".parse().expect("ip"));
+    let api_key = LimitKey::ApiKey("key-1".into());
+
+    for expected_remaining in (0..5).rev() {
+        let verdict = limiter
+            .check(&limits, Tier::Webhook, std::slice::from_ref(&ip))
+            .await
+            .expect("redis");
+        let Verdict::Admitted(state) = verdict else {
+            panic!("refused inside the burst: {verdict:?}");
+        };
+        assert_eq!(state.remaining, expected_remaining);
+        assert_eq!(state.limit, 5);
+    }
+    let verdict = limiter
+        .check(&limits, Tier::Webhook, &[api_key.clone(), ip.clone()])
+        .await
+        .expect("redis");
+    let Verdict::Refused(refusal) = verdict else {
+        panic!("call 6 of 5 admitted: {verdict:?}");
+    };
+    assert_eq!(refusal.key, ip, "the spent key is named");
+    // One interval is 3600 s / 5 = 720 s; Redis's clock moved a little since.
+    assert!(
+        refusal.retry_after <= Duration::from_secs(720)
+            && refusal.retry_after > Duration::from_secs(710),
+        "{:?}",
+        refusal.retry_after
+    );
+    // The refusal by the IP spent nothing of the API key.
+    let verdict = limiter
+        .check(&limits, Tier::Webhook, std::slice::from_ref(&api_key))
+        .await
+        .expect("redis");
+    assert!(
+        matches!(verdict, Verdict::Admitted(state) if state.remaining == 4),
+        "{verdict:?}"
+    );
+    // Buckets expire when whole again; the TAT is stored exactly (µs integers).
+    let stored = keys_with_prefix(&url, &prefix).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    delete_keys(&url, &prefix).await;
+}
+
+#[test]
+fn zero_or_nonsense_settings_stop_the_daemon_at_start_with_the_variable_named() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("MOSAIC_RATE_LIMIT_TTL", "0"),
+        ("MOSAIC_RATE_LIMIT_WEBHOOK_LIMIT", "0"),
+        ("MOSAIC_RATE_LIMIT_HEALTH_LIMIT", "many"),
+        ("MOSAIC_RATE_LIMIT_STORAGE", "disk"),
+        ("MOSAIC_RATE_LIMIT_STORAGE", "redis"),
+        ("MOSAIC_RATE_LIMIT_SHADOW", "perhaps"),
+        ("MOSAIC_RATE_LIMIT_TRUSTED_PROXIES", "10.0.0.0/40"),
+    ];
+    for (variable, value) in cases {
+        let mut command = std::process::Command::new(crate::support::daemon::mosaicd_binary());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MOSAIC_") {
+                command.env_remove(name);
+            }
+        }
+        let output = command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .env("MOSAIC_LOG", "warn")
+            .env(variable, value)
+            .output()
+            .expect("run mosaicd");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{variable}={value}: {stderr}"
+        );
+        assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+    }
+}
