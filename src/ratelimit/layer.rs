@@ -117,7 +117,7 @@ where
                 Err(status) => {
                     // Charged to the IP only. Over its budget, the call is refused
                     // as any other; within it, the answer is the auth error.
-                    let verdict = limiter.check(tier, std::slice::from_ref(&ip_key)).await;
+                    let verdict = limiter.count(tier, std::slice::from_ref(&ip_key)).await;
                     let state = match limiter.enforce(verdict, &path) {
                         Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                         Enforcement::Admit(state) => state,
@@ -132,7 +132,10 @@ where
 
             let mut keys = vec![ip_key];
             keys.extend(LimitKey::for_caller(&caller));
-            let verdict = limiter.check(tier, &keys).await;
+            let verdict = match keys.get(1).and_then(|key| limiter.gate(tier, key)) {
+                Some(refusal) => super::decision::Verdict::Refused(refusal),
+                None => limiter.count(tier, &keys).await,
+            };
             let state: Option<QuotaState> = match limiter.enforce(verdict, &path) {
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                 Enforcement::Admit(state) => state,

@@ -2,11 +2,11 @@
 //! its breaker and in-memory fallback), the "refused until" cache, shadow mode
 //! and the counters, behind three calls the layer makes per request.
 //!
-//! Per request: [`RateLimiter::gate`] before authentication (refuses a key that is
-//! known to be refused, without I/O), then after authentication either
-//! [`RateLimiter::check`] on the client IP plus the caller's key, or
-//! [`RateLimiter::check`] on the IP alone when authentication failed (so random
-//! API keys cost their sender's IP budget but create no state of their own).
+//! Per request: [`RateLimiter::gate`] on the client IP before authentication
+//! (refuses a key that is known to be refused, without I/O), then after
+//! authentication either [`RateLimiter::count`] on the client IP plus the
+//! caller's key (gated first), or on the IP alone when authentication failed (so
+//! random API keys cost their sender's IP budget but create no state of their own).
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -113,6 +113,9 @@ impl RateLimiter {
     /// time has not come. No I/O, so a flood from a refused IP costs neither a
     /// database lookup nor a Redis round trip.
     pub fn gate(&self, tier: Tier, key: &LimitKey) -> Option<Refusal> {
+        if self.refused.is_empty() {
+            return None;
+        }
         let wait = self.refused.refused_for(tier, key, Instant::now())?;
         self.metrics.refused_from_cache();
         let quota = self.settings.limits.quota(tier);
@@ -125,18 +128,25 @@ impl RateLimiter {
         })
     }
 
-    /// Counts one call against every key in `keys` (in `tier`). With Redis, all or
-    /// none of the keys are spent; in memory (and on the fallback) keys are spent
-    /// in order up to the first refusal, which is why callers put the IP first.
-    /// This is also the hook for checks made outside the layer (for example the
-    /// per-peer-instance check of a signed COMMAND).
+    /// Counts one call against every key in `keys` (in `tier`), after refusing
+    /// any key [`Self::gate`] knows to be refused. With Redis, all or none of the
+    /// keys are spent; in memory (and on the fallback) keys are spent in order up
+    /// to the first refusal, which is why callers put the IP first. This is the
+    /// hook for checks made outside the layer (for example a per-instance check
+    /// inside the signed-COMMAND path).
     pub async fn check(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
-        let now = Instant::now();
         for key in keys {
             if let Some(refusal) = self.gate(tier, key) {
                 return Verdict::Refused(refusal);
             }
         }
+        self.count(tier, keys).await
+    }
+
+    /// [`Self::check`] without the gate, for a caller that has gated every key
+    /// already (the layer gates the IP before authentication, the caller's key
+    /// after it).
+    pub async fn count(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
         // Only refusals from the authoritative store are remembered: a refusal by
         // the fallback must not outlive Redis's recovery.
         let (verdict, authoritative) = match &self.backend {
@@ -145,6 +155,8 @@ impl RateLimiter {
         };
         let verdict = verdict.unwrap_or_else(|| self.untouched(tier, self.settings.limits));
         if authoritative && let Verdict::Refused(refusal) = &verdict {
+            // Read the clock only here: the admitted path needs no time of ours.
+            let now = Instant::now();
             self.refused
                 .remember(tier, refusal.key.clone(), now + refusal.retry_after, now);
         }

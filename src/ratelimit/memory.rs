@@ -87,6 +87,8 @@ struct TierLimiter<C: Clock> {
     limiter: KeyedLimiter<C>,
     map: Arc<DashMapStateStore<LimitKey>>,
     quota: TierQuota,
+    /// `quota.emission_interval()`, computed once.
+    interval: Duration,
 }
 
 /// See the module documentation.
@@ -144,6 +146,7 @@ impl<C: Clock + Clone> MemoryLimiter<C> {
                     limiter,
                     map,
                     quota,
+                    interval: quota.emission_interval(),
                 }
             })
             .collect();
@@ -176,7 +179,7 @@ impl<C: Clock> MemoryLimiter<C> {
                 Verdict::Admitted(QuotaState {
                     limit: quota.limit,
                     remaining,
-                    reset: quota.emission_interval() * (quota.limit - remaining),
+                    reset: tier_limiter.interval * (quota.limit - remaining),
                 })
             }
             Err(not_until) => Verdict::Refused(Refusal {
