@@ -4,8 +4,9 @@
 //!
 //! The pool is built for the request path: no PING on checkout (it would double
 //! the latency), no retry loop on connect, and a connection wait of the check
-//! timeout instead of bb8's 30 s. A connection that failed is dropped instead of
-//! being handed out again (bb8-redis itself never marks one broken).
+//! timeout instead of bb8's 30 s. Connections are multiplexed and shared, not
+//! held per call; one that failed or stalled is dropped instead of being handed
+//! out again (bb8-redis itself never marks a connection broken).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -144,12 +145,26 @@ impl RedisLimiter {
         let interval_micros =
             u64::try_from(quota.emission_interval().as_micros()).unwrap_or(u64::MAX);
         let buckets: Vec<String> = keys.iter().map(|key| self.bucket_name(tier, key)).collect();
-        let reply = tokio::time::timeout(
-            self.timeout,
-            self.run_script(&buckets, interval_micros, quota.limit),
-        )
+        // The connection's "broken" flag lives out here so that a call cut off by
+        // the timeout can still condemn the connection it was stuck on.
+        let mut used_connection: Option<Arc<AtomicBool>> = None;
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let (mut connection, broken) = self.shared_connection().await?;
+            used_connection = Some(broken);
+            self.run_script(&mut connection, &buckets, interval_micros, quota.limit)
+                .await
+        })
         .await
-        .map_err(|_| RedisCheckError::Timeout(self.timeout))??;
+        .unwrap_or(Err(RedisCheckError::Timeout(self.timeout)));
+        let reply = match outcome {
+            Ok(reply) => reply,
+            Err(error) => {
+                if let Some(broken) = used_connection {
+                    broken.store(true, Ordering::Relaxed);
+                }
+                return Err(error);
+            }
+        };
         let key = keys.get(reply.index).cloned().ok_or_else(|| {
             RedisCheckError::Reply(format!("key index {} out of range", reply.index))
         })?;
@@ -171,29 +186,45 @@ impl RedisLimiter {
         })
     }
 
-    /// One EVALSHA of the script (loading it on NOSCRIPT), with no timeout of its
-    /// own: the raw round trip the benchmark compares [`Self::check`] against.
-    pub async fn run_script(
+    /// A multiplexed connection from the pool, and its "broken" flag. The pooled
+    /// handle goes straight back: a multiplexed connection pipelines any number
+    /// of concurrent calls, so holding it exclusively for one call would queue
+    /// every other call behind it. A connection flagged broken is dropped by the
+    /// pool the next time it is returned, and a new one is made.
+    async fn shared_connection(
         &self,
+    ) -> Result<(MultiplexedConnection, Arc<AtomicBool>), RedisCheckError> {
+        // A connection condemned while idle is discarded as its handle returns;
+        // the pool holds at most POOL_SIZE, so this ends.
+        for _ in 0..=POOL_SIZE {
+            let pooled = self
+                .pool
+                .get()
+                .await
+                .map_err(|error| RedisCheckError::Pool(error.to_string()))?;
+            if !pooled.broken.load(Ordering::Relaxed) {
+                return Ok((pooled.connection.clone(), Arc::clone(&pooled.broken)));
+            }
+        }
+        Err(RedisCheckError::Pool(
+            "every pooled connection has failed".to_owned(),
+        ))
+    }
+
+    /// One EVALSHA of the script on `connection` (loading it on NOSCRIPT).
+    async fn run_script(
+        &self,
+        connection: &mut MultiplexedConnection,
         buckets: &[String],
         interval_micros: u64,
         limit: u32,
     ) -> Result<ScriptReply, RedisCheckError> {
-        let mut connection = self
-            .pool
-            .get()
-            .await
-            .map_err(|error| RedisCheckError::Pool(error.to_string()))?;
         let mut invocation = self.script.prepare_invoke();
         for bucket in buckets {
             invocation.key(bucket);
         }
         invocation.arg(interval_micros).arg(limit);
-        // If this future is dropped by the timeout, the flag stays set and the
-        // connection is discarded: a stalled connection is not reused.
-        connection.broken.store(true, Ordering::Relaxed);
-        let reply: Vec<i64> = invocation.invoke_async(&mut connection.connection).await?;
-        connection.broken.store(false, Ordering::Relaxed);
+        let reply: Vec<i64> = invocation.invoke_async(connection).await?;
         parse_reply(&reply)
     }
 }
