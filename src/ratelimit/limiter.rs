@@ -151,7 +151,9 @@ impl RateLimiter {
         // the fallback must not outlive Redis's recovery.
         let (verdict, authoritative) = match &self.backend {
             Backend::Memory(memory) => (memory.check_all(tier, keys), true),
-            Backend::Redis(storage) => self.check_redis(storage, tier, keys).await,
+            // Boxed: the Redis future is kilobytes, and moving it through the
+            // memory path too (which never waits) cost more than the check itself.
+            Backend::Redis(storage) => Box::pin(self.check_redis(storage, tier, keys)).await,
         };
         let verdict = verdict.unwrap_or_else(|| self.untouched(tier, self.settings.limits));
         if authoritative && let Verdict::Refused(refusal) = &verdict {
