@@ -864,3 +864,44 @@ fn zero_or_nonsense_settings_stop_the_daemon_at_start_with_the_variable_named() 
         assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_with_default_settings_reports_the_default_tiers() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    // An empty section: the production defaults (the test builder raises them).
+    let daemon = environment
+        .start_with(limited(&environment, None, ""))
+        .await
+        .expect("daemon");
+    let channel = daemon.channel().await;
+    let health = health_check(channel.clone(), None).await.expect("health");
+    assert_eq!(
+        health.metadata().get("x-ratelimit-limit").expect("limit"),
+        "300"
+    );
+    assert_eq!(
+        health
+            .metadata()
+            .get("x-ratelimit-remaining")
+            .expect("left"),
+        "299"
+    );
+    let instance = get_instance(channel.clone(), None).await.expect("instance");
+    assert_eq!(
+        instance.metadata().get("x-ratelimit-limit").expect("limit"),
+        "100"
+    );
+    let reset: u64 = instance
+        .metadata()
+        .get("x-ratelimit-reset")
+        .expect("reset")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert_eq!(
+        reset, 1,
+        "one call of 100 a minute comes back in 0.6 s, rounded up"
+    );
+    daemon.stop().await;
+}

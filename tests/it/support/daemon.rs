@@ -51,7 +51,24 @@ impl TestEnvironment {
             name: Some("test-instance".to_owned()),
             ..ConfigArgs::default()
         };
-        Config::resolve(FileConfig::default(), &args).expect("test config")
+        let mut config = Config::resolve(FileConfig::default(), &args).expect("test config");
+        // Tests poll daemons quickly from one address; the production limits
+        // (100 calls a minute) would throttle them. Rate-limit tests set their own.
+        let generous = mosaic_mesh::ratelimit::RateLimitFileConfig {
+            global_limit: Some(1_000_000),
+            webhook_limit: Some(1_000_000),
+            coordinator_limit: Some(1_000_000),
+            health_limit: Some(1_000_000),
+            federation_limit: Some(1_000_000),
+            ..Default::default()
+        };
+        config.rate_limit = mosaic_mesh::ratelimit::RateLimitSettings::resolve(
+            generous,
+            &Default::default(),
+            false,
+        )
+        .expect("test rate limits");
+        config
     }
 
     /// A store on the same database, for arranging and checking state.
