@@ -26,7 +26,7 @@ use std::task::{Context, Poll};
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use super::decision::QuotaState;
+use super::decision::{QuotaState, Verdict};
 use super::key::LimitKey;
 use super::limiter::{Enforcement, RateLimiter};
 use super::response::{refusal_response, write_quota_headers};
@@ -103,7 +103,7 @@ where
             if !limiter.settings().shadow
                 && let Some(refusal) = limiter.gate(tier, &ip_key)
                 && let Enforcement::Refuse(refusal) =
-                    limiter.enforce(super::decision::Verdict::Refused(refusal), &path)
+                    limiter.enforce(Verdict::Refused(refusal), &path)
             {
                 return Ok(refusal_response(&refusal));
             }
@@ -133,7 +133,7 @@ where
             let mut keys = vec![ip_key];
             keys.extend(LimitKey::for_caller(&caller));
             let verdict = match keys.get(1).and_then(|key| limiter.gate(tier, key)) {
-                Some(refusal) => super::decision::Verdict::Refused(refusal),
+                Some(refusal) => Verdict::Refused(refusal),
                 None => limiter.count(tier, &keys).await,
             };
             let state: Option<QuotaState> = match limiter.enforce(verdict, &path) {

@@ -17,7 +17,7 @@ use super::breaker::{CircuitBreaker, Permit, Transition};
 use super::decision::{QuotaState, Refusal, Verdict};
 use super::key::LimitKey;
 use super::memory::MemoryLimiter;
-use super::metrics::{BreakerGauge, RateLimitMetrics};
+use super::metrics::RateLimitMetrics;
 use super::redis::{RedisCheckError, RedisLimiter};
 use super::settings::{RateLimitSettings, Storage};
 use super::tiers::Tier;
@@ -155,7 +155,7 @@ impl RateLimiter {
             // memory path too (which never waits) cost more than the check itself.
             Backend::Redis(storage) => Box::pin(self.check_redis(storage, tier, keys)).await,
         };
-        let verdict = verdict.unwrap_or_else(|| self.untouched(tier, self.settings.limits));
+        let verdict = verdict.unwrap_or_else(|| self.untouched(tier));
         if authoritative && let Verdict::Refused(refusal) = &verdict {
             // Read the clock only here: the admitted path needs no time of ours.
             let now = Instant::now();
@@ -166,8 +166,8 @@ impl RateLimiter {
     }
 
     /// The verdict of a call that counted against no key.
-    fn untouched(&self, tier: Tier, limits: super::tiers::TierLimits) -> Verdict {
-        let quota = limits.quota(tier);
+    fn untouched(&self, tier: Tier) -> Verdict {
+        let quota = self.settings.limits.quota(tier);
         Verdict::Admitted(QuotaState {
             limit: quota.limit,
             remaining: quota.limit,
@@ -279,11 +279,6 @@ impl RateLimiter {
         self.refused.prune(Instant::now());
         self.metrics.set_key_count(kept);
         kept
-    }
-
-    /// The breaker's state (always closed with memory storage).
-    pub fn breaker(&self) -> BreakerGauge {
-        self.metrics.snapshot().breaker
     }
 
     /// Starts the periodic pruning; it stops when the returned guard is dropped.

@@ -226,11 +226,6 @@ impl<C: Clock> MemoryLimiter<C> {
     pub fn key_count(&self) -> usize {
         self.gauge.entries.load(Ordering::Relaxed)
     }
-
-    /// The window of every quota.
-    pub fn window(&self) -> Duration {
-        self.tier(Tier::Default).quota.window
-    }
 }
 
 #[cfg(test)]
