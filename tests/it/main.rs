@@ -7,6 +7,7 @@ mod api_keys;
 mod cli;
 mod faults;
 mod identity;
+mod rate_limit;
 mod server;
 mod support;
 mod tidy;
