@@ -41,6 +41,7 @@ macro_rules! with_connection {
 mod api_keys;
 mod database_url;
 mod error;
+mod federation;
 mod identity;
 mod pools;
 mod schema;
@@ -54,6 +55,10 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use api_keys::ApiKeyRecord;
 pub use error::StoreError;
+pub use federation::{
+    ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
+    ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
+};
 pub use identity::{InstanceKeyRecord, InstanceRecord};
 
 use database_url::DatabaseTarget;
