@@ -41,6 +41,8 @@ pub struct Shared {
     pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
+    /// Peering: connections, notices, pings and the peer clients.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// Opens the store, runs migrations and loads (or creates) the identity: what
@@ -66,10 +68,18 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     )
     .await
     .context("cannot load the instance identity")?;
+    let identity = Arc::new(identity);
+    let federation = Arc::new(crate::federation::Federation::new(
+        store.clone(),
+        Arc::clone(&identity),
+        config.federation.clone(),
+        config.max_message_bytes,
+    ));
     let shared = Shared {
         store,
-        identity: Arc::new(identity),
+        identity,
         config: Arc::new(config.clone()),
+        federation,
     };
     write_certificate(&shared)?;
     Ok(shared)
@@ -177,6 +187,9 @@ pub async fn serve(
         );
         Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
     };
+    // Notice delivery, liveness pings and pruning run while the server does and
+    // stop with it (the guard aborts the task when dropped).
+    let _federation_background = shared.federation.start_background();
     drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await
 }
 

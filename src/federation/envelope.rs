@@ -305,6 +305,14 @@ impl<P: Payload> Parsed<P> {
         &self.header
     }
 
+    /// The payload before its signature is checked, for the well-formedness checks
+    /// of step 3 and for a RequestConnection, whose signing key travels inside
+    /// the payload. Nothing read here may be acted on before
+    /// [`Parsed::verify_signature`] succeeds.
+    pub fn unverified_payload(&self) -> &P {
+        &self.payload
+    }
+
     /// Step 4: the message is addressed to `me`.
     pub fn check_recipient(&self, me: &str) -> Result<(), EnvelopeError> {
         if self.header.recipient_instance_id != me {
