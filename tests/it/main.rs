@@ -5,5 +5,6 @@
 mod api_keys;
 mod cli;
 mod identity;
+mod peering;
 mod server;
 mod support;

@@ -2,6 +2,7 @@
 //! SQLite or PostgreSQL, reached over real TLS with the generated clients.
 
 pub mod daemon;
+pub mod peer;
 pub mod python;
 
 pub use daemon::Backend;
