@@ -5,6 +5,7 @@ pub mod apikey;
 pub mod client;
 pub mod exit;
 pub mod identity;
+pub mod peer;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,9 @@ pub enum Command {
     /// Create, list and revoke API keys (offline, on the database).
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Connect to peers and manage federation connections (admin API key).
+    #[command(subcommand)]
+    Peer(peer::PeerCommand),
 }
 
 /// `mosaicd identity ...`
@@ -120,5 +124,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Apikey(ApiKeyCommand::Revoke { id }) => {
             apikey::revoke(&cli.config, &id, output).await
         }
+        Command::Peer(command) => peer::run(command, &cli.config, &cli.client, output).await,
     }
 }

@@ -5,6 +5,7 @@
 mod api_keys;
 mod cli;
 mod identity;
+mod peer_cli;
 mod peering;
 mod server;
 mod support;
