@@ -157,6 +157,9 @@ pub struct FederationFileConfig {
     pub auto_accept_fingerprints: Option<Vec<String>>,
     /// Capabilities granted to auto-accepted peers (default none).
     pub auto_accept_grants: Option<Vec<String>>,
+    /// Most inbound connection requests waiting for an operator at once
+    /// (default 100); past it new requests are refused.
+    pub max_pending_inbound: Option<u32>,
 }
 
 /// The resolved `[federation]` settings.
@@ -184,6 +187,9 @@ pub struct FederationConfig {
     pub auto_accept_fingerprints: Vec<String>,
     /// Capabilities granted to auto-accepted peers (default none).
     pub auto_accept_grants: Vec<String>,
+    /// Most inbound requests waiting for an operator (default 100): anyone with a
+    /// key can ask, so unanswered requests are bounded.
+    pub max_pending_inbound: u32,
 }
 
 impl FederationConfig {
@@ -285,6 +291,7 @@ impl FederationConfig {
             notice_retry_max,
             auto_accept_fingerprints,
             auto_accept_grants,
+            max_pending_inbound: file.max_pending_inbound.unwrap_or(100),
         })
     }
 }

@@ -61,6 +61,7 @@ impl From<FederationError> for Status {
             FederationError::Unauthenticated(_) => Status::unauthenticated(message),
             FederationError::AlreadyExists(_) => Status::already_exists(message),
             FederationError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            FederationError::ResourceExhausted(_) => Status::resource_exhausted(message),
             FederationError::Unavailable(_) => Status::unavailable(message),
             FederationError::Peer(status) => Status::new(status.code(), message),
             FederationError::Store(store) => store.into(),

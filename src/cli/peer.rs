@@ -344,19 +344,25 @@ fn connection_table(connections: &[pb::Connection]) -> String {
     if connections.is_empty() {
         return "no connections".to_owned();
     }
+    let now = crate::clock::now_ms();
     let mut text = format!(
-        "{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {}",
-        "CONNECTION", "WORKSPACE", "PEER", "DIR", "STATE", "REACHABLE", "PENDING"
+        "{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {}",
+        "CONNECTION", "WORKSPACE", "PEER", "DIR", "STATE", "REACHABLE", "LAST CONTACT", "PENDING"
     );
     for connection in connections {
+        let last_contact = connection.last_contact_at.as_ref().map_or_else(
+            || "never".to_owned(),
+            |at| format!("{}s ago", (now - ms_from_timestamp(at)).max(0) / 1000),
+        );
         text.push_str(&format!(
-            "\n{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {}",
+            "\n{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {}",
             connection.connection_id,
             connection.workspace,
             connection.remote_name,
             direction_name(connection.direction()),
             state_name(connection.state()),
             if connection.reachable { "yes" } else { "no" },
+            last_contact,
             connection.pending_notices
         ));
     }

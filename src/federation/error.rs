@@ -26,6 +26,9 @@ pub enum FederationError {
     /// A duplicate (ALREADY_EXISTS).
     #[error("{0}")]
     AlreadyExists(String),
+    /// A limit is reached (RESOURCE_EXHAUSTED).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Too late (DEADLINE_EXCEEDED).
     #[error("{0}")]
     DeadlineExceeded(String),

@@ -144,7 +144,12 @@ impl Federation {
         let Some(connection) = self.store.find_connection(connection_id).await? else {
             return Ok(());
         };
-        for notice in self.store.notices_of(connection_id).await? {
+        let mut notices = self.store.notices_of(connection_id).await?;
+        // A key-rotation notice goes first: every other notice is signed with the
+        // current key, which the peer learns from it. It changes no state, so
+        // moving it ahead of older notices reorders nothing the peer sees.
+        notices.sort_by_key(|notice| notice.kind != NoticeKind::KeyRotated);
+        for notice in notices {
             if !now_or_later && notice.next_attempt_at_ms > self.now() {
                 break;
             }

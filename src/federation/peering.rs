@@ -613,6 +613,20 @@ impl Federation {
 
         let auto_accept = fingerprint::normalize(&sender_key.fingerprint())
             .is_some_and(|printed| self.config.auto_accept_fingerprints.contains(&printed));
+        // Anyone holding a key can ask, so the requests an operator has not
+        // answered yet are bounded.
+        if !auto_accept
+            && self
+                .store
+                .count_connections(Direction::Inbound, ConnectionState::Pending)
+                .await?
+                >= i64::from(self.config.max_pending_inbound)
+        {
+            return Err(FederationError::ResourceExhausted(
+                "too many connection requests are waiting for this instance's operator; try again later"
+                    .into(),
+            ));
+        }
         let state = if auto_accept {
             ConnectionState::Active
         } else {
@@ -748,12 +762,12 @@ impl Federation {
         // 7: a key of the sender; the TLS key is checked just below.
         let trusted = self.trusted_keys(&connection).await?;
         let signing_key = parsed.signing_key(&trusted, now)?;
-        // A KEY_ROTATED notice is signed with the old key but travels over a TLS
-        // connection made with the new one: the sender proves it holds both.
-        let tls_matches = &signing_key == tls_key
-            || rotated_to
-                .as_ref()
-                .is_some_and(|(new_key, _)| new_key == tls_key);
+        // A KEY_ROTATED notice is signed with the old key and must travel over a
+        // TLS connection made with the new one: the sender proves it holds both.
+        let tls_matches = match &rotated_to {
+            Some((new_key, _)) => new_key == tls_key,
+            None => &signing_key == tls_key,
+        };
         if !tls_matches {
             return Err(envelope::EnvelopeError::KeyIsNotTlsKey.into());
         }

@@ -405,6 +405,23 @@ impl Store {
         rows.into_iter().map(ConnectionRow::into_record).collect()
     }
 
+    /// How many connections are in `state` with `direction`.
+    pub async fn count_connections(
+        &self,
+        direction: Direction,
+        state: ConnectionState,
+    ) -> Result<i64, StoreError> {
+        let count = with_connection!(self, |conn| {
+            federation_connections::table
+                .filter(federation_connections::direction.eq(direction.as_str()))
+                .filter(federation_connections::state.eq(state.as_str()))
+                .count()
+                .get_result::<i64>(conn)
+                .await?
+        });
+        Ok(count)
+    }
+
     /// A connection's history, oldest first.
     pub async fn connection_events(
         &self,

@@ -50,6 +50,7 @@ on_both_backends!(
     three_daemons_keep_their_connections_across_restarts,
     key_rotation_keeps_connections_working_and_the_old_key_expires,
     the_same_connection_requested_twice_makes_one_row,
+    an_allow_listed_fingerprint_is_accepted_at_once_and_pending_requests_are_capped,
 );
 
 /// An operator's view of one daemon: an admin API key and a client.
@@ -1075,6 +1076,73 @@ async fn the_same_connection_requested_twice_makes_one_row(backend: Backend) {
         .connect(&url, "ws-2", "", &[])
         .await
         .expect("another workspace");
+    assert_eq!(admin_b.list().await.len(), 2);
+
+    a.stop().await;
+    b.stop().await;
+    environment_a.cleanup().await;
+    environment_b.cleanup().await;
+}
+
+async fn an_allow_listed_fingerprint_is_accepted_at_once_and_pending_requests_are_capped(
+    backend: Backend,
+) {
+    let environment_a = TestEnvironment::new(backend).await;
+    let environment_b = TestEnvironment::new(backend).await;
+    let a = environment_a.start_peer(0, |_| {}).await;
+    let admin_a = Admin::of(&a).await;
+    let fingerprint_a = admin_a.instance().await.fingerprint;
+    let b = environment_b
+        .start_peer(0, |config| {
+            config.federation.auto_accept_fingerprints =
+                vec![mosaic_mesh::identity::fingerprint::normalize(&fingerprint_a).expect("fp")];
+            config.federation.auto_accept_grants = strings(&["agent.status"]);
+            config.federation.max_pending_inbound = 1;
+        })
+        .await;
+    let admin_b = Admin::of(&b).await;
+
+    let connection = admin_a
+        .connect(&b.url(), "ws", "", &[])
+        .await
+        .expect("connect");
+    assert_eq!(connection.state(), pb::ConnectionState::Active);
+    assert_eq!(
+        connection.capabilities_granted_to_us,
+        strings(&["agent.status"])
+    );
+    let on_b = admin_b.open_in("ws").await;
+    assert_eq!(on_b.state(), pb::ConnectionState::Active);
+    let actors: Vec<String> = admin_b
+        .get(&on_b.connection_id)
+        .await
+        .events
+        .into_iter()
+        .map(|event| event.actor)
+        .collect();
+    assert_eq!(actors, strings(&["peer", "system"]));
+
+    // One request may wait for B's operator; the next is refused until then.
+    let instance_b = admin_b.instance().await;
+    for (name, expected) in [("first", None), ("second", Some(Code::ResourceExhausted))] {
+        let peer = TestPeer::new(name).await;
+        let outcome = FederationClient::new(peer.channel_to(&b).await)
+            .request_connection(pb::RequestConnectionRequest {
+                envelope: Some(
+                    envelope::seal(
+                        &peer.connection_request(&instance_b.instance_id, "ws"),
+                        peer.current().as_ref(),
+                    )
+                    .expect("seal"),
+                ),
+            })
+            .await;
+        assert_eq!(
+            outcome.err().map(|status| status.code()),
+            expected,
+            "{name}"
+        );
+    }
     assert_eq!(admin_b.list().await.len(), 2);
 
     a.stop().await;
