@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::FederationError;
 use super::envelope::{self, TrustedKey};
-use super::peering::{Federation, peer_error};
+use super::peering::{Federation, peer_error, peer_status};
 use super::state::{ConnectionState, NoticeKind};
 use crate::clock::timestamp_from_ms;
 use crate::identity::{Identity, PublicKey};
@@ -381,7 +381,7 @@ impl Federation {
                 envelope: Some(sealed),
             }))
             .await
-            .map_err(FederationError::Peer)?
+            .map_err(peer_status)?
             .into_inner();
         envelope::open_reply::<pb::PingPayload>(
             response.envelope.as_ref(),

@@ -284,7 +284,7 @@ impl Federation {
                 envelope: Some(sealed),
             }))
             .await
-            .map_err(FederationError::Peer)?
+            .map_err(peer_status)?
             .into_inner();
         let trusted = [TrustedKey {
             key: claimed.clone(),
@@ -1075,22 +1075,30 @@ pub(super) fn peer_error(error: PeerError) -> FederationError {
     }
 }
 
+/// A failed call to a peer: transport failures and timeouts become UNAVAILABLE
+/// and DEADLINE_EXCEEDED; a refusal by the peer keeps the peer's code.
+pub(super) fn peer_status(status: tonic::Status) -> FederationError {
+    match status.code() {
+        tonic::Code::DeadlineExceeded => FederationError::DeadlineExceeded(format!(
+            "the peer did not answer in time: {}",
+            status.message()
+        )),
+        // tonic reports a broken connection (including a TLS refusal on the
+        // first call, STACK-NOTES trap 6) as UNKNOWN or CANCELLED.
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+            FederationError::Unavailable(format!(
+                "the peer cannot be reached: {}",
+                status.message()
+            ))
+        }
+        _ => FederationError::Peer(status),
+    }
+}
+
 fn first_contact_error(error: FirstContactError) -> FederationError {
     match error {
         FirstContactError::Peer(error) => peer_error(error),
-        FirstContactError::Status(status) => match status.code() {
-            tonic::Code::DeadlineExceeded => FederationError::DeadlineExceeded(format!(
-                "the peer did not answer in time: {}",
-                status.message()
-            )),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-                FederationError::Unavailable(format!(
-                    "the peer cannot be reached: {}",
-                    status.message()
-                ))
-            }
-            _ => FederationError::Peer(status),
-        },
+        FirstContactError::Status(status) => peer_status(status),
         FirstContactError::NoInstance => {
             FederationError::FailedPrecondition("the peer returned no identity".into())
         }
