@@ -41,6 +41,8 @@ pub struct Shared {
     /// The database.
     pub store: Store,
     /// The instance identity.
+    /// Peering: connections, notices, pings and the peer clients.
+    pub federation: Arc<crate::federation::Federation>,
     pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
@@ -78,10 +80,18 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         .context("cannot prepare the agent runtime's directory")?;
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
         .context("cannot configure rate limiting")?;
+    let identity = Arc::new(identity);
+    let federation = Arc::new(crate::federation::Federation::new(
+        store.clone(),
+        Arc::clone(&identity),
+        config.federation.clone(),
+        config.max_message_bytes,
+    ));
     let shared = Shared {
         store,
-        identity: Arc::new(identity),
+        identity,
         config: Arc::new(config.clone()),
+        federation,
         agents: Arc::new(agents),
         rate_limiter: Arc::new(rate_limiter),
     };
@@ -204,6 +214,9 @@ pub async fn serve(
         );
         Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
     };
+    // Notice delivery, liveness pings and pruning run while the server does and
+    // stop with it (the guard aborts the task when dropped).
+    let _federation_background = shared.federation.start_background();
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     shared.agents.shutdown().await;
     drained

@@ -7,6 +7,8 @@ mod api_keys;
 mod cli;
 mod faults;
 mod identity;
+mod peer_cli;
+mod peering;
 mod rate_limit;
 mod server;
 mod support;
