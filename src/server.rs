@@ -190,6 +190,13 @@ pub async fn serve(
         );
         Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
     };
+    // Agents are asked to stop as soon as shutdown begins, so watch streams
+    // end with their agents instead of holding the drain open.
+    let agents = Arc::clone(&shared.agents);
+    let shutdown = async move {
+        shutdown.await;
+        agents.begin_shutdown();
+    };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     shared.agents.shutdown().await;
     drained

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -171,6 +172,8 @@ pub struct AgentRuntime {
     /// One permit per running agent: the concurrency cap, enforced atomically.
     slots: Arc<Semaphore>,
     registry: Arc<Registry>,
+    /// Set when the daemon begins to shut down: no new agents.
+    closing: AtomicBool,
 }
 
 impl AgentRuntime {
@@ -187,6 +190,7 @@ impl AgentRuntime {
             agents_dir,
             runner_id,
             registry: Arc::new(Registry::default()),
+            closing: AtomicBool::new(false),
         })
     }
 
@@ -213,6 +217,9 @@ impl AgentRuntime {
     /// ([`AgentError::Invalid`]) and a full runtime ([`AgentError::AtCapacity`]).
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<AgentRecord, AgentError> {
         let (agent_type, timeout_secs) = self.check_spec(&spec)?;
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(AgentError::ShuttingDown);
+        }
         let permit =
             Arc::clone(&self.slots)
                 .try_acquire_owned()
@@ -607,17 +614,26 @@ impl AgentRuntime {
         Ok(orphans.len())
     }
 
-    /// Stops every agent this daemon supervises (they end FAILED, "the daemon
-    /// shut down") and waits, up to the kill grace period and a little more,
-    /// for their supervisors to record it.
-    pub async fn shutdown(&self) {
+    /// Refuses new agents from now on and asks every running one to stop
+    /// (they end FAILED, "the daemon shut down"). Does not wait: watchers see
+    /// their agents end while the server drains its calls.
+    pub fn begin_shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         let tracked = self.registry.all();
-        if tracked.is_empty() {
-            return;
+        if !tracked.is_empty() {
+            tracing::info!(count = tracked.len(), "stopping running agents");
         }
-        tracing::info!(count = tracked.len(), "stopping running agents");
         for agent in &tracked {
             agent.request_stop(StopRequest::Shutdown);
+        }
+    }
+
+    /// [`AgentRuntime::begin_shutdown`], then waits, up to the kill grace
+    /// period and a little more, for the supervisors to record the ends.
+    pub async fn shutdown(&self) {
+        self.begin_shutdown();
+        if self.registry.is_empty() {
+            return;
         }
         let deadline =
             tokio::time::Instant::now() + self.settings.kill_grace + Duration::from_secs(5);

@@ -49,6 +49,7 @@ on_both_backends!(
     listing_filters_and_pages,
     a_restart_after_sigkill_leaves_no_agent_falsely_running,
     the_agent_commands_drive_the_daemon,
+    stopping_the_daemon_stops_its_agents,
 );
 
 /// A daemon with the test agent types (and `adjust` applied) and a client.
@@ -222,6 +223,11 @@ async fn timeouts_and_failures_are_recorded(backend: Backend) {
         .spawn("sh", "exec /no/such/program")
         .await
         .expect("spawn");
+    // The main process ends at once and leaves a child behind in its group.
+    let leaving = agents
+        .spawn("sh", "sleep 300 & echo child=$!")
+        .await
+        .expect("spawn");
 
     let timed_out = agents
         .wait_until(&slow.agent_id, "ended", |agent| agent.ended_at.is_some())
@@ -250,6 +256,19 @@ async fn timeouts_and_failures_are_recorded(backend: Backend) {
         .await;
     assert_eq!(failed.state, is(pb::AgentState::Failed));
     assert_eq!(failed.exit_code, Some(127));
+
+    // Its exit decides the state; what it left in its group is stopped before
+    // the end is recorded.
+    let completed = agents
+        .wait_until(&leaving.agent_id, "ended", |agent| agent.ended_at.is_some())
+        .await;
+    assert_eq!(
+        completed.state,
+        is(pb::AgentState::Completed),
+        "{completed:?}"
+    );
+    let child = number_in_tail(&completed, "child").expect("child pid");
+    assert!(!process_is_alive(child), "the agent's child survived");
 
     daemon.stop().await;
     environment.cleanup().await;
@@ -885,5 +904,34 @@ async fn the_agent_commands_drive_the_daemon(backend: Backend) {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown agent type"));
 
     daemon.kill().await.expect("stop the daemon");
+    environment.cleanup().await;
+}
+
+async fn stopping_the_daemon_stops_its_agents(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let spawned = agents
+        .spawn("sh", "sleep 300 & echo child=$!; wait")
+        .await
+        .expect("spawn");
+    let running = agents
+        .wait_until(&spawned.agent_id, "showing its child", |agent| {
+            number_in_tail(agent, "child").is_some()
+        })
+        .await;
+    let child = number_in_tail(&running, "child").expect("child pid");
+
+    daemon.stop().await;
+    let stored = environment
+        .store()
+        .await
+        .get_agent(&spawned.agent_id)
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(stored.state.as_str(), "FAILED", "{stored:?}");
+    assert!(stored.state_reason.contains("shut down"), "{stored:?}");
+    assert!(!process_is_alive(spawned.pid.expect("pid")));
+    assert!(!process_is_alive(child));
     environment.cleanup().await;
 }
