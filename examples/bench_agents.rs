@@ -51,8 +51,14 @@ fn report(name: &str, samples: &mut [Duration]) -> (Duration, Duration) {
 /// A spawn+wait of `true` with the options the runtime uses (own process
 /// group, working directory, cleared environment, piped output).
 async fn agent_like_spawn_and_wait(work_dir: &std::path::Path) -> anyhow::Result<Duration> {
+    // The runtime resolves the program in the agent's PATH itself.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let program = std::env::split_paths(&path)
+        .map(|directory| directory.join("true"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| anyhow::anyhow!("no `true` in PATH"))?;
     let started = Instant::now();
-    let mut child = tokio::process::Command::new("true")
+    let mut child = tokio::process::Command::new(program)
         .current_dir(work_dir)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -298,7 +298,16 @@ impl AgentRuntime {
                 workdir: &work_dir.to_string_lossy(),
             },
         );
-        let mut command = tokio::process::Command::new(&arguments[0]);
+        let path_variable = std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into());
+        let path_variable = agent_type
+            .env
+            .get("PATH")
+            .map_or(path_variable, std::ffi::OsString::from);
+        let Some(program) = resolve_program(&arguments[0], &path_variable) else {
+            let reason = format!("cannot start {:?}: not found in PATH", arguments[0]);
+            return self.fail_to_start(record, &tracked, reason, permit).await;
+        };
+        let mut command = tokio::process::Command::new(program);
         command
             .args(&arguments[1..])
             .current_dir(&work_dir)
@@ -313,9 +322,7 @@ impl AgentRuntime {
                 command.env(name, value);
             }
         }
-        if std::env::var_os("PATH").is_none() {
-            command.env("PATH", DEFAULT_PATH);
-        }
+        command.env("PATH", &path_variable);
         command
             .envs(&agent_type.env)
             .env(AGENT_ID_VARIABLE, &record.id)
@@ -738,6 +745,28 @@ fn polled_watch(
     futures::stream::iter([Ok(first)]).chain(rest).boxed()
 }
 
+/// The program to execute for `name`: itself when it contains a `/`, else the
+/// first executable file of that name in `path_variable`.
+///
+/// Resolving here, with the agent's PATH, lets the standard library start the
+/// process with `posix_spawn`; given a bare name and a PATH of its own for the
+/// child it falls back to fork and exec, which costs about half a millisecond
+/// more per agent in a daemon of this size.
+fn resolve_program(name: &str, path_variable: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    std::env::split_paths(path_variable)
+        .filter(|directory| directory.is_absolute())
+        .map(|directory| directory.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate).is_ok_and(|metadata| {
+                metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+            })
+        })
+}
+
 /// Reads `<agents_dir>/runner-id`, creating it with a new UUID the first time.
 fn load_or_create_runner_id(agents_dir: &Path) -> std::io::Result<String> {
     let path = agents_dir.join(RUNNER_ID_FILE);
@@ -751,5 +780,22 @@ fn load_or_create_runner_id(agents_dir: &Path) -> std::io::Result<String> {
             std::fs::rename(&temporary, &path)?;
             Ok(runner_id)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_in_the_agents_path() {
+        let path = std::ffi::OsString::from("relative/dir:/no/such/dir:/bin:/usr/bin");
+        let found = resolve_program("sh", &path).expect("sh is in /bin or /usr/bin");
+        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
+        assert_eq!(
+            resolve_program("./tool", &path),
+            Some(PathBuf::from("./tool"))
+        );
+        assert_eq!(resolve_program("no-such-program-here", &path), None);
     }
 }
