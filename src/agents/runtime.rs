@@ -40,6 +40,8 @@ const INHERITED_VARIABLES: [&str; 10] = [
 ];
 /// PATH for agents when the daemon has none.
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// Longest accepted kill reason, in bytes.
+pub const MAX_KILL_REASON_BYTES: usize = 1024;
 /// The file in `<data_dir>/agents` that names this daemon as a runner.
 const RUNNER_ID_FILE: &str = "runner-id";
 
@@ -532,6 +534,11 @@ impl AgentRuntime {
     /// period. Returns the agent as it is when the stop has begun; an agent
     /// that has already ended is returned unchanged.
     pub async fn kill(&self, id: &str, reason: &str) -> Result<AgentRecord, AgentError> {
+        if reason.len() > MAX_KILL_REASON_BYTES {
+            return Err(AgentError::Invalid(format!(
+                "the kill reason is longer than {MAX_KILL_REASON_BYTES} bytes"
+            )));
+        }
         if let Some(tracked) = self.registry.get(id) {
             let reason = if reason.trim().is_empty() {
                 "killed on request".to_owned()

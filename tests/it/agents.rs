@@ -494,6 +494,11 @@ async fn bad_requests_are_refused_and_change_nothing(backend: Backend) {
     let status = agents.kill("no-such-agent", "").await.expect_err("unknown");
     assert_eq!(status.code(), tonic::Code::NotFound);
     let status = agents
+        .kill("no-such-agent", &"r".repeat(1025))
+        .await
+        .expect_err("oversized reason");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = agents
         .list(pb::ListAgentsRequest {
             page_token: "not-a-token".to_owned(),
             ..pb::ListAgentsRequest::default()
