@@ -305,13 +305,19 @@ impl AgentRuntime {
             .env
             .get("PATH")
             .map_or(path_variable, std::ffi::OsString::from);
-        let Some(program) = resolve_program(&arguments[0], &path_variable) else {
-            let reason = format!("cannot start {:?}: not found in PATH", arguments[0]);
+        // A configured command is never empty (config checks it), but a Config
+        // built in code could be: fail the agent rather than panic.
+        let Some((program_name, program_arguments)) = arguments.split_first() else {
+            let reason = format!("agent type {:?} has an empty command", record.agent_type);
+            return self.fail_to_start(record, &tracked, reason, permit).await;
+        };
+        let Some(program) = resolve_program(program_name, &path_variable) else {
+            let reason = format!("cannot start {program_name:?}: not found in PATH");
             return self.fail_to_start(record, &tracked, reason, permit).await;
         };
         let mut command = tokio::process::Command::new(program);
         command
-            .args(&arguments[1..])
+            .args(program_arguments)
             .current_dir(&work_dir)
             .env_clear()
             .stdin(std::process::Stdio::null())
@@ -334,7 +340,7 @@ impl AgentRuntime {
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
-                let reason = format!("cannot start {:?}: {error}", arguments[0]);
+                let reason = format!("cannot start {program_name:?}: {error}");
                 return self.fail_to_start(record, &tracked, reason, permit).await;
             }
         };
