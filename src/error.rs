@@ -60,7 +60,9 @@ impl From<AgentError> for Status {
             AgentError::SupervisedElsewhere { .. } => {
                 Status::failed_precondition(error.to_string())
             }
-            AgentError::Interrupted => Status::unavailable(error.to_string()),
+            AgentError::Interrupted | AgentError::ShuttingDown => {
+                Status::unavailable(error.to_string())
+            }
             AgentError::Store(store) => store.into(),
         }
     }

@@ -217,6 +217,13 @@ pub async fn serve(
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
+    // Agents are asked to stop as soon as shutdown begins, so watch streams
+    // end with their agents instead of holding the drain open.
+    let agents = Arc::clone(&shared.agents);
+    let shutdown = async move {
+        shutdown.await;
+        agents.begin_shutdown();
+    };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     shared.agents.shutdown().await;
     drained
