@@ -41,6 +41,8 @@ pub struct Shared {
     pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
+    /// The job coordinator's in-process state (change feed, start time).
+    pub coordinator: crate::coordinator::CoordinatorState,
 }
 
 /// Opens the store, runs migrations and loads (or creates) the identity: what
@@ -70,6 +72,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         store,
         identity: Arc::new(identity),
         config: Arc::new(config.clone()),
+        coordinator: crate::coordinator::CoordinatorState::default(),
     };
     write_certificate(&shared)?;
     Ok(shared)
@@ -177,7 +180,13 @@ pub async fn serve(
         );
         Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
     };
-    drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await
+    let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
+        shared.store.clone(),
+        health_reporter.clone(),
+    ));
+    let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
+    database_health.abort();
+    drained
 }
 
 /// Runs `serving`; when `shutdown` fires, stops accepting and gives in-flight calls

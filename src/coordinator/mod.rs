@@ -1,3 +1,65 @@
 //! The job coordinator behind `mosaic.coordinator.v1.Coordinator`.
+//!
+//! - [`state`]: the job state machine (pure).
+//! - [`jobs`]: creating, changing, listing and watching jobs over the store.
+//! - [`webhook`]: signature checks and event mapping for `HandleWebhook` (pure).
+//! - [`events`]: the in-process feed of committed changes behind `WatchJob`.
+//! - [`paging`]: `ListJobs` page tokens (pure).
+//! - [`health`]: the component checks behind `Health` and `grpc.health.v1`.
+//! - [`convert`]: proto messages to and from domain types.
+//! - [`service`]: the thin gRPC handlers.
 
+pub mod convert;
+pub mod events;
+pub mod health;
+pub mod jobs;
+pub mod paging;
 pub mod service;
+pub mod state;
+pub mod webhook;
+
+use crate::store::StoreError;
+
+pub use self::events::JobEvents;
+
+/// What the coordinator keeps for the life of the daemon.
+#[derive(Clone, Debug)]
+pub struct CoordinatorState {
+    /// Committed job changes, for `WatchJob`.
+    pub events: JobEvents,
+    /// When the daemon started, for `Health`'s uptime.
+    pub started_at: tokio::time::Instant,
+}
+
+impl Default for CoordinatorState {
+    fn default() -> Self {
+        CoordinatorState {
+            events: JobEvents::default(),
+            started_at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+/// Why a coordinator operation failed. Each kind maps to one gRPC code in
+/// `error.rs`.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Bad input: nothing was changed (INVALID_ARGUMENT).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such job (NOT_FOUND).
+    #[error("no job with id {0:?}")]
+    NotFound(String),
+    /// The state machine refused the change (FAILED_PRECONDITION).
+    #[error(transparent)]
+    Transition(#[from] state::TransitionError),
+    /// The job kept changing under concurrent updates (ABORTED; retry).
+    #[error("the job changed concurrently too many times; try again")]
+    Contention,
+    /// A webhook delivery's signature was missing or wrong (UNAUTHENTICATED).
+    #[error(transparent)]
+    Signature(#[from] webhook::SignatureError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -42,6 +42,7 @@ mod api_keys;
 mod database_url;
 mod error;
 mod identity;
+mod jobs;
 mod pools;
 mod schema;
 pub mod testing;
@@ -55,6 +56,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 pub use api_keys::ApiKeyRecord;
 pub use error::StoreError;
 pub use identity::{InstanceKeyRecord, InstanceRecord};
+pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord};
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};
