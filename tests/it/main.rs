@@ -4,6 +4,7 @@
 
 mod api_keys;
 mod cli;
+mod coordinator;
 mod identity;
 mod server;
 mod support;
