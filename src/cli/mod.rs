@@ -5,6 +5,7 @@ pub mod apikey;
 pub mod client;
 pub mod exit;
 pub mod identity;
+pub mod job;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -62,6 +63,10 @@ pub enum Command {
     /// Create, list and revoke API keys (offline, on the database).
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Create, inspect, change and watch jobs on the running daemon
+    /// (`coordinator` API key).
+    #[command(subcommand)]
+    Job(job::JobCommand),
 }
 
 /// `mosaicd identity ...`
@@ -120,5 +125,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Apikey(ApiKeyCommand::Revoke { id }) => {
             apikey::revoke(&cli.config, &id, output).await
         }
+        Command::Job(command) => job::run(&cli.config, &cli.client, command, output).await,
     }
 }

@@ -1076,3 +1076,137 @@ async fn health_reports_each_component_on_sqlite() {
 async fn health_reports_each_component_on_postgres() {
     health_reports_each_component(Backend::Postgres).await;
 }
+
+/// Runs `mosaicd job ARGS` against `daemon` with `key`; returns the exit code
+/// and stdout.
+async fn job_cli(daemon: &TestDaemon, key: &str, args: &[&str]) -> (i32, String) {
+    let mut command = tokio::process::Command::new(crate::support::daemon::mosaicd_binary());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MOSAIC_") {
+            command.env_remove(name);
+        }
+    }
+    let output = command
+        .arg("--data-dir")
+        .arg(&daemon.data_dir)
+        .args(["--server", &daemon.url(), "--api-key", key, "job"])
+        .args(args)
+        .env("MOSAIC_LOG", "warn")
+        .output()
+        .await
+        .expect("run mosaicd");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+fn json_of(output: &(i32, String)) -> serde_json::Value {
+    assert_eq!(output.0, 0, "mosaicd failed: {}", output.1);
+    serde_json::from_str(&output.1).expect("json output")
+}
+
+async fn the_job_cli_drives_a_job_through_its_life(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let daemon = environment.start().await;
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let created = json_of(
+        &job_cli(
+            &daemon,
+            &key,
+            &[
+                "create",
+                "--type",
+                "review",
+                "--workspace",
+                "w1",
+                "--payload",
+                "{\"pr\":3}",
+                "--label",
+                "team=red",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(created["state"], "PENDING");
+    assert_eq!(created["created"], true);
+    assert_eq!(created["labels"]["team"], "red");
+    let id = created["job_id"].as_str().expect("id").to_owned();
+
+    let running = json_of(&job_cli(&daemon, &key, &["status", &id, "running", "--json"]).await);
+    assert_eq!(running["state"], "RUNNING");
+    let progressed = json_of(
+        &job_cli(
+            &daemon,
+            &key,
+            &["progress", &id, "40", "--message", "halfway", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(progressed["progress"], 40);
+    // Backwards progress is refused: exit code 4 (refused), nothing printed.
+    let (code, stdout) = job_cli(&daemon, &key, &["progress", &id, "10", "--json"]).await;
+    assert_eq!((code, stdout.as_str()), (4, ""));
+    let completed = json_of(
+        &job_cli(
+            &daemon,
+            &key,
+            &["complete", &id, "--result", "{\"ok\":1}", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(completed["state"], "COMPLETED");
+    assert_eq!(
+        job_cli(&daemon, &key, &["fail", &id, "--error", "late"])
+            .await
+            .0,
+        4
+    );
+    assert_eq!(job_cli(&daemon, &key, &["cancel", &id]).await.0, 4);
+
+    let fetched = json_of(&job_cli(&daemon, &key, &["get", &id, "--json"]).await);
+    assert_eq!(fetched["result_json"], "{\"ok\":1}");
+    let history = json_of(&job_cli(&daemon, &key, &["history", &id, "--json"]).await);
+    assert_eq!(history.as_array().map(Vec::len), Some(4));
+    let listed = json_of(
+        &job_cli(
+            &daemon,
+            &key,
+            &[
+                "list",
+                "--state",
+                "completed",
+                "--label",
+                "team=red",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(listed["jobs"][0]["job_id"], id.as_str());
+
+    // Watching an ended job prints its latest change and exits 0.
+    let (code, stdout) = job_cli(&daemon, &key, &["watch", &id, "--json"]).await;
+    assert_eq!(code, 0);
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one json line");
+    assert_eq!(line["entry"]["to_state"], "COMPLETED");
+
+    // Not found is exit code 3; a wrong key is 4; a bad payload is 4.
+    assert_eq!(job_cli(&daemon, &key, &["get", "missing"]).await.0, 3);
+    assert_eq!(job_cli(&daemon, "mosaic_wrong", &["get", &id]).await.0, 4);
+    let (code, _) = job_cli(&daemon, &key, &["create", "--type", "x", "--payload", "{"]).await;
+    assert_eq!(code, 4);
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_job_cli_drives_a_job_through_its_life_on_sqlite() {
+    the_job_cli_drives_a_job_through_its_life(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_job_cli_drives_a_job_through_its_life_on_postgres() {
+    the_job_cli_drives_a_job_through_its_life(Backend::Postgres).await;
+}
