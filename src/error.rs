@@ -59,6 +59,7 @@ pub fn coordinator_status(error: CoordinatorError) -> Status {
         CoordinatorError::Transition(_) => Status::failed_precondition(error.to_string()),
         CoordinatorError::Contention => Status::aborted(error.to_string()),
         CoordinatorError::Signature(_) => Status::unauthenticated(error.to_string()),
+        CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
         CoordinatorError::Store(store) => store.into(),
     }
 }

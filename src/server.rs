@@ -184,6 +184,12 @@ pub async fn serve(
         shared.store.clone(),
         health_reporter.clone(),
     ));
+    let coordinator = shared.coordinator.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Watch streams would otherwise hold the drain until the grace ends.
+        coordinator.begin_shutdown();
+    };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     database_health.abort();
     drained

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc};
 
-use super::CoordinatorError;
 use super::events::JobEvents;
 use super::state::{self, JobChange};
 use super::webhook;
+use super::{CoordinatorError, CoordinatorState};
 use crate::clock::now_ms;
 use crate::config::CoordinatorConfig;
 use crate::store::{
@@ -91,15 +91,18 @@ pub type WatchItem = (JobHistoryRecord, JobRecord);
 pub struct Jobs {
     store: Store,
     events: JobEvents,
+    shutdown: tokio::sync::watch::Receiver<bool>,
     max_payload_bytes: usize,
 }
 
 impl Jobs {
-    /// Operations on `store`, publishing committed changes to `events`.
-    pub fn new(store: Store, events: JobEvents, config: &CoordinatorConfig) -> Jobs {
+    /// Operations on `store`, publishing committed changes to the feed in
+    /// `state`.
+    pub fn new(store: Store, state: &CoordinatorState, config: &CoordinatorConfig) -> Jobs {
         Jobs {
             store,
-            events,
+            events: state.events.clone(),
+            shutdown: state.shutdown_signal(),
             max_payload_bytes: config.max_payload_bytes,
         }
     }
@@ -243,7 +246,13 @@ impl Jobs {
             .ok_or_else(|| CoordinatorError::NotFound(job_id.to_owned()))?;
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
         let store = self.store.clone();
-        tokio::spawn(follow(store, feed, sender, (entry, job)));
+        let watch = Watch {
+            store,
+            feed,
+            sender,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(watch.follow((entry, job)));
         Ok(receiver)
     }
 
@@ -335,64 +344,85 @@ impl Jobs {
     }
 }
 
-/// Feeds `sender` with the changes of the job in `first` until it ends or the
-/// client goes away.
-async fn follow(
+/// What one watch stream's task holds.
+struct Watch {
     store: Store,
-    mut feed: broadcast::Receiver<std::sync::Arc<super::events::JobEvent>>,
+    feed: broadcast::Receiver<std::sync::Arc<super::events::JobEvent>>,
     sender: mpsc::Sender<Result<WatchItem, CoordinatorError>>,
-    first: WatchItem,
-) {
-    let job_id = first.1.id.clone();
-    let mut last_sequence = first.0.sequence;
-    let mut ended = first.1.state.is_terminal();
-    if sender.send(Ok(first)).await.is_err() || ended {
-        return;
-    }
-    let mut poll = tokio::time::interval(WATCH_POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    while !ended {
-        let items: Vec<WatchItem> = tokio::select! {
-            () = sender.closed() => return,
-            received = feed.recv() => match received {
-                Ok(event) if event.job.id != job_id || event.entry.sequence <= last_sequence => {
-                    continue;
-                }
-                Ok(event) if event.entry.sequence == last_sequence + 1 => {
-                    vec![(event.entry.clone(), event.job.clone())]
-                }
-                // A gap (changes published out of order) or a lag: the
-                // history has everything.
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                    match catch_up(&store, &job_id, last_sequence).await {
-                        Ok(items) => items,
-                        Err(error) => {
-                            let _ = sender.send(Err(error)).await;
-                            return;
-                        }
-                    }
-                }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            _ = poll.tick() => match catch_up(&store, &job_id, last_sequence).await {
-                Ok(items) => items,
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Watch {
+    /// Feeds the stream with the changes of the job in `first` until it ends,
+    /// the client goes away, or the daemon shuts down.
+    async fn follow(self, first: WatchItem) {
+        let Watch {
+            store,
+            mut feed,
+            sender,
+            mut shutdown,
+        } = self;
+        let job_id = first.1.id.clone();
+        let mut last_sequence = first.0.sequence;
+        let mut ended = first.1.state.is_terminal();
+        if sender.send(Ok(first)).await.is_err() || ended {
+            return;
+        }
+        let mut poll = tokio::time::interval(WATCH_POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !ended {
+            let items: Vec<WatchItem> = tokio::select! {
+                () = sender.closed() => return,
+                () = shutdown_begins(&mut shutdown) => {
+                    let _ = sender.send(Err(CoordinatorError::ShuttingDown)).await;
                     return;
                 }
-            },
-        };
-        for item in items {
-            last_sequence = item.0.sequence;
-            ended = item.0.to_state.is_terminal();
-            if sender.send(Ok(item)).await.is_err() {
-                return;
-            }
-            if ended {
-                break;
+                received = feed.recv() => match received {
+                    Ok(event) if event.job.id != job_id || event.entry.sequence <= last_sequence => {
+                        continue;
+                    }
+                    Ok(event) if event.entry.sequence == last_sequence + 1 => {
+                        vec![(event.entry.clone(), event.job.clone())]
+                    }
+                    // A gap (changes published out of order) or a lag: the
+                    // history has everything.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        match catch_up(&store, &job_id, last_sequence).await {
+                            Ok(items) => items,
+                            Err(error) => {
+                                let _ = sender.send(Err(error)).await;
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = poll.tick() => match catch_up(&store, &job_id, last_sequence).await {
+                    Ok(items) => items,
+                    Err(error) => {
+                        let _ = sender.send(Err(error)).await;
+                        return;
+                    }
+                },
+            };
+            for item in items {
+                last_sequence = item.0.sequence;
+                ended = item.0.to_state.is_terminal();
+                if sender.send(Ok(item)).await.is_err() {
+                    return;
+                }
+                if ended {
+                    break;
+                }
             }
         }
     }
+}
+
+/// Completes once shutdown has begun (or can no longer be signalled).
+async fn shutdown_begins(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`; it is dropped here at once.
+    let _ = shutdown.wait_for(|stopping| *stopping).await.is_ok();
 }
 
 /// The changes after `last_sequence`, read from the database, each with the

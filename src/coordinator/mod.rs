@@ -18,6 +18,8 @@ pub mod service;
 pub mod state;
 pub mod webhook;
 
+use std::sync::Arc;
+
 use crate::store::StoreError;
 
 pub use self::events::JobEvents;
@@ -29,6 +31,9 @@ pub struct CoordinatorState {
     pub events: JobEvents,
     /// When the daemon started, for `Health`'s uptime.
     pub started_at: tokio::time::Instant,
+    /// Becomes `true` when the daemon starts shutting down, so that watch
+    /// streams end (UNAVAILABLE) instead of holding the drain.
+    shutting_down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Default for CoordinatorState {
@@ -36,7 +41,20 @@ impl Default for CoordinatorState {
         CoordinatorState {
             events: JobEvents::default(),
             started_at: tokio::time::Instant::now(),
+            shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+}
+
+impl CoordinatorState {
+    /// Ends every watch stream, now and from now on.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.send_replace(true);
+    }
+
+    /// A receiver that sees `true` once shutdown has begun.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutting_down.subscribe()
     }
 }
 
@@ -59,6 +77,10 @@ pub enum CoordinatorError {
     /// A webhook delivery's signature was missing or wrong (UNAUTHENTICATED).
     #[error(transparent)]
     Signature(#[from] webhook::SignatureError),
+    /// The daemon is shutting down (UNAVAILABLE; watch again elsewhere or
+    /// later).
+    #[error("the server is shutting down; watch again to get the current state")]
+    ShuttingDown,
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

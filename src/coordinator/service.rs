@@ -31,7 +31,7 @@ impl CoordinatorService {
     pub fn new(shared: Shared) -> Self {
         let jobs = Jobs::new(
             shared.store.clone(),
-            shared.coordinator.events.clone(),
+            &shared.coordinator,
             &shared.config.coordinator,
         );
         Self { shared, jobs }

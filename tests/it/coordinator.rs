@@ -1210,3 +1210,44 @@ async fn the_job_cli_drives_a_job_through_its_life_on_sqlite() {
 async fn the_job_cli_drives_a_job_through_its_life_on_postgres() {
     the_job_cli_drives_a_job_through_its_life(Backend::Postgres).await;
 }
+
+async fn shutdown_ends_watch_streams_with_unavailable(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let daemon = environment.start().await;
+    let mut jobs = Jobs::connect(&daemon).await;
+    let job = jobs.create("long").await;
+    let mut stream = jobs
+        .client
+        .watch_job(with_key(
+            pb::WatchJobRequest {
+                job_id: job.job_id.clone(),
+            },
+            &jobs.key,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    stream.message().await.expect("first").expect("a message");
+    // The drain grace is 10 s; an open watch must not hold it that long.
+    let stopping = tokio::spawn(daemon.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("the stream ends promptly");
+    let status = ended.expect_err("the stream ends with a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("the daemon stops promptly")
+        .expect("join");
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_watch_streams_with_unavailable_on_sqlite() {
+    shutdown_ends_watch_streams_with_unavailable(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_watch_streams_with_unavailable_on_postgres() {
+    shutdown_ends_watch_streams_with_unavailable(Backend::Postgres).await;
+}
