@@ -450,16 +450,23 @@ fn new_job_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Checks a one-line field: at most `max` bytes, no control characters.
 fn check_length(field: &str, value: &str, max: usize) -> Result<(), CoordinatorError> {
+    check_size(field, value, max)?;
+    if value.chars().any(char::is_control) {
+        return Err(CoordinatorError::Invalid(format!(
+            "{field} contains control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks free text (messages may span lines): at most `max` bytes.
+fn check_size(field: &str, value: &str, max: usize) -> Result<(), CoordinatorError> {
     if value.len() > max {
         return Err(CoordinatorError::Invalid(format!(
             "{field} is {} bytes; at most {max} are accepted",
             value.len()
-        )));
-    }
-    if value.chars().any(char::is_control) && field != "message" {
-        return Err(CoordinatorError::Invalid(format!(
-            "{field} contains control characters"
         )));
     }
     Ok(())
@@ -527,7 +534,7 @@ fn validate_change(change: &JobChange, max_payload_bytes: usize) -> Result<(), C
         JobChange::Start { message }
         | JobChange::Progress { message, .. }
         | JobChange::Fail { error: message }
-        | JobChange::Cancel { reason: message } => check_length("message", message, MAX_MESSAGE),
+        | JobChange::Cancel { reason: message } => check_size("message", message, MAX_MESSAGE),
         JobChange::Complete { result_json } => {
             check_json("result_json", result_json, max_payload_bytes)
         }
