@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use crate::agents::AgentError;
 use crate::auth::ApiKeyError;
 use crate::coordinator::CoordinatorError;
 use crate::identity::IdentityError;
@@ -61,6 +62,21 @@ pub fn coordinator_status(error: CoordinatorError) -> Status {
         CoordinatorError::Signature(_) => Status::unauthenticated(error.to_string()),
         CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
         CoordinatorError::Store(store) => store.into(),
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(error: AgentError) -> Self {
+        match error {
+            AgentError::Invalid(_) => Status::invalid_argument(error.to_string()),
+            AgentError::NotFound(_) => Status::not_found(error.to_string()),
+            AgentError::AtCapacity { .. } => Status::resource_exhausted(error.to_string()),
+            AgentError::SupervisedElsewhere { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
+            AgentError::Interrupted => Status::unavailable(error.to_string()),
+            AgentError::Store(store) => store.into(),
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 
+use crate::agents::AgentRuntime;
 use crate::agents::service::AgentControlService;
 use crate::auth::{AuthLayer, Authenticator};
 use crate::config::Config;
@@ -41,6 +42,8 @@ pub struct Shared {
     pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
+    /// The local agent runtime.
+    pub agents: Arc<AgentRuntime>,
     /// The job coordinator's in-process state (change feed, start time).
     pub coordinator: crate::coordinator::CoordinatorState,
 }
@@ -68,10 +71,13 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     )
     .await
     .context("cannot load the instance identity")?;
+    let agents = AgentRuntime::new(store.clone(), config.agents.clone(), &config.data_dir)
+        .context("cannot prepare the agent runtime's directory")?;
     let shared = Shared {
         store,
         identity: Arc::new(identity),
         config: Arc::new(config.clone()),
+        agents: Arc::new(agents),
         coordinator: crate::coordinator::CoordinatorState::default(),
     };
     write_certificate(&shared)?;
@@ -114,6 +120,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let config = Arc::clone(&shared.config);
     let max_message_bytes = config.max_message_bytes;
+    // Before serving: no agent left unfinished by a previous run may be shown
+    // RUNNING by this one.
+    shared
+        .agents
+        .reconcile()
+        .await
+        .context("cannot settle the agents of the previous run")?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service_name in crate::proto::SERVICE_NAMES {
@@ -192,6 +205,7 @@ pub async fn serve(
     };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     database_health.abort();
+    shared.agents.shutdown().await;
     drained
 }
 

@@ -1,6 +1,7 @@
 //! The `mosaicd` command tree (clap). Offline commands work on the data dir or the
 //! database directly; client commands talk gRPC to a running daemon.
 
+pub mod agent;
 pub mod apikey;
 pub mod client;
 pub mod exit;
@@ -63,6 +64,15 @@ pub enum Command {
     /// Create, list and revoke API keys (offline, on the database).
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Spawn, inspect, stop and follow agents on the running daemon (API key
+    /// with the `agents` scope).
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
     /// Create, inspect, change and watch jobs on the running daemon
     /// (`coordinator` API key).
     #[command(subcommand)]
@@ -110,6 +120,11 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     crate::tls::install_default_provider();
     let output = exit::Output { json: cli.json };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "mosaicd", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Serve => serve::serve(&cli.config).await,
         Command::Init => serve::init(&cli.config, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,
@@ -125,6 +140,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Apikey(ApiKeyCommand::Revoke { id }) => {
             apikey::revoke(&cli.config, &id, output).await
         }
+        Command::Agent(command) => agent::run(command, &cli.config, &cli.client, output).await,
         Command::Job(command) => job::run(&cli.config, &cli.client, command, output).await,
     }
 }

@@ -45,6 +45,11 @@ impl From<DieselError> for StoreError {
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
                 StoreError::Unavailable("the database closed the connection".to_owned())
             }
+            // The PostgreSQL driver reports a cut or reset socket this way (it has no
+            // SQLSTATE): the server went away, not the query.
+            DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => {
+                StoreError::Unavailable("the connection to the database was lost".to_owned())
+            }
             other => StoreError::Query(other),
         }
     }

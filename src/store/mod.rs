@@ -38,6 +38,7 @@ macro_rules! with_connection {
     };
 }
 
+mod agents;
 mod api_keys;
 mod database_url;
 mod error;
@@ -53,6 +54,7 @@ use diesel_async::pooled_connection::bb8::Pool;
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
+pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
 pub use error::StoreError;
 pub use identity::{InstanceKeyRecord, InstanceRecord};

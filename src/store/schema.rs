@@ -55,6 +55,71 @@ diesel::table! {
 diesel::allow_tables_to_appear_in_same_query!(instance, instance_keys, api_keys);
 
 diesel::table! {
+    /// Agents: what was asked; never changes after the spawn.
+    agents (id) {
+        id -> Text,
+        agent_type -> Text,
+        prompt -> Text,
+        task_id -> Text,
+        /// A JSON object of string values.
+        labels_json -> Text,
+        /// `LOCAL` or `PEER`.
+        origin_kind -> Text,
+        origin_instance_id -> Text,
+        origin_workspace -> Text,
+        /// The daemon (data dir) that supervises the process.
+        runner_id -> Text,
+        timeout_secs -> BigInt,
+        created_at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Where each agent's process is; one row per agent.
+    agent_status (agent_id) {
+        agent_id -> Text,
+        /// `SPAWNING`, `RUNNING`, `COMPLETED`, `FAILED`, `KILLED` or `TIMED_OUT`.
+        state -> Text,
+        state_reason -> Text,
+        pid -> Nullable<BigInt>,
+        exit_code -> Nullable<Integer>,
+        signal -> Nullable<Integer>,
+        /// A JSON array of strings.
+        output_tail_json -> Text,
+        output_bytes -> BigInt,
+        output_truncated -> Bool,
+        started_at_ms -> Nullable<BigInt>,
+        ended_at_ms -> Nullable<BigInt>,
+        updated_at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Agent labels, one row each, for filtering.
+    agent_labels (agent_id, label_key) {
+        agent_id -> Text,
+        label_key -> Text,
+        label_value -> Text,
+    }
+}
+
+diesel::table! {
+    /// Every state an agent entered.
+    agent_events (agent_id, to_state) {
+        agent_id -> Text,
+        to_state -> Text,
+        from_state -> Text,
+        reason -> Text,
+        at_ms -> BigInt,
+    }
+}
+
+diesel::joinable!(agent_status -> agents (agent_id));
+diesel::joinable!(agent_labels -> agents (agent_id));
+diesel::joinable!(agent_events -> agents (agent_id));
+diesel::allow_tables_to_appear_in_same_query!(agents, agent_status, agent_labels, agent_events);
+
+diesel::table! {
     /// Coordinator jobs; `version` counts history entries and guards every
     /// change (a conditional UPDATE on the version read).
     jobs (id) {

@@ -75,7 +75,7 @@ async fn api_keys_are_checked_for_presence_validity_scope_and_revocation(backend
     assert_eq!(key_unchanged, key_before);
 
     // The same key in x-api-key works, and its scope is enough for AgentControl
-    // (which answers UNIMPLEMENTED past authentication until its issue lands).
+    // (which answers NOT_FOUND for the unknown agent, past authentication).
     let mut request = tonic::Request::new(agent_pb::GetAgentRequest {
         agent_id: "x".to_owned(),
     });

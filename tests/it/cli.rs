@@ -1,29 +1,10 @@
 //! The `mosaicd` binary as an operator uses it: offline commands, clear errors with
 //! meaningful exit codes, and a daemon that drains and exits 0 on SIGTERM.
 
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-use crate::support::daemon::mosaicd_binary;
-
-/// A `mosaicd` command on `data_dir`, with no `MOSAIC_*` variables inherited from
-/// the developer's shell.
-fn mosaicd(data_dir: &Path) -> Command {
-    let mut command = Command::new(mosaicd_binary());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MOSAIC_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("MOSAIC_LOG", "warn");
-    command
-}
+use crate::support::binary::{mosaicd, spawn_serve};
 
 fn run(command: &mut Command) -> Output {
     command.output().expect("run mosaicd")
@@ -160,33 +141,6 @@ fn a_database_that_does_not_answer_is_unavailable_quickly() {
     assert!(!stderr.contains("secret-password"), "{stderr}");
 }
 
-/// Starts `mosaicd serve` on a free port and returns the child and its address.
-async fn spawn_serve(data_dir: &Path) -> (tokio::process::Child, String) {
-    let mut command = tokio::process::Command::from(mosaicd(data_dir));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("MOSAIC_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = command.spawn().expect("spawn mosaicd serve");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let address = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                return rest.split_whitespace().next().expect("address").to_owned();
-            }
-        }
-        panic!("mosaicd exited before serving");
-    })
-    .await
-    .expect("mosaicd starts within 30 s");
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_and_exits_zero() {
     let data_dir = tempfile::tempdir().expect("tempdir");
@@ -262,4 +216,26 @@ fn no_daemon_is_unavailable_with_a_hint() {
     ]));
     assert_eq!(output.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&output.stderr).contains("mosaicd serve"));
+}
+
+#[test]
+fn completions_are_printed_for_each_shell() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    for (shell, marker) in [
+        ("bash", "_mosaicd()"),
+        ("zsh", "#compdef mosaicd"),
+        ("fish", "complete -c mosaicd"),
+    ] {
+        let output = run(mosaicd(data_dir.path()).args(["completions", shell]));
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            script.contains(marker),
+            "{shell}: {}",
+            &script[..script.len().min(200)]
+        );
+        assert!(script.contains("apikey"), "{shell} completes subcommands");
+    }
+    let unknown = run(mosaicd(data_dir.path()).args(["completions", "tcsh"]));
+    assert_eq!(unknown.status.code(), Some(2));
 }

@@ -2,9 +2,12 @@
 //! PostgreSQL. One test binary (faster to link); nextest runs each test in its own
 //! process.
 
+mod agents;
 mod api_keys;
 mod cli;
 mod coordinator;
+mod faults;
 mod identity;
 mod server;
 mod support;
+mod tidy;

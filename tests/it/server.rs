@@ -243,3 +243,47 @@ async fn unimplemented_rpcs_say_what_is_missing() {
     assert!(status.message().contains("peering"), "{}", status.message());
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_only_python_client_discovers_and_calls_the_daemon() {
+    let python = python::python_with_grpcio();
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start().await;
+    let instance = get_instance(daemon.channel().await).await;
+
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/python/reflection_client.py");
+    let output = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg(daemon.address.to_string())
+        .arg(daemon.certificate_path())
+        .output()
+        .await
+        .expect("run the reflection client");
+    assert!(
+        output.status.success(),
+        "reflection client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json report");
+    for service in mosaic_mesh::proto::SERVICE_NAMES {
+        assert!(
+            report["services"]
+                .as_array()
+                .expect("services")
+                .iter()
+                .any(|name| name == service),
+            "{service} discovered: {report}"
+        );
+    }
+    assert_eq!(
+        report["instance"]["instanceId"],
+        instance.instance_id.as_str()
+    );
+    assert_eq!(
+        report["instance"]["fingerprint"],
+        instance.fingerprint.as_str()
+    );
+    assert_eq!(report["health"]["status"], "SERVING");
+    daemon.stop().await;
+}

@@ -1,0 +1,192 @@
+//! Process groups: signalling a whole group, telling whether any member still
+//! lives, recognising an agent's group after a restart, and a guard that
+//! kills a group nobody supervises any more.
+//!
+//! Every agent runs as the leader of its own process group (the group id is
+//! its pid), so one `kill(-pgid)` reaches the agent and everything it started
+//! unless a descendant deliberately left the group (`setsid`), which we accept.
+
+use std::io;
+
+use rustix::process::{Pid, Signal};
+
+/// The environment variable every agent process (and so every descendant that
+/// keeps its environment) carries: how a restarted daemon recognises its
+/// orphans among processes that merely reuse a pid.
+pub const AGENT_ID_VARIABLE: &str = "MOSAIC_AGENT_ID";
+
+/// The signals the runtime sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupSignal {
+    /// SIGTERM: please stop.
+    Terminate,
+    /// SIGKILL: stop now.
+    Kill,
+}
+
+/// Sends `signal` to every process in group `pgid`. `Ok(false)` when the
+/// group no longer exists.
+pub fn signal_group(pgid: u32, signal: GroupSignal) -> io::Result<bool> {
+    let Some(pid) = group_pid(pgid) else {
+        return Ok(false);
+    };
+    let signal = match signal {
+        GroupSignal::Terminate => Signal::TERM,
+        GroupSignal::Kill => Signal::KILL,
+    };
+    match rustix::process::kill_process_group(pid, signal) {
+        Ok(()) => Ok(true),
+        Err(rustix::io::Errno::SRCH) => Ok(false),
+        Err(errno) => Err(errno.into()),
+    }
+}
+
+/// True while some process of group `pgid` is alive.
+///
+/// Zombies do not count: a dead member that its parent has not reaped yet
+/// still answers `kill(-pgid, 0)`, but holds no resources and runs nothing.
+/// Where `/proc` cannot be read this falls back to `kill(-pgid, 0)`.
+pub fn group_is_alive(pgid: u32) -> bool {
+    match live_members(pgid, None) {
+        Some(count) => count > 0,
+        None => {
+            group_pid(pgid).is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
+        }
+    }
+}
+
+/// True when a live process of group `pgid` carries `MOSAIC_AGENT_ID=agent_id`:
+/// the group is that agent's, not a stranger's that reuses the number.
+/// False where `/proc` cannot be read (nothing is then killed on suspicion).
+pub fn group_belongs_to_agent(pgid: u32, agent_id: &str) -> bool {
+    live_members(pgid, Some(agent_id)).is_some_and(|count| count > 0)
+}
+
+/// Counts the live (non-zombie) members of group `pgid`, only those whose
+/// environment names `agent_id` if one is given. `None` when `/proc` cannot
+/// be listed.
+fn live_members(pgid: u32, agent_id: Option<&str>) -> Option<usize> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    let wanted = agent_id.map(|id| format!("{AGENT_ID_VARIABLE}={id}"));
+    let mut count = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|name| name.bytes().all(|byte| byte.is_ascii_digit()))
+        else {
+            continue;
+        };
+        // A process may exit between listing and reading: skip it.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((state, group)) = parse_stat(&stat) else {
+            continue;
+        };
+        if group != i64::from(pgid) || matches!(state, 'Z' | 'X' | 'x') {
+            continue;
+        }
+        if let Some(wanted) = &wanted {
+            let Ok(environment) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            if !environment
+                .split(|byte| *byte == 0)
+                .any(|entry| entry == wanted.as_bytes())
+            {
+                continue;
+            }
+        }
+        count += 1;
+    }
+    Some(count)
+}
+
+/// The state letter and process group of a `/proc/PID/stat` line.
+///
+/// The command name (field 2) is in parentheses and may itself contain spaces
+/// and parentheses, so fields are counted from the last `)`.
+fn parse_stat(stat: &str) -> Option<(char, i64)> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _parent = fields.next()?;
+    let group = fields.next()?.parse().ok()?;
+    Some((state, group))
+}
+
+fn group_pid(pgid: u32) -> Option<Pid> {
+    // Group 0 or 1 would mean "our own group" or init: never a target.
+    if pgid <= 1 {
+        return None;
+    }
+    Pid::from_raw(i32::try_from(pgid).ok()?)
+}
+
+/// Kills a process group with SIGKILL when dropped, unless disarmed.
+///
+/// The supervisor of an agent holds one; if the supervisor is dropped before
+/// it saw the group gone (the runtime shutting down, a panic), the agent's
+/// processes do not outlive it.
+#[derive(Debug)]
+pub struct GroupGuard {
+    pgid: Option<u32>,
+}
+
+impl GroupGuard {
+    /// Guards group `pgid`.
+    pub fn new(pgid: u32) -> Self {
+        Self { pgid: Some(pgid) }
+    }
+
+    /// The group is known to be gone: nothing to do on drop.
+    pub fn disarm(&mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.pgid.take()
+            && let Err(error) = signal_group(pgid, GroupSignal::Kill)
+        {
+            tracing::warn!(pgid, %error, "could not kill an unsupervised agent process group");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_are_parsed_from_the_last_parenthesis() {
+        assert_eq!(
+            parse_stat("4242 (sleep) S 1 4240 4240 0 -1 4194560"),
+            Some(('S', 4240))
+        );
+        assert_eq!(parse_stat("77 (a (weird) name) Z 5 77 77"), Some(('Z', 77)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) R"), None);
+    }
+
+    #[test]
+    fn our_own_group_and_init_are_never_targets() {
+        assert!(group_pid(0).is_none());
+        assert!(group_pid(1).is_none());
+        assert!(matches!(signal_group(0, GroupSignal::Kill), Ok(false)));
+    }
+
+    #[test]
+    fn a_group_that_does_not_exist_is_not_alive() {
+        // pid_max is at most 2^22 on Linux; this group cannot exist.
+        let absent = 4_194_304 + 17;
+        assert!(!group_is_alive(absent));
+        assert!(!group_belongs_to_agent(absent, "x"));
+        assert!(matches!(
+            signal_group(absent, GroupSignal::Terminate),
+            Ok(false)
+        ));
+    }
+}

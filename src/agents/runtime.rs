@@ -1,0 +1,739 @@
+//! [`AgentRuntime`]: the in-process API of the agent runtime — spawn, get,
+//! list, kill, watch, status — used by the AgentControl handlers and by the
+//! federation's signed commands alike.
+//!
+//! The database is the record; this module adds what only a live process has:
+//! the agents this daemon supervises (`tracked`), each with its current record,
+//! a broadcast of its events and a stop request. An agent is tracked from the
+//! moment it is recorded until its terminal state is persisted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use futures::stream::BoxStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+
+use super::command::{self, Substitutions};
+use super::error::AgentError;
+use super::model::{
+    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
+};
+use super::paging;
+use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, GroupSignal};
+use super::supervisor::{self, Supervision};
+use crate::clock::now_ms;
+use crate::config::{AgentType, AgentsConfig};
+use crate::store::{Store, StoreError};
+
+/// Events a slow watcher may fall behind by before it misses some.
+const EVENT_BUFFER: usize = 1024;
+/// How often a watch of an agent supervised by another daemon re-reads it.
+const REMOTE_WATCH_POLL: Duration = Duration::from_millis(500);
+/// Environment variables an agent inherits from the daemon; everything else
+/// (the master key above all) stays out unless the agent type sets it.
+const INHERITED_VARIABLES: [&str; 10] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "TZ", "TMPDIR", "TERM", "SHELL",
+];
+/// PATH for agents when the daemon has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// The file in `<data_dir>/agents` that names this daemon as a runner.
+const RUNNER_ID_FILE: &str = "runner-id";
+
+/// Why a supervisor is asked to stop its agent; the first request wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum StopRequest {
+    /// A kill: the agent ends KILLED with this reason.
+    Kill(String),
+    /// The daemon is shutting down: the agent ends FAILED.
+    Shutdown,
+}
+
+/// One agent this daemon supervises.
+pub(super) struct Tracked {
+    /// The current record; events are sent while holding it, so a watcher
+    /// that reads it and subscribes under the same lock misses nothing.
+    record: Mutex<AgentRecord>,
+    events: broadcast::Sender<AgentEvent>,
+    stop: watch::Sender<Option<StopRequest>>,
+}
+
+impl Tracked {
+    fn new(record: AgentRecord) -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (stop, _) = watch::channel(None);
+        Self {
+            record: Mutex::new(record),
+            events,
+            stop,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AgentRecord> {
+        // A panic while holding the lock leaves a consistent record (it is
+        // replaced whole), so a poisoned lock is still usable.
+        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The current record.
+    pub(super) fn snapshot(&self) -> AgentRecord {
+        self.lock().clone()
+    }
+
+    /// Replaces the record after a persisted change from `from` and tells
+    /// watchers.
+    pub(super) fn publish_transition(&self, from: AgentState, record: AgentRecord) {
+        let mut current = self.lock();
+        *current = record.clone();
+        let _ = self.events.send(AgentEvent::StateChanged {
+            from: Some(from),
+            agent: Box::new(record),
+        });
+    }
+
+    /// Updates the output figures of the record (not persisted here).
+    pub(super) fn update_output(&self, tail: Vec<String>, bytes: u64, truncated: bool) {
+        let mut current = self.lock();
+        current.output_tail = tail;
+        current.output_bytes = bytes;
+        current.output_truncated = truncated;
+        current.updated_at_ms = now_ms();
+    }
+
+    /// Tells watchers about an output line.
+    pub(super) fn publish_output(&self, event: AgentEvent) {
+        // No watcher is not an error.
+        let _ = self.events.send(event);
+    }
+
+    /// A receiver of stop requests.
+    pub(super) fn stop_requests(&self) -> watch::Receiver<Option<StopRequest>> {
+        self.stop.subscribe()
+    }
+
+    /// Asks the supervisor to stop the agent; a later request does not
+    /// replace the first.
+    fn request_stop(&self, request: StopRequest) {
+        self.stop.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(request);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// The agents this daemon supervises, by id.
+#[derive(Default)]
+pub(super) struct Registry {
+    agents: Mutex<HashMap<String, Arc<Tracked>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Tracked>>> {
+        self.agents.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &str) -> Option<Arc<Tracked>> {
+        self.lock().get(id).cloned()
+    }
+
+    fn insert(&self, id: String, tracked: Arc<Tracked>) {
+        self.lock().insert(id, tracked);
+    }
+
+    /// Stops tracking an agent whose terminal state is persisted.
+    pub(super) fn remove(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn all(&self) -> Vec<Arc<Tracked>> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+}
+
+/// The agent runtime of this daemon. Cheap to share behind an `Arc`.
+pub struct AgentRuntime {
+    store: Store,
+    settings: Arc<AgentsConfig>,
+    /// `<data_dir>/agents`: one directory per agent.
+    agents_dir: PathBuf,
+    /// Names this daemon in agent records (see [`AgentRuntime::runner_id`]).
+    runner_id: String,
+    /// One permit per running agent: the concurrency cap, enforced atomically.
+    slots: Arc<Semaphore>,
+    registry: Arc<Registry>,
+}
+
+impl AgentRuntime {
+    /// A runtime over `store` with `settings`, keeping agent directories under
+    /// `<data_dir>/agents`. Creates that directory and the runner id file.
+    pub fn new(store: Store, settings: AgentsConfig, data_dir: &Path) -> std::io::Result<Self> {
+        let agents_dir = data_dir.join("agents");
+        std::fs::create_dir_all(&agents_dir)?;
+        let runner_id = load_or_create_runner_id(&agents_dir)?;
+        Ok(Self {
+            store,
+            slots: Arc::new(Semaphore::new(settings.max_concurrent)),
+            settings: Arc::new(settings),
+            agents_dir,
+            runner_id,
+            registry: Arc::new(Registry::default()),
+        })
+    }
+
+    /// The id that names this daemon (its data dir) as the supervisor of the
+    /// agents it starts. Kept in `<data_dir>/agents/runner-id`, so it survives
+    /// restarts, and differs between replicas sharing a database.
+    pub fn runner_id(&self) -> &str {
+        &self.runner_id
+    }
+
+    /// How many agents run and how many may.
+    pub fn status(&self) -> RuntimeStatus {
+        let capacity = self.settings.max_concurrent;
+        RuntimeStatus {
+            running: capacity.saturating_sub(self.slots.available_permits()),
+            capacity,
+        }
+    }
+
+    /// Starts an agent. Returns it RUNNING (with its pid), or FAILED when its
+    /// process could not be started.
+    ///
+    /// Refused, with nothing recorded or started: a malformed spec
+    /// ([`AgentError::Invalid`]) and a full runtime ([`AgentError::AtCapacity`]).
+    pub async fn spawn(&self, spec: SpawnSpec) -> Result<AgentRecord, AgentError> {
+        let (agent_type, timeout_secs) = self.check_spec(&spec)?;
+        let permit =
+            Arc::clone(&self.slots)
+                .try_acquire_owned()
+                .map_err(|_| AgentError::AtCapacity {
+                    running: self.status().running,
+                    max: self.settings.max_concurrent,
+                })?;
+
+        let now = now_ms();
+        let record = AgentRecord {
+            id: uuid::Uuid::now_v7().to_string(),
+            agent_type: spec.agent_type,
+            state: AgentState::Spawning,
+            state_reason: String::new(),
+            prompt: spec.prompt,
+            task_id: spec.task_id,
+            labels: spec.labels,
+            origin: spec.origin,
+            runner_id: self.runner_id.clone(),
+            pid: None,
+            exit_code: None,
+            signal: None,
+            output_tail: Vec::new(),
+            output_bytes: 0,
+            output_truncated: false,
+            timeout_secs,
+            created_at_ms: now,
+            started_at_ms: None,
+            ended_at_ms: None,
+            updated_at_ms: now,
+        };
+        self.store.insert_agent(&record).await?;
+        let tracked = Arc::new(Tracked::new(record.clone()));
+        self.registry
+            .insert(record.id.clone(), Arc::clone(&tracked));
+        tracing::info!(
+            agent.id = %record.id,
+            agent.r#type = %record.agent_type,
+            origin = ?record.origin.kind(),
+            "agent recorded"
+        );
+        self.start(record, agent_type, tracked, permit).await
+    }
+
+    /// Starts the process of a recorded agent and hands it to a supervisor.
+    async fn start(
+        &self,
+        record: AgentRecord,
+        agent_type: AgentType,
+        tracked: Arc<Tracked>,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<AgentRecord, AgentError> {
+        let agent_dir = self.agents_dir.join(&record.id);
+        let work_dir = agent_dir.join("work");
+        let output_path = agent_dir.join("output.log");
+        let prepared = std::fs::create_dir_all(&work_dir).and_then(|()| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&output_path)
+        });
+        let output_file = match prepared {
+            Ok(file) => file,
+            Err(error) => {
+                let reason = format!("cannot prepare the agent's directory: {error}");
+                return self.fail_to_start(record, &tracked, reason, permit).await;
+            }
+        };
+
+        let arguments = command::render(
+            &agent_type.command,
+            Substitutions {
+                prompt: &record.prompt,
+                task_id: &record.task_id,
+                agent_id: &record.id,
+                workdir: &work_dir.to_string_lossy(),
+            },
+        );
+        let mut command = tokio::process::Command::new(&arguments[0]);
+        command
+            .args(&arguments[1..])
+            .current_dir(&work_dir)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            // Its own process group, so one signal reaches all it starts.
+            .process_group(0);
+        for name in INHERITED_VARIABLES {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command.env("PATH", DEFAULT_PATH);
+        }
+        command
+            .envs(&agent_type.env)
+            .env(AGENT_ID_VARIABLE, &record.id)
+            .env("MOSAIC_TASK_ID", &record.task_id)
+            .env("MOSAIC_AGENT_WORKDIR", &work_dir);
+
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                let reason = format!("cannot start {:?}: {error}", arguments[0]);
+                return self.fail_to_start(record, &tracked, reason, permit).await;
+            }
+        };
+        let Some(pid) = child.id() else {
+            // The child was reaped already; it cannot be supervised.
+            let reason = "the process exited before it could be supervised".to_owned();
+            return self.fail_to_start(record, &tracked, reason, permit).await;
+        };
+        let guard = GroupGuard::new(pid);
+
+        let mut running = record.clone();
+        running.state = AgentState::Running;
+        running.pid = Some(pid);
+        running.started_at_ms = Some(now_ms());
+        running.updated_at_ms = running.started_at_ms.unwrap_or(running.created_at_ms);
+        if let Err(error) = self
+            .store
+            .record_agent_transition(AgentState::Spawning, &running)
+            .await
+        {
+            // Unrecorded, the process must not run: the guard kills its group
+            // when dropped here, and the agent is failed if the database lets us.
+            drop(guard);
+            let _ = child.wait().await;
+            let reason =
+                "the database did not record the start; the process was stopped".to_owned();
+            let _ = self.fail_to_start(record, &tracked, reason, permit).await;
+            return Err(error.into());
+        }
+        tracked.publish_transition(AgentState::Spawning, running.clone());
+        tracing::info!(agent.id = %running.id, pid, "agent running");
+
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        tokio::spawn(supervisor::supervise(Supervision {
+            store: self.store.clone(),
+            settings: Arc::clone(&self.settings),
+            registry: Arc::clone(&self.registry),
+            tracked,
+            child,
+            stdout,
+            stderr,
+            output_file: tokio::fs::File::from_std(output_file),
+            guard,
+            permit,
+            timeout: Duration::from_secs(u64::from(running.timeout_secs)),
+        }));
+        Ok(running)
+    }
+
+    /// Records that an agent's process could not be started.
+    async fn fail_to_start(
+        &self,
+        record: AgentRecord,
+        tracked: &Tracked,
+        reason: String,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<AgentRecord, AgentError> {
+        tracing::warn!(agent.id = %record.id, %reason, "agent failed to start");
+        let mut failed = record;
+        let now = now_ms();
+        failed.state = AgentState::Failed;
+        failed.state_reason = reason;
+        failed.ended_at_ms = Some(now);
+        failed.updated_at_ms = now;
+        let persisted = self
+            .store
+            .record_agent_transition(AgentState::Spawning, &failed)
+            .await;
+        drop(permit);
+        tracked.publish_transition(AgentState::Spawning, failed.clone());
+        self.registry.remove(&failed.id);
+        persisted?;
+        Ok(failed)
+    }
+
+    /// Checks a spawn spec against the configuration; returns the agent type
+    /// and the timeout in seconds.
+    fn check_spec(&self, spec: &SpawnSpec) -> Result<(AgentType, u32), AgentError> {
+        let invalid = AgentError::Invalid;
+        if spec.agent_type.is_empty() {
+            return Err(invalid("agent_type is required".to_owned()));
+        }
+        let Some(agent_type) = self.settings.types.get(&spec.agent_type) else {
+            let known: Vec<&str> = self.settings.types.keys().map(String::as_str).collect();
+            return Err(invalid(format!(
+                "unknown agent type {:?}; configured types: {}",
+                spec.agent_type,
+                if known.is_empty() {
+                    "none (add [agents.types.NAME] to the config)".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        if spec.prompt.len() > self.settings.max_prompt_bytes {
+            return Err(invalid(format!(
+                "the prompt is {} bytes, more than the maximum of {} (agents.max_prompt_bytes)",
+                spec.prompt.len(),
+                self.settings.max_prompt_bytes
+            )));
+        }
+        if spec.prompt.contains('\0') {
+            return Err(invalid("the prompt contains a NUL byte".to_owned()));
+        }
+        command::check_labels(&spec.labels).map_err(invalid)?;
+        command::check_task_id(&spec.task_id).map_err(invalid)?;
+        if let Origin::Peer {
+            instance_id,
+            workspace,
+        } = &spec.origin
+            && (instance_id.is_empty() || workspace.is_empty())
+        {
+            return Err(invalid(
+                "a peer origin needs its instance id and workspace".to_owned(),
+            ));
+        }
+        let maximum = agent_type.timeout;
+        let timeout = match spec.timeout {
+            None => maximum,
+            Some(timeout) if timeout.is_zero() => {
+                return Err(invalid("timeout_seconds must be at least 1".to_owned()));
+            }
+            Some(timeout) if timeout > maximum => {
+                return Err(invalid(format!(
+                    "timeout_seconds {} is above the maximum of {} for agent type {:?}",
+                    timeout.as_secs(),
+                    maximum.as_secs(),
+                    spec.agent_type
+                )));
+            }
+            Some(timeout) => timeout,
+        };
+        let timeout_secs = u32::try_from(timeout.as_secs().max(1)).unwrap_or(u32::MAX);
+        Ok((agent_type.clone(), timeout_secs))
+    }
+
+    /// One agent, as fresh as this daemon knows it.
+    pub async fn get(&self, id: &str) -> Result<AgentRecord, AgentError> {
+        if let Some(tracked) = self.registry.get(id) {
+            return Ok(tracked.snapshot());
+        }
+        self.store
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(id.to_owned()))
+    }
+
+    /// A page of agents matching `filter`, newest first, and the token of the
+    /// next page (empty on the last).
+    pub async fn list(
+        &self,
+        filter: &AgentFilter,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<AgentRecord>, String), AgentError> {
+        let cursor = if page_token.is_empty() {
+            None
+        } else {
+            Some(paging::decode_token(page_token, filter).map_err(AgentError::Invalid)?)
+        };
+        let page_size = paging::effective_page_size(page_size);
+        // One more than asked for says whether another page follows.
+        let limit = i64::try_from(page_size + 1).unwrap_or(i64::MAX);
+        let mut agents = self
+            .store
+            .list_agents(filter, cursor.as_ref(), limit)
+            .await?;
+        let next_page_token = if agents.len() > page_size {
+            agents.truncate(page_size);
+            agents.last().map_or_else(String::new, |last| {
+                paging::encode_token(
+                    &crate::store::AgentCursor {
+                        created_at_ms: last.created_at_ms,
+                        id: last.id.clone(),
+                    },
+                    filter,
+                )
+            })
+        } else {
+            String::new()
+        };
+        for agent in &mut agents {
+            if let Some(tracked) = self.registry.get(&agent.id) {
+                let fresh = tracked.snapshot();
+                // A record that changed state since the query would no longer
+                // match a state filter; keep the stored one then.
+                if fresh.state == agent.state {
+                    *agent = fresh;
+                }
+            }
+        }
+        Ok((agents, next_page_token))
+    }
+
+    /// Stops an agent: SIGTERM to its process group, SIGKILL after the grace
+    /// period. Returns the agent as it is when the stop has begun; an agent
+    /// that has already ended is returned unchanged.
+    pub async fn kill(&self, id: &str, reason: &str) -> Result<AgentRecord, AgentError> {
+        if let Some(tracked) = self.registry.get(id) {
+            let reason = if reason.trim().is_empty() {
+                "killed on request".to_owned()
+            } else {
+                reason.to_owned()
+            };
+            tracing::info!(agent.id = %id, %reason, "agent kill requested");
+            tracked.request_stop(StopRequest::Kill(reason));
+            return Ok(tracked.snapshot());
+        }
+        let record = self
+            .store
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(id.to_owned()))?;
+        if record.state.is_terminal() {
+            return Ok(record);
+        }
+        // Unfinished but not ours: another daemon sharing the database runs
+        // it (or ran it and has not restarted yet).
+        Err(AgentError::SupervisedElsewhere {
+            agent_id: id.to_owned(),
+        })
+    }
+
+    /// The agent's events: first its current state (`from: None`), then each
+    /// change and, with `include_output`, each output line, ending after the
+    /// change into a terminal state.
+    pub async fn watch(
+        &self,
+        id: &str,
+        include_output: bool,
+    ) -> Result<BoxStream<'static, Result<AgentEvent, AgentError>>, AgentError> {
+        if let Some(tracked) = self.registry.get(id) {
+            let (current, receiver) = {
+                let record = tracked.lock();
+                (record.clone(), tracked.events.subscribe())
+            };
+            return Ok(tracked_watch(current, receiver, include_output));
+        }
+        let current = self
+            .store
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(id.to_owned()))?;
+        Ok(polled_watch(self.store.clone(), current))
+    }
+
+    /// Settles this daemon's agents left unfinished by its previous run (a
+    /// crash, SIGKILL, power loss): none of them is supervised any more.
+    ///
+    /// Orphans are not re-adopted: the daemon cannot wait for a process that
+    /// is not its child, and their output pipes died with it. A process group
+    /// that still runs — recognised by the agent id in its environment, not
+    /// by the pid alone, which may have been reused — is stopped (SIGTERM,
+    /// then SIGKILL after the grace period, in the background); the agent is
+    /// recorded FAILED with the reason.
+    pub async fn reconcile(&self) -> Result<usize, StoreError> {
+        let orphans = self.store.list_unfinished_agents(&self.runner_id).await?;
+        for orphan in &orphans {
+            let running_group = orphan
+                .pid
+                .filter(|pid| process::group_belongs_to_agent(*pid, &orphan.id));
+            let reason = match running_group {
+                Some(pgid) => {
+                    stop_orphan_group(pgid, orphan.id.clone(), self.settings.kill_grace);
+                    "the daemon restarted while the agent ran; its processes were stopped"
+                }
+                None => "the daemon restarted while the agent ran; its process was gone",
+            };
+            let mut failed = orphan.clone();
+            let now = now_ms();
+            failed.state = AgentState::Failed;
+            failed.state_reason = reason.to_owned();
+            failed.ended_at_ms = Some(now);
+            failed.updated_at_ms = now;
+            match self
+                .store
+                .record_agent_transition(orphan.state, &failed)
+                .await
+            {
+                Ok(()) | Err(StoreError::Conflict(_)) => {}
+                Err(error) => return Err(error),
+            }
+            tracing::warn!(agent.id = %orphan.id, pid = ?orphan.pid, reason, "settled an orphaned agent");
+        }
+        Ok(orphans.len())
+    }
+
+    /// Stops every agent this daemon supervises (they end FAILED, "the daemon
+    /// shut down") and waits, up to the kill grace period and a little more,
+    /// for their supervisors to record it.
+    pub async fn shutdown(&self) {
+        let tracked = self.registry.all();
+        if tracked.is_empty() {
+            return;
+        }
+        tracing::info!(count = tracked.len(), "stopping running agents");
+        for agent in &tracked {
+            agent.request_stop(StopRequest::Shutdown);
+        }
+        let deadline =
+            tokio::time::Instant::now() + self.settings.kill_grace + Duration::from_secs(5);
+        while !self.registry.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !self.registry.is_empty() {
+            tracing::warn!("some agents were not recorded as stopped before shutdown");
+        }
+    }
+}
+
+/// SIGTERM to an orphaned group now, SIGKILL after `grace` if it still runs.
+fn stop_orphan_group(pgid: u32, agent_id: String, grace: Duration) {
+    if let Err(error) = process::signal_group(pgid, GroupSignal::Terminate) {
+        tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot signal an orphaned agent");
+    }
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + grace;
+        while tokio::time::Instant::now() < deadline && process::group_is_alive(pgid) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if process::group_belongs_to_agent(pgid, &agent_id)
+            && let Err(error) = process::signal_group(pgid, GroupSignal::Kill)
+        {
+            tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot kill an orphaned agent");
+        }
+    });
+}
+
+/// The watch of an agent this daemon supervises.
+fn tracked_watch(
+    current: AgentRecord,
+    receiver: broadcast::Receiver<AgentEvent>,
+    include_output: bool,
+) -> BoxStream<'static, Result<AgentEvent, AgentError>> {
+    let first = AgentEvent::StateChanged {
+        from: None,
+        agent: Box::new(current.clone()),
+    };
+    if current.state.is_terminal() {
+        return futures::stream::iter([Ok(first)]).boxed();
+    }
+    let rest = futures::stream::unfold(Some(receiver), move |receiver| async move {
+        let mut receiver = receiver?;
+        loop {
+            match receiver.recv().await {
+                Ok(AgentEvent::Output { .. }) if !include_output => continue,
+                Ok(event) => {
+                    let next = (!event.is_final()).then_some(receiver);
+                    return Some((Ok(event), next));
+                }
+                Err(broadcast::error::RecvError::Lagged(skipped)) => {
+                    // Only a watcher far behind gets here; it loses the oldest
+                    // events, never the final one (which is sent last).
+                    tracing::debug!(skipped, "a slow agent watcher skipped events");
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    return Some((Err(AgentError::Interrupted), None));
+                }
+            }
+        }
+    });
+    futures::stream::iter([Ok(first)]).chain(rest).boxed()
+}
+
+/// The watch of an agent this daemon does not supervise: its stored record,
+/// re-read until it ends (another replica's agent; no output lines).
+fn polled_watch(
+    store: Store,
+    current: AgentRecord,
+) -> BoxStream<'static, Result<AgentEvent, AgentError>> {
+    let first = AgentEvent::StateChanged {
+        from: None,
+        agent: Box::new(current.clone()),
+    };
+    if current.state.is_terminal() {
+        return futures::stream::iter([Ok(first)]).boxed();
+    }
+    let rest = futures::stream::unfold(Some(current), move |last| {
+        let store = store.clone();
+        async move {
+            let last = last?;
+            loop {
+                tokio::time::sleep(REMOTE_WATCH_POLL).await;
+                let fresh = match store.get_agent(&last.id).await {
+                    Ok(Some(fresh)) => fresh,
+                    Ok(None) => return Some((Err(AgentError::NotFound(last.id.clone())), None)),
+                    Err(error) => return Some((Err(error.into()), None)),
+                };
+                if fresh.state != last.state {
+                    let event = AgentEvent::StateChanged {
+                        from: Some(last.state),
+                        agent: Box::new(fresh.clone()),
+                    };
+                    let next = (!fresh.state.is_terminal()).then_some(fresh);
+                    return Some((Ok(event), next));
+                }
+            }
+        }
+    });
+    futures::stream::iter([Ok(first)]).chain(rest).boxed()
+}
+
+/// Reads `<agents_dir>/runner-id`, creating it with a new UUID the first time.
+fn load_or_create_runner_id(agents_dir: &Path) -> std::io::Result<String> {
+    let path = agents_dir.join(RUNNER_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        Ok(_) | Err(_) => {
+            let runner_id = uuid::Uuid::new_v4().to_string();
+            let temporary = path.with_extension("tmp");
+            std::fs::write(&temporary, &runner_id)?;
+            std::fs::rename(&temporary, &path)?;
+            Ok(runner_id)
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! `mosaicd agent spawn | status | kill | list | watch`: client commands for the
+//! daemon's AgentControl service (API key with the `agents` scope).
+
+use std::collections::HashMap;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::client::{ClientArgs, Connection};
+use super::exit::{CliError, Output};
+use super::serve::load_config;
+use crate::clock::ms_from_timestamp;
+use crate::config::ConfigArgs;
+use crate::proto::agent as pb;
+
+/// `mosaicd agent ...`
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Start an agent of a configured type; prints it (with its id).
+    Spawn {
+        /// The agent type (a `[agents.types.NAME]` of the daemon's config).
+        #[arg(long = "type", value_name = "TYPE")]
+        agent_type: String,
+        /// The task given to the agent (its `{prompt}`).
+        #[arg(long)]
+        prompt: String,
+        /// Your task id, stored with the agent (its `{task_id}`).
+        #[arg(long, value_name = "ID", default_value = "")]
+        task_id: String,
+        /// A label KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Wall-clock limit in seconds [default: the agent type's].
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u32>,
+    },
+    /// Show one agent, with the last lines of its output.
+    Status {
+        /// The agent id.
+        id: String,
+    },
+    /// Stop an agent (SIGTERM to its process group, SIGKILL after the grace
+    /// period). An agent that has already ended is shown unchanged.
+    Kill {
+        /// The agent id.
+        id: String,
+        /// Why; recorded as the agent's state reason.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List agents, newest first.
+    List {
+        /// Only agents in this state (e.g. RUNNING).
+        #[arg(long, value_parser = parse_state)]
+        state: Option<pb::AgentState>,
+        /// Only agents of this type.
+        #[arg(long = "type", value_name = "TYPE", default_value = "")]
+        agent_type: String,
+        /// Only agents carrying this label KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// At most this many [default: the server's page size].
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        /// Continue from a previous page (`next_page_token` in --json output).
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Follow an agent until it ends: its output lines as they come (stdout
+    /// and stderr to yours) and its state changes (on stderr). With --json,
+    /// one JSON object per event on stdout.
+    Watch {
+        /// The agent id.
+        id: String,
+    },
+}
+
+/// Runs an `agent` subcommand against the daemon.
+pub async fn run(
+    command: AgentCommand,
+    config_args: &ConfigArgs,
+    client_args: &ClientArgs,
+    output: Output,
+) -> Result<(), CliError> {
+    let config = load_config(config_args)?;
+    let connection = super::client::connect(&config, client_args).await?;
+    let mut client = pb::agent_control_client::AgentControlClient::new(connection.channel.clone());
+    match command {
+        AgentCommand::Spawn {
+            agent_type,
+            prompt,
+            task_id,
+            labels,
+            timeout,
+        } => {
+            let request = pb::SpawnRequest {
+                agent_type,
+                prompt,
+                task_id,
+                labels: labels.into_iter().collect(),
+                timeout_seconds: timeout,
+            };
+            let agent = client
+                .spawn(connection.request(request)?)
+                .await
+                .map_err(|status| connection.error(&status))?
+                .into_inner()
+                .agent
+                .unwrap_or_default();
+            print_agent(&agent, output);
+        }
+        AgentCommand::Status { id } => {
+            let agent = client
+                .get_agent(connection.request(pb::GetAgentRequest { agent_id: id })?)
+                .await
+                .map_err(|status| connection.error(&status))?
+                .into_inner()
+                .agent
+                .unwrap_or_default();
+            print_agent(&agent, output);
+        }
+        AgentCommand::Kill { id, reason } => {
+            let agent = client
+                .kill_agent(connection.request(pb::KillAgentRequest {
+                    agent_id: id,
+                    reason,
+                })?)
+                .await
+                .map_err(|status| connection.error(&status))?
+                .into_inner()
+                .agent
+                .unwrap_or_default();
+            print_agent(&agent, output);
+        }
+        AgentCommand::List {
+            state,
+            agent_type,
+            labels,
+            limit,
+            page_token,
+        } => {
+            let request = pb::ListAgentsRequest {
+                state: state.unwrap_or(pb::AgentState::Unspecified).into(),
+                agent_type,
+                labels: labels.into_iter().collect::<HashMap<_, _>>(),
+                page_size: limit,
+                page_token,
+                ..pb::ListAgentsRequest::default()
+            };
+            let response = client
+                .list_agents(connection.request(request)?)
+                .await
+                .map_err(|status| connection.error(&status))?
+                .into_inner();
+            print_list(&response, output);
+        }
+        AgentCommand::Watch { id } => watch(&mut client, &connection, id, output).await?,
+    }
+    Ok(())
+}
+
+async fn watch(
+    client: &mut pb::agent_control_client::AgentControlClient<tonic::transport::Channel>,
+    connection: &Connection,
+    agent_id: String,
+    output: Output,
+) -> Result<(), CliError> {
+    let mut stream = client
+        .watch_agent(connection.request(pb::WatchAgentRequest {
+            agent_id,
+            include_output: true,
+        })?)
+        .await
+        .map_err(|status| connection.error(&status))?
+        .into_inner();
+    while let Some(message) = stream
+        .message()
+        .await
+        .map_err(|status| connection.error(&status))?
+    {
+        match message.event {
+            Some(pb::watch_agent_response::Event::StateChange(change)) => {
+                let agent = change.agent.unwrap_or_default();
+                if output.json {
+                    println!(
+                        "{}",
+                        json!({ "sequence": message.sequence, "state_change": {
+                            "from_state": state_name(change.from_state),
+                            "to_state": state_name(change.to_state),
+                            "reason": change.reason,
+                            "agent": agent_json(&agent),
+                        }})
+                    );
+                } else {
+                    eprintln!(
+                        "mosaicd: agent {} is {}{}",
+                        agent.agent_id,
+                        state_name(change.to_state),
+                        reason_suffix(&change.reason)
+                    );
+                }
+            }
+            Some(pb::watch_agent_response::Event::OutputLine(line)) => {
+                let stream_name = match pb::AgentOutputStream::try_from(line.stream) {
+                    Ok(pb::AgentOutputStream::Stderr) => "stderr",
+                    _ => "stdout",
+                };
+                if output.json {
+                    println!(
+                        "{}",
+                        json!({ "sequence": message.sequence, "output_line": {
+                            "stream": stream_name,
+                            "line": line.line,
+                        }})
+                    );
+                } else if stream_name == "stderr" {
+                    eprintln!("{}", line.line);
+                } else {
+                    println!("{}", line.line);
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("expected KEY=VALUE, not {text:?}"))
+}
+
+fn parse_state(text: &str) -> Result<pb::AgentState, String> {
+    let upper = text.to_ascii_uppercase();
+    pb::AgentState::from_str_name(&format!("AGENT_STATE_{upper}"))
+        .filter(|state| *state != pb::AgentState::Unspecified)
+        .ok_or_else(|| {
+            format!("unknown state {text:?}; one of SPAWNING, RUNNING, COMPLETED, FAILED, KILLED, TIMED_OUT")
+        })
+}
+
+fn state_name(state: i32) -> &'static str {
+    pb::AgentState::try_from(state)
+        .map(|state| state.as_str_name().trim_start_matches("AGENT_STATE_"))
+        .unwrap_or("UNKNOWN")
+}
+
+fn reason_suffix(reason: &str) -> String {
+    if reason.is_empty() {
+        String::new()
+    } else {
+        format!(" ({reason})")
+    }
+}
+
+fn agent_json(agent: &pb::Agent) -> serde_json::Value {
+    let origin = agent.origin.clone().unwrap_or_default();
+    json!({
+        "agent_id": agent.agent_id,
+        "agent_type": agent.agent_type,
+        "state": state_name(agent.state),
+        "state_reason": agent.state_reason,
+        "prompt": agent.prompt,
+        "task_id": agent.task_id,
+        "labels": agent.labels,
+        "origin": {
+            "kind": pb::AgentOriginKind::try_from(origin.kind)
+                .map(|kind| kind.as_str_name().trim_start_matches("AGENT_ORIGIN_KIND_"))
+                .unwrap_or("UNKNOWN"),
+            "instance_id": origin.instance_id,
+            "workspace": origin.workspace,
+        },
+        "pid": agent.pid,
+        "exit_code": agent.exit_code,
+        "signal": agent.signal,
+        "output_tail": agent.output_tail,
+        "output_bytes": agent.output_bytes,
+        "output_truncated": agent.output_truncated,
+        "timeout_seconds": agent.timeout_seconds,
+        "created_at_ms": agent.created_at.as_ref().map(ms_from_timestamp),
+        "started_at_ms": agent.started_at.as_ref().map(ms_from_timestamp),
+        "ended_at_ms": agent.ended_at.as_ref().map(ms_from_timestamp),
+    })
+}
+
+fn print_agent(agent: &pb::Agent, output: Output) {
+    output.print(&agent_json(agent), || {
+        let mut text = format!(
+            "agent:   {}\ntype:    {}\nstate:   {}{}",
+            agent.agent_id,
+            agent.agent_type,
+            state_name(agent.state),
+            reason_suffix(&agent.state_reason)
+        );
+        if let Some(pid) = agent.pid {
+            text.push_str(&format!("\npid:     {pid}"));
+        }
+        if let Some(code) = agent.exit_code {
+            text.push_str(&format!("\nexit:    {code}"));
+        }
+        if let Some(signal) = agent.signal {
+            text.push_str(&format!("\nsignal:  {signal}"));
+        }
+        if !agent.task_id.is_empty() {
+            text.push_str(&format!("\ntask:    {}", agent.task_id));
+        }
+        if !agent.output_tail.is_empty() {
+            text.push_str(&format!(
+                "\noutput ({} bytes{}), last lines:",
+                agent.output_bytes,
+                if agent.output_truncated {
+                    ", truncated"
+                } else {
+                    ""
+                }
+            ));
+            for line in &agent.output_tail {
+                text.push_str(&format!("\n  {line}"));
+            }
+        }
+        text
+    });
+}
+
+fn print_list(response: &pb::ListAgentsResponse, output: Output) {
+    let value = json!({
+        "agents": response.agents.iter().map(agent_json).collect::<Vec<_>>(),
+        "next_page_token": response.next_page_token,
+    });
+    output.print(&value, || {
+        let mut text = format!(
+            "{:<36}  {:<12}  {:<10}  {:>8}  {}",
+            "ID", "TYPE", "STATE", "PID", "REASON"
+        );
+        for agent in &response.agents {
+            text.push_str(&format!(
+                "\n{:<36}  {:<12}  {:<10}  {:>8}  {}",
+                agent.agent_id,
+                agent.agent_type,
+                state_name(agent.state),
+                agent.pid.map(|pid| pid.to_string()).unwrap_or_default(),
+                agent.state_reason
+            ));
+        }
+        if !response.next_page_token.is_empty() {
+            text.push_str(&format!(
+                "\n(more: --page-token {})",
+                response.next_page_token
+            ));
+        }
+        text
+    });
+}
