@@ -61,6 +61,8 @@ pub fn coordinator_status(error: CoordinatorError) -> Status {
         CoordinatorError::Contention => Status::aborted(error.to_string()),
         CoordinatorError::Signature(_) => Status::unauthenticated(error.to_string()),
         CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
+        CoordinatorError::Agent(agent) => agent.into(),
+        CoordinatorError::NotAvailable(message) => Status::unimplemented(message),
         CoordinatorError::Store(store) => store.into(),
     }
 }

@@ -127,6 +127,17 @@ pub async fn serve(
         .reconcile()
         .await
         .context("cannot settle the agents of the previous run")?;
+    // Jobs whose agents ended while the daemon was down end now.
+    crate::coordinator::dispatch::resume_following(
+        &crate::coordinator::jobs::Jobs::new(
+            shared.store.clone(),
+            &shared.coordinator,
+            &shared.config.coordinator,
+        ),
+        &shared.agents,
+    )
+    .await
+    .context("cannot follow the agents of running jobs")?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service_name in crate::proto::SERVICE_NAMES {

@@ -28,11 +28,7 @@ pub async fn check(shared: &Shared) -> pb::HealthResponse {
         ),
         Some(url) => check_redis(url).await,
     };
-    let agent_runtime = component(
-        pb::ComponentStatus::NotConfigured,
-        "the agent runtime is not part of this build",
-        None,
-    );
+    let agent_runtime = check_agent_runtime(shared);
     let status = verdict(&database, &redis);
     pb::HealthResponse {
         status: status.into(),
@@ -69,6 +65,25 @@ fn component(
         status: status.into(),
         detail: detail.to_owned(),
         latency_ms: latency.map(|latency| u32::try_from(latency.as_millis()).unwrap_or(u32::MAX)),
+    }
+}
+
+/// NOT_CONFIGURED without agent types; DEGRADED at the concurrent-agent
+/// cap (spawns are refused); else OK, with how many agents run.
+fn check_agent_runtime(shared: &Shared) -> pb::ComponentHealth {
+    if shared.config.agents.types.is_empty() {
+        return component(
+            pb::ComponentStatus::NotConfigured,
+            "no agent types configured ([agents.types.NAME])",
+            None,
+        );
+    }
+    let status = shared.agents.status();
+    let detail = format!("{} of {} agents running", status.running, status.capacity);
+    if status.is_full() {
+        component(pb::ComponentStatus::Degraded, &detail, None)
+    } else {
+        component(pb::ComponentStatus::Ok, &detail, None)
     }
 }
 

@@ -227,6 +227,11 @@ impl Jobs {
         Err(CoordinatorError::Contention)
     }
 
+    /// The RUNNING jobs that follow a local agent.
+    pub async fn running_jobs_with_local_agents(&self) -> Result<Vec<JobRecord>, CoordinatorError> {
+        Ok(self.store.running_jobs_with_local_agents().await?)
+    }
+
     /// Follows a job: the first item is its current state with its latest
     /// history entry, then one item per change, ending after the change into
     /// a terminal state (at once for a job that has already ended).
@@ -531,6 +536,13 @@ pub fn validate_new_job(
 
 fn validate_change(change: &JobChange, max_payload_bytes: usize) -> Result<(), CoordinatorError> {
     match change {
+        JobChange::AttachAgent {
+            agent_id,
+            peer_instance_id,
+        } => {
+            check_length("agent_id", agent_id, MAX_IDEMPOTENCY_KEY)?;
+            check_length("peer_instance_id", peer_instance_id, MAX_IDEMPOTENCY_KEY)
+        }
         JobChange::Start { message }
         | JobChange::Progress { message, .. }
         | JobChange::Fail { error: message }

@@ -2,6 +2,7 @@
 //!
 //! - [`state`]: the job state machine (pure).
 //! - [`jobs`]: creating, changing, listing and watching jobs over the store.
+//! - [`dispatch`]: `DispatchJob`, and jobs that follow their agent's end.
 //! - [`webhook`]: signature checks and event mapping for `HandleWebhook` (pure).
 //! - [`events`]: the in-process feed of committed changes behind `WatchJob`.
 //! - [`paging`]: `ListJobs` page tokens (pure).
@@ -10,6 +11,7 @@
 //! - [`service`]: the thin gRPC handlers.
 
 pub mod convert;
+pub mod dispatch;
 pub mod events;
 pub mod health;
 pub mod jobs;
@@ -81,6 +83,14 @@ pub enum CoordinatorError {
     /// later).
     #[error("the server is shutting down; watch again to get the current state")]
     ShuttingDown,
+    /// The agent runtime refused or failed (its own code: INVALID_ARGUMENT,
+    /// RESOURCE_EXHAUSTED, ...).
+    #[error(transparent)]
+    Agent(#[from] crate::agents::AgentError),
+    /// This build cannot do what was asked (UNIMPLEMENTED); the message says
+    /// what is missing.
+    #[error("{0}")]
+    NotAvailable(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status};
 
 use super::CoordinatorError;
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
+use super::dispatch::DispatchRequest;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
 use super::state::{JobChange, Percent};
 use crate::auth::Caller;
-use crate::error::not_yet;
 use crate::proto::coordinator as pb;
 use crate::server::Shared;
 use crate::store::JobFilter;
@@ -208,10 +208,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let actor = actor_of(&request);
         let message = request.into_inner();
-        let change = JobChange::Cancel {
-            reason: message.reason,
-        };
-        let job = self.jobs.change(&message.job_id, change, &actor).await?;
+        let job = super::dispatch::cancel(
+            &self.jobs,
+            &self.shared.agents,
+            &message.job_id,
+            message.reason,
+            &actor,
+        )
+        .await?;
         Ok(Response::new(pb::CancelJobResponse {
             job: Some(job_to_proto(job)),
         }))
@@ -271,11 +275,37 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn dispatch_job(
         &self,
-        _request: Request<pb::DispatchJobRequest>,
+        request: Request<pb::DispatchJobRequest>,
     ) -> Result<Response<pb::DispatchJobResponse>, Status> {
-        Err(not_yet(
-            "DispatchJob (it needs the agent runtime, AgentControl, which is not in this build)",
-        ))
+        let actor = actor_of(&request);
+        let key = idempotency_key(&request, &request.get_ref().idempotency_key)?;
+        let message = request.into_inner();
+        let dispatch = DispatchRequest {
+            job: NewJob {
+                job_type: message.job_type,
+                workspace: message.workspace,
+                payload_json: message.payload_json,
+                priority: message.priority,
+                labels: message.labels.into_iter().collect(),
+                idempotency_key: key,
+            },
+            agent_type: message.agent_type,
+            prompt: message.prompt,
+            peer_instance_id: message.peer_instance_id,
+        };
+        let dispatched = super::dispatch::dispatch(
+            &self.jobs,
+            &self.shared.agents,
+            &self.shared.config,
+            dispatch,
+            &actor,
+        )
+        .await?;
+        Ok(Response::new(pb::DispatchJobResponse {
+            job: Some(job_to_proto(dispatched.job)),
+            agent_id: dispatched.agent_id,
+            created: dispatched.created,
+        }))
     }
 }
 

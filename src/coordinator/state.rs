@@ -118,6 +118,14 @@ pub enum JobChange {
         /// Recorded in the history entry.
         message: String,
     },
+    /// PENDING to RUNNING because an agent was started for the job
+    /// (`DispatchJob`): the job records the agent.
+    AttachAgent {
+        /// The agent's id.
+        agent_id: String,
+        /// The peer running it; empty for a local agent.
+        peer_instance_id: String,
+    },
     /// New progress while RUNNING.
     Progress {
         /// Not lower than the current progress.
@@ -146,7 +154,7 @@ impl JobChange {
     /// The state this change moves to, or `None` for a progress update.
     pub fn target(&self) -> Option<JobState> {
         match self {
-            JobChange::Start { .. } => Some(JobState::Running),
+            JobChange::Start { .. } | JobChange::AttachAgent { .. } => Some(JobState::Running),
             JobChange::Progress { .. } => None,
             JobChange::Complete { .. } => Some(JobState::Completed),
             JobChange::Fail { .. } => Some(JobState::Failed),
@@ -229,6 +237,20 @@ pub fn apply(
             check_edge(from, JobState::Running)?;
             next.started_at_ms = Some(now_ms);
             message.clone()
+        }
+        JobChange::AttachAgent {
+            agent_id,
+            peer_instance_id,
+        } => {
+            check_edge(from, JobState::Running)?;
+            next.started_at_ms = Some(now_ms);
+            next.agent_id = agent_id.clone();
+            next.peer_instance_id = peer_instance_id.clone();
+            if peer_instance_id.is_empty() {
+                format!("agent {agent_id} started")
+            } else {
+                format!("agent {agent_id} started on peer {peer_instance_id}")
+            }
         }
         JobChange::Complete { result_json } => {
             check_edge(from, JobState::Completed)?;
@@ -315,6 +337,10 @@ mod tests {
             },
             JobChange::Cancel {
                 reason: "no longer needed".to_owned(),
+            },
+            JobChange::AttachAgent {
+                agent_id: "agent-1".to_owned(),
+                peer_instance_id: String::new(),
             },
         ]
     }
@@ -419,6 +445,40 @@ mod tests {
         assert_eq!(cancelled.state, JobState::Cancelled);
         assert_eq!(cancelled.progress, Percent(10));
         assert_eq!(entry.message, "stop");
+    }
+
+    #[test]
+    fn attaching_an_agent_starts_a_pending_job_and_records_the_agent() {
+        let (running, entry) = apply(
+            &job_in(JobState::Pending, 0),
+            &JobChange::AttachAgent {
+                agent_id: "agent-1".to_owned(),
+                peer_instance_id: String::new(),
+            },
+            "system",
+            2_000,
+        )
+        .expect("attach");
+        assert_eq!(running.state, JobState::Running);
+        assert_eq!(running.agent_id, "agent-1");
+        assert_eq!(running.started_at_ms, Some(2_000));
+        assert_eq!(entry.message, "agent agent-1 started");
+        let refused = apply(
+            &job_in(JobState::Running, 0),
+            &JobChange::AttachAgent {
+                agent_id: "agent-2".to_owned(),
+                peer_instance_id: String::new(),
+            },
+            "system",
+            2_000,
+        );
+        assert_eq!(
+            refused,
+            Err(TransitionError::Illegal {
+                from: JobState::Running,
+                to: JobState::Running
+            })
+        );
     }
 
     #[test]

@@ -1253,3 +1253,239 @@ async fn shutdown_ends_watch_streams_with_unavailable_on_sqlite() {
 async fn shutdown_ends_watch_streams_with_unavailable_on_postgres() {
     shutdown_ends_watch_streams_with_unavailable(Backend::Postgres).await;
 }
+
+fn dispatch_request(prompt: &str, key: &str) -> pb::DispatchJobRequest {
+    pb::DispatchJobRequest {
+        job_type: "agent-work".to_owned(),
+        workspace: "w1".to_owned(),
+        agent_type: "sh".to_owned(),
+        prompt: prompt.to_owned(),
+        idempotency_key: key.to_owned(),
+        ..pb::DispatchJobRequest::default()
+    }
+}
+
+/// Watches the job until its stream ends; returns the job as it ended.
+async fn job_when_ended(jobs: &mut Jobs, job_id: &str) -> pb::Job {
+    let mut stream = jobs
+        .client
+        .watch_job(with_key(
+            pb::WatchJobRequest {
+                job_id: job_id.to_owned(),
+            },
+            &jobs.key,
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut last = None;
+    let ended = tokio::time::timeout(crate::support::agents::AGENT_DEADLINE, async {
+        while let Some(message) = stream.message().await.expect("stream") {
+            last = message.job;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "job {job_id} did not end: {last:?}");
+    last.expect("at least one message")
+}
+
+async fn dispatch_runs_a_real_agent_and_the_job_follows_it(backend: Backend) {
+    use mosaic_mesh::proto::agent as agent_pb;
+    let environment = TestEnvironment::new(backend).await;
+    let daemon = environment
+        .start_with(crate::support::agents::agent_config(&environment))
+        .await
+        .expect("daemon");
+    let webhook_key = daemon.api_key(&[Scope::Webhook]).await;
+    let mut jobs = Jobs::connect(&daemon).await;
+    let mut agents = crate::support::agents::Agents::new(
+        daemon.channel().await,
+        daemon.api_key(&[Scope::Agents]).await,
+    );
+    let mut client = CoordinatorClient::new(daemon.channel().await);
+
+    // A successful agent completes its job, with its output in the result.
+    let dispatched = client
+        .dispatch_job(with_key(
+            dispatch_request("echo hello-from-agent", ""),
+            &webhook_key,
+        ))
+        .await
+        .expect("dispatch")
+        .into_inner();
+    assert!(dispatched.created);
+    let job = dispatched.job.expect("job");
+    assert_eq!(job.agent_id, dispatched.agent_id);
+    assert_eq!(job.created_by, "test key");
+    let ended = job_when_ended(&mut jobs, &job.job_id).await;
+    assert_eq!(state(&ended), pb::JobState::Completed, "{ended:?}");
+    let result: serde_json::Value = serde_json::from_str(&ended.result_json).expect("json");
+    assert_eq!(result["exit_code"], 0);
+    assert_eq!(
+        result["output_tail"],
+        serde_json::json!(["hello-from-agent"])
+    );
+    let agent = agents.get(&dispatched.agent_id).await.expect("agent");
+    assert_eq!(agent.task_id, job.job_id);
+    let history = jobs.history(&job.job_id).await;
+    assert_eq!(history[1].actor, "system");
+    assert!(history[1].message.contains(&dispatched.agent_id));
+
+    // A failing agent fails its job.
+    let failing = client
+        .dispatch_job(with_key(dispatch_request("exit 3", ""), &webhook_key))
+        .await
+        .expect("dispatch")
+        .into_inner();
+    let ended = job_when_ended(&mut jobs, &failing.job.expect("job").job_id).await;
+    assert_eq!(state(&ended), pb::JobState::Failed);
+    assert!(ended.error.contains("exit code 3"), "{}", ended.error);
+
+    // The same idempotency key twice: one job, one agent.
+    let first = client
+        .dispatch_job(with_key(
+            dispatch_request("true", "dispatch-once"),
+            &webhook_key,
+        ))
+        .await
+        .expect("dispatch")
+        .into_inner();
+    let again = client
+        .dispatch_job(with_key(
+            dispatch_request("true", "dispatch-once"),
+            &webhook_key,
+        ))
+        .await
+        .expect("retry")
+        .into_inner();
+    assert!(first.created && !again.created);
+    assert_eq!(again.agent_id, first.agent_id);
+    assert_eq!(
+        again.job.expect("job").job_id,
+        first.job.expect("job").job_id
+    );
+    let all_agents = agents
+        .list(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect("list agents");
+    assert_eq!(all_agents.agents.len(), 3);
+
+    // Refusals leave no job behind.
+    let jobs_before = jobs
+        .list(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .jobs
+        .len();
+    let mut unknown_type = dispatch_request("true", "");
+    unknown_type.agent_type = "no-such-type".to_owned();
+    let mut remote = dispatch_request("true", "");
+    remote.peer_instance_id = "some-peer".to_owned();
+    for (request, code) in [
+        (unknown_type, Code::InvalidArgument),
+        (remote, Code::Unimplemented),
+        (
+            pb::DispatchJobRequest {
+                agent_type: "sh".to_owned(),
+                ..pb::DispatchJobRequest::default()
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let status = client
+            .dispatch_job(with_key(request, &webhook_key))
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    let status = client
+        .dispatch_job(with_key(dispatch_request("true", ""), &jobs.key))
+        .await
+        .expect_err("wrong scope");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let jobs_after = jobs
+        .list(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .jobs
+        .len();
+    assert_eq!(jobs_after, jobs_before);
+
+    // Cancelling a dispatched job stops its agent.
+    let long = client
+        .dispatch_job(with_key(dispatch_request("sleep 30", ""), &webhook_key))
+        .await
+        .expect("dispatch")
+        .into_inner();
+    let cancelled = jobs
+        .cancel(&long.job.expect("job").job_id)
+        .await
+        .expect("cancel");
+    assert_eq!(state(&cancelled), pb::JobState::Cancelled);
+    agents
+        .wait_for_state(&long.agent_id, agent_pb::AgentState::Killed)
+        .await;
+    assert_eq!(
+        state(&jobs.get(&cancelled.job_id).await),
+        pb::JobState::Cancelled
+    );
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dispatch_runs_a_real_agent_and_the_job_follows_it_on_sqlite() {
+    dispatch_runs_a_real_agent_and_the_job_follows_it(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dispatch_runs_a_real_agent_and_the_job_follows_it_on_postgres() {
+    dispatch_runs_a_real_agent_and_the_job_follows_it(Backend::Postgres).await;
+}
+
+async fn a_dispatched_job_is_not_left_running_after_a_restart(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let config = crate::support::agents::agent_config(&environment);
+    let daemon = environment
+        .start_with(config.clone())
+        .await
+        .expect("daemon");
+    let webhook_key = daemon.api_key(&[Scope::Webhook]).await;
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let dispatched = CoordinatorClient::new(daemon.channel().await)
+        .dispatch_job(with_key(dispatch_request("sleep 30", ""), &webhook_key))
+        .await
+        .expect("dispatch")
+        .into_inner();
+    let job_id = dispatched.job.expect("job").job_id;
+    daemon.stop().await;
+
+    let daemon = environment
+        .start_with(config)
+        .await
+        .expect("daemon restarts");
+    let mut jobs = Jobs {
+        client: CoordinatorClient::new(daemon.channel().await),
+        key,
+    };
+    let ended = job_when_ended(&mut jobs, &job_id).await;
+    assert_eq!(state(&ended), pb::JobState::Failed, "{ended:?}");
+    assert!(
+        ended.error.contains(&dispatched.agent_id),
+        "{}",
+        ended.error
+    );
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dispatched_job_is_not_left_running_after_a_restart_on_sqlite() {
+    a_dispatched_job_is_not_left_running_after_a_restart(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dispatched_job_is_not_left_running_after_a_restart_on_postgres() {
+    a_dispatched_job_is_not_left_running_after_a_restart(Backend::Postgres).await;
+}
