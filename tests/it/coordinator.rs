@@ -1036,6 +1036,10 @@ async fn health_reports_each_component(backend: Backend) {
         i32::from(pb::ComponentStatus::NotConfigured)
     );
     assert_eq!(health.version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(
+        health.agent_runtime.expect("agent runtime").status,
+        i32::from(pb::ComponentStatus::NotConfigured)
+    );
     daemon.stop().await;
 
     // With Redis configured: reachable is OK; unreachable is DOWN, DEGRADED.
@@ -1303,6 +1307,18 @@ async fn dispatch_runs_a_real_agent_and_the_job_follows_it(backend: Backend) {
         daemon.api_key(&[Scope::Agents]).await,
     );
     let mut client = CoordinatorClient::new(daemon.channel().await);
+    let runtime = client
+        .health(pb::HealthRequest {})
+        .await
+        .expect("health")
+        .into_inner()
+        .agent_runtime
+        .expect("agent runtime");
+    assert_eq!(
+        runtime.status,
+        i32::from(pb::ComponentStatus::Ok),
+        "{runtime:?}"
+    );
 
     // A successful agent completes its job, with its output in the result.
     let dispatched = client

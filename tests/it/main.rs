@@ -6,6 +6,7 @@ mod agents;
 mod api_keys;
 mod cli;
 mod coordinator;
+mod coordinator_faults;
 mod faults;
 mod identity;
 mod server;
