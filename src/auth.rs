@@ -1,15 +1,16 @@
-//! Who is calling: API keys (made, hashed, scoped, revoked) and the tower layer that
-//! authenticates every call before any handler runs.
+//! Who is calling: API keys (made, hashed, scoped, revoked) and the [`Authenticator`]
+//! that decides every call before any handler runs.
 //!
-//! The layer looks the method up in [`requirement_for`] — one table for the whole
-//! server — and either rejects the call or puts a [`Caller`] into the request's
-//! extensions for the handler. A method of a known service that is missing from the
+//! The server's front door (`ratelimit::RateLimitLayer`, which rate-limits the
+//! client IP before authentication and the caller's key after it) calls
+//! [`Authenticator::authenticate`], which looks the method up in
+//! [`requirement_for`] — one table for the whole server — and either rejects the
+//! call or yields the [`Caller`] the layer puts into the request's extensions for
+//! the handler. A method of a known service that is missing from the
 //! table is refused (fail closed).
 
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Mutex;
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -377,79 +378,8 @@ fn presented_api_key(headers: &http::HeaderMap, scope: Scope) -> Result<&str, to
     Ok(key)
 }
 
-/// The tower layer that runs [`Authenticator::authenticate`] before every call.
-#[derive(Clone)]
-pub struct AuthLayer {
-    authenticator: Arc<Authenticator>,
-}
-
-impl AuthLayer {
-    /// A layer deciding calls with `authenticator`.
-    pub fn new(authenticator: Arc<Authenticator>) -> Self {
-        Self { authenticator }
-    }
-}
-
-impl<S> tower::Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
-            authenticator: Arc::clone(&self.authenticator),
-        }
-    }
-}
-
-/// See [`AuthLayer`].
-#[derive(Clone)]
-pub struct AuthService<S> {
-    inner: S,
-    authenticator: Arc<Authenticator>,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
-
-impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        // The clone that was driven to readiness is the one to call (tower's rule).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let authenticator = Arc::clone(&self.authenticator);
-        Box::pin(async move {
-            let peer_key = peer_key_of(request.extensions());
-            match authenticator
-                .authenticate(request.uri().path(), request.headers(), peer_key)
-                .await
-            {
-                Ok(caller) => {
-                    request.extensions_mut().insert(caller);
-                    inner.call(request).await
-                }
-                Err(status) => Ok(status.into_http()),
-            }
-        })
-    }
-}
-
 /// The verified client certificate key of the connection, if any.
-fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
+pub fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
     let info = extensions.get::<TlsConnectInfo<TcpConnectInfo>>()?;
     let certificates = info.peer_certs()?;
     crate::tls::peer_public_key(&certificates)

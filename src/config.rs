@@ -65,6 +65,9 @@ pub struct ConfigArgs {
     /// URL peers use to reach this instance [default: https://LISTEN].
     #[arg(long, env = ENV_PUBLIC_URL, global = true, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Rate limits (`MOSAIC_RATE_LIMIT_*`).
+    #[command(flatten)]
+    pub rate_limit: crate::ratelimit::RateLimitArgs,
 }
 
 /// The configuration file, as written. Every field is optional.
@@ -93,6 +96,9 @@ pub struct FileConfig {
     /// `[agents]` and `[agents.types.NAME]`.
     #[serde(default)]
     pub agents: AgentsFileConfig,
+    /// `[rate_limit]`.
+    #[serde(default)]
+    pub rate_limit: crate::ratelimit::RateLimitFileConfig,
     /// `[coordinator]`.
     #[serde(default)]
     pub coordinator: CoordinatorFileConfig,
@@ -281,6 +287,8 @@ pub struct Config {
     pub master_key: Option<Secret>,
     /// The agent runtime (`[agents]`).
     pub agents: AgentsConfig,
+    /// Rate limits: tiers, storage, fallback, proxies (see `ratelimit::settings`).
+    pub rate_limit: crate::ratelimit::RateLimitSettings,
     /// The job coordinator: payload limit and webhook sources.
     pub coordinator: CoordinatorConfig,
 }
@@ -581,6 +589,11 @@ impl Config {
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
         let coordinator = resolve_coordinator(file.coordinator)?;
         let agents = resolve_agents(file.agents, max_message_bytes)?;
+        let rate_limit = crate::ratelimit::RateLimitSettings::resolve(
+            file.rate_limit,
+            &args.rate_limit,
+            redis_url.is_some(),
+        )?;
 
         Ok(Self {
             data_dir,
@@ -600,6 +613,7 @@ impl Config {
             rotation_grace: Duration::from_secs(rotation_grace_secs),
             master_key: None,
             agents,
+            rate_limit,
             coordinator,
         })
     }

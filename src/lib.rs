@@ -7,8 +7,10 @@
 //! - [`config`]: the one configuration tree and its sources (file, `MOSAIC_*`, flags).
 //! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the three
 //!   services, health, reflection and graceful shutdown.
-//! - [`auth`]: API keys (generation, hashing, scopes) and the layer that says who a
-//!   caller is before any handler runs.
+//! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
+//!   instance by method tier, in memory or shared through Redis, with fallback.
+//! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
+//!   says who a caller is before any handler runs.
 //! - [`tls`]: rustls configurations: the server that asks for (but does not demand) a
 //!   client certificate, and clients that pin a key instead of trusting a CA.
 //! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
@@ -29,6 +31,7 @@ pub mod error;
 pub mod federation;
 pub mod identity;
 pub mod proto;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! The server: one tonic server on one listener with the three Mosaic services,
-//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha), behind the auth
-//! layer, over TLS unless `--plaintext` on loopback.
+//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha), behind the
+//! rate-limit layer (which also authenticates), over TLS unless `--plaintext` on
+//! loopback.
 //!
 //! [`run`] takes its listener and shutdown future as arguments (mini-redis style), so
 //! tests bind `127.0.0.1:0` and stop the daemon when they like.
@@ -19,7 +20,7 @@ use tonic::transport::Server;
 
 use crate::agents::AgentRuntime;
 use crate::agents::service::AgentControlService;
-use crate::auth::{AuthLayer, Authenticator};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::coordinator::service::CoordinatorService;
 use crate::federation::service::FederationService;
@@ -27,6 +28,7 @@ use crate::identity::IdentityManager;
 use crate::proto::agent::agent_control_server::AgentControlServer;
 use crate::proto::coordinator::coordinator_server::CoordinatorServer;
 use crate::proto::federation::federation_server::FederationServer;
+use crate::ratelimit::{RateLimitLayer, RateLimiter};
 use crate::store::Store;
 
 /// Accepted connections waiting for tonic; a full queue slows `accept`, which is
@@ -44,6 +46,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The local agent runtime.
     pub agents: Arc<AgentRuntime>,
+    /// The rate limiter in front of every service (also the hook for checks made
+    /// inside handlers, such as the per-instance check of signed commands).
+    pub rate_limiter: Arc<RateLimiter>,
     /// The job coordinator's in-process state (change feed, start time).
     pub coordinator: crate::coordinator::CoordinatorState,
 }
@@ -73,11 +78,14 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     .context("cannot load the instance identity")?;
     let agents = AgentRuntime::new(store.clone(), config.agents.clone(), &config.data_dir)
         .context("cannot prepare the agent runtime's directory")?;
+    let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
+        .context("cannot configure rate limiting")?;
     let shared = Shared {
         store,
         identity: Arc::new(identity),
         config: Arc::new(config.clone()),
         agents: Arc::new(agents),
+        rate_limiter: Arc::new(rate_limiter),
         coordinator: crate::coordinator::CoordinatorState::default(),
     };
     write_certificate(&shared)?;
@@ -157,8 +165,12 @@ pub async fn serve(
         .context("cannot build the reflection service")?;
 
     let authenticator = Arc::new(Authenticator::new(shared.store.clone()));
+    let _pruning = shared.rate_limiter.spawn_maintenance();
     let router = Server::builder()
-        .layer(AuthLayer::new(authenticator))
+        .layer(RateLimitLayer::new(
+            Arc::clone(&shared.rate_limiter),
+            authenticator,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -183,6 +195,8 @@ pub async fn serve(
         instance.id = %identity.instance_id,
         fingerprint = %identity.public_key().fingerprint(),
         services = ?crate::proto::SERVICE_NAMES,
+        rate_limit.storage = ?config.rate_limit.storage,
+        rate_limit.shadow = config.rate_limit.shadow,
         "serving with health and reflection (v1, v1alpha)"
     );
 

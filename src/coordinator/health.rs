@@ -26,7 +26,7 @@ pub async fn check(shared: &Shared) -> pb::HealthResponse {
             "in-memory rate limiting; set redis_url to share limits",
             None,
         ),
-        Some(url) => check_redis(url).await,
+        Some(url) => with_fallback_state(check_redis(url).await, shared),
     };
     let agent_runtime = check_agent_runtime(shared);
     let status = verdict(&database, &redis);
@@ -66,6 +66,22 @@ fn component(
         detail: detail.to_owned(),
         latency_ms: latency.map(|latency| u32::try_from(latency.as_millis()).unwrap_or(u32::MAX)),
     }
+}
+
+/// A reachable Redis is still DEGRADED while the rate limiter's breaker keeps
+/// it on the in-memory fallback.
+fn with_fallback_state(redis: pb::ComponentHealth, shared: &Shared) -> pb::ComponentHealth {
+    use crate::ratelimit::metrics::BreakerGauge;
+    let breaker = shared.rate_limiter.metrics().snapshot().breaker;
+    if redis.status == i32::from(pb::ComponentStatus::Ok) && breaker != BreakerGauge::Closed {
+        return pb::ComponentHealth {
+            status: pb::ComponentStatus::Degraded.into(),
+            detail: "rate limiting is on its in-memory fallback until Redis answers reliably"
+                .to_owned(),
+            latency_ms: redis.latency_ms,
+        };
+    }
+    redis
 }
 
 /// NOT_CONFIGURED without agent types; DEGRADED at the concurrent-agent

@@ -244,10 +244,15 @@ impl Jobs {
         // its sequence.
         let feed = self.events.subscribe();
         let job = self.get(job_id).await?;
+        // The entry that made this version of the job, not the latest one: a
+        // change committed between the two reads must not be paired with the
+        // job as it was before it (the stream would then skip that change).
         let entry = self
             .store
-            .latest_job_history_entry(job_id)
+            .job_history(job_id, job.version - 1)
             .await?
+            .into_iter()
+            .next()
             .ok_or_else(|| CoordinatorError::NotFound(job_id.to_owned()))?;
         let (sender, receiver) = mpsc::channel(WATCH_BUFFER);
         let store = self.store.clone();

@@ -315,23 +315,6 @@ impl Store {
         rows.into_iter().map(JobHistoryRecord::try_from).collect()
     }
 
-    /// The job's latest history entry.
-    pub async fn latest_job_history_entry(
-        &self,
-        job_id: &str,
-    ) -> Result<Option<JobHistoryRecord>, StoreError> {
-        let row = with_connection!(self, |conn| {
-            job_history::table
-                .filter(job_history::job_id.eq(job_id))
-                .order(job_history::sequence.desc())
-                .select(HistoryRow::as_select())
-                .first(conn)
-                .await
-                .optional()?
-        });
-        row.map(JobHistoryRecord::try_from).transpose()
-    }
-
     /// The RUNNING jobs that follow an agent of this instance, for the
     /// coordinator to follow again after a restart.
     pub async fn running_jobs_with_local_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
@@ -674,10 +657,6 @@ mod tests {
         let history = store.job_history("a", 0).await.expect("history");
         assert_eq!(history.len(), 2);
         assert_eq!(history[1], entry);
-        assert_eq!(
-            store.latest_job_history_entry("a").await.expect("latest"),
-            Some(entry)
-        );
         assert_eq!(store.job_history("a", 1).await.expect("after 1").len(), 1);
     }
 

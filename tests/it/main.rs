@@ -9,6 +9,7 @@ mod coordinator;
 mod coordinator_faults;
 mod faults;
 mod identity;
+mod rate_limit;
 mod server;
 mod support;
 mod tidy;

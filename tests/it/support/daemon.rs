@@ -51,7 +51,24 @@ impl TestEnvironment {
             name: Some("test-instance".to_owned()),
             ..ConfigArgs::default()
         };
-        Config::resolve(FileConfig::default(), &args).expect("test config")
+        let mut config = Config::resolve(FileConfig::default(), &args).expect("test config");
+        // Tests poll daemons quickly from one address; the production limits
+        // (100 calls a minute) would throttle them. Rate-limit tests set their own.
+        let generous = mosaic_mesh::ratelimit::RateLimitFileConfig {
+            global_limit: Some(1_000_000),
+            webhook_limit: Some(1_000_000),
+            coordinator_limit: Some(1_000_000),
+            health_limit: Some(1_000_000),
+            federation_limit: Some(1_000_000),
+            ..Default::default()
+        };
+        config.rate_limit = mosaic_mesh::ratelimit::RateLimitSettings::resolve(
+            generous,
+            &Default::default(),
+            false,
+        )
+        .expect("test rate limits");
+        config
     }
 
     /// A store on the same database, for arranging and checking state.
@@ -75,6 +92,7 @@ impl TestEnvironment {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let shared = mosaic_mesh::server::prepare(&config).await?;
+        let rate_limiter = Arc::clone(&shared.rate_limiter);
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
             let _ = stopped.await;
@@ -83,6 +101,7 @@ impl TestEnvironment {
             address,
             data_dir: self.data_dir.path().to_path_buf(),
             config,
+            rate_limiter,
             stop: Some(stop),
             handle: Some(handle),
         })
@@ -102,6 +121,8 @@ pub struct TestDaemon {
     pub data_dir: PathBuf,
     /// The configuration it runs with.
     pub config: Config,
+    /// Its rate limiter (for its counters).
+    pub rate_limiter: Arc<mosaic_mesh::ratelimit::RateLimiter>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }

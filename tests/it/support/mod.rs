@@ -6,5 +6,6 @@ pub mod binary;
 pub mod daemon;
 pub mod fault_proxy;
 pub mod python;
+pub mod redis;
 
 pub use daemon::Backend;
