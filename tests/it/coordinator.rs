@@ -1505,3 +1505,75 @@ async fn a_dispatched_job_is_not_left_running_after_a_restart_on_sqlite() {
 async fn a_dispatched_job_is_not_left_running_after_a_restart_on_postgres() {
     a_dispatched_job_is_not_left_running_after_a_restart(Backend::Postgres).await;
 }
+
+async fn a_start_ends_running_jobs_whose_agents_ended_while_down(backend: Backend) {
+    use mosaic_mesh::agents::{AgentRecord, AgentState, Origin};
+    use mosaic_mesh::coordinator::state::{JobChange, apply, creation_entry};
+    use mosaic_mesh::store::JobRecord;
+
+    // As a crash leaves them: a RUNNING job whose agent ended (FAILED) while
+    // no daemon followed it.
+    let environment = TestEnvironment::new(backend).await;
+    let store = environment.store().await;
+    let now = mosaic_mesh::clock::now_ms();
+    let agent = AgentRecord {
+        id: "agent-ended-while-down".to_owned(),
+        agent_type: "sh".to_owned(),
+        state: AgentState::Failed,
+        state_reason: "the daemon was gone".to_owned(),
+        prompt: "sleep 30".to_owned(),
+        task_id: "job-left-running".to_owned(),
+        labels: BTreeMap::new(),
+        origin: Origin::Local,
+        runner_id: "an-earlier-run".to_owned(),
+        pid: None,
+        exit_code: None,
+        signal: Some(9),
+        output_tail: Vec::new(),
+        output_bytes: 0,
+        output_truncated: false,
+        timeout_secs: 60,
+        created_at_ms: now,
+        started_at_ms: Some(now),
+        ended_at_ms: Some(now),
+        updated_at_ms: now,
+    };
+    store.insert_agent(&agent).await.expect("insert agent");
+    let pending =
+        JobRecord::new_pending("job-left-running".to_owned(), "agent-work".to_owned(), now);
+    store
+        .insert_job(&pending, &creation_entry(&pending, "test"))
+        .await
+        .expect("insert job");
+    let attach = JobChange::AttachAgent {
+        agent_id: agent.id.clone(),
+        peer_instance_id: String::new(),
+    };
+    let (running, entry) = apply(&pending, &attach, "system", now).expect("attach");
+    assert!(store.update_job(1, &running, &entry).await.expect("update"));
+
+    let daemon = environment
+        .start_with(crate::support::agents::agent_config(&environment))
+        .await
+        .expect("daemon");
+    let mut jobs = Jobs::connect(&daemon).await;
+    let ended = job_when_ended(&mut jobs, "job-left-running").await;
+    assert_eq!(state(&ended), pb::JobState::Failed, "{ended:?}");
+    assert!(
+        ended.error.contains("the daemon was gone"),
+        "{}",
+        ended.error
+    );
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_ends_running_jobs_whose_agents_ended_while_down_on_sqlite() {
+    a_start_ends_running_jobs_whose_agents_ended_while_down(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_ends_running_jobs_whose_agents_ended_while_down_on_postgres() {
+    a_start_ends_running_jobs_whose_agents_ended_while_down(Backend::Postgres).await;
+}
