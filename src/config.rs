@@ -102,6 +102,9 @@ pub struct FileConfig {
     /// `[rate_limit]`.
     #[serde(default)]
     pub rate_limit: crate::ratelimit::RateLimitFileConfig,
+    /// `[coordinator]`.
+    #[serde(default)]
+    pub coordinator: CoordinatorFileConfig,
 }
 
 /// `[instance]` in the file.
@@ -351,6 +354,49 @@ impl FederationConfig {
     }
 }
 
+/// `[coordinator]` in the file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFileConfig {
+    /// Largest job payload, job result and webhook body in bytes (default
+    /// 262144, 256 KiB).
+    pub max_payload_bytes: Option<usize>,
+    /// `[coordinator.webhooks.SOURCE]`: the webhook sources `HandleWebhook`
+    /// accepts, by name.
+    #[serde(default)]
+    pub webhooks: BTreeMap<String, WebhookSourceFileConfig>,
+}
+
+/// `[coordinator.webhooks.SOURCE]` in the file.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSourceFileConfig {
+    /// HMAC-SHA256 secret; when set (here or in
+    /// `MOSAIC_WEBHOOK_SECRET_<SOURCE>`), deliveries must carry a valid
+    /// `sha256=HEX` signature (default: none, signatures are not checked).
+    pub secret: Option<String>,
+    /// Job type of events not listed in `events` (default `SOURCE.EVENT`).
+    pub job_type: Option<String>,
+    /// Workspace of the jobs made from this source (default none).
+    pub workspace: Option<String>,
+    /// Event type to job type; an empty job type ignores the event.
+    #[serde(default)]
+    pub events: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for WebhookSourceFileConfig {
+    /// Never prints the secret.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("WebhookSourceFileConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("job_type", &self.job_type)
+            .field("workspace", &self.workspace)
+            .field("events", &self.events)
+            .finish()
+    }
+}
+
 /// Why the configuration is unusable. Each message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -414,6 +460,8 @@ pub struct Config {
     pub agents: AgentsConfig,
     /// Rate limits: tiers, storage, fallback, proxies (see `ratelimit::settings`).
     pub rate_limit: crate::ratelimit::RateLimitSettings,
+    /// The job coordinator: payload limit and webhook sources.
+    pub coordinator: CoordinatorConfig,
 }
 
 /// The agent runtime's settings, resolved.
@@ -485,6 +533,108 @@ impl std::fmt::Debug for AgentType {
 /// An agent type's timeout when its `timeout_secs` is not set: one hour.
 pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60 * 60;
 
+/// The coordinator's settings (`[coordinator]`).
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Largest job payload, job result and webhook body (default 256 KiB).
+    pub max_payload_bytes: usize,
+    /// Webhook sources by name (default none: `HandleWebhook` refuses all).
+    pub webhooks: BTreeMap<String, WebhookSource>,
+}
+
+/// Default of `coordinator.max_payload_bytes`.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// The prefix of the variables that override a webhook source's secret:
+/// `MOSAIC_WEBHOOK_SECRET_GITHUB` for source `github` (upper case, `-` as `_`).
+pub const ENV_WEBHOOK_SECRET_PREFIX: &str = "MOSAIC_WEBHOOK_SECRET_";
+
+/// One webhook source (`[coordinator.webhooks.SOURCE]`).
+#[derive(Debug, Clone)]
+pub struct WebhookSource {
+    /// HMAC-SHA256 secret; `None`: signatures are not checked.
+    pub secret: Option<Secret>,
+    /// Job type of events not listed in `events` (default `SOURCE.EVENT`).
+    pub job_type: Option<String>,
+    /// Workspace of the jobs made (default empty).
+    pub workspace: String,
+    /// Event type to job type; an empty job type ignores the event.
+    pub events: BTreeMap<String, String>,
+}
+
+impl CoordinatorConfig {
+    /// Replaces the secret of each source whose variable
+    /// (`webhook_secret_variable`) `lookup` finds set and non-empty.
+    pub fn apply_secret_overrides(&mut self, lookup: impl Fn(&str) -> Option<String>) {
+        for (name, source) in &mut self.webhooks {
+            if let Some(value) =
+                lookup(&webhook_secret_variable(name)).filter(|value| !value.is_empty())
+            {
+                source.secret = Some(Secret(zeroize::Zeroizing::new(value)));
+            }
+        }
+    }
+}
+
+/// The variable that overrides the secret of webhook source `source`.
+pub fn webhook_secret_variable(source: &str) -> String {
+    format!(
+        "{ENV_WEBHOOK_SECRET_PREFIX}{}",
+        source.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+fn resolve_coordinator(file: CoordinatorFileConfig) -> Result<CoordinatorConfig, ConfigError> {
+    let max_payload_bytes = file.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
+    if !(1024..=16 * 1024 * 1024).contains(&max_payload_bytes) {
+        return Err(invalid(
+            "coordinator.max_payload_bytes",
+            "must be between 1024 and 16777216".into(),
+        ));
+    }
+    let mut webhooks = BTreeMap::new();
+    for (name, source) in file.webhooks {
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+        if !valid_name {
+            return Err(invalid(
+                "coordinator.webhooks",
+                format!("source name {name:?} must be 1 to 64 characters of a-z, 0-9, `-` and `_`"),
+            ));
+        }
+        if source.secret.as_deref() == Some("") {
+            return Err(invalid(
+                "coordinator.webhooks.SOURCE.secret",
+                format!("the secret of source {name:?} is empty; remove it or set one"),
+            ));
+        }
+        if source.job_type.as_deref() == Some("") {
+            return Err(invalid(
+                "coordinator.webhooks.SOURCE.job_type",
+                format!("the job type of source {name:?} is empty; remove it or set one"),
+            ));
+        }
+        webhooks.insert(
+            name,
+            WebhookSource {
+                secret: source
+                    .secret
+                    .map(|secret| Secret(zeroize::Zeroizing::new(secret))),
+                job_type: source.job_type,
+                workspace: source.workspace.unwrap_or_default(),
+                events: source.events,
+            },
+        );
+    }
+    Ok(CoordinatorConfig {
+        max_payload_bytes,
+        webhooks,
+    })
+}
+
 /// A secret string: zeroised on drop, never printed by `Debug`.
 #[derive(Clone)]
 pub struct Secret(pub zeroize::Zeroizing<String>);
@@ -515,6 +665,9 @@ impl Config {
             .ok()
             .filter(|value| !value.is_empty())
             .map(|value| Secret(zeroize::Zeroizing::new(value)));
+        config
+            .coordinator
+            .apply_secret_overrides(|name| std::env::var(name).ok());
         Ok(config)
     }
 
@@ -606,6 +759,7 @@ impl Config {
             ));
         }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+        let coordinator = resolve_coordinator(file.coordinator)?;
         let agents = resolve_agents(file.agents, max_message_bytes)?;
         let rate_limit = crate::ratelimit::RateLimitSettings::resolve(
             file.rate_limit,
@@ -633,6 +787,7 @@ impl Config {
             master_key: None,
             agents,
             rate_limit,
+            coordinator,
         })
     }
 
@@ -878,6 +1033,60 @@ mod tests {
             let error = Config::resolve(file, &args_with_dir()).expect_err("refused");
             assert!(error.to_string().contains(key), "{error}");
         }
+    }
+
+    #[test]
+    fn webhook_sources_resolve_and_secrets_are_overridden_and_never_printed() {
+        let file = parse_file(
+            "[coordinator.webhooks.github]\nsecret = \"from-file-secret\"\nevents = { push = \"build\" }\n[coordinator.webhooks.my-bot]\n",
+        )
+        .expect("parse");
+        assert!(!format!("{file:?}").contains("from-file-secret"));
+        let mut config = Config::resolve(file, &args_with_dir()).expect("config");
+        assert_eq!(
+            config.coordinator.max_payload_bytes,
+            DEFAULT_MAX_PAYLOAD_BYTES
+        );
+        let github = &config.coordinator.webhooks["github"];
+        assert_eq!(
+            github.secret.as_ref().map(|secret| secret.0.as_str()),
+            Some("from-file-secret")
+        );
+        assert_eq!(github.events["push"], "build");
+        assert!(config.coordinator.webhooks["my-bot"].secret.is_none());
+
+        config.coordinator.apply_secret_overrides(|name| {
+            (name == "MOSAIC_WEBHOOK_SECRET_MY_BOT").then(|| "from-env-secret".to_owned())
+        });
+        let bot = &config.coordinator.webhooks["my-bot"];
+        assert_eq!(
+            bot.secret.as_ref().map(|secret| secret.0.as_str()),
+            Some("from-env-secret")
+        );
+        let printed = format!("{config:?}");
+        assert!(!printed.contains("from-env-secret"), "{printed}");
+        assert!(!printed.contains("from-file-secret"), "{printed}");
+    }
+
+    #[test]
+    fn bad_coordinator_settings_name_their_key() {
+        for (text, key) in [
+            (
+                "[coordinator]\nmax_payload_bytes = 10\n",
+                "coordinator.max_payload_bytes",
+            ),
+            ("[coordinator.webhooks.GitHub]\n", "coordinator.webhooks"),
+            (
+                "[coordinator.webhooks.github]\nsecret = \"\"\n",
+                "coordinator.webhooks.SOURCE.secret",
+            ),
+        ] {
+            let file = parse_file(text).expect("parse");
+            let error = Config::resolve(file, &args_with_dir()).expect_err(text);
+            assert!(error.to_string().contains(key), "{error}");
+        }
+        let error = parse_file("[coordinator.webhooks.github]\nsecrt = \"x\"\n").expect_err("typo");
+        assert!(error.contains("secrt"), "{error}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 
 use crate::agents::AgentError;
 use crate::auth::ApiKeyError;
+use crate::coordinator::CoordinatorError;
 use crate::federation::FederationError;
 use crate::identity::IdentityError;
 use crate::store::StoreError;
@@ -48,6 +49,22 @@ impl From<ApiKeyError> for Status {
             ApiKeyError::Store(store) => store.into(),
             other => internal("api keys", &other),
         }
+    }
+}
+
+/// The status of a coordinator failure. Signature failures say what is wrong
+/// with the signature, never anything about the secret.
+pub fn coordinator_status(error: CoordinatorError) -> Status {
+    match error {
+        CoordinatorError::Invalid(message) => Status::invalid_argument(message),
+        CoordinatorError::NotFound(_) => Status::not_found(error.to_string()),
+        CoordinatorError::Transition(_) => Status::failed_precondition(error.to_string()),
+        CoordinatorError::Contention => Status::aborted(error.to_string()),
+        CoordinatorError::Signature(_) => Status::unauthenticated(error.to_string()),
+        CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
+        CoordinatorError::Agent(agent) => agent.into(),
+        CoordinatorError::NotAvailable(message) => Status::unimplemented(message),
+        CoordinatorError::Store(store) => store.into(),
     }
 }
 

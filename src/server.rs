@@ -51,6 +51,8 @@ pub struct Shared {
     /// The rate limiter in front of every service (also the hook for checks made
     /// inside handlers, such as the per-instance check of signed commands).
     pub rate_limiter: Arc<RateLimiter>,
+    /// The job coordinator's in-process state (change feed, start time).
+    pub coordinator: crate::coordinator::CoordinatorState,
 }
 
 /// Opens the store, runs migrations and loads (or creates) the identity: what
@@ -94,6 +96,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         federation,
         agents: Arc::new(agents),
         rate_limiter: Arc::new(rate_limiter),
+        coordinator: crate::coordinator::CoordinatorState::default(),
     };
     write_certificate(&shared)?;
     Ok(shared)
@@ -142,6 +145,17 @@ pub async fn serve(
         .reconcile()
         .await
         .context("cannot settle the agents of the previous run")?;
+    // Jobs whose agents ended while the daemon was down end now.
+    crate::coordinator::dispatch::resume_following(
+        &crate::coordinator::jobs::Jobs::new(
+            shared.store.clone(),
+            &shared.coordinator,
+            &shared.config.coordinator,
+        ),
+        &shared.agents,
+    )
+    .await
+    .context("cannot follow the agents of running jobs")?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     for service_name in crate::proto::SERVICE_NAMES {
@@ -224,7 +238,18 @@ pub async fn serve(
         shutdown.await;
         agents.begin_shutdown();
     };
+    let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
+        shared.store.clone(),
+        health_reporter.clone(),
+    ));
+    let coordinator = shared.coordinator.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Watch streams would otherwise hold the drain until the grace ends.
+        coordinator.begin_shutdown();
+    };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
+    database_health.abort();
     shared.agents.shutdown().await;
     drained
 }

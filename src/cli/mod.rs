@@ -6,6 +6,7 @@ pub mod apikey;
 pub mod client;
 pub mod exit;
 pub mod identity;
+pub mod job;
 pub mod peer;
 pub mod serve;
 
@@ -76,6 +77,10 @@ pub enum Command {
     /// with the `agents` scope).
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Create, inspect, change and watch jobs on the running daemon
+    /// (`coordinator` API key).
+    #[command(subcommand)]
+    Job(job::JobCommand),
 }
 
 /// `mosaicd identity ...`
@@ -141,5 +146,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             apikey::revoke(&cli.config, &id, output).await
         }
         Command::Agent(command) => agent::run(command, &cli.config, &cli.client, output).await,
+        Command::Job(command) => job::run(&cli.config, &cli.client, command, output).await,
     }
 }

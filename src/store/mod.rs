@@ -44,6 +44,7 @@ mod database_url;
 mod error;
 mod federation;
 mod identity;
+mod jobs;
 mod pools;
 mod schema;
 pub mod testing;
@@ -62,6 +63,7 @@ pub use federation::{
     ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
 };
 pub use identity::{InstanceKeyRecord, InstanceRecord};
+pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord};
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};

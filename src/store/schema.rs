@@ -204,3 +204,69 @@ diesel::joinable!(agent_status -> agents (agent_id));
 diesel::joinable!(agent_labels -> agents (agent_id));
 diesel::joinable!(agent_events -> agents (agent_id));
 diesel::allow_tables_to_appear_in_same_query!(agents, agent_status, agent_labels, agent_events);
+
+diesel::table! {
+    /// Coordinator jobs; `version` counts history entries and guards every
+    /// change (a conditional UPDATE on the version read).
+    jobs (id) {
+        id -> Text,
+        job_type -> Text,
+        workspace -> Text,
+        payload_json -> Text,
+        priority -> Integer,
+        /// A JSON object of string values (also in `job_labels`).
+        labels_json -> Text,
+        /// PENDING, RUNNING, COMPLETED, FAILED or CANCELLED.
+        state -> Text,
+        progress -> Integer,
+        progress_message -> Text,
+        result_json -> Text,
+        error -> Text,
+        created_by -> Text,
+        agent_id -> Text,
+        peer_instance_id -> Text,
+        idempotency_key -> Nullable<Text>,
+        version -> BigInt,
+        created_at_ms -> BigInt,
+        updated_at_ms -> BigInt,
+        started_at_ms -> Nullable<BigInt>,
+        ended_at_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    /// One row per job label, for filtering.
+    job_labels (job_id, name) {
+        job_id -> Text,
+        name -> Text,
+        value -> Text,
+    }
+}
+
+diesel::table! {
+    /// Every accepted change of a job.
+    job_history (job_id, sequence) {
+        job_id -> Text,
+        sequence -> BigInt,
+        /// NULL for the creation entry.
+        from_state -> Nullable<Text>,
+        to_state -> Text,
+        progress -> Integer,
+        message -> Text,
+        actor -> Text,
+        at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Webhook deliveries already processed.
+    webhook_deliveries (source, delivery_id) {
+        source -> Text,
+        delivery_id -> Text,
+        /// NULL when the event was ignored by configuration.
+        job_id -> Nullable<Text>,
+        received_at_ms -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(jobs, job_labels, job_history, webhook_deliveries);

@@ -5,6 +5,8 @@
 mod agents;
 mod api_keys;
 mod cli;
+mod coordinator;
+mod coordinator_faults;
 mod faults;
 mod identity;
 mod peer_cli;

@@ -1,0 +1,248 @@
+//! Benchmark of the job coordinator: job lifecycles per second over gRPC+TLS
+//! with 8 concurrent clients, on PostgreSQL and on SQLite, beside a
+//! simple-insert loop (one single-row INSERT per call, through the same store
+//! and pool) on the same databases. Prints the figures and their ratio.
+//!
+//! A lifecycle is `CreateJob`, `UpdateJobStatus(RUNNING)`, `CompleteJob`: the
+//! state machine has no PENDING -> COMPLETED edge, so a create+complete pair
+//! needs the start in between. Each of the three calls is one committed write
+//! transaction (the job row, label rows and history entry, or the versioned
+//! update and its history entry).
+//!
+//! Run: `cargo run --release --example bench_jobs` (PostgreSQL from
+//! `MOSAIC_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`;
+//! `BENCH_SECONDS` per measurement, default 5; `BENCH_CLIENTS`, default 8).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::config::{Config, ConfigArgs, FileConfig};
+use mosaic_mesh::proto::coordinator as pb;
+use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
+use mosaic_mesh::store::testing::TestDatabase;
+use mosaic_mesh::store::{ApiKeyRecord, Store};
+use mosaic_mesh::tls::{ChannelTimeouts, ServerPin};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+fn authorized<T>(message: T, key: &str) -> BenchResult<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse()?);
+    Ok(request)
+}
+
+/// One client's loop: whole lifecycles until `deadline`.
+async fn lifecycles(
+    mut client: CoordinatorClient<tonic::transport::Channel>,
+    key: String,
+    deadline: tokio::time::Instant,
+    done: Arc<AtomicU64>,
+) -> BenchResult<()> {
+    while tokio::time::Instant::now() < deadline {
+        let job = client
+            .create_job(authorized(
+                pb::CreateJobRequest {
+                    job_type: "bench".to_owned(),
+                    workspace: "bench".to_owned(),
+                    payload_json: "{\"n\":1}".to_owned(),
+                    ..pb::CreateJobRequest::default()
+                },
+                &key,
+            )?)
+            .await?
+            .into_inner()
+            .job
+            .ok_or("no job")?;
+        client
+            .update_job_status(authorized(
+                pb::UpdateJobStatusRequest {
+                    job_id: job.job_id.clone(),
+                    state: pb::JobState::Running.into(),
+                    message: String::new(),
+                },
+                &key,
+            )?)
+            .await?;
+        client
+            .complete_job(authorized(
+                pb::CompleteJobRequest {
+                    job_id: job.job_id,
+                    result_json: "{\"ok\":true}".to_owned(),
+                },
+                &key,
+            )?)
+            .await?;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Lifecycles per second against a daemon on `database_url`.
+async fn grpc_lifecycles_per_second(
+    database_url: &str,
+    clients: u64,
+    seconds: u64,
+) -> BenchResult<f64> {
+    let data_dir = tempfile::tempdir()?;
+    let args = ConfigArgs {
+        data_dir: Some(data_dir.path().to_path_buf()),
+        database_url: Some(database_url.to_owned()),
+        listen: Some("127.0.0.1:0".parse()?),
+        name: Some("bench".to_owned()),
+        ..ConfigArgs::default()
+    };
+    let mut config = Config::resolve(FileConfig::default(), &args)?;
+    // The production tiers (100 calls a minute per key) would measure the
+    // limiter, not the coordinator; the in-memory limiter stays in the path.
+    let generous = mosaic_mesh::ratelimit::RateLimitFileConfig {
+        global_limit: Some(100_000_000),
+        coordinator_limit: Some(100_000_000),
+        ..Default::default()
+    };
+    config.rate_limit =
+        mosaic_mesh::ratelimit::RateLimitSettings::resolve(generous, &Default::default(), false)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let shared = mosaic_mesh::server::prepare(&config).await?;
+    let server_key = shared.identity.current().public_key().clone();
+    let key = mosaic_mesh::auth::create_api_key(&shared.store, "bench", &[Scope::Coordinator])
+        .await?
+        .secret
+        .to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
+        let _ = stopped.await;
+    }));
+
+    let tls = Arc::new(mosaic_mesh::tls::pinned_client_config(
+        ServerPin::PublicKey(server_key),
+    )?);
+    let url = format!("https://{address}");
+    let done = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        // One connection per client, as separate processes would have.
+        let channel =
+            mosaic_mesh::tls::connect_channel(&url, Some(tls.clone()), ChannelTimeouts::default())
+                .await?;
+        workers.push(tokio::spawn(lifecycles(
+            CoordinatorClient::new(channel),
+            key.clone(),
+            deadline,
+            done.clone(),
+        )));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    server.await??;
+    Ok(rate)
+}
+
+/// Single-row INSERTs per second through the store, `clients` at a time.
+async fn inserts_per_second(database_url: &str, clients: u64, seconds: u64) -> BenchResult<f64> {
+    let store = Store::connect(database_url).await?;
+    store.run_migrations().await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for worker in 0..clients {
+        let store = store.clone();
+        let done = done.clone();
+        workers.push(tokio::spawn(async move {
+            let mut index = 0u64;
+            while tokio::time::Instant::now() < deadline {
+                index += 1;
+                let record = ApiKeyRecord {
+                    id: format!("bench-{worker}-{index}"),
+                    name: "bench".to_owned(),
+                    key_hash: format!("{worker}-{index}").into_bytes(),
+                    prefix: "bench".to_owned(),
+                    scopes: vec!["coordinator".to_owned()],
+                    created_at_ms: 0,
+                    last_used_at_ms: None,
+                    revoked_at_ms: None,
+                };
+                store.insert_api_key(&record).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            BenchResult::Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> BenchResult<()> {
+    mosaic_mesh::tls::install_default_provider();
+    let seconds = setting("BENCH_SECONDS", 5);
+    let clients = setting("BENCH_CLIENTS", 8);
+    println!("bench_jobs: {clients} concurrent clients, {seconds} s per measurement");
+
+    let mut rows = Vec::new();
+    for backend in ["postgres", "sqlite"] {
+        let sqlite_dir = tempfile::tempdir()?;
+        let (grpc_database, insert_database) = if backend == "postgres" {
+            (
+                TestDatabase::postgres().await?,
+                TestDatabase::postgres().await?,
+            )
+        } else {
+            (
+                TestDatabase::sqlite(sqlite_dir.path()),
+                TestDatabase::sqlite(sqlite_dir.path()),
+            )
+        };
+        let lifecycles = grpc_lifecycles_per_second(&grpc_database.url, clients, seconds).await?;
+        let inserts = inserts_per_second(&insert_database.url, clients, seconds).await?;
+        grpc_database.cleanup().await?;
+        insert_database.cleanup().await?;
+        rows.push((backend, lifecycles, inserts));
+    }
+
+    println!();
+    println!(
+        "{:<9} {:>14} {:>14} {:>14} {:>16} {:>18}",
+        "backend",
+        "lifecycles/s",
+        "grpc writes/s",
+        "inserts/s",
+        "lifecycle ratio",
+        "write-txn ratio"
+    );
+    for (backend, lifecycles, inserts) in rows {
+        println!(
+            "{:<9} {:>14.0} {:>14.0} {:>14.0} {:>16.3} {:>18.3}",
+            backend,
+            lifecycles,
+            lifecycles * 3.0,
+            inserts,
+            lifecycles / inserts,
+            lifecycles * 3.0 / inserts
+        );
+    }
+    println!();
+    println!("lifecycle = CreateJob + UpdateJobStatus(RUNNING) + CompleteJob over gRPC+TLS;");
+    println!("each call is one committed write transaction (grpc writes/s = 3 x lifecycles/s).");
+    println!("inserts/s = single-row INSERTs through the same store pool, same concurrency.");
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The checks behind `Coordinator.Health` and the coordinator's entry in
+//! `grpc.health.v1`: database round trip, Redis PING (when configured), agent
+//! runtime, version and uptime.
+
+use std::time::Duration;
+
+use crate::proto::coordinator as pb;
+use crate::server::Shared;
+use crate::store::Store;
+
+/// How long the database may take to answer the health query.
+const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long connecting to Redis and its PING may take together.
+const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+/// How often the database is checked for `grpc.health.v1`.
+const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// The service whose `grpc.health.v1` status follows the database.
+const COORDINATOR_SERVICE: &str = "mosaic.coordinator.v1.Coordinator";
+
+/// Checks every component and gives the verdict.
+pub async fn check(shared: &Shared) -> pb::HealthResponse {
+    let database = check_database(&shared.store).await;
+    let redis = match &shared.config.redis_url {
+        None => component(
+            pb::ComponentStatus::NotConfigured,
+            "in-memory rate limiting; set redis_url to share limits",
+            None,
+        ),
+        Some(url) => with_fallback_state(check_redis(url).await, shared),
+    };
+    let agent_runtime = check_agent_runtime(shared);
+    let status = verdict(&database, &redis);
+    pb::HealthResponse {
+        status: status.into(),
+        database: Some(database),
+        redis: Some(redis),
+        agent_runtime: Some(agent_runtime),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        uptime_seconds: shared.coordinator.started_at.elapsed().as_secs(),
+    }
+}
+
+/// NOT_SERVING when the database is down (calls will fail); DEGRADED when
+/// something with a fallback is not OK; else SERVING.
+fn verdict(database: &pb::ComponentHealth, redis: &pb::ComponentHealth) -> pb::ServingStatus {
+    let ok_or_unused = |status: i32| {
+        status == i32::from(pb::ComponentStatus::Ok)
+            || status == i32::from(pb::ComponentStatus::NotConfigured)
+    };
+    if database.status != i32::from(pb::ComponentStatus::Ok) {
+        pb::ServingStatus::NotServing
+    } else if !ok_or_unused(redis.status) {
+        pb::ServingStatus::Degraded
+    } else {
+        pb::ServingStatus::Serving
+    }
+}
+
+fn component(
+    status: pb::ComponentStatus,
+    detail: &str,
+    latency: Option<Duration>,
+) -> pb::ComponentHealth {
+    pb::ComponentHealth {
+        status: status.into(),
+        detail: detail.to_owned(),
+        latency_ms: latency.map(|latency| u32::try_from(latency.as_millis()).unwrap_or(u32::MAX)),
+    }
+}
+
+/// A reachable Redis is still DEGRADED while the rate limiter's breaker keeps
+/// it on the in-memory fallback.
+fn with_fallback_state(redis: pb::ComponentHealth, shared: &Shared) -> pb::ComponentHealth {
+    use crate::ratelimit::metrics::BreakerGauge;
+    let breaker = shared.rate_limiter.metrics().snapshot().breaker;
+    if redis.status == i32::from(pb::ComponentStatus::Ok) && breaker != BreakerGauge::Closed {
+        return pb::ComponentHealth {
+            status: pb::ComponentStatus::Degraded.into(),
+            detail: "rate limiting is on its in-memory fallback until Redis answers reliably"
+                .to_owned(),
+            latency_ms: redis.latency_ms,
+        };
+    }
+    redis
+}
+
+/// NOT_CONFIGURED without agent types; DEGRADED at the concurrent-agent
+/// cap (spawns are refused); else OK, with how many agents run.
+fn check_agent_runtime(shared: &Shared) -> pb::ComponentHealth {
+    if shared.config.agents.types.is_empty() {
+        return component(
+            pb::ComponentStatus::NotConfigured,
+            "no agent types configured ([agents.types.NAME])",
+            None,
+        );
+    }
+    let status = shared.agents.status();
+    let detail = format!("{} of {} agents running", status.running, status.capacity);
+    if status.is_full() {
+        component(pb::ComponentStatus::Degraded, &detail, None)
+    } else {
+        component(pb::ComponentStatus::Ok, &detail, None)
+    }
+}
+
+async fn check_database(store: &Store) -> pb::ComponentHealth {
+    let started = tokio::time::Instant::now();
+    match tokio::time::timeout(DATABASE_TIMEOUT, store.ping()).await {
+        Ok(Ok(())) => component(
+            pb::ComponentStatus::Ok,
+            &format!("{:?}", store.backend()).to_lowercase(),
+            Some(started.elapsed()),
+        ),
+        // Store errors never carry the URL's password (see store/error.rs).
+        Ok(Err(error)) => component(pb::ComponentStatus::Down, &error.to_string(), None),
+        Err(_) => component(
+            pb::ComponentStatus::Down,
+            &format!("no answer within {} ms", DATABASE_TIMEOUT.as_millis()),
+            None,
+        ),
+    }
+}
+
+/// Opens a fresh connection and sends PING, within `REDIS_TIMEOUT`. The
+/// detail never repeats the URL (it may hold a password).
+async fn check_redis(url: &str) -> pb::ComponentHealth {
+    let started = tokio::time::Instant::now();
+    let ping = async {
+        let client = redis::Client::open(url)?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+    };
+    match tokio::time::timeout(REDIS_TIMEOUT, ping).await {
+        Ok(Ok(_)) => component(pb::ComponentStatus::Ok, "", Some(started.elapsed())),
+        Ok(Err(error)) => component(
+            pb::ComponentStatus::Down,
+            &format!("redis failed: {:?}", error.kind()),
+            None,
+        ),
+        Err(_) => component(
+            pb::ComponentStatus::Down,
+            &format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()),
+            None,
+        ),
+    }
+}
+
+/// Keeps the coordinator's `grpc.health.v1` status in step with the
+/// database: NOT_SERVING while it does not answer. Runs until aborted.
+pub async fn report_database_health(store: Store, reporter: tonic_health::server::HealthReporter) {
+    let mut interval = tokio::time::interval(REPORT_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving = true;
+    loop {
+        interval.tick().await;
+        let reachable = matches!(
+            tokio::time::timeout(DATABASE_TIMEOUT, store.ping()).await,
+            Ok(Ok(()))
+        );
+        if reachable != serving {
+            serving = reachable;
+            let status = if serving {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            tracing::warn!(database.reachable = serving, "coordinator health changed");
+            reporter
+                .set_service_status(COORDINATOR_SERVICE, status)
+                .await;
+        }
+    }
+}

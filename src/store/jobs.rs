@@ -1,0 +1,803 @@
+//! Queries for coordinator jobs: creating a job with its first history entry,
+//! changing it under a version check, reading, listing and paging, and
+//! recording webhook deliveries.
+//!
+//! Every change is a conditional `UPDATE ... WHERE id = ? AND version = ?` in
+//! one transaction with its history insert, so of two racing changes exactly
+//! one is written and the other sees that the job moved on. Each transaction
+//! writes before it reads: a SQLite transaction that read first could fail at
+//! once on a concurrent writer instead of waiting for it.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use diesel_async::{AsyncConnection as _, RunQueryDsl};
+
+use super::schema::{job_history, job_labels, jobs, webhook_deliveries};
+use super::{Store, StoreError};
+use crate::coordinator::state::{JobState, Percent};
+
+/// Inserts a job's row, label rows and creation entry on `$conn`, inside the
+/// caller's transaction. A macro because it runs on either backend's
+/// connection type.
+macro_rules! insert_job_rows {
+    ($conn:ident, $rows:expr) => {{
+        let rows: &JobRows = &$rows;
+        diesel::insert_into(jobs::table)
+            .values(&rows.job)
+            .execute($conn)
+            .await?;
+        // One statement per label: diesel has no multi-row insert for
+        // SQLite, and jobs carry few labels.
+        for label in &rows.labels {
+            diesel::insert_into(job_labels::table)
+                .values(label)
+                .execute($conn)
+                .await?;
+        }
+        diesel::insert_into(job_history::table)
+            .values(&rows.creation)
+            .execute($conn)
+            .await?;
+    }};
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobRecord {
+    pub id: String,
+    pub job_type: String,
+    /// Empty: no workspace.
+    pub workspace: String,
+    /// A JSON document, or empty.
+    pub payload_json: String,
+    pub priority: i32,
+    pub labels: BTreeMap<String, String>,
+    pub state: JobState,
+    pub progress: Percent,
+    pub progress_message: String,
+    /// A JSON document, or empty; set when COMPLETED.
+    pub result_json: String,
+    /// Set when FAILED.
+    pub error: String,
+    pub created_by: String,
+    /// Empty: no agent.
+    pub agent_id: String,
+    /// Empty: a local agent or none.
+    pub peer_instance_id: String,
+    pub idempotency_key: Option<String>,
+    /// The number of history entries, which is the sequence of the latest.
+    pub version: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub ended_at_ms: Option<i64>,
+}
+
+impl JobRecord {
+    /// A PENDING job with no payload, labels or key, created at `now_ms`;
+    /// version 1, the creation entry's sequence.
+    pub fn new_pending(id: String, job_type: String, now_ms: i64) -> JobRecord {
+        JobRecord {
+            id,
+            job_type,
+            workspace: String::new(),
+            payload_json: String::new(),
+            priority: 0,
+            labels: BTreeMap::new(),
+            state: JobState::Pending,
+            progress: Percent::default(),
+            progress_message: String::new(),
+            result_json: String::new(),
+            error: String::new(),
+            created_by: String::new(),
+            agent_id: String::new(),
+            peer_instance_id: String::new(),
+            idempotency_key: None,
+            version: 1,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+            started_at_ms: None,
+            ended_at_ms: None,
+        }
+    }
+}
+
+/// One recorded change of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobHistoryRecord {
+    pub job_id: String,
+    /// 1 for the creation, then one more per change.
+    pub sequence: i64,
+    /// `None` for the creation entry.
+    pub from_state: Option<JobState>,
+    pub to_state: JobState,
+    pub progress: Percent,
+    pub message: String,
+    pub actor: String,
+    pub at_ms: i64,
+}
+
+/// Which jobs `list_jobs` returns; `None` and empty match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub job_type: Option<String>,
+    pub workspace: Option<String>,
+    /// Every one must be carried with this exact value.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a page of `list_jobs` starts: strictly after (older than) this job
+/// in newest-first order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobCursor {
+    pub created_at_ms: i64,
+    pub id: String,
+}
+
+/// What `record_webhook_delivery` did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// The delivery is new: it and its job (if any) were written.
+    Recorded,
+    /// The delivery was already recorded; nothing was written. `job_id` is
+    /// the first delivery's job, `None` if that delivery was ignored.
+    Duplicate { job_id: Option<String> },
+}
+
+impl Store {
+    /// Writes a new job, its labels and its creation entry in one
+    /// transaction. `StoreError::Conflict` if a job already has its
+    /// idempotency key (or its id); nothing is written then.
+    pub async fn insert_job(
+        &self,
+        job: &JobRecord,
+        creation: &JobHistoryRecord,
+    ) -> Result<(), StoreError> {
+        let rows = JobRows::of(job, creation)?;
+        with_connection!(self, |conn| {
+            conn.transaction::<_, StoreError, _>(async |conn| {
+                insert_job_rows!(conn, rows);
+                Ok(())
+            })
+            .await
+        })
+    }
+
+    /// Records a webhook delivery of `source` and, unless the delivery is
+    /// ignored (`job` is `None`), its job, in one transaction. A delivery id
+    /// already recorded for the source writes nothing and returns the first
+    /// delivery's job id. An empty `delivery_id` is not deduplicated.
+    pub async fn record_webhook_delivery(
+        &self,
+        source: &str,
+        delivery_id: &str,
+        job: Option<(&JobRecord, &JobHistoryRecord)>,
+        now_ms: i64,
+    ) -> Result<DeliveryOutcome, StoreError> {
+        let rows = job
+            .map(|(job, creation)| JobRows::of(job, creation))
+            .transpose()?;
+        let delivery = NewDeliveryRow {
+            source,
+            delivery_id,
+            job_id: job.map(|(job, _)| job.id.as_str()),
+            received_at_ms: now_ms,
+        };
+        let written = with_connection!(self, |conn| {
+            conn.transaction::<_, StoreError, _>(async |conn| {
+                // The job comes first because the delivery refers to it.
+                if let Some(rows) = &rows {
+                    insert_job_rows!(conn, rows);
+                }
+                if !delivery_id.is_empty() {
+                    diesel::insert_into(webhook_deliveries::table)
+                        .values(&delivery)
+                        .execute(conn)
+                        .await?;
+                }
+                Ok(())
+            })
+            .await
+        });
+        match written {
+            Ok(()) => Ok(DeliveryOutcome::Recorded),
+            Err(StoreError::Conflict(_)) if !delivery_id.is_empty() => {
+                // A concurrent or earlier delivery won; its row is committed
+                // (PostgreSQL made this transaction wait for it).
+                let job_id = with_connection!(self, |conn| {
+                    webhook_deliveries::table
+                        .filter(webhook_deliveries::source.eq(source))
+                        .filter(webhook_deliveries::delivery_id.eq(delivery_id))
+                        .select(webhook_deliveries::job_id)
+                        .first::<Option<String>>(conn)
+                        .await?
+                });
+                Ok(DeliveryOutcome::Duplicate { job_id })
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The job with this id, if any.
+    pub async fn find_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::id.eq(id))
+                .select(JobRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(JobRecord::try_from).transpose()
+    }
+
+    /// The job created with this idempotency key, if any.
+    pub async fn find_job_by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let row = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::idempotency_key.eq(key))
+                .select(JobRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(JobRecord::try_from).transpose()
+    }
+
+    /// Writes `job` (its changed fields, new version) and `entry`, only if
+    /// the stored job still has `expected_version`. `Ok(false)`: it did not,
+    /// and nothing was written; `StoreError::NotFound` is never returned for
+    /// that, the caller re-reads.
+    pub async fn update_job(
+        &self,
+        expected_version: i64,
+        job: &JobRecord,
+        entry: &JobHistoryRecord,
+    ) -> Result<bool, StoreError> {
+        let changes = JobChangeset {
+            state: job.state.as_str(),
+            progress: i32::from(job.progress.get()),
+            progress_message: &job.progress_message,
+            result_json: &job.result_json,
+            error: &job.error,
+            agent_id: &job.agent_id,
+            peer_instance_id: &job.peer_instance_id,
+            version: job.version,
+            updated_at_ms: job.updated_at_ms,
+            started_at_ms: job.started_at_ms,
+            ended_at_ms: job.ended_at_ms,
+        };
+        let history = NewHistoryRow::of(entry);
+        with_connection!(self, |conn| {
+            conn.transaction::<_, StoreError, _>(async |conn| {
+                let updated = diesel::update(
+                    jobs::table
+                        .filter(jobs::id.eq(&job.id))
+                        .filter(jobs::version.eq(expected_version)),
+                )
+                .set(&changes)
+                .execute(conn)
+                .await?;
+                if updated == 0 {
+                    return Ok(false);
+                }
+                diesel::insert_into(job_history::table)
+                    .values(&history)
+                    .execute(conn)
+                    .await?;
+                Ok(true)
+            })
+            .await
+        })
+    }
+
+    /// The job's history entries with a sequence above `after_sequence`,
+    /// oldest first (all of them for 0).
+    pub async fn job_history(
+        &self,
+        job_id: &str,
+        after_sequence: i64,
+    ) -> Result<Vec<JobHistoryRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            job_history::table
+                .filter(job_history::job_id.eq(job_id))
+                .filter(job_history::sequence.gt(after_sequence))
+                .order(job_history::sequence.asc())
+                .select(HistoryRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobHistoryRecord::try_from).collect()
+    }
+
+    /// The RUNNING jobs that follow an agent of this instance, for the
+    /// coordinator to follow again after a restart.
+    pub async fn running_jobs_with_local_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::state.eq(JobState::Running.as_str()))
+                .filter(jobs::agent_id.ne(""))
+                .filter(jobs::peer_instance_id.eq(""))
+                .select(JobRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+
+    /// Up to `limit` jobs matching `filter`, newest first, starting after
+    /// `after`.
+    pub async fn list_jobs(
+        &self,
+        filter: &JobFilter,
+        after: Option<&JobCursor>,
+        limit: i64,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            let mut query = jobs::table.select(JobRow::as_select()).into_boxed();
+            if let Some(state) = filter.state {
+                query = query.filter(jobs::state.eq(state.as_str()));
+            }
+            if let Some(job_type) = &filter.job_type {
+                query = query.filter(jobs::job_type.eq(job_type));
+            }
+            if let Some(workspace) = &filter.workspace {
+                query = query.filter(jobs::workspace.eq(workspace));
+            }
+            for (name, value) in &filter.labels {
+                query = query.filter(
+                    jobs::id.eq_any(
+                        job_labels::table
+                            .filter(job_labels::name.eq(name))
+                            .filter(job_labels::value.eq(value))
+                            .select(job_labels::job_id),
+                    ),
+                );
+            }
+            if let Some(cursor) = after {
+                query = query.filter(
+                    jobs::created_at_ms
+                        .lt(cursor.created_at_ms)
+                        .or(jobs::created_at_ms
+                            .eq(cursor.created_at_ms)
+                            .and(jobs::id.lt(&cursor.id))),
+                );
+            }
+            query
+                .order((jobs::created_at_ms.desc(), jobs::id.desc()))
+                .limit(limit)
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+}
+
+/// The rows one new job is written as.
+struct JobRows<'a> {
+    job: NewJobRow<'a>,
+    labels: Vec<NewLabelRow<'a>>,
+    creation: NewHistoryRow<'a>,
+}
+
+impl<'a> JobRows<'a> {
+    fn of(job: &'a JobRecord, creation: &'a JobHistoryRecord) -> Result<Self, StoreError> {
+        let labels_json = serde_json::to_string(&job.labels).map_err(StoreError::unencodable)?;
+        Ok(JobRows {
+            job: NewJobRow {
+                id: &job.id,
+                job_type: &job.job_type,
+                workspace: &job.workspace,
+                payload_json: &job.payload_json,
+                priority: job.priority,
+                labels_json,
+                state: job.state.as_str(),
+                progress: i32::from(job.progress.get()),
+                progress_message: &job.progress_message,
+                result_json: &job.result_json,
+                error: &job.error,
+                created_by: &job.created_by,
+                agent_id: &job.agent_id,
+                peer_instance_id: &job.peer_instance_id,
+                idempotency_key: job.idempotency_key.as_deref(),
+                version: job.version,
+                created_at_ms: job.created_at_ms,
+                updated_at_ms: job.updated_at_ms,
+                started_at_ms: job.started_at_ms,
+                ended_at_ms: job.ended_at_ms,
+            },
+            labels: job
+                .labels
+                .iter()
+                .map(|(name, value)| NewLabelRow {
+                    job_id: &job.id,
+                    name,
+                    value,
+                })
+                .collect(),
+            creation: NewHistoryRow::of(creation),
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = jobs)]
+struct NewJobRow<'a> {
+    id: &'a str,
+    job_type: &'a str,
+    workspace: &'a str,
+    payload_json: &'a str,
+    priority: i32,
+    labels_json: String,
+    state: &'static str,
+    progress: i32,
+    progress_message: &'a str,
+    result_json: &'a str,
+    error: &'a str,
+    created_by: &'a str,
+    agent_id: &'a str,
+    peer_instance_id: &'a str,
+    idempotency_key: Option<&'a str>,
+    version: i64,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    started_at_ms: Option<i64>,
+    ended_at_ms: Option<i64>,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = jobs, treat_none_as_null = true)]
+struct JobChangeset<'a> {
+    state: &'static str,
+    progress: i32,
+    progress_message: &'a str,
+    result_json: &'a str,
+    error: &'a str,
+    agent_id: &'a str,
+    peer_instance_id: &'a str,
+    version: i64,
+    updated_at_ms: i64,
+    started_at_ms: Option<i64>,
+    ended_at_ms: Option<i64>,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = job_labels)]
+struct NewLabelRow<'a> {
+    job_id: &'a str,
+    name: &'a str,
+    value: &'a str,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = job_history)]
+struct NewHistoryRow<'a> {
+    job_id: &'a str,
+    sequence: i64,
+    from_state: Option<&'static str>,
+    to_state: &'static str,
+    progress: i32,
+    message: &'a str,
+    actor: &'a str,
+    at_ms: i64,
+}
+
+impl<'a> NewHistoryRow<'a> {
+    fn of(entry: &'a JobHistoryRecord) -> Self {
+        NewHistoryRow {
+            job_id: &entry.job_id,
+            sequence: entry.sequence,
+            from_state: entry.from_state.map(JobState::as_str),
+            to_state: entry.to_state.as_str(),
+            progress: i32::from(entry.progress.get()),
+            message: &entry.message,
+            actor: &entry.actor,
+            at_ms: entry.at_ms,
+        }
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = webhook_deliveries)]
+struct NewDeliveryRow<'a> {
+    source: &'a str,
+    delivery_id: &'a str,
+    job_id: Option<&'a str>,
+    received_at_ms: i64,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = jobs, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
+struct JobRow {
+    id: String,
+    job_type: String,
+    workspace: String,
+    payload_json: String,
+    priority: i32,
+    labels_json: String,
+    state: String,
+    progress: i32,
+    progress_message: String,
+    result_json: String,
+    error: String,
+    created_by: String,
+    agent_id: String,
+    peer_instance_id: String,
+    idempotency_key: Option<String>,
+    version: i64,
+    created_at_ms: i64,
+    updated_at_ms: i64,
+    started_at_ms: Option<i64>,
+    ended_at_ms: Option<i64>,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = job_history, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
+struct HistoryRow {
+    job_id: String,
+    sequence: i64,
+    from_state: Option<String>,
+    to_state: String,
+    progress: i32,
+    message: String,
+    actor: String,
+    at_ms: i64,
+}
+
+fn decode_state(text: &str) -> Result<JobState, StoreError> {
+    JobState::parse(text)
+        .ok_or_else(|| StoreError::undecodable(format!("unknown job state {text:?}")))
+}
+
+fn decode_percent(value: i32) -> Result<Percent, StoreError> {
+    u32::try_from(value)
+        .ok()
+        .and_then(Percent::new)
+        .ok_or_else(|| StoreError::undecodable(format!("job progress {value} is not 0 to 100")))
+}
+
+impl TryFrom<JobRow> for JobRecord {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, StoreError> {
+        Ok(JobRecord {
+            labels: serde_json::from_str(&row.labels_json).map_err(StoreError::undecodable)?,
+            state: decode_state(&row.state)?,
+            progress: decode_percent(row.progress)?,
+            id: row.id,
+            job_type: row.job_type,
+            workspace: row.workspace,
+            payload_json: row.payload_json,
+            priority: row.priority,
+            progress_message: row.progress_message,
+            result_json: row.result_json,
+            error: row.error,
+            created_by: row.created_by,
+            agent_id: row.agent_id,
+            peer_instance_id: row.peer_instance_id,
+            idempotency_key: row.idempotency_key,
+            version: row.version,
+            created_at_ms: row.created_at_ms,
+            updated_at_ms: row.updated_at_ms,
+            started_at_ms: row.started_at_ms,
+            ended_at_ms: row.ended_at_ms,
+        })
+    }
+}
+
+impl TryFrom<HistoryRow> for JobHistoryRecord {
+    type Error = StoreError;
+
+    fn try_from(row: HistoryRow) -> Result<Self, StoreError> {
+        Ok(JobHistoryRecord {
+            from_state: row.from_state.as_deref().map(decode_state).transpose()?,
+            to_state: decode_state(&row.to_state)?,
+            progress: decode_percent(row.progress)?,
+            job_id: row.job_id,
+            sequence: row.sequence,
+            message: row.message,
+            actor: row.actor,
+            at_ms: row.at_ms,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::state::{JobChange, apply, creation_entry};
+    use crate::store::testing::test_on_both_backends;
+
+    fn job(id: &str, created_at_ms: i64) -> JobRecord {
+        let mut job = JobRecord::new_pending(id.to_owned(), "review".to_owned(), created_at_ms);
+        job.labels.insert("repo".to_owned(), "mosaic".to_owned());
+        job.workspace = "w1".to_owned();
+        job
+    }
+
+    async fn insert(store: &Store, job: &JobRecord) {
+        store
+            .insert_job(job, &creation_entry(job, "tester"))
+            .await
+            .expect("insert job");
+    }
+
+    async fn a_job_round_trips_with_its_history(store: Store) {
+        let mut created = job("a", 1_000);
+        created.idempotency_key = Some("key-1".to_owned());
+        created.payload_json = "{\"x\":1}".to_owned();
+        insert(&store, &created).await;
+        assert_eq!(
+            store.find_job("a").await.expect("find"),
+            Some(created.clone())
+        );
+        assert_eq!(
+            store
+                .find_job_by_idempotency_key("key-1")
+                .await
+                .expect("find by key"),
+            Some(created.clone())
+        );
+        let (started, entry) = apply(
+            &created,
+            &JobChange::Start {
+                message: "go".to_owned(),
+            },
+            "worker",
+            2_000,
+        )
+        .expect("legal");
+        assert!(store.update_job(1, &started, &entry).await.expect("update"));
+        assert_eq!(store.find_job("a").await.expect("find"), Some(started));
+        let history = store.job_history("a", 0).await.expect("history");
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[1], entry);
+        assert_eq!(store.job_history("a", 1).await.expect("after 1").len(), 1);
+    }
+
+    async fn a_stale_version_writes_nothing(store: Store) {
+        let created = job("a", 1_000);
+        insert(&store, &created).await;
+        let (started, entry) = apply(
+            &created,
+            &JobChange::Start {
+                message: String::new(),
+            },
+            "worker",
+            2_000,
+        )
+        .expect("legal");
+        assert!(!store.update_job(7, &started, &entry).await.expect("update"));
+        assert_eq!(store.find_job("a").await.expect("find"), Some(created));
+        assert_eq!(store.job_history("a", 0).await.expect("history").len(), 1);
+    }
+
+    async fn a_reused_idempotency_key_conflicts(store: Store) {
+        let mut first = job("a", 1_000);
+        first.idempotency_key = Some("same".to_owned());
+        insert(&store, &first).await;
+        let mut second = job("b", 2_000);
+        second.idempotency_key = Some("same".to_owned());
+        let outcome = store
+            .insert_job(&second, &creation_entry(&second, "tester"))
+            .await;
+        assert!(
+            matches!(outcome, Err(StoreError::Conflict(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(store.find_job("b").await.expect("find"), None);
+        // Jobs without a key never conflict with each other.
+        insert(&store, &job("c", 3_000)).await;
+        insert(&store, &job("d", 3_000)).await;
+    }
+
+    async fn lists_filter_and_page_newest_first(store: Store) {
+        for (index, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            let mut created = job(id, 1_000 + i64::try_from(index).expect("small"));
+            if id == "c" {
+                created.labels.insert("team".to_owned(), "red".to_owned());
+                created.job_type = "deploy".to_owned();
+            }
+            insert(&store, &created).await;
+        }
+        let ids = |jobs: Vec<JobRecord>| jobs.into_iter().map(|job| job.id).collect::<Vec<_>>();
+        let everything = JobFilter::default();
+        let first = store.list_jobs(&everything, None, 2).await.expect("list");
+        assert_eq!(ids(first.clone()), ["e", "d"]);
+        let cursor = JobCursor {
+            created_at_ms: first[1].created_at_ms,
+            id: first[1].id.clone(),
+        };
+        let second = store
+            .list_jobs(&everything, Some(&cursor), 10)
+            .await
+            .expect("list");
+        assert_eq!(ids(second), ["c", "b", "a"]);
+
+        let labelled = JobFilter {
+            labels: [("team".to_owned(), "red".to_owned())].into(),
+            ..JobFilter::default()
+        };
+        assert_eq!(
+            ids(store.list_jobs(&labelled, None, 10).await.expect("list")),
+            ["c"]
+        );
+        let typed = JobFilter {
+            job_type: Some("review".to_owned()),
+            state: Some(JobState::Pending),
+            workspace: Some("w1".to_owned()),
+            ..JobFilter::default()
+        };
+        assert_eq!(
+            ids(store.list_jobs(&typed, None, 10).await.expect("list")),
+            ["e", "d", "b", "a"]
+        );
+        let none = JobFilter {
+            state: Some(JobState::Running),
+            ..JobFilter::default()
+        };
+        assert!(
+            store
+                .list_jobs(&none, None, 10)
+                .await
+                .expect("list")
+                .is_empty()
+        );
+    }
+
+    async fn a_webhook_delivery_is_recorded_once(store: Store) {
+        let first = job("a", 1_000);
+        let outcome = store
+            .record_webhook_delivery(
+                "github",
+                "delivery-1",
+                Some((&first, &creation_entry(&first, "webhook:github"))),
+                1_000,
+            )
+            .await
+            .expect("record");
+        assert_eq!(outcome, DeliveryOutcome::Recorded);
+        let again = job("b", 2_000);
+        let outcome = store
+            .record_webhook_delivery(
+                "github",
+                "delivery-1",
+                Some((&again, &creation_entry(&again, "webhook:github"))),
+                2_000,
+            )
+            .await
+            .expect("record");
+        assert_eq!(
+            outcome,
+            DeliveryOutcome::Duplicate {
+                job_id: Some("a".to_owned())
+            }
+        );
+        assert_eq!(store.find_job("b").await.expect("find"), None);
+        // The same id from another source is another delivery; an ignored
+        // event is remembered without a job.
+        let outcome = store
+            .record_webhook_delivery("gitlab", "delivery-1", None, 3_000)
+            .await
+            .expect("record");
+        assert_eq!(outcome, DeliveryOutcome::Recorded);
+        let outcome = store
+            .record_webhook_delivery("gitlab", "delivery-1", None, 3_000)
+            .await
+            .expect("record");
+        assert_eq!(outcome, DeliveryOutcome::Duplicate { job_id: None });
+    }
+
+    test_on_both_backends!(
+        a_job_round_trips_with_its_history,
+        a_stale_version_writes_nothing,
+        a_reused_idempotency_key_conflicts,
+        lists_filter_and_page_newest_first,
+        a_webhook_delivery_is_recorded_once,
+    );
+}
