@@ -15,7 +15,6 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use governor::clock::FakeRelativeClock;
 use mosaic_mesh::ratelimit::memory::MemoryLimiter;
 use mosaic_mesh::ratelimit::redis::GCRA_SCRIPT;
@@ -59,11 +58,22 @@ fn mean(samples: &[Duration]) -> Duration {
     samples.iter().sum::<Duration>() / samples.len() as u32
 }
 
-/// 1. In-memory check vs governor alone.
+/// Nanoseconds per call of `body` over `calls` calls.
+fn per_call_ns(calls: u32, mut body: impl FnMut(u32)) -> f64 {
+    let started = Instant::now();
+    for iteration in 0..calls {
+        body(iteration);
+    }
+    started.elapsed().as_nanos() as f64 / f64::from(calls)
+}
+
+/// In-memory check vs governor alone (figure 1). The machine is shared, so the
+/// variants run interleaved in short rounds and each reports its best round.
 fn memory_check() {
     // A million per second: the warm keys never run dry, so both sides admit.
     let section = "ttl = 1\nglobal_limit = 1000000\nhealth_limit = 1000000\n";
     let limiter = RateLimiter::new(settings(section, false), None).expect("limiter");
+    let store = MemoryLimiter::new(settings(section, false).limits, 2_000_000);
     let quota = governor::Quota::with_period(Duration::from_micros(1))
         .expect("quota")
         .allow_burst(std::num::NonZeroU32::new(1_000_000).expect("burst"));
@@ -72,82 +82,73 @@ fn memory_check() {
     let addresses: Vec<IpAddr> = (0..WARM_KEYS).map(ip).collect();
     let headers = http::HeaderMap::new();
     let path = "/grpc.health.v1.Health/Check";
+    let key_of = |iteration: u32| &keys[(iteration % WARM_KEYS) as usize];
 
-    for round in 0..2 {
-        let started = Instant::now();
-        let mut admitted = 0u32;
-        for iteration in 0..MEMORY_ITERATIONS {
-            let key = &keys[(iteration % WARM_KEYS) as usize];
-            if governor_alone.check_key(key).is_ok() {
-                admitted += 1;
-            }
-        }
-        let governor_ns = started.elapsed().as_nanos() as f64 / f64::from(MEMORY_ITERATIONS);
-        assert_eq!(admitted, MEMORY_ITERATIONS, "governor refused a warm key");
-
-        let started = Instant::now();
-        let mut admitted = 0u32;
-        for iteration in 0..MEMORY_ITERATIONS {
-            let address = addresses[(iteration % WARM_KEYS) as usize];
-            let tier = tier_for(path);
-            let key = limiter.client_key(Some(address), &headers);
-            if limiter.gate(tier, &key).is_some() {
-                continue;
-            }
-            let verdict = limiter
-                .count(tier, std::slice::from_ref(&key))
-                .now_or_never()
-                .expect("memory checks never wait");
-            if matches!(
-                limiter.enforce(verdict, path),
-                mosaic_mesh::ratelimit::limiter::Enforcement::Admit(_)
-            ) {
-                admitted += 1;
-            }
-        }
-        let ours_ns = started.elapsed().as_nanos() as f64 / f64::from(MEMORY_ITERATIONS);
-        assert_eq!(
-            admitted, MEMORY_ITERATIONS,
-            "the limiter refused a warm key"
-        );
-        // Where the time goes: the memory store alone, and the async count alone.
-        let store = MemoryLimiter::new(settings(section, false).limits, 2_000_000);
-        let started = Instant::now();
-        for iteration in 0..MEMORY_ITERATIONS {
-            let key = &keys[(iteration % WARM_KEYS) as usize];
-            std::hint::black_box(store.check(Tier::Health, key));
-        }
-        let store_ns = started.elapsed().as_nanos() as f64 / f64::from(MEMORY_ITERATIONS);
-        let started = Instant::now();
-        for iteration in 0..MEMORY_ITERATIONS {
-            let key = &keys[(iteration % WARM_KEYS) as usize];
-            std::hint::black_box(
-                limiter
-                    .count(Tier::Health, std::slice::from_ref(key))
-                    .now_or_never(),
-            );
-        }
-        let count_ns = started.elapsed().as_nanos() as f64 / f64::from(MEMORY_ITERATIONS);
-        let started = Instant::now();
-        for iteration in 0..MEMORY_ITERATIONS {
-            let address = addresses[(iteration % WARM_KEYS) as usize];
-            std::hint::black_box(tier_for(std::hint::black_box(path)));
-            std::hint::black_box(limiter.client_key(Some(address), &headers));
-        }
-        let routing_ns = started.elapsed().as_nanos() as f64 / f64::from(MEMORY_ITERATIONS);
-        if round == 1 {
-            println!("1. in-memory check, {WARM_KEYS} warm keys, {MEMORY_ITERATIONS} calls");
-            println!(
-                "   (breakdown: memory store check {store_ns:.1} ns, limiter count {count_ns:.1} ns, tier + client key {routing_ns:.1} ns)"
-            );
-            println!("   governor keyed check alone:        {governor_ns:8.1} ns");
-            println!("   mosaicd per-call limiter work:     {ours_ns:8.1} ns");
-            println!(
-                "   added over governor:               {:8.1} ns   (goal <= 100 ns)",
-                ours_ns - governor_ns
-            );
+    let rounds = 25;
+    let calls = MEMORY_ITERATIONS / rounds;
+    let mut best = [f64::MAX; 5];
+    let mut admitted = 0u64;
+    for _ in 0..rounds {
+        let figures = [
+            per_call_ns(calls, |iteration| {
+                if governor_alone.check_key(key_of(iteration)).is_ok() {
+                    admitted += 1;
+                }
+            }),
+            per_call_ns(calls, |iteration| {
+                std::hint::black_box(store.check(Tier::Health, key_of(iteration)));
+            }),
+            per_call_ns(calls, |iteration| {
+                std::hint::black_box(
+                    limiter.count_in_memory(Tier::Health, std::slice::from_ref(key_of(iteration))),
+                );
+            }),
+            per_call_ns(calls, |iteration| {
+                let address = addresses[(iteration % WARM_KEYS) as usize];
+                std::hint::black_box(tier_for(std::hint::black_box(path)));
+                std::hint::black_box(limiter.client_key(Some(address), &headers));
+            }),
+            // Everything the layer does per call, as it does it.
+            per_call_ns(calls, |iteration| {
+                let address = addresses[(iteration % WARM_KEYS) as usize];
+                let tier = tier_for(std::hint::black_box(path));
+                let key = limiter.client_key(Some(address), &headers);
+                if limiter.gate(tier, &key).is_some() {
+                    return;
+                }
+                let verdict = limiter
+                    .count_in_memory(tier, std::slice::from_ref(&key))
+                    .expect("memory storage");
+                if matches!(
+                    limiter.enforce(verdict, path),
+                    mosaic_mesh::ratelimit::limiter::Enforcement::Admit(_)
+                ) {
+                    admitted += 1;
+                }
+            }),
+        ];
+        for (best, figure) in best.iter_mut().zip(figures) {
+            *best = best.min(figure);
         }
     }
+    assert_eq!(
+        admitted,
+        2 * u64::from(calls) * u64::from(rounds),
+        "a warm key was refused"
+    );
+    let [governor_ns, store_ns, count_ns, routing_ns, ours_ns] = best;
+    println!(
+        "1. in-memory check, {WARM_KEYS} warm keys, best of {rounds} interleaved rounds of {calls} calls"
+    );
+    println!("   governor keyed check alone:        {governor_ns:8.1} ns");
+    println!("   memory store check (governor + quota state + key cap): {store_ns:.1} ns");
+    println!("   limiter count (store + verdict):                      {count_ns:.1} ns");
+    println!("   tier lookup + client key:                             {routing_ns:.1} ns");
+    println!("   mosaicd per-call limiter work:     {ours_ns:8.1} ns");
+    println!(
+        "   added over governor:               {:8.1} ns   (goal <= 100 ns)",
+        ours_ns - governor_ns
+    );
 }
 
 /// 2. Redis-backed check vs a raw EVALSHA round trip.

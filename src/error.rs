@@ -9,6 +9,7 @@ use tonic::{Code, Status};
 use crate::agents::AgentError;
 use crate::auth::ApiKeyError;
 use crate::coordinator::CoordinatorError;
+use crate::federation::FederationError;
 use crate::identity::IdentityError;
 use crate::store::StoreError;
 
@@ -76,8 +77,32 @@ impl From<AgentError> for Status {
             AgentError::SupervisedElsewhere { .. } => {
                 Status::failed_precondition(error.to_string())
             }
-            AgentError::Interrupted => Status::unavailable(error.to_string()),
+            AgentError::Interrupted | AgentError::ShuttingDown => {
+                Status::unavailable(error.to_string())
+            }
             AgentError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<FederationError> for Status {
+    fn from(error: FederationError) -> Self {
+        let message = error.to_string();
+        match error {
+            FederationError::InvalidArgument(_) => Status::invalid_argument(message),
+            FederationError::NotFound(_) => Status::not_found(message),
+            FederationError::FailedPrecondition(_) => Status::failed_precondition(message),
+            FederationError::PermissionDenied(_) => Status::permission_denied(message),
+            FederationError::Unauthenticated(_) => Status::unauthenticated(message),
+            FederationError::AlreadyExists(_) => Status::already_exists(message),
+            FederationError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
+            FederationError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            FederationError::Unavailable(_) => Status::unavailable(message),
+            FederationError::Peer(status) => Status::new(status.code(), message),
+            FederationError::Store(store) => store.into(),
+            FederationError::BadReply(_) | FederationError::Internal(_) => {
+                internal("federation", &error)
+            }
         }
     }
 }

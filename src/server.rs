@@ -41,6 +41,8 @@ pub struct Shared {
     /// The database.
     pub store: Store,
     /// The instance identity.
+    /// Peering: connections, notices, pings and the peer clients.
+    pub federation: Arc<crate::federation::Federation>,
     pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
@@ -80,10 +82,18 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         .context("cannot prepare the agent runtime's directory")?;
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
         .context("cannot configure rate limiting")?;
+    let identity = Arc::new(identity);
+    let federation = Arc::new(crate::federation::Federation::new(
+        store.clone(),
+        Arc::clone(&identity),
+        config.federation.clone(),
+        config.max_message_bytes,
+    ));
     let shared = Shared {
         store,
-        identity: Arc::new(identity),
+        identity,
         config: Arc::new(config.clone()),
+        federation,
         agents: Arc::new(agents),
         rate_limiter: Arc::new(rate_limiter),
         coordinator: crate::coordinator::CoordinatorState::default(),
@@ -217,6 +227,16 @@ pub async fn serve(
             config.tls_handshake_timeout,
         );
         Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
+    };
+    // Notice delivery, liveness pings and pruning run while the server does and
+    // stop with it (the guard aborts the task when dropped).
+    let _federation_background = shared.federation.start_background();
+    // Agents are asked to stop as soon as shutdown begins, so watch streams
+    // end with their agents instead of holding the drain open.
+    let agents = Arc::clone(&shared.agents);
+    let shutdown = async move {
+        shutdown.await;
+        agents.begin_shutdown();
     };
     let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
         shared.store.clone(),

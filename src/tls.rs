@@ -187,6 +187,9 @@ pub enum ServerPin {
     PublicKey(PublicKey),
     /// Any key with this fingerprint (as typed by an operator).
     Fingerprint(String),
+    /// Any of these keys (a peer's current key and its previous keys still in
+    /// their grace period).
+    AnyOf(Vec<PublicKey>),
 }
 
 impl ServerPin {
@@ -194,6 +197,7 @@ impl ServerPin {
         match self {
             Self::PublicKey(expected) => expected == key,
             Self::Fingerprint(typed) => fingerprint::matches(typed, key.spki_der()),
+            Self::AnyOf(keys) => keys.contains(key),
         }
     }
 }
@@ -260,6 +264,122 @@ pub fn pinned_client_config(pin: ServerPin) -> Result<rustls::ClientConfig, TlsE
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN_HTTP2.to_vec()];
     Ok(config)
+}
+
+/// A client configuration that pins the server and presents the instance's
+/// current certificate (mutual TLS between peers). The certificate is read from
+/// `identity` at every handshake, so a rotation applies to new connections.
+pub fn mutual_client_config(
+    pin: ServerPin,
+    identity: Arc<IdentityManager>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let provider = crypto_provider();
+    let verifier = Arc::new(PinnedServerKey {
+        pin,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_cert_resolver(Arc::new(CurrentClientCertificate { identity }));
+    config.alpn_protocols = vec![ALPN_HTTP2.to_vec()];
+    Ok(config)
+}
+
+/// Presents whatever certificate the identity currently has.
+struct CurrentClientCertificate {
+    identity: Arc<IdentityManager>,
+}
+
+impl std::fmt::Debug for CurrentClientCertificate {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("CurrentClientCertificate")
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentClientCertificate {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.identity.current().certified_key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The key a server presented, recorded by [`capturing_client_config`].
+pub type CapturedServerKey = Arc<std::sync::Mutex<Option<PublicKey>>>;
+
+/// A client configuration for a first contact (trust on first use): it accepts
+/// any server certificate that is within its dates and carries a P-256 key, and
+/// records that key so the caller can compare it with the key the server claims
+/// (`GetInstance`) before trusting anything. Presents no certificate.
+pub fn capturing_client_config() -> Result<(rustls::ClientConfig, CapturedServerKey), TlsError> {
+    let provider = crypto_provider();
+    let captured: CapturedServerKey = Arc::default();
+    let verifier = Arc::new(CapturingServerKey {
+        captured: Arc::clone(&captured),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP2.to_vec()];
+    Ok((config, captured))
+}
+
+/// See [`capturing_client_config`].
+#[derive(Debug)]
+struct CapturingServerKey {
+    captured: CapturedServerKey,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for CapturingServerKey {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let key = public_key_of_valid_certificate(end_entity, now)?;
+        *self
+            .captured
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = Some(key);
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 /// Timeouts for an outbound channel.

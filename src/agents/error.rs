@@ -29,6 +29,9 @@ pub enum AgentError {
         /// The agent.
         agent_id: String,
     },
+    /// The daemon is shutting down and starts no more agents.
+    #[error("the daemon is shutting down and starts no new agents; retry on a running daemon")]
+    ShuttingDown,
     /// A watch ended before the agent did: the daemon is shutting down.
     #[error("the daemon is shutting down; watch again to resume from the current state")]
     Interrupted,

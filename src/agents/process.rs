@@ -45,13 +45,19 @@ pub fn signal_group(pgid: u32, signal: GroupSignal) -> io::Result<bool> {
 ///
 /// Zombies do not count: a dead member that its parent has not reaped yet
 /// still answers `kill(-pgid, 0)`, but holds no resources and runs nothing.
-/// Where `/proc` cannot be read this falls back to `kill(-pgid, 0)`.
+/// Where `/proc` cannot be read, `kill(-pgid, 0)` alone decides.
 pub fn group_is_alive(pgid: u32) -> bool {
+    let Some(pid) = group_pid(pgid) else {
+        return false;
+    };
+    // One syscall settles the common case, an empty group; only a group that
+    // still has members (live or zombie) needs the scan of /proc.
+    if rustix::process::test_kill_process_group(pid).is_err() {
+        return false;
+    }
     match live_members(pgid, None) {
         Some(count) => count > 0,
-        None => {
-            group_pid(pgid).is_some_and(|pid| rustix::process::test_kill_process_group(pid).is_ok())
-        }
+        None => true,
     }
 }
 

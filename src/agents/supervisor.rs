@@ -192,7 +192,11 @@ pub(super) async fn supervise(supervision: Supervision) {
     };
     let mut stop_requests = tracked.stop_requests();
     let deadline = Instant::now() + timeout;
-    let mut stopping: Option<Stopping> = None;
+    // A kill that came while the process was being started is already in the
+    // channel, and a fresh receiver counts it as seen: act on it now.
+    let early_request = stop_requests.borrow_and_update().clone();
+    let mut stopping: Option<Stopping> = early_request
+        .map(|request| begin_stop(pgid, StopCause::Requested(request), settings.kill_grace));
     let mut exit: Option<std::io::Result<ExitStatus>> = None;
     let mut pipes_open = true;
     let mut group_gone_at: Option<Instant> = None;

@@ -7,6 +7,7 @@ pub mod client;
 pub mod exit;
 pub mod identity;
 pub mod job;
+pub mod peer;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -64,6 +65,9 @@ pub enum Command {
     /// Create, list and revoke API keys (offline, on the database).
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Connect to peers and manage federation connections (admin API key).
+    #[command(subcommand)]
+    Peer(peer::PeerCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.
@@ -126,6 +130,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Command::Serve => serve::serve(&cli.config).await,
+        Command::Peer(command) => peer::run(command, &cli.config, &cli.client, output).await,
         Command::Init => serve::init(&cli.config, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,

@@ -1,4 +1,23 @@
-//! Federation: the public instance identity, key rotation, and (as their issues
-//! land) peering and signed commands between instances.
+//! Federation: the public instance identity, key rotation, peering (mutual TLS,
+//! workspace-scoped connections, signed notices and pings) and, as its issue
+//! lands, signed commands between instances.
+//!
+//! - [`envelope`]: the signed envelope and the receiver's checks (pure).
+//! - [`state`]: the connection state machine (pure).
+//! - [`dial`]: the allow/deny CIDR lists for dialing peers (pure).
+//! - [`peer_client`]: cached mutual-TLS channels to peers.
+//! - [`peering`]: the handshake, operator changes and inbound notices and pings.
+//! - [`outbox`]: notice delivery with retries, liveness pings, pruning.
+//! - [`service`]: the gRPC handlers.
 
+pub mod dial;
+pub mod envelope;
+mod error;
+pub mod outbox;
+pub mod peer_client;
+pub mod peering;
 pub mod service;
+pub mod state;
+
+pub use self::error::FederationError;
+pub use self::peering::{Clock, ConnectRequest, ConnectionView, Federation};

@@ -3,13 +3,23 @@
 
 use std::time::Duration;
 
+use base64::Engine;
 use tonic::{Request, Response, Status};
 
+use super::peering::{ConnectRequest, ConnectionView};
+use super::state::{ConnectionState, OperatorAction};
+use crate::auth::Caller;
 use crate::clock::{now_ms, timestamp_from_ms};
 use crate::error::not_yet;
-use crate::identity::Identity;
+use crate::identity::{Identity, PublicKey};
 use crate::proto::federation as pb;
 use crate::server::Shared;
+use crate::store::{ConnectionEventRecord, ConnectionFilter};
+
+/// Connections per page unless the caller asks for fewer.
+const DEFAULT_PAGE_SIZE: u32 = 50;
+/// Most connections per page.
+const MAX_PAGE_SIZE: u32 = 500;
 
 /// Longest grace period an operator may ask for on rotation (30 days).
 const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
@@ -64,7 +74,6 @@ fn current_key_message(identity: &Identity) -> pb::PublicKeyInfo {
     }
 }
 
-const PEERING: &str = "peering (connections between instances)";
 const REMOTE_AGENTS: &str = "signed commands to remote agents";
 
 #[tonic::async_trait]
@@ -92,9 +101,16 @@ impl pb::federation_server::Federation for FederationService {
                 "grace_period_seconds must be at most 2592000 (30 days)",
             ));
         }
+        let old_key_id = self.shared.identity.current().public_key().key_id();
         let identity = self.shared.identity.rotate(grace).await?;
         crate::server::write_certificate(&self.shared)
             .map_err(|error| crate::error::internal("writing the certificate", error.as_ref()))?;
+        // The rotation is committed; peers are told by queued notices that are
+        // retried until delivered. A failure to queue them is logged, not
+        // reported as a failed rotation (the new key is already in use).
+        if let Err(error) = self.shared.federation.after_rotation(&old_key_id).await {
+            tracing::error!(%error, "could not queue key-rotation notices for peers");
+        }
         let now = now_ms();
         let previous_key = identity
             .previous_keys(now)
@@ -114,58 +130,165 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn connect_peer(
         &self,
-        _request: Request<pb::ConnectPeerRequest>,
+        request: Request<pb::ConnectPeerRequest>,
     ) -> Result<Response<pb::ConnectPeerResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .shared
+            .federation
+            .connect_peer(ConnectRequest {
+                url: request.url,
+                workspace: request.workspace,
+                expected_fingerprint: Some(request.expected_fingerprint)
+                    .filter(|typed| !typed.is_empty()),
+                granted_capabilities: request.granted_capabilities,
+                requested_capabilities: request.requested_capabilities,
+            })
+            .await?;
+        Ok(Response::new(pb::ConnectPeerResponse {
+            connection: Some(connection_message(&view)),
+        }))
     }
 
     async fn list_connections(
         &self,
-        _request: Request<pb::ListConnectionsRequest>,
+        request: Request<pb::ListConnectionsRequest>,
     ) -> Result<Response<pb::ListConnectionsResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let workspace = Some(request.workspace.clone()).filter(|workspace| !workspace.is_empty());
+        let state = ConnectionState::from_proto(request.state());
+        let page_size = match request.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            size => size.min(MAX_PAGE_SIZE),
+        };
+        let filter_key = page_filter_key(workspace.as_deref(), state);
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => Some(decode_page_token(token, &filter_key)?),
+        };
+        let mut views = self
+            .shared
+            .federation
+            .list_connections(&ConnectionFilter {
+                workspace,
+                state,
+                after,
+                limit: i64::from(page_size) + 1,
+            })
+            .await?;
+        let next_page_token = if views.len() > page_size as usize {
+            views.truncate(page_size as usize);
+            views
+                .last()
+                .map(|last| encode_page_token(last, &filter_key))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListConnectionsResponse {
+            connections: views.iter().map(connection_message).collect(),
+            next_page_token,
+        }))
     }
 
     async fn get_connection(
         &self,
-        _request: Request<pb::GetConnectionRequest>,
+        request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::GetConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let (view, events) = self
+            .shared
+            .federation
+            .get_connection(&request.get_ref().connection_id)
+            .await?;
+        Ok(Response::new(pb::GetConnectionResponse {
+            connection: Some(connection_message(&view)),
+            events: events.iter().map(event_message).collect(),
+        }))
     }
 
     async fn accept_connection(
         &self,
-        _request: Request<pb::AcceptConnectionRequest>,
+        request: Request<pb::AcceptConnectionRequest>,
     ) -> Result<Response<pb::AcceptConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .operator_action(
+                &request.connection_id,
+                OperatorAction::Accept,
+                &request.granted_capabilities,
+                "",
+            )
+            .await?;
+        Ok(Response::new(pb::AcceptConnectionResponse {
+            connection: Some(view),
+        }))
     }
 
     async fn reject_connection(
         &self,
-        _request: Request<pb::RejectConnectionRequest>,
+        request: Request<pb::RejectConnectionRequest>,
     ) -> Result<Response<pb::RejectConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .operator_action(
+                &request.connection_id,
+                OperatorAction::Reject,
+                &[],
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(pb::RejectConnectionResponse {
+            connection: Some(view),
+        }))
     }
 
     async fn suspend_connection(
         &self,
-        _request: Request<pb::SuspendConnectionRequest>,
+        request: Request<pb::SuspendConnectionRequest>,
     ) -> Result<Response<pb::SuspendConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .operator_action(
+                &request.connection_id,
+                OperatorAction::Suspend,
+                &[],
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(pb::SuspendConnectionResponse {
+            connection: Some(view),
+        }))
     }
 
     async fn resume_connection(
         &self,
-        _request: Request<pb::ResumeConnectionRequest>,
+        request: Request<pb::ResumeConnectionRequest>,
     ) -> Result<Response<pb::ResumeConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .operator_action(&request.connection_id, OperatorAction::Resume, &[], "")
+            .await?;
+        Ok(Response::new(pb::ResumeConnectionResponse {
+            connection: Some(view),
+        }))
     }
 
     async fn disconnect_connection(
         &self,
-        _request: Request<pb::DisconnectConnectionRequest>,
+        request: Request<pb::DisconnectConnectionRequest>,
     ) -> Result<Response<pb::DisconnectConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let request = request.into_inner();
+        let view = self
+            .operator_action(
+                &request.connection_id,
+                OperatorAction::Disconnect,
+                &[],
+                &request.reason,
+            )
+            .await?;
+        Ok(Response::new(pb::DisconnectConnectionResponse {
+            connection: Some(view),
+        }))
     }
 
     async fn spawn_remote_agent(
@@ -205,16 +328,32 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn request_connection(
         &self,
-        _request: Request<pb::RequestConnectionRequest>,
+        request: Request<pb::RequestConnectionRequest>,
     ) -> Result<Response<pb::RequestConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let tls_key = peer_certificate_key(&request)?;
+        let envelope = self
+            .shared
+            .federation
+            .receive_request(request.get_ref().envelope.as_ref(), &tls_key)
+            .await?;
+        Ok(Response::new(pb::RequestConnectionResponse {
+            envelope: Some(envelope),
+        }))
     }
 
     async fn notify_connection(
         &self,
-        _request: Request<pb::NotifyConnectionRequest>,
+        request: Request<pb::NotifyConnectionRequest>,
     ) -> Result<Response<pb::NotifyConnectionResponse>, Status> {
-        Err(not_yet(PEERING))
+        let tls_key = peer_certificate_key(&request)?;
+        let envelope = self
+            .shared
+            .federation
+            .receive_notice(request.get_ref().envelope.as_ref(), &tls_key)
+            .await?;
+        Ok(Response::new(pb::NotifyConnectionResponse {
+            envelope: Some(envelope),
+        }))
     }
 
     async fn execute_command(
@@ -226,8 +365,119 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn ping(
         &self,
-        _request: Request<pb::PingRequest>,
+        request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
-        Err(not_yet(PEERING))
+        let tls_key = peer_certificate_key(&request)?;
+        let envelope = self
+            .shared
+            .federation
+            .receive_ping(request.get_ref().envelope.as_ref(), &tls_key)
+            .await?;
+        Ok(Response::new(pb::PingResponse {
+            envelope: Some(envelope),
+        }))
     }
+}
+
+impl FederationService {
+    async fn operator_action(
+        &self,
+        connection_id: &str,
+        action: OperatorAction,
+        granted_capabilities: &[String],
+        reason: &str,
+    ) -> Result<pb::Connection, Status> {
+        let view = self
+            .shared
+            .federation
+            .operator_action(connection_id, action, granted_capabilities, reason)
+            .await?;
+        Ok(connection_message(&view))
+    }
+}
+
+/// The key of the verified TLS client certificate; the auth layer already refused
+/// calls without one, so its absence here is refused again (fail closed).
+fn peer_certificate_key<T>(request: &Request<T>) -> Result<PublicKey, Status> {
+    Caller::of(request).peer_key().cloned().ok_or_else(|| {
+        Status::unauthenticated(
+            "this federation method needs a TLS client certificate of a connected peer",
+        )
+    })
+}
+
+/// A connection as the API shows it.
+pub fn connection_message(view: &ConnectionView) -> pb::Connection {
+    let record = &view.record;
+    pb::Connection {
+        connection_id: record.id.clone(),
+        workspace: record.workspace.clone(),
+        remote_instance_id: record.remote_instance_id.clone(),
+        remote_name: record.remote_name.clone(),
+        remote_url: record.remote_url.clone(),
+        remote_public_key: record.remote_public_key.clone(),
+        remote_fingerprint: record.remote_fingerprint.clone(),
+        remote_capabilities: record.capabilities.remote.clone(),
+        granted_capabilities: record.capabilities.granted.clone(),
+        capabilities_granted_to_us: record.capabilities.granted_to_us.clone(),
+        direction: record.direction.to_proto().into(),
+        state: record.state.to_proto().into(),
+        state_reason: record.state_reason.clone(),
+        reachable: record.reachable,
+        last_contact_at: record.last_contact_at_ms.map(timestamp_from_ms),
+        pending_notices: view.pending_notices,
+        created_at: Some(timestamp_from_ms(record.created_at_ms)),
+        updated_at: Some(timestamp_from_ms(record.updated_at_ms)),
+        requested_capabilities: record.capabilities.requested.clone(),
+    }
+}
+
+fn event_message(event: &ConnectionEventRecord) -> pb::ConnectionEvent {
+    pb::ConnectionEvent {
+        from_state: event
+            .from_state
+            .map_or(pb::ConnectionState::Unspecified, ConnectionState::to_proto)
+            .into(),
+        to_state: event.to_state.to_proto().into(),
+        actor: event.actor.as_str().to_owned(),
+        reason: event.reason.clone(),
+        at: Some(timestamp_from_ms(event.at_ms)),
+    }
+}
+
+/// What a page token is bound to: the filters it was made for.
+fn page_filter_key(workspace: Option<&str>, state: Option<ConnectionState>) -> String {
+    format!(
+        "{}\u{1f}{}",
+        workspace.unwrap_or(""),
+        state.map_or("", ConnectionState::as_str)
+    )
+}
+
+fn encode_page_token(last: &ConnectionView, filter_key: &str) -> String {
+    let text = format!(
+        "{}\u{1e}{}\u{1e}{}",
+        last.record.created_at_ms, last.record.id, filter_key
+    );
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+}
+
+fn decode_page_token(token: &str, filter_key: &str) -> Result<(i64, String), Status> {
+    let invalid = || {
+        Status::invalid_argument("page_token was not produced by this server for the same filters")
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let mut parts = text.splitn(3, '\u{1e}');
+    let created_at_ms = parts
+        .next()
+        .and_then(|part| part.parse::<i64>().ok())
+        .ok_or_else(invalid)?;
+    let id = parts.next().ok_or_else(invalid)?.to_owned();
+    if parts.next() != Some(filter_key) {
+        return Err(invalid());
+    }
+    Ok((created_at_ms, id))
 }

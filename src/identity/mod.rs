@@ -85,6 +85,9 @@ pub struct Identity {
     pub current_key_created_at_ms: i64,
     current_key: InstanceKey,
     previous_keys: Vec<PreviousKey>,
+    /// The private halves of `previous_keys` that this process holds, so that a
+    /// KEY_ROTATED notice can be signed with the key the peers still trust.
+    previous_signing_keys: Vec<InstanceKey>,
     certificate: InstanceCertificate,
     certified_key: Arc<CertifiedKey>,
 }
@@ -107,6 +110,7 @@ impl Identity {
         current_key: InstanceKey,
         current_key_created_at_ms: i64,
         previous_keys: Vec<PreviousKey>,
+        previous_signing_keys: Vec<InstanceKey>,
     ) -> Result<Self, IdentityError> {
         let profile = InstanceProfile {
             name: instance.name.clone(),
@@ -136,6 +140,7 @@ impl Identity {
             current_key_created_at_ms,
             current_key,
             previous_keys,
+            previous_signing_keys,
             certificate,
             certified_key,
         })
@@ -166,6 +171,21 @@ impl Identity {
     /// Signs `message` with the current key.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.current_key.sign(message)
+    }
+
+    /// The signing key with `key_id` if it is a previous key still in its grace
+    /// period at `now_ms` (used to sign KEY_ROTATED notices with the key that
+    /// peers already trust).
+    pub fn previous_signing_key(&self, key_id: &str, now_ms: i64) -> Option<&InstanceKey> {
+        let in_grace = self
+            .previous_keys(now_ms)
+            .any(|previous| previous.public_key.key_id() == key_id);
+        if !in_grace {
+            return None;
+        }
+        self.previous_signing_keys
+            .iter()
+            .find(|key| key.public_key().key_id() == key_id)
     }
 }
 
@@ -221,7 +241,7 @@ impl IdentityManager {
                 key.id = %key.public_key().key_id(),
                 "created a new instance identity"
             );
-            let identity = Identity::new(&instance, key, now, Vec::new())?;
+            let identity = Identity::new(&instance, key, now, Vec::new(), Vec::new())?;
             return Ok(Self {
                 store,
                 master_key,
@@ -234,6 +254,13 @@ impl IdentityManager {
             .ok_or_else(|| master_key_source.missing_error())?;
         let (current_record, previous_keys) = split_key_records(&key_records, now)?;
         let current_key = open_key(&master_key, current_record)?;
+        let previous_signing_keys = key_records
+            .iter()
+            .filter(|record| {
+                !record.is_current && record.valid_until_ms.is_some_and(|until| until > now)
+            })
+            .map(|record| open_key(&master_key, record))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let stored_profile = InstanceProfile {
             name: instance.name.clone(),
@@ -261,6 +288,7 @@ impl IdentityManager {
             current_key,
             current_record.created_at_ms,
             previous_keys,
+            previous_signing_keys,
         )?;
         Ok(Self {
             store,
@@ -312,7 +340,24 @@ impl IdentityManager {
             created_at_ms: old.created_at_ms,
             updated_at_ms: now,
         };
-        let identity = Arc::new(Identity::new(&instance, new_key, now, previous_keys)?);
+        let mut previous_signing_keys: Vec<InstanceKey> = Vec::new();
+        for key in std::iter::once(&old.current_key).chain(&old.previous_signing_keys) {
+            let still_valid = previous_keys
+                .iter()
+                .any(|previous| previous.public_key == *key.public_key());
+            if still_valid {
+                previous_signing_keys.push(InstanceKey::from_pkcs8(Zeroizing::new(
+                    key.pkcs8_der().to_vec(),
+                ))?);
+            }
+        }
+        let identity = Arc::new(Identity::new(
+            &instance,
+            new_key,
+            now,
+            previous_keys,
+            previous_signing_keys,
+        )?);
         *self
             .current
             .write()

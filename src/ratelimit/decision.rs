@@ -77,8 +77,9 @@ impl Refusal {
 pub enum Verdict {
     /// Let the call through.
     Admitted(QuotaState),
-    /// Refuse it.
-    Refused(Refusal),
+    /// Refuse it. Boxed: refusals are the rare path, and a small verdict keeps
+    /// the admitted path from copying a large value through every layer.
+    Refused(Box<Refusal>),
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ where
             if !limiter.settings().shadow
                 && let Some(refusal) = limiter.gate(tier, &ip_key)
                 && let Enforcement::Refuse(refusal) =
-                    limiter.enforce(Verdict::Refused(refusal), &path)
+                    limiter.enforce(Verdict::Refused(Box::new(refusal)), &path)
             {
                 return Ok(refusal_response(&refusal));
             }
@@ -117,7 +117,11 @@ where
                 Err(status) => {
                     // Charged to the IP only. Over its budget, the call is refused
                     // as any other; within it, the answer is the auth error.
-                    let verdict = limiter.count(tier, std::slice::from_ref(&ip_key)).await;
+                    let ip_only = std::slice::from_ref(&ip_key);
+                    let verdict = match limiter.count_in_memory(tier, ip_only) {
+                        Some(verdict) => verdict,
+                        None => limiter.count(tier, ip_only).await,
+                    };
                     let state = match limiter.enforce(verdict, &path) {
                         Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                         Enforcement::Admit(state) => state,
@@ -133,8 +137,11 @@ where
             let mut keys = vec![ip_key];
             keys.extend(LimitKey::for_caller(&caller));
             let verdict = match keys.get(1).and_then(|key| limiter.gate(tier, key)) {
-                Some(refusal) => Verdict::Refused(refusal),
-                None => limiter.count(tier, &keys).await,
+                Some(refusal) => Verdict::Refused(Box::new(refusal)),
+                None => match limiter.count_in_memory(tier, &keys) {
+                    Some(verdict) => verdict,
+                    None => limiter.count(tier, &keys).await,
+                },
             };
             let state: Option<QuotaState> = match limiter.enforce(verdict, &path) {
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),

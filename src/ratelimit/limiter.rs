@@ -137,7 +137,7 @@ impl RateLimiter {
     pub async fn check(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
         for key in keys {
             if let Some(refusal) = self.gate(tier, key) {
-                return Verdict::Refused(refusal);
+                return Verdict::Refused(Box::new(refusal));
             }
         }
         self.count(tier, keys).await
@@ -147,14 +147,32 @@ impl RateLimiter {
     /// already (the layer gates the IP before authentication, the caller's key
     /// after it).
     pub async fn count(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
-        // Only refusals from the authoritative store are remembered: a refusal by
-        // the fallback must not outlive Redis's recovery.
-        let (verdict, authoritative) = match &self.backend {
-            Backend::Memory(memory) => (memory.check_all(tier, keys), true),
-            // Boxed: the Redis future is kilobytes, and moving it through the
-            // memory path too (which never waits) cost more than the check itself.
-            Backend::Redis(storage) => Box::pin(self.check_redis(storage, tier, keys)).await,
+        if let Some(verdict) = self.count_in_memory(tier, keys) {
+            return verdict;
+        }
+        let Backend::Redis(storage) = &self.backend else {
+            return self.untouched(tier);
         };
+        // Boxed: the Redis future is kilobytes, and carrying it in every caller's
+        // future slowed the memory path down.
+        let (verdict, authoritative) = Box::pin(self.check_redis(storage, tier, keys)).await;
+        self.settle(tier, verdict, authoritative)
+    }
+
+    /// [`Self::count`] when storage is memory, which never waits: answered
+    /// synchronously, so the hot path pays for no future at all. `None` with
+    /// Redis storage.
+    pub fn count_in_memory(&self, tier: Tier, keys: &[LimitKey]) -> Option<Verdict> {
+        match &self.backend {
+            Backend::Memory(memory) => Some(self.settle(tier, memory.check_all(tier, keys), true)),
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// Fills in a verdict for no keys and remembers refusals from the
+    /// authoritative store (a refusal by the fallback must not outlive Redis's
+    /// recovery).
+    fn settle(&self, tier: Tier, verdict: Option<Verdict>, authoritative: bool) -> Verdict {
         let verdict = verdict.unwrap_or_else(|| self.untouched(tier));
         if authoritative && let Verdict::Refused(refusal) = &verdict {
             // Read the clock only here: the admitted path needs no time of ours.
@@ -265,7 +283,7 @@ impl RateLimiter {
                     method,
                     "rate limit refused a call"
                 );
-                Enforcement::Refuse(refusal)
+                Enforcement::Refuse(*refusal)
             }
         }
     }

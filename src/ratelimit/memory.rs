@@ -182,13 +182,13 @@ impl<C: Clock> MemoryLimiter<C> {
                     reset: tier_limiter.interval * (quota.limit - remaining),
                 })
             }
-            Err(not_until) => Verdict::Refused(Refusal {
+            Err(not_until) => Verdict::Refused(Box::new(Refusal {
                 key: key.clone(),
                 tier,
                 limit: quota.limit,
                 window: quota.window,
                 retry_after: not_until.wait_time_from(self.clock.now()),
-            }),
+            })),
         }
     }
 

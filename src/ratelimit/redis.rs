@@ -176,13 +176,13 @@ impl RedisLimiter {
                 reset: micros,
             })
         } else {
-            Verdict::Refused(Refusal {
+            Verdict::Refused(Box::new(Refusal {
                 key,
                 tier,
                 limit: quota.limit,
                 window: quota.window,
                 retry_after: micros,
-            })
+            }))
         })
     }
 

@@ -42,6 +42,7 @@ mod agents;
 mod api_keys;
 mod database_url;
 mod error;
+mod federation;
 mod identity;
 mod jobs;
 mod pools;
@@ -57,6 +58,10 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
 pub use error::StoreError;
+pub use federation::{
+    ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
+    ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
+};
 pub use identity::{InstanceKeyRecord, InstanceRecord};
 pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord};
 

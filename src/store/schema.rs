@@ -52,7 +52,93 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(instance, instance_keys, api_keys);
+diesel::table! {
+    /// Federation connections with peers, one per peer and workspace.
+    federation_connections (id) {
+        id -> Text,
+        workspace -> Text,
+        remote_instance_id -> Text,
+        remote_name -> Text,
+        remote_url -> Text,
+        /// SPKI DER of the peer's current key.
+        remote_public_key -> Binary,
+        remote_fingerprint -> Text,
+        /// JSON object of four string arrays (remote, granted, granted_to_us, requested).
+        capabilities_json -> Text,
+        direction -> Text,
+        state -> Text,
+        state_reason -> Text,
+        suspended_by -> Nullable<Text>,
+        reachable -> Bool,
+        last_contact_at_ms -> Nullable<BigInt>,
+        created_at_ms -> BigInt,
+        updated_at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Every state change of a federation connection.
+    federation_connection_events (id) {
+        id -> Text,
+        connection_id -> Text,
+        from_state -> Nullable<Text>,
+        to_state -> Text,
+        actor -> Text,
+        reason -> Text,
+        at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Keys a peer rotated away from, still valid for its connection.
+    federation_peer_keys (connection_id, key_id) {
+        connection_id -> Text,
+        key_id -> Text,
+        public_key -> Binary,
+        valid_until_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Message ids accepted from each sender (replay protection, idempotent retries).
+    federation_seen_messages (sender_instance_id, message_id) {
+        sender_instance_id -> Text,
+        message_id -> Text,
+        payload_digest -> Binary,
+        reply_payload -> Nullable<Binary>,
+        reply_signature -> Nullable<Binary>,
+        reply_key_id -> Nullable<Text>,
+        seen_at_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    /// Notices to peers not yet delivered.
+    federation_outbox (id) {
+        id -> Text,
+        connection_id -> Text,
+        kind -> Text,
+        reason -> Text,
+        granted_capabilities_json -> Text,
+        signing_key_id -> Nullable<Text>,
+        attempts -> Integer,
+        next_attempt_at_ms -> BigInt,
+        last_error -> Text,
+        created_at_ms -> BigInt,
+        sequence -> BigInt,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    instance,
+    instance_keys,
+    api_keys,
+    federation_connections,
+    federation_connection_events,
+    federation_peer_keys,
+    federation_seen_messages,
+    federation_outbox,
+);
 
 diesel::table! {
     /// Agents: what was asked; never changes after the spawn.

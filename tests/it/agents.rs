@@ -48,6 +48,8 @@ on_both_backends!(
     bad_requests_are_refused_and_change_nothing,
     listing_filters_and_pages,
     a_restart_after_sigkill_leaves_no_agent_falsely_running,
+    the_agent_commands_drive_the_daemon,
+    stopping_the_daemon_stops_its_agents,
 );
 
 /// A daemon with the test agent types (and `adjust` applied) and a client.
@@ -221,6 +223,11 @@ async fn timeouts_and_failures_are_recorded(backend: Backend) {
         .spawn("sh", "exec /no/such/program")
         .await
         .expect("spawn");
+    // The main process ends at once and leaves a child behind in its group.
+    let leaving = agents
+        .spawn("sh", "sleep 300 & echo child=$!")
+        .await
+        .expect("spawn");
 
     let timed_out = agents
         .wait_until(&slow.agent_id, "ended", |agent| agent.ended_at.is_some())
@@ -249,6 +256,19 @@ async fn timeouts_and_failures_are_recorded(backend: Backend) {
         .await;
     assert_eq!(failed.state, is(pb::AgentState::Failed));
     assert_eq!(failed.exit_code, Some(127));
+
+    // Its exit decides the state; what it left in its group is stopped before
+    // the end is recorded.
+    let completed = agents
+        .wait_until(&leaving.agent_id, "ended", |agent| agent.ended_at.is_some())
+        .await;
+    assert_eq!(
+        completed.state,
+        is(pb::AgentState::Completed),
+        "{completed:?}"
+    );
+    let child = number_in_tail(&completed, "child").expect("child pid");
+    assert!(!process_is_alive(child), "the agent's child survived");
 
     daemon.stop().await;
     environment.cleanup().await;
@@ -474,6 +494,11 @@ async fn bad_requests_are_refused_and_change_nothing(backend: Backend) {
     let status = agents.kill("no-such-agent", "").await.expect_err("unknown");
     assert_eq!(status.code(), tonic::Code::NotFound);
     let status = agents
+        .kill("no-such-agent", &"r".repeat(1025))
+        .await
+        .expect_err("oversized reason");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let status = agents
         .list(pb::ListAgentsRequest {
             page_token: "not-a-token".to_owned(),
             ..pb::ListAgentsRequest::default()
@@ -598,31 +623,66 @@ async fn listing_filters_and_pages(backend: Backend) {
     environment.cleanup().await;
 }
 
-async fn a_restart_after_sigkill_leaves_no_agent_falsely_running(backend: Backend) {
-    let environment = TestEnvironment::new(backend).await;
-    let data_dir = environment.data_dir.path().to_path_buf();
-    let config_file = data_dir.join("mosaic.toml");
-    std::fs::write(&config_file, AGENT_TYPES_TOML).expect("write config");
-    let daemon_command = || {
-        let mut command = mosaicd(&data_dir);
+/// A data dir with the test agent types in a config file, and an API key
+/// with the `agents` scope, for daemons run as the `mosaicd` binary.
+struct BinarySetup {
+    data_dir: std::path::PathBuf,
+    config_file: std::path::PathBuf,
+    database_url: String,
+    key: String,
+}
+
+impl BinarySetup {
+    fn new(environment: &TestEnvironment) -> BinarySetup {
+        let data_dir = environment.data_dir.path().to_path_buf();
+        let config_file = data_dir.join("mosaic.toml");
+        std::fs::write(&config_file, AGENT_TYPES_TOML).expect("write config");
+        let mut setup = BinarySetup {
+            data_dir,
+            config_file,
+            database_url: environment.database.url.clone(),
+            key: String::new(),
+        };
+        let created = setup
+            .command()
+            .args([
+                "apikey", "create", "--name", "t", "--scope", "agents", "--json",
+            ])
+            .output()
+            .expect("apikey create");
+        assert!(created.status.success(), "{created:?}");
+        let created: serde_json::Value = serde_json::from_slice(&created.stdout).expect("json");
+        setup.key = created["key"].as_str().expect("key").to_owned();
+        setup
+    }
+
+    /// `mosaicd` with this data dir, config file and database.
+    fn command(&self) -> std::process::Command {
+        let mut command = mosaicd(&self.data_dir);
         command
             .arg("--config")
-            .arg(&config_file)
+            .arg(&self.config_file)
             .arg("--database-url")
-            .arg(&environment.database.url);
+            .arg(&self.database_url);
         command
-    };
-    let mut create_key = daemon_command();
-    let created = create_key
-        .args([
-            "apikey", "create", "--name", "t", "--scope", "agents", "--json",
-        ])
-        .output()
-        .expect("apikey create");
-    assert!(created.status.success(), "{created:?}");
-    let key: serde_json::Value = serde_json::from_slice(&created.stdout).expect("json");
-    let key = key["key"].as_str().expect("key").to_owned();
+    }
 
+    /// A client command (`agent ...`) for the daemon at `address`.
+    fn client(&self, address: &str) -> std::process::Command {
+        let mut command = self.command();
+        command
+            .args(["--server", &format!("https://{address}")])
+            .env("MOSAIC_API_KEY", &self.key);
+        command
+    }
+}
+
+async fn a_restart_after_sigkill_leaves_no_agent_falsely_running(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let setup = BinarySetup::new(&environment);
+    let data_dir = setup.data_dir.clone();
+    let key = setup.key.clone();
+    let daemon_command = || setup.command();
     let (mut first_run, address) = spawn_serve_command(daemon_command()).await;
     let mut agents = Agents::new(channel_to(&address, &data_dir).await, key.clone());
     let done = agents.spawn("true", "").await.expect("spawn");
@@ -689,4 +749,194 @@ async fn without_configured_types_nothing_can_be_spawned() {
         status.message()
     );
     daemon.stop().await;
+}
+
+async fn the_agent_commands_drive_the_daemon(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let setup = BinarySetup::new(&environment);
+    let (mut daemon, address) = spawn_serve_command(setup.command()).await;
+    let json = |output: std::process::Output| -> serde_json::Value {
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).expect("json output")
+    };
+
+    // spawn: the agent waits for a file, so `watch` sees its output live.
+    let spawned = json(
+        setup
+            .client(&address)
+            .args([
+                "agent",
+                "spawn",
+                "--type",
+                "sh",
+                "--json",
+                "--label",
+                "team=blue",
+            ])
+            .args(["--timeout", "60", "--prompt"])
+            .arg("while [ ! -f go ]; do sleep 0.02; done; echo hello-cli")
+            .output()
+            .expect("agent spawn"),
+    );
+    assert_eq!(spawned["state"], "RUNNING", "{spawned}");
+    assert_eq!(spawned["labels"]["team"], "blue");
+    assert_eq!(spawned["timeout_seconds"], 60);
+    let agent_id = spawned["agent_id"].as_str().expect("id").to_owned();
+
+    let mut watch = tokio::process::Command::from(setup.client(&address));
+    watch
+        .args(["agent", "watch", &agent_id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut watch = watch.spawn().expect("agent watch");
+    let mut states = tokio::io::BufReader::new(watch.stderr.take().expect("stderr"));
+    let mut first_state = String::new();
+    tokio::time::timeout(
+        AGENT_DEADLINE,
+        tokio::io::AsyncBufReadExt::read_line(&mut states, &mut first_state),
+    )
+    .await
+    .expect("watch prints the current state")
+    .expect("read");
+    assert!(first_state.contains("is RUNNING"), "{first_state}");
+    std::fs::write(
+        setup
+            .data_dir
+            .join("agents")
+            .join(&agent_id)
+            .join("work")
+            .join("go"),
+        "",
+    )
+    .expect("write go");
+    let watched = tokio::time::timeout(AGENT_DEADLINE, watch.wait_with_output())
+        .await
+        .expect("watch ends with the agent")
+        .expect("watch output");
+    assert!(watched.status.success(), "{watched:?}");
+    assert_eq!(String::from_utf8_lossy(&watched.stdout), "hello-cli\n");
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut states, &mut rest)
+        .await
+        .expect("read states");
+    assert!(rest.contains("is COMPLETED (exited with code 0)"), "{rest}");
+
+    let status = json(
+        setup
+            .client(&address)
+            .args(["agent", "status", &agent_id, "--json"])
+            .output()
+            .expect("agent status"),
+    );
+    assert_eq!(status["state"], "COMPLETED");
+    assert_eq!(status["exit_code"], 0);
+    assert_eq!(status["output_tail"], serde_json::json!(["hello-cli"]));
+
+    // kill on an ended agent shows it unchanged; on a running one, stops it.
+    let unchanged = json(
+        setup
+            .client(&address)
+            .args(["agent", "kill", &agent_id, "--json"])
+            .output()
+            .expect("agent kill"),
+    );
+    assert_eq!(unchanged, status);
+    let sleeper = json(
+        setup
+            .client(&address)
+            .args([
+                "agent",
+                "spawn",
+                "--type",
+                "sh",
+                "--prompt",
+                "sleep 300",
+                "--json",
+            ])
+            .output()
+            .expect("agent spawn"),
+    );
+    let sleeper_id = sleeper["agent_id"].as_str().expect("id").to_owned();
+    let killing = setup
+        .client(&address)
+        .args(["agent", "kill", &sleeper_id, "--reason", "from the cli"])
+        .output()
+        .expect("agent kill");
+    assert!(killing.status.success(), "{killing:?}");
+    let mut agents = Agents::new(
+        channel_to(&address, &setup.data_dir).await,
+        setup.key.clone(),
+    );
+    let killed = agents
+        .wait_for_state(&sleeper_id, pb::AgentState::Killed)
+        .await;
+    assert_eq!(killed.state_reason, "from the cli");
+
+    let listed = json(
+        setup
+            .client(&address)
+            .args(["agent", "list", "--label", "team=blue", "--json"])
+            .output()
+            .expect("agent list"),
+    );
+    assert_eq!(listed["agents"].as_array().map(Vec::len), Some(1));
+    assert_eq!(listed["agents"][0]["agent_id"], agent_id.as_str());
+    let text = setup
+        .client(&address)
+        .args(["agent", "list", "--state", "killed"])
+        .output()
+        .expect("agent list");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&sleeper_id) && !text.contains(&agent_id),
+        "{text}"
+    );
+
+    // Errors keep their meaning in the exit code.
+    let unknown = setup
+        .client(&address)
+        .args(["agent", "status", "no-such-agent"])
+        .output()
+        .expect("agent status");
+    assert_eq!(unknown.status.code(), Some(3));
+    let refused = setup
+        .client(&address)
+        .args(["agent", "spawn", "--type", "nope", "--prompt", "x"])
+        .output()
+        .expect("agent spawn");
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown agent type"));
+
+    daemon.kill().await.expect("stop the daemon");
+    environment.cleanup().await;
+}
+
+async fn stopping_the_daemon_stops_its_agents(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let spawned = agents
+        .spawn("sh", "sleep 300 & echo child=$!; wait")
+        .await
+        .expect("spawn");
+    let running = agents
+        .wait_until(&spawned.agent_id, "showing its child", |agent| {
+            number_in_tail(agent, "child").is_some()
+        })
+        .await;
+    let child = number_in_tail(&running, "child").expect("child pid");
+
+    daemon.stop().await;
+    let stored = environment
+        .store()
+        .await
+        .get_agent(&spawned.agent_id)
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(stored.state.as_str(), "FAILED", "{stored:?}");
+    assert!(stored.state_reason.contains("shut down"), "{stored:?}");
+    assert!(!process_is_alive(spawned.pid.expect("pid")));
+    assert!(!process_is_alive(child));
+    environment.cleanup().await;
 }

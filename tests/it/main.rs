@@ -9,6 +9,8 @@ mod coordinator;
 mod coordinator_faults;
 mod faults;
 mod identity;
+mod peer_cli;
+mod peering;
 mod rate_limit;
 mod server;
 mod support;

@@ -236,11 +236,15 @@ async fn unimplemented_rpcs_say_what_is_missing() {
     let daemon = environment.start().await;
     let key = daemon.api_key(&[Scope::Admin]).await;
     let status = pb::federation_client::FederationClient::new(daemon.channel().await)
-        .list_connections(with_key(pb::ListConnectionsRequest::default(), &key))
+        .list_command_log(with_key(pb::ListCommandLogRequest::default(), &key))
         .await
         .expect_err("not yet");
     assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(status.message().contains("peering"), "{}", status.message());
+    assert!(
+        status.message().contains("signed commands"),
+        "{}",
+        status.message()
+    );
     daemon.stop().await;
 }
 

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mosaic_mesh::auth::Scope;
 use mosaic_mesh::config::{Config, ConfigArgs, FileConfig, Secret};
@@ -107,6 +108,41 @@ impl TestEnvironment {
         })
     }
 
+    /// Starts a daemon that peers can reach: its public URL is its real address,
+    /// and federation timings are short (pings every 300 ms, notice retries from
+    /// 100 ms up to 500 ms). `port` 0 picks a free port; a previous daemon's port
+    /// restarts it where its peers expect it. `configure` adjusts the rest.
+    pub async fn start_peer(&self, port: u16, configure: impl FnOnce(&mut Config)) -> TestDaemon {
+        mosaic_mesh::tls::install_default_provider();
+        let listener = bind_loopback(port).await;
+        let address = listener.local_addr().expect("listener address");
+        let mut config = self.config();
+        config.listen = address;
+        config.instance.public_url = format!("https://{address}");
+        config.federation.ping_interval = Duration::from_millis(300);
+        config.federation.notice_retry_initial = Duration::from_millis(100);
+        config.federation.notice_retry_max = Duration::from_millis(500);
+        config.federation.connect_timeout = Duration::from_secs(2);
+        config.federation.call_timeout = Duration::from_secs(5);
+        configure(&mut config);
+        let shared = mosaic_mesh::server::prepare(&config)
+            .await
+            .expect("daemon prepares");
+        let rate_limiter = Arc::clone(&shared.rate_limiter);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
+            let _ = stopped.await;
+        }));
+        TestDaemon {
+            address,
+            data_dir: self.data_dir.path().to_path_buf(),
+            config,
+            rate_limiter,
+            stop: Some(stop),
+            handle: Some(handle),
+        }
+    }
+
     /// Drops the PostgreSQL database, if any.
     pub async fn cleanup(self) {
         self.database.cleanup().await.expect("drop test database");
@@ -192,6 +228,22 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+    }
+}
+
+/// Binds 127.0.0.1:`port`, waiting up to 10 s for a port that a stopped daemon
+/// just released.
+async fn bind_loopback(port: u16) -> tokio::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            Ok(listener) => return listener,
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(%error, port, "port busy; retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("cannot bind 127.0.0.1:{port}: {error}"),
         }
     }
 }
