@@ -154,6 +154,55 @@ async fn grpc_lifecycles_per_second(
     Ok(rate)
 }
 
+/// Lifecycles per second through the coordinator's engine directly: the same
+/// transactions without gRPC, TLS, authentication and rate limiting.
+async fn engine_lifecycles_per_second(
+    database_url: &str,
+    clients: u64,
+    seconds: u64,
+) -> BenchResult<f64> {
+    use mosaic_mesh::coordinator::jobs::{Jobs, NewJob};
+    use mosaic_mesh::coordinator::state::JobChange;
+    let store = Store::connect(database_url).await?;
+    store.run_migrations().await?;
+    let config = Config::resolve(FileConfig::default(), &ConfigArgs::default())?;
+    let state = mosaic_mesh::coordinator::CoordinatorState::default();
+    let jobs = Jobs::new(store, &state, &config.coordinator);
+    let done = Arc::new(AtomicU64::new(0));
+    let started = tokio::time::Instant::now();
+    let deadline = started + Duration::from_secs(seconds);
+    let mut workers = Vec::new();
+    for _ in 0..clients {
+        let jobs = jobs.clone();
+        let done = done.clone();
+        workers.push(tokio::spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                let new_job = NewJob {
+                    job_type: "bench".to_owned(),
+                    workspace: "bench".to_owned(),
+                    payload_json: "{\"n\":1}".to_owned(),
+                    ..NewJob::default()
+                };
+                let (job, _) = jobs.create(new_job, "bench").await?;
+                let start = JobChange::Start {
+                    message: String::new(),
+                };
+                jobs.change(&job.id, start, "bench").await?;
+                let complete = JobChange::Complete {
+                    result_json: "{\"ok\":true}".to_owned(),
+                };
+                jobs.change(&job.id, complete, "bench").await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            BenchResult::Ok(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
 /// Single-row INSERTs per second through the store, `clients` at a time.
 async fn inserts_per_second(database_url: &str, clients: u64, seconds: u64) -> BenchResult<f64> {
     let store = Store::connect(database_url).await?;
@@ -201,48 +250,71 @@ async fn main() -> BenchResult<()> {
     let mut rows = Vec::new();
     for backend in ["postgres", "sqlite"] {
         let sqlite_dir = tempfile::tempdir()?;
-        let (grpc_database, insert_database) = if backend == "postgres" {
-            (
-                TestDatabase::postgres().await?,
-                TestDatabase::postgres().await?,
-            )
-        } else {
-            (
-                TestDatabase::sqlite(sqlite_dir.path()),
-                TestDatabase::sqlite(sqlite_dir.path()),
-            )
-        };
-        let lifecycles = grpc_lifecycles_per_second(&grpc_database.url, clients, seconds).await?;
-        let inserts = inserts_per_second(&insert_database.url, clients, seconds).await?;
-        grpc_database.cleanup().await?;
-        insert_database.cleanup().await?;
-        rows.push((backend, lifecycles, inserts));
+        let mut databases = Vec::new();
+        for _ in 0..3 {
+            databases.push(if backend == "postgres" {
+                TestDatabase::postgres().await?
+            } else {
+                TestDatabase::sqlite(sqlite_dir.path())
+            });
+        }
+        println!("{backend}: gRPC lifecycles, engine lifecycles, inserts ...");
+        // A measurement that fails is reported in its row, not fatal: the
+        // others still say something.
+        let lifecycles = grpc_lifecycles_per_second(&databases[0].url, clients, seconds).await;
+        let engine = engine_lifecycles_per_second(&databases[1].url, clients, seconds).await;
+        let inserts = inserts_per_second(&databases[2].url, clients, seconds).await;
+        for database in databases {
+            database.cleanup().await?;
+        }
+        rows.push((backend, lifecycles, engine, inserts));
     }
 
     println!();
     println!(
-        "{:<9} {:>14} {:>14} {:>14} {:>16} {:>18}",
+        "{:<9} {:>13} {:>13} {:>12} {:>10} {:>16} {:>16} {:>13}",
         "backend",
         "lifecycles/s",
-        "grpc writes/s",
+        "grpc calls/s",
+        "engine lc/s",
         "inserts/s",
         "lifecycle ratio",
-        "write-txn ratio"
+        "write-txn ratio",
+        "engine ratio"
     );
-    for (backend, lifecycles, inserts) in rows {
+    let mut failures = Vec::new();
+    for (backend, lifecycles, engine, inserts) in rows {
+        let mut figure = |name: &str, result: BenchResult<f64>| match result {
+            Ok(value) => value,
+            Err(error) => {
+                failures.push(format!("{backend} {name}: {error}"));
+                f64::NAN
+            }
+        };
+        let lifecycles = figure("gRPC lifecycles", lifecycles);
+        let engine = figure("engine lifecycles", engine);
+        let inserts = figure("inserts", inserts);
         println!(
-            "{:<9} {:>14.0} {:>14.0} {:>14.0} {:>16.3} {:>18.3}",
+            "{:<9} {:>13.0} {:>13.0} {:>12.0} {:>10.0} {:>16.3} {:>16.3} {:>13.3}",
             backend,
             lifecycles,
             lifecycles * 3.0,
+            engine,
             inserts,
             lifecycles / inserts,
-            lifecycles * 3.0 / inserts
+            lifecycles * 3.0 / inserts,
+            engine / inserts
         );
+    }
+    for failure in &failures {
+        println!("failed: {failure}");
     }
     println!();
     println!("lifecycle = CreateJob + UpdateJobStatus(RUNNING) + CompleteJob over gRPC+TLS;");
-    println!("each call is one committed write transaction (grpc writes/s = 3 x lifecycles/s).");
+    println!("each call is one committed write transaction (grpc calls/s = 3 x lifecycles/s).");
+    println!("write-txn ratio = grpc calls/s / inserts/s (one commit each).");
+    println!("engine lc/s = the same lifecycles through coordinator::jobs::Jobs directly");
+    println!("(no gRPC, TLS, authentication or rate limiting).");
     println!("inserts/s = single-row INSERTs through the same store pool, same concurrency.");
     Ok(())
 }

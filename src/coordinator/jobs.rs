@@ -92,6 +92,8 @@ pub struct Jobs {
     store: Store,
     events: JobEvents,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Taken around each write transaction on SQLite; `None` on PostgreSQL.
+    sqlite_writes: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     max_payload_bytes: usize,
 }
 
@@ -100,10 +102,27 @@ impl Jobs {
     /// `state`.
     pub fn new(store: Store, state: &CoordinatorState, config: &CoordinatorConfig) -> Jobs {
         Jobs {
-            store,
             events: state.events.clone(),
             shutdown: state.shutdown_signal(),
+            sqlite_writes: (store.backend() == crate::store::Backend::Sqlite)
+                .then(|| state.sqlite_writes()),
+            store,
             max_payload_bytes: config.max_payload_bytes,
+        }
+    }
+
+    /// Waits for this process's turn to write, on SQLite.
+    ///
+    /// SQLite admits one writer at a time. Without this queue, concurrent
+    /// writers each hold a pooled connection while SQLite's busy handler makes
+    /// them sleep and retry, unfairly: under 8 concurrent writers some waited
+    /// past the pool's checkout timeout and failed UNAVAILABLE. A FIFO queue in
+    /// front costs no throughput (the writes are serial anyway) and keeps the
+    /// waits fair. PostgreSQL writes to different rows run in parallel.
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.sqlite_writes {
+            Some(gate) => Some(gate.lock().await),
+            None => None,
         }
     }
 
@@ -129,7 +148,10 @@ impl Jobs {
         job.created_by = actor.to_owned();
         job.idempotency_key = key.clone();
         let creation = state::creation_entry(&job, actor);
-        match self.store.insert_job(&job, &creation).await {
+        let turn = self.write_turn().await;
+        let inserted = self.store.insert_job(&job, &creation).await;
+        drop(turn);
+        match inserted {
             Ok(()) => {
                 self.events.publish(job.clone(), creation);
                 Ok((job, true))
@@ -213,7 +235,10 @@ impl Jobs {
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             let job = self.get(job_id).await?;
             let (next, entry) = state::apply(&job, &change, actor, now_ms())?;
-            if self.store.update_job(job.version, &next, &entry).await? {
+            let turn = self.write_turn().await;
+            let updated = self.store.update_job(job.version, &next, &entry).await?;
+            drop(turn);
+            if updated {
                 tracing::debug!(
                     job.id = %next.id,
                     job.state = %next.state,
@@ -314,6 +339,7 @@ impl Jobs {
                 Some((job, creation))
             }
         };
+        let turn = self.write_turn().await;
         let outcome = self
             .store
             .record_webhook_delivery(
@@ -323,6 +349,7 @@ impl Jobs {
                 now,
             )
             .await?;
+        drop(turn);
         match outcome {
             DeliveryOutcome::Recorded => {
                 tracing::info!(
