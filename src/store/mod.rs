@@ -44,6 +44,7 @@ mod database_url;
 mod error;
 mod federation;
 mod identity;
+mod metrics;
 mod pools;
 mod schema;
 pub mod testing;
