@@ -253,3 +253,40 @@ impl http_body::Body for RecordingBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_services_keep_their_labels() {
+        assert_eq!(
+            labels_for("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health".to_owned(), "Check".to_owned())
+        );
+        assert_eq!(
+            labels_for("/scanner.Probe/Anything"),
+            ("unknown".to_owned(), "unknown".to_owned())
+        );
+        assert_eq!(
+            labels_for("/"),
+            ("unknown".to_owned(), "unknown".to_owned())
+        );
+    }
+
+    #[test]
+    fn numeric_codes_get_their_names() {
+        assert_eq!(code_name("0"), "OK");
+        assert_eq!(code_name("16"), "UNAUTHENTICATED");
+        assert_eq!(code_name("8"), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name("not a number"), "UNKNOWN");
+    }
+
+    #[test]
+    fn an_empty_caller_slot_reads_anonymous() {
+        let slot = CallerSlot::default();
+        assert_eq!(slot.get(), "anonymous");
+        slot.set("api_key:abc".to_owned());
+        assert_eq!(slot.get(), "api_key:abc");
+    }
+}

@@ -7,6 +7,7 @@ mod api_keys;
 mod cli;
 mod faults;
 mod identity;
+mod metrics;
 mod peer_cli;
 mod peering;
 mod rate_limit;
