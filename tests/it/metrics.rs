@@ -53,7 +53,15 @@ async fn scrape_counts_calls_by_code(backend: Backend) {
     config.rate_limit = RateLimitSettings::resolve(file, &RateLimitArgs::default(), false)
         .expect("rate limit settings");
     let daemon = environment.start_with(config).await.expect("daemon");
-    let metrics_address = daemon.metrics.local_address().expect("metrics bound");
+    // `serve` binds the metrics listener in its own task: wait for it.
+    let bound_by = Instant::now() + Duration::from_secs(10);
+    let metrics_address = loop {
+        if let Some(address) = daemon.metrics.local_address() {
+            break address;
+        }
+        assert!(Instant::now() < bound_by, "metrics listener never bound");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let channel = daemon.channel().await;
     let key = daemon.api_key(&[Scope::Agents]).await;
 
