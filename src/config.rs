@@ -32,6 +32,9 @@ pub const ENV_INSTANCE_NAME: &str = "MOSAIC_INSTANCE_NAME";
 /// The public URL peers dial.
 pub const ENV_PUBLIC_URL: &str = "MOSAIC_PUBLIC_URL";
 
+/// The Prometheus metrics listen address.
+pub const ENV_METRICS_LISTEN: &str = "MOSAIC_METRICS_LISTEN";
+
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
 /// The SQLite file inside the data dir.
@@ -65,6 +68,9 @@ pub struct ConfigArgs {
     /// URL peers use to reach this instance [default: https://LISTEN].
     #[arg(long, env = ENV_PUBLIC_URL, global = true, value_name = "URL")]
     pub public_url: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP) [default: off].
+    #[arg(long, env = ENV_METRICS_LISTEN, global = true, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Rate limits (`MOSAIC_RATE_LIMIT_*`).
     #[command(flatten)]
     pub rate_limit: crate::ratelimit::RateLimitArgs,
@@ -84,6 +90,8 @@ pub struct FileConfig {
     pub redis_url: Option<String>,
     /// See [`Config::plaintext`].
     pub plaintext: Option<bool>,
+    /// See [`Config::metrics_listen`].
+    pub metrics_listen: Option<SocketAddr>,
     /// `[instance]`.
     #[serde(default)]
     pub instance: InstanceFileConfig,
@@ -462,6 +470,8 @@ pub struct Config {
     pub rate_limit: crate::ratelimit::RateLimitSettings,
     /// The job coordinator: payload limit and webhook sources.
     pub coordinator: CoordinatorConfig,
+    /// Where `/metrics` is served over plain HTTP (default none: no metrics listener).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The agent runtime's settings, resolved.
@@ -708,6 +718,7 @@ impl Config {
             ));
         }
         let redis_url = args.redis_url.clone().or(file.redis_url);
+        let metrics_listen = args.metrics_listen.or(file.metrics_listen);
         if let Some(url) = &redis_url
             && !(url.starts_with("redis://") || url.starts_with("rediss://"))
         {
@@ -788,6 +799,7 @@ impl Config {
             agents,
             rate_limit,
             coordinator,
+            metrics_listen,
         })
     }
 

@@ -30,6 +30,7 @@ pub mod coordinator;
 pub mod error;
 pub mod federation;
 pub mod identity;
+pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
 pub mod server;

@@ -53,6 +53,8 @@ pub struct Shared {
     pub rate_limiter: Arc<RateLimiter>,
     /// The job coordinator's in-process state (change feed, start time).
     pub coordinator: crate::coordinator::CoordinatorState,
+    /// Call metrics, and the metrics listener's address once bound.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Opens the store, runs migrations and loads (or creates) the identity: what
@@ -97,6 +99,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         agents: Arc::new(agents),
         rate_limiter: Arc::new(rate_limiter),
         coordinator: crate::coordinator::CoordinatorState::default(),
+        metrics: Arc::new(crate::metrics::Metrics::default()),
     };
     write_certificate(&shared)?;
     Ok(shared)
@@ -176,7 +179,11 @@ pub async fn serve(
 
     let authenticator = Arc::new(Authenticator::new(shared.store.clone()));
     let _pruning = shared.rate_limiter.spawn_maintenance();
+    let _metrics_endpoint = start_metrics_endpoint(&shared).await?;
     let router = Server::builder()
+        .layer(crate::metrics::layer::MetricsLayer::new(Arc::clone(
+            &shared.metrics,
+        )))
         .layer(RateLimitLayer::new(
             Arc::clone(&shared.rate_limiter),
             authenticator,
@@ -252,6 +259,38 @@ pub async fn serve(
     database_health.abort();
     shared.agents.shutdown().await;
     drained
+}
+
+/// Aborts the metrics endpoint's task when dropped (when serving stops).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Binds and serves `/metrics` if `metrics_listen` is set.
+async fn start_metrics_endpoint(shared: &Shared) -> anyhow::Result<Option<AbortOnDrop>> {
+    let Some(address) = shared.config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {address}"))?;
+    let bound = listener
+        .local_addr()
+        .context("metrics listener has no address")?;
+    shared.metrics.set_local_address(bound);
+    tracing::info!(metrics.listen = %bound, "serving Prometheus metrics at /metrics");
+    let sources = crate::metrics::endpoint::MetricsSources {
+        metrics: Arc::clone(&shared.metrics),
+        rate_limiter: Arc::clone(&shared.rate_limiter),
+        store: shared.store.clone(),
+    };
+    Ok(Some(AbortOnDrop(tokio::spawn(
+        crate::metrics::endpoint::serve_metrics(listener, sources),
+    ))))
 }
 
 /// Runs `serving`; when `shutdown` fires, stops accepting and gives in-flight calls

@@ -147,6 +147,12 @@ where
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                 Enforcement::Admit(state) => state,
             };
+            if let Some(slot) = request
+                .extensions()
+                .get::<crate::metrics::layer::CallerSlot>()
+            {
+                slot.set(crate::metrics::layer::describe_caller(&caller));
+            }
             request.extensions_mut().insert(caller);
             let mut response = inner.call(request).await?;
             if let Some(state) = state {

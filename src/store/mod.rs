@@ -45,6 +45,7 @@ mod error;
 mod federation;
 mod identity;
 mod jobs;
+mod metrics;
 mod pools;
 mod schema;
 pub mod testing;

@@ -9,6 +9,7 @@ mod coordinator;
 mod coordinator_faults;
 mod faults;
 mod identity;
+mod metrics;
 mod peer_cli;
 mod peering;
 mod rate_limit;

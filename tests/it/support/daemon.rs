@@ -94,6 +94,7 @@ impl TestEnvironment {
         let address = listener.local_addr()?;
         let shared = mosaic_mesh::server::prepare(&config).await?;
         let rate_limiter = Arc::clone(&shared.rate_limiter);
+        let metrics = Arc::clone(&shared.metrics);
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
             let _ = stopped.await;
@@ -103,6 +104,7 @@ impl TestEnvironment {
             data_dir: self.data_dir.path().to_path_buf(),
             config,
             rate_limiter,
+            metrics,
             stop: Some(stop),
             handle: Some(handle),
         })
@@ -129,6 +131,7 @@ impl TestEnvironment {
             .await
             .expect("daemon prepares");
         let rate_limiter = Arc::clone(&shared.rate_limiter);
+        let metrics = Arc::clone(&shared.metrics);
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(mosaic_mesh::server::serve(listener, shared, async {
             let _ = stopped.await;
@@ -138,6 +141,7 @@ impl TestEnvironment {
             data_dir: self.data_dir.path().to_path_buf(),
             config,
             rate_limiter,
+            metrics,
             stop: Some(stop),
             handle: Some(handle),
         }
@@ -159,6 +163,8 @@ pub struct TestDaemon {
     pub config: Config,
     /// Its rate limiter (for its counters).
     pub rate_limiter: Arc<mosaic_mesh::ratelimit::RateLimiter>,
+    /// Its call metrics (and the metrics listener's address, when enabled).
+    pub metrics: Arc<mosaic_mesh::metrics::Metrics>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }

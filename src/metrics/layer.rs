@@ -1,0 +1,292 @@
+//! The tower layer that times every call, records its gRPC code and writes one
+//! log line per call. It sits outside the rate-limit layer, so refused and
+//! unauthenticated calls are counted too.
+//!
+//! The code comes from the `grpc-status` header for trailers-only answers
+//! (errors, refusals) and otherwise from the trailers, which is why the response
+//! body is wrapped: the call is recorded when its body ends (or is dropped).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::Frame;
+
+use super::Metrics;
+
+/// Who the auth layer said was calling, filled in by the rate-limit layer so this
+/// outer layer can log it (never the key itself).
+#[derive(Clone, Debug, Default)]
+pub struct CallerSlot(Arc<Mutex<Option<String>>>);
+
+impl CallerSlot {
+    /// Records the caller's description (an API key id or an instance key id).
+    pub fn set(&self, description: String) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(description);
+        }
+    }
+
+    fn get(&self) -> String {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .unwrap_or_else(|| "anonymous".to_owned())
+    }
+}
+
+/// How a caller shows in request logs.
+pub fn describe_caller(caller: &crate::auth::Caller) -> String {
+    match caller {
+        crate::auth::Caller::Anonymous => "anonymous".to_owned(),
+        crate::auth::Caller::ApiKey { id, .. } => format!("api_key:{id}"),
+        crate::auth::Caller::PeerCertificate(key) => format!("peer:{}", key.key_id()),
+    }
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    /// A layer recording into `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// See [`MetricsLayer`].
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tower::Service<http::Request<B>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let metrics = Arc::clone(&self.metrics);
+        Box::pin(async move {
+            let started = Instant::now();
+            let (service, method) = labels_for(request.uri().path());
+            let caller = CallerSlot::default();
+            request.extensions_mut().insert(caller.clone());
+            let response = inner.call(request).await?;
+            let mut recorder = CallRecorder {
+                metrics,
+                service,
+                method,
+                caller,
+                started,
+                recorded: false,
+            };
+            if let Some(code) = response
+                .headers()
+                .get("grpc-status")
+                .and_then(|value| value.to_str().ok())
+            {
+                // Trailers-only: the call is over, whatever the body holds.
+                recorder.record(code);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(RecordingBody {
+                    inner: body,
+                    recorder,
+                })
+            }))
+        })
+    }
+}
+
+/// (service, method) labels for a path: only the services this server knows, so
+/// scanners cannot grow the label set.
+fn labels_for(path: &str) -> (String, String) {
+    match path.trim_start_matches('/').split_once('/') {
+        Some((service, method)) if crate::auth::requirement_for(path).is_some() => {
+            (service.to_owned(), method.to_owned())
+        }
+        _ => ("unknown".to_owned(), "unknown".to_owned()),
+    }
+}
+
+/// The name Prometheus users expect for a numeric gRPC code.
+fn code_name(code: &str) -> &'static str {
+    match code.trim().parse::<i32>().map(tonic::Code::from) {
+        Ok(tonic::Code::Ok) => "OK",
+        Ok(tonic::Code::Cancelled) => "CANCELLED",
+        Ok(tonic::Code::Unknown) | Err(_) => "UNKNOWN",
+        Ok(tonic::Code::InvalidArgument) => "INVALID_ARGUMENT",
+        Ok(tonic::Code::DeadlineExceeded) => "DEADLINE_EXCEEDED",
+        Ok(tonic::Code::NotFound) => "NOT_FOUND",
+        Ok(tonic::Code::AlreadyExists) => "ALREADY_EXISTS",
+        Ok(tonic::Code::PermissionDenied) => "PERMISSION_DENIED",
+        Ok(tonic::Code::ResourceExhausted) => "RESOURCE_EXHAUSTED",
+        Ok(tonic::Code::FailedPrecondition) => "FAILED_PRECONDITION",
+        Ok(tonic::Code::Aborted) => "ABORTED",
+        Ok(tonic::Code::OutOfRange) => "OUT_OF_RANGE",
+        Ok(tonic::Code::Unimplemented) => "UNIMPLEMENTED",
+        Ok(tonic::Code::Internal) => "INTERNAL",
+        Ok(tonic::Code::Unavailable) => "UNAVAILABLE",
+        Ok(tonic::Code::DataLoss) => "DATA_LOSS",
+        Ok(tonic::Code::Unauthenticated) => "UNAUTHENTICATED",
+    }
+}
+
+/// Records one call once, with its duration and a log line.
+struct CallRecorder {
+    metrics: Arc<Metrics>,
+    service: String,
+    method: String,
+    caller: CallerSlot,
+    started: Instant,
+    recorded: bool,
+}
+
+impl CallRecorder {
+    fn record(&mut self, code: &str) {
+        if self.recorded {
+            return;
+        }
+        self.recorded = true;
+        let code = code_name(code);
+        let duration = self.started.elapsed();
+        // An unknown method of a known service would otherwise add a label value.
+        let method = if code == "UNIMPLEMENTED" {
+            "unknown"
+        } else {
+            self.method.as_str()
+        };
+        self.metrics
+            .record_call(&self.service, method, code, duration);
+        tracing::info!(
+            rpc.service = %self.service,
+            rpc.method = %method,
+            caller = %self.caller.get(),
+            code,
+            duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            "call"
+        );
+    }
+}
+
+impl Drop for CallRecorder {
+    fn drop(&mut self) {
+        // A body dropped before its trailers: the client went away.
+        self.record("1");
+    }
+}
+
+/// The response body, passed through, watching for the trailers.
+struct RecordingBody {
+    inner: tonic::body::Body,
+    recorder: CallRecorder,
+}
+
+impl http_body::Body for RecordingBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(context);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame
+                    .trailers_ref()
+                    .and_then(|trailers| trailers.get("grpc-status"))
+                    .and_then(|value| value.to_str().ok())
+                {
+                    this.recorder.record(code);
+                }
+            }
+            Poll::Ready(Some(Err(status))) => {
+                this.recorder.record(&(status.code() as i32).to_string());
+            }
+            Poll::Ready(None) => this.recorder.record("2"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_services_keep_their_labels() {
+        assert_eq!(
+            labels_for("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health".to_owned(), "Check".to_owned())
+        );
+        assert_eq!(
+            labels_for("/scanner.Probe/Anything"),
+            ("unknown".to_owned(), "unknown".to_owned())
+        );
+        assert_eq!(
+            labels_for("/"),
+            ("unknown".to_owned(), "unknown".to_owned())
+        );
+    }
+
+    #[test]
+    fn numeric_codes_get_their_names() {
+        assert_eq!(code_name("0"), "OK");
+        assert_eq!(code_name("16"), "UNAUTHENTICATED");
+        assert_eq!(code_name("8"), "RESOURCE_EXHAUSTED");
+        assert_eq!(code_name("not a number"), "UNKNOWN");
+    }
+
+    #[test]
+    fn an_empty_caller_slot_reads_anonymous() {
+        let slot = CallerSlot::default();
+        assert_eq!(slot.get(), "anonymous");
+        slot.set("api_key:abc".to_owned());
+        assert_eq!(slot.get(), "api_key:abc");
+    }
+}

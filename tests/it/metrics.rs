@@ -1,0 +1,200 @@
+//! The `/metrics` endpoint as a scraper sees it: calls counted by service,
+//! method and gRPC code (successful, unauthenticated and rate-limited ones), the
+//! duration histogram, the rate limiter's counters and the store gauges.
+
+use std::time::{Duration, Instant};
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::proto::agent as agent_pb;
+use mosaic_mesh::ratelimit::{RateLimitArgs, RateLimitFileConfig, RateLimitSettings};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::support::Backend;
+use crate::support::daemon::{TestEnvironment, with_key};
+
+/// A plain HTTP GET of `path`; returns (status line, body).
+async fn http_get(address: std::net::SocketAddr, path: &str) -> (String, String) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to the metrics listener");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    (
+        head.lines().next().unwrap_or_default().to_owned(),
+        body.to_owned(),
+    )
+}
+
+/// The value of the series written exactly as `series` (name and labels).
+fn value_of(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    })
+}
+
+async fn scrape_counts_calls_by_code(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let mut config = environment.config();
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    let file: RateLimitFileConfig = toml::from_str("health_limit = 2\n").expect("section");
+    config.rate_limit = RateLimitSettings::resolve(file, &RateLimitArgs::default(), false)
+        .expect("rate limit settings");
+    let daemon = environment.start_with(config).await.expect("daemon");
+    // `serve` binds the metrics listener in its own task: wait for it.
+    let bound_by = Instant::now() + Duration::from_secs(10);
+    let metrics_address = loop {
+        if let Some(address) = daemon.metrics.local_address() {
+            break address;
+        }
+        assert!(Instant::now() < bound_by, "metrics listener never bound");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let channel = daemon.channel().await;
+    let key = daemon.api_key(&[Scope::Agents]).await;
+
+    let mut agents = agent_pb::agent_control_client::AgentControlClient::new(channel.clone());
+    agents
+        .list_agents(with_key(agent_pb::ListAgentsRequest::default(), &key))
+        .await
+        .expect("List with a key");
+    let unauthenticated = agents
+        .list_agents(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect_err("List without a key");
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+    let coordinator_key = daemon.api_key(&[Scope::Coordinator]).await;
+    mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient::new(channel.clone())
+        .create_job(with_key(
+            mosaic_mesh::proto::coordinator::CreateJobRequest {
+                job_type: "metrics".to_owned(),
+                workspace: "w".to_owned(),
+                payload_json: "{}".to_owned(),
+                ..Default::default()
+            },
+            &coordinator_key,
+        ))
+        .await
+        .expect("create a job");
+    let mut health = HealthClient::new(channel);
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let result = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        codes.push(
+            result
+                .map(|_| Code::Ok)
+                .unwrap_or_else(|status| status.code()),
+        );
+    }
+    assert_eq!(codes, [Code::Ok, Code::Ok, Code::ResourceExhausted]);
+
+    // Unary calls are recorded when their body ends, which may trail the
+    // client's answer slightly: poll until all six are in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (status, body) = http_get(metrics_address, "/metrics").await;
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let recorded = value_of(
+            &body,
+            "mosaic_grpc_calls_total{service=\"grpc.health.v1.Health\",method=\"Check\",code=\"RESOURCE_EXHAUSTED\"}",
+        );
+        if recorded == Some(1.0) || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let agents_list = "service=\"mosaic.agent.v1.AgentControl\",method=\"ListAgents\"";
+    assert_eq!(
+        value_of(
+            &body,
+            &format!("mosaic_grpc_calls_total{{{agents_list},code=\"OK\"}}")
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(
+            &body,
+            &format!("mosaic_grpc_calls_total{{{agents_list},code=\"UNAUTHENTICATED\"}}")
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(
+            &body,
+            "mosaic_grpc_calls_total{service=\"grpc.health.v1.Health\",method=\"Check\",code=\"OK\"}"
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(
+            &body,
+            &format!("mosaic_grpc_call_duration_seconds_count{{{agents_list}}}")
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(
+            &body,
+            &format!("mosaic_grpc_call_duration_seconds_bucket{{{agents_list},le=\"+Inf\"}}")
+        ),
+        Some(2.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(&body, "mosaic_rate_limit_refused_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(
+        value_of(&body, "mosaic_rate_limit_allowed_total").is_some_and(|allowed| allowed >= 3.0),
+        "{body}"
+    );
+    assert_eq!(
+        value_of(&body, "mosaic_rate_limit_breaker_state{state=\"closed\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE mosaic_agents gauge"), "{body}");
+    assert_eq!(
+        value_of(&body, "mosaic_jobs{state=\"PENDING\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(body.contains("# TYPE mosaic_peers gauge"), "{body}");
+
+    let (not_found, _) = http_get(metrics_address, "/other").await;
+    assert_eq!(not_found, "HTTP/1.1 404 Not Found");
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scrape_counts_calls_by_code_on_sqlite() {
+    scrape_counts_calls_by_code(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scrape_counts_calls_by_code_on_postgres() {
+    scrape_counts_calls_by_code(Backend::Postgres).await;
+}
