@@ -358,9 +358,21 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn execute_command(
         &self,
-        _request: Request<pb::ExecuteCommandRequest>,
+        request: Request<pb::ExecuteCommandRequest>,
     ) -> Result<Response<pb::ExecuteCommandResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let tls_key = peer_certificate_key(&request)?;
+        let envelope = self
+            .shared
+            .federation
+            .receive_command(
+                &self.shared.agents,
+                request.get_ref().envelope.as_ref(),
+                &tls_key,
+            )
+            .await?;
+        Ok(Response::new(pb::ExecuteCommandResponse {
+            envelope: Some(envelope),
+        }))
     }
 
     async fn ping(
