@@ -5,6 +5,7 @@
 mod agents;
 mod api_keys;
 mod cli;
+mod commands;
 mod faults;
 mod identity;
 mod peer_cli;

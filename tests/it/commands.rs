@@ -1,0 +1,334 @@
+//! Signed commands received from a peer (ExecuteCommand) over real mutual TLS:
+//! a hand-made peer with its own key sends well-formed and hostile envelopes;
+//! each refusal is checked for its status AND for having changed nothing.
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::federation::envelope;
+use mosaic_mesh::proto::agent as agent_pb;
+use mosaic_mesh::proto::federation as pb;
+use mosaic_mesh::proto::federation::federation_client::FederationClient;
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::support::Backend;
+use crate::support::agents::{Agents, with_agent_types};
+use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::peer::TestPeer;
+
+/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_spawn_retried_with_the_same_bytes_makes_one_agent,
+    a_reused_message_id_with_other_bytes_is_already_exists,
+    status_and_kill_of_a_local_agent_are_not_found,
+    a_capability_not_granted_is_permission_denied,
+    a_flipped_signature_bit_is_unauthenticated,
+    an_unknown_command_type_is_invalid_argument,
+    a_suspended_connection_is_failed_precondition,
+    a_command_for_another_instance_is_permission_denied,
+);
+
+/// Daemon B with the test agent types, a hand-made peer connected to it in
+/// workspace `ws` (ACTIVE, with `grants`), and what the tests need.
+struct Setup {
+    environment: TestEnvironment,
+    daemon: TestDaemon,
+    peer: TestPeer,
+    client: FederationClient<Channel>,
+    admin: FederationClient<Channel>,
+    admin_key: String,
+    agents: Agents,
+    daemon_id: String,
+    connection_id: String,
+}
+
+impl Setup {
+    async fn new(backend: Backend, grants: &[&str]) -> Setup {
+        let environment = TestEnvironment::new(backend).await;
+        let daemon = environment
+            .start_peer(0, |config| *config = with_agent_types(config.clone()))
+            .await;
+        let admin_key = daemon.api_key(&[Scope::Admin]).await;
+        let mut admin = FederationClient::new(daemon.channel().await);
+        let instance = admin
+            .get_instance(pb::GetInstanceRequest {})
+            .await
+            .expect("instance")
+            .into_inner()
+            .instance
+            .expect("instance");
+        let peer = TestPeer::new("peer").await;
+        let mut client = FederationClient::new(peer.channel_to(&daemon).await);
+        let request = peer.connection_request(&instance.instance_id, "ws");
+        let sealed = envelope::seal(&request, peer.current().as_ref()).expect("seal");
+        let reply = client
+            .request_connection(pb::RequestConnectionRequest {
+                envelope: Some(sealed),
+            })
+            .await
+            .expect("connection request")
+            .into_inner()
+            .envelope
+            .expect("reply");
+        let reply = pb::ConnectionReplyPayload::decode(reply.payload.as_slice()).expect("reply");
+        admin
+            .accept_connection(with_key(
+                pb::AcceptConnectionRequest {
+                    connection_id: reply.connection_id.clone(),
+                    granted_capabilities: grants.iter().map(|g| (*g).to_owned()).collect(),
+                },
+                &admin_key,
+            ))
+            .await
+            .expect("accept");
+        let agents = Agents::new(
+            daemon.channel().await,
+            daemon.api_key(&[Scope::Agents]).await,
+        );
+        Setup {
+            environment,
+            daemon,
+            peer,
+            client,
+            admin,
+            admin_key,
+            agents,
+            daemon_id: instance.instance_id,
+            connection_id: reply.connection_id,
+        }
+    }
+
+    fn command(&self, command: pb::command_payload::Command) -> pb::CommandPayload {
+        let key_id = self.peer.current().public_key().key_id();
+        pb::CommandPayload {
+            header: Some(self.peer.header(&self.daemon_id, "ws", key_id)),
+            command: Some(command),
+        }
+    }
+
+    fn seal(&self, payload: &pb::CommandPayload) -> pb::SignedEnvelope {
+        envelope::seal(payload, self.peer.current().as_ref()).expect("seal")
+    }
+
+    async fn send(
+        &mut self,
+        sealed: pb::SignedEnvelope,
+    ) -> Result<pb::SignedEnvelope, tonic::Status> {
+        self.client
+            .execute_command(pb::ExecuteCommandRequest {
+                envelope: Some(sealed),
+            })
+            .await
+            .map(|response| response.into_inner().envelope.expect("envelope"))
+    }
+
+    async fn agent_count(&mut self) -> usize {
+        self.agents
+            .list(agent_pb::ListAgentsRequest::default())
+            .await
+            .expect("list")
+            .agents
+            .len()
+    }
+
+    async fn finish(self) {
+        drop(self.daemon);
+        self.environment.cleanup().await;
+    }
+}
+
+fn spawn_command(prompt: &str) -> pb::command_payload::Command {
+    pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
+        spawn: Some(agent_pb::SpawnRequest {
+            agent_type: "sh".to_owned(),
+            prompt: prompt.to_owned(),
+            ..agent_pb::SpawnRequest::default()
+        }),
+    })
+}
+
+fn result_of(sealed: &pb::SignedEnvelope) -> pb::CommandResultPayload {
+    pb::CommandResultPayload::decode(sealed.payload.as_slice()).expect("command result")
+}
+
+fn refused(outcome: Result<pb::SignedEnvelope, tonic::Status>) -> tonic::Status {
+    match outcome {
+        Ok(reply) => panic!("expected a refusal, got {:?}", result_of(&reply)),
+        Err(status) => status,
+    }
+}
+
+const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
+
+async fn a_spawn_retried_with_the_same_bytes_makes_one_agent(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let sealed = setup.seal(&setup.command(spawn_command("sleep 30")));
+    let first = setup.send(sealed.clone()).await.expect("spawn");
+    let again = setup.send(sealed).await.expect("retry");
+    assert_eq!(first, again, "the retry gets the stored signed result");
+    let Some(pb::command_result_payload::Outcome::Agent(agent)) = result_of(&first).outcome else {
+        panic!("expected an agent: {:?}", result_of(&first));
+    };
+    assert_eq!(setup.agent_count().await, 1, "one agent, not two");
+    // The peer sees its own agent.
+    let status = setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
+        pb::AgentStatusCommand {
+            agent_id: agent.agent_id.clone(),
+        },
+    )));
+    let reply = result_of(&setup.send(status).await.expect("status"));
+    assert!(
+        matches!(reply.outcome, Some(pb::command_result_payload::Outcome::Agent(ref seen)) if seen.agent_id == agent.agent_id),
+        "{reply:?}"
+    );
+    setup
+        .agents
+        .kill(&agent.agent_id, "test over")
+        .await
+        .expect("kill");
+    setup.finish().await;
+}
+
+async fn a_reused_message_id_with_other_bytes_is_already_exists(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let first = setup.command(spawn_command("true"));
+    setup.send(setup.seal(&first)).await.expect("spawn");
+    let mut other = setup.command(spawn_command("echo other"));
+    other.header = first.header.clone();
+    let status = refused(setup.send(setup.seal(&other)).await);
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(setup.agent_count().await, 1, "no second agent");
+    setup.finish().await;
+}
+
+async fn status_and_kill_of_a_local_agent_are_not_found(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let local = setup
+        .agents
+        .spawn("sh", "sleep 30")
+        .await
+        .expect("local spawn");
+    for command in [
+        pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
+            agent_id: local.agent_id.clone(),
+        }),
+        pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+            agent_id: local.agent_id.clone(),
+            reason: "not yours".to_owned(),
+        }),
+    ] {
+        let reply = result_of(
+            &setup
+                .send(setup.seal(&setup.command(command)))
+                .await
+                .expect("reply"),
+        );
+        let Some(pb::command_result_payload::Outcome::Error(error)) = reply.outcome else {
+            panic!("expected an error: {reply:?}");
+        };
+        assert_eq!(error.code, Code::NotFound as i32, "{error:?}");
+    }
+    let still = setup.agents.get(&local.agent_id).await.expect("get");
+    assert_ne!(
+        still.state,
+        agent_pb::AgentState::Killed as i32,
+        "not killed"
+    );
+    setup
+        .agents
+        .kill(&local.agent_id, "test over")
+        .await
+        .expect("kill");
+    setup.finish().await;
+}
+
+async fn a_capability_not_granted_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, &["agent.status"]).await;
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_flipped_signature_bit_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut sealed = setup.seal(&setup.command(spawn_command("true")));
+    sealed.signature[5] ^= 0x01;
+    let status = refused(setup.send(sealed.clone()).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Nor is the message id burnt: the genuine message still runs.
+    sealed.signature[5] ^= 0x01;
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.send(sealed).await.expect("the genuine message");
+    setup.finish().await;
+}
+
+async fn an_unknown_command_type_is_invalid_argument(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    payload.command = None;
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_suspended_connection_is_failed_precondition(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    setup
+        .admin
+        .suspend_connection(with_key(
+            pb::SuspendConnectionRequest {
+                connection_id: setup.connection_id.clone(),
+                ..pb::SuspendConnectionRequest::default()
+            },
+            &setup.admin_key,
+        ))
+        .await
+        .expect("suspend");
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_for_another_instance_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.recipient_instance_id = "someone-else".to_owned();
+    }
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
