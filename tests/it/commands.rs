@@ -3,6 +3,7 @@
 //! each refusal is checked for its status AND for having changed nothing.
 
 use mosaic_mesh::auth::Scope;
+use mosaic_mesh::clock::{now_ms, timestamp_from_ms};
 use mosaic_mesh::federation::envelope;
 use mosaic_mesh::proto::agent as agent_pb;
 use mosaic_mesh::proto::federation as pb;
@@ -47,6 +48,13 @@ on_both_backends!(
     an_unknown_command_type_is_invalid_argument,
     a_suspended_connection_is_failed_precondition,
     a_command_for_another_instance_is_permission_denied,
+    a_command_without_a_client_certificate_is_unauthenticated,
+    a_peer_without_a_connection_is_permission_denied,
+    a_command_in_another_workspace_is_permission_denied,
+    empty_and_garbage_payloads_are_invalid_argument,
+    stale_future_and_expired_commands_are_deadline_exceeded,
+    an_oversized_prompt_is_an_invalid_argument_result,
+    the_peer_kills_its_own_agent,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -330,5 +338,147 @@ async fn a_command_for_another_instance_is_permission_denied(backend: Backend) {
     let status = refused(setup.send(setup.seal(&payload)).await);
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_without_a_client_certificate_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let sealed = setup.seal(&setup.command(spawn_command("true")));
+    let status = FederationClient::new(setup.daemon.channel().await)
+        .execute_command(pb::ExecuteCommandRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_peer_without_a_connection_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let stranger = TestPeer::new("stranger").await;
+    let payload = pb::CommandPayload {
+        header: Some(stranger.header(
+            &setup.daemon_id,
+            "ws",
+            stranger.current().public_key().key_id(),
+        )),
+        command: Some(spawn_command("true")),
+    };
+    let sealed = envelope::seal(&payload, stranger.current().as_ref()).expect("seal");
+    let status = FederationClient::new(stranger.channel_to(&setup.daemon).await)
+        .execute_command(pb::ExecuteCommandRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_in_another_workspace_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.workspace = "other".to_owned();
+    }
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let genuine = setup.seal(&setup.command(spawn_command("true")));
+    for payload in [Vec::new(), vec![0xff; 64]] {
+        let hostile = pb::SignedEnvelope {
+            payload,
+            ..genuine.clone()
+        };
+        let status = refused(setup.send(hostile).await);
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let truncated = pb::SignedEnvelope {
+        signature: genuine.signature[..10].to_vec(),
+        ..genuine.clone()
+    };
+    let status = refused(setup.send(truncated).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn stale_future_and_expired_commands_are_deadline_exceeded(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let now = now_ms();
+    for (issued, expires) in [
+        (now - 600_000, now + 60_000),
+        (now + 7_200_000, now + 7_260_000),
+        (now - 120_000, now - 60_000),
+    ] {
+        let mut payload = setup.command(spawn_command("true"));
+        if let Some(header) = payload.header.as_mut() {
+            header.issued_at = Some(timestamp_from_ms(issued));
+            header.expires_at = Some(timestamp_from_ms(expires));
+        }
+        let status = refused(setup.send(setup.seal(&payload)).await);
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn an_oversized_prompt_is_an_invalid_argument_result(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let prompt = "x".repeat(8192);
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(spawn_command(&prompt))))
+            .await
+            .expect("reply"),
+    );
+    let Some(pb::command_result_payload::Outcome::Error(error)) = reply.outcome else {
+        panic!("expected an error: {reply:?}");
+    };
+    assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn the_peer_kills_its_own_agent(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(spawn_command("sleep 30"))))
+            .await
+            .expect("spawn"),
+    );
+    let Some(pb::command_result_payload::Outcome::Agent(agent)) = reply.outcome else {
+        panic!("expected an agent: {reply:?}");
+    };
+    let kill = pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+        agent_id: agent.agent_id.clone(),
+        reason: "done".to_owned(),
+    });
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(kill)))
+            .await
+            .expect("kill"),
+    );
+    assert!(
+        matches!(
+            reply.outcome,
+            Some(pb::command_result_payload::Outcome::Agent(_))
+        ),
+        "{reply:?}"
+    );
+    setup
+        .agents
+        .wait_for_state(&agent.agent_id, agent_pb::AgentState::Killed)
+        .await;
     setup.finish().await;
 }
