@@ -709,13 +709,12 @@ async fn forged_stale_misaddressed_and_replayed_requests_are_refused(backend: Ba
         .expect_err("no connection");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    // Signed commands are another issue's work, and say so.
+    // A command without an envelope is malformed (tests/it/commands.rs has the rest).
     let status = client
         .execute_command(pb::ExecuteCommandRequest { envelope: None })
         .await
-        .expect_err("not yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("signed commands"), "{status:?}");
+        .expect_err("malformed");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     b.stop().await;
     environment.cleanup().await;
