@@ -205,3 +205,111 @@ async fn own_agent(
         _ => Err(AgentError::NotFound(agent_id.to_owned())),
     }
 }
+
+/// Most ACTIVE connections looked at when choosing the one to a peer.
+const MAX_CONNECTIONS_SCANNED: i64 = 1000;
+
+impl Federation {
+    /// The ACTIVE connection to `peer_instance_id`, in `workspace` when given;
+    /// without a workspace there must be exactly one.
+    async fn active_connection_to(
+        &self,
+        peer_instance_id: &str,
+        workspace: Option<&str>,
+    ) -> Result<crate::store::ConnectionRecord, FederationError> {
+        let filter = crate::store::ConnectionFilter {
+            workspace: workspace.map(str::to_owned),
+            state: Some(ConnectionState::Active),
+            after: None,
+            limit: MAX_CONNECTIONS_SCANNED,
+        };
+        let mut matching: Vec<_> = self
+            .store
+            .list_connections(&filter)
+            .await?
+            .into_iter()
+            .filter(|connection| connection.remote_instance_id == peer_instance_id)
+            .collect();
+        match matching.len() {
+            0 => Err(FederationError::FailedPrecondition(
+                "no ACTIVE connection with that peer (in that workspace)".into(),
+            )),
+            1 => Ok(matching.remove(0)),
+            _ => Err(FederationError::InvalidArgument(
+                "the peer is connected in several workspaces; name one with workspace".into(),
+            )),
+        }
+    }
+
+    /// Signs `command` for the peer, sends it within the call deadline, and
+    /// returns the outcome of the peer's verified signed result. A CommandError
+    /// becomes [`FederationError::Peer`] with the peer's code.
+    pub async fn send_command(
+        &self,
+        peer_instance_id: &str,
+        workspace: Option<&str>,
+        command: pb::command_payload::Command,
+    ) -> Result<pb::command_result_payload::Outcome, FederationError> {
+        if peer_instance_id.is_empty() {
+            return Err(FederationError::InvalidArgument(
+                "peer_instance_id is required".into(),
+            ));
+        }
+        let connection = self
+            .active_connection_to(
+                peer_instance_id,
+                workspace.filter(|named| !named.is_empty()),
+            )
+            .await?;
+        let identity = self.identity.current();
+        let routing = self.routing(
+            &identity,
+            &connection.remote_instance_id,
+            &connection.workspace,
+        );
+        let header = envelope::new_header(&routing, identity.public_key().key_id());
+        let message_id = header.message_id.clone();
+        let payload = pb::CommandPayload {
+            header: Some(header),
+            command: Some(command),
+        };
+        let sealed = envelope::seal(&payload, identity.as_ref())?;
+        let trusted = self.trusted_keys(&connection).await?;
+        let pins: Vec<PublicKey> = trusted.iter().map(|trusted| trusted.key.clone()).collect();
+        let mut client = self
+            .clients
+            .pinned(&connection.remote_url, &pins)
+            .await
+            .map_err(super::peering::peer_error)?;
+        let response = client
+            .execute_command(self.clients.request(pb::ExecuteCommandRequest {
+                envelope: Some(sealed),
+            }))
+            .await
+            .map_err(super::peering::peer_status)?
+            .into_inner();
+        let verified = envelope::open_reply::<pb::CommandResultPayload>(
+            response.envelope.as_ref(),
+            &identity.instance_id,
+            &connection.remote_instance_id,
+            &connection.workspace,
+            &trusted,
+            self.now(),
+        )
+        .map_err(|error| FederationError::BadReply(error.to_string()))?;
+        if verified.payload.command_message_id != message_id {
+            return Err(FederationError::BadReply(
+                "the result answers another command".into(),
+            ));
+        }
+        match verified.payload.outcome {
+            Some(pb::command_result_payload::Outcome::Error(error)) => Err(FederationError::Peer(
+                tonic::Status::new(tonic::Code::from(error.code), error.message),
+            )),
+            Some(outcome) => Ok(outcome),
+            None => Err(FederationError::BadReply(
+                "the result carries no outcome".into(),
+            )),
+        }
+    }
+}

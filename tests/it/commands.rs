@@ -55,6 +55,7 @@ on_both_backends!(
     stale_future_and_expired_commands_are_deadline_exceeded,
     an_oversized_prompt_is_an_invalid_argument_result,
     the_peer_kills_its_own_agent,
+    three_daemons_spawn_watch_kill_and_suspend,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -481,4 +482,153 @@ async fn the_peer_kills_its_own_agent(backend: Backend) {
         .wait_for_state(&agent.agent_id, agent_pb::AgentState::Killed)
         .await;
     setup.finish().await;
+}
+
+/// A spawns on B, watches it run and kills it; C, also connected to B, can
+/// neither see nor kill A's agent; once B suspends A, A's commands fail.
+async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
+    use crate::peering::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1]
+        .start_peer(0, |config| *config = with_agent_types(config.clone()))
+        .await;
+    let c = environments[2].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b, admin_c) = (
+        Admin::of(&a).await,
+        Admin::of(&b).await,
+        Admin::of(&c).await,
+    );
+    let b_id = admin_b.instance().await.instance_id;
+    let (_, b_side_of_a) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+    // C's connection is in its own workspace so that B's operator view of
+    // each workspace holds one connection.
+    connect_and_accept(&admin_c, &admin_b, &b, "ws-c", ALL).await;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let key_c = c.api_key(&[Scope::Admin]).await;
+    let mut client_a = FederationClient::new(a.channel().await);
+    let mut client_c = FederationClient::new(c.channel().await);
+
+    let agent = client_a
+        .spawn_remote_agent(with_key(
+            pb::SpawnRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                spawn: Some(agent_pb::SpawnRequest {
+                    agent_type: "sh".to_owned(),
+                    prompt: "sleep 30".to_owned(),
+                    ..agent_pb::SpawnRequest::default()
+                }),
+                ..pb::SpawnRemoteAgentRequest::default()
+            },
+            &key_a,
+        ))
+        .await
+        .expect("remote spawn")
+        .into_inner()
+        .agent
+        .expect("agent");
+    let get = |agent_id: &str, key: &str| {
+        with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                workspace: String::new(),
+                agent_id: agent_id.to_owned(),
+            },
+            key,
+        )
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect("remote status")
+            .into_inner()
+            .agent
+            .expect("agent");
+        if seen.state == agent_pb::AgentState::Running as i32 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never RUNNING: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // C cannot see or kill A's agent, and cannot tell that it exists.
+    let status = client_c
+        .get_remote_agent(get(&agent.agent_id, &key_c))
+        .await
+        .expect_err("hidden");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client_c
+        .kill_remote_agent(with_key(
+            pb::KillRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                agent_id: agent.agent_id.clone(),
+                ..pb::KillRemoteAgentRequest::default()
+            },
+            &key_c,
+        ))
+        .await
+        .expect_err("hidden");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    client_a
+        .kill_remote_agent(with_key(
+            pb::KillRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                agent_id: agent.agent_id.clone(),
+                reason: "done".to_owned(),
+                ..pb::KillRemoteAgentRequest::default()
+            },
+            &key_a,
+        ))
+        .await
+        .expect("remote kill");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect("remote status")
+            .into_inner()
+            .agent
+            .expect("agent");
+        if seen.state == agent_pb::AgentState::Killed as i32 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never KILLED: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // B suspends A: B refuses A's commands while its own row is SUSPENDED.
+    admin_b.suspend(&b_side_of_a).await.expect("suspend");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect_err("suspended");
+        if status.code() == Code::FailedPrecondition {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unexpected: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop((a, b, c));
+    for environment in environments {
+        environment.cleanup().await;
+    }
 }
