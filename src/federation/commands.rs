@@ -243,13 +243,14 @@ impl Federation {
 
     /// Signs `command` for the peer, sends it within the call deadline, and
     /// returns the outcome of the peer's verified signed result. A CommandError
-    /// becomes [`FederationError::Peer`] with the peer's code.
+    /// becomes [`FederationError::Peer`] with the peer's code. Returns the
+    /// command's message id with the outcome.
     pub async fn send_command(
         &self,
         peer_instance_id: &str,
         workspace: Option<&str>,
         command: pb::command_payload::Command,
-    ) -> Result<pb::command_result_payload::Outcome, FederationError> {
+    ) -> Result<(String, pb::command_result_payload::Outcome), FederationError> {
         if peer_instance_id.is_empty() {
             return Err(FederationError::InvalidArgument(
                 "peer_instance_id is required".into(),
@@ -306,7 +307,7 @@ impl Federation {
             Some(pb::command_result_payload::Outcome::Error(error)) => Err(FederationError::Peer(
                 tonic::Status::new(tonic::Code::from(error.code), error.message),
             )),
-            Some(outcome) => Ok(outcome),
+            Some(outcome) => Ok((message_id, outcome)),
             None => Err(FederationError::BadReply(
                 "the result carries no outcome".into(),
             )),

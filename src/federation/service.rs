@@ -303,12 +303,12 @@ impl pb::federation_server::Federation for FederationService {
         let command = pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
             spawn: Some(request.spawn.unwrap_or_default()),
         });
-        let agent = self
+        let (message_id, agent) = self
             .remote_agent(&request.peer_instance_id, &request.workspace, command)
             .await?;
         Ok(Response::new(pb::SpawnRemoteAgentResponse {
             agent: Some(agent),
-            message_id: String::new(),
+            message_id,
         }))
     }
 
@@ -320,7 +320,7 @@ impl pb::federation_server::Federation for FederationService {
         let command = pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
             agent_id: request.agent_id,
         });
-        let agent = self
+        let (_, agent) = self
             .remote_agent(&request.peer_instance_id, &request.workspace, command)
             .await?;
         Ok(Response::new(pb::GetRemoteAgentResponse {
@@ -337,7 +337,7 @@ impl pb::federation_server::Federation for FederationService {
             agent_id: request.agent_id,
             reason: request.reason,
         });
-        let agent = self
+        let (_, agent) = self
             .remote_agent(&request.peer_instance_id, &request.workspace, command)
             .await?;
         Ok(Response::new(pb::KillRemoteAgentResponse {
@@ -360,7 +360,7 @@ impl pb::federation_server::Federation for FederationService {
             .send_command(&request.peer_instance_id, Some(&request.workspace), command)
             .await?
         {
-            pb::command_result_payload::Outcome::AgentList(list) => {
+            (_, pb::command_result_payload::Outcome::AgentList(list)) => {
                 Ok(Response::new(pb::ListRemoteAgentsResponse {
                     agents: list.agents,
                     next_page_token: list.next_page_token,
@@ -451,14 +451,16 @@ impl FederationService {
         peer_instance_id: &str,
         workspace: &str,
         command: pb::command_payload::Command,
-    ) -> Result<crate::proto::agent::Agent, Status> {
+    ) -> Result<(String, crate::proto::agent::Agent), Status> {
         match self
             .shared
             .federation
             .send_command(peer_instance_id, Some(workspace), command)
             .await?
         {
-            pb::command_result_payload::Outcome::Agent(agent) => Ok(agent),
+            (message_id, pb::command_result_payload::Outcome::Agent(agent)) => {
+                Ok((message_id, agent))
+            }
             _ => Err(Status::internal(
                 "the peer answered with something other than an agent",
             )),
