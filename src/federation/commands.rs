@@ -314,3 +314,34 @@ impl Federation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_command_type_needs_its_own_capability() {
+        use pb::command_payload::Command;
+        let cases = [
+            (
+                Command::AgentSpawn(pb::AgentSpawnCommand::default()),
+                "agent.spawn",
+            ),
+            (
+                Command::AgentStatus(pb::AgentStatusCommand::default()),
+                "agent.status",
+            ),
+            (
+                Command::AgentKill(pb::AgentKillCommand::default()),
+                "agent.kill",
+            ),
+            (
+                Command::AgentList(pb::AgentListCommand::default()),
+                "agent.list",
+            ),
+        ];
+        for (command, capability) in cases {
+            assert_eq!(command_capability(&command), capability);
+        }
+    }
+}

@@ -56,6 +56,7 @@ on_both_backends!(
     an_oversized_prompt_is_an_invalid_argument_result,
     the_peer_kills_its_own_agent,
     three_daemons_spawn_watch_kill_and_suspend,
+    a_peer_that_is_down_is_unavailable_within_the_deadline,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -628,6 +629,45 @@ async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     drop((a, b, c));
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend) {
+    use crate::peering::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+    b.stop().await;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let started = std::time::Instant::now();
+    let status = FederationClient::new(a.channel().await)
+        .get_remote_agent(with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: b_id,
+                workspace: String::new(),
+                agent_id: "any".to_owned(),
+            },
+            &key_a,
+        ))
+        .await
+        .expect_err("down");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "within the deadline"
+    );
+    drop(a);
     for environment in environments {
         environment.cleanup().await;
     }
