@@ -57,6 +57,7 @@ on_both_backends!(
     the_peer_kills_its_own_agent,
     three_daemons_spawn_watch_kill_and_suspend,
     a_peer_that_is_down_is_unavailable_within_the_deadline,
+    a_command_signed_with_another_key_is_unauthenticated,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -671,4 +672,20 @@ async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend
     for environment in environments {
         environment.cleanup().await;
     }
+}
+
+async fn a_command_signed_with_another_key_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    // Names the connected peer as sender but is signed by another instance's
+    // key (which is also not the TLS key of the channel).
+    let other = TestPeer::new("other").await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.key_id = other.current().public_key().key_id();
+    }
+    let sealed = envelope::seal(&payload, other.current().as_ref()).expect("seal");
+    let status = refused(setup.send(sealed).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
 }
