@@ -4,12 +4,14 @@
 //!
 //! - [`envelope`]: the signed envelope and the receiver's checks (pure).
 //! - [`state`]: the connection state machine (pure).
+//! - [`commands`]: signed commands from peers (ExecuteCommand, receiver side).
 //! - [`dial`]: the allow/deny CIDR lists for dialing peers (pure).
 //! - [`peer_client`]: cached mutual-TLS channels to peers.
 //! - [`peering`]: the handshake, operator changes and inbound notices and pings.
 //! - [`outbox`]: notice delivery with retries, liveness pings, pruning.
 //! - [`service`]: the gRPC handlers.
 
+pub mod commands;
 pub mod dial;
 pub mod envelope;
 mod error;

@@ -122,7 +122,7 @@ impl Federation {
         (self.clock)()
     }
 
-    fn window_ms(&self) -> i64 {
+    pub(super) fn window_ms(&self) -> i64 {
         i64::try_from(self.config.clock_window.as_millis()).unwrap_or(i64::MAX)
     }
 
@@ -906,7 +906,7 @@ impl Federation {
 
     /// The stored reply for an identical retry; ALREADY_EXISTS for a message id
     /// reused with other bytes; `None` for a new message id.
-    async fn replayed<P: Payload>(
+    pub(super) async fn replayed<P: Payload>(
         &self,
         verified: &Verified<P>,
     ) -> Result<Option<pb::SignedEnvelope>, FederationError> {
@@ -924,7 +924,7 @@ impl Federation {
     }
 
     /// After a concurrent write recorded the same message id first.
-    async fn replay_after_race(
+    pub(super) async fn replay_after_race(
         &self,
         header: &pb::EnvelopeHeader,
         digest: &[u8],
@@ -965,7 +965,7 @@ fn stored_reply(seen: SeenMessage, digest: &[u8]) -> Result<pb::SignedEnvelope, 
     }
 }
 
-fn seen_message(
+pub(super) fn seen_message(
     header: &pb::EnvelopeHeader,
     digest: Vec<u8>,
     reply: Option<&pb::SignedEnvelope>,
@@ -1010,7 +1010,7 @@ fn event(
     }
 }
 
-fn no_connection() -> FederationError {
+pub(super) fn no_connection() -> FederationError {
     FederationError::PermissionDenied("no open connection with the sender in that workspace".into())
 }
 

@@ -293,30 +293,83 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn spawn_remote_agent(
         &self,
-        _request: Request<pb::SpawnRemoteAgentRequest>,
+        request: Request<pb::SpawnRemoteAgentRequest>,
     ) -> Result<Response<pb::SpawnRemoteAgentResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let request = request.into_inner();
+        if !request.message_id.is_empty() {
+            // Re-sending the same signed bytes needs the outgoing command log.
+            return Err(not_yet("retrying a remote spawn by message_id"));
+        }
+        let command = pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
+            spawn: Some(request.spawn.unwrap_or_default()),
+        });
+        let (message_id, agent) = self
+            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .await?;
+        Ok(Response::new(pb::SpawnRemoteAgentResponse {
+            agent: Some(agent),
+            message_id,
+        }))
     }
 
     async fn get_remote_agent(
         &self,
-        _request: Request<pb::GetRemoteAgentRequest>,
+        request: Request<pb::GetRemoteAgentRequest>,
     ) -> Result<Response<pb::GetRemoteAgentResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let request = request.into_inner();
+        let command = pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
+            agent_id: request.agent_id,
+        });
+        let (_, agent) = self
+            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .await?;
+        Ok(Response::new(pb::GetRemoteAgentResponse {
+            agent: Some(agent),
+        }))
     }
 
     async fn kill_remote_agent(
         &self,
-        _request: Request<pb::KillRemoteAgentRequest>,
+        request: Request<pb::KillRemoteAgentRequest>,
     ) -> Result<Response<pb::KillRemoteAgentResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let request = request.into_inner();
+        let command = pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+            agent_id: request.agent_id,
+            reason: request.reason,
+        });
+        let (_, agent) = self
+            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .await?;
+        Ok(Response::new(pb::KillRemoteAgentResponse {
+            agent: Some(agent),
+        }))
     }
 
     async fn list_remote_agents(
         &self,
-        _request: Request<pb::ListRemoteAgentsRequest>,
+        request: Request<pb::ListRemoteAgentsRequest>,
     ) -> Result<Response<pb::ListRemoteAgentsResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let request = request.into_inner();
+        let command = pb::command_payload::Command::AgentList(pb::AgentListCommand {
+            page_size: request.page_size,
+            page_token: request.page_token,
+        });
+        match self
+            .shared
+            .federation
+            .send_command(&request.peer_instance_id, Some(&request.workspace), command)
+            .await?
+        {
+            (_, pb::command_result_payload::Outcome::AgentList(list)) => {
+                Ok(Response::new(pb::ListRemoteAgentsResponse {
+                    agents: list.agents,
+                    next_page_token: list.next_page_token,
+                }))
+            }
+            _ => Err(Status::internal(
+                "the peer answered a list with something else",
+            )),
+        }
     }
 
     async fn list_command_log(
@@ -358,9 +411,21 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn execute_command(
         &self,
-        _request: Request<pb::ExecuteCommandRequest>,
+        request: Request<pb::ExecuteCommandRequest>,
     ) -> Result<Response<pb::ExecuteCommandResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let tls_key = peer_certificate_key(&request)?;
+        let envelope = self
+            .shared
+            .federation
+            .receive_command(
+                &self.shared.agents,
+                request.get_ref().envelope.as_ref(),
+                &tls_key,
+            )
+            .await?;
+        Ok(Response::new(pb::ExecuteCommandResponse {
+            envelope: Some(envelope),
+        }))
     }
 
     async fn ping(
@@ -380,6 +445,28 @@ impl pb::federation_server::Federation for FederationService {
 }
 
 impl FederationService {
+    /// Sends a command whose result is one agent.
+    async fn remote_agent(
+        &self,
+        peer_instance_id: &str,
+        workspace: &str,
+        command: pb::command_payload::Command,
+    ) -> Result<(String, crate::proto::agent::Agent), Status> {
+        match self
+            .shared
+            .federation
+            .send_command(peer_instance_id, Some(workspace), command)
+            .await?
+        {
+            (message_id, pb::command_result_payload::Outcome::Agent(agent)) => {
+                Ok((message_id, agent))
+            }
+            _ => Err(Status::internal(
+                "the peer answered with something other than an agent",
+            )),
+        }
+    }
+
     async fn operator_action(
         &self,
         connection_id: &str,

@@ -54,20 +54,20 @@ on_both_backends!(
 );
 
 /// An operator's view of one daemon: an admin API key and a client.
-struct Admin {
+pub(crate) struct Admin {
     client: FederationClient<Channel>,
     key: String,
 }
 
 impl Admin {
-    async fn of(daemon: &TestDaemon) -> Admin {
+    pub(crate) async fn of(daemon: &TestDaemon) -> Admin {
         Admin {
             client: FederationClient::new(daemon.channel().await),
             key: daemon.api_key(&[Scope::Admin]).await,
         }
     }
 
-    async fn instance(&self) -> pb::Instance {
+    pub(crate) async fn instance(&self) -> pb::Instance {
         self.client
             .clone()
             .get_instance(pb::GetInstanceRequest {})
@@ -78,7 +78,7 @@ impl Admin {
             .expect("instance")
     }
 
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         url: &str,
         workspace: &str,
@@ -99,7 +99,7 @@ impl Admin {
             .map(|response| response.into_inner().connection.expect("connection"))
     }
 
-    async fn list(&self) -> Vec<pb::Connection> {
+    pub(crate) async fn list(&self) -> Vec<pb::Connection> {
         self.client
             .clone()
             .list_connections(with_key(pb::ListConnectionsRequest::default(), &self.key))
@@ -109,7 +109,7 @@ impl Admin {
             .connections
     }
 
-    async fn get(&self, connection_id: &str) -> pb::GetConnectionResponse {
+    pub(crate) async fn get(&self, connection_id: &str) -> pb::GetConnectionResponse {
         self.client
             .clone()
             .get_connection(with_key(
@@ -123,7 +123,11 @@ impl Admin {
             .into_inner()
     }
 
-    async fn accept(&self, id: &str, grants: &[&str]) -> Result<pb::Connection, tonic::Status> {
+    pub(crate) async fn accept(
+        &self,
+        id: &str,
+        grants: &[&str],
+    ) -> Result<pb::Connection, tonic::Status> {
         let request = pb::AcceptConnectionRequest {
             connection_id: id.to_owned(),
             granted_capabilities: grants.iter().map(|grant| (*grant).to_owned()).collect(),
@@ -135,7 +139,7 @@ impl Admin {
             .map(|response| response.into_inner().connection.expect("connection"))
     }
 
-    async fn reject(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
+    pub(crate) async fn reject(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
         let request = pb::RejectConnectionRequest {
             connection_id: id.to_owned(),
             reason: "not today".to_owned(),
@@ -147,7 +151,7 @@ impl Admin {
             .map(|response| response.into_inner().connection.expect("connection"))
     }
 
-    async fn suspend(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
+    pub(crate) async fn suspend(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
         let request = pb::SuspendConnectionRequest {
             connection_id: id.to_owned(),
             reason: "maintenance".to_owned(),
@@ -159,7 +163,7 @@ impl Admin {
             .map(|response| response.into_inner().connection.expect("connection"))
     }
 
-    async fn resume(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
+    pub(crate) async fn resume(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
         let request = pb::ResumeConnectionRequest {
             connection_id: id.to_owned(),
         };
@@ -170,7 +174,7 @@ impl Admin {
             .map(|response| response.into_inner().connection.expect("connection"))
     }
 
-    async fn disconnect(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
+    pub(crate) async fn disconnect(&self, id: &str) -> Result<pb::Connection, tonic::Status> {
         let request = pb::DisconnectConnectionRequest {
             connection_id: id.to_owned(),
             reason: "done".to_owned(),
@@ -183,7 +187,7 @@ impl Admin {
     }
 
     /// Polls the connection until `ready` holds, failing after [`PATIENCE`].
-    async fn wait_for(
+    pub(crate) async fn wait_for(
         &self,
         connection_id: &str,
         what: &str,
@@ -207,7 +211,7 @@ impl Admin {
         }
     }
 
-    async fn wait_for_state(
+    pub(crate) async fn wait_for_state(
         &self,
         connection_id: &str,
         state: pb::ConnectionState,
@@ -219,7 +223,7 @@ impl Admin {
     }
 
     /// The one connection in `workspace` that is not terminal.
-    async fn open_in(&self, workspace: &str) -> pb::Connection {
+    pub(crate) async fn open_in(&self, workspace: &str) -> pb::Connection {
         let open: Vec<pb::Connection> = self
             .list()
             .await
@@ -239,7 +243,7 @@ impl Admin {
 
 /// A connects to B in `workspace`, B accepts with `grants`; returns the
 /// connection ids on A and on B once both are ACTIVE.
-async fn connect_and_accept(
+pub(crate) async fn connect_and_accept(
     admin_a: &Admin,
     admin_b: &Admin,
     b: &TestDaemon,
@@ -709,13 +713,12 @@ async fn forged_stale_misaddressed_and_replayed_requests_are_refused(backend: Ba
         .expect_err("no connection");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
-    // Signed commands are another issue's work, and say so.
+    // A command without an envelope is malformed (tests/it/commands.rs has the rest).
     let status = client
         .execute_command(pb::ExecuteCommandRequest { envelope: None })
         .await
-        .expect_err("not yet");
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert!(status.message().contains("signed commands"), "{status:?}");
+        .expect_err("malformed");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
     b.stop().await;
     environment.cleanup().await;

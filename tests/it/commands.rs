@@ -1,0 +1,691 @@
+//! Signed commands received from a peer (ExecuteCommand) over real mutual TLS:
+//! a hand-made peer with its own key sends well-formed and hostile envelopes;
+//! each refusal is checked for its status AND for having changed nothing.
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::clock::{now_ms, timestamp_from_ms};
+use mosaic_mesh::federation::envelope;
+use mosaic_mesh::proto::agent as agent_pb;
+use mosaic_mesh::proto::federation as pb;
+use mosaic_mesh::proto::federation::federation_client::FederationClient;
+use prost::Message;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::support::Backend;
+use crate::support::agents::{Agents, with_agent_types};
+use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::peer::TestPeer;
+
+/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_spawn_retried_with_the_same_bytes_makes_one_agent,
+    a_reused_message_id_with_other_bytes_is_already_exists,
+    status_and_kill_of_a_local_agent_are_not_found,
+    a_capability_not_granted_is_permission_denied,
+    a_flipped_signature_bit_is_unauthenticated,
+    an_unknown_command_type_is_invalid_argument,
+    a_suspended_connection_is_failed_precondition,
+    a_command_for_another_instance_is_permission_denied,
+    a_command_without_a_client_certificate_is_unauthenticated,
+    a_peer_without_a_connection_is_permission_denied,
+    a_command_in_another_workspace_is_permission_denied,
+    empty_and_garbage_payloads_are_invalid_argument,
+    stale_future_and_expired_commands_are_deadline_exceeded,
+    an_oversized_prompt_is_an_invalid_argument_result,
+    the_peer_kills_its_own_agent,
+    three_daemons_spawn_watch_kill_and_suspend,
+    a_peer_that_is_down_is_unavailable_within_the_deadline,
+    a_command_signed_with_another_key_is_unauthenticated,
+);
+
+/// Daemon B with the test agent types, a hand-made peer connected to it in
+/// workspace `ws` (ACTIVE, with `grants`), and what the tests need.
+struct Setup {
+    environment: TestEnvironment,
+    daemon: TestDaemon,
+    peer: TestPeer,
+    client: FederationClient<Channel>,
+    admin: FederationClient<Channel>,
+    admin_key: String,
+    agents: Agents,
+    daemon_id: String,
+    connection_id: String,
+}
+
+impl Setup {
+    async fn new(backend: Backend, grants: &[&str]) -> Setup {
+        let environment = TestEnvironment::new(backend).await;
+        let daemon = environment
+            .start_peer(0, |config| *config = with_agent_types(config.clone()))
+            .await;
+        let admin_key = daemon.api_key(&[Scope::Admin]).await;
+        let mut admin = FederationClient::new(daemon.channel().await);
+        let instance = admin
+            .get_instance(pb::GetInstanceRequest {})
+            .await
+            .expect("instance")
+            .into_inner()
+            .instance
+            .expect("instance");
+        let peer = TestPeer::new("peer").await;
+        let mut client = FederationClient::new(peer.channel_to(&daemon).await);
+        let request = peer.connection_request(&instance.instance_id, "ws");
+        let sealed = envelope::seal(&request, peer.current().as_ref()).expect("seal");
+        let reply = client
+            .request_connection(pb::RequestConnectionRequest {
+                envelope: Some(sealed),
+            })
+            .await
+            .expect("connection request")
+            .into_inner()
+            .envelope
+            .expect("reply");
+        let reply = pb::ConnectionReplyPayload::decode(reply.payload.as_slice()).expect("reply");
+        admin
+            .accept_connection(with_key(
+                pb::AcceptConnectionRequest {
+                    connection_id: reply.connection_id.clone(),
+                    granted_capabilities: grants.iter().map(|g| (*g).to_owned()).collect(),
+                },
+                &admin_key,
+            ))
+            .await
+            .expect("accept");
+        let agents = Agents::new(
+            daemon.channel().await,
+            daemon.api_key(&[Scope::Agents]).await,
+        );
+        Setup {
+            environment,
+            daemon,
+            peer,
+            client,
+            admin,
+            admin_key,
+            agents,
+            daemon_id: instance.instance_id,
+            connection_id: reply.connection_id,
+        }
+    }
+
+    fn command(&self, command: pb::command_payload::Command) -> pb::CommandPayload {
+        let key_id = self.peer.current().public_key().key_id();
+        pb::CommandPayload {
+            header: Some(self.peer.header(&self.daemon_id, "ws", key_id)),
+            command: Some(command),
+        }
+    }
+
+    fn seal(&self, payload: &pb::CommandPayload) -> pb::SignedEnvelope {
+        envelope::seal(payload, self.peer.current().as_ref()).expect("seal")
+    }
+
+    async fn send(
+        &mut self,
+        sealed: pb::SignedEnvelope,
+    ) -> Result<pb::SignedEnvelope, tonic::Status> {
+        self.client
+            .execute_command(pb::ExecuteCommandRequest {
+                envelope: Some(sealed),
+            })
+            .await
+            .map(|response| response.into_inner().envelope.expect("envelope"))
+    }
+
+    async fn agent_count(&mut self) -> usize {
+        self.agents
+            .list(agent_pb::ListAgentsRequest::default())
+            .await
+            .expect("list")
+            .agents
+            .len()
+    }
+
+    async fn finish(self) {
+        drop(self.daemon);
+        self.environment.cleanup().await;
+    }
+}
+
+fn spawn_command(prompt: &str) -> pb::command_payload::Command {
+    pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
+        spawn: Some(agent_pb::SpawnRequest {
+            agent_type: "sh".to_owned(),
+            prompt: prompt.to_owned(),
+            ..agent_pb::SpawnRequest::default()
+        }),
+    })
+}
+
+fn result_of(sealed: &pb::SignedEnvelope) -> pb::CommandResultPayload {
+    pb::CommandResultPayload::decode(sealed.payload.as_slice()).expect("command result")
+}
+
+fn refused(outcome: Result<pb::SignedEnvelope, tonic::Status>) -> tonic::Status {
+    match outcome {
+        Ok(reply) => panic!("expected a refusal, got {:?}", result_of(&reply)),
+        Err(status) => status,
+    }
+}
+
+const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
+
+async fn a_spawn_retried_with_the_same_bytes_makes_one_agent(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let sealed = setup.seal(&setup.command(spawn_command("sleep 30")));
+    let first = setup.send(sealed.clone()).await.expect("spawn");
+    let again = setup.send(sealed).await.expect("retry");
+    assert_eq!(first, again, "the retry gets the stored signed result");
+    let Some(pb::command_result_payload::Outcome::Agent(agent)) = result_of(&first).outcome else {
+        panic!("expected an agent: {:?}", result_of(&first));
+    };
+    assert_eq!(setup.agent_count().await, 1, "one agent, not two");
+    // The peer sees its own agent.
+    let status = setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
+        pb::AgentStatusCommand {
+            agent_id: agent.agent_id.clone(),
+        },
+    )));
+    let reply = result_of(&setup.send(status).await.expect("status"));
+    assert!(
+        matches!(reply.outcome, Some(pb::command_result_payload::Outcome::Agent(ref seen)) if seen.agent_id == agent.agent_id),
+        "{reply:?}"
+    );
+    setup
+        .agents
+        .kill(&agent.agent_id, "test over")
+        .await
+        .expect("kill");
+    setup.finish().await;
+}
+
+async fn a_reused_message_id_with_other_bytes_is_already_exists(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let first = setup.command(spawn_command("true"));
+    setup.send(setup.seal(&first)).await.expect("spawn");
+    let mut other = setup.command(spawn_command("echo other"));
+    other.header = first.header.clone();
+    let status = refused(setup.send(setup.seal(&other)).await);
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(setup.agent_count().await, 1, "no second agent");
+    setup.finish().await;
+}
+
+async fn status_and_kill_of_a_local_agent_are_not_found(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let local = setup
+        .agents
+        .spawn("sh", "sleep 30")
+        .await
+        .expect("local spawn");
+    for command in [
+        pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
+            agent_id: local.agent_id.clone(),
+        }),
+        pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+            agent_id: local.agent_id.clone(),
+            reason: "not yours".to_owned(),
+        }),
+    ] {
+        let reply = result_of(
+            &setup
+                .send(setup.seal(&setup.command(command)))
+                .await
+                .expect("reply"),
+        );
+        let Some(pb::command_result_payload::Outcome::Error(error)) = reply.outcome else {
+            panic!("expected an error: {reply:?}");
+        };
+        assert_eq!(error.code, Code::NotFound as i32, "{error:?}");
+    }
+    let still = setup.agents.get(&local.agent_id).await.expect("get");
+    assert_ne!(
+        still.state,
+        agent_pb::AgentState::Killed as i32,
+        "not killed"
+    );
+    setup
+        .agents
+        .kill(&local.agent_id, "test over")
+        .await
+        .expect("kill");
+    setup.finish().await;
+}
+
+async fn a_capability_not_granted_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, &["agent.status"]).await;
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_flipped_signature_bit_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut sealed = setup.seal(&setup.command(spawn_command("true")));
+    sealed.signature[5] ^= 0x01;
+    let status = refused(setup.send(sealed.clone()).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Nor is the message id burnt: the genuine message still runs.
+    sealed.signature[5] ^= 0x01;
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.send(sealed).await.expect("the genuine message");
+    setup.finish().await;
+}
+
+async fn an_unknown_command_type_is_invalid_argument(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    payload.command = None;
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_suspended_connection_is_failed_precondition(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    setup
+        .admin
+        .suspend_connection(with_key(
+            pb::SuspendConnectionRequest {
+                connection_id: setup.connection_id.clone(),
+                ..pb::SuspendConnectionRequest::default()
+            },
+            &setup.admin_key,
+        ))
+        .await
+        .expect("suspend");
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_for_another_instance_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.recipient_instance_id = "someone-else".to_owned();
+    }
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_without_a_client_certificate_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let sealed = setup.seal(&setup.command(spawn_command("true")));
+    let status = FederationClient::new(setup.daemon.channel().await)
+        .execute_command(pb::ExecuteCommandRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_peer_without_a_connection_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let stranger = TestPeer::new("stranger").await;
+    let payload = pb::CommandPayload {
+        header: Some(stranger.header(
+            &setup.daemon_id,
+            "ws",
+            stranger.current().public_key().key_id(),
+        )),
+        command: Some(spawn_command("true")),
+    };
+    let sealed = envelope::seal(&payload, stranger.current().as_ref()).expect("seal");
+    let status = FederationClient::new(stranger.channel_to(&setup.daemon).await)
+        .execute_command(pb::ExecuteCommandRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_command_in_another_workspace_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.workspace = "other".to_owned();
+    }
+    let status = refused(setup.send(setup.seal(&payload)).await);
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let genuine = setup.seal(&setup.command(spawn_command("true")));
+    for payload in [Vec::new(), vec![0xff; 64]] {
+        let hostile = pb::SignedEnvelope {
+            payload,
+            ..genuine.clone()
+        };
+        let status = refused(setup.send(hostile).await);
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
+    let truncated = pb::SignedEnvelope {
+        signature: genuine.signature[..10].to_vec(),
+        ..genuine.clone()
+    };
+    let status = refused(setup.send(truncated).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn stale_future_and_expired_commands_are_deadline_exceeded(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let now = now_ms();
+    for (issued, expires) in [
+        (now - 600_000, now + 60_000),
+        (now + 7_200_000, now + 7_260_000),
+        (now - 120_000, now - 60_000),
+    ] {
+        let mut payload = setup.command(spawn_command("true"));
+        if let Some(header) = payload.header.as_mut() {
+            header.issued_at = Some(timestamp_from_ms(issued));
+            header.expires_at = Some(timestamp_from_ms(expires));
+        }
+        let status = refused(setup.send(setup.seal(&payload)).await);
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn an_oversized_prompt_is_an_invalid_argument_result(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let prompt = "x".repeat(8192);
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(spawn_command(&prompt))))
+            .await
+            .expect("reply"),
+    );
+    let Some(pb::command_result_payload::Outcome::Error(error)) = reply.outcome else {
+        panic!("expected an error: {reply:?}");
+    };
+    assert_eq!(error.code, Code::InvalidArgument as i32, "{error:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn the_peer_kills_its_own_agent(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(spawn_command("sleep 30"))))
+            .await
+            .expect("spawn"),
+    );
+    let Some(pb::command_result_payload::Outcome::Agent(agent)) = reply.outcome else {
+        panic!("expected an agent: {reply:?}");
+    };
+    let kill = pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+        agent_id: agent.agent_id.clone(),
+        reason: "done".to_owned(),
+    });
+    let reply = result_of(
+        &setup
+            .send(setup.seal(&setup.command(kill)))
+            .await
+            .expect("kill"),
+    );
+    assert!(
+        matches!(
+            reply.outcome,
+            Some(pb::command_result_payload::Outcome::Agent(_))
+        ),
+        "{reply:?}"
+    );
+    setup
+        .agents
+        .wait_for_state(&agent.agent_id, agent_pb::AgentState::Killed)
+        .await;
+    setup.finish().await;
+}
+
+/// A spawns on B, watches it run and kills it; C, also connected to B, can
+/// neither see nor kill A's agent; once B suspends A, A's commands fail.
+async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
+    use crate::peering::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1]
+        .start_peer(0, |config| *config = with_agent_types(config.clone()))
+        .await;
+    let c = environments[2].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b, admin_c) = (
+        Admin::of(&a).await,
+        Admin::of(&b).await,
+        Admin::of(&c).await,
+    );
+    let b_id = admin_b.instance().await.instance_id;
+    let (_, b_side_of_a) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+    // C's connection is in its own workspace so that B's operator view of
+    // each workspace holds one connection.
+    connect_and_accept(&admin_c, &admin_b, &b, "ws-c", ALL).await;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let key_c = c.api_key(&[Scope::Admin]).await;
+    let mut client_a = FederationClient::new(a.channel().await);
+    let mut client_c = FederationClient::new(c.channel().await);
+
+    let agent = client_a
+        .spawn_remote_agent(with_key(
+            pb::SpawnRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                spawn: Some(agent_pb::SpawnRequest {
+                    agent_type: "sh".to_owned(),
+                    prompt: "sleep 30".to_owned(),
+                    ..agent_pb::SpawnRequest::default()
+                }),
+                ..pb::SpawnRemoteAgentRequest::default()
+            },
+            &key_a,
+        ))
+        .await
+        .expect("remote spawn")
+        .into_inner()
+        .agent
+        .expect("agent");
+    let get = |agent_id: &str, key: &str| {
+        with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                workspace: String::new(),
+                agent_id: agent_id.to_owned(),
+            },
+            key,
+        )
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect("remote status")
+            .into_inner()
+            .agent
+            .expect("agent");
+        if seen.state == agent_pb::AgentState::Running as i32 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never RUNNING: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // C cannot see or kill A's agent, and cannot tell that it exists.
+    let status = client_c
+        .get_remote_agent(get(&agent.agent_id, &key_c))
+        .await
+        .expect_err("hidden");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client_c
+        .kill_remote_agent(with_key(
+            pb::KillRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                agent_id: agent.agent_id.clone(),
+                ..pb::KillRemoteAgentRequest::default()
+            },
+            &key_c,
+        ))
+        .await
+        .expect_err("hidden");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+
+    client_a
+        .kill_remote_agent(with_key(
+            pb::KillRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                agent_id: agent.agent_id.clone(),
+                reason: "done".to_owned(),
+                ..pb::KillRemoteAgentRequest::default()
+            },
+            &key_a,
+        ))
+        .await
+        .expect("remote kill");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect("remote status")
+            .into_inner()
+            .agent
+            .expect("agent");
+        if seen.state == agent_pb::AgentState::Killed as i32 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never KILLED: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // B suspends A: B refuses A's commands while its own row is SUSPENDED.
+    admin_b.suspend(&b_side_of_a).await.expect("suspend");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = client_a
+            .get_remote_agent(get(&agent.agent_id, &key_a))
+            .await
+            .expect_err("suspended");
+        if status.code() == Code::FailedPrecondition {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "unexpected: {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop((a, b, c));
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend) {
+    use crate::peering::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+    b.stop().await;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let started = std::time::Instant::now();
+    let status = FederationClient::new(a.channel().await)
+        .get_remote_agent(with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: b_id,
+                workspace: String::new(),
+                agent_id: "any".to_owned(),
+            },
+            &key_a,
+        ))
+        .await
+        .expect_err("down");
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "within the deadline"
+    );
+    drop(a);
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+async fn a_command_signed_with_another_key_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    // Names the connected peer as sender but is signed by another instance's
+    // key (which is also not the TLS key of the channel).
+    let other = TestPeer::new("other").await;
+    let mut payload = setup.command(spawn_command("true"));
+    if let Some(header) = payload.header.as_mut() {
+        header.key_id = other.current().public_key().key_id();
+    }
+    let sealed = envelope::seal(&payload, other.current().as_ref()).expect("seal");
+    let status = refused(setup.send(sealed).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
