@@ -238,21 +238,17 @@ pub async fn serve(
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
-    // Agents are asked to stop as soon as shutdown begins, so watch streams
-    // end with their agents instead of holding the drain open.
-    let agents = Arc::clone(&shared.agents);
-    let shutdown = async move {
-        shutdown.await;
-        agents.begin_shutdown();
-    };
     let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
         shared.store.clone(),
         health_reporter.clone(),
     ));
+    // Agents and job watchers are told as soon as shutdown begins, so watch
+    // streams end instead of holding the drain open until the grace ends.
+    let agents = Arc::clone(&shared.agents);
     let coordinator = shared.coordinator.clone();
     let shutdown = async move {
         shutdown.await;
-        // Watch streams would otherwise hold the drain until the grace ends.
+        agents.begin_shutdown();
         coordinator.begin_shutdown();
     };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
