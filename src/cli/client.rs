@@ -59,6 +59,12 @@ impl Connection {
     pub fn error(&self, status: &tonic::Status) -> CliError {
         CliError::from_status(status, &self.server)
     }
+
+    /// Turns a status of a command sent to `peer` through the daemon into a
+    /// CLI error.
+    pub fn remote_error(&self, status: &tonic::Status, peer: &str) -> CliError {
+        CliError::from_remote_status(status, &self.server, peer)
+    }
 }
 
 /// Connects to the daemon named by `args.server`.
