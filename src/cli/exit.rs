@@ -131,11 +131,17 @@ impl CliError {
         }
     }
 
-    /// Maps a gRPC status of a command the daemon at `server` sent to `peer`
-    /// (a Federation `*RemoteAgent` call): the same codes as
+    /// Maps a gRPC status of a command the daemon at `server` sent to a peer
+    /// (a Federation `*RemoteAgent` call; `peer` names it for people,
+    /// `peer_instance_id` for commands): the same codes as
     /// [`CliError::from_status`], with hints about the peer instead of the
     /// local daemon where the peer is the likelier cause.
-    pub fn from_remote_status(status: &tonic::Status, server: &str, peer: &str) -> Self {
+    pub fn from_remote_status(
+        status: &tonic::Status,
+        server: &str,
+        peer: &str,
+        peer_instance_id: &str,
+    ) -> Self {
         use tonic::Code;
         let message = status.message();
         // The daemon prefixes what the peer answered; anything else is the
@@ -146,7 +152,7 @@ impl CliError {
                 "no answer from peer {peer}: {message} — check that it runs and that the daemon at {server} can reach it (`mosaicd peer list` shows REACHABLE)"
             ),
             Code::NotFound if from_peer => format!(
-                "{message} — `mosaicd agent list --peer {peer}` shows the agents this instance started there"
+                "{message} — `mosaicd agent list --peer {peer_instance_id}` shows the agents this instance started there"
             ),
             Code::PermissionDenied if from_peer => format!(
                 "{message} — the peer's operator grants capabilities when accepting the connection (`mosaicd peer accept ID --grant ...`)"

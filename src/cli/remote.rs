@@ -72,7 +72,9 @@ pub async fn run(
     )
     .await?;
     let target = choose_connection(&connections, &peer, workspace.as_deref())?;
-    let call_error = |status: tonic::Status| connection.remote_error(&status, &target.label());
+    let call_error = |status: tonic::Status| {
+        connection.remote_error(&status, &target.label(), &target.instance_id)
+    };
     match command {
         AgentCommand::Spawn {
             agent_type,

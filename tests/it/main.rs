@@ -14,6 +14,8 @@ mod metrics;
 mod peer_cli;
 mod peering;
 mod rate_limit;
+mod remote_cli;
 mod server;
 mod support;
 mod tidy;
+mod walkthrough;

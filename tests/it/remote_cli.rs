@@ -1,0 +1,422 @@
+//! `mosaicd agent ... --peer` and `mosaicd federation log` as an operator uses
+//! them against two real daemons connected over real mutual TLS: the agent runs
+//! on the peer, `--json` parses, and every refusal has the exit code of the one
+//! table, a message that says what to do, and changed nothing on the peer.
+
+use std::process::Output;
+use std::time::Duration;
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::proto::agent as agent_pb;
+use serde_json::Value;
+
+use crate::peering::{Admin, connect_and_accept};
+use crate::support::Backend;
+use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
+use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
+
+/// Every capability a peer may grant, `agent.list` included.
+const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill", "agent.list"];
+
+/// Runs the `mosaicd` binary as a client of one daemon with one API key.
+struct Operator {
+    data_dir: std::path::PathBuf,
+    url: String,
+    key: String,
+}
+
+impl Operator {
+    async fn of(daemon: &TestDaemon, scopes: &[Scope]) -> Operator {
+        Operator {
+            data_dir: daemon.data_dir.clone(),
+            url: daemon.url(),
+            key: daemon.api_key(scopes).await,
+        }
+    }
+
+    /// `mosaicd ARGS` with no `MOSAIC_*` variables from the developer's shell.
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut command = tokio::process::Command::new(mosaicd_binary());
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MOSAIC_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--server")
+            .arg(&self.url)
+            .arg("--api-key")
+            .arg(&self.key)
+            .args(args)
+            .env("MOSAIC_LOG", "warn");
+        command.output().await.expect("run mosaicd")
+    }
+
+    /// `mosaicd --json ARGS`, which must succeed; its output parsed.
+    async fn json(&self, args: &[&str]) -> Value {
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let output = self.run(&with_json).await;
+        assert!(
+            output.status.success(),
+            "mosaicd {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!(
+                "mosaicd {args:?} printed no JSON ({error}): {}",
+                String::from_utf8_lossy(&output.stdout)
+            )
+        })
+    }
+
+    /// `mosaicd ARGS`, which must fail with `code`; its stderr.
+    async fn fails(&self, args: &[&str], code: i32) -> String {
+        let output = self.run(args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "mosaicd {args:?}: stdout {} stderr {stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        assert!(output.stdout.is_empty(), "a failure prints no data");
+        stderr
+    }
+}
+
+/// Daemon A (no agent types) and daemon B (the test agent types, offering
+/// `agent.list` too), with an operator for A and an agents client for B.
+struct Pair {
+    environments: [TestEnvironment; 2],
+    a: TestDaemon,
+    b: TestDaemon,
+    admin_a: Admin,
+    admin_b: Admin,
+    operator_a: Operator,
+    agents_b: Agents,
+    a_id: String,
+    b_id: String,
+}
+
+impl Pair {
+    async fn start() -> Pair {
+        let environments = [
+            TestEnvironment::new(Backend::Sqlite).await,
+            TestEnvironment::new(Backend::Sqlite).await,
+        ];
+        let a = environments[0]
+            .start_peer(0, |config| config.instance.name = "alpha".to_owned())
+            .await;
+        let b = environments[1]
+            .start_peer(0, |config| {
+                *config = with_agent_types(config.clone());
+                config.instance.name = "bravo".to_owned();
+                config.instance.capabilities = ALL.iter().map(|c| (*c).to_owned()).collect();
+            })
+            .await;
+        let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+        let a_id = admin_a.instance().await.instance_id;
+        let b_id = admin_b.instance().await.instance_id;
+        let operator_a = Operator::of(&a, &[Scope::Admin, Scope::Agents]).await;
+        let agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
+        Pair {
+            environments,
+            a,
+            b,
+            admin_a,
+            admin_b,
+            operator_a,
+            agents_b,
+            a_id,
+            b_id,
+        }
+    }
+
+    async fn finish(self) {
+        let [environment_a, environment_b] = self.environments;
+        self.a.stop().await;
+        self.b.stop().await;
+        environment_a.cleanup().await;
+        environment_b.cleanup().await;
+    }
+}
+
+/// Every agent on the daemon of `agents`, newest first.
+async fn agents_on(agents: &mut Agents) -> Vec<agent_pb::Agent> {
+    agents
+        .list(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect("list agents")
+        .agents
+}
+
+/// Polls `agent status ID --peer` until `done` holds for the printed agent.
+async fn wait_for_remote(
+    operator: &Operator,
+    agent_id: &str,
+    peer: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
+    loop {
+        let agent = operator
+            .json(&["agent", "status", agent_id, "--peer", peer])
+            .await;
+        if done(&agent) {
+            return agent;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the remote agent never {what}: {agent}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer() {
+    let mut pair = Pair::start().await;
+    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
+    let operator = &pair.operator_a;
+
+    // Spawn by the peer's name; the agent runs on B, started by A in ws.
+    let spawned = operator
+        .json(&[
+            "agent",
+            "spawn",
+            "--peer",
+            "bravo",
+            "--type",
+            "sh",
+            "--prompt",
+            "echo hello from bravo; sleep 30",
+            "--task-id",
+            "task-7",
+        ])
+        .await;
+    let agent_id = spawned["agent_id"].as_str().expect("agent id").to_owned();
+    assert_eq!(spawned["state"], "RUNNING", "{spawned}");
+    assert_eq!(spawned["task_id"], "task-7");
+    assert_eq!(spawned["origin"]["kind"], "PEER");
+    assert_eq!(spawned["origin"]["instance_id"], pair.a_id.as_str());
+    assert_eq!(spawned["origin"]["workspace"], "ws");
+    assert!(
+        !spawned["message_id"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "a remote spawn prints its message id: {spawned}"
+    );
+    let on_b = agents_on(&mut pair.agents_b).await;
+    assert_eq!(on_b.len(), 1, "one agent on B");
+    assert_eq!(on_b[0].agent_id, agent_id);
+
+    // Status by instance id, until the output arrives.
+    let shown = wait_for_remote(operator, &agent_id, &pair.b_id, "printed", |agent| {
+        agent["output_tail"]
+            .as_array()
+            .is_some_and(|lines| lines.iter().any(|line| line == "hello from bravo"))
+    })
+    .await;
+    assert_eq!(shown["state"], "RUNNING");
+
+    // The same agent for people: the local printer plus the peer.
+    let text = operator
+        .run(&["agent", "status", &agent_id, "--peer", "bravo"])
+        .await;
+    assert!(text.status.success(), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("agent:   {agent_id}")), "{text}");
+    assert!(text.contains("state:   RUNNING"), "{text}");
+    assert!(text.contains("  hello from bravo"), "{text}");
+    assert!(text.contains("peer:    bravo"), "{text}");
+
+    // List: JSON with the agent, and a table for people.
+    let listed = operator.json(&["agent", "list", "--peer", "bravo"]).await;
+    let agents = listed["agents"].as_array().expect("agents");
+    assert_eq!(agents.len(), 1, "{listed}");
+    assert_eq!(agents[0]["agent_id"], agent_id.as_str());
+    let table = operator
+        .run(&["agent", "list", "--peer", "bravo", "--workspace", "ws"])
+        .await;
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains(&agent_id), "{table}");
+
+    // Kill, then status shows KILLED with the reason.
+    let killed = operator
+        .json(&[
+            "agent",
+            "kill",
+            &agent_id,
+            "--peer",
+            "bravo",
+            "--reason",
+            "done with it",
+        ])
+        .await;
+    assert_eq!(killed["agent_id"], agent_id.as_str());
+    let ended = wait_for_remote(operator, &agent_id, "bravo", "ended", |agent| {
+        agent["state"] == "KILLED"
+    })
+    .await;
+    assert_eq!(ended["state_reason"], "done with it", "{ended}");
+    let on_b = agents_on(&mut pair.agents_b).await;
+    assert_eq!(on_b[0].state, agent_pb::AgentState::Killed as i32);
+
+    // Without --peer the commands stay local: A itself runs no agents.
+    let local = operator.json(&["agent", "list"]).await;
+    assert_eq!(local["agents"], serde_json::json!([]), "{local}");
+
+    pair.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
+    let mut pair = Pair::start().await;
+    // ws-1 grants everything but agent.list; ws-2 grants everything.
+    let (on_a_1, _) =
+        connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-1", &ALL[..3]).await;
+    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-2", ALL).await;
+    let operator = &pair.operator_a;
+    let spawn = |peer: &'static str, extra: &'static [&'static str]| {
+        let mut args = vec![
+            "agent", "spawn", "--peer", peer, "--type", "sh", "--prompt", "sleep 30",
+        ];
+        args.extend_from_slice(extra);
+        args
+    };
+
+    // An unknown peer: not found (3), and how to see the peers.
+    let stderr = operator.fails(&spawn("nobody", &[]), 3).await;
+    assert!(stderr.contains("mosaicd peer list"), "{stderr}");
+    // Connected in two workspaces without --workspace: usage (2), naming them.
+    let stderr = operator.fails(&spawn("bravo", &[]), 2).await;
+    assert!(stderr.contains("--workspace"), "{stderr}");
+    assert!(stderr.contains("ws-1, ws-2"), "{stderr}");
+    // A workspace the peer is not connected in: not found (3).
+    let stderr = operator
+        .fails(&spawn("bravo", &["--workspace", "ws-9"]), 3)
+        .await;
+    assert!(stderr.contains("ws-1, ws-2"), "{stderr}");
+    // Flags that only apply locally, or only remotely: usage (2).
+    operator
+        .fails(
+            &["agent", "list", "--peer", "bravo", "--state", "running"],
+            2,
+        )
+        .await;
+    operator
+        .fails(&["agent", "status", "some-id", "--workspace", "ws-1"], 2)
+        .await;
+    // The peer refuses bad input: an unknown agent type, an oversized prompt (4).
+    let stderr = operator
+        .fails(
+            &[
+                "agent",
+                "spawn",
+                "--peer",
+                "bravo",
+                "--workspace",
+                "ws-2",
+                "--type",
+                "no-such-type",
+                "--prompt",
+                "x",
+            ],
+            4,
+        )
+        .await;
+    assert!(stderr.contains("no-such-type"), "{stderr}");
+    let huge = "x".repeat(8192);
+    operator
+        .fails(
+            &[
+                "agent",
+                "spawn",
+                "--peer",
+                "bravo",
+                "--workspace",
+                "ws-2",
+                "--type",
+                "sh",
+                "--prompt",
+                &huge,
+            ],
+            4,
+        )
+        .await;
+    // An agent the peer does not have for us: not found (3), and where to look.
+    let stderr = operator
+        .fails(
+            &[
+                "agent",
+                "status",
+                "no-such-agent",
+                "--peer",
+                "bravo",
+                "--workspace",
+                "ws-2",
+            ],
+            3,
+        )
+        .await;
+    assert!(
+        stderr.contains(&format!("`mosaicd agent list --peer {}`", pair.b_id)),
+        "{stderr}"
+    );
+    // A capability the peer did not grant (agent.list in ws-1): refused (4).
+    let stderr = operator
+        .fails(
+            &["agent", "list", "--peer", "bravo", "--workspace", "ws-1"],
+            4,
+        )
+        .await;
+    assert!(stderr.contains("agent.list"), "{stderr}");
+    assert!(stderr.contains("--grant"), "{stderr}");
+    // An API key without the admin scope: refused (4), naming the scope.
+    let agents_only = Operator::of(&pair.a, &[Scope::Agents]).await;
+    let stderr = agents_only
+        .fails(&spawn("bravo", &["--workspace", "ws-2"]), 4)
+        .await;
+    assert!(stderr.contains("admin"), "{stderr}");
+    // A suspended connection: refused (4), and how to resume it.
+    pair.admin_a.suspend(&on_a_1).await.expect("suspend");
+    let stderr = operator
+        .fails(&spawn("bravo", &["--workspace", "ws-1"]), 4)
+        .await;
+    assert!(stderr.contains("suspended"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("mosaicd peer resume {on_a_1}")),
+        "{stderr}"
+    );
+    assert!(
+        agents_on(&mut pair.agents_b).await.is_empty(),
+        "no refusal started an agent on B"
+    );
+
+    // A peer that is down: unavailable (5) within the call deadline, naming it.
+    let b_id = pair.b_id.clone();
+    let [environment_a, environment_b] = pair.environments;
+    pair.b.stop().await;
+    let started = tokio::time::Instant::now();
+    let stderr = operator
+        .fails(&spawn("bravo", &["--workspace", "ws-2"]), 5)
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(stderr.contains("no answer from peer bravo"), "{stderr}");
+    assert!(stderr.contains(&b_id), "{stderr}");
+
+    pair.a.stop().await;
+    environment_a.cleanup().await;
+    environment_b.cleanup().await;
+}
