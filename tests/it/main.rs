@@ -5,6 +5,7 @@
 mod agents;
 mod api_keys;
 mod cli;
+mod clients;
 mod commands;
 mod coordinator;
 mod coordinator_faults;
