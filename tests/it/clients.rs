@@ -40,10 +40,23 @@ impl Language {
         }
     }
 
-    /// Runs the client against `daemon` with `api_key` (none: no key at all)
-    /// and `prompt` for the `sh` agent. The two clients take the key by the two
-    /// documented routes, so both are exercised.
+    /// Runs the client against `daemon`, pinned to its certificate, with
+    /// `api_key` (none: no key at all) and `prompt` for the `sh` agent.
     async fn run(self, daemon: &TestDaemon, api_key: Option<&str>, prompt: &str) -> Output {
+        self.run_pinned(daemon, &daemon.certificate_path(), api_key, prompt)
+            .await
+    }
+
+    /// Runs the client against `daemon` pinned to the `certificate` file. The
+    /// two clients take the key by the two documented routes, so both are
+    /// exercised.
+    async fn run_pinned(
+        self,
+        daemon: &TestDaemon,
+        certificate: &Path,
+        api_key: Option<&str>,
+        prompt: &str,
+    ) -> Output {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
         let mut command = match self {
             Language::Python => {
@@ -61,7 +74,7 @@ impl Language {
         };
         command
             .arg(daemon.address.to_string())
-            .arg(daemon.certificate_path())
+            .arg(certificate)
             .args(["--agent-type", "sh", "--prompt", prompt])
             .env_remove("MOSAIC_API_KEY")
             .kill_on_drop(true);
@@ -282,6 +295,8 @@ async fn whole_flow_succeeds(language: Language) {
 }
 
 async fn failures_exit_non_zero(language: Language) {
+    // Every failure below exits non-zero with the failed step on stderr, and
+    // leaves no job behind without an end state.
     let (_environment, daemon) = start_daemon().await;
     let mut rust = RustClients::new(&daemon).await;
 
@@ -292,6 +307,23 @@ async fn failures_exit_non_zero(language: Language) {
         String::from_utf8_lossy(&output.stderr).contains("no API key"),
         "{output:?}"
     );
+
+    // Pinned to another instance's certificate: TLS refuses the daemon before
+    // any call is made.
+    let key = daemon.api_key(&[Scope::Coordinator, Scope::Agents]).await;
+    let other_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let other = other_environment.start().await;
+    let output = language
+        .run_pinned(&daemon, &other.certificate_path(), Some(&key), "echo never")
+        .await;
+    other.stop().await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("GetInstance failed: UNAVAILABLE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("created job"), "{stderr}");
 
     // A key without the coordinator scope: CreateJob is refused, nothing made.
     let agents_only = daemon.api_key(&[Scope::Agents]).await;
@@ -307,7 +339,6 @@ async fn failures_exit_non_zero(language: Language) {
     assert_eq!(rust.job_and_agent_counts().await, (0, 0));
 
     // An agent that fails: the client fails the job and exits non-zero.
-    let key = daemon.api_key(&[Scope::Coordinator, Scope::Agents]).await;
     let output = language
         .run(&daemon, Some(&key), "echo about-to-fail; exit 3")
         .await;
@@ -338,11 +369,11 @@ async fn node_client_runs_the_whole_flow_against_a_daemon_on_sqlite() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn python_client_exits_non_zero_on_a_refused_call_or_a_failed_agent() {
+async fn python_client_exits_non_zero_on_a_wrong_pin_a_refused_call_or_a_failed_agent() {
     failures_exit_non_zero(Language::Python).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn node_client_exits_non_zero_on_a_refused_call_or_a_failed_agent() {
+async fn node_client_exits_non_zero_on_a_wrong_pin_a_refused_call_or_a_failed_agent() {
     failures_exit_non_zero(Language::Node).await;
 }
