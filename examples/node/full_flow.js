@@ -11,7 +11,10 @@
 // The API key needs the `coordinator` and `agents` scopes (`mosaicd apikey
 // create --name demo --scope coordinator,agents`); CERT.pem is the daemon's
 // certificate (`mosaicd identity cert`, or `<data_dir>/tls/cert.pem`). The agent
-// type must be configured on the daemon.
+// type must be configured on the daemon. The daemon's certificate names
+// `localhost`, 127.0.0.1 and ::1; with an IP address Node warns (DEP0123)
+// because grpc-js passes the address as TLS server name (grpc/grpc-node#1919):
+// harmless, and `localhost:PORT` avoids it.
 //
 // proto-loader reads proto/ at run time, so nothing generated is committed.
 // Progress goes to stderr, one line per step; the summary is one JSON object on
