@@ -5,6 +5,7 @@
 mod agents;
 mod api_keys;
 mod cli;
+mod clients;
 mod command_log;
 mod commands;
 mod coordinator;
