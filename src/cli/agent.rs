@@ -38,8 +38,10 @@ pub enum AgentCommand {
         /// Start the agent on this peer instead (see --peer).
         #[command(flatten)]
         remote: RemoteArgs,
-        /// With --peer: the signed command's message id. Retrying a spawn with
-        /// the id an earlier attempt printed never starts a second agent.
+        /// With --peer: the signed command's message id (1 to 128 of A-Z a-z
+        /// 0-9 . _ : -) [default: a new UUID]. Running the same spawn again
+        /// with the id of an attempt whose answer was lost never starts a
+        /// second agent.
         #[arg(long, value_name = "ID", requires = "peer")]
         message_id: Option<String>,
     },

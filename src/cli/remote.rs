@@ -85,11 +85,23 @@ pub async fn run(
             message_id,
             ..
         } => {
+            // Always our own message id, so that a spawn whose answer was
+            // lost can be retried under it without starting a second agent.
+            let message_id = message_id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+            let spawn_error = |status: tonic::Status| {
+                let mut error = call_error(status);
+                if error.code == CliError::code_of(tonic::Code::Unavailable) {
+                    error.message.push_str(&format!(
+                        "; the agent may or may not have started: run the same spawn again with --message-id {message_id} (within the signed command's lifetime, 5 minutes by default) and the peer will not start a second one"
+                    ));
+                }
+                error
+            };
             let response = client
                 .spawn_remote_agent(connection.request(pb::SpawnRemoteAgentRequest {
                     peer_instance_id: target.instance_id.clone(),
                     workspace: target.workspace.clone(),
-                    message_id: message_id.unwrap_or_default(),
+                    message_id: message_id.clone(),
                     spawn: Some(agent_pb::SpawnRequest {
                         agent_type,
                         prompt,
@@ -99,7 +111,7 @@ pub async fn run(
                     }),
                 })?)
                 .await
-                .map_err(call_error)?
+                .map_err(spawn_error)?
                 .into_inner();
             print_remote_agent(
                 &response.agent.unwrap_or_default(),

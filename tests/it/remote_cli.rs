@@ -15,8 +15,8 @@ use crate::support::Backend;
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
 
-/// Every capability a peer may grant, `agent.list` included.
-const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill", "agent.list"];
+/// Every capability a peer may grant (`agent.status` covers listing).
+const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
 
 /// Runs the `mosaicd` binary as a client of one daemon with one API key.
 struct Operator {
@@ -87,8 +87,8 @@ impl Operator {
     }
 }
 
-/// Daemon A (no agent types) and daemon B (the test agent types, offering
-/// `agent.list` too), with an operator for A and an agents client for B.
+/// Daemon A (no agent types) and daemon B (the test agent types), with an
+/// operator for A and an agents client for B.
 struct Pair {
     environments: [TestEnvironment; 2],
     a: TestDaemon,
@@ -110,13 +110,7 @@ impl Pair {
         let a = environments[0]
             .start_peer(0, |config| config.instance.name = "alpha".to_owned())
             .await;
-        let b = environments[1]
-            .start_peer(0, |config| {
-                *config = with_agent_types(config.clone());
-                config.instance.name = "bravo".to_owned();
-                config.instance.capabilities = ALL.iter().map(|c| (*c).to_owned()).collect();
-            })
-            .await;
+        let b = environments[1].start_peer(0, bravo).await;
         let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
         let a_id = admin_a.instance().await.instance_id;
         let b_id = admin_b.instance().await.instance_id;
@@ -279,9 +273,9 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
     let mut pair = Pair::start().await;
-    // ws-1 grants everything but agent.list; ws-2 grants everything.
+    // ws-1 grants only agent.spawn; ws-2 grants everything.
     let (on_a_1, _) =
-        connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-1", &ALL[..3]).await;
+        connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-1", &ALL[..1]).await;
     connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-2", ALL).await;
     let operator = &pair.operator_a;
     let spawn = |peer: &'static str, extra: &'static [&'static str]| {
@@ -370,14 +364,14 @@ async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
         stderr.contains(&format!("`mosaicd agent list --peer {}`", pair.b_id)),
         "{stderr}"
     );
-    // A capability the peer did not grant (agent.list in ws-1): refused (4).
+    // A capability the peer did not grant (agent.status in ws-1): refused (4).
     let stderr = operator
         .fails(
             &["agent", "list", "--peer", "bravo", "--workspace", "ws-1"],
             4,
         )
         .await;
-    assert!(stderr.contains("agent.list"), "{stderr}");
+    assert!(stderr.contains("agent.status"), "{stderr}");
     assert!(stderr.contains("--grant"), "{stderr}");
     // An API key without the admin scope: refused (4), naming the scope.
     let agents_only = Operator::of(&pair.a, &[Scope::Agents]).await;
@@ -400,13 +394,80 @@ async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
         "no refusal started an agent on B"
     );
 
-    // A peer that is down: unavailable (5) within the call deadline, naming it.
+    // A malformed message id, or one already used for another spawn: refused (4).
+    operator
+        .fails(
+            &spawn(
+                "bravo",
+                &["--workspace", "ws-2", "--message-id", "not an id!"],
+            ),
+            4,
+        )
+        .await;
+    assert!(
+        agents_on(&mut pair.agents_b).await.is_empty(),
+        "no refusal started an agent on B"
+    );
+    pair.finish().await;
+}
+
+/// B's configuration: the test agent types, and the name `bravo`.
+fn bravo(config: &mut mosaic_mesh::config::Config) {
+    *config = with_agent_types(config.clone());
+    config.instance.name = "bravo".to_owned();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage() {
+    let mut pair = Pair::start().await;
+    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
+    let spawn = |prompt: &'static str, message_id: &'static str| {
+        vec![
+            "agent",
+            "spawn",
+            "--peer",
+            "bravo",
+            "--type",
+            "sh",
+            "--prompt",
+            prompt,
+            "--message-id",
+            message_id,
+        ]
+    };
+
+    // Retried with the same id and request: the same agent, once.
+    let first = pair.operator_a.json(&spawn("sleep 30", "retry-1")).await;
+    let again = pair.operator_a.json(&spawn("sleep 30", "retry-1")).await;
+    assert_eq!(first["message_id"], "retry-1");
+    assert_eq!(again["agent_id"], first["agent_id"], "{again}");
+    assert_eq!(agents_on(&mut pair.agents_b).await.len(), 1);
+    // The same id for another request: refused (4), nothing started.
+    let stderr = pair
+        .operator_a
+        .fails(&spawn("sleep 31", "retry-1"), 4)
+        .await;
+    assert!(
+        stderr.contains("retry-1") || stderr.contains("message"),
+        "{stderr}"
+    );
+    assert_eq!(agents_on(&mut pair.agents_b).await.len(), 1);
+
+    // B is down: unavailable (5) within the call deadline, naming the peer and
+    // the message id to retry with.
+    let port_b = pair.b.address.port();
     let b_id = pair.b_id.clone();
     let [environment_a, environment_b] = pair.environments;
     pair.b.stop().await;
     let started = tokio::time::Instant::now();
-    let stderr = operator
-        .fails(&spawn("bravo", &["--workspace", "ws-2"]), 5)
+    let stderr = pair
+        .operator_a
+        .fails(
+            &[
+                "agent", "spawn", "--peer", "bravo", "--type", "sh", "--prompt", "sleep 30",
+            ],
+            5,
+        )
         .await;
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -415,8 +476,177 @@ async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
     );
     assert!(stderr.contains("no answer from peer bravo"), "{stderr}");
     assert!(stderr.contains(&b_id), "{stderr}");
+    let message_id = stderr
+        .split("--message-id ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the error names the message id to retry with: {stderr}"))
+        .to_owned();
+
+    // B is back: the retry the error suggested starts the agent, and only once.
+    let b = environment_b.start_peer(port_b, bravo).await;
+    let mut agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
+    let retry = [
+        "agent",
+        "spawn",
+        "--peer",
+        "bravo",
+        "--type",
+        "sh",
+        "--prompt",
+        "sleep 30",
+        "--message-id",
+        &message_id,
+    ];
+    let retried = pair.operator_a.json(&retry).await;
+    assert_eq!(retried["message_id"], message_id.as_str());
+    let once_more = pair.operator_a.json(&retry).await;
+    assert_eq!(once_more["agent_id"], retried["agent_id"]);
+    assert_eq!(
+        agents_on(&mut agents_b).await.len(),
+        2,
+        "retry-1 and this one"
+    );
 
     pair.a.stop().await;
+    b.stop().await;
     environment_a.cleanup().await;
     environment_b.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn federation_log_shows_commands_in_and_out_with_filters_and_pages() {
+    let pair = Pair::start().await;
+    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
+    let operator_b = Operator::of(&pair.b, &[Scope::Admin]).await;
+    let operator = &pair.operator_a;
+    let spawned = operator
+        .json(&[
+            "agent", "spawn", "--peer", "bravo", "--type", "sh", "--prompt", "sleep 30",
+        ])
+        .await;
+    let agent_id = spawned["agent_id"].as_str().expect("agent id").to_owned();
+    operator
+        .fails(&["agent", "status", "no-such-agent", "--peer", "bravo"], 3)
+        .await;
+    operator
+        .json(&["agent", "kill", &agent_id, "--peer", "bravo"])
+        .await;
+
+    // A sent three commands, newest first, with their outcomes.
+    let log = operator.json(&["federation", "log"]).await;
+    let entries = log["entries"].as_array().expect("entries");
+    let summary: Vec<(String, String, String)> = entries
+        .iter()
+        .map(|entry| {
+            (
+                entry["direction"].as_str().unwrap_or_default().to_owned(),
+                entry["command_type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                entry["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, String)> = [
+        ("out", "agent.kill", "ok"),
+        ("out", "agent.status", "NOT_FOUND"),
+        ("out", "agent.spawn", "ok"),
+    ]
+    .iter()
+    .map(|(a, b, c)| ((*a).to_owned(), (*b).to_owned(), (*c).to_owned()))
+    .collect();
+    assert_eq!(summary, expected, "{log}");
+    let spawn = &entries[2];
+    assert_eq!(spawn["message_id"], spawned["message_id"]);
+    assert_eq!(spawn["peer_instance_id"], pair.b_id.as_str());
+    assert_eq!(spawn["sender_instance_id"], pair.a_id.as_str());
+    assert_eq!(spawn["workspace"], "ws");
+    assert!(spawn["recorded_at_ms"].is_i64(), "{spawn}");
+
+    // B received the same three.
+    let received = operator_b
+        .json(&["federation", "log", "--direction", "in", "--peer", "alpha"])
+        .await;
+    let received = received["entries"].as_array().expect("entries");
+    assert_eq!(received.len(), 3, "{received:?}");
+    assert!(
+        received
+            .iter()
+            .all(|entry| entry["direction"] == "in"
+                && entry["peer_instance_id"] == pair.a_id.as_str())
+    );
+    assert_eq!(received[2]["message_id"], spawned["message_id"]);
+
+    // Filters: nothing came in to A, nothing in another workspace or with
+    // another peer; the peer by name or by id is the same.
+    for filter in [
+        &["--direction", "in"][..],
+        &["--workspace", "elsewhere"][..],
+        &["--peer", "some-other-instance"][..],
+    ] {
+        let mut args = vec!["federation", "log"];
+        args.extend_from_slice(filter);
+        let log = operator.json(&args).await;
+        assert_eq!(log["entries"], serde_json::json!([]), "{filter:?}: {log}");
+    }
+    let by_id = operator
+        .json(&[
+            "federation",
+            "log",
+            "--peer",
+            &pair.b_id,
+            "--direction",
+            "out",
+        ])
+        .await;
+    assert_eq!(by_id["entries"], log["entries"]);
+
+    // Pages: one entry at a time, following the token.
+    let first = operator.json(&["federation", "log", "--limit", "2"]).await;
+    assert_eq!(first["entries"].as_array().map(Vec::len), Some(2));
+    let token = first["next_page_token"].as_str().expect("token").to_owned();
+    assert!(!token.is_empty(), "{first}");
+    let rest = operator
+        .json(&["federation", "log", "--limit", "2", "--page-token", &token])
+        .await;
+    assert_eq!(rest["entries"], serde_json::json!([entries[2].clone()]));
+    // A token of other filters, an unknown direction: refused (4) and usage (2).
+    operator
+        .fails(
+            &[
+                "federation",
+                "log",
+                "--direction",
+                "in",
+                "--page-token",
+                &token,
+            ],
+            4,
+        )
+        .await;
+    operator
+        .fails(&["federation", "log", "--direction", "sideways"], 2)
+        .await;
+
+    // The table for people names the peer and the outcome.
+    let table = operator.run(&["federation", "log"]).await;
+    assert!(table.status.success(), "{table:?}");
+    let table = String::from_utf8_lossy(&table.stdout);
+    let mut lines = table.lines();
+    assert!(
+        lines.next().is_some_and(|header| header.starts_with("TIME")
+            && header.contains("OUTCOME")
+            && header.contains("DETAIL")),
+        "{table}"
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(
+        rows[1].contains("  out  bravo") && rows[1].contains("NOT_FOUND"),
+        "{table}"
+    );
+
+    pair.finish().await;
 }
