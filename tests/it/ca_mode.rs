@@ -597,3 +597,58 @@ async fn python_grpcio_client_verifies_a_ca_mode_daemon_with_the_ca_bundle() {
     assert_eq!(report["fingerprint"], instance.fingerprint.as_str());
     daemon.stop().await;
 }
+
+#[test]
+fn identity_csr_refuses_bad_names_and_a_missing_identity() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let csr = |arguments: &[&str]| {
+        mosaicd(data_dir.path())
+            .args(["identity", "csr"])
+            .args(arguments)
+            .output()
+            .expect("run mosaicd")
+    };
+    let output = csr(&["--dns", "localhost"]);
+    assert_eq!(output.status.code(), Some(3), "no database yet");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("mosaicd init"));
+    assert!(
+        !data_dir.path().join("mosaic.db").exists(),
+        "nothing created"
+    );
+
+    let init = mosaicd(data_dir.path())
+        .arg("init")
+        .output()
+        .expect("run mosaicd");
+    assert!(init.status.success());
+    for bad in ["bad name", "", "ünïcode.example"] {
+        let output = csr(&["--dns", bad]);
+        assert_eq!(output.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("not a DNS name"),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let output = csr(&["--ip", "not-an-ip"]);
+    assert_eq!(output.status.code(), Some(2));
+    // Without names, the request names the host of the public URL.
+    let output = csr(&["--json"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(printed["names"], serde_json::json!(["127.0.0.1"]));
+    // Text output is the PEM alone, ready for a CA.
+    let output = csr(&["--dns", "mesh.example.org"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+            && text
+                .trim_end()
+                .ends_with("-----END CERTIFICATE REQUEST-----"),
+        "{text}"
+    );
+}
