@@ -4,6 +4,7 @@
 
 mod agents;
 mod api_keys;
+mod ca_mode;
 mod cli;
 mod clients;
 mod command_log;
