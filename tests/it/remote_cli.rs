@@ -1,7 +1,8 @@
 //! `mosaicd agent ... --peer` and `mosaicd federation log` as an operator uses
 //! them against two real daemons connected over real mutual TLS: the agent runs
 //! on the peer, `--json` parses, and every refusal has the exit code of the one
-//! table, a message that says what to do, and changed nothing on the peer.
+//! table, a message that says what to do, and changed nothing on the peer. Each
+//! test runs on SQLite and on PostgreSQL.
 
 use std::process::Output;
 use std::time::Duration;
@@ -14,6 +15,35 @@ use crate::peering::{Admin, connect_and_accept};
 use crate::support::Backend;
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
+
+/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer,
+    remote_cli_errors_say_what_to_do_and_change_nothing,
+    a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage,
+    federation_log_shows_commands_in_and_out_with_filters_and_pages,
+);
 
 /// Every capability a peer may grant (`agent.status` covers listing).
 const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
@@ -102,10 +132,10 @@ struct Pair {
 }
 
 impl Pair {
-    async fn start() -> Pair {
+    async fn start(backend: Backend) -> Pair {
         let environments = [
-            TestEnvironment::new(Backend::Sqlite).await,
-            TestEnvironment::new(Backend::Sqlite).await,
+            TestEnvironment::new(backend).await,
+            TestEnvironment::new(backend).await,
         ];
         let a = environments[0]
             .start_peer(0, |config| config.instance.name = "alpha".to_owned())
@@ -171,9 +201,8 @@ async fn wait_for_remote(
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer() {
-    let mut pair = Pair::start().await;
+async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Backend) {
+    let mut pair = Pair::start(backend).await;
     connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
     let operator = &pair.operator_a;
 
@@ -270,9 +299,8 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer() {
     pair.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn remote_cli_errors_say_what_to_do_and_change_nothing() {
-    let mut pair = Pair::start().await;
+async fn remote_cli_errors_say_what_to_do_and_change_nothing(backend: Backend) {
+    let mut pair = Pair::start(backend).await;
     // ws-1 grants only agent.spawn; ws-2 grants everything.
     let (on_a_1, _) =
         connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-1", &ALL[..1]).await;
@@ -417,9 +445,10 @@ fn bravo(config: &mut mosaic_mesh::config::Config) {
     config.instance.name = "bravo".to_owned();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage() {
-    let mut pair = Pair::start().await;
+async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage(
+    backend: Backend,
+) {
+    let mut pair = Pair::start(backend).await;
     connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
     let spawn = |prompt: &'static str, message_id: &'static str| {
         vec![
@@ -514,9 +543,8 @@ async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outag
     environment_b.cleanup().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn federation_log_shows_commands_in_and_out_with_filters_and_pages() {
-    let pair = Pair::start().await;
+async fn federation_log_shows_commands_in_and_out_with_filters_and_pages(backend: Backend) {
+    let pair = Pair::start(backend).await;
     connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
     let operator_b = Operator::of(&pair.b, &[Scope::Admin]).await;
     let operator = &pair.operator_a;
