@@ -131,11 +131,3 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
-
-/// A status for an RPC whose issue has not landed yet: it names what is missing.
-pub fn not_yet(what: &str) -> Status {
-    Status::new(
-        Code::Unimplemented,
-        format!("{what} is not implemented in this build of mosaicd yet"),
-    )
-}

@@ -50,6 +50,7 @@ on_both_backends!(
     a_command_to_a_peer_that_is_down_is_logged_unavailable,
     a_reply_that_does_not_verify_is_not_believed,
     message_ids_are_kept_twice_the_clock_window_then_pruned,
+    remote_calls_without_an_active_connection_say_why,
 );
 
 const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
@@ -563,6 +564,67 @@ async fn a_reply_that_does_not_verify_is_not_believed(backend: Backend) {
     );
     stand_in.abort();
     drop(a);
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+async fn remote_calls_without_an_active_connection_say_why(backend: Backend) {
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let mut client_a = FederationClient::new(a.channel().await);
+    let ask = |peer: &str, workspace: &str| {
+        with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: peer.to_owned(),
+                workspace: workspace.to_owned(),
+                agent_id: "any".to_owned(),
+            },
+            &key_a,
+        )
+    };
+    // Never connected: NOT_FOUND, with or without a workspace.
+    for workspace in ["", "ws"] {
+        let status = client_a
+            .get_remote_agent(ask(&b_id, workspace))
+            .await
+            .expect_err("no connection");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    // Asked but not yet accepted: FAILED_PRECONDITION naming the state.
+    admin_a
+        .connect(&b.url(), "ws", "", &[])
+        .await
+        .expect("connect");
+    for workspace in ["", "ws"] {
+        let status = client_a
+            .get_remote_agent(ask(&b_id, workspace))
+            .await
+            .expect_err("pending");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("PENDING"), "{status:?}");
+    }
+    // Another workspace is still NOT_FOUND; an empty peer id is invalid.
+    let status = client_a
+        .get_remote_agent(ask(&b_id, "other"))
+        .await
+        .expect_err("other workspace");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client_a
+        .get_remote_agent(ask("", ""))
+        .await
+        .expect_err("no peer");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Nothing was sent, so nothing was logged.
+    assert!(whole_log(&mut client_a, &key_a).await.is_empty());
+    drop((a, b));
     for environment in environments {
         environment.cleanup().await;
     }
