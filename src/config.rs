@@ -202,6 +202,10 @@ impl std::fmt::Debug for AgentTypeFileConfig {
     }
 }
 
+/// Longest key rotation grace, in seconds (30 days): a peer trusts a key this
+/// long after it was rotated out.
+pub const MAX_ROTATION_GRACE_SECS: u64 = 30 * 24 * 60 * 60;
+
 /// `[federation]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -788,6 +792,13 @@ impl Config {
             ));
         }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+        // The same bound RotateKeys puts on a grace asked for per call.
+        if rotation_grace_secs > MAX_ROTATION_GRACE_SECS {
+            return Err(invalid(
+                "identity.rotation_grace_secs",
+                format!("must be at most {MAX_ROTATION_GRACE_SECS} (30 days)"),
+            ));
+        }
         let tls = crate::tls::ca::TlsSettings::resolve(file.tls, &args.tls, plaintext)?;
         let coordinator = resolve_coordinator(file.coordinator)?;
         let agents = resolve_agents(file.agents, max_message_bytes)?;
