@@ -257,6 +257,18 @@ impl Jobs {
         Ok(self.store.running_jobs_with_local_agents().await?)
     }
 
+    /// The RUNNING jobs that follow an agent on a peer.
+    pub async fn running_jobs_with_remote_agents(
+        &self,
+    ) -> Result<Vec<JobRecord>, CoordinatorError> {
+        Ok(self.store.running_jobs_with_remote_agents().await?)
+    }
+
+    /// A receiver that sees `true` once the daemon starts shutting down.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
     /// Follows a job: the first item is its current state with its latest
     /// history entry, then one item per change, ending after the change into
     /// a terminal state (at once for a job that has already ended).

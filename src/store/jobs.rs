@@ -330,6 +330,21 @@ impl Store {
         rows.into_iter().map(JobRecord::try_from).collect()
     }
 
+    /// The RUNNING jobs that follow an agent on a federated peer, for the
+    /// coordinator to poll again after a restart.
+    pub async fn running_jobs_with_remote_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::state.eq(JobState::Running.as_str()))
+                .filter(jobs::agent_id.ne(""))
+                .filter(jobs::peer_instance_id.ne(""))
+                .select(JobRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+
     /// Up to `limit` jobs matching `filter`, newest first, starting after
     /// `after`.
     pub async fn list_jobs(
