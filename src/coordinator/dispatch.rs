@@ -177,7 +177,8 @@ pub async fn resume_following(
     peers: &Peers,
 ) -> Result<usize, CoordinatorError> {
     let remote = jobs.running_jobs_with_remote_agents().await?;
-    let remote = super::remote::resume_following(jobs, peers, remote);
+    let remote = super::remote::resume_following(jobs, peers, remote)
+        + super::remote::resume_spawns(jobs, peers).await?;
     let running = jobs.running_jobs_with_local_agents().await?;
     let count = running.len() + remote;
     for job in running {

@@ -32,6 +32,10 @@ pub struct Peers {
     pub store: Store,
     /// Time between two polls of a remote agent while the peer answers.
     pub poll_interval: Duration,
+    /// How long a signed spawn can still reach the peer's stored result (the
+    /// longer of the message lifetime and the clock window): a spawn the peer
+    /// has not answered in that time is given up.
+    pub spawn_valid_for: Duration,
 }
 
 impl Peers {
@@ -41,6 +45,11 @@ impl Peers {
             federation: Arc::clone(&shared.federation),
             store: shared.store.clone(),
             poll_interval: shared.config.coordinator.remote_agent_poll,
+            spawn_valid_for: shared
+                .config
+                .federation
+                .message_lifetime
+                .max(shared.config.federation.clock_window),
         }
     }
 }
@@ -55,9 +64,10 @@ pub fn spawn_message_id(job_id: &str) -> String {
 /// the agent on the peer and links them. Nothing is written when there is no
 /// ACTIVE connection with the peer. When the peer refuses the spawn, the job
 /// is FAILED with the peer's reason and the peer's code is returned; when the
-/// peer cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED), the job stays
-/// PENDING and a retry with the same idempotency key re-sends the same signed
-/// command.
+/// peer cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED), that error is
+/// returned, the job stays PENDING, and the same signed command is sent again
+/// in the background ([`finish_spawn`]) and by a retry with the same
+/// idempotency key.
 pub async fn dispatch(
     jobs: &Jobs,
     peers: &Peers,
@@ -83,11 +93,18 @@ pub async fn dispatch(
             timeout_seconds: None,
         }),
     });
-    let dispatched = start(jobs, peers, job, &peer, &workspace, command).await?;
-    Ok(Dispatched {
-        created: true,
-        ..dispatched
-    })
+    let job_id = job.id.clone();
+    match start(jobs, peers, job, &peer, &workspace, command).await {
+        Ok(dispatched) => Ok(Dispatched {
+            created: true,
+            ..dispatched
+        }),
+        Err(CoordinatorError::Federation(error)) if spawn_may_have_happened(&error) => {
+            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job_id));
+            Err(error.into())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// An earlier dispatch with the same idempotency key. A job that an earlier
@@ -177,7 +194,7 @@ async fn start(
             return Err(error.into());
         }
         Err(error) if spawn_may_have_happened(&error) => {
-            tracing::warn!(job.id = %job.id, peer.id = %peer, %error, "the peer did not confirm the spawn; the job stays PENDING until a retry");
+            tracing::warn!(job.id = %job.id, peer.id = %peer, %error, "the peer did not confirm the spawn; the job stays PENDING and the same signed spawn is sent again");
             return Err(error.into());
         }
         Err(error) => {
@@ -281,6 +298,99 @@ pub fn stop_remote_agent(
             tracing::warn!(agent.id = %agent_id, peer.id = %peer, %error, "could not stop an agent on a peer");
         }
     });
+}
+
+/// Sends the job's logged signed spawn again until the peer answers it (then
+/// the job follows the agent, or is FAILED with the peer's refusal), backing
+/// off while the peer cannot be reached. Stops when the job no longer waits
+/// for its agent (a retried DispatchJob attached it, or it was cancelled),
+/// and at shutdown (the next start resumes). Once the signed spawn can no
+/// longer reach the peer, the job is FAILED.
+async fn finish_spawn(jobs: Jobs, peers: Peers, job_id: String) {
+    let mut shutdown = jobs.shutdown_signal();
+    let mut delay = peers.poll_interval;
+    let message_id = spawn_message_id(&job_id);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        delay = backoff(delay, peers.poll_interval);
+        let job = match jobs.get(&job_id).await {
+            Ok(job) => job,
+            Err(CoordinatorError::NotFound(_)) => return,
+            Err(error) => {
+                tracing::debug!(job.id = %job_id, %error, "cannot read the job; trying again");
+                continue;
+            }
+        };
+        if job.state != JobState::Pending || !job.agent_id.is_empty() {
+            return;
+        }
+        let sent = match peers.store.find_outbound_command(&message_id).await {
+            Ok(Some(sent)) => sent,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(job.id = %job_id, %error, "cannot read the logged spawn; trying again");
+                continue;
+            }
+        };
+        let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
+        if crate::clock::now_ms() > sent.issued_at_ms.saturating_add(valid_ms) {
+            fail_job(
+                &jobs,
+                &job_id,
+                format!(
+                    "peer {} could not be reached to start the agent before the signed agent.spawn {message_id} expired",
+                    sent.recipient_instance_id
+                ),
+            )
+            .await;
+            return;
+        }
+        let command = match sent_command(&sent) {
+            Ok(command) => command,
+            Err(error) => {
+                fail_job(&jobs, &job_id, error.to_string()).await;
+                return;
+            }
+        };
+        match start(
+            &jobs,
+            &peers,
+            job,
+            &sent.recipient_instance_id,
+            &sent.workspace,
+            command,
+        )
+        .await
+        {
+            Err(CoordinatorError::Federation(error)) if spawn_may_have_happened(&error) => {}
+            // Started and followed, or refused (the job is FAILED).
+            _ => return,
+        }
+    }
+}
+
+/// After a restart: the jobs that a dispatch left PENDING after logging its
+/// signed spawn, recently enough for the spawn to still reach the peer, get
+/// it sent again (see [`finish_spawn`]).
+pub async fn resume_spawns(jobs: &Jobs, peers: &Peers) -> Result<usize, CoordinatorError> {
+    let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
+    let since = crate::clock::now_ms().saturating_sub(valid_ms);
+    let mut count = 0;
+    for job in jobs.pending_jobs_without_agent_since(since).await? {
+        if peers
+            .store
+            .find_outbound_command(&spawn_message_id(&job.id))
+            .await?
+            .is_some()
+        {
+            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job.id));
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 /// Polls the RUNNING jobs' remote agents again, after a restart.

@@ -247,6 +247,28 @@ impl Pair {
         }
     }
 
+    /// A dispatch while B is down: UNAVAILABLE (or DEADLINE_EXCEEDED), and
+    /// the job is left PENDING without agent. Returns the job's id.
+    async fn dispatch_while_b_is_down(&self, prompt: &str, key: &str) -> String {
+        let status = self
+            .dispatch(self.request("sh", prompt, key))
+            .await
+            .expect_err("B is down");
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{status:?}"
+        );
+        let pending: Vec<pb::Job> = self
+            .jobs()
+            .await
+            .into_iter()
+            .filter(|job| job.state() == pb::JobState::Pending)
+            .collect();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].agent_id.is_empty());
+        pending[0].job_id.clone()
+    }
+
     async fn finish(mut self) {
         if let Some(a) = self.a.take() {
             a.stop().await;
@@ -441,52 +463,51 @@ async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Ba
     );
 
     // B cannot be reached for the spawn: the call says so and the job stays
-    // PENDING without agent; the retry with the same key, once B is back,
-    // sends the same signed spawn and B starts one agent.
-    pair.stop_b().await;
-    let status = pair
-        .dispatch(pair.request("sh", "echo late", "while-b-is-down"))
-        .await
-        .expect_err("B is down");
-    assert!(
-        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
-        "{status:?}"
-    );
-    let pending: Vec<pb::Job> = pair
-        .jobs()
-        .await
-        .into_iter()
-        .filter(|job| job.state() == pb::JobState::Pending)
-        .collect();
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert!(pending[0].agent_id.is_empty());
-    let job_id = pending[0].job_id.clone();
-    pair.start_b().await;
+    // PENDING without agent; A sends the same signed spawn again until B is
+    // back, and B starts one agent; a retry with the same key finds it.
     let agents_before = pair.agents_on_b().await.len();
-    let resumed = pair
-        .dispatch(pair.request("sh", "echo late", "while-b-is-down"))
-        .await
-        .expect("retry once B is back");
-    assert!(!resumed.created);
-    assert!(!resumed.agent_id.is_empty());
-    assert_eq!(resumed.job.expect("job").job_id, job_id);
-    let again = pair
-        .dispatch(pair.request("sh", "echo late", "while-b-is-down"))
-        .await
-        .expect("another retry");
-    assert_eq!(again.agent_id, resumed.agent_id);
-    assert_eq!(pair.agents_on_b().await.len(), agents_before + 1);
+    pair.stop_b().await;
+    let job_id = pair
+        .dispatch_while_b_is_down("echo late", "while-b-is-down")
+        .await;
+    pair.start_b().await;
     let ended = pair.ended(&job_id).await;
     assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
     assert_eq!(
         result_of(&ended)["output_tail"],
         serde_json::json!(["late"])
     );
+    let again = pair
+        .dispatch(pair.request("sh", "echo late", "while-b-is-down"))
+        .await
+        .expect("retry once B is back");
+    assert!(!again.created);
+    assert_eq!(again.job.expect("job").job_id, job_id);
+    assert_eq!(again.agent_id, result_of(&ended)["agent_id"]);
+    assert_eq!(pair.agents_on_b().await.len(), agents_before + 1);
     let spawns = pair.sent_by_a(&format!("dispatch-{job_id}")).await;
     assert_eq!(
         spawns.len(),
         1,
         "one log entry per signed spawn: {spawns:?}"
     );
+    assert_eq!(spawns[0].outcome, "ok");
+
+    // The same, with A restarting before B is back: the new A sends the
+    // logged spawn again by itself.
+    pair.stop_b().await;
+    let job_id = pair
+        .dispatch_while_b_is_down("echo after-both-restarts", "while-a-restarts")
+        .await;
+    pair.stop_a().await;
+    pair.start_b().await;
+    pair.start_a().await;
+    let ended = pair.ended(&job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    assert_eq!(
+        result_of(&ended)["output_tail"],
+        serde_json::json!(["after-both-restarts"])
+    );
+    assert_eq!(pair.agents_on_b().await.len(), agents_before + 2);
     pair.finish().await;
 }
