@@ -74,6 +74,15 @@ pub async fn dispatch(
     mut request: DispatchRequest,
     actor: &str,
 ) -> Result<Dispatched, CoordinatorError> {
+    // A retry finds its job even if the connection has changed since.
+    if !request.job.idempotency_key.is_empty()
+        && let Some(existing) = peers
+            .store
+            .find_job_by_idempotency_key(&request.job.idempotency_key)
+            .await?
+    {
+        return redispatch(jobs, peers, existing).await;
+    }
     let peer = request.peer_instance_id.clone();
     let workspace = peers
         .federation

@@ -54,6 +54,8 @@ const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
 /// Daemon A (the coordinator, polling every 100 ms) connected to daemon B
 /// (with the test agent types) in workspace `ws`, B granting A everything.
 struct Pair {
+    admin_a: Admin,
+    connection_a: String,
     environments: [TestEnvironment; 2],
     a: Option<TestDaemon>,
     b: Option<TestDaemon>,
@@ -86,8 +88,10 @@ impl Pair {
         let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
         let a_id = admin_a.instance().await.instance_id;
         let b_id = admin_b.instance().await.instance_id;
-        connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+        let (connection_a, _) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
         Pair {
+            admin_a,
+            connection_a,
             a_port: a.address.port(),
             b_port: b.address.port(),
             webhook_key: a.api_key(&[Scope::Webhook]).await,
@@ -413,6 +417,26 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
         pair.job(&cancelled.job_id).await.state(),
         pb::JobState::Cancelled
     );
+
+    // Once the connection is suspended, a new dispatch is refused with
+    // nothing written, and a retry still returns its job.
+    pair.admin_a
+        .suspend(&pair.connection_a)
+        .await
+        .expect("suspend");
+    let jobs_before = pair.jobs().await.len();
+    let status = pair
+        .dispatch(pair.request("sh", "true", ""))
+        .await
+        .expect_err("no ACTIVE connection");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(pair.jobs().await.len(), jobs_before);
+    let retried = pair
+        .dispatch(pair.request("sh", "echo hello-from-b", "remote-once"))
+        .await
+        .expect("a retry returns its job");
+    assert!(!retried.created);
+    assert_eq!(retried.agent_id, dispatched.agent_id);
     pair.finish().await;
 }
 
