@@ -37,6 +37,7 @@ impl From<IdentityError> for Status {
     fn from(error: IdentityError) -> Self {
         match error {
             IdentityError::Store(store) => store.into(),
+            IdentityError::RotationInCaMode => Status::failed_precondition(error.to_string()),
             other => internal("identity", &other),
         }
     }

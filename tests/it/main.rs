@@ -4,6 +4,7 @@
 
 mod agents;
 mod api_keys;
+mod ca_mode;
 mod cli;
 mod clients;
 mod command_log;
@@ -17,6 +18,8 @@ mod metrics;
 mod peer_cli;
 mod peering;
 mod rate_limit;
+mod remote_cli;
 mod server;
 mod support;
 mod tidy;
+mod walkthrough;
