@@ -395,6 +395,29 @@ impl Federation {
         Err(not_found())
     }
 
+    /// The workspace of the ACTIVE connection to `peer_instance_id` that
+    /// [`Federation::send_command`] would use with `workspace`: the one named,
+    /// or the only one. FAILED_PRECONDITION when there is none, INVALID_ARGUMENT
+    /// when several match and none is named.
+    pub async fn command_workspace(
+        &self,
+        peer_instance_id: &str,
+        workspace: Option<&str>,
+    ) -> Result<String, FederationError> {
+        if peer_instance_id.is_empty() {
+            return Err(FederationError::InvalidArgument(
+                "peer_instance_id is required".into(),
+            ));
+        }
+        let connection = self
+            .active_connection_to(
+                peer_instance_id,
+                workspace.filter(|named| !named.is_empty()),
+            )
+            .await?;
+        Ok(connection.workspace)
+    }
+
     /// Signs `command` for the peer, sends it within the call deadline, and
     /// returns the outcome of the peer's verified signed result. A CommandError
     /// becomes [`FederationError::Peer`] with the peer's code. Returns the

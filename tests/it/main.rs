@@ -11,6 +11,7 @@ mod command_log;
 mod commands;
 mod coordinator;
 mod coordinator_faults;
+mod dispatch_remote;
 mod faults;
 mod identity;
 mod metrics;
