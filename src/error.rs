@@ -65,7 +65,6 @@ pub fn coordinator_status(error: CoordinatorError) -> Status {
         CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
         CoordinatorError::Agent(agent) => agent.into(),
         CoordinatorError::Federation(federation) => federation.into(),
-        CoordinatorError::NotAvailable(message) => Status::unimplemented(message),
         CoordinatorError::Store(store) => store.into(),
     }
 }

@@ -103,10 +103,6 @@ pub enum CoordinatorError {
     /// ACTIVE, the peer refused (its own code), or it cannot be reached.
     #[error(transparent)]
     Federation(#[from] crate::federation::FederationError),
-    /// This build cannot do what was asked (UNIMPLEMENTED); the message says
-    /// what is missing.
-    #[error("{0}")]
-    NotAvailable(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

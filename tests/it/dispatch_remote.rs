@@ -368,8 +368,8 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
     assert!(refused.error.contains("no-such-type"), "{}", refused.error);
     assert_eq!(pair.agents_on_b().await.len(), 2);
 
-    // No ACTIVE connection with the named peer (or not in that workspace):
-    // a clear refusal, and no job is written.
+    // No connection with the named peer (or not in that workspace): NOT_FOUND,
+    // and no job is written.
     let jobs_before = pair.jobs().await.len();
     let mut stranger = pair.request("sh", "true", "");
     stranger.peer_instance_id = "no-such-peer".to_owned();
@@ -378,8 +378,8 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
     let mut bad_labels = pair.request("sh", "true", "");
     bad_labels.labels.insert(String::new(), "x".to_owned());
     for (request, code) in [
-        (stranger, Code::FailedPrecondition),
-        (elsewhere, Code::FailedPrecondition),
+        (stranger, Code::NotFound),
+        (elsewhere, Code::NotFound),
         (bad_labels, Code::InvalidArgument),
     ] {
         let status = pair.dispatch(request).await.expect_err("refused");
