@@ -381,6 +381,17 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let wall = started.elapsed();
+    // The last reading, once the traffic has stopped.
+    let done = completed.load(Ordering::Relaxed);
+    let window = wall.saturating_sub(samples.last().map_or(Duration::ZERO, |s| s.at));
+    samples.push(Sample {
+        at: wall,
+        rss_a: mesh.a.rss_kib().unwrap_or_default(),
+        rss_b: mesh.b.rss_kib().unwrap_or_default(),
+        operations_per_second: (done - completed_at_last_sample) as f64
+            / window.as_secs_f64().max(1e-9),
+        load_average: common::machine::load_average(),
+    });
 
     let recorder = recorder.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     print_markdown(&Report {
