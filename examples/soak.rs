@@ -196,7 +196,7 @@ impl Clients {
                     .await?;
             }
             Operation::Health => {
-                if n % 2 == 0 {
+                if n.is_multiple_of(2) {
                     self.coordinator
                         .health(coordinator_pb::HealthRequest {})
                         .await?;
