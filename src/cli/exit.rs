@@ -109,6 +109,9 @@ impl CliError {
 
 impl From<anyhow::Error> for CliError {
     fn from(error: anyhow::Error) -> Self {
+        if error.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return Self::usage(format!("{error:#}"));
+        }
         if error.chain().any(|cause| {
             cause
                 .downcast_ref::<crate::store::StoreError>()

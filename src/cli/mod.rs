@@ -90,7 +90,19 @@ pub enum IdentityCommand {
     Show,
     /// Print the daemon's TLS certificate as PEM (offline, from the data dir).
     Cert,
-    /// Make a new key current on the running daemon (admin API key).
+    /// Print a PKCS#10 certificate signing request for the instance key, signed
+    /// by it, for an operator CA to sign (CA mode; offline, needs the master key).
+    Csr {
+        /// DNS name the certificate should carry (repeatable) [default: the host
+        /// of the public URL, when neither --dns nor --ip is given].
+        #[arg(long, value_name = "NAME")]
+        dns: Vec<String>,
+        /// IP address the certificate should carry (repeatable).
+        #[arg(long, value_name = "ADDR")]
+        ip: Vec<std::net::IpAddr>,
+    },
+    /// Make a new key current on the running daemon (admin API key; refused in
+    /// CA mode).
     Rotate {
         /// How long the old key stays valid, e.g. `24h` [default: from config].
         #[arg(long, value_name = "DURATION")]
@@ -135,6 +147,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,
         Command::Identity(IdentityCommand::Cert) => identity::cert(&cli.config),
+        Command::Identity(IdentityCommand::Csr { dns, ip }) => {
+            identity::csr(&cli.config, &dns, &ip, output).await
+        }
         Command::Identity(IdentityCommand::Rotate { grace }) => {
             identity::rotate(&cli.config, &cli.client, grace.map(Into::into), output).await
         }

@@ -4,7 +4,10 @@
 
 mod agents;
 mod api_keys;
+mod ca_mode;
 mod cli;
+mod clients;
+mod command_log;
 mod commands;
 mod coordinator;
 mod coordinator_faults;
