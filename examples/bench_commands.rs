@@ -14,6 +14,8 @@
 //! the Markdown section on stdout; progress goes to stderr either way).
 //! SQLite databases in temporary data dirs; loopback only.
 
+#![forbid(unsafe_code)]
+
 #[path = "common/mod.rs"]
 mod common;
 

@@ -10,6 +10,8 @@
 //! Options: `--agents N` (default 10000), `--markdown` (print only the Markdown
 //! section on stdout; progress goes to stderr either way).
 
+#![forbid(unsafe_code)]
+
 #[path = "common/mod.rs"]
 mod common;
 

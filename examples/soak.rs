@@ -17,6 +17,8 @@
 //! stderr either way). Exits non-zero if any call failed: every error code is
 //! unexpected here (the rate limits are set out of reach).
 
+#![forbid(unsafe_code)]
+
 #[path = "common/mod.rs"]
 mod common;
 
