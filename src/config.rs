@@ -202,6 +202,10 @@ impl std::fmt::Debug for AgentTypeFileConfig {
     }
 }
 
+/// Longest key rotation grace, in seconds (30 days): a peer trusts a key this
+/// long after it was rotated out.
+pub const MAX_ROTATION_GRACE_SECS: u64 = 30 * 24 * 60 * 60;
+
 /// `[federation]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -385,6 +389,9 @@ pub struct CoordinatorFileConfig {
     /// Largest job payload, job result and webhook body in bytes (default
     /// 262144, 256 KiB).
     pub max_payload_bytes: Option<usize>,
+    /// How often a job dispatched to a peer asks the peer for its agent's
+    /// state, in milliseconds (default 2000; 10 to 600000).
+    pub remote_agent_poll_ms: Option<u64>,
     /// `[coordinator.webhooks.SOURCE]`: the webhook sources `HandleWebhook`
     /// accepts, by name.
     #[serde(default)]
@@ -566,12 +573,18 @@ pub const DEFAULT_AGENT_TIMEOUT_SECS: u64 = 60 * 60;
 pub struct CoordinatorConfig {
     /// Largest job payload, job result and webhook body (default 256 KiB).
     pub max_payload_bytes: usize,
+    /// How often a job dispatched to a peer polls its agent (signed
+    /// `agent.status`); backs off while the peer cannot be reached.
+    pub remote_agent_poll: Duration,
     /// Webhook sources by name (default none: `HandleWebhook` refuses all).
     pub webhooks: BTreeMap<String, WebhookSource>,
 }
 
 /// Default of `coordinator.max_payload_bytes`.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+
+/// Default of `coordinator.remote_agent_poll_ms`.
+pub const DEFAULT_REMOTE_AGENT_POLL_MS: u64 = 2000;
 
 /// The prefix of the variables that override a webhook source's secret:
 /// `MOSAIC_WEBHOOK_SECRET_GITHUB` for source `github` (upper case, `-` as `_`).
@@ -620,6 +633,15 @@ fn resolve_coordinator(file: CoordinatorFileConfig) -> Result<CoordinatorConfig,
             "must be between 1024 and 16777216".into(),
         ));
     }
+    let poll_ms = file
+        .remote_agent_poll_ms
+        .unwrap_or(DEFAULT_REMOTE_AGENT_POLL_MS);
+    if !(10..=600_000).contains(&poll_ms) {
+        return Err(invalid(
+            "coordinator.remote_agent_poll_ms",
+            "must be between 10 and 600000".into(),
+        ));
+    }
     let mut webhooks = BTreeMap::new();
     for (name, source) in file.webhooks {
         let valid_name = !name.is_empty()
@@ -659,6 +681,7 @@ fn resolve_coordinator(file: CoordinatorFileConfig) -> Result<CoordinatorConfig,
     }
     Ok(CoordinatorConfig {
         max_payload_bytes,
+        remote_agent_poll: Duration::from_millis(poll_ms),
         webhooks,
     })
 }
@@ -788,6 +811,13 @@ impl Config {
             ));
         }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+        // The same bound RotateKeys puts on a grace asked for per call.
+        if rotation_grace_secs > MAX_ROTATION_GRACE_SECS {
+            return Err(invalid(
+                "identity.rotation_grace_secs",
+                format!("must be at most {MAX_ROTATION_GRACE_SECS} (30 days)"),
+            ));
+        }
         let tls = crate::tls::ca::TlsSettings::resolve(file.tls, &args.tls, plaintext)?;
         let coordinator = resolve_coordinator(file.coordinator)?;
         let agents = resolve_agents(file.agents, max_message_bytes)?;
@@ -1079,6 +1109,10 @@ mod tests {
             config.coordinator.max_payload_bytes,
             DEFAULT_MAX_PAYLOAD_BYTES
         );
+        assert_eq!(
+            config.coordinator.remote_agent_poll,
+            Duration::from_millis(DEFAULT_REMOTE_AGENT_POLL_MS)
+        );
         let github = &config.coordinator.webhooks["github"];
         assert_eq!(
             github.secret.as_ref().map(|secret| secret.0.as_str()),
@@ -1106,6 +1140,10 @@ mod tests {
             (
                 "[coordinator]\nmax_payload_bytes = 10\n",
                 "coordinator.max_payload_bytes",
+            ),
+            (
+                "[coordinator]\nremote_agent_poll_ms = 0\n",
+                "coordinator.remote_agent_poll_ms",
             ),
             ("[coordinator.webhooks.GitHub]\n", "coordinator.webhooks"),
             (

@@ -64,6 +64,7 @@ pub fn coordinator_status(error: CoordinatorError) -> Status {
         CoordinatorError::Signature(_) => Status::unauthenticated(error.to_string()),
         CoordinatorError::ShuttingDown => Status::unavailable(error.to_string()),
         CoordinatorError::Agent(agent) => agent.into(),
+        CoordinatorError::Federation(federation) => federation.into(),
         CoordinatorError::NotAvailable(message) => Status::unimplemented(message),
         CoordinatorError::Store(store) => store.into(),
     }
@@ -130,12 +131,4 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// A status for an RPC whose issue has not landed yet: it names what is missing.
-pub fn not_yet(what: &str) -> Status {
-    Status::new(
-        Code::Unimplemented,
-        format!("{what} is not implemented in this build of mosaicd yet"),
-    )
 }

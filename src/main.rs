@@ -9,7 +9,10 @@ use mosaic_mesh::cli::{Cli, LogFormat, dispatch};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log.as_deref(), cli.log_format);
+    if let Err(message) = init_tracing(cli.log.as_deref(), cli.log_format) {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -19,9 +22,16 @@ async fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(filter: Option<&str>, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+/// Starts logging; a `--log` / `MOSAIC_LOG` filter that does not parse is a
+/// usage error, not a silent fallback.
+fn init_tracing(filter: Option<&str>, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).map_err(
+        |error| {
+            format!(
+                "--log / MOSAIC_LOG is not a valid tracing filter ({error}); e.g. `info` or `mosaic_mesh=debug,info`"
+            )
+        },
+    )?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -30,4 +40,5 @@ fn init_tracing(filter: Option<&str>, format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    Ok(())
 }

@@ -157,6 +157,7 @@ pub async fn serve(
             &shared.config.coordinator,
         ),
         &shared.agents,
+        &crate::coordinator::remote::Peers::of(&shared),
     )
     .await
     .context("cannot follow the agents of running jobs")?;

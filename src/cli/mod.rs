@@ -5,9 +5,11 @@ pub mod agent;
 pub mod apikey;
 pub mod client;
 pub mod exit;
+pub mod federation;
 pub mod identity;
 pub mod job;
 pub mod peer;
+pub mod remote;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -68,13 +70,16 @@ pub enum Command {
     /// Connect to peers and manage federation connections (admin API key).
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// The audit log of signed commands exchanged with peers (admin API key).
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
     /// Spawn, inspect, stop and follow agents on the running daemon (API key
-    /// with the `agents` scope).
+    /// with the `agents` scope), or with --peer on a peer (`admin` scope).
     #[command(subcommand)]
     Agent(agent::AgentCommand),
     /// Create, inspect, change and watch jobs on the running daemon
@@ -143,6 +148,9 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Serve => serve::serve(&cli.config).await,
         Command::Peer(command) => peer::run(command, &cli.config, &cli.client, output).await,
+        Command::Federation(command) => {
+            federation::run(command, &cli.config, &cli.client, output).await
+        }
         Command::Init => serve::init(&cli.config, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,

@@ -1,6 +1,7 @@
 //! `DispatchJob`: a job and a local agent started for it, linked so that the
 //! job follows the agent's end state (COMPLETED when the agent completes,
-//! FAILED when it fails, is killed or times out), also across a restart.
+//! FAILED when it fails, is killed or times out), also across a restart. A
+//! dispatch to a peer is in [`super::remote`].
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use futures::StreamExt as _;
 
 use super::CoordinatorError;
 use super::jobs::{Jobs, NewJob};
+use super::remote::Peers;
 use super::state::JobChange;
 use crate::agents::{AgentEvent, AgentRecord, AgentRuntime, AgentState, Origin, SpawnSpec};
 use crate::config::Config;
@@ -50,20 +52,20 @@ pub struct Dispatched {
 pub async fn dispatch(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,
+    peers: &Peers,
     config: &Config,
     request: DispatchRequest,
     actor: &str,
 ) -> Result<Dispatched, CoordinatorError> {
-    if !request.peer_instance_id.is_empty() {
-        return Err(CoordinatorError::NotAvailable(
-            "dispatching to a peer needs signed agent.spawn commands (federation), which are not in this build; leave peer_instance_id empty to run the agent here"
-                .to_owned(),
-        ));
-    }
     if request.agent_type.trim().is_empty() {
         return Err(CoordinatorError::Invalid(
             "agent_type is required".to_owned(),
         ));
+    }
+    crate::agents::command::check_labels(&request.job.labels).map_err(CoordinatorError::Invalid)?;
+    if !request.peer_instance_id.is_empty() {
+        // The peer checks the agent type against its own configuration.
+        return super::remote::dispatch(jobs, peers, request, actor).await;
     }
     // Refused before the job exists, so a typo leaves no failed job behind.
     if !config.agents.types.contains_key(&request.agent_type) {
@@ -72,7 +74,6 @@ pub async fn dispatch(
             request.agent_type, request.agent_type
         )));
     }
-    crate::agents::command::check_labels(&request.job.labels).map_err(CoordinatorError::Invalid)?;
 
     let (job, created) = jobs.create(request.job.clone(), actor).await?;
     if !created {
@@ -136,11 +137,13 @@ pub async fn dispatch(
     })
 }
 
-/// Cancels a job and stops its local agent, if it has one (best effort: the
-/// job is CANCELLED whether or not the agent could be stopped).
+/// Cancels a job and stops its agent, if it has one (best effort: the job is
+/// CANCELLED whether or not the agent could be stopped). An agent on a peer
+/// is asked to stop with a signed `agent.kill`, in the background.
 pub async fn cancel(
     jobs: &Jobs,
     agents: &AgentRuntime,
+    peers: &Peers,
     job_id: &str,
     reason: String,
     actor: &str,
@@ -148,23 +151,36 @@ pub async fn cancel(
     let job = jobs
         .change(job_id, JobChange::Cancel { reason }, actor)
         .await?;
-    if !job.agent_id.is_empty()
-        && job.peer_instance_id.is_empty()
-        && let Err(error) = agents.kill(&job.agent_id, "its job was cancelled").await
-    {
+    if job.agent_id.is_empty() {
+        return Ok(job);
+    }
+    if !job.peer_instance_id.is_empty() {
+        super::remote::stop_remote_agent(
+            Arc::clone(&peers.federation),
+            job.peer_instance_id.clone(),
+            job.workspace.clone(),
+            job.agent_id.clone(),
+            "its job was cancelled".to_owned(),
+        );
+    } else if let Err(error) = agents.kill(&job.agent_id, "its job was cancelled").await {
         tracing::warn!(job.id = %job.id, agent.id = %job.agent_id, %error, "could not stop the agent of a cancelled job");
     }
     Ok(job)
 }
 
 /// Follows the agents of RUNNING jobs again, after a restart: each job ends
-/// as its agent did (at once for an agent the restart settled).
+/// as its agent did (at once for a local agent the restart settled; a remote
+/// agent is polled again).
 pub async fn resume_following(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,
+    peers: &Peers,
 ) -> Result<usize, CoordinatorError> {
+    let remote = jobs.running_jobs_with_remote_agents().await?;
+    let remote = super::remote::resume_following(jobs, peers, remote)
+        + super::remote::resume_spawns(jobs, peers).await?;
     let running = jobs.running_jobs_with_local_agents().await?;
-    let count = running.len();
+    let count = running.len() + remote;
     for job in running {
         tokio::spawn(follow_agent(
             jobs.clone(),

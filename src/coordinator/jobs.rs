@@ -257,6 +257,29 @@ impl Jobs {
         Ok(self.store.running_jobs_with_local_agents().await?)
     }
 
+    /// The RUNNING jobs that follow an agent on a peer.
+    pub async fn running_jobs_with_remote_agents(
+        &self,
+    ) -> Result<Vec<JobRecord>, CoordinatorError> {
+        Ok(self.store.running_jobs_with_remote_agents().await?)
+    }
+
+    /// The PENDING jobs without agent created at or after `since_ms`.
+    pub async fn pending_jobs_without_agent_since(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<JobRecord>, CoordinatorError> {
+        Ok(self
+            .store
+            .pending_jobs_without_agent_since(since_ms)
+            .await?)
+    }
+
+    /// A receiver that sees `true` once the daemon starts shutting down.
+    pub fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.clone()
+    }
+
     /// Follows a job: the first item is its current state with its latest
     /// history entry, then one item per change, ending after the change into
     /// a terminal state (at once for a job that has already ended).

@@ -3,6 +3,8 @@
 //! - [`state`]: the job state machine (pure).
 //! - [`jobs`]: creating, changing, listing and watching jobs over the store.
 //! - [`dispatch`]: `DispatchJob`, and jobs that follow their agent's end.
+//! - [`remote`]: `DispatchJob` to a federated peer, and jobs that follow a
+//!   remote agent by polling it.
 //! - [`webhook`]: signature checks and event mapping for `HandleWebhook` (pure).
 //! - [`events`]: the in-process feed of committed changes behind `WatchJob`.
 //! - [`paging`]: `ListJobs` page tokens (pure).
@@ -16,6 +18,7 @@ pub mod events;
 pub mod health;
 pub mod jobs;
 pub mod paging;
+pub mod remote;
 pub mod service;
 pub mod state;
 pub mod webhook;
@@ -96,6 +99,10 @@ pub enum CoordinatorError {
     /// RESOURCE_EXHAUSTED, ...).
     #[error(transparent)]
     Agent(#[from] crate::agents::AgentError),
+    /// A signed command to a peer failed: the connection is missing or not
+    /// ACTIVE, the peer refused (its own code), or it cannot be reached.
+    #[error(transparent)]
+    Federation(#[from] crate::federation::FederationError),
     /// This build cannot do what was asked (UNIMPLEMENTED); the message says
     /// what is missing.
     #[error("{0}")]

@@ -11,6 +11,7 @@ use super::CoordinatorError;
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
 use super::dispatch::DispatchRequest;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
+use super::remote::Peers;
 use super::state::{JobChange, Percent};
 use crate::auth::Caller;
 use crate::proto::coordinator as pb;
@@ -24,6 +25,7 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub struct CoordinatorService {
     shared: Shared,
     jobs: Jobs,
+    peers: Peers,
 }
 
 impl CoordinatorService {
@@ -34,7 +36,12 @@ impl CoordinatorService {
             &shared.coordinator,
             &shared.config.coordinator,
         );
-        Self { shared, jobs }
+        let peers = Peers::of(&shared);
+        Self {
+            shared,
+            jobs,
+            peers,
+        }
     }
 }
 
@@ -211,6 +218,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let job = super::dispatch::cancel(
             &self.jobs,
             &self.shared.agents,
+            &self.peers,
             &message.job_id,
             message.reason,
             &actor,
@@ -296,6 +304,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let dispatched = super::dispatch::dispatch(
             &self.jobs,
             &self.shared.agents,
+            &self.peers,
             &self.shared.config,
             dispatch,
             &actor,

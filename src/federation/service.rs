@@ -21,7 +21,7 @@ const DEFAULT_PAGE_SIZE: u32 = 50;
 const MAX_PAGE_SIZE: u32 = 500;
 
 /// Longest grace period an operator may ask for on rotation (30 days).
-const MAX_ROTATION_GRACE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
+const MAX_ROTATION_GRACE: Duration = Duration::from_secs(crate::config::MAX_ROTATION_GRACE_SECS);
 
 /// Handlers for the Federation service.
 pub struct FederationService {

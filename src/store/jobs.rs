@@ -330,6 +330,39 @@ impl Store {
         rows.into_iter().map(JobRecord::try_from).collect()
     }
 
+    /// The RUNNING jobs that follow an agent on a federated peer, for the
+    /// coordinator to poll again after a restart.
+    pub async fn running_jobs_with_remote_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::state.eq(JobState::Running.as_str()))
+                .filter(jobs::agent_id.ne(""))
+                .filter(jobs::peer_instance_id.ne(""))
+                .select(JobRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+
+    /// The PENDING jobs without agent created at or after `since_ms` (a
+    /// remote dispatch interrupted before its spawn was answered).
+    pub async fn pending_jobs_without_agent_since(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = with_connection!(self, |conn| {
+            jobs::table
+                .filter(jobs::state.eq(JobState::Pending.as_str()))
+                .filter(jobs::created_at_ms.ge(since_ms))
+                .filter(jobs::agent_id.eq(""))
+                .select(JobRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(JobRecord::try_from).collect()
+    }
+
     /// Up to `limit` jobs matching `filter`, newest first, starting after
     /// `after`.
     pub async fn list_jobs(

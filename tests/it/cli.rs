@@ -98,6 +98,34 @@ fn plaintext_on_a_public_address_is_refused() {
 }
 
 #[test]
+fn a_bad_log_filter_or_rotation_grace_is_refused_and_creates_nothing() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let output = run(mosaicd(data_dir.path())
+        .env("MOSAIC_LOG", "mosaic_mesh=loudest")
+        .arg("init"));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("MOSAIC_LOG"), "{stderr}");
+
+    let config = data_dir.path().join("mosaic.toml");
+    std::fs::write(&config, "[identity]\nrotation_grace_secs = 2592001\n").expect("write config");
+    let output = run(mosaicd(data_dir.path())
+        .arg("--config")
+        .arg(&config)
+        .arg("init"));
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identity.rotation_grace_secs") && stderr.contains("30 days"),
+        "{stderr}"
+    );
+    assert!(
+        !data_dir.path().join("mosaic.db").exists(),
+        "nothing was created"
+    );
+}
+
+#[test]
 fn malformed_configuration_names_the_key() {
     let data_dir = tempfile::tempdir().expect("tempdir");
     let config = data_dir.path().join("mosaic.toml");

@@ -51,7 +51,7 @@ on_both_backends!(
     a_command_without_a_client_certificate_is_unauthenticated,
     a_peer_without_a_connection_is_permission_denied,
     a_command_in_another_workspace_is_permission_denied,
-    empty_and_garbage_payloads_are_invalid_argument,
+    empty_and_garbage_payloads_and_signatures_are_invalid_argument,
     stale_future_and_expired_commands_are_deadline_exceeded,
     an_oversized_prompt_is_an_invalid_argument_result,
     the_peer_kills_its_own_agent,
@@ -427,7 +427,7 @@ async fn a_command_in_another_workspace_is_permission_denied(backend: Backend) {
     setup.finish().await;
 }
 
-async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
+async fn empty_and_garbage_payloads_and_signatures_are_invalid_argument(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
     let genuine = setup.seal(&setup.command(spawn_command("true")));
     for payload in [Vec::new(), vec![0xff; 64]] {
@@ -438,13 +438,29 @@ async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
         let status = refused(setup.send(hostile).await);
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
-    let truncated = pb::SignedEnvelope {
-        signature: genuine.signature[..10].to_vec(),
-        ..genuine.clone()
-    };
-    let status = refused(setup.send(truncated).await);
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Truncated, empty and oversized signatures never verify: refused before
+    // any lookup, as malformed.
+    let oversized: Vec<u8> = genuine
+        .signature
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    for signature in [genuine.signature[..10].to_vec(), Vec::new(), oversized] {
+        let length = signature.len();
+        let hostile = pb::SignedEnvelope {
+            signature,
+            ..genuine.clone()
+        };
+        let status = refused(setup.send(hostile).await);
+        assert_eq!(status.code(), Code::InvalidArgument, "{length}: {status:?}");
+        assert!(status.message().contains("64 bytes"), "{status:?}");
+    }
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    // None of them used up the message id: the genuine message still runs.
+    setup.send(genuine).await.expect("the genuine message");
+    assert_eq!(setup.agent_count().await, 1);
     setup.finish().await;
 }
 

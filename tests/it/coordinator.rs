@@ -1399,7 +1399,7 @@ async fn dispatch_runs_a_real_agent_and_the_job_follows_it(backend: Backend) {
     remote.peer_instance_id = "some-peer".to_owned();
     for (request, code) in [
         (unknown_type, Code::InvalidArgument),
-        (remote, Code::Unimplemented),
+        (remote, Code::FailedPrecondition),
         (
             pb::DispatchJobRequest {
                 agent_type: "sh".to_owned(),

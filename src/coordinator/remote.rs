@@ -1,0 +1,656 @@
+//! `DispatchJob` to a federated peer: the job is created in the workspace of
+//! the connection with the peer, the agent is started there by a signed
+//! `agent.spawn` whose message id is derived from the job id (so a retry, or
+//! a restart in the middle, re-sends the same signed bytes and the peer starts
+//! at most one agent), and the job then follows the remote agent by polling it
+//! with signed `agent.status` commands, also across a restart.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::CoordinatorError;
+use super::dispatch::{DispatchRequest, Dispatched, SYSTEM_ACTOR, job_change_for};
+use super::jobs::Jobs;
+use super::state::{JobChange, JobState};
+use crate::agents::{AgentRecord, AgentState, Origin};
+use crate::federation::{Federation, FederationError};
+use crate::proto::agent as agent_pb;
+use crate::proto::federation as pb;
+use crate::store::{CommandLogRecord, JobRecord, Store};
+
+/// Longest wait between two polls while the peer cannot be reached.
+const MAX_POLL_BACKOFF: Duration = Duration::from_secs(60);
+
+/// What a remote dispatch needs besides the jobs: the federation that signs
+/// and sends commands, the store holding the command log, and how often the
+/// remote agent is polled.
+#[derive(Clone)]
+pub struct Peers {
+    /// Signs and sends the commands.
+    pub federation: Arc<Federation>,
+    /// The database (the command log keeps the signed spawn for retries).
+    pub store: Store,
+    /// Time between two polls of a remote agent while the peer answers.
+    pub poll_interval: Duration,
+    /// How long a signed spawn can still reach the peer's stored result (the
+    /// longer of the message lifetime and the clock window): a spawn the peer
+    /// has not answered in that time is given up.
+    pub spawn_valid_for: Duration,
+}
+
+impl Peers {
+    /// The daemon's federation, store and configured poll interval.
+    pub fn of(shared: &crate::server::Shared) -> Peers {
+        Peers {
+            federation: Arc::clone(&shared.federation),
+            store: shared.store.clone(),
+            poll_interval: shared.config.coordinator.remote_agent_poll,
+            spawn_valid_for: shared
+                .config
+                .federation
+                .message_lifetime
+                .max(shared.config.federation.clock_window),
+        }
+    }
+}
+
+/// The message id of the signed `agent.spawn` for `job_id`: the same for
+/// every attempt, so the peer never runs the spawn twice.
+pub fn spawn_message_id(job_id: &str) -> String {
+    format!("dispatch-{job_id}")
+}
+
+/// Creates the job in the workspace of the connection with the peer, starts
+/// the agent on the peer and links them. Nothing is written when there is no
+/// ACTIVE connection with the peer. When the peer refuses the spawn, the job
+/// is FAILED with the peer's reason and the peer's code is returned; when the
+/// peer cannot be reached (UNAVAILABLE, DEADLINE_EXCEEDED), that error is
+/// returned, the job stays PENDING, and the same signed command is sent again
+/// in the background ([`finish_spawn`]) and by a retry with the same
+/// idempotency key.
+pub async fn dispatch(
+    jobs: &Jobs,
+    peers: &Peers,
+    mut request: DispatchRequest,
+    actor: &str,
+) -> Result<Dispatched, CoordinatorError> {
+    // A retry finds its job even if the connection has changed since.
+    if !request.job.idempotency_key.is_empty()
+        && let Some(existing) = peers
+            .store
+            .find_job_by_idempotency_key(&request.job.idempotency_key)
+            .await?
+    {
+        return redispatch(jobs, peers, existing).await;
+    }
+    let peer = request.peer_instance_id.clone();
+    let workspace = peers
+        .federation
+        .command_workspace(&peer, Some(&request.job.workspace))
+        .await?;
+    request.job.workspace.clone_from(&workspace);
+    let (job, created) = jobs.create(request.job.clone(), actor).await?;
+    if !created {
+        return redispatch(jobs, peers, job).await;
+    }
+    let command = pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
+        spawn: Some(agent_pb::SpawnRequest {
+            agent_type: request.agent_type,
+            prompt: request.prompt,
+            task_id: job.id.clone(),
+            labels: request.job.labels.into_iter().collect(),
+            timeout_seconds: None,
+        }),
+    });
+    let job_id = job.id.clone();
+    match start(jobs, peers, job, &peer, &workspace, command).await {
+        Ok(dispatched) => Ok(Dispatched {
+            created: true,
+            ..dispatched
+        }),
+        Err(CoordinatorError::Federation(error)) if spawn_may_have_happened(&error) => {
+            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job_id));
+            Err(error.into())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// An earlier dispatch with the same idempotency key. A job that an earlier
+/// call left PENDING after sending its spawn (the peer could not be reached,
+/// or the daemon stopped) gets the same signed spawn again; any other job is
+/// returned as it is.
+async fn redispatch(
+    jobs: &Jobs,
+    peers: &Peers,
+    job: JobRecord,
+) -> Result<Dispatched, CoordinatorError> {
+    let unfinished = job.state == JobState::Pending && job.agent_id.is_empty();
+    let sent = if unfinished {
+        peers
+            .store
+            .find_outbound_command(&spawn_message_id(&job.id))
+            .await?
+    } else {
+        None
+    };
+    let Some(sent) = sent else {
+        let agent_id = job.agent_id.clone();
+        return Ok(Dispatched {
+            job,
+            agent_id,
+            created: false,
+        });
+    };
+    let command = sent_command(&sent)?;
+    let dispatched = start(
+        jobs,
+        peers,
+        job,
+        &sent.recipient_instance_id,
+        &sent.workspace,
+        command,
+    )
+    .await?;
+    Ok(Dispatched {
+        created: false,
+        ..dispatched
+    })
+}
+
+/// The command inside a logged outbound signed command.
+fn sent_command(sent: &CommandLogRecord) -> Result<pb::command_payload::Command, CoordinatorError> {
+    use prost::Message as _;
+    sent.envelope
+        .as_ref()
+        .and_then(|envelope| pb::CommandPayload::decode(envelope.payload.as_slice()).ok())
+        .and_then(|payload| payload.command)
+        .ok_or_else(|| {
+            CoordinatorError::Federation(FederationError::Internal(format!(
+                "the logged command {} does not decode",
+                sent.message_id
+            )))
+        })
+}
+
+/// Sends the spawn (under the job's message id), attaches the agent to the
+/// job and starts following it.
+async fn start(
+    jobs: &Jobs,
+    peers: &Peers,
+    job: JobRecord,
+    peer: &str,
+    workspace: &str,
+    command: pb::command_payload::Command,
+) -> Result<Dispatched, CoordinatorError> {
+    let message_id = spawn_message_id(&job.id);
+    let sent = peers
+        .federation
+        .send_command(peer, Some(workspace), command, Some(&message_id))
+        .await;
+    let agent = match sent {
+        Ok((_, pb::command_result_payload::Outcome::Agent(agent))) => agent,
+        Ok((_, _)) => {
+            let error = FederationError::BadReply(
+                "the peer answered agent.spawn with something other than an agent".into(),
+            );
+            fail_job(
+                jobs,
+                &job.id,
+                format!("the agent could not be started on peer {peer}: {error}"),
+            )
+            .await;
+            return Err(error.into());
+        }
+        Err(error) if spawn_may_have_happened(&error) => {
+            tracing::warn!(job.id = %job.id, peer.id = %peer, %error, "the peer did not confirm the spawn; the job stays PENDING and the same signed spawn is sent again");
+            return Err(error.into());
+        }
+        Err(error) => {
+            fail_job(
+                jobs,
+                &job.id,
+                format!("the agent could not be started on peer {peer}: {error}"),
+            )
+            .await;
+            return Err(error.into());
+        }
+    };
+    tracing::info!(job.id = %job.id, agent.id = %agent.agent_id, peer.id = %peer, "job dispatched to an agent on a peer");
+    let attach = JobChange::AttachAgent {
+        agent_id: agent.agent_id.clone(),
+        peer_instance_id: peer.to_owned(),
+    };
+    let attached = match jobs.change(&job.id, attach, SYSTEM_ACTOR).await {
+        Ok(attached) => attached,
+        Err(error) => {
+            // A concurrent retry attached the same agent first: that call
+            // follows it.
+            let current = jobs.get(&job.id).await?;
+            if current.agent_id == agent.agent_id {
+                return Ok(Dispatched {
+                    job: current,
+                    agent_id: agent.agent_id,
+                    created: false,
+                });
+            }
+            // The job was cancelled or failed in the meantime: the agent has
+            // nothing to work for.
+            stop_remote_agent(
+                Arc::clone(&peers.federation),
+                peer.to_owned(),
+                workspace.to_owned(),
+                agent.agent_id.clone(),
+                "its job ended before it started".to_owned(),
+            );
+            return Err(error);
+        }
+    };
+    tokio::spawn(follow(
+        jobs.clone(),
+        peers.clone(),
+        attached.id.clone(),
+        peer.to_owned(),
+        workspace.to_owned(),
+        agent.agent_id.clone(),
+    ));
+    Ok(Dispatched {
+        job: attached,
+        agent_id: agent.agent_id,
+        created: true,
+    })
+}
+
+/// True for the failures after which the peer may have run the spawn without
+/// our learning it (the call or its reply was lost): the job must not be
+/// failed, since the same signed spawn sent again gets the peer's answer.
+/// A refusal carried in the peer's signed result is final (the peer stores
+/// it and answers it again to a retry).
+fn spawn_may_have_happened(error: &FederationError) -> bool {
+    matches!(
+        error,
+        FederationError::Unavailable(_)
+            | FederationError::DeadlineExceeded(_)
+            | FederationError::BadReply(_)
+            | FederationError::Internal(_)
+            | FederationError::Store(_)
+    )
+}
+
+async fn fail_job(jobs: &Jobs, job_id: &str, error: String) {
+    if let Err(marking) = jobs
+        .change(job_id, JobChange::Fail { error }, SYSTEM_ACTOR)
+        .await
+    {
+        tracing::warn!(job.id = %job_id, error = %marking, "could not mark the job failed");
+    }
+}
+
+/// Asks the peer to stop an agent, in the background (best effort: a peer
+/// that cannot be reached keeps it until it ends or times out).
+pub fn stop_remote_agent(
+    federation: Arc<Federation>,
+    peer: String,
+    workspace: String,
+    agent_id: String,
+    reason: String,
+) {
+    tokio::spawn(async move {
+        let command = pb::command_payload::Command::AgentKill(pb::AgentKillCommand {
+            agent_id: agent_id.clone(),
+            reason,
+        });
+        if let Err(error) = federation
+            .send_command(&peer, Some(&workspace), command, None)
+            .await
+        {
+            tracing::warn!(agent.id = %agent_id, peer.id = %peer, %error, "could not stop an agent on a peer");
+        }
+    });
+}
+
+/// Sends the job's logged signed spawn again until the peer answers it (then
+/// the job follows the agent, or is FAILED with the peer's refusal), backing
+/// off while the peer cannot be reached. Stops when the job no longer waits
+/// for its agent (a retried DispatchJob attached it, or it was cancelled),
+/// and at shutdown (the next start resumes). Once the signed spawn can no
+/// longer reach the peer, the job is FAILED.
+async fn finish_spawn(jobs: Jobs, peers: Peers, job_id: String) {
+    let mut shutdown = jobs.shutdown_signal();
+    let mut delay = peers.poll_interval;
+    let message_id = spawn_message_id(&job_id);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        delay = backoff(delay, peers.poll_interval);
+        let job = match jobs.get(&job_id).await {
+            Ok(job) => job,
+            Err(CoordinatorError::NotFound(_)) => return,
+            Err(error) => {
+                tracing::debug!(job.id = %job_id, %error, "cannot read the job; trying again");
+                continue;
+            }
+        };
+        if job.state != JobState::Pending || !job.agent_id.is_empty() {
+            return;
+        }
+        let sent = match peers.store.find_outbound_command(&message_id).await {
+            Ok(Some(sent)) => sent,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::debug!(job.id = %job_id, %error, "cannot read the logged spawn; trying again");
+                continue;
+            }
+        };
+        let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
+        if crate::clock::now_ms() > sent.issued_at_ms.saturating_add(valid_ms) {
+            fail_job(
+                &jobs,
+                &job_id,
+                format!(
+                    "peer {} could not be reached to start the agent before the signed agent.spawn {message_id} expired",
+                    sent.recipient_instance_id
+                ),
+            )
+            .await;
+            return;
+        }
+        let command = match sent_command(&sent) {
+            Ok(command) => command,
+            Err(error) => {
+                fail_job(&jobs, &job_id, error.to_string()).await;
+                return;
+            }
+        };
+        match start(
+            &jobs,
+            &peers,
+            job,
+            &sent.recipient_instance_id,
+            &sent.workspace,
+            command,
+        )
+        .await
+        {
+            Err(CoordinatorError::Federation(error)) if spawn_may_have_happened(&error) => {}
+            // Started and followed, or refused (the job is FAILED).
+            _ => return,
+        }
+    }
+}
+
+/// After a restart: the jobs that a dispatch left PENDING after logging its
+/// signed spawn, recently enough for the spawn to still reach the peer, get
+/// it sent again (see [`finish_spawn`]).
+pub async fn resume_spawns(jobs: &Jobs, peers: &Peers) -> Result<usize, CoordinatorError> {
+    let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
+    let since = crate::clock::now_ms().saturating_sub(valid_ms);
+    let mut count = 0;
+    for job in jobs.pending_jobs_without_agent_since(since).await? {
+        if peers
+            .store
+            .find_outbound_command(&spawn_message_id(&job.id))
+            .await?
+            .is_some()
+        {
+            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job.id));
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Polls the RUNNING jobs' remote agents again, after a restart.
+pub fn resume_following(jobs: &Jobs, peers: &Peers, running: Vec<JobRecord>) -> usize {
+    let count = running.len();
+    for job in running {
+        tokio::spawn(follow(
+            jobs.clone(),
+            peers.clone(),
+            job.id,
+            job.peer_instance_id,
+            job.workspace,
+            job.agent_id,
+        ));
+    }
+    count
+}
+
+/// Polls the remote agent with signed `agent.status` until it has ended,
+/// then ends the job the same way. While the peer cannot be reached (or
+/// refuses for a reason that may pass, such as a suspended connection) the
+/// job stays RUNNING and the wait between polls doubles up to
+/// [`MAX_POLL_BACKOFF`]. A peer that no longer knows the agent fails the job.
+/// Stops when the job has ended otherwise (cancelled, failed by a caller) and
+/// when the daemon shuts down (the next start resumes).
+async fn follow(
+    jobs: Jobs,
+    peers: Peers,
+    job_id: String,
+    peer: String,
+    workspace: String,
+    agent_id: String,
+) {
+    let mut shutdown = jobs.shutdown_signal();
+    let mut delay = peers.poll_interval;
+    let mut failures: u32 = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        }
+        match jobs.get(&job_id).await {
+            Ok(job) if job.state.is_terminal() => return,
+            Ok(_) => {}
+            Err(CoordinatorError::NotFound(_)) => return,
+            Err(error) => {
+                tracing::debug!(job.id = %job_id, %error, "cannot read the job; trying again");
+                delay = backoff(delay, peers.poll_interval);
+                continue;
+            }
+        }
+        let command = pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
+            agent_id: agent_id.clone(),
+        });
+        let change = match peers
+            .federation
+            .send_command(&peer, Some(&workspace), command, None)
+            .await
+        {
+            Ok((_, pb::command_result_payload::Outcome::Agent(agent))) => {
+                failures = 0;
+                delay = peers.poll_interval;
+                match ended_agent(&agent) {
+                    Some(ended) => remote_job_change(&ended, &peer),
+                    None => continue,
+                }
+            }
+            Err(FederationError::Peer(status)) if status.code() == tonic::Code::NotFound => {
+                JobChange::Fail {
+                    error: format!(
+                        "agent {agent_id} on peer {peer} is not known there any more: {}",
+                        status.message()
+                    ),
+                }
+            }
+            other => {
+                failures += 1;
+                let detail = match other {
+                    Ok(_) => "the peer answered agent.status with something other than an agent"
+                        .to_owned(),
+                    Err(error) => error.to_string(),
+                };
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(job.id = %job_id, agent.id = %agent_id, peer.id = %peer, failures, error = %detail, "cannot get the state of a remote agent; the job stays RUNNING and is polled again");
+                }
+                delay = backoff(delay, peers.poll_interval);
+                continue;
+            }
+        };
+        match jobs.change(&job_id, change, SYSTEM_ACTOR).await {
+            Ok(job) => {
+                tracing::info!(job.id = %job_id, agent.id = %agent_id, peer.id = %peer, job.state = %job.state, "job ended with its remote agent");
+                return;
+            }
+            Err(CoordinatorError::Transition(_)) => {
+                tracing::debug!(job.id = %job_id, "the job had already ended before its remote agent");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(job.id = %job_id, %error, "could not end the job with its remote agent; trying again");
+                delay = backoff(delay, peers.poll_interval);
+            }
+        }
+    }
+}
+
+/// The next wait after a failed poll: double, at least the poll interval, at
+/// most [`MAX_POLL_BACKOFF`] (or the interval, when that is longer).
+fn backoff(delay: Duration, interval: Duration) -> Duration {
+    delay
+        .saturating_mul(2)
+        .max(interval)
+        .min(MAX_POLL_BACKOFF.max(interval))
+}
+
+/// The remote agent as a record, if it has ended; `None` while it runs.
+fn ended_agent(agent: &agent_pb::Agent) -> Option<AgentRecord> {
+    let state = match agent.state() {
+        agent_pb::AgentState::Completed => AgentState::Completed,
+        agent_pb::AgentState::Failed => AgentState::Failed,
+        agent_pb::AgentState::Killed => AgentState::Killed,
+        agent_pb::AgentState::TimedOut => AgentState::TimedOut,
+        agent_pb::AgentState::Unspecified
+        | agent_pb::AgentState::Spawning
+        | agent_pb::AgentState::Running => return None,
+    };
+    Some(AgentRecord {
+        id: agent.agent_id.clone(),
+        agent_type: agent.agent_type.clone(),
+        state,
+        state_reason: agent.state_reason.clone(),
+        prompt: String::new(),
+        task_id: agent.task_id.clone(),
+        labels: Default::default(),
+        origin: Origin::Local,
+        runner_id: String::new(),
+        pid: None,
+        exit_code: agent.exit_code,
+        signal: agent.signal,
+        output_tail: agent.output_tail.clone(),
+        output_bytes: agent.output_bytes,
+        output_truncated: agent.output_truncated,
+        timeout_secs: agent.timeout_seconds,
+        created_at_ms: 0,
+        started_at_ms: None,
+        ended_at_ms: None,
+        updated_at_ms: 0,
+    })
+}
+
+/// The job change that mirrors an ended remote agent: as for a local agent,
+/// with the peer named in the error.
+fn remote_job_change(agent: &AgentRecord, peer: &str) -> JobChange {
+    match job_change_for(agent) {
+        JobChange::Fail { error } => JobChange::Fail {
+            error: error.replacen(
+                &format!("agent {}", agent.id),
+                &format!("agent {} on peer {peer}", agent.id),
+                1,
+            ),
+        },
+        change => change,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(state: agent_pb::AgentState, exit_code: Option<i32>) -> agent_pb::Agent {
+        agent_pb::Agent {
+            agent_id: "agent-9".to_owned(),
+            state: state.into(),
+            state_reason: "why".to_owned(),
+            exit_code,
+            output_tail: vec!["out".to_owned()],
+            ..agent_pb::Agent::default()
+        }
+    }
+
+    #[test]
+    fn a_running_remote_agent_changes_nothing() {
+        for state in [
+            agent_pb::AgentState::Unspecified,
+            agent_pb::AgentState::Spawning,
+            agent_pb::AgentState::Running,
+        ] {
+            assert!(ended_agent(&remote(state, None)).is_none(), "{state:?}");
+        }
+    }
+
+    #[test]
+    fn an_ended_remote_agent_ends_the_job_naming_the_peer() {
+        let completed =
+            ended_agent(&remote(agent_pb::AgentState::Completed, Some(0))).expect("ended");
+        let JobChange::Complete { result_json } = remote_job_change(&completed, "peer-b") else {
+            panic!("expected Complete");
+        };
+        let result: serde_json::Value = serde_json::from_str(&result_json).expect("json");
+        assert_eq!(result["agent_id"], "agent-9");
+        assert_eq!(result["exit_code"], 0);
+        assert_eq!(result["output_tail"], serde_json::json!(["out"]));
+
+        let failed = ended_agent(&remote(agent_pb::AgentState::Failed, Some(3))).expect("ended");
+        let JobChange::Fail { error } = remote_job_change(&failed, "peer-b") else {
+            panic!("expected Fail");
+        };
+        assert!(
+            error.starts_with("agent agent-9 on peer peer-b ended FAILED (exit code 3)"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_spawn_message_id_is_a_valid_message_id_derived_from_the_job() {
+        let job_id = uuid::Uuid::now_v7().to_string();
+        let id = spawn_message_id(&job_id);
+        assert_eq!(id, spawn_message_id(&job_id));
+        assert!(id.len() <= 128);
+        assert!(
+            id.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+        );
+    }
+
+    #[test]
+    fn polls_back_off_to_a_ceiling() {
+        let interval = Duration::from_secs(2);
+        let mut delay = interval;
+        for _ in 0..20 {
+            delay = backoff(delay, interval);
+        }
+        assert_eq!(delay, MAX_POLL_BACKOFF);
+        assert_eq!(backoff(Duration::ZERO, interval), interval);
+        let long = Duration::from_secs(600);
+        assert_eq!(backoff(long, long), long);
+    }
+
+    #[test]
+    fn only_lost_calls_leave_the_spawn_undecided() {
+        assert!(spawn_may_have_happened(&FederationError::Unavailable(
+            "down".into()
+        )));
+        assert!(spawn_may_have_happened(&FederationError::DeadlineExceeded(
+            "slow".into()
+        )));
+        assert!(!spawn_may_have_happened(&FederationError::Peer(
+            tonic::Status::invalid_argument("unknown agent type")
+        )));
+        assert!(!spawn_may_have_happened(
+            &FederationError::FailedPrecondition("no connection".into())
+        ));
+    }
+}

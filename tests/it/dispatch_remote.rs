@@ -1,0 +1,537 @@
+//! `DispatchJob` to a federated peer, between two real daemons over mutual
+//! TLS: the agent runs on the peer and the job follows it to its end (also
+//! across restarts of either side), a retry with the same idempotency key
+//! starts no second agent (also after the peer was unreachable for the
+//! spawn), the peer checks the agent type, CancelJob stops the remote agent,
+//! and a dispatch to a peer we are not connected with writes nothing.
+
+use std::time::Duration;
+
+use mosaic_mesh::auth::Scope;
+use mosaic_mesh::config::Config;
+use mosaic_mesh::proto::agent as agent_pb;
+use mosaic_mesh::proto::coordinator as pb;
+use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
+use mosaic_mesh::proto::federation as fed_pb;
+use mosaic_mesh::proto::federation::federation_client::FederationClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::peering::{Admin, connect_and_accept};
+use crate::support::Backend;
+use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
+use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+
+/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $name() {
+                    super::$name(crate::support::Backend::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    a_job_dispatched_to_a_peer_follows_the_remote_agent,
+    a_remote_dispatch_survives_restarts_and_an_unreachable_peer,
+);
+
+const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
+
+/// Daemon A (the coordinator, polling every 100 ms) connected to daemon B
+/// (with the test agent types) in workspace `ws`, B granting A everything.
+struct Pair {
+    admin_a: Admin,
+    connection_a: String,
+    environments: [TestEnvironment; 2],
+    a: Option<TestDaemon>,
+    b: Option<TestDaemon>,
+    a_port: u16,
+    b_port: u16,
+    a_id: String,
+    b_id: String,
+    webhook_key: String,
+    jobs_key: String,
+    admin_key: String,
+    agents_key_b: String,
+}
+
+fn config_a(config: &mut Config) {
+    config.coordinator.remote_agent_poll = Duration::from_millis(100);
+}
+
+fn config_b(config: &mut Config) {
+    *config = with_agent_types(config.clone());
+}
+
+impl Pair {
+    async fn new(backend: Backend) -> Pair {
+        let environments = [
+            TestEnvironment::new(backend).await,
+            TestEnvironment::new(backend).await,
+        ];
+        let a = environments[0].start_peer(0, config_a).await;
+        let b = environments[1].start_peer(0, config_b).await;
+        let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+        let a_id = admin_a.instance().await.instance_id;
+        let b_id = admin_b.instance().await.instance_id;
+        let (connection_a, _) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+        Pair {
+            admin_a,
+            connection_a,
+            a_port: a.address.port(),
+            b_port: b.address.port(),
+            webhook_key: a.api_key(&[Scope::Webhook]).await,
+            jobs_key: a.api_key(&[Scope::Coordinator]).await,
+            admin_key: a.api_key(&[Scope::Admin]).await,
+            agents_key_b: b.api_key(&[Scope::Agents]).await,
+            environments,
+            a: Some(a),
+            b: Some(b),
+            a_id,
+            b_id,
+        }
+    }
+
+    fn a(&self) -> &TestDaemon {
+        self.a.as_ref().expect("A runs")
+    }
+
+    async fn stop_a(&mut self) {
+        self.a.take().expect("A runs").stop().await;
+    }
+
+    async fn start_a(&mut self) {
+        self.a = Some(self.environments[0].start_peer(self.a_port, config_a).await);
+    }
+
+    async fn stop_b(&mut self) {
+        self.b.take().expect("B runs").stop().await;
+    }
+
+    async fn start_b(&mut self) {
+        self.b = Some(self.environments[1].start_peer(self.b_port, config_b).await);
+    }
+
+    async fn coordinator(&self) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.a().channel().await)
+    }
+
+    fn request(&self, agent_type: &str, prompt: &str, key: &str) -> pb::DispatchJobRequest {
+        pb::DispatchJobRequest {
+            job_type: "remote-work".to_owned(),
+            agent_type: agent_type.to_owned(),
+            prompt: prompt.to_owned(),
+            peer_instance_id: self.b_id.clone(),
+            idempotency_key: key.to_owned(),
+            labels: [("team".to_owned(), "infra".to_owned())].into(),
+            ..pb::DispatchJobRequest::default()
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        request: pb::DispatchJobRequest,
+    ) -> Result<pb::DispatchJobResponse, tonic::Status> {
+        self.coordinator()
+            .await
+            .dispatch_job(with_key(request, &self.webhook_key))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn job(&self, job_id: &str) -> pb::Job {
+        self.coordinator()
+            .await
+            .get_job(with_key(
+                pb::GetJobRequest {
+                    job_id: job_id.to_owned(),
+                },
+                &self.jobs_key,
+            ))
+            .await
+            .expect("GetJob")
+            .into_inner()
+            .job
+            .expect("job")
+    }
+
+    async fn jobs(&self) -> Vec<pb::Job> {
+        self.coordinator()
+            .await
+            .list_jobs(with_key(
+                pb::ListJobsRequest {
+                    page_size: 1000,
+                    ..pb::ListJobsRequest::default()
+                },
+                &self.jobs_key,
+            ))
+            .await
+            .expect("ListJobs")
+            .into_inner()
+            .jobs
+    }
+
+    /// Polls the job until it has ended.
+    async fn ended(&self, job_id: &str) -> pb::Job {
+        let deadline = tokio::time::Instant::now() + AGENT_DEADLINE;
+        loop {
+            let job = self.job(job_id).await;
+            if matches!(
+                job.state(),
+                pb::JobState::Completed | pb::JobState::Failed | pb::JobState::Cancelled
+            ) {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {job_id} did not end: {job:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn agents_b(&self) -> Agents {
+        Agents::new(
+            self.b.as_ref().expect("B runs").channel().await,
+            self.agents_key_b.clone(),
+        )
+    }
+
+    async fn agents_on_b(&self) -> Vec<agent_pb::Agent> {
+        self.agents_b()
+            .await
+            .list(agent_pb::ListAgentsRequest::default())
+            .await
+            .expect("list")
+            .agents
+    }
+
+    /// A's outbound command log entries with `message_id`.
+    async fn sent_by_a(&self, message_id: &str) -> Vec<fed_pb::CommandLogEntry> {
+        let mut client = FederationClient::new(self.a().channel().await);
+        let mut found = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_command_log(with_key(
+                    fed_pb::ListCommandLogRequest {
+                        direction: fed_pb::CommandDirection::Outbound as i32,
+                        page_size: 500,
+                        page_token: page_token.clone(),
+                        ..fed_pb::ListCommandLogRequest::default()
+                    },
+                    &self.admin_key,
+                ))
+                .await
+                .expect("ListCommandLog")
+                .into_inner();
+            found.extend(
+                page.entries
+                    .into_iter()
+                    .filter(|entry| entry.message_id == message_id),
+            );
+            if page.next_page_token.is_empty() {
+                return found;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// A dispatch while B is down: UNAVAILABLE (or DEADLINE_EXCEEDED), and
+    /// the job is left PENDING without agent. Returns the job's id.
+    async fn dispatch_while_b_is_down(&self, prompt: &str, key: &str) -> String {
+        let status = self
+            .dispatch(self.request("sh", prompt, key))
+            .await
+            .expect_err("B is down");
+        assert!(
+            matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{status:?}"
+        );
+        let pending: Vec<pb::Job> = self
+            .jobs()
+            .await
+            .into_iter()
+            .filter(|job| job.state() == pb::JobState::Pending)
+            .collect();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        assert!(pending[0].agent_id.is_empty());
+        pending[0].job_id.clone()
+    }
+
+    async fn finish(mut self) {
+        if let Some(a) = self.a.take() {
+            a.stop().await;
+        }
+        if let Some(b) = self.b.take() {
+            b.stop().await;
+        }
+        for environment in self.environments {
+            environment.cleanup().await;
+        }
+    }
+}
+
+fn result_of(job: &pb::Job) -> serde_json::Value {
+    serde_json::from_str(&job.result_json).expect("result_json is JSON")
+}
+
+async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
+    let pair = Pair::new(backend).await;
+
+    // The agent runs on B for A, in the connection's workspace, and the job
+    // on A completes with B's agent's exit code and output.
+    let dispatched = pair
+        .dispatch(pair.request("sh", "echo hello-from-b", "remote-once"))
+        .await
+        .expect("dispatch");
+    assert!(dispatched.created);
+    let job = dispatched.job.expect("job");
+    assert_eq!(job.state(), pb::JobState::Running);
+    assert_eq!(job.agent_id, dispatched.agent_id);
+    assert_eq!(job.peer_instance_id, pair.b_id);
+    assert_eq!(job.workspace, "ws");
+    let on_b = pair.agents_on_b().await;
+    assert_eq!(on_b.len(), 1);
+    let agent = &on_b[0];
+    assert_eq!(agent.agent_id, dispatched.agent_id);
+    assert_eq!(agent.task_id, job.job_id);
+    assert_eq!(agent.labels["team"], "infra");
+    let origin = agent.origin.as_ref().expect("origin");
+    assert_eq!(origin.kind(), agent_pb::AgentOriginKind::Peer);
+    assert_eq!(origin.instance_id, pair.a_id);
+    assert_eq!(origin.workspace, "ws");
+
+    let ended = pair.ended(&job.job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    let result = result_of(&ended);
+    assert_eq!(result["agent_id"], dispatched.agent_id);
+    assert_eq!(result["exit_code"], 0);
+    assert_eq!(result["output_tail"], serde_json::json!(["hello-from-b"]));
+
+    // A retry with the same key returns the same job and agent; B still has
+    // one agent, and A sent the spawn once under the job's message id.
+    let again = pair
+        .dispatch(pair.request("sh", "echo hello-from-b", "remote-once"))
+        .await
+        .expect("retry");
+    assert!(!again.created);
+    assert_eq!(again.agent_id, dispatched.agent_id);
+    assert_eq!(again.job.expect("job").job_id, job.job_id);
+    assert_eq!(pair.agents_on_b().await.len(), 1);
+    let spawns = pair.sent_by_a(&format!("dispatch-{}", job.job_id)).await;
+    assert_eq!(spawns.len(), 1, "{spawns:?}");
+    assert_eq!(spawns[0].command_type, "agent.spawn");
+    assert_eq!(spawns[0].outcome, "ok");
+
+    // A failing agent fails the job, naming the agent, the peer and the code.
+    let failing = pair
+        .dispatch(pair.request("sh", "echo oops; exit 3", ""))
+        .await
+        .expect("dispatch");
+    let ended = pair.ended(&failing.job.expect("job").job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Failed, "{ended:?}");
+    for part in [failing.agent_id.as_str(), pair.b_id.as_str(), "exit code 3"] {
+        assert!(ended.error.contains(part), "{part} in {}", ended.error);
+    }
+
+    // B checks the agent type: its refusal comes back with its code and
+    // message, and the job (committed before B was asked) is FAILED with it.
+    let status = pair
+        .dispatch(pair.request("no-such-type", "true", "bad-type"))
+        .await
+        .expect_err("unknown agent type on B");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("no-such-type"), "{status:?}");
+    let refused = pair
+        .dispatch(pair.request("no-such-type", "true", "bad-type"))
+        .await
+        .expect("the retry returns the failed job");
+    assert!(!refused.created);
+    assert!(refused.agent_id.is_empty());
+    let refused = refused.job.expect("job");
+    assert_eq!(refused.state(), pb::JobState::Failed);
+    assert!(refused.error.contains("no-such-type"), "{}", refused.error);
+    assert_eq!(pair.agents_on_b().await.len(), 2);
+
+    // No ACTIVE connection with the named peer (or not in that workspace):
+    // a clear refusal, and no job is written.
+    let jobs_before = pair.jobs().await.len();
+    let mut stranger = pair.request("sh", "true", "");
+    stranger.peer_instance_id = "no-such-peer".to_owned();
+    let mut elsewhere = pair.request("sh", "true", "");
+    elsewhere.workspace = "other-ws".to_owned();
+    let mut bad_labels = pair.request("sh", "true", "");
+    bad_labels.labels.insert(String::new(), "x".to_owned());
+    for (request, code) in [
+        (stranger, Code::FailedPrecondition),
+        (elsewhere, Code::FailedPrecondition),
+        (bad_labels, Code::InvalidArgument),
+    ] {
+        let status = pair.dispatch(request).await.expect_err("refused");
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    assert_eq!(pair.jobs().await.len(), jobs_before);
+    assert_eq!(pair.agents_on_b().await.len(), 2);
+
+    // Cancelling the job stops the agent on B.
+    let long = pair
+        .dispatch(pair.request("sh", "sleep 30", ""))
+        .await
+        .expect("dispatch");
+    let cancelled = pair
+        .coordinator()
+        .await
+        .cancel_job(with_key(
+            pb::CancelJobRequest {
+                job_id: long.job.expect("job").job_id,
+                reason: "no longer needed".to_owned(),
+            },
+            &pair.jobs_key,
+        ))
+        .await
+        .expect("cancel")
+        .into_inner()
+        .job
+        .expect("job");
+    assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+    pair.agents_b()
+        .await
+        .wait_for_state(&long.agent_id, agent_pb::AgentState::Killed)
+        .await;
+    assert_eq!(
+        pair.job(&cancelled.job_id).await.state(),
+        pb::JobState::Cancelled
+    );
+
+    // Once the connection is suspended, a new dispatch is refused with
+    // nothing written, and a retry still returns its job.
+    pair.admin_a
+        .suspend(&pair.connection_a)
+        .await
+        .expect("suspend");
+    let jobs_before = pair.jobs().await.len();
+    let status = pair
+        .dispatch(pair.request("sh", "true", ""))
+        .await
+        .expect_err("no ACTIVE connection");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(pair.jobs().await.len(), jobs_before);
+    let retried = pair
+        .dispatch(pair.request("sh", "echo hello-from-b", "remote-once"))
+        .await
+        .expect("a retry returns its job");
+    assert!(!retried.created);
+    assert_eq!(retried.agent_id, dispatched.agent_id);
+    pair.finish().await;
+}
+
+async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Backend) {
+    let mut pair = Pair::new(backend).await;
+
+    // A restarts while B's agent runs: the new A polls the agent again and
+    // the job completes with it.
+    let dispatched = pair
+        .dispatch(pair.request("sh", "sleep 2; echo done-after-restart", ""))
+        .await
+        .expect("dispatch");
+    let job_id = dispatched.job.expect("job").job_id;
+    pair.stop_a().await;
+    pair.start_a().await;
+    let ended = pair.ended(&job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    assert_eq!(
+        result_of(&ended)["output_tail"],
+        serde_json::json!(["done-after-restart"])
+    );
+
+    // B goes away while its agent runs: the job stays RUNNING and A keeps
+    // polling; once B is back, the job ends as B's agent did (B's shutdown
+    // stopped it).
+    let dispatched = pair
+        .dispatch(pair.request("sh", "sleep 30", ""))
+        .await
+        .expect("dispatch");
+    let job_id = dispatched.job.expect("job").job_id;
+    pair.stop_b().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pair.job(&job_id).await.state(), pb::JobState::Running);
+    pair.start_b().await;
+    let ended = pair.ended(&job_id).await;
+    let agent = pair
+        .agents_b()
+        .await
+        .get(&dispatched.agent_id)
+        .await
+        .expect("B's agent");
+    assert_ne!(agent.state(), agent_pb::AgentState::Running);
+    assert_eq!(ended.state(), pb::JobState::Failed, "{ended:?} {agent:?}");
+    assert!(
+        ended.error.contains(&dispatched.agent_id) && ended.error.contains(&pair.b_id),
+        "{}",
+        ended.error
+    );
+
+    // B cannot be reached for the spawn: the call says so and the job stays
+    // PENDING without agent; A sends the same signed spawn again until B is
+    // back, and B starts one agent; a retry with the same key finds it.
+    let agents_before = pair.agents_on_b().await.len();
+    pair.stop_b().await;
+    let job_id = pair
+        .dispatch_while_b_is_down("echo late", "while-b-is-down")
+        .await;
+    pair.start_b().await;
+    let ended = pair.ended(&job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    assert_eq!(
+        result_of(&ended)["output_tail"],
+        serde_json::json!(["late"])
+    );
+    let again = pair
+        .dispatch(pair.request("sh", "echo late", "while-b-is-down"))
+        .await
+        .expect("retry once B is back");
+    assert!(!again.created);
+    assert_eq!(again.job.expect("job").job_id, job_id);
+    assert_eq!(again.agent_id, result_of(&ended)["agent_id"]);
+    assert_eq!(pair.agents_on_b().await.len(), agents_before + 1);
+    let spawns = pair.sent_by_a(&format!("dispatch-{job_id}")).await;
+    assert_eq!(
+        spawns.len(),
+        1,
+        "one log entry per signed spawn: {spawns:?}"
+    );
+    assert_eq!(spawns[0].outcome, "ok");
+
+    // The same, with A restarting before B is back: the new A sends the
+    // logged spawn again by itself.
+    pair.stop_b().await;
+    let job_id = pair
+        .dispatch_while_b_is_down("echo after-both-restarts", "while-a-restarts")
+        .await;
+    pair.stop_a().await;
+    pair.start_b().await;
+    pair.start_a().await;
+    let ended = pair.ended(&job_id).await;
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    assert_eq!(
+        result_of(&ended)["output_tail"],
+        serde_json::json!(["after-both-restarts"])
+    );
+    assert_eq!(pair.agents_on_b().await.len(), agents_before + 2);
+    pair.finish().await;
+}
