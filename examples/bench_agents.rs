@@ -176,6 +176,16 @@ async fn main() -> anyhow::Result<()> {
         ..ConfigArgs::default()
     };
     let mut config: Config = Config::resolve(FileConfig::default(), &args)?;
+    // The production tiers (100 calls a minute per key) would measure the
+    // limiter, not this path; the in-memory limiter stays in the path.
+    let generous = mosaic_mesh::ratelimit::RateLimitFileConfig {
+        global_limit: Some(100_000_000),
+        federation_limit: Some(100_000_000),
+        health_limit: Some(100_000_000),
+        ..Default::default()
+    };
+    config.rate_limit =
+        mosaic_mesh::ratelimit::RateLimitSettings::resolve(generous, &Default::default(), false)?;
     config
         .agents
         .types
