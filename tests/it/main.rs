@@ -15,5 +15,6 @@ mod peer_cli;
 mod peering;
 mod rate_limit;
 mod server;
+mod stress_faults;
 mod support;
 mod tidy;
