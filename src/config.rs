@@ -226,6 +226,8 @@ pub struct FederationFileConfig {
     /// Most inbound connection requests waiting for an operator at once
     /// (default 100); past it new requests are refused.
     pub max_pending_inbound: Option<u32>,
+    /// Days the command audit log keeps an entry (default 90).
+    pub command_log_retention_days: Option<u64>,
 }
 
 /// The resolved `[federation]` settings.
@@ -256,6 +258,8 @@ pub struct FederationConfig {
     /// Most inbound requests waiting for an operator (default 100): anyone with a
     /// key can ask, so unanswered requests are bounded.
     pub max_pending_inbound: u32,
+    /// How long the command audit log keeps an entry (default 90 days).
+    pub command_log_retention: Duration,
 }
 
 impl FederationConfig {
@@ -358,6 +362,12 @@ impl FederationConfig {
             auto_accept_fingerprints,
             auto_accept_grants,
             max_pending_inbound: file.max_pending_inbound.unwrap_or(100),
+            command_log_retention: positive_secs(
+                "federation.command_log_retention_days",
+                file.command_log_retention_days
+                    .map(|days| days.saturating_mul(24 * 60 * 60)),
+                90 * 24 * 60 * 60,
+            )?,
         })
     }
 }

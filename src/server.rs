@@ -283,6 +283,7 @@ async fn start_metrics_endpoint(shared: &Shared) -> anyhow::Result<Option<AbortO
         metrics: Arc::clone(&shared.metrics),
         rate_limiter: Arc::clone(&shared.rate_limiter),
         store: shared.store.clone(),
+        federation: Arc::clone(&shared.federation),
     };
     Ok(Some(AbortOnDrop(tokio::spawn(
         crate::metrics::endpoint::serve_metrics(listener, sources),

@@ -4,6 +4,7 @@
 //! CommandResultPayload reply that an identical retry gets again.
 
 use super::FederationError;
+use super::audit::{check_message_id, describe_error, describe_outcome, request_digest};
 use super::envelope::{self, Verified};
 use super::peering::{Federation, no_connection, seen_message};
 use super::state::ConnectionState;
@@ -11,10 +12,10 @@ use crate::agents::service::{agent_to_proto, spawn_spec};
 use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
 use crate::identity::PublicKey;
 use crate::proto::federation as pb;
-use crate::store::WriteOutcome;
+use crate::store::{CommandDirection, CommandLogRecord, SignedCommand, WriteOutcome};
 
-/// The capability a command needs on the connection, and its audit name.
-pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
+/// The command's type name, as the command log shows it.
+pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
     match command {
         pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
         pb::command_payload::Command::AgentStatus(_) => "agent.status",
@@ -23,30 +24,77 @@ pub fn command_capability(command: &pb::command_payload::Command) -> &'static st
     }
 }
 
+/// The capability a command needs on the connection. Listing one's own
+/// agents is a status read of several, so `agent.list` needs `agent.status`.
+pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
+    match command {
+        pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
+        pb::command_payload::Command::AgentStatus(_)
+        | pb::command_payload::Command::AgentList(_) => "agent.status",
+        pb::command_payload::Command::AgentKill(_) => "agent.kill",
+    }
+}
+
 impl Federation {
     /// ExecuteCommand from a peer whose TLS client key is `tls_key`. A refused
     /// message is an error (a gRPC status, nothing changed); a command that was
     /// accepted but failed is a signed reply carrying a CommandError.
+    ///
+    /// Every command from a sender that its TLS key identifies (the key of the
+    /// connection the header names) goes into the command log, accepted or
+    /// refused; anything earlier (a wrong recipient, no such connection, a key
+    /// that is not the connection's) is counted and traced but not logged, so
+    /// that a stranger cannot fill the log.
     pub async fn receive_command(
         &self,
         agents: &AgentRuntime,
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
     ) -> Result<pb::SignedEnvelope, FederationError> {
+        let mut audit = None;
+        let result = self
+            .receive_checked(agents, sealed, tls_key, &mut audit)
+            .await;
+        if let Err(error) = &result {
+            let (outcome, detail) = describe_error(error);
+            self.command_counters
+                .count(CommandDirection::Inbound, &outcome);
+            tracing::info!(%outcome, %detail, "refused a command from a peer");
+            if let Some(template) = audit {
+                let record = CommandLogRecord {
+                    outcome,
+                    detail,
+                    ..template
+                };
+                if let Err(store_error) = self.store.insert_command_log(&record).await {
+                    tracing::warn!(error = %store_error, "could not record a refused command");
+                }
+            }
+        }
+        result
+    }
+
+    async fn receive_checked(
+        &self,
+        agents: &AgentRuntime,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+        audit: &mut Option<CommandLogRecord>,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
         let identity = self.identity.current();
         let now = self.now();
         // Step 3: well formed, with a known command type.
         let parsed = envelope::parse::<pb::CommandPayload>(sealed)?;
-        let capability = parsed
+        let command = parsed
             .unverified_payload()
             .command
             .as_ref()
-            .map(command_capability)
             .ok_or_else(|| {
                 FederationError::InvalidArgument(
                     "the command payload carries no known command type".into(),
                 )
             })?;
+        let (kind, capability) = (command_type(command), command_capability(command));
         let header = parsed.header().clone();
         // Step 4.
         parsed.check_recipient(&identity.instance_id)?;
@@ -56,6 +104,10 @@ impl Federation {
             .find_open_connection(&header.workspace, &header.sender_instance_id)
             .await?
             .ok_or_else(no_connection)?;
+        let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
+        if connection.remote_public_key == tls_key.spki_der() {
+            *audit = Some(template.clone());
+        }
         match connection.state {
             ConnectionState::Active => {}
             ConnectionState::Suspended => {
@@ -79,6 +131,8 @@ impl Federation {
         // Steps 7 to 9.
         let trusted = self.trusted_keys(&connection).await?;
         let key = parsed.check_key(&trusted, tls_key, now)?;
+        // The TLS key is one the connection trusts: the sender is identified.
+        *audit = Some(template.clone());
         parsed.check_time(now, self.window_ms())?;
         let verified = parsed.verify_signature(&key)?;
         // Step 10, serialised per message id so that concurrent identical
@@ -89,6 +143,7 @@ impl Federation {
         ));
         let _guard = lock.lock().await;
         if let Some(stored) = self.replayed(&verified).await? {
+            self.record_replay(template, &stored).await;
             return Ok(stored);
         }
         let outcome = run_command(agents, &verified).await;
@@ -108,18 +163,80 @@ impl Federation {
             Some(&sealed_reply),
             now,
         );
-        if self.store.insert_seen_message(&seen).await? != WriteOutcome::Done(()) {
-            return self
+        let (outcome_name, detail) = describe_outcome(reply.outcome.as_ref());
+        let record = CommandLogRecord {
+            outcome: outcome_name.clone(),
+            detail,
+            ..template.clone()
+        };
+        if self
+            .store
+            .record_inbound_command(Some(&seen), &record)
+            .await?
+            != WriteOutcome::Done(())
+        {
+            let stored = self
                 .replay_after_race(&verified.header, &verified.digest)
-                .await;
+                .await?;
+            self.record_replay(template, &stored).await;
+            return Ok(stored);
         }
+        self.command_counters
+            .count(CommandDirection::Inbound, &outcome_name);
         tracing::info!(
             peer.id = %header.sender_instance_id,
             workspace = %header.workspace,
-            command = capability,
+            command = kind,
+            outcome = %outcome_name,
             "ran a command from a peer"
         );
         Ok(sealed_reply)
+    }
+
+    /// Logs an identical retry that got the stored result again.
+    async fn record_replay(&self, template: CommandLogRecord, stored: &pb::SignedEnvelope) {
+        use prost::Message as _;
+        let (outcome, detail) = match pb::CommandResultPayload::decode(stored.payload.as_slice()) {
+            Ok(result) => describe_outcome(result.outcome.as_ref()),
+            Err(_) => (
+                "INTERNAL".to_owned(),
+                "the stored result does not decode".to_owned(),
+            ),
+        };
+        self.command_counters
+            .count(CommandDirection::Inbound, &outcome);
+        let record = CommandLogRecord {
+            outcome,
+            detail: format!("identical retry, stored result returned: {detail}"),
+            ..template
+        };
+        if let Err(error) = self.store.insert_command_log(&record).await {
+            tracing::warn!(%error, "could not record a retried command");
+        }
+    }
+}
+
+/// A log entry for a received command, before its outcome is known.
+fn inbound_record(
+    header: &pb::EnvelopeHeader,
+    kind: &str,
+    issued_at_ms: i64,
+    now: i64,
+) -> CommandLogRecord {
+    CommandLogRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        direction: CommandDirection::Inbound,
+        message_id: header.message_id.clone(),
+        sender_instance_id: header.sender_instance_id.clone(),
+        recipient_instance_id: header.recipient_instance_id.clone(),
+        workspace: header.workspace.clone(),
+        command_type: kind.to_owned(),
+        outcome: String::new(),
+        detail: String::new(),
+        issued_at_ms,
+        recorded_at_ms: now,
+        request_digest: None,
+        envelope: None,
     }
 }
 
@@ -245,16 +362,33 @@ impl Federation {
     /// returns the outcome of the peer's verified signed result. A CommandError
     /// becomes [`FederationError::Peer`] with the peer's code. Returns the
     /// command's message id with the outcome.
+    ///
+    /// `retry_id`: the operator's message id. The first use signs a new
+    /// command under it and keeps the signed bytes in the command log; a later
+    /// use with the same request re-sends exactly those bytes, so the peer
+    /// answers with its stored result and never runs the command twice; a
+    /// later use with another request is ALREADY_EXISTS. A retry reaches the
+    /// peer's stored result only while the signed command is valid (its
+    /// lifetime and the peer's clock window).
+    ///
+    /// Every command that is sent is in the command log with its outcome:
+    /// spawns and kills are written before they leave (a crash mid-call
+    /// leaves an entry without outcome, and the signed bytes to retry);
+    /// status and list reads once they end.
     pub async fn send_command(
         &self,
         peer_instance_id: &str,
         workspace: Option<&str>,
         command: pb::command_payload::Command,
+        retry_id: Option<&str>,
     ) -> Result<(String, pb::command_result_payload::Outcome), FederationError> {
         if peer_instance_id.is_empty() {
             return Err(FederationError::InvalidArgument(
                 "peer_instance_id is required".into(),
             ));
+        }
+        if let Some(retry_id) = retry_id {
+            check_message_id(retry_id)?;
         }
         let connection = self
             .active_connection_to(
@@ -262,20 +396,144 @@ impl Federation {
                 workspace.filter(|named| !named.is_empty()),
             )
             .await?;
-        let identity = self.identity.current();
-        let routing = self.routing(
-            &identity,
+        let kind = command_type(&command);
+        let digest = request_digest(
             &connection.remote_instance_id,
             &connection.workspace,
+            &command,
         );
-        let header = envelope::new_header(&routing, identity.public_key().key_id());
-        let message_id = header.message_id.clone();
-        let payload = pb::CommandPayload {
-            header: Some(header),
-            command: Some(command),
+        let write_first = matches!(
+            command,
+            pb::command_payload::Command::AgentSpawn(_)
+                | pb::command_payload::Command::AgentKill(_)
+        ) || retry_id.is_some();
+        let (record, sealed) = match self.previous_send(retry_id, &digest).await? {
+            Some(previous) => previous,
+            None => {
+                let identity = self.identity.current();
+                let routing = self.routing(
+                    &identity,
+                    &connection.remote_instance_id,
+                    &connection.workspace,
+                );
+                let mut header = envelope::new_header(&routing, identity.public_key().key_id());
+                if let Some(retry_id) = retry_id {
+                    retry_id.clone_into(&mut header.message_id);
+                }
+                let record = CommandLogRecord {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    direction: CommandDirection::Outbound,
+                    message_id: header.message_id.clone(),
+                    sender_instance_id: identity.instance_id.clone(),
+                    recipient_instance_id: connection.remote_instance_id.clone(),
+                    workspace: connection.workspace.clone(),
+                    command_type: kind.to_owned(),
+                    outcome: String::new(),
+                    detail: String::new(),
+                    issued_at_ms: routing.now_ms,
+                    recorded_at_ms: routing.now_ms,
+                    request_digest: Some(digest.clone()),
+                    envelope: None,
+                };
+                let payload = pb::CommandPayload {
+                    header: Some(header),
+                    command: Some(command),
+                };
+                let sealed = envelope::seal(&payload, identity.as_ref())?;
+                let record = CommandLogRecord {
+                    envelope: write_first.then(|| SignedCommand {
+                        payload: sealed.payload.clone(),
+                        signature: sealed.signature.clone(),
+                        key_id: sealed.key_id.clone(),
+                    }),
+                    ..record
+                };
+                if write_first
+                    && self.store.insert_command_log(&record).await? != WriteOutcome::Done(())
+                {
+                    // A concurrent call with the same message id wrote first.
+                    self.previous_send(retry_id, &digest)
+                        .await?
+                        .ok_or_else(|| {
+                            FederationError::AlreadyExists(
+                                "this message_id was already used".into(),
+                            )
+                        })?
+                } else {
+                    (record, sealed)
+                }
+            }
         };
-        let sealed = envelope::seal(&payload, identity.as_ref())?;
-        let trusted = self.trusted_keys(&connection).await?;
+        let result = self
+            .deliver_command(&connection, &record.message_id, sealed)
+            .await;
+        let (outcome, detail) = match &result {
+            Ok(outcome) => describe_outcome(Some(outcome)),
+            Err(error) => describe_error(error),
+        };
+        self.command_counters
+            .count(CommandDirection::Outbound, &outcome);
+        let written = if write_first {
+            self.store
+                .finish_command_log(&record.id, &outcome, &detail)
+                .await
+        } else {
+            self.store
+                .insert_command_log(&CommandLogRecord {
+                    outcome,
+                    detail,
+                    recorded_at_ms: self.now(),
+                    ..record.clone()
+                })
+                .await
+                .map(|_| ())
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, "could not record the outcome of a sent command");
+        }
+        result.map(|outcome| (record.message_id, outcome))
+    }
+
+    /// The logged command and its signed bytes for a retry of `retry_id`, if
+    /// it was sent before; ALREADY_EXISTS if it was sent for another request.
+    async fn previous_send(
+        &self,
+        retry_id: Option<&str>,
+        digest: &[u8],
+    ) -> Result<Option<(CommandLogRecord, pb::SignedEnvelope)>, FederationError> {
+        let Some(retry_id) = retry_id else {
+            return Ok(None);
+        };
+        let Some(previous) = self.store.find_outbound_command(retry_id).await? else {
+            return Ok(None);
+        };
+        let sealed = match (&previous.request_digest, &previous.envelope) {
+            (Some(previous_digest), Some(sent)) if previous_digest.as_slice() == digest => {
+                pb::SignedEnvelope {
+                    payload: sent.payload.clone(),
+                    signature: sent.signature.clone(),
+                    key_id: sent.key_id.clone(),
+                }
+            }
+            _ => {
+                return Err(FederationError::AlreadyExists(
+                    "this message_id was already used for a different request".into(),
+                ));
+            }
+        };
+        Ok(Some((previous, sealed)))
+    }
+
+    /// Sends a signed command over `connection` and verifies the signed
+    /// result.
+    async fn deliver_command(
+        &self,
+        connection: &crate::store::ConnectionRecord,
+        message_id: &str,
+        sealed: pb::SignedEnvelope,
+    ) -> Result<pb::command_result_payload::Outcome, FederationError> {
+        let identity = self.identity.current();
+        let trusted = self.trusted_keys(connection).await?;
         let pins: Vec<PublicKey> = trusted.iter().map(|trusted| trusted.key.clone()).collect();
         let mut client = self
             .clients
@@ -307,7 +565,7 @@ impl Federation {
             Some(pb::command_result_payload::Outcome::Error(error)) => Err(FederationError::Peer(
                 tonic::Status::new(tonic::Code::from(error.code), error.message),
             )),
-            Some(outcome) => Ok((message_id, outcome)),
+            Some(outcome) => Ok(outcome),
             None => Err(FederationError::BadReply(
                 "the result carries no outcome".into(),
             )),
@@ -337,11 +595,15 @@ mod tests {
             ),
             (
                 Command::AgentList(pb::AgentListCommand::default()),
-                "agent.list",
+                "agent.status",
             ),
         ];
         for (command, capability) in cases {
             assert_eq!(command_capability(&command), capability);
         }
+        assert_eq!(
+            command_type(&Command::AgentList(pb::AgentListCommand::default())),
+            "agent.list"
+        );
     }
 }

@@ -300,6 +300,11 @@ pub fn parse<P: Payload>(
 }
 
 impl<P: Payload> Parsed<P> {
+    /// The header's issued_at in epoch milliseconds, not yet verified.
+    pub fn issued_at_ms(&self) -> i64 {
+        self.issued_at_ms
+    }
+
     /// The header (routing data only; the payload waits for the signature).
     pub fn header(&self) -> &pb::EnvelopeHeader {
         &self.header

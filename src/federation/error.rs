@@ -70,3 +70,27 @@ impl From<crate::identity::KeyError> for FederationError {
         Self::Internal(format!("signing failed: {error}"))
     }
 }
+
+impl FederationError {
+    /// The gRPC code this error becomes (the same table as `crate::error`),
+    /// without building the status (which logs internal failures).
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::NotFound(_) => Code::NotFound,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Peer(status) => status.code(),
+            Self::Store(StoreError::Unavailable(_)) => Code::Unavailable,
+            Self::Store(StoreError::NotFound) => Code::NotFound,
+            Self::Store(StoreError::Conflict(_)) => Code::AlreadyExists,
+            Self::Store(_) | Self::BadReply(_) | Self::Internal(_) => Code::Internal,
+        }
+    }
+}

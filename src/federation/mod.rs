@@ -11,6 +11,7 @@
 //! - [`outbox`]: notice delivery with retries, liveness pings, pruning.
 //! - [`service`]: the gRPC handlers.
 
+pub mod audit;
 pub mod commands;
 pub mod dial;
 pub mod envelope;

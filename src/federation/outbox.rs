@@ -102,16 +102,27 @@ impl Federation {
             }
             if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS {
                 last_prune_ms = now;
-                let window_ms =
-                    i64::try_from(self.config.clock_window.as_millis()).unwrap_or(i64::MAX);
-                // A message id older than twice the window is refused by the clock
-                // check alone, so it need not be remembered.
-                let seen_before = now.saturating_sub(window_ms.saturating_mul(2));
-                if let Err(error) = self.store.prune_federation(seen_before, now).await {
-                    tracing::warn!(%error, "could not prune old message ids");
+                if let Err(error) = self.prune().await {
+                    tracing::warn!(%error, "could not prune old message ids and log entries");
                 }
             }
         }
+    }
+
+    /// Forgets what is no longer needed: message ids seen more than twice the
+    /// clock window ago (the clock check alone refuses them now), peer keys
+    /// whose grace ended, and command log entries past their retention.
+    /// Returns how many message ids were forgotten.
+    pub async fn prune(&self) -> Result<u64, FederationError> {
+        let now = self.now();
+        let seen_before = now.saturating_sub(self.window_ms().saturating_mul(2));
+        let forgotten = self.store.prune_federation(seen_before, now).await?;
+        let retention_ms =
+            i64::try_from(self.config.command_log_retention.as_millis()).unwrap_or(i64::MAX);
+        self.store
+            .prune_command_log(now.saturating_sub(retention_ms))
+            .await?;
+        Ok(forgotten)
     }
 
     async fn deliver_due_notices(&self) -> Result<(), FederationError> {

@@ -71,6 +71,7 @@ pub struct Federation {
     pub(super) clock: Clock,
     delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(super) wake_outbox: tokio::sync::Notify,
+    pub(super) command_counters: super::audit::CommandCounters,
 }
 
 impl Federation {
@@ -115,7 +116,13 @@ impl Federation {
             clock,
             delivery_locks: Mutex::new(HashMap::new()),
             wake_outbox: tokio::sync::Notify::new(),
+            command_counters: super::audit::CommandCounters::default(),
         }
+    }
+
+    /// Commands received and sent since start, by direction and outcome.
+    pub fn command_counts(&self) -> Vec<(String, String, u64)> {
+        self.command_counters.snapshot()
     }
 
     pub(super) fn now(&self) -> i64 {

@@ -10,7 +10,6 @@ use super::peering::{ConnectRequest, ConnectionView};
 use super::state::{ConnectionState, OperatorAction};
 use crate::auth::Caller;
 use crate::clock::{now_ms, timestamp_from_ms};
-use crate::error::not_yet;
 use crate::identity::{Identity, PublicKey};
 use crate::proto::federation as pb;
 use crate::server::Shared;
@@ -73,8 +72,6 @@ fn current_key_message(identity: &Identity) -> pb::PublicKeyInfo {
         valid_until: None,
     }
 }
-
-const REMOTE_AGENTS: &str = "signed commands to remote agents";
 
 #[tonic::async_trait]
 impl pb::federation_server::Federation for FederationService {
@@ -296,15 +293,17 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::SpawnRemoteAgentRequest>,
     ) -> Result<Response<pb::SpawnRemoteAgentResponse>, Status> {
         let request = request.into_inner();
-        if !request.message_id.is_empty() {
-            // Re-sending the same signed bytes needs the outgoing command log.
-            return Err(not_yet("retrying a remote spawn by message_id"));
-        }
         let command = pb::command_payload::Command::AgentSpawn(pb::AgentSpawnCommand {
             spawn: Some(request.spawn.unwrap_or_default()),
         });
+        let retry_id = Some(request.message_id.as_str()).filter(|id| !id.is_empty());
         let (message_id, agent) = self
-            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .remote_agent(
+                &request.peer_instance_id,
+                &request.workspace,
+                command,
+                retry_id,
+            )
             .await?;
         Ok(Response::new(pb::SpawnRemoteAgentResponse {
             agent: Some(agent),
@@ -321,7 +320,7 @@ impl pb::federation_server::Federation for FederationService {
             agent_id: request.agent_id,
         });
         let (_, agent) = self
-            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .remote_agent(&request.peer_instance_id, &request.workspace, command, None)
             .await?;
         Ok(Response::new(pb::GetRemoteAgentResponse {
             agent: Some(agent),
@@ -338,7 +337,7 @@ impl pb::federation_server::Federation for FederationService {
             reason: request.reason,
         });
         let (_, agent) = self
-            .remote_agent(&request.peer_instance_id, &request.workspace, command)
+            .remote_agent(&request.peer_instance_id, &request.workspace, command, None)
             .await?;
         Ok(Response::new(pb::KillRemoteAgentResponse {
             agent: Some(agent),
@@ -357,7 +356,12 @@ impl pb::federation_server::Federation for FederationService {
         match self
             .shared
             .federation
-            .send_command(&request.peer_instance_id, Some(&request.workspace), command)
+            .send_command(
+                &request.peer_instance_id,
+                Some(&request.workspace),
+                command,
+                None,
+            )
             .await?
         {
             (_, pb::command_result_payload::Outcome::AgentList(list)) => {
@@ -374,9 +378,17 @@ impl pb::federation_server::Federation for FederationService {
 
     async fn list_command_log(
         &self,
-        _request: Request<pb::ListCommandLogRequest>,
+        request: Request<pb::ListCommandLogRequest>,
     ) -> Result<Response<pb::ListCommandLogResponse>, Status> {
-        Err(not_yet(REMOTE_AGENTS))
+        let (entries, next_page_token) = self
+            .shared
+            .federation
+            .list_command_log(request.get_ref())
+            .await?;
+        Ok(Response::new(pb::ListCommandLogResponse {
+            entries,
+            next_page_token,
+        }))
     }
 
     async fn request_connection(
@@ -451,11 +463,12 @@ impl FederationService {
         peer_instance_id: &str,
         workspace: &str,
         command: pb::command_payload::Command,
+        retry_id: Option<&str>,
     ) -> Result<(String, crate::proto::agent::Agent), Status> {
         match self
             .shared
             .federation
-            .send_command(peer_instance_id, Some(workspace), command)
+            .send_command(peer_instance_id, Some(workspace), command, retry_id)
             .await?
         {
             (message_id, pb::command_result_payload::Outcome::Agent(agent)) => {

@@ -26,6 +26,8 @@ pub struct MetricsSources {
     pub rate_limiter: Arc<RateLimiter>,
     /// Gauges read at scrape time.
     pub store: Store,
+    /// Commands received and sent.
+    pub federation: Arc<crate::federation::Federation>,
 }
 
 /// Serves `/metrics` on `listener` until the task is dropped or aborted.
@@ -61,7 +63,8 @@ async fn answer(mut stream: TcpStream, sources: &MetricsSources) -> std::io::Res
     } else if path != "/metrics" {
         ("404 Not Found", "metrics are at /metrics\n".to_owned())
     } else {
-        let gauges = read_store_gauges(&sources.store).await;
+        let mut gauges = read_store_gauges(&sources.store).await;
+        gauges.commands = sources.federation.command_counts();
         (
             "200 OK",
             sources
@@ -118,5 +121,6 @@ async fn read_store_gauges(store: &Store) -> StoreGauges {
         agents_by_state,
         jobs_by_state,
         peers_by_state,
+        commands: Vec::new(),
     }
 }

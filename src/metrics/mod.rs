@@ -65,6 +65,8 @@ pub struct StoreGauges {
     pub jobs_by_state: Vec<(String, i64)>,
     /// Federation connections per (state, reachable).
     pub peers_by_state: Vec<(String, bool, i64)>,
+    /// Signed commands since start per (direction, outcome): counters.
+    pub commands: Vec<(String, String, u64)>,
 }
 
 impl Metrics {
@@ -165,6 +167,18 @@ impl Metrics {
                 text,
                 "mosaic_peers{{state=\"{}\",reachable=\"{reachable}\"}} {count}",
                 escape(state)
+            );
+        }
+        text.push_str(
+            "# HELP mosaic_commands_total Signed commands received (in) and sent (out) since start, by outcome (ok or the gRPC code).\n",
+        );
+        text.push_str("# TYPE mosaic_commands_total counter\n");
+        for (direction, outcome, count) in &store.commands {
+            let direction = if direction == "inbound" { "in" } else { "out" };
+            let _ = writeln!(
+                text,
+                "mosaic_commands_total{{direction=\"{direction}\",outcome=\"{}\"}} {count}",
+                escape(outcome)
             );
         }
         text
@@ -300,6 +314,10 @@ mod tests {
             agents_by_state: vec![("RUNNING".into(), 2)],
             jobs_by_state: vec![("PENDING".into(), 3)],
             peers_by_state: vec![("ACTIVE".into(), true, 1)],
+            commands: vec![
+                ("inbound".into(), "ok".into(), 4),
+                ("outbound".into(), "UNAVAILABLE".into(), 1),
+            ],
         };
         let text = Metrics::default().render(&empty_rate_limit(), &gauges);
         assert!(text.contains("mosaic_agents{state=\"RUNNING\"} 2\n"));
@@ -307,5 +325,9 @@ mod tests {
         assert!(text.contains("mosaic_peers{state=\"ACTIVE\",reachable=\"true\"} 1\n"));
         assert!(text.contains("mosaic_rate_limit_breaker_state{state=\"closed\"} 1\n"));
         assert!(text.contains("mosaic_rate_limit_fallback_active 0\n"));
+        assert!(text.contains("mosaic_commands_total{direction=\"in\",outcome=\"ok\"} 4\n"));
+        assert!(
+            text.contains("mosaic_commands_total{direction=\"out\",outcome=\"UNAVAILABLE\"} 1\n")
+        );
     }
 }

@@ -38,7 +38,7 @@ macro_rules! insert_notice_row {
 }
 
 /// Marks, inside a transaction, which uniqueness rule a write broke.
-const DUPLICATE_MESSAGE: &str = "duplicate message id";
+pub(super) const DUPLICATE_MESSAGE: &str = "duplicate message id";
 const OPEN_CONNECTION_EXISTS: &str = "open connection exists";
 
 /// The capability lists of a connection (stored as one JSON object).
@@ -646,14 +646,14 @@ impl Store {
     }
 }
 
-fn mark_conflict(error: diesel::result::Error, mark: &str) -> StoreError {
+pub(super) fn mark_conflict(error: diesel::result::Error, mark: &str) -> StoreError {
     match StoreError::from(error) {
         StoreError::Conflict(_) => StoreError::Conflict(mark.to_owned()),
         other => other,
     }
 }
 
-fn outcome_of<T>(written: Result<T, StoreError>) -> Result<WriteOutcome<T>, StoreError> {
+pub(super) fn outcome_of<T>(written: Result<T, StoreError>) -> Result<WriteOutcome<T>, StoreError> {
     match written {
         Ok(value) => Ok(WriteOutcome::Done(value)),
         Err(StoreError::Conflict(mark)) if mark == DUPLICATE_MESSAGE => {
@@ -839,7 +839,7 @@ struct PeerKeyStoredRow {
 
 #[derive(Insertable)]
 #[diesel(table_name = federation_seen_messages)]
-struct SeenRow<'a> {
+pub(super) struct SeenRow<'a> {
     sender_instance_id: &'a str,
     message_id: &'a str,
     payload_digest: &'a [u8],
@@ -850,7 +850,7 @@ struct SeenRow<'a> {
 }
 
 impl<'a> SeenRow<'a> {
-    fn from_record(record: &'a SeenMessage) -> Self {
+    pub(super) fn from_record(record: &'a SeenMessage) -> Self {
         Self {
             sender_instance_id: &record.sender_instance_id,
             message_id: &record.message_id,

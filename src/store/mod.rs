@@ -40,6 +40,7 @@ macro_rules! with_connection {
 
 mod agents;
 mod api_keys;
+mod command_log;
 mod database_url;
 mod error;
 mod federation;
@@ -58,6 +59,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
+pub use command_log::{CommandDirection, CommandLogFilter, CommandLogRecord, SignedCommand};
 pub use error::StoreError;
 pub use federation::{
     ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,

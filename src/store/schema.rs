@@ -129,6 +129,31 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    /// The audit log of signed commands, received and sent.
+    federation_command_log (id) {
+        id -> Text,
+        /// `inbound` or `outbound`.
+        direction -> Text,
+        message_id -> Text,
+        sender_instance_id -> Text,
+        recipient_instance_id -> Text,
+        workspace -> Text,
+        command_type -> Text,
+        /// `ok`, a gRPC code name, or empty while awaiting the reply.
+        outcome -> Text,
+        detail -> Text,
+        issued_at_ms -> BigInt,
+        recorded_at_ms -> BigInt,
+        /// Outbound: digest of the operator's request.
+        request_digest -> Nullable<Binary>,
+        /// Outbound: the signed command, re-sent by a retry.
+        envelope_payload -> Nullable<Binary>,
+        envelope_signature -> Nullable<Binary>,
+        envelope_key_id -> Nullable<Text>,
+    }
+}
+
 diesel::allow_tables_to_appear_in_same_query!(
     instance,
     instance_keys,
@@ -138,6 +163,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     federation_peer_keys,
     federation_seen_messages,
     federation_outbox,
+    federation_command_log,
 );
 
 diesel::table! {

@@ -5,6 +5,8 @@
 mod agents;
 mod api_keys;
 mod cli;
+mod clients;
+mod command_log;
 mod commands;
 mod coordinator;
 mod coordinator_faults;

@@ -5,6 +5,7 @@ pub mod agents;
 pub mod binary;
 pub mod daemon;
 pub mod fault_proxy;
+pub mod node;
 pub mod peer;
 pub mod python;
 pub mod redis;
