@@ -9,21 +9,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use mosaic_mesh::auth::Scope;
 use mosaic_mesh::config::Config;
 use mosaic_mesh::proto::agent as agent_pb;
 use mosaic_mesh::proto::coordinator as coordinator_pb;
+use mosaic_mesh::proto::federation as federation_pb;
+use mosaic_mesh::proto::federation::federation_client::FederationClient;
 use mosaic_mesh::ratelimit::metrics::BreakerGauge;
 use mosaic_mesh::ratelimit::{RateLimitArgs, RateLimitFileConfig, RateLimitSettings};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::peering::Admin;
 use crate::support::Backend;
-use crate::support::agents::{Agents, process_is_alive, wait_until_dead};
+use crate::support::agents::{Agents, process_is_alive, wait_until_dead, with_agent_types};
 use crate::support::binary::{channel_to, mosaicd, spawn_serve_command};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 use crate::support::fault_proxy::{Fault, FaultProxy};
-use crate::support::redis::{delete_keys, keys_with_prefix, shared_redis_url, unique_prefix};
+use crate::support::redis::{
+    delete_keys, free_port, keys_with_prefix, shared_redis_url, unique_prefix,
+};
 
 /// Callers in flight at once in the load phases.
 const CONCURRENCY: usize = 16;
@@ -587,4 +593,195 @@ async fn sigkill_with_agents_running_and_jobs_being_written_on_postgres() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_with_agents_running_and_jobs_being_written_on_sqlite() {
     sigkill_with_agents_running_and_jobs_being_written(Backend::Sqlite).await;
+}
+
+/// The outbound entries of A's command log for `message_id`.
+async fn outbound_entries(
+    client: &mut FederationClient<tonic::transport::Channel>,
+    key: &str,
+    message_id: &str,
+) -> Vec<federation_pb::CommandLogEntry> {
+    client
+        .list_command_log(with_key(
+            federation_pb::ListCommandLogRequest {
+                direction: federation_pb::CommandDirection::Outbound as i32,
+                ..federation_pb::ListCommandLogRequest::default()
+            },
+            key,
+        ))
+        .await
+        .expect("command log")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter(|entry| entry.message_id == message_id)
+        .collect()
+}
+
+/// A sends a remote spawn to B through a fault proxy that holds each chunk
+/// back; as soon as B has run it (its inbound log shows the message id) the
+/// proxy cuts the connection, so B's signed reply never arrives. The caller
+/// gets UNAVAILABLE or DEADLINE_EXCEEDED within its deadline, A's log records
+/// that outcome, and a retry with the same message id (proxy passing again)
+/// gets the agent B made the first time: there is no second agent.
+async fn peer_cut_mid_command(backend: Backend) {
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    // B's port is chosen first, so the proxy can target it and B can name the
+    // proxy as its public URL: A reaches B only through the proxy.
+    let b_port = free_port();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], b_port).into()).await;
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1]
+        .start_peer(b_port, |config| {
+            *config = with_agent_types(config.clone());
+            config.instance.public_url = format!("https://{}", proxy.address);
+        })
+        .await;
+    let call_timeout = a.config.federation.call_timeout;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    let outbound = admin_a
+        .connect(
+            &format!("https://{}", proxy.address),
+            "ws",
+            "",
+            &["agent.spawn"],
+        )
+        .await
+        .expect("connect through the proxy");
+    let inbound = admin_b.open_in("ws").await;
+    admin_b
+        .accept(&inbound.connection_id, &["agent.spawn", "agent.status"])
+        .await
+        .expect("accept");
+    admin_a
+        .wait_for_state(
+            &outbound.connection_id,
+            federation_pb::ConnectionState::Active,
+        )
+        .await;
+    let mut client_a = FederationClient::new(a.channel().await);
+    let mut client_b = FederationClient::new(b.channel().await);
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let key_b = b.api_key(&[Scope::Admin]).await;
+    let mut agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let request = federation_pb::SpawnRemoteAgentRequest {
+        peer_instance_id: b_id.clone(),
+        workspace: String::new(),
+        message_id: message_id.clone(),
+        spawn: Some(agent_pb::SpawnRequest {
+            agent_type: "sh".to_owned(),
+            prompt: "sleep 30".to_owned(),
+            ..agent_pb::SpawnRequest::default()
+        }),
+    };
+
+    proxy.set(Fault::Delay(Duration::from_millis(700)));
+    let started = tokio::time::Instant::now();
+    let call = tokio::spawn({
+        let mut client_a = client_a.clone();
+        let request = with_key(request.clone(), &key_a);
+        async move { client_a.spawn_remote_agent(request).await }
+    });
+    // Cut as soon as B has run the command, while its reply is held back.
+    let deadline = started + call_timeout;
+    loop {
+        let inbound = client_b
+            .list_command_log(with_key(
+                federation_pb::ListCommandLogRequest::default(),
+                &key_b,
+            ))
+            .await
+            .expect("B's command log")
+            .into_inner()
+            .entries;
+        if inbound.iter().any(|entry| entry.message_id == message_id) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never received the command"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set(Fault::Cut);
+    let status = call
+        .await
+        .expect("the call task")
+        .expect_err("the reply was cut off");
+    let elapsed = started.elapsed();
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{status:?}"
+    );
+    assert!(
+        elapsed <= call_timeout + Duration::from_secs(1),
+        "answered after {elapsed:?}, past the {call_timeout:?} deadline"
+    );
+    // B ran it; A logged the failure under the message id.
+    let spawned_on_b = agents_b
+        .list(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .agents;
+    assert_eq!(spawned_on_b.len(), 1, "{spawned_on_b:?}");
+    let logged = outbound_entries(&mut client_a, &key_a, &message_id).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].command_type, "agent.spawn");
+    assert_eq!(
+        logged[0].outcome,
+        mosaic_mesh::error::code_name(status.code()),
+        "{logged:?}"
+    );
+
+    // The retry re-sends the same signed command; B answers from its stored
+    // result, so it is the same agent and there is still one.
+    proxy.set(Fault::Pass);
+    let retried = tokio::time::timeout(
+        Duration::from_secs(20),
+        client_a.spawn_remote_agent(with_key(request.clone(), &key_a)),
+    )
+    .await
+    .expect("the retry answers")
+    .expect("the retry succeeds")
+    .into_inner();
+    assert_eq!(retried.message_id, message_id);
+    assert_eq!(
+        retried.agent.expect("agent").agent_id,
+        spawned_on_b[0].agent_id
+    );
+    let after_retry = agents_b
+        .list(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .agents;
+    assert_eq!(after_retry.len(), 1, "no second agent: {after_retry:?}");
+    let logged = outbound_entries(&mut client_a, &key_a, &message_id).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(logged[0].outcome, "ok", "{logged:?}");
+
+    agents_b
+        .kill(&spawned_on_b[0].agent_id, "")
+        .await
+        .expect("kill");
+    a.stop().await;
+    b.stop().await;
+    drop(proxy);
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_cut_mid_command_on_postgres() {
+    peer_cut_mid_command(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peer_cut_mid_command_on_sqlite() {
+    peer_cut_mid_command(Backend::Sqlite).await;
 }
