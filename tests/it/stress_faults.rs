@@ -193,7 +193,7 @@ async fn redis_cut_under_load_never_switches_limiting_off_and_sharing_resumes() 
     // fallback's share on this daemon: exactly 10, not unlimited, not zero.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        burst(&[first_channel.clone()], "198.51.100.3", 100).await,
+        burst(std::slice::from_ref(&first_channel), "198.51.100.3", 100).await,
         10,
         "the in-memory fallback limits at health_limit / replicas"
     );
