@@ -227,8 +227,8 @@ async fn redis_cut_under_load_never_switches_limiting_off_and_sharing_resumes() 
     assert_eq!(second.rate_limiter.metrics().snapshot().redis_errors, 0);
 
     // Redis back: after the cool-down the first daemon counts in Redis again,
-    // and a fresh client is limited to the shared 20 across both daemons (the
-    // fallback would have let 10 + 10 through; separate budgets 20 + 20).
+    // and a fresh client is limited to the shared 20 across both daemons (a
+    // first daemon still on its fallback would let 10 more through there).
     first_proxy.set(Fault::Pass);
     wait_for_redis_limiting(&first).await;
     let fallback_before = first.rate_limiter.metrics().snapshot().fallback_checks;
