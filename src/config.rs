@@ -74,6 +74,9 @@ pub struct ConfigArgs {
     /// Rate limits (`MOSAIC_RATE_LIMIT_*`).
     #[command(flatten)]
     pub rate_limit: crate::ratelimit::RateLimitArgs,
+    /// TLS mode and CA-mode files (`MOSAIC_TLS_*`).
+    #[command(flatten)]
+    pub tls: crate::tls::ca::TlsArgs,
 }
 
 /// The configuration file, as written. Every field is optional.
@@ -113,6 +116,9 @@ pub struct FileConfig {
     /// `[coordinator]`.
     #[serde(default)]
     pub coordinator: CoordinatorFileConfig,
+    /// `[tls]`.
+    #[serde(default)]
+    pub tls: crate::tls::ca::TlsFileConfig,
 }
 
 /// `[instance]` in the file.
@@ -482,6 +488,8 @@ pub struct Config {
     pub coordinator: CoordinatorConfig,
     /// Where `/metrics` is served over plain HTTP (default none: no metrics listener).
     pub metrics_listen: Option<SocketAddr>,
+    /// Pinned keys only (default), or CA mode with the operator's chain and bundle.
+    pub tls: crate::tls::ca::TlsSettings,
 }
 
 /// The agent runtime's settings, resolved.
@@ -780,6 +788,7 @@ impl Config {
             ));
         }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
+        let tls = crate::tls::ca::TlsSettings::resolve(file.tls, &args.tls, plaintext)?;
         let coordinator = resolve_coordinator(file.coordinator)?;
         let agents = resolve_agents(file.agents, max_message_bytes)?;
         let rate_limit = crate::ratelimit::RateLimitSettings::resolve(
@@ -810,6 +819,7 @@ impl Config {
             rate_limit,
             coordinator,
             metrics_listen,
+            tls,
         })
     }
 
@@ -1109,6 +1119,61 @@ mod tests {
         }
         let error = parse_file("[coordinator.webhooks.github]\nsecrt = \"x\"\n").expect_err("typo");
         assert!(error.contains("secrt"), "{error}");
+    }
+
+    #[test]
+    fn tls_mode_and_its_files_must_agree() {
+        use crate::tls::ca::{TlsMode, TlsSettings};
+        let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
+        assert_eq!(config.tls, TlsSettings::Pinned);
+        let file = parse_file(
+            "[tls]\nmode = \"ca\"\ncert_chain = \"/etc/m/chain.pem\"\nca_bundle = \"/etc/m/ca.pem\"\n",
+        )
+        .expect("parse");
+        let config = Config::resolve(file, &args_with_dir()).expect("config");
+        assert_eq!(
+            config.tls,
+            TlsSettings::Ca {
+                cert_chain: "/etc/m/chain.pem".into(),
+                ca_bundle: "/etc/m/ca.pem".into(),
+            }
+        );
+        // Flags win over the file.
+        let file = parse_file("[tls]\nmode = \"ca\"\n").expect("parse");
+        let mut args = args_with_dir();
+        args.tls.mode = Some(TlsMode::Pinned);
+        assert_eq!(
+            Config::resolve(file, &args).expect("config").tls,
+            TlsSettings::Pinned
+        );
+        for (text, plaintext, key) in [
+            (
+                "[tls]\nmode = \"ca\"\nca_bundle = \"/ca.pem\"\n",
+                false,
+                "tls.cert_chain",
+            ),
+            (
+                "[tls]\nmode = \"ca\"\ncert_chain = \"/c.pem\"\n",
+                false,
+                "tls.ca_bundle",
+            ),
+            ("[tls]\ncert_chain = \"/c.pem\"\n", false, "tls.mode"),
+            (
+                "[tls]\nmode = \"ca\"\ncert_chain = \"/c.pem\"\nca_bundle = \"/ca.pem\"\n",
+                true,
+                "tls.mode",
+            ),
+        ] {
+            let file = parse_file(text).expect("parse");
+            let mut args = args_with_dir();
+            args.plaintext = plaintext;
+            let error = Config::resolve(file, &args).expect_err(text);
+            assert!(error.to_string().contains(key), "{text}: {error}");
+        }
+        let error = parse_file("[tls]\nmode = \"webpki\"\n").expect_err("unknown mode");
+        assert!(error.contains("mode"), "{error}");
+        let error = parse_file("[tls]\nkey = \"/k.pem\"\n").expect_err("no key file");
+        assert!(error.contains("key"), "{error}");
     }
 
     #[test]

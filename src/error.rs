@@ -37,6 +37,7 @@ impl From<IdentityError> for Status {
     fn from(error: IdentityError) -> Self {
         match error {
             IdentityError::Store(store) => store.into(),
+            IdentityError::RotationInCaMode => Status::failed_precondition(error.to_string()),
             other => internal("identity", &other),
         }
     }
@@ -129,12 +130,4 @@ pub fn code_name(code: Code) -> &'static str {
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
     }
-}
-
-/// A status for an RPC whose issue has not landed yet: it names what is missing.
-pub fn not_yet(what: &str) -> Status {
-    Status::new(
-        Code::Unimplemented,
-        format!("{what} is not implemented in this build of mosaicd yet"),
-    )
 }

@@ -73,13 +73,14 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         .run_migrations()
         .await
         .context("cannot run database migrations")?;
-    let identity = IdentityManager::load_or_create(
+    let mut identity = IdentityManager::load_or_create(
         store.clone(),
         &config.master_key_source(),
         &config.instance,
     )
     .await
     .context("cannot load the instance identity")?;
+    crate::tls::ca::enable_if_configured(&mut identity, config)?;
     let agents = AgentRuntime::new(store.clone(), config.agents.clone(), &config.data_dir)
         .context("cannot prepare the agent runtime's directory")?;
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
@@ -209,6 +210,7 @@ pub async fn serve(
     tracing::info!(
         listen = %local_address,
         tls = !config.plaintext,
+        tls.ca_mode = shared.identity.ca_trust().is_some(),
         instance.id = %identity.instance_id,
         fingerprint = %identity.public_key().fingerprint(),
         services = ?crate::proto::SERVICE_NAMES,

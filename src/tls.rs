@@ -6,6 +6,8 @@
 //!   need none, and the Federation wire methods refuse calls that lack one.
 //! - Clients pin the server's public key (or its fingerprint) instead of trusting a
 //!   CA: the mesh has no CA, a peer *is* its key.
+//! - In CA mode ([`ca`]) both ends also verify the other's chain against the
+//!   operator's CA bundle, before and in addition to the pinned-key checks.
 //!
 //! A certificate's validity dates are checked here because custom verifiers skip
 //! webpki's path validation, which is where dates are normally checked.
@@ -24,6 +26,8 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use tokio::net::TcpStream;
 
 use crate::identity::{IdentityManager, PublicKey, fingerprint};
+
+pub mod ca;
 
 /// The ALPN protocol gRPC needs; without it clients fail with "HTTP/2 was not
 /// negotiated".
@@ -66,9 +70,11 @@ pub enum TlsError {
 }
 
 /// The server-side rustls configuration for the identity held by `identity`.
+/// In CA mode a client certificate must also chain to the CA bundle.
 pub fn server_config(identity: Arc<IdentityManager>) -> Result<rustls::ServerConfig, TlsError> {
     let provider = crypto_provider();
     let verifier = Arc::new(OptionalClientCertificate {
+        ca: identity.ca_trust().map(|trust| trust.client_verifier()),
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -97,10 +103,12 @@ impl ResolvesServerCert for CurrentInstanceCertificate {
 }
 
 /// Asks for a client certificate, accepts its absence, and when one is presented
-/// checks that it parses, carries a P-256 key and is within its validity dates.
-/// Whether that key belongs to a known peer is decided per call, not here.
+/// checks that it parses, carries a P-256 key and is within its validity dates
+/// (and, in CA mode, that it chains to the CA bundle). Whether that key belongs
+/// to a known peer is decided per call, not here.
 #[derive(Debug)]
 struct OptionalClientCertificate {
+    ca: Option<Arc<dyn ClientCertVerifier>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -114,15 +122,18 @@ impl ClientCertVerifier for OptionalClientCertificate {
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
+        self.ca.as_ref().map_or(&[], |ca| ca.root_hint_subjects())
     }
 
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if let Some(ca) = &self.ca {
+            ca.verify_client_cert(end_entity, intermediates, now)?;
+        }
         public_key_of_valid_certificate(end_entity, now)?;
         Ok(ClientCertVerified::assertion())
     }
@@ -202,10 +213,12 @@ impl ServerPin {
     }
 }
 
-/// Accepts the server only if its certificate carries the pinned key.
+/// Accepts the server only if its certificate carries the pinned key (and, in
+/// CA mode, if its chain and name verify against the CA bundle first).
 #[derive(Debug)]
 struct PinnedServerKey {
     pin: ServerPin,
+    ca: Option<Arc<dyn ServerCertVerifier>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -213,11 +226,14 @@ impl ServerCertVerifier for PinnedServerKey {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(ca) = &self.ca {
+            ca.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        }
         let key = public_key_of_valid_certificate(end_entity, now)?;
         if !self.pin.accepts(&key) {
             return Err(rustls::Error::InvalidCertificate(
@@ -255,6 +271,7 @@ pub fn pinned_client_config(pin: ServerPin) -> Result<rustls::ClientConfig, TlsE
     let provider = crypto_provider();
     let verifier = Arc::new(PinnedServerKey {
         pin,
+        ca: None,
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -268,7 +285,8 @@ pub fn pinned_client_config(pin: ServerPin) -> Result<rustls::ClientConfig, TlsE
 
 /// A client configuration that pins the server and presents the instance's
 /// current certificate (mutual TLS between peers). The certificate is read from
-/// `identity` at every handshake, so a rotation applies to new connections.
+/// `identity` at every handshake, so a rotation applies to new connections. In
+/// CA mode the server's chain and name must also verify against the CA bundle.
 pub fn mutual_client_config(
     pin: ServerPin,
     identity: Arc<IdentityManager>,
@@ -276,6 +294,7 @@ pub fn mutual_client_config(
     let provider = crypto_provider();
     let verifier = Arc::new(PinnedServerKey {
         pin,
+        ca: identity.ca_trust().map(|trust| trust.server_verifier()),
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -318,12 +337,17 @@ pub type CapturedServerKey = Arc<std::sync::Mutex<Option<PublicKey>>>;
 /// A client configuration for a first contact (trust on first use): it accepts
 /// any server certificate that is within its dates and carries a P-256 key, and
 /// records that key so the caller can compare it with the key the server claims
-/// (`GetInstance`) before trusting anything. Presents no certificate.
-pub fn capturing_client_config() -> Result<(rustls::ClientConfig, CapturedServerKey), TlsError> {
+/// (`GetInstance`) before trusting anything. Presents no certificate. With `ca`
+/// (CA mode) the server's chain and name must verify against the CA bundle
+/// before its key is even recorded.
+pub fn capturing_client_config(
+    ca: Option<&ca::CaTrust>,
+) -> Result<(rustls::ClientConfig, CapturedServerKey), TlsError> {
     let provider = crypto_provider();
     let captured: CapturedServerKey = Arc::default();
     let verifier = Arc::new(CapturingServerKey {
         captured: Arc::clone(&captured),
+        ca: ca.map(ca::CaTrust::server_verifier),
         algorithms: provider.signature_verification_algorithms,
     });
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -339,6 +363,7 @@ pub fn capturing_client_config() -> Result<(rustls::ClientConfig, CapturedServer
 #[derive(Debug)]
 struct CapturingServerKey {
     captured: CapturedServerKey,
+    ca: Option<Arc<dyn ServerCertVerifier>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -346,11 +371,14 @@ impl ServerCertVerifier for CapturingServerKey {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(ca) = &self.ca {
+            ca.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        }
         let key = public_key_of_valid_certificate(end_entity, now)?;
         *self
             .captured

@@ -1,5 +1,6 @@
 //! `mosaicd agent spawn | status | kill | list | watch`: client commands for the
-//! daemon's AgentControl service (API key with the `agents` scope).
+//! daemon's AgentControl service (API key with the `agents` scope). With
+//! `--peer`, spawn, status, kill and list act on a peer instead (see `remote.rs`).
 
 use std::collections::HashMap;
 
@@ -8,6 +9,7 @@ use serde_json::json;
 
 use super::client::{ClientArgs, Connection};
 use super::exit::{CliError, Output};
+use super::remote::RemoteArgs;
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
@@ -33,11 +35,23 @@ pub enum AgentCommand {
         /// Wall-clock limit in seconds [default: the agent type's].
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u32>,
+        /// Start the agent on this peer instead (see --peer).
+        #[command(flatten)]
+        remote: RemoteArgs,
+        /// With --peer: the signed command's message id (1 to 128 of A-Z a-z
+        /// 0-9 . _ : -) [default: a new UUID]. Running the same spawn again
+        /// with the id of an attempt whose answer was lost never starts a
+        /// second agent.
+        #[arg(long, value_name = "ID", requires = "peer")]
+        message_id: Option<String>,
     },
     /// Show one agent, with the last lines of its output.
     Status {
         /// The agent id.
         id: String,
+        /// Ask this peer about an agent this instance started there.
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Stop an agent (SIGTERM to its process group, SIGKILL after the grace
     /// period). An agent that has already ended is shown unchanged.
@@ -47,17 +61,25 @@ pub enum AgentCommand {
         /// Why; recorded as the agent's state reason.
         #[arg(long, default_value = "")]
         reason: String,
+        /// Stop an agent this instance started on this peer.
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// List agents, newest first.
     List {
         /// Only agents in this state (e.g. RUNNING).
-        #[arg(long, value_parser = parse_state)]
+        #[arg(long, value_parser = parse_state, conflicts_with = "peer")]
         state: Option<pb::AgentState>,
         /// Only agents of this type.
-        #[arg(long = "type", value_name = "TYPE", default_value = "")]
+        #[arg(
+            long = "type",
+            value_name = "TYPE",
+            default_value = "",
+            conflicts_with = "peer"
+        )]
         agent_type: String,
         /// Only agents carrying this label KEY=VALUE; repeat for more.
-        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, conflicts_with = "peer")]
         labels: Vec<(String, String)>,
         /// At most this many [default: the server's page size].
         #[arg(long, default_value_t = 0)]
@@ -65,6 +87,9 @@ pub enum AgentCommand {
         /// Continue from a previous page (`next_page_token` in --json output).
         #[arg(long, default_value = "")]
         page_token: String,
+        /// List the agents this instance started on this peer (no filters).
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Follow an agent until it ends: its output lines as they come (stdout
     /// and stderr to yours) and its state changes (on stderr). With --json,
@@ -73,6 +98,19 @@ pub enum AgentCommand {
         /// The agent id.
         id: String,
     },
+}
+
+impl AgentCommand {
+    /// The peer named by --peer, if the command is for one.
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            AgentCommand::Spawn { remote, .. }
+            | AgentCommand::Status { remote, .. }
+            | AgentCommand::Kill { remote, .. }
+            | AgentCommand::List { remote, .. } => remote.peer.as_deref(),
+            AgentCommand::Watch { .. } => None,
+        }
+    }
 }
 
 /// Runs an `agent` subcommand against the daemon.
@@ -84,6 +122,9 @@ pub async fn run(
 ) -> Result<(), CliError> {
     let config = load_config(config_args)?;
     let connection = super::client::connect(&config, client_args).await?;
+    if command.peer().is_some() {
+        return super::remote::run(command, &connection, output).await;
+    }
     let mut client = pb::agent_control_client::AgentControlClient::new(connection.channel.clone());
     match command {
         AgentCommand::Spawn {
@@ -92,6 +133,7 @@ pub async fn run(
             task_id,
             labels,
             timeout,
+            ..
         } => {
             let request = pb::SpawnRequest {
                 agent_type,
@@ -109,7 +151,7 @@ pub async fn run(
                 .unwrap_or_default();
             print_agent(&agent, output);
         }
-        AgentCommand::Status { id } => {
+        AgentCommand::Status { id, .. } => {
             let agent = client
                 .get_agent(connection.request(pb::GetAgentRequest { agent_id: id })?)
                 .await
@@ -119,7 +161,7 @@ pub async fn run(
                 .unwrap_or_default();
             print_agent(&agent, output);
         }
-        AgentCommand::Kill { id, reason } => {
+        AgentCommand::Kill { id, reason, .. } => {
             let agent = client
                 .kill_agent(connection.request(pb::KillAgentRequest {
                     agent_id: id,
@@ -138,6 +180,7 @@ pub async fn run(
             labels,
             limit,
             page_token,
+            ..
         } => {
             let request = pb::ListAgentsRequest {
                 state: state.unwrap_or(pb::AgentState::Unspecified).into(),
@@ -254,7 +297,8 @@ fn reason_suffix(reason: &str) -> String {
     }
 }
 
-fn agent_json(agent: &pb::Agent) -> serde_json::Value {
+/// An agent as JSON (the shape `--json` prints, local or remote).
+pub(super) fn agent_json(agent: &pb::Agent) -> serde_json::Value {
     let origin = agent.origin.clone().unwrap_or_default();
     json!({
         "agent_id": agent.agent_id,
@@ -285,45 +329,49 @@ fn agent_json(agent: &pb::Agent) -> serde_json::Value {
 }
 
 fn print_agent(agent: &pb::Agent, output: Output) {
-    output.print(&agent_json(agent), || {
-        let mut text = format!(
-            "agent:   {}\ntype:    {}\nstate:   {}{}",
-            agent.agent_id,
-            agent.agent_type,
-            state_name(agent.state),
-            reason_suffix(&agent.state_reason)
-        );
-        if let Some(pid) = agent.pid {
-            text.push_str(&format!("\npid:     {pid}"));
-        }
-        if let Some(code) = agent.exit_code {
-            text.push_str(&format!("\nexit:    {code}"));
-        }
-        if let Some(signal) = agent.signal {
-            text.push_str(&format!("\nsignal:  {signal}"));
-        }
-        if !agent.task_id.is_empty() {
-            text.push_str(&format!("\ntask:    {}", agent.task_id));
-        }
-        if !agent.output_tail.is_empty() {
-            text.push_str(&format!(
-                "\noutput ({} bytes{}), last lines:",
-                agent.output_bytes,
-                if agent.output_truncated {
-                    ", truncated"
-                } else {
-                    ""
-                }
-            ));
-            for line in &agent.output_tail {
-                text.push_str(&format!("\n  {line}"));
-            }
-        }
-        text
-    });
+    output.print(&agent_json(agent), || agent_text(agent));
 }
 
-fn print_list(response: &pb::ListAgentsResponse, output: Output) {
+/// An agent for people: id, type, state, process and the last output lines.
+pub(super) fn agent_text(agent: &pb::Agent) -> String {
+    let mut text = format!(
+        "agent:   {}\ntype:    {}\nstate:   {}{}",
+        agent.agent_id,
+        agent.agent_type,
+        state_name(agent.state),
+        reason_suffix(&agent.state_reason)
+    );
+    if let Some(pid) = agent.pid {
+        text.push_str(&format!("\npid:     {pid}"));
+    }
+    if let Some(code) = agent.exit_code {
+        text.push_str(&format!("\nexit:    {code}"));
+    }
+    if let Some(signal) = agent.signal {
+        text.push_str(&format!("\nsignal:  {signal}"));
+    }
+    if !agent.task_id.is_empty() {
+        text.push_str(&format!("\ntask:    {}", agent.task_id));
+    }
+    if !agent.output_tail.is_empty() {
+        text.push_str(&format!(
+            "\noutput ({} bytes{}), last lines:",
+            agent.output_bytes,
+            if agent.output_truncated {
+                ", truncated"
+            } else {
+                ""
+            }
+        ));
+        for line in &agent.output_tail {
+            text.push_str(&format!("\n  {line}"));
+        }
+    }
+    text
+}
+
+/// Prints a page of agents: a table for people, or JSON.
+pub(super) fn print_list(response: &pb::ListAgentsResponse, output: Output) {
     let value = json!({
         "agents": response.agents.iter().map(agent_json).collect::<Vec<_>>(),
         "next_page_token": response.next_page_token,

@@ -59,6 +59,17 @@ impl Connection {
     pub fn error(&self, status: &tonic::Status) -> CliError {
         CliError::from_status(status, &self.server)
     }
+
+    /// Turns a status of a command sent through the daemon to a peer (`peer`
+    /// for people, `peer_instance_id` for commands) into a CLI error.
+    pub fn remote_error(
+        &self,
+        status: &tonic::Status,
+        peer: &str,
+        peer_instance_id: &str,
+    ) -> CliError {
+        CliError::from_remote_status(status, &self.server, peer, peer_instance_id)
+    }
 }
 
 /// Connects to the daemon named by `args.server`.

@@ -66,6 +66,14 @@ impl CliError {
         }
     }
 
+    /// Exit code 4.
+    pub fn refused(message: impl Into<String>) -> Self {
+        Self {
+            code: 4,
+            message: message.into(),
+        }
+    }
+
     /// Exit code 5.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self {
@@ -79,36 +87,101 @@ impl CliError {
         ExitCode::from(self.code)
     }
 
-    /// Maps a gRPC status from the daemon, with `server` for the hint.
-    pub fn from_status(status: &tonic::Status, server: &str) -> Self {
+    /// The exit code of the table above for a gRPC status code.
+    pub fn code_of(code: tonic::Code) -> u8 {
         use tonic::Code;
-        let message = status.message();
-        match status.code() {
-            Code::NotFound => Self::not_found(message),
-            Code::Unauthenticated => Self {
-                code: 4,
-                message: format!("{message} (pass --api-key or set MOSAIC_API_KEY)"),
-            },
-            Code::PermissionDenied
+        match code {
+            Code::NotFound => 3,
+            Code::Unauthenticated
+            | Code::PermissionDenied
             | Code::InvalidArgument
             | Code::FailedPrecondition
             | Code::AlreadyExists
             | Code::OutOfRange
-            | Code::ResourceExhausted => Self {
-                code: 4,
-                message: message.to_owned(),
-            },
-            Code::Unavailable | Code::DeadlineExceeded => Self::unavailable(format!(
+            | Code::ResourceExhausted => 4,
+            Code::Unavailable | Code::DeadlineExceeded => 5,
+            _ => 1,
+        }
+    }
+
+    /// Maps a gRPC status from the daemon, with `server` for the hint.
+    pub fn from_status(status: &tonic::Status, server: &str) -> Self {
+        use tonic::Code;
+        let message = status.message();
+        let message = match status.code() {
+            Code::Unauthenticated => {
+                format!("{message} (pass --api-key or set MOSAIC_API_KEY)")
+            }
+            Code::Unavailable | Code::DeadlineExceeded => format!(
                 "no answer from the daemon at {server}: {message} — is `mosaicd serve` running?"
-            )),
-            Code::Unimplemented => Self::failure(message),
-            _ => Self::failure(format!("the daemon failed: {message}")),
+            ),
+            Code::NotFound
+            | Code::PermissionDenied
+            | Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::OutOfRange
+            | Code::ResourceExhausted
+            | Code::Unimplemented => message.to_owned(),
+            _ => format!("the daemon failed: {message}"),
+        };
+        Self {
+            code: Self::code_of(status.code()),
+            message,
+        }
+    }
+
+    /// Maps a gRPC status of a command the daemon at `server` sent to a peer
+    /// (a Federation `*RemoteAgent` call; `peer` names it for people,
+    /// `peer_instance_id` for commands): the same codes as
+    /// [`CliError::from_status`], with hints about the peer instead of the
+    /// local daemon where the peer is the likelier cause.
+    pub fn from_remote_status(
+        status: &tonic::Status,
+        server: &str,
+        peer: &str,
+        peer_instance_id: &str,
+    ) -> Self {
+        use tonic::Code;
+        let message = status.message();
+        // The daemon prefixes what the peer answered; anything else is the
+        // daemon's own refusal (API key, connection state, input).
+        let from_peer = message.starts_with("the peer ");
+        let message = match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded => format!(
+                "no answer from peer {peer}: {message} — check that it runs and that the daemon at {server} can reach it (`mosaicd peer list` shows REACHABLE)"
+            ),
+            Code::NotFound if from_peer => format!(
+                "{message} — `mosaicd agent list --peer {peer_instance_id}` shows the agents this instance started there"
+            ),
+            Code::PermissionDenied if from_peer => format!(
+                "{message} — the peer's operator grants capabilities when accepting the connection (`mosaicd peer accept ID --grant ...`)"
+            ),
+            Code::Unauthenticated if !from_peer => {
+                format!(
+                    "{message} (pass --api-key or set MOSAIC_API_KEY; peer commands need the admin scope)"
+                )
+            }
+            Code::PermissionDenied if !from_peer => {
+                format!("{message} (peer commands need an API key with the admin scope)")
+            }
+            Code::Internal | Code::Unknown | Code::DataLoss => {
+                format!("the command to peer {peer} failed: {message}")
+            }
+            _ => message.to_owned(),
+        };
+        Self {
+            code: Self::code_of(status.code()),
+            message,
         }
     }
 }
 
 impl From<anyhow::Error> for CliError {
     fn from(error: anyhow::Error) -> Self {
+        if error.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return Self::usage(format!("{error:#}"));
+        }
         if error.chain().any(|cause| {
             cause
                 .downcast_ref::<crate::store::StoreError>()

@@ -1,4 +1,4 @@
-//! `mosaicd identity show | cert | rotate`.
+//! `mosaicd identity show | cert | csr | rotate`.
 
 use std::time::Duration;
 
@@ -79,6 +79,67 @@ pub fn cert(args: &ConfigArgs) -> Result<(), CliError> {
         ))
     })?;
     print!("{pem}");
+    Ok(())
+}
+
+/// `identity csr`: a certificate signing request for the instance key, for CA
+/// mode. Opens the key with the master key; writes nothing.
+pub async fn csr(
+    args: &ConfigArgs,
+    dns: &[String],
+    ip: &[std::net::IpAddr],
+    output: Output,
+) -> Result<(), CliError> {
+    let config = load_config(args)?;
+    let mut names: Vec<String> = dns.to_vec();
+    names.extend(ip.iter().map(ToString::to_string));
+    if names.is_empty() {
+        let host = config
+            .instance
+            .public_url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|uri| {
+                uri.host()
+                    .map(|host| host.trim_matches(['[', ']']).to_owned())
+            })
+            .ok_or_else(|| {
+                CliError::usage("the public URL has no host; pass --dns NAME or --ip ADDR")
+            })?;
+        names.push(host);
+    }
+    if let Some(bad) = names.iter().find(|name| {
+        name.is_empty()
+            || name.len() > 253
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | ':' | '_'))
+    }) {
+        return Err(CliError::usage(format!(
+            "{bad:?} is not a DNS name or IP address"
+        )));
+    }
+    let store = open_existing_store(&config).await?;
+    let manager =
+        crate::identity::IdentityManager::load_existing(store, &config.master_key_source())
+            .await
+            .map_err(|error| CliError::failure(error.to_string()))?
+            .ok_or_else(|| {
+                CliError::not_found("this database has no identity yet; run `mosaicd init`")
+            })?;
+    let identity = manager.current();
+    let pem = identity
+        .certificate_request(&names)
+        .map_err(|error| CliError::usage(error.to_string()))?;
+    output.print(
+        &json!({
+            "csr": pem,
+            "names": names,
+            "key_id": identity.public_key().key_id(),
+            "fingerprint": identity.public_key().fingerprint(),
+        }),
+        || pem.trim_end().to_owned(),
+    );
     Ok(())
 }
 

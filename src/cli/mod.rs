@@ -5,9 +5,11 @@ pub mod agent;
 pub mod apikey;
 pub mod client;
 pub mod exit;
+pub mod federation;
 pub mod identity;
 pub mod job;
 pub mod peer;
+pub mod remote;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -68,13 +70,16 @@ pub enum Command {
     /// Connect to peers and manage federation connections (admin API key).
     #[command(subcommand)]
     Peer(peer::PeerCommand),
+    /// The audit log of signed commands exchanged with peers (admin API key).
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
         /// The shell to complete for.
         shell: clap_complete::Shell,
     },
     /// Spawn, inspect, stop and follow agents on the running daemon (API key
-    /// with the `agents` scope).
+    /// with the `agents` scope), or with --peer on a peer (`admin` scope).
     #[command(subcommand)]
     Agent(agent::AgentCommand),
     /// Create, inspect, change and watch jobs on the running daemon
@@ -90,7 +95,19 @@ pub enum IdentityCommand {
     Show,
     /// Print the daemon's TLS certificate as PEM (offline, from the data dir).
     Cert,
-    /// Make a new key current on the running daemon (admin API key).
+    /// Print a PKCS#10 certificate signing request for the instance key, signed
+    /// by it, for an operator CA to sign (CA mode; offline, needs the master key).
+    Csr {
+        /// DNS name the certificate should carry (repeatable) [default: the host
+        /// of the public URL, when neither --dns nor --ip is given].
+        #[arg(long, value_name = "NAME")]
+        dns: Vec<String>,
+        /// IP address the certificate should carry (repeatable).
+        #[arg(long, value_name = "ADDR")]
+        ip: Vec<std::net::IpAddr>,
+    },
+    /// Make a new key current on the running daemon (admin API key; refused in
+    /// CA mode).
     Rotate {
         /// How long the old key stays valid, e.g. `24h` [default: from config].
         #[arg(long, value_name = "DURATION")]
@@ -131,10 +148,16 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Serve => serve::serve(&cli.config).await,
         Command::Peer(command) => peer::run(command, &cli.config, &cli.client, output).await,
+        Command::Federation(command) => {
+            federation::run(command, &cli.config, &cli.client, output).await
+        }
         Command::Init => serve::init(&cli.config, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,
         Command::Identity(IdentityCommand::Cert) => identity::cert(&cli.config),
+        Command::Identity(IdentityCommand::Csr { dns, ip }) => {
+            identity::csr(&cli.config, &dns, &ip, output).await
+        }
         Command::Identity(IdentityCommand::Rotate { grace }) => {
             identity::rotate(&cli.config, &cli.client, grace.map(Into::into), output).await
         }

@@ -208,7 +208,7 @@ pub async fn run(
 }
 
 /// Every page of ListConnections.
-async fn list_all(
+pub(super) async fn list_all(
     client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
     connection: &Connection,
     workspace: Option<String>,

@@ -75,8 +75,12 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 }
 
 /// `mosaicd init`: creates the data dir, database and identity.
+///
+/// CA mode is not applied: the key must exist before a CA can certify it
+/// (`mosaicd identity csr`), so init never needs the CA-mode files.
 pub async fn init(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
-    let config = load_config(args)?;
+    let mut config = load_config(args)?;
+    config.tls = crate::tls::ca::TlsSettings::Pinned;
     let shared = crate::server::prepare(&config).await?;
     let identity = shared.identity.current();
     let public_key = identity.public_key();

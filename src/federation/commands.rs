@@ -328,34 +328,71 @@ const MAX_CONNECTIONS_SCANNED: i64 = 1000;
 
 impl Federation {
     /// The ACTIVE connection to `peer_instance_id`, in `workspace` when given;
-    /// without a workspace there must be exactly one.
+    /// without a workspace there must be exactly one. No open connection with
+    /// the peer (there) is NOT_FOUND; only PENDING or SUSPENDED ones are
+    /// FAILED_PRECONDITION.
     async fn active_connection_to(
         &self,
         peer_instance_id: &str,
         workspace: Option<&str>,
     ) -> Result<crate::store::ConnectionRecord, FederationError> {
-        let filter = crate::store::ConnectionFilter {
-            workspace: workspace.map(str::to_owned),
-            state: Some(ConnectionState::Active),
-            after: None,
-            limit: MAX_CONNECTIONS_SCANNED,
+        let not_active = |connection: &crate::store::ConnectionRecord| {
+            FederationError::FailedPrecondition(format!(
+                "the connection with that peer in workspace {:?} is {}, not ACTIVE",
+                connection.workspace,
+                connection.state.as_str().to_uppercase()
+            ))
         };
-        let mut matching: Vec<_> = self
-            .store
-            .list_connections(&filter)
-            .await?
-            .into_iter()
-            .filter(|connection| connection.remote_instance_id == peer_instance_id)
-            .collect();
-        match matching.len() {
-            0 => Err(FederationError::FailedPrecondition(
-                "no ACTIVE connection with that peer (in that workspace)".into(),
-            )),
-            1 => Ok(matching.remove(0)),
-            _ => Err(FederationError::InvalidArgument(
-                "the peer is connected in several workspaces; name one with workspace".into(),
-            )),
+        let not_found = || {
+            FederationError::NotFound(
+                "no connection with that peer (in that workspace); see ListConnections".into(),
+            )
+        };
+        if let Some(workspace) = workspace {
+            return match self
+                .store
+                .find_open_connection(workspace, peer_instance_id)
+                .await?
+            {
+                Some(connection) if connection.state == ConnectionState::Active => Ok(connection),
+                Some(connection) => Err(not_active(&connection)),
+                None => Err(not_found()),
+            };
         }
+        let with_peer = |state: ConnectionState| {
+            let filter = crate::store::ConnectionFilter {
+                workspace: None,
+                state: Some(state),
+                after: None,
+                limit: MAX_CONNECTIONS_SCANNED,
+            };
+            async move {
+                Ok::<_, FederationError>(
+                    self.store
+                        .list_connections(&filter)
+                        .await?
+                        .into_iter()
+                        .filter(|connection| connection.remote_instance_id == peer_instance_id)
+                        .collect::<Vec<_>>(),
+                )
+            }
+        };
+        let mut active = with_peer(ConnectionState::Active).await?;
+        match active.len() {
+            1 => return Ok(active.remove(0)),
+            0 => {}
+            _ => {
+                return Err(FederationError::InvalidArgument(
+                    "the peer is connected in several workspaces; name one with workspace".into(),
+                ));
+            }
+        }
+        for state in [ConnectionState::Suspended, ConnectionState::Pending] {
+            if let Some(connection) = with_peer(state).await?.first() {
+                return Err(not_active(connection));
+            }
+        }
+        Err(not_found())
     }
 
     /// Signs `command` for the peer, sends it within the call deadline, and

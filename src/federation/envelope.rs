@@ -19,6 +19,8 @@ use crate::proto::federation as pb;
 pub const DOMAIN_PREFIX: &[u8] = b"mosaic-federation-v1";
 /// Longest message id accepted (a UUID is 36 characters).
 const MAX_ID_CHARS: usize = 64;
+/// Length of an ECDSA P-256 signature in the fixed `r || s` form.
+const SIGNATURE_BYTES: usize = 64;
 /// Longest workspace name accepted.
 pub const MAX_WORKSPACE_CHARS: usize = 128;
 
@@ -256,6 +258,14 @@ pub fn parse<P: Payload>(
     let envelope = envelope.ok_or_else(|| malformed("the envelope is missing"))?;
     if envelope.payload.is_empty() {
         return Err(malformed("the payload is empty"));
+    }
+    // Checked before anything else is read: a signature of another length
+    // can never verify, so nothing more is spent on the message.
+    if envelope.signature.len() != SIGNATURE_BYTES {
+        return Err(malformed(format!(
+            "the signature must be {SIGNATURE_BYTES} bytes (ECDSA P-256, r || s), not {}",
+            envelope.signature.len()
+        )));
     }
     let payload = P::decode(envelope.payload.as_slice())
         .map_err(|_| malformed(format!("the payload is not a {}", P::KIND.as_str())))?;

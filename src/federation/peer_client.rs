@@ -170,7 +170,7 @@ impl PeerClients {
         &self,
         url: &str,
     ) -> Result<(pb::Instance, PublicKey), FirstContactError> {
-        let (config, captured) = crate::tls::capturing_client_config()
+        let (config, captured) = crate::tls::capturing_client_config(self.identity.ca_trust())
             .map_err(|error| FirstContactError::Peer(PeerError::Unreachable(error.to_string())))?;
         let channel = self
             .connect(url, Arc::new(config))

@@ -72,6 +72,36 @@ pub fn self_signed(
     })
 }
 
+/// A PKCS#10 certificate signing request (PEM) for `key`, signed by it, with
+/// `common_name` as subject and `names` (DNS names or IP addresses, at least
+/// one) as subject alternative names. Names are the operator's: nothing is
+/// added, since the CA decides what it certifies.
+pub fn signing_request(
+    key: &InstanceKey,
+    common_name: &str,
+    names: &[String],
+) -> Result<String, CertificateError> {
+    if names.is_empty() {
+        return Err(CertificateError(
+            "a certificate request needs at least one DNS name or IP address".into(),
+        ));
+    }
+    let pkcs8 = PrivatePkcs8KeyDer::from(key.pkcs8_der());
+    let key_pair = KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &PKCS_ECDSA_P256_SHA256)
+        .map_err(|error| CertificateError(error.to_string()))?;
+    let mut params = CertificateParams::new(names.to_vec())
+        .map_err(|error| CertificateError(format!("invalid name: {error}")))?;
+    let mut distinguished_name = DistinguishedName::new();
+    distinguished_name.push(DnType::CommonName, common_name);
+    params.distinguished_name = distinguished_name;
+    let request = params
+        .serialize_request(&key_pair)
+        .map_err(|error| CertificateError(error.to_string()))?;
+    request
+        .pem()
+        .map_err(|error| CertificateError(error.to_string()))
+}
+
 /// The SubjectPublicKeyInfo DER inside a certificate, or `None` if it does not parse.
 pub fn spki_of_certificate(certificate_der: &[u8]) -> Option<Vec<u8>> {
     let (_, certificate) = x509_parser::parse_x509_certificate(certificate_der).ok()?;
@@ -106,5 +136,46 @@ mod tests {
         assert!(names.contains("mesh.example.org"), "{names}");
         assert!(names.contains("localhost"), "{names}");
         assert!(names.contains("IPAddress(7f:00:00:01)"), "{names}");
+    }
+
+    #[test]
+    fn a_signing_request_carries_the_key_and_names_and_verifies() {
+        use x509_parser::prelude::FromDer;
+        let key = InstanceKey::generate().expect("generate");
+        let pem = signing_request(
+            &key,
+            "node-a",
+            &["mesh.example.org".to_owned(), "10.0.0.7".to_owned()],
+        )
+        .expect("request");
+        assert!(
+            pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"),
+            "{pem}"
+        );
+        let der = rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes())
+            .map(|der: rustls_pki_types::CertificateSigningRequestDer<'_>| der.as_ref().to_vec())
+            .expect("pem");
+        let (_, request) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&der)
+                .expect("pkcs#10");
+        let info = &request.certification_request_info;
+        assert_eq!(info.subject_pki.raw, key.public_key().spki_der());
+        // Signed by the instance key (ECDSA with SHA-256, DER signature).
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            &key.public_key().spki_der()[26..],
+        )
+        .verify(info.raw, &request.signature_value.data)
+        .expect("the request is signed by the instance key");
+        let printed = format!(
+            "{:?}",
+            request
+                .requested_extensions()
+                .map(|e| e.collect::<Vec<_>>())
+        );
+        assert!(printed.contains("mesh.example.org"), "{printed}");
+
+        assert!(signing_request(&key, "node-a", &[]).is_err());
+        assert!(signing_request(&key, "node-a", &["bad name ü".to_owned()]).is_err());
     }
 }

@@ -3,6 +3,10 @@
 //!
 //! This module (with its children) is the only place that holds private key
 //! material. Everything else sees [`PublicKey`]s, signatures and certificates.
+//!
+//! In CA mode ([`IdentityManager::enable_ca_mode`]) the certificate presented is
+//! the operator's chain for the same key, and the key cannot be rotated: the
+//! chain would no longer certify it.
 
 pub mod certificate;
 pub mod fingerprint;
@@ -22,6 +26,7 @@ pub use self::keys::{InstanceKey, KeyError, PublicKey};
 pub use self::sealing::{MasterKey, MasterKeySource, SealingError};
 use crate::clock::now_ms;
 use crate::store::{InstanceKeyRecord, InstanceRecord, Store, StoreError};
+use crate::tls::ca::CaTrust;
 
 /// Associated-data prefix binding a sealed private key to its key id.
 const SEALING_CONTEXT: &[u8] = b"mosaic-instance-key-v1:";
@@ -71,6 +76,14 @@ pub enum IdentityError {
     /// The TLS stack refused the key.
     #[error("the TLS library refused the instance key")]
     Tls,
+    /// Rotation was asked for in CA mode.
+    #[error(
+        "key rotation is refused in CA mode: the operator's certificate (tls.cert_chain) certifies the current key; to rotate, stop the daemon, rotate in pinned mode, and have the CA sign the new key's request (`mosaicd identity csr`)"
+    )]
+    RotationInCaMode,
+    /// The operator's chain does not certify the current key.
+    #[error("tls.cert_chain does not certify the instance key")]
+    ChainKeyMismatch,
 }
 
 /// A snapshot of the identity. Cheap to share; replaced whole on rotation.
@@ -168,6 +181,17 @@ impl Identity {
         Arc::clone(&self.certified_key)
     }
 
+    /// A PKCS#10 certificate signing request for the current key, signed by it,
+    /// naming `names` (DNS names or IP addresses): what an operator's CA signs
+    /// for CA mode.
+    pub fn certificate_request(&self, names: &[String]) -> Result<String, IdentityError> {
+        Ok(certificate::signing_request(
+            &self.current_key,
+            &self.profile.name,
+            names,
+        )?)
+    }
+
     /// Signs `message` with the current key.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         self.current_key.sign(message)
@@ -200,6 +224,8 @@ pub struct IdentityManager {
     store: Store,
     master_key: MasterKey,
     current: RwLock<Arc<Identity>>,
+    /// CA mode: the operator's chain and CA bundle (`None` in pinned mode).
+    ca: Option<Arc<CaTrust>>,
 }
 
 impl std::fmt::Debug for IdentityManager {
@@ -246,21 +272,16 @@ impl IdentityManager {
                 store,
                 master_key,
                 current: RwLock::new(Arc::new(identity)),
+                ca: None,
             });
         };
 
         let master_key = master_key_source
             .load()?
             .ok_or_else(|| master_key_source.missing_error())?;
-        let (current_record, previous_keys) = split_key_records(&key_records, now)?;
-        let current_key = open_key(&master_key, current_record)?;
-        let previous_signing_keys = key_records
-            .iter()
-            .filter(|record| {
-                !record.is_current && record.valid_until_ms.is_some_and(|until| until > now)
-            })
-            .map(|record| open_key(&master_key, record))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Opened before the profile is updated: a wrong master key writes nothing.
+        let (current_key, current_record_created_at_ms, previous_keys, previous_signing_keys) =
+            open_keys(&master_key, &key_records, now)?;
 
         let stored_profile = InstanceProfile {
             name: instance.name.clone(),
@@ -286,7 +307,7 @@ impl IdentityManager {
         let identity = Identity::new(
             &instance,
             current_key,
-            current_record.created_at_ms,
+            current_record_created_at_ms,
             previous_keys,
             previous_signing_keys,
         )?;
@@ -294,7 +315,78 @@ impl IdentityManager {
             store,
             master_key,
             current: RwLock::new(Arc::new(identity)),
+            ca: None,
         })
+    }
+
+    /// Loads the stored identity as it is (the profile is not updated), or
+    /// `None` if the database has none. For offline commands that sign.
+    pub async fn load_existing(
+        store: Store,
+        master_key_source: &MasterKeySource,
+    ) -> Result<Option<Self>, IdentityError> {
+        let now = now_ms();
+        let Some((instance, key_records)) = store.load_instance().await? else {
+            return Ok(None);
+        };
+        let master_key = master_key_source
+            .load()?
+            .ok_or_else(|| master_key_source.missing_error())?;
+        let (current_key, current_created_at_ms, previous_keys, previous_signing_keys) =
+            open_keys(&master_key, &key_records, now)?;
+        let identity = Identity::new(
+            &instance,
+            current_key,
+            current_created_at_ms,
+            previous_keys,
+            previous_signing_keys,
+        )?;
+        Ok(Some(Self {
+            store,
+            master_key,
+            current: RwLock::new(Arc::new(identity)),
+            ca: None,
+        }))
+    }
+
+    /// Switches to CA mode: the identity presents `trust`'s chain (whose first
+    /// certificate must certify the current key; [`CaTrust::check`] says why not
+    /// in operator terms) and TLS configurations require the CA of peers. Called
+    /// once, before the manager is shared.
+    pub fn enable_ca_mode(&mut self, trust: Arc<CaTrust>) -> Result<(), IdentityError> {
+        let current = self
+            .current
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let identity = Arc::get_mut(current).ok_or_else(|| {
+            IdentityError::Corrupt("CA mode must be enabled before the identity is shared".into())
+        })?;
+        let certified_key = CertifiedKey::new(
+            trust.chain().to_vec(),
+            Arc::clone(&identity.certified_key.key),
+        );
+        let leaf = trust
+            .chain()
+            .first()
+            .ok_or(IdentityError::ChainKeyMismatch)?;
+        let leaf_key = certificate::spki_of_certificate(leaf);
+        if leaf_key.as_deref() != Some(identity.public_key().spki_der())
+            || certified_key.keys_match().is_err()
+        {
+            return Err(IdentityError::ChainKeyMismatch);
+        }
+        identity.certificate = InstanceCertificate {
+            der: leaf.to_vec(),
+            pem: trust.chain_pem().to_owned(),
+        };
+        identity.certified_key = Arc::new(certified_key);
+        self.ca = Some(trust);
+        Ok(())
+    }
+
+    /// The CA-mode material, if CA mode is on.
+    pub fn ca_trust(&self) -> Option<&CaTrust> {
+        self.ca.as_deref()
     }
 
     /// The current identity snapshot.
@@ -311,7 +403,12 @@ impl IdentityManager {
 
     /// Makes a new key current. The previous key stays valid for verification for
     /// `grace_period`; the certificate follows the new key.
+    ///
+    /// Refused in CA mode, before anything is written.
     pub async fn rotate(&self, grace_period: Duration) -> Result<Arc<Identity>, IdentityError> {
+        if self.ca.is_some() {
+            return Err(IdentityError::RotationInCaMode);
+        }
         let now = now_ms();
         let old = self.current();
         let new_key = InstanceKey::generate()?;
@@ -382,6 +479,30 @@ pub async fn load_public(
     let (current_record, previous_keys) = split_key_records(&key_records, now_ms())?;
     let public_key = PublicKey::from_spki_der(&current_record.public_key)?;
     Ok(Some((instance, public_key, previous_keys)))
+}
+
+/// The current key (and when it was made), the previous keys still in their
+/// grace period and their private halves, opened with `master_key`.
+fn open_keys(
+    master_key: &MasterKey,
+    key_records: &[InstanceKeyRecord],
+    now: i64,
+) -> Result<(InstanceKey, i64, Vec<PreviousKey>, Vec<InstanceKey>), IdentityError> {
+    let (current_record, previous_keys) = split_key_records(key_records, now)?;
+    let current_key = open_key(master_key, current_record)?;
+    let previous_signing_keys = key_records
+        .iter()
+        .filter(|record| {
+            !record.is_current && record.valid_until_ms.is_some_and(|until| until > now)
+        })
+        .map(|record| open_key(master_key, record))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        current_key,
+        current_record.created_at_ms,
+        previous_keys,
+        previous_signing_keys,
+    ))
 }
 
 fn split_key_records(

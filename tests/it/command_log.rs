@@ -48,7 +48,9 @@ on_both_backends!(
     a_remote_spawn_retried_by_message_id_makes_one_agent,
     both_sides_log_every_command_newest_first_with_filters_and_pages,
     a_command_to_a_peer_that_is_down_is_logged_unavailable,
+    a_reply_that_does_not_verify_is_not_believed,
     message_ids_are_kept_twice_the_clock_window_then_pruned,
+    remote_calls_without_an_active_connection_say_why,
 );
 
 const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
@@ -488,4 +490,142 @@ async fn message_ids_are_kept_twice_the_clock_window_then_pruned(backend: Backen
     assert!(!remembered(store.clone()).await);
     drop(federation);
     environment.cleanup().await;
+}
+
+async fn a_reply_that_does_not_verify_is_not_believed(backend: Backend) {
+    use crate::support::fake_peer::{self, FORGED_AGENT_ID, Reply};
+    let Pair {
+        environments,
+        a,
+        b,
+        mut client_a,
+        key_a,
+        b_id,
+        ..
+    } = Pair::new(backend).await;
+    // B stops; a stand-in with B's own key and certificate takes its port.
+    let (b_address, b_config) = (b.address, b.config.clone());
+    b.stop().await;
+    let b_identity = mosaic_mesh::server::prepare(&b_config)
+        .await
+        .expect("B's identity")
+        .identity;
+    let stranger = crate::support::peer::TestPeer::new("stranger")
+        .await
+        .current();
+    let mode = Arc::new(std::sync::Mutex::new(Reply::Honest));
+    let listener = crate::support::daemon::bind_loopback(b_address.port()).await;
+    let stand_in = fake_peer::serve(listener, b_identity, stranger, Arc::clone(&mode));
+    let mut ask = async |reply: Reply| {
+        *mode.lock().expect("mode") = reply;
+        client_a
+            .get_remote_agent(with_key(
+                pb::GetRemoteAgentRequest {
+                    peer_instance_id: b_id.clone(),
+                    workspace: String::new(),
+                    agent_id: "any".to_owned(),
+                },
+                &key_a,
+            ))
+            .await
+    };
+    // The control: an honest reply is believed, so the refusals below are
+    // about the tampering alone.
+    let honest = ask(Reply::Honest).await.expect("honest reply");
+    assert_eq!(
+        honest.into_inner().agent.expect("agent").agent_id,
+        FORGED_AGENT_ID
+    );
+    for reply in [
+        Reply::FlippedSignature,
+        Reply::SignedByAnotherKey,
+        Reply::AnswersAnotherMessage,
+    ] {
+        let status = ask(reply).await.expect_err("tampered reply");
+        assert_eq!(status.code(), Code::Internal, "{reply:?}: {status:?}");
+        assert!(
+            !status.message().contains(FORGED_AGENT_ID),
+            "nothing of the reply is passed on: {status:?}"
+        );
+    }
+    // A's log records each outcome, the refused replies as INTERNAL.
+    let sent = whole_log(&mut client_a, &key_a).await;
+    let outcomes: Vec<_> = sent.iter().map(|entry| entry.outcome.as_str()).collect();
+    assert_eq!(
+        outcomes,
+        ["INTERNAL", "INTERNAL", "INTERNAL", "ok"],
+        "{sent:?}"
+    );
+    assert!(
+        sent.iter()
+            .take(3)
+            .all(|entry| entry.detail.contains("failed verification")),
+        "{sent:?}"
+    );
+    stand_in.abort();
+    drop(a);
+    for environment in environments {
+        environment.cleanup().await;
+    }
+}
+
+async fn remote_calls_without_an_active_connection_say_why(backend: Backend) {
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1].start_peer(0, |_| {}).await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    let key_a = a.api_key(&[Scope::Admin]).await;
+    let mut client_a = FederationClient::new(a.channel().await);
+    let ask = |peer: &str, workspace: &str| {
+        with_key(
+            pb::GetRemoteAgentRequest {
+                peer_instance_id: peer.to_owned(),
+                workspace: workspace.to_owned(),
+                agent_id: "any".to_owned(),
+            },
+            &key_a,
+        )
+    };
+    // Never connected: NOT_FOUND, with or without a workspace.
+    for workspace in ["", "ws"] {
+        let status = client_a
+            .get_remote_agent(ask(&b_id, workspace))
+            .await
+            .expect_err("no connection");
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    // Asked but not yet accepted: FAILED_PRECONDITION naming the state.
+    admin_a
+        .connect(&b.url(), "ws", "", &[])
+        .await
+        .expect("connect");
+    for workspace in ["", "ws"] {
+        let status = client_a
+            .get_remote_agent(ask(&b_id, workspace))
+            .await
+            .expect_err("pending");
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("PENDING"), "{status:?}");
+    }
+    // Another workspace is still NOT_FOUND; an empty peer id is invalid.
+    let status = client_a
+        .get_remote_agent(ask(&b_id, "other"))
+        .await
+        .expect_err("other workspace");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = client_a
+        .get_remote_agent(ask("", ""))
+        .await
+        .expect_err("no peer");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Nothing was sent, so nothing was logged.
+    assert!(whole_log(&mut client_a, &key_a).await.is_empty());
+    drop((a, b));
+    for environment in environments {
+        environment.cleanup().await;
+    }
 }

@@ -51,13 +51,18 @@ on_both_backends!(
     a_command_without_a_client_certificate_is_unauthenticated,
     a_peer_without_a_connection_is_permission_denied,
     a_command_in_another_workspace_is_permission_denied,
-    empty_and_garbage_payloads_are_invalid_argument,
+    empty_and_garbage_payloads_and_signatures_are_invalid_argument,
     stale_future_and_expired_commands_are_deadline_exceeded,
     an_oversized_prompt_is_an_invalid_argument_result,
     the_peer_kills_its_own_agent,
     three_daemons_spawn_watch_kill_and_suspend,
     a_peer_that_is_down_is_unavailable_within_the_deadline,
     a_command_signed_with_another_key_is_unauthenticated,
+    a_pending_connection_is_permission_denied,
+    a_disconnected_connection_is_permission_denied,
+    a_rotated_out_key_after_its_grace_is_unauthenticated,
+    a_message_over_the_transport_limit_is_out_of_range,
+    refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -76,9 +81,22 @@ struct Setup {
 
 impl Setup {
     async fn new(backend: Backend, grants: &[&str]) -> Setup {
+        let mut setup = Setup::requested(backend, |_| {}).await;
+        setup.accept(grants).await;
+        setup
+    }
+
+    /// The peer has asked for a connection that is still PENDING.
+    async fn requested(
+        backend: Backend,
+        configure: impl FnOnce(&mut mosaic_mesh::config::Config),
+    ) -> Setup {
         let environment = TestEnvironment::new(backend).await;
         let daemon = environment
-            .start_peer(0, |config| *config = with_agent_types(config.clone()))
+            .start_peer(0, |config| {
+                *config = with_agent_types(config.clone());
+                configure(config);
+            })
             .await;
         let admin_key = daemon.api_key(&[Scope::Admin]).await;
         let mut admin = FederationClient::new(daemon.channel().await);
@@ -103,16 +121,6 @@ impl Setup {
             .envelope
             .expect("reply");
         let reply = pb::ConnectionReplyPayload::decode(reply.payload.as_slice()).expect("reply");
-        admin
-            .accept_connection(with_key(
-                pb::AcceptConnectionRequest {
-                    connection_id: reply.connection_id.clone(),
-                    granted_capabilities: grants.iter().map(|g| (*g).to_owned()).collect(),
-                },
-                &admin_key,
-            ))
-            .await
-            .expect("accept");
         let agents = Agents::new(
             daemon.channel().await,
             daemon.api_key(&[Scope::Agents]).await,
@@ -128,6 +136,32 @@ impl Setup {
             daemon_id: instance.instance_id,
             connection_id: reply.connection_id,
         }
+    }
+
+    async fn accept(&mut self, grants: &[&str]) {
+        self.admin
+            .accept_connection(with_key(
+                pb::AcceptConnectionRequest {
+                    connection_id: self.connection_id.clone(),
+                    granted_capabilities: grants.iter().map(|g| (*g).to_owned()).collect(),
+                },
+                &self.admin_key,
+            ))
+            .await
+            .expect("accept");
+    }
+
+    /// The daemon's command log, newest first.
+    async fn log(&mut self) -> Vec<pb::CommandLogEntry> {
+        self.admin
+            .list_command_log(with_key(
+                pb::ListCommandLogRequest::default(),
+                &self.admin_key,
+            ))
+            .await
+            .expect("command log")
+            .into_inner()
+            .entries
     }
 
     fn command(&self, command: pb::command_payload::Command) -> pb::CommandPayload {
@@ -393,7 +427,7 @@ async fn a_command_in_another_workspace_is_permission_denied(backend: Backend) {
     setup.finish().await;
 }
 
-async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
+async fn empty_and_garbage_payloads_and_signatures_are_invalid_argument(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
     let genuine = setup.seal(&setup.command(spawn_command("true")));
     for payload in [Vec::new(), vec![0xff; 64]] {
@@ -404,13 +438,29 @@ async fn empty_and_garbage_payloads_are_invalid_argument(backend: Backend) {
         let status = refused(setup.send(hostile).await);
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
-    let truncated = pb::SignedEnvelope {
-        signature: genuine.signature[..10].to_vec(),
-        ..genuine.clone()
-    };
-    let status = refused(setup.send(truncated).await);
-    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    // Truncated, empty and oversized signatures never verify: refused before
+    // any lookup, as malformed.
+    let oversized: Vec<u8> = genuine
+        .signature
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    for signature in [genuine.signature[..10].to_vec(), Vec::new(), oversized] {
+        let length = signature.len();
+        let hostile = pb::SignedEnvelope {
+            signature,
+            ..genuine.clone()
+        };
+        let status = refused(setup.send(hostile).await);
+        assert_eq!(status.code(), Code::InvalidArgument, "{length}: {status:?}");
+        assert!(status.message().contains("64 bytes"), "{status:?}");
+    }
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    // None of them used up the message id: the genuine message still runs.
+    setup.send(genuine).await.expect("the genuine message");
+    assert_eq!(setup.agent_count().await, 1);
     setup.finish().await;
 }
 
@@ -686,6 +736,225 @@ async fn a_command_signed_with_another_key_is_unauthenticated(backend: Backend) 
     let sealed = envelope::seal(&payload, other.current().as_ref()).expect("seal");
     let status = refused(setup.send(sealed).await);
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_pending_connection_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::requested(backend, |_| {}).await;
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    // Once accepted, the very same kind of command runs: the refusal was the
+    // state, not the message.
+    setup.accept(ALL).await;
+    setup
+        .send(setup.seal(&setup.command(spawn_command("true"))))
+        .await
+        .expect("accepted");
+    assert_eq!(setup.agent_count().await, 1);
+    setup.finish().await;
+}
+
+async fn a_disconnected_connection_is_permission_denied(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    setup
+        .admin
+        .disconnect_connection(with_key(
+            pb::DisconnectConnectionRequest {
+                connection_id: setup.connection_id.clone(),
+                ..pb::DisconnectConnectionRequest::default()
+            },
+            &setup.admin_key,
+        ))
+        .await
+        .expect("disconnect");
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command("true"))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    setup.finish().await;
+}
+
+async fn a_rotated_out_key_after_its_grace_is_unauthenticated(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let before = setup.peer.current();
+    let old_key_id = before.public_key().key_id();
+    let after = setup
+        .peer
+        .identity
+        .rotate(std::time::Duration::from_secs(2))
+        .await
+        .expect("rotate");
+    let rotated_at = now_ms();
+    let old_signer = after
+        .previous_signing_key(&old_key_id, rotated_at)
+        .expect("old key held");
+    let valid_until = after
+        .previous_keys(rotated_at)
+        .next()
+        .expect("previous key")
+        .valid_until_ms;
+    // Tell the daemon, signed with the old key over a channel with the new one.
+    let mut new_client = FederationClient::new(setup.peer.channel_to(&setup.daemon).await);
+    let notice = pb::ConnectionNoticePayload {
+        header: Some(
+            setup
+                .peer
+                .header(&setup.daemon_id, "ws", old_key_id.clone()),
+        ),
+        kind: pb::NoticeKind::KeyRotated.into(),
+        granted_capabilities: Vec::new(),
+        reason: String::new(),
+        new_key: Some(pb::PublicKeyInfo {
+            key_id: after.public_key().key_id(),
+            public_key: after.public_key().spki_der().to_vec(),
+            fingerprint: after.public_key().fingerprint(),
+            created_at: None,
+            valid_until: None,
+        }),
+        previous_key_valid_until: Some(timestamp_from_ms(valid_until)),
+    };
+    new_client
+        .notify_connection(pb::NotifyConnectionRequest {
+            envelope: Some(envelope::seal(&notice, old_signer).expect("seal")),
+        })
+        .await
+        .expect("key rotation notice");
+    // A spawn signed by the old key over the old TLS session (setup.client).
+    let old_command = |setup: &Setup| {
+        let payload = pb::CommandPayload {
+            header: Some(
+                setup
+                    .peer
+                    .header(&setup.daemon_id, "ws", old_key_id.clone()),
+            ),
+            command: Some(spawn_command("true")),
+        };
+        envelope::seal(&payload, old_signer).expect("seal")
+    };
+    // Wait out the grace, then the old key is refused and nothing runs.
+    let wait = u64::try_from(valid_until.saturating_sub(now_ms()) + 200).unwrap_or(0);
+    tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+    let count_before = setup.agent_count().await;
+    let status = refused(setup.send(old_command(&setup)).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("grace"), "{status:?}");
+    assert_eq!(setup.agent_count().await, count_before, "nothing spawned");
+    // The new key, over a session with the new certificate, still works.
+    let payload = pb::CommandPayload {
+        header: Some(
+            setup
+                .peer
+                .header(&setup.daemon_id, "ws", after.public_key().key_id()),
+        ),
+        command: Some(spawn_command("true")),
+    };
+    new_client
+        .execute_command(pb::ExecuteCommandRequest {
+            envelope: Some(envelope::seal(&payload, after.as_ref()).expect("seal")),
+        })
+        .await
+        .expect("the new key works");
+    assert_eq!(setup.agent_count().await, count_before + 1);
+    setup.finish().await;
+}
+
+async fn a_message_over_the_transport_limit_is_out_of_range(backend: Backend) {
+    let mut setup = Setup::requested(backend, |config| config.max_message_bytes = 16 * 1024).await;
+    setup.accept(ALL).await;
+    let prompt = "x".repeat(64 * 1024);
+    let status = refused(
+        setup
+            .send(setup.seal(&setup.command(spawn_command(&prompt))))
+            .await,
+    );
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(setup.agent_count().await, 0, "nothing spawned");
+    assert!(setup.log().await.is_empty(), "never reached the handler");
+    setup.finish().await;
+}
+
+async fn refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not(backend: Backend) {
+    let mut setup = Setup::new(backend, &["agent.spawn"]).await;
+    // Identified by its TLS key, the peer's refused commands are logged.
+    let status = refused(
+        setup
+            .send(
+                setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
+                    pb::AgentStatusCommand {
+                        agent_id: "any".to_owned(),
+                    },
+                ))),
+            )
+            .await,
+    );
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    let mut flipped = setup.seal(&setup.command(spawn_command("true")));
+    flipped.signature[7] ^= 0x01;
+    let status = refused(setup.send(flipped).await);
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let log = setup.log().await;
+    let seen: Vec<_> = log
+        .iter()
+        .map(|entry| (entry.command_type.as_str(), entry.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("agent.spawn", "UNAUTHENTICATED"),
+            ("agent.status", "PERMISSION_DENIED")
+        ],
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .all(|entry| entry.direction() == pb::CommandDirection::Inbound
+                && entry.sender_instance_id == setup.peer.current().instance_id)
+    );
+
+    // A stranger with a certificate, as itself or claiming the peer's id:
+    // refused, and not in the log (it cannot fill it).
+    let stranger = TestPeer::new("stranger").await;
+    let mut wire = FederationClient::new(stranger.channel_to(&setup.daemon).await);
+    for claimed in [
+        stranger.current().instance_id.clone(),
+        setup.peer.current().instance_id.clone(),
+    ] {
+        let mut header = stranger.header(
+            &setup.daemon_id,
+            "ws",
+            stranger.current().public_key().key_id(),
+        );
+        header.sender_instance_id = claimed;
+        let payload = pb::CommandPayload {
+            header: Some(header),
+            command: Some(spawn_command("true")),
+        };
+        let status = wire
+            .execute_command(pb::ExecuteCommandRequest {
+                envelope: Some(
+                    envelope::seal(&payload, stranger.current().as_ref()).expect("seal"),
+                ),
+            })
+            .await
+            .expect_err("stranger");
+        assert!(
+            matches!(
+                status.code(),
+                Code::PermissionDenied | Code::Unauthenticated
+            ),
+            "{status:?}"
+        );
+    }
+    assert_eq!(setup.log().await, log, "strangers are not logged");
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     setup.finish().await;
 }

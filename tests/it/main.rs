@@ -4,6 +4,7 @@
 
 mod agents;
 mod api_keys;
+mod ca_mode;
 mod cli;
 mod clients;
 mod command_log;
@@ -16,7 +17,9 @@ mod metrics;
 mod peer_cli;
 mod peering;
 mod rate_limit;
+mod remote_cli;
 mod server;
 mod stress_faults;
 mod support;
 mod tidy;
+mod walkthrough;

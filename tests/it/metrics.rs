@@ -1,6 +1,7 @@
 //! The `/metrics` endpoint as a scraper sees it: calls counted by service,
 //! method and gRPC code (successful, unauthenticated and rate-limited ones), the
-//! duration histogram, the rate limiter's counters and the store gauges.
+//! duration histogram, the rate limiter's counters, the store gauges and the
+//! signed commands in and out.
 
 use std::time::{Duration, Instant};
 
@@ -197,4 +198,109 @@ async fn scrape_counts_calls_by_code_on_sqlite() {
 #[tokio::test(flavor = "multi_thread")]
 async fn scrape_counts_calls_by_code_on_postgres() {
     scrape_counts_calls_by_code(Backend::Postgres).await;
+}
+
+/// The metrics listener's address once `serve` has bound it.
+async fn metrics_address_of(daemon: &crate::support::daemon::TestDaemon) -> std::net::SocketAddr {
+    let bound_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(address) = daemon.metrics.local_address() {
+            return address;
+        }
+        assert!(Instant::now() < bound_by, "metrics listener never bound");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Signed commands are counted on both sides by direction and outcome.
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_commands_are_counted_in_and_out_by_outcome() {
+    use mosaic_mesh::proto::federation as pb;
+    use pb::federation_client::FederationClient;
+
+    use crate::peering::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(Backend::Sqlite).await,
+        TestEnvironment::new(Backend::Sqlite).await,
+    ];
+    let with_metrics = |config: &mut mosaic_mesh::config::Config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    };
+    let a = environments[0].start_peer(0, with_metrics).await;
+    let b = environments[1]
+        .start_peer(0, |config| {
+            *config = crate::support::agents::with_agent_types(config.clone());
+            with_metrics(config);
+        })
+        .await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    connect_and_accept(
+        &admin_a,
+        &admin_b,
+        &b,
+        "ws",
+        &["agent.spawn", "agent.status"],
+    )
+    .await;
+    let key = a.api_key(&[Scope::Admin]).await;
+    let mut client = FederationClient::new(a.channel().await);
+    client
+        .spawn_remote_agent(with_key(
+            pb::SpawnRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                spawn: Some(agent_pb::SpawnRequest {
+                    agent_type: "sh".to_owned(),
+                    prompt: "true".to_owned(),
+                    ..agent_pb::SpawnRequest::default()
+                }),
+                ..pb::SpawnRemoteAgentRequest::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("remote spawn");
+    for _ in 0..2 {
+        let status = client
+            .get_remote_agent(with_key(
+                pb::GetRemoteAgentRequest {
+                    peer_instance_id: b_id.clone(),
+                    workspace: String::new(),
+                    agent_id: "no-such-agent".to_owned(),
+                },
+                &key,
+            ))
+            .await
+            .expect_err("unknown agent");
+        assert_eq!(status.code(), Code::NotFound);
+    }
+    for (daemon, direction) in [(&a, "out"), (&b, "in")] {
+        let (_, body) = http_get(metrics_address_of(daemon).await, "/metrics").await;
+        assert!(
+            body.contains("# TYPE mosaic_commands_total counter"),
+            "{body}"
+        );
+        assert_eq!(
+            value_of(
+                &body,
+                &format!("mosaic_commands_total{{direction=\"{direction}\",outcome=\"ok\"}}")
+            ),
+            Some(1.0),
+            "{body}"
+        );
+        assert_eq!(
+            value_of(
+                &body,
+                &format!(
+                    "mosaic_commands_total{{direction=\"{direction}\",outcome=\"NOT_FOUND\"}}"
+                )
+            ),
+            Some(2.0),
+            "{body}"
+        );
+    }
+    drop((a, b));
+    for environment in environments {
+        environment.cleanup().await;
+    }
 }

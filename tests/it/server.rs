@@ -231,24 +231,6 @@ async fn oversized_requests_are_refused_before_any_handler_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unimplemented_rpcs_say_what_is_missing() {
-    let environment = TestEnvironment::new(Backend::Sqlite).await;
-    let daemon = environment.start().await;
-    let key = daemon.api_key(&[Scope::Admin]).await;
-    let status = pb::federation_client::FederationClient::new(daemon.channel().await)
-        .list_command_log(with_key(pb::ListCommandLogRequest::default(), &key))
-        .await
-        .expect_err("not yet");
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
-    assert!(
-        status.message().contains("signed commands"),
-        "{}",
-        status.message()
-    );
-    daemon.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn reflection_only_python_client_discovers_and_calls_the_daemon() {
     let python = python::python_with_grpcio();
     let environment = TestEnvironment::new(Backend::Sqlite).await;

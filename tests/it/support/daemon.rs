@@ -240,7 +240,7 @@ impl Drop for TestDaemon {
 
 /// Binds 127.0.0.1:`port`, waiting up to 10 s for a port that a stopped daemon
 /// just released.
-async fn bind_loopback(port: u16) -> tokio::net::TcpListener {
+pub async fn bind_loopback(port: u16) -> tokio::net::TcpListener {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::net::TcpListener::bind(("127.0.0.1", port)).await {

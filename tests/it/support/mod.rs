@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod binary;
 pub mod daemon;
+pub mod fake_peer;
 pub mod fault_proxy;
 pub mod node;
 pub mod peer;
