@@ -218,7 +218,7 @@ impl AgentRuntime {
     /// Refused, with nothing recorded or started: a malformed spec
     /// ([`AgentError::Invalid`]) and a full runtime ([`AgentError::AtCapacity`]).
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<AgentRecord, AgentError> {
-        let (agent_type, timeout_secs) = self.check_spec(&spec)?;
+        let (agent_type, timeout_secs) = Self::check_spec(&self.settings, &spec)?;
         if self.closing.load(Ordering::SeqCst) {
             return Err(AgentError::ShuttingDown);
         }
@@ -417,15 +417,20 @@ impl AgentRuntime {
         Ok(failed)
     }
 
-    /// Checks a spawn spec against the configuration; returns the agent type
-    /// and the timeout in seconds.
-    fn check_spec(&self, spec: &SpawnSpec) -> Result<(AgentType, u32), AgentError> {
+    /// Checks a spawn spec against the configuration `settings`; returns the
+    /// agent type and the timeout in seconds. Pure (no I/O, nothing recorded);
+    /// public so the fuzz targets in `fuzz/` can run a peer's spawn command
+    /// through the same checks.
+    pub fn check_spec(
+        settings: &AgentsConfig,
+        spec: &SpawnSpec,
+    ) -> Result<(AgentType, u32), AgentError> {
         let invalid = AgentError::Invalid;
         if spec.agent_type.is_empty() {
             return Err(invalid("agent_type is required".to_owned()));
         }
-        let Some(agent_type) = self.settings.types.get(&spec.agent_type) else {
-            let known: Vec<&str> = self.settings.types.keys().map(String::as_str).collect();
+        let Some(agent_type) = settings.types.get(&spec.agent_type) else {
+            let known: Vec<&str> = settings.types.keys().map(String::as_str).collect();
             return Err(invalid(format!(
                 "unknown agent type {:?}; configured types: {}",
                 spec.agent_type,
@@ -436,11 +441,11 @@ impl AgentRuntime {
                 }
             )));
         };
-        if spec.prompt.len() > self.settings.max_prompt_bytes {
+        if spec.prompt.len() > settings.max_prompt_bytes {
             return Err(invalid(format!(
                 "the prompt is {} bytes, more than the maximum of {} (agents.max_prompt_bytes)",
                 spec.prompt.len(),
-                self.settings.max_prompt_bytes
+                settings.max_prompt_bytes
             )));
         }
         if spec.prompt.contains('\0') {

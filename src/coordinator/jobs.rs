@@ -17,7 +17,7 @@ use super::state::{self, JobChange};
 use super::webhook;
 use super::{CoordinatorError, CoordinatorState};
 use crate::clock::now_ms;
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, WebhookSource};
 use crate::store::{
     DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord, Store, StoreError,
 };
@@ -326,42 +326,8 @@ impl Jobs {
                 delivery.source, delivery.source
             ))
         })?;
-        validate_delivery(&delivery, self.max_payload_bytes)?;
-        if let Some(secret) = &source.secret {
-            webhook::verify_signature(secret.0.as_bytes(), &delivery.body, &delivery.signature)?;
-        }
-        let actor = format!("webhook:{}", delivery.source);
         let now = now_ms();
-        let job = match webhook::job_type_for(&delivery.source, source, &delivery.event_type) {
-            None => None,
-            Some(job_type) => {
-                let payload_json = webhook::job_payload(
-                    &delivery.source,
-                    &delivery.event_type,
-                    &delivery.delivery_id,
-                    &delivery.headers,
-                    &delivery.body,
-                )
-                .ok_or_else(|| {
-                    CoordinatorError::Invalid("the webhook body is not a JSON document".to_owned())
-                })?;
-                check_length(
-                    "job_type (from the webhook configuration)",
-                    &job_type,
-                    MAX_JOB_TYPE,
-                )?;
-                let mut job = JobRecord::new_pending(new_job_id(), job_type, now);
-                job.workspace = source.workspace.clone();
-                job.payload_json = payload_json;
-                job.created_by = actor.clone();
-                job.labels = BTreeMap::from([
-                    ("webhook.source".to_owned(), delivery.source.clone()),
-                    ("webhook.event".to_owned(), delivery.event_type.clone()),
-                ]);
-                let creation = state::creation_entry(&job, &actor);
-                Some((job, creation))
-            }
-        };
+        let job = webhook_job(&delivery, source, self.max_payload_bytes, now)?;
         let turn = self.write_turn().await;
         let outcome = self
             .store
@@ -606,6 +572,54 @@ fn validate_change(change: &JobChange, max_payload_bytes: usize) -> Result<(), C
             check_json("result_json", result_json, max_payload_bytes)
         }
     }
+}
+
+/// The checks of a webhook delivery for `source` and the job it becomes (with
+/// its creation history entry), or `None` when the source ignores the event.
+/// Pure: no I/O, nothing recorded. `Jobs::handle_webhook` runs it before its one
+/// write; public so the fuzz targets in `fuzz/` reach the same code.
+pub fn webhook_job(
+    delivery: &Delivery,
+    source: &WebhookSource,
+    max_payload_bytes: usize,
+    now: i64,
+) -> Result<Option<(JobRecord, JobHistoryRecord)>, CoordinatorError> {
+    validate_delivery(delivery, max_payload_bytes)?;
+    if let Some(secret) = &source.secret {
+        webhook::verify_signature(secret.0.as_bytes(), &delivery.body, &delivery.signature)?;
+    }
+    let actor = format!("webhook:{}", delivery.source);
+    let job = match webhook::job_type_for(&delivery.source, source, &delivery.event_type) {
+        None => None,
+        Some(job_type) => {
+            let payload_json = webhook::job_payload(
+                &delivery.source,
+                &delivery.event_type,
+                &delivery.delivery_id,
+                &delivery.headers,
+                &delivery.body,
+            )
+            .ok_or_else(|| {
+                CoordinatorError::Invalid("the webhook body is not a JSON document".to_owned())
+            })?;
+            check_length(
+                "job_type (from the webhook configuration)",
+                &job_type,
+                MAX_JOB_TYPE,
+            )?;
+            let mut job = JobRecord::new_pending(new_job_id(), job_type, now);
+            job.workspace = source.workspace.clone();
+            job.payload_json = payload_json;
+            job.created_by = actor.clone();
+            job.labels = BTreeMap::from([
+                ("webhook.source".to_owned(), delivery.source.clone()),
+                ("webhook.event".to_owned(), delivery.event_type.clone()),
+            ]);
+            let creation = state::creation_entry(&job, &actor);
+            Some((job, creation))
+        }
+    };
+    Ok(job)
 }
 
 fn validate_delivery(

@@ -20,6 +20,7 @@ mod peering;
 mod rate_limit;
 mod remote_cli;
 mod server;
+mod stress_faults;
 mod support;
 mod tidy;
 mod walkthrough;
