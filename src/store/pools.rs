@@ -31,9 +31,13 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// beyond any client's deadline.
 const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// SQLite admits one writer at a time however many connections there are, so
-/// a few connections serve concurrent readers and the rest would only queue.
-const SQLITE_POOL_SIZE: u32 = 4;
+/// SQLite admits one writer at a time however many connections there are, and
+/// writers that find the database locked wait in SQLite's busy handler, which
+/// sleeps in growing steps and is not fair: with several connections, eight
+/// concurrent writers starved one another past the checkout timeout
+/// (UNAVAILABLE). One connection makes every statement wait its turn in the
+/// pool's FIFO queue instead, where each takes well under a millisecond.
+const SQLITE_POOL_SIZE: u32 = 1;
 
 /// PostgreSQL serves connections concurrently; ten is bb8's default and far
 /// below a stock server's `max_connections` of 100, leaving room for replicas.
