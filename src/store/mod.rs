@@ -22,7 +22,11 @@
 /// });
 /// ```
 macro_rules! with_connection {
-    ($store:expr, |$conn:ident| $body:expr) => {
+    ($store:expr, |$conn:ident| $body:expr) => {{
+        // A turn first, in arrival order; then the pool cannot hand a
+        // connection to a task that arrived later (bb8 lets a new `get` take
+        // a connection just returned before a waiter wakes).
+        let _turn = $store.turn().await?;
         match &$store.pools {
             $crate::store::Pools::Sqlite(pool) => {
                 let mut pooled = pool.get().await?;
@@ -35,7 +39,7 @@ macro_rules! with_connection {
                 $body
             }
         }
-    };
+    }};
 }
 
 mod agents;
@@ -52,6 +56,7 @@ mod schema;
 pub mod testing;
 
 use std::fmt;
+use std::sync::Arc;
 
 use diesel_async::pooled_connection::bb8::Pool;
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, RunQueryDsl};
@@ -89,6 +94,9 @@ pub enum Backend {
 #[derive(Clone)]
 pub struct Store {
     pools: Pools,
+    /// One permit per pooled connection, handed out first come, first served
+    /// (tokio's semaphore is fair); see `with_connection!`.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 /// One pool per backend; `with_connection!` matches on it.
@@ -108,13 +116,33 @@ impl Store {
     /// seconds, rather than on the first query. Migrations are not run; call
     /// `run_migrations` for that.
     pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
-        let pools = match DatabaseTarget::parse(database_url)? {
-            DatabaseTarget::Sqlite { path } => Pools::Sqlite(pools::sqlite_pool(&path).await?),
-            DatabaseTarget::Postgres { url } => Pools::Postgres(pools::postgres_pool(&url).await?),
+        let (pools, size) = match DatabaseTarget::parse(database_url)? {
+            DatabaseTarget::Sqlite { path } => (
+                Pools::Sqlite(pools::sqlite_pool(&path).await?),
+                pools::SQLITE_POOL_SIZE,
+            ),
+            DatabaseTarget::Postgres { url } => (
+                Pools::Postgres(pools::postgres_pool(&url).await?),
+                pools::POSTGRES_POOL_SIZE,
+            ),
         };
-        let store = Store { pools };
+        let store = Store {
+            pools,
+            turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
+        };
         tracing::debug!(backend = ?store.backend(), "connected to the database");
         Ok(store)
+    }
+
+    /// Waits, in arrival order, for a turn to use a pooled connection; as
+    /// long as the pool's own checkout, then UNAVAILABLE.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        match tokio::time::timeout(pools::CHECKOUT_TIMEOUT, self.turns.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(StoreError::Unavailable(
+                "timed out waiting for a database connection".to_owned(),
+            )),
+        }
     }
 
     /// The database engine behind this store.

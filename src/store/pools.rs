@@ -29,19 +29,17 @@ pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a query waits for a pooled connection before failing with
 /// `StoreError::Unavailable`. bb8's default of 30 s would hold a request far
 /// beyond any client's deadline.
-const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CHECKOUT_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// SQLite admits one writer at a time however many connections there are, and
-/// writers that find the database locked wait in SQLite's busy handler, which
-/// sleeps in growing steps and is not fair: with several connections, eight
-/// concurrent writers starved one another past the checkout timeout
-/// (UNAVAILABLE). One connection makes every statement wait its turn in the
-/// pool's FIFO queue instead, where each takes well under a millisecond.
-const SQLITE_POOL_SIZE: u32 = 1;
+/// SQLite admits one writer at a time however many connections there are;
+/// with one connection every statement takes its turn in the store's fair
+/// queue (see `Store::turn`) instead of contending for the file lock in
+/// SQLite's busy handler, which sleeps in growing steps and is not fair.
+pub(super) const SQLITE_POOL_SIZE: u32 = 1;
 
 /// PostgreSQL serves connections concurrently; ten is bb8's default and far
 /// below a stock server's `max_connections` of 100, leaving room for replicas.
-const POSTGRES_POOL_SIZE: u32 = 10;
+pub(super) const POSTGRES_POOL_SIZE: u32 = 10;
 
 /// Run on every new SQLite connection. `busy_timeout` comes first so that
 /// switching to WAL, which needs a lock, waits for a concurrent connection
