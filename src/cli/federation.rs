@@ -167,7 +167,7 @@ fn entry_json(entry: &pb::CommandLogEntry) -> Value {
 }
 
 /// `2026-11-23T22:00:29Z`, or `-` when unset.
-fn time_text(timestamp: Option<&prost_types::Timestamp>) -> String {
+pub(super) fn time_text(timestamp: Option<&prost_types::Timestamp>) -> String {
     timestamp
         .map(ms_from_timestamp)
         .and_then(|ms| u64::try_from(ms).ok())

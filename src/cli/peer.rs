@@ -299,7 +299,7 @@ fn print_connection(
     }
     output.print(&value, || {
         let mut text = format!(
-            "connection:   {}\nworkspace:    {}\npeer:         {} ({})\nurl:          {}\nfingerprint:  {}\ndirection:    {}\nstate:        {}{}\nreachable:    {} (last contact {} ms)\ngranted:      {}\ngranted to us: {}\npending notices: {}",
+            "connection:   {}\nworkspace:    {}\npeer:         {} ({})\nurl:          {}\nfingerprint:  {}\ndirection:    {}\nstate:        {}{}\nreachable:    {} (last contact {})\ngranted:      {}\ngranted to us: {}\npending notices: {}",
             connection.connection_id,
             connection.workspace,
             connection.remote_name,
@@ -314,21 +314,21 @@ fn print_connection(
                 format!(" ({})", connection.state_reason)
             },
             connection.reachable,
-            connection
-                .last_contact_at
-                .as_ref()
-                .map_or_else(|| "never".to_owned(), |at| ms_from_timestamp(at).to_string()),
+            connection.last_contact_at.as_ref().map_or_else(
+                || "never".to_owned(),
+                |at| super::federation::time_text(Some(at))
+            ),
             connection.granted_capabilities.join(", "),
             connection.capabilities_granted_to_us.join(", "),
             connection.pending_notices,
         );
         for event in events {
             text.push_str(&format!(
-                "\n  {} -> {} by {} at {} ms{}",
+                "\n  {} -> {} by {} at {}{}",
                 state_name(event.from_state()),
                 state_name(event.to_state()),
                 event.actor,
-                event.at.as_ref().map(ms_from_timestamp).unwrap_or_default(),
+                super::federation::time_text(event.at.as_ref()),
                 if event.reason.is_empty() {
                     String::new()
                 } else {

@@ -13,6 +13,13 @@ use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary, spki_o
 /// Runs `mosaicd ARGS --json` as a client of `daemon`, with no `MOSAIC_*`
 /// variables inherited from the developer's shell.
 async fn mosaicd(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
+    let mut json_args = vec!["--json"];
+    json_args.extend_from_slice(args);
+    mosaicd_text(daemon, api_key, &json_args).await
+}
+
+/// The same without `--json`: what a person reads.
+async fn mosaicd_text(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(mosaicd_binary());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("MOSAIC_") {
@@ -26,7 +33,6 @@ async fn mosaicd(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
         .arg(daemon.url())
         .arg("--api-key")
         .arg(api_key)
-        .arg("--json")
         .args(args)
         .env("MOSAIC_LOG", "warn");
     command.output().await.expect("run mosaicd")
@@ -148,6 +154,21 @@ async fn peer_commands_drive_a_handshake() {
         serde_json::json!(["agent.spawn", "agent.status"])
     );
     assert_eq!(shown["events"].as_array().expect("events").len(), 2);
+    // For people, times are RFC 3339, not epoch milliseconds.
+    let text = mosaicd_text(&a, &key_a, &["peer", "show", &on_a]).await;
+    assert!(text.status.success(), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(!text.contains(" ms"), "{text}");
+    let year = format!(
+        " {}-",
+        &humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()[..4]
+    );
+    assert!(
+        text.lines()
+            .filter(|line| line.contains("last contact") || line.contains(" by "))
+            .all(|line| line.contains(&year) || line.contains("never")),
+        "{text}"
+    );
 
     // Exit codes: unknown id 3, a change that does not apply 4, bad usage 2.
     let missing = mosaicd(&a, &key_a, &["peer", "suspend", "no-such-connection"]).await;
