@@ -16,28 +16,6 @@ use crate::support::agents::{
 use crate::support::binary::{channel_to, mosaicd, spawn_serve_command};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 
-/// Runs each named `async fn(Backend)` once on SQLite and once on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($test:ident),+ $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test(crate::support::Backend::Sqlite).await;
-                }
-            )+
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $test() {
-                    super::$test(crate::support::Backend::Postgres).await;
-                }
-            )+
-        }
-    };
-}
-
 on_both_backends!(
     a_shell_agent_completes_with_its_output,
     killing_an_agent_stops_its_whole_process_group,

@@ -28,28 +28,6 @@ use crate::support::binary::mosaicd;
 use crate::support::daemon::{TestDaemon, TestEnvironment, spki_of_pem, with_key};
 use crate::support::python;
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(two_ca_mode_daemons_peer_and_run_a_signed_command);
 
 /// The DER prefix of a P-256 SubjectPublicKeyInfo; the point follows it.

@@ -22,28 +22,6 @@ use crate::support::Backend;
 use crate::support::agents::{Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     a_remote_spawn_retried_by_message_id_makes_one_agent,
     both_sides_log_every_command_newest_first_with_filters_and_pages,

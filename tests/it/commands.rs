@@ -17,28 +17,6 @@ use crate::support::agents::{Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 use crate::support::peer::TestPeer;
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     a_spawn_retried_with_the_same_bytes_makes_one_agent,
     a_reused_message_id_with_other_bytes_is_already_exists,

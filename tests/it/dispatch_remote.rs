@@ -22,28 +22,6 @@ use crate::support::Backend;
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     a_job_dispatched_to_a_peer_follows_the_remote_agent,
     a_remote_dispatch_survives_restarts_and_an_unreachable_peer,

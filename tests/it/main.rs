@@ -2,6 +2,29 @@
 //! PostgreSQL. One test binary (faster to link); nextest runs each test in its own
 //! process.
 
+/// Runs each named `async fn(Backend)` as two tests, in modules `sqlite` and
+/// `postgres`. Defined before the modules so that all of them can use it.
+macro_rules! on_both_backends {
+    ($($test:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(crate::support::Backend::Sqlite).await;
+                }
+            )+
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $test() {
+                    super::$test(crate::support::Backend::Postgres).await;
+                }
+            )+
+        }
+    };
+}
+
 mod agents;
 mod api_keys;
 mod ca_mode;

@@ -54,15 +54,7 @@ async fn scrape_counts_calls_by_code(backend: Backend) {
     config.rate_limit = RateLimitSettings::resolve(file, &RateLimitArgs::default(), false)
         .expect("rate limit settings");
     let daemon = environment.start_with(config).await.expect("daemon");
-    // `serve` binds the metrics listener in its own task: wait for it.
-    let bound_by = Instant::now() + Duration::from_secs(10);
-    let metrics_address = loop {
-        if let Some(address) = daemon.metrics.local_address() {
-            break address;
-        }
-        assert!(Instant::now() < bound_by, "metrics listener never bound");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let metrics_address = metrics_address_of(&daemon).await;
     let channel = daemon.channel().await;
     let key = daemon.api_key(&[Scope::Agents]).await;
 
@@ -200,7 +192,7 @@ async fn scrape_counts_calls_by_code_on_postgres() {
     scrape_counts_calls_by_code(Backend::Postgres).await;
 }
 
-/// The metrics listener's address once `serve` has bound it.
+/// The metrics listener's address once `serve` has bound it (in its own task).
 async fn metrics_address_of(daemon: &crate::support::daemon::TestDaemon) -> std::net::SocketAddr {
     let bound_by = Instant::now() + Duration::from_secs(10);
     loop {

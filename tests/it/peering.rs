@@ -20,28 +20,6 @@ use crate::support::peer::TestPeer;
 /// How long a condition that crosses daemons may take to become true.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     handshake_suspend_resume_disconnect_and_reject,
     a_wrong_fingerprint_or_bad_input_stores_nothing,

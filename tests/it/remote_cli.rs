@@ -16,28 +16,6 @@ use crate::support::Backend;
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
 
-/// Runs an `async fn(Backend)` as two tests, on SQLite and on PostgreSQL.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread")]
-                async fn $name() {
-                    super::$name(crate::support::Backend::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_backends!(
     the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer,
     remote_cli_errors_say_what_to_do_and_change_nothing,
