@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use base64::Engine as _;
 use prost::Message as _;
 
 use super::FederationError;
+use super::paging::{decode_cursor, encode_cursor};
 use super::peering::Federation;
 use crate::clock::timestamp_from_ms;
 use crate::error::code_name;
@@ -194,7 +194,7 @@ impl Federation {
         );
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(decode_page_token(token, &filter_key)?),
+            token => Some(decode_cursor(token, &filter_key)?),
         };
         let page_size = match request.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -213,43 +213,13 @@ impl Federation {
             records.truncate(page_size as usize);
             records
                 .last()
-                .map(|last| encode_page_token(last, &filter_key))
+                .map(|last| encode_cursor(last.recorded_at_ms, &last.id, &filter_key))
                 .unwrap_or_default()
         } else {
             String::new()
         };
         Ok((records.iter().map(entry_message).collect(), next_page_token))
     }
-}
-
-fn encode_page_token(last: &CommandLogRecord, filter_key: &str) -> String {
-    let text = format!(
-        "{}\u{1e}{}\u{1e}{}",
-        last.recorded_at_ms, last.id, filter_key
-    );
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
-}
-
-fn decode_page_token(token: &str, filter_key: &str) -> Result<(i64, String), FederationError> {
-    let invalid = || {
-        FederationError::InvalidArgument(
-            "page_token was not produced by this server for the same filters".into(),
-        )
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let mut parts = text.splitn(3, '\u{1e}');
-    let recorded_at_ms = parts
-        .next()
-        .and_then(|part| part.parse::<i64>().ok())
-        .ok_or_else(invalid)?;
-    let id = parts.next().ok_or_else(invalid)?.to_owned();
-    if parts.next() != Some(filter_key) {
-        return Err(invalid());
-    }
-    Ok((recorded_at_ms, id))
 }
 
 #[cfg(test)]
@@ -296,31 +266,5 @@ mod tests {
         for bad in ["", "has space", "naïve", "a/b", &"x".repeat(129)] {
             assert!(check_message_id(bad).is_err(), "{bad:?} must be refused");
         }
-    }
-
-    #[test]
-    fn a_page_token_is_bound_to_its_filters() {
-        let record = CommandLogRecord {
-            id: "id-1".into(),
-            direction: CommandDirection::Inbound,
-            message_id: "m".into(),
-            sender_instance_id: "a".into(),
-            recipient_instance_id: "b".into(),
-            workspace: "w".into(),
-            command_type: "agent.status".into(),
-            outcome: "ok".into(),
-            detail: String::new(),
-            issued_at_ms: 1,
-            recorded_at_ms: 2,
-            request_digest: None,
-            envelope: None,
-        };
-        let token = encode_page_token(&record, "f");
-        assert_eq!(
-            decode_page_token(&token, "f").ok(),
-            Some((2, "id-1".to_owned()))
-        );
-        assert!(decode_page_token(&token, "g").is_err());
-        assert!(decode_page_token("not base64!", "f").is_err());
     }
 }

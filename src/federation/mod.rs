@@ -17,6 +17,7 @@ pub mod dial;
 pub mod envelope;
 mod error;
 pub mod outbox;
+pub mod paging;
 pub mod peer_client;
 pub mod peering;
 pub mod service;

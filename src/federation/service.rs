@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use tonic::{Request, Response, Status};
 
+use super::paging::{decode_cursor, encode_cursor};
 use super::peering::{ConnectRequest, ConnectionView};
 use super::state::{ConnectionState, OperatorAction};
 use crate::auth::Caller;
@@ -161,7 +161,7 @@ impl pb::federation_server::Federation for FederationService {
         let filter_key = page_filter_key(workspace.as_deref(), state);
         let after = match request.page_token.as_str() {
             "" => None,
-            token => Some(decode_page_token(token, &filter_key)?),
+            token => Some(decode_cursor(token, &filter_key)?),
         };
         let mut views = self
             .shared
@@ -177,7 +177,7 @@ impl pb::federation_server::Federation for FederationService {
             views.truncate(page_size as usize);
             views
                 .last()
-                .map(|last| encode_page_token(last, &filter_key))
+                .map(|last| encode_cursor(last.record.created_at_ms, &last.record.id, &filter_key))
                 .unwrap_or_default()
         } else {
             String::new()
@@ -552,32 +552,4 @@ fn page_filter_key(workspace: Option<&str>, state: Option<ConnectionState>) -> S
         workspace.unwrap_or(""),
         state.map_or("", ConnectionState::as_str)
     )
-}
-
-fn encode_page_token(last: &ConnectionView, filter_key: &str) -> String {
-    let text = format!(
-        "{}\u{1e}{}\u{1e}{}",
-        last.record.created_at_ms, last.record.id, filter_key
-    );
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
-}
-
-fn decode_page_token(token: &str, filter_key: &str) -> Result<(i64, String), Status> {
-    let invalid = || {
-        Status::invalid_argument("page_token was not produced by this server for the same filters")
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(token)
-        .map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    let mut parts = text.splitn(3, '\u{1e}');
-    let created_at_ms = parts
-        .next()
-        .and_then(|part| part.parse::<i64>().ok())
-        .ok_or_else(invalid)?;
-    let id = parts.next().ok_or_else(invalid)?.to_owned();
-    if parts.next() != Some(filter_key) {
-        return Err(invalid());
-    }
-    Ok((created_at_ms, id))
 }
