@@ -10,12 +10,14 @@
 //! table is refused (fail closed).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+use crate::cache::TtlCache;
 use crate::clock::now_ms;
 use crate::identity::PublicKey;
 use crate::store::{ApiKeyRecord, Store, StoreError};
@@ -234,14 +236,20 @@ impl Caller {
 /// Checks credentials against the store.
 pub struct Authenticator {
     store: Store,
+    /// Stored keys by hash, each believed for `server.auth_cache_ms` (revoked
+    /// ones too, so that they stay refused). Only keys found in the store are
+    /// kept: an unknown key is looked up every time it is presented.
+    keys: TtlCache<Vec<u8>, Arc<ApiKeyRecord>>,
     last_touched: Mutex<HashMap<String, i64>>,
 }
 
 impl Authenticator {
-    /// An authenticator backed by `store`.
-    pub fn new(store: Store) -> Self {
+    /// An authenticator backed by `store` that believes a key it read for
+    /// `cache_lifetime` (zero: every call reads the store).
+    pub fn new(store: Store, cache_lifetime: Duration) -> Self {
         Self {
             store,
+            keys: TtlCache::new(cache_lifetime),
             last_touched: Mutex::new(HashMap::new()),
         }
     }
@@ -272,19 +280,7 @@ impl Authenticator {
         scope: Scope,
     ) -> Result<Caller, tonic::Status> {
         let presented = presented_api_key(headers, scope)?;
-        let record = self
-            .store
-            .find_api_key_by_hash(&hash_api_key(presented))
-            .await
-            .map_err(|error| match error {
-                StoreError::Unavailable(_) => {
-                    tonic::Status::unavailable("the database is unavailable; try again shortly")
-                }
-                other => {
-                    tracing::error!(error = %other, "api key lookup failed");
-                    tonic::Status::internal("internal error")
-                }
-            })?;
+        let record = self.find_key(hash_api_key(presented)).await?;
         let Some(record) = record.filter(|record| record.revoked_at_ms.is_none()) else {
             return Err(tonic::Status::unauthenticated("invalid or revoked API key"));
         };
@@ -300,9 +296,35 @@ impl Authenticator {
         }
         self.touch(&record.id);
         Ok(Caller::ApiKey {
-            id: record.id,
-            name: record.name,
+            id: record.id.clone(),
+            name: record.name.clone(),
         })
+    }
+
+    /// The stored key with this hash, from the cache while it is fresh.
+    async fn find_key(&self, hash: Vec<u8>) -> Result<Option<Arc<ApiKeyRecord>>, tonic::Status> {
+        let ticket = match self.keys.get(&hash) {
+            Ok(record) => return Ok(Some(record)),
+            Err(ticket) => ticket,
+        };
+        let record = self
+            .store
+            .find_api_key_by_hash(&hash)
+            .await
+            .map_err(|error| match error {
+                StoreError::Unavailable(_) => {
+                    tonic::Status::unavailable("the database is unavailable; try again shortly")
+                }
+                other => {
+                    tracing::error!(error = %other, "api key lookup failed");
+                    tonic::Status::internal("internal error")
+                }
+            })?
+            .map(Arc::new);
+        if let Some(record) = &record {
+            self.keys.insert(ticket, hash, Arc::clone(record));
+        }
+        Ok(record)
     }
 
     /// Records use of a key in the background, at most once per interval.

@@ -146,6 +146,9 @@ pub struct ServerFileConfig {
     pub max_message_bytes: Option<usize>,
     /// Seconds a client has to finish the TLS handshake (default 10).
     pub tls_handshake_timeout_secs: Option<u64>,
+    /// Milliseconds an API key, peer connection or peer key read from the store
+    /// is believed (default 1000; 0: read on every call).
+    pub auth_cache_ms: Option<u64>,
 }
 
 /// `[identity]` in the file.
@@ -205,6 +208,11 @@ impl std::fmt::Debug for AgentTypeFileConfig {
 /// Longest key rotation grace, in seconds (30 days): a peer trusts a key this
 /// long after it was rotated out.
 pub const MAX_ROTATION_GRACE_SECS: u64 = 30 * 24 * 60 * 60;
+
+/// How long, by default, credentials read from the store are believed.
+const DEFAULT_AUTH_CACHE_MS: u64 = 1000;
+/// The longest `server.auth_cache_ms`: a revoked key must stop working soon.
+const MAX_AUTH_CACHE_MS: u64 = 60_000;
 
 /// `[federation]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -479,6 +487,10 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Time a client has to complete the TLS handshake (default 10 s).
     pub tls_handshake_timeout: Duration,
+    /// How long an API key, peer connection or peer key read from the store is
+    /// believed before it is read again (default 1 s; zero: every call reads).
+    /// Changes made through this daemon apply at once; see [`crate::cache`].
+    pub auth_cache: Duration,
     /// How long a rotated-out key still verifies (default 24 h).
     pub rotation_grace: Duration,
     /// Federation with peers: dialing, liveness, clock window, retries.
@@ -810,6 +822,13 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let auth_cache_ms = file.server.auth_cache_ms.unwrap_or(DEFAULT_AUTH_CACHE_MS);
+        if auth_cache_ms > MAX_AUTH_CACHE_MS {
+            return Err(invalid(
+                "server.auth_cache_ms",
+                format!("must be at most {MAX_AUTH_CACHE_MS} (one minute)"),
+            ));
+        }
         let rotation_grace_secs = file.identity.rotation_grace_secs.unwrap_or(24 * 60 * 60);
         // The same bound RotateKeys puts on a grace asked for per call.
         if rotation_grace_secs > MAX_ROTATION_GRACE_SECS {
@@ -842,6 +861,7 @@ impl Config {
             shutdown_grace,
             max_message_bytes,
             tls_handshake_timeout: Duration::from_secs(handshake_secs),
+            auth_cache: Duration::from_millis(auth_cache_ms),
             rotation_grace: Duration::from_secs(rotation_grace_secs),
             federation,
             master_key: None,

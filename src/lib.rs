@@ -23,6 +23,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod cache;
 pub mod cli;
 pub mod clock;
 pub mod config;

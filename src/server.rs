@@ -86,12 +86,15 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
         .context("cannot configure rate limiting")?;
     let identity = Arc::new(identity);
-    let federation = Arc::new(crate::federation::Federation::new(
-        store.clone(),
-        Arc::clone(&identity),
-        config.federation.clone(),
-        config.max_message_bytes,
-    ));
+    let federation = Arc::new(
+        crate::federation::Federation::new(
+            store.clone(),
+            Arc::clone(&identity),
+            config.federation.clone(),
+            config.max_message_bytes,
+        )
+        .with_peer_cache(config.auth_cache),
+    );
     let shared = Shared {
         store,
         identity,
@@ -179,7 +182,7 @@ pub async fn serve(
         .build_v1alpha()
         .context("cannot build the reflection service")?;
 
-    let authenticator = Arc::new(Authenticator::new(shared.store.clone()));
+    let authenticator = Arc::new(Authenticator::new(shared.store.clone(), config.auth_cache));
     let _pruning = shared.rate_limiter.spawn_maintenance();
     let _metrics_endpoint = start_metrics_endpoint(&shared).await?;
     let router = Server::builder()

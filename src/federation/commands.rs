@@ -6,7 +6,9 @@
 use super::FederationError;
 use super::audit::{check_message_id, describe_error, describe_outcome, request_digest};
 use super::envelope::{self, Verified};
-use super::peering::{Federation, no_connection, seen_message};
+use std::sync::Arc;
+
+use super::peering::{Federation, PeerEntry, no_connection, seen_message};
 use super::state::ConnectionState;
 use crate::agents::service::{agent_to_proto, spawn_spec};
 use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
@@ -99,11 +101,11 @@ impl Federation {
         // Step 4.
         parsed.check_recipient(&identity.instance_id)?;
         // Step 5: ACTIVE in that workspace; SUSPENDED is FAILED_PRECONDITION.
-        let connection = self
-            .store
-            .find_open_connection(&header.workspace, &header.sender_instance_id)
+        let peer = self
+            .open_peer(&header.workspace, &header.sender_instance_id)
             .await?
             .ok_or_else(no_connection)?;
+        let connection = &peer.connection;
         let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
         if connection.remote_public_key == tls_key.spki_der() {
             *audit = Some(template.clone());
@@ -129,7 +131,7 @@ impl Federation {
             )));
         }
         // Steps 7 to 9.
-        let trusted = self.trusted_keys(&connection).await?;
+        let trusted = peer.trusted_keys(now);
         let key = parsed.check_key(&trusted, tls_key, now)?;
         // The TLS key is one the connection trusts: the sender is identified.
         *audit = Some(template.clone());
@@ -327,15 +329,16 @@ async fn own_agent(
 const MAX_CONNECTIONS_SCANNED: i64 = 1000;
 
 impl Federation {
-    /// The ACTIVE connection to `peer_instance_id`, in `workspace` when given;
-    /// without a workspace there must be exactly one. No open connection with
-    /// the peer (there) is NOT_FOUND; only PENDING or SUSPENDED ones are
-    /// FAILED_PRECONDITION.
+    /// The ACTIVE connection to `peer_instance_id` with its keys, in
+    /// `workspace` when given; without a workspace there must be exactly one.
+    /// No open connection with the peer (there) is NOT_FOUND; only PENDING or
+    /// SUSPENDED ones are FAILED_PRECONDITION. Served from the peer cache while
+    /// it is fresh (see [`Federation::with_peer_cache`]).
     async fn active_connection_to(
         &self,
         peer_instance_id: &str,
         workspace: Option<&str>,
-    ) -> Result<crate::store::ConnectionRecord, FederationError> {
+    ) -> Result<Arc<PeerEntry>, FederationError> {
         let not_active = |connection: &crate::store::ConnectionRecord| {
             FederationError::FailedPrecondition(format!(
                 "the connection with that peer in workspace {:?} is {}, not ACTIVE",
@@ -349,16 +352,16 @@ impl Federation {
             )
         };
         if let Some(workspace) = workspace {
-            return match self
-                .store
-                .find_open_connection(workspace, peer_instance_id)
-                .await?
-            {
-                Some(connection) if connection.state == ConnectionState::Active => Ok(connection),
-                Some(connection) => Err(not_active(&connection)),
+            return match self.open_peer(workspace, peer_instance_id).await? {
+                Some(peer) if peer.connection.state == ConnectionState::Active => Ok(peer),
+                Some(peer) => Err(not_active(&peer.connection)),
                 None => Err(not_found()),
             };
         }
+        let ticket = match self.sole_peer(peer_instance_id) {
+            Ok(peer) => return Ok(peer),
+            Err(ticket) => ticket,
+        };
         let with_peer = |state: ConnectionState| {
             let filter = crate::store::ConnectionFilter {
                 workspace: None,
@@ -377,10 +380,20 @@ impl Federation {
                 )
             }
         };
-        let mut active = with_peer(ConnectionState::Active).await?;
-        match active.len() {
-            1 => return Ok(active.remove(0)),
-            0 => {}
+        let active = with_peer(ConnectionState::Active).await?;
+        match active.as_slice() {
+            [only] => {
+                return match self.open_peer(&only.workspace, peer_instance_id).await? {
+                    Some(peer) if peer.connection.state == ConnectionState::Active => {
+                        self.remember_sole_peer(ticket, peer_instance_id, &peer);
+                        Ok(peer)
+                    }
+                    // It changed since the scan.
+                    Some(peer) => Err(not_active(&peer.connection)),
+                    None => Err(not_found()),
+                };
+            }
+            [] => {}
             _ => {
                 return Err(FederationError::InvalidArgument(
                     "the peer is connected in several workspaces; name one with workspace".into(),
@@ -409,13 +422,13 @@ impl Federation {
                 "peer_instance_id is required".into(),
             ));
         }
-        let connection = self
+        let peer = self
             .active_connection_to(
                 peer_instance_id,
                 workspace.filter(|named| !named.is_empty()),
             )
             .await?;
-        Ok(connection.workspace)
+        Ok(peer.connection.workspace.clone())
     }
 
     /// Signs `command` for the peer, sends it within the call deadline, and
@@ -450,12 +463,13 @@ impl Federation {
         if let Some(retry_id) = retry_id {
             check_message_id(retry_id)?;
         }
-        let connection = self
+        let peer = self
             .active_connection_to(
                 peer_instance_id,
                 workspace.filter(|named| !named.is_empty()),
             )
             .await?;
+        let connection = &peer.connection;
         let kind = command_type(&command);
         let digest = request_digest(
             &connection.remote_instance_id,
@@ -525,7 +539,7 @@ impl Federation {
             }
         };
         let result = self
-            .deliver_command(&connection, &record.message_id, sealed)
+            .deliver_command(&peer, &record.message_id, sealed)
             .await;
         let (outcome, detail) = match &result {
             Ok(outcome) => describe_outcome(Some(outcome)),
@@ -588,12 +602,13 @@ impl Federation {
     /// result.
     async fn deliver_command(
         &self,
-        connection: &crate::store::ConnectionRecord,
+        peer: &PeerEntry,
         message_id: &str,
         sealed: pb::SignedEnvelope,
     ) -> Result<pb::command_result_payload::Outcome, FederationError> {
         let identity = self.identity.current();
-        let trusted = self.trusted_keys(connection).await?;
+        let connection = &peer.connection;
+        let trusted = peer.trusted_keys(self.now());
         let pins: Vec<PublicKey> = trusted.iter().map(|trusted| trusted.key.clone()).collect();
         let mut client = self
             .clients

@@ -16,6 +16,7 @@ use super::peer_client::{FirstContactError, PeerClientSettings, PeerClients, Pee
 use super::state::{
     self, Actor, ConnectionState, Direction, NoticeKind, OperatorAction, Situation,
 };
+use crate::cache::TtlCache;
 use crate::config::FederationConfig;
 use crate::identity::{Identity, IdentityManager, PublicKey, fingerprint};
 use crate::proto::federation as pb;
@@ -72,6 +73,45 @@ pub struct Federation {
     delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub(super) wake_outbox: tokio::sync::Notify,
     pub(super) command_counters: super::audit::CommandCounters,
+    /// Open connections with their keys by (workspace, peer instance id), read
+    /// on every command; cleared by every connection change made here.
+    peers: TtlCache<(String, String), Arc<PeerEntry>>,
+    /// The only ACTIVE connection with a peer instance, for commands that name
+    /// no workspace; cleared with `peers`.
+    sole_peers: TtlCache<String, Arc<PeerEntry>>,
+}
+
+/// An open connection with a peer in one workspace and the keys it was known
+/// by, as read together from the store.
+#[derive(Debug)]
+pub(super) struct PeerEntry {
+    /// The stored connection.
+    pub connection: ConnectionRecord,
+    /// The peer's current key.
+    current_key: PublicKey,
+    /// Its previous keys with the end of their grace (expired ones included).
+    previous_keys: Vec<(PublicKey, i64)>,
+}
+
+impl PeerEntry {
+    /// The keys the peer may sign with at `now_ms`: its current key and previous
+    /// keys still in their grace period.
+    pub fn trusted_keys(&self, now_ms: i64) -> Vec<TrustedKey> {
+        std::iter::once(TrustedKey {
+            key: self.current_key.clone(),
+            valid_until_ms: None,
+        })
+        .chain(
+            self.previous_keys
+                .iter()
+                .filter(|(_, valid_until_ms)| *valid_until_ms > now_ms)
+                .map(|(key, valid_until_ms)| TrustedKey {
+                    key: key.clone(),
+                    valid_until_ms: Some(*valid_until_ms),
+                }),
+        )
+        .collect()
+    }
 }
 
 impl Federation {
@@ -117,7 +157,110 @@ impl Federation {
             delivery_locks: Mutex::new(HashMap::new()),
             wake_outbox: tokio::sync::Notify::new(),
             command_counters: super::audit::CommandCounters::default(),
+            peers: TtlCache::new(std::time::Duration::ZERO),
+            sole_peers: TtlCache::new(std::time::Duration::ZERO),
         }
+    }
+
+    /// Believes a peer's connection and keys read from the store for `lifetime`
+    /// (`server.auth_cache_ms`) instead of reading them for every command.
+    /// Changes made through this `Federation` apply at once; another process's
+    /// (a replica's) when the entry expires. Without this, every command reads.
+    #[must_use]
+    pub fn with_peer_cache(mut self, lifetime: std::time::Duration) -> Self {
+        self.peers = TtlCache::new(lifetime);
+        self.sole_peers = TtlCache::new(lifetime);
+        self
+    }
+
+    /// Forgets every cached connection.
+    fn forget_peers(&self) {
+        self.peers.clear();
+        self.sole_peers.clear();
+    }
+
+    /// Stores a new connection, then forgets the cached ones.
+    async fn insert_connection(
+        &self,
+        record: &ConnectionRecord,
+        events: &[ConnectionEventRecord],
+        seen: Option<&SeenMessage>,
+    ) -> Result<WriteOutcome<()>, crate::store::StoreError> {
+        let written = self.store.insert_connection(record, events, seen).await;
+        self.forget_peers();
+        written
+    }
+
+    /// Changes a stored connection (state, capabilities, the peer's key), then
+    /// forgets the cached ones, so the next command sees the change.
+    async fn change_connection(
+        &self,
+        change: &ConnectionChange,
+    ) -> Result<WriteOutcome<ConnectionRecord>, crate::store::StoreError> {
+        let written = self.store.change_connection(change).await;
+        self.forget_peers();
+        written
+    }
+
+    /// The cached ACTIVE connection with `peer_instance_id` when it is the only
+    /// one (a command that names no workspace), or a ticket to remember it.
+    pub(super) fn sole_peer(
+        &self,
+        peer_instance_id: &str,
+    ) -> Result<Arc<PeerEntry>, crate::cache::Ticket> {
+        self.sole_peers.get(&peer_instance_id.to_owned())
+    }
+
+    /// Remembers `peer` as the only ACTIVE connection with `peer_instance_id`.
+    pub(super) fn remember_sole_peer(
+        &self,
+        ticket: crate::cache::Ticket,
+        peer_instance_id: &str,
+        peer: &Arc<PeerEntry>,
+    ) {
+        self.sole_peers
+            .insert(ticket, peer_instance_id.to_owned(), Arc::clone(peer));
+    }
+
+    /// The open (not DISCONNECTED) connection with `peer_instance_id` in
+    /// `workspace` and its keys, from the cache while it is fresh.
+    pub(super) async fn open_peer(
+        &self,
+        workspace: &str,
+        peer_instance_id: &str,
+    ) -> Result<Option<Arc<PeerEntry>>, FederationError> {
+        let key = (workspace.to_owned(), peer_instance_id.to_owned());
+        let ticket = match self.peers.get(&key) {
+            Ok(entry) => return Ok(Some(entry)),
+            Err(ticket) => ticket,
+        };
+        let Some(connection) = self
+            .store
+            .find_open_connection(workspace, peer_instance_id)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let current_key = PublicKey::from_spki_der(&connection.remote_public_key)
+            .map_err(|error| FederationError::Internal(format!("stored peer key: {error}")))?;
+        let previous_keys = self
+            .store
+            .peer_keys(&connection.id)
+            .await?
+            .into_iter()
+            .filter_map(|previous| {
+                PublicKey::from_spki_der(&previous.public_key)
+                    .ok()
+                    .map(|key| (key, previous.valid_until_ms))
+            })
+            .collect();
+        let entry = Arc::new(PeerEntry {
+            connection,
+            current_key,
+            previous_keys,
+        });
+        self.peers.insert(ticket, key, Arc::clone(&entry));
+        Ok(Some(entry))
     }
 
     /// Commands received and sent since start, by direction and outcome.
@@ -366,7 +509,7 @@ impl Federation {
                 now,
             ));
         }
-        match self.store.insert_connection(&record, &events, None).await? {
+        match self.insert_connection(&record, &events, None).await? {
             WriteOutcome::Done(()) => {}
             WriteOutcome::OpenConnectionExists => return Err(already_open(&request.workspace)),
             other => {
@@ -475,7 +618,7 @@ impl Federation {
             seen: None,
             at_ms: now,
         };
-        let changed = match self.store.change_connection(&change).await? {
+        let changed = match self.change_connection(&change).await? {
             WriteOutcome::Done(changed) => changed,
             _ => {
                 return Err(FederationError::FailedPrecondition(
@@ -699,7 +842,6 @@ impl Federation {
         let reply = envelope::seal(&reply, identity.as_ref())?;
         let seen = seen_message(&verified.header, verified.digest.clone(), Some(&reply), now);
         match self
-            .store
             .insert_connection(&record, &events, Some(&seen))
             .await?
         {
@@ -848,7 +990,7 @@ impl Federation {
             )),
             at_ms: now,
         };
-        match self.store.change_connection(&change).await? {
+        match self.change_connection(&change).await? {
             WriteOutcome::Done(_) => {}
             WriteOutcome::DuplicateMessage => {
                 return self.replay_after_race(&header, &verified.digest).await;

@@ -106,10 +106,32 @@ async fn api_keys_are_checked_for_presence_validity_scope_and_revocation(backend
         admin.as_bytes(),
         "stored as a hash only"
     );
+    // Revoked by another process (as `mosaicd apikey revoke` does): the daemon
+    // believes a key it read for `server.auth_cache_ms` (1 s by default), so the
+    // key stops working within that, and stays refused.
     store
         .revoke_api_key(&admin_record.id, mosaic_mesh::clock::now_ms())
         .await
         .expect("revoke");
+    let revoked_at = std::time::Instant::now();
+    let code = loop {
+        let result = federation
+            .list_connections(with_key(pb::ListConnectionsRequest::default(), &admin))
+            .await;
+        match result {
+            Err(status) => break status.code(),
+            Ok(_) if revoked_at.elapsed() < std::time::Duration::from_secs(3) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Ok(_) => panic!("a revoked key still worked 3 s after it was revoked"),
+        }
+    };
+    assert_eq!(code, tonic::Code::Unauthenticated);
+    assert!(
+        revoked_at.elapsed() < std::time::Duration::from_millis(2500),
+        "revocation took {:?}",
+        revoked_at.elapsed()
+    );
     let status = federation
         .rotate_keys(with_key(rotate_request(), &admin))
         .await
@@ -119,6 +141,45 @@ async fn api_keys_are_checked_for_presence_validity_scope_and_revocation(backend
     daemon.stop().await;
     environment.cleanup().await;
 }
+
+/// With `server.auth_cache_ms = 0` every call reads the store: a key revoked
+/// by another process is refused on the very next call.
+async fn without_the_cache_a_revoked_key_is_refused_at_once(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let mut config = environment.config();
+    config.auth_cache = std::time::Duration::ZERO;
+    let daemon = environment.start_with(config).await.expect("daemon starts");
+    let admin = daemon.api_key(&[Scope::Admin]).await;
+    let mut federation = pb::federation_client::FederationClient::new(daemon.channel().await);
+    for _ in 0..3 {
+        federation
+            .list_connections(with_key(pb::ListConnectionsRequest::default(), &admin))
+            .await
+            .expect("a valid key works");
+    }
+    let store = environment.store().await;
+    let record = store
+        .list_api_keys()
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|key| admin.starts_with(&key.prefix))
+        .expect("admin key listed");
+    store
+        .revoke_api_key(&record.id, mosaic_mesh::clock::now_ms())
+        .await
+        .expect("revoke");
+    let status = federation
+        .list_connections(with_key(pb::ListConnectionsRequest::default(), &admin))
+        .await
+        .expect_err("revoked");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+on_both_backends!(without_the_cache_a_revoked_key_is_refused_at_once);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_keys_are_checked_for_presence_validity_scope_and_revocation_on_sqlite() {
