@@ -26,6 +26,19 @@ pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
     }
 }
 
+/// Whether running the command changes anything (a spawn or a kill), so that a
+/// retry must get the stored result without running it again. Reads may run
+/// again: their replay is caught when the message id is recorded.
+pub fn changes_state(command: &pb::command_payload::Command) -> bool {
+    match command {
+        pb::command_payload::Command::AgentSpawn(_) | pb::command_payload::Command::AgentKill(_) => {
+            true
+        }
+        pb::command_payload::Command::AgentStatus(_)
+        | pb::command_payload::Command::AgentList(_) => false,
+    }
+}
+
 /// The capability a command needs on the connection. Listing one's own
 /// agents is a status read of several, so `agent.list` needs `agent.status`.
 pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
@@ -97,6 +110,7 @@ impl Federation {
                 )
             })?;
         let (kind, capability) = (command_type(command), command_capability(command));
+        let mutating = changes_state(command);
         let header = parsed.header().clone();
         // Step 4.
         parsed.check_recipient(&identity.instance_id)?;
@@ -144,7 +158,13 @@ impl Federation {
             header.sender_instance_id, header.message_id
         ));
         let _guard = lock.lock().await;
-        if let Some(stored) = self.replayed(&verified).await? {
+        // A command that changes something is looked up first, so a retry
+        // never runs it twice. A read runs at once: recording it below fails
+        // on a message id seen before, and then the stored result (or
+        // ALREADY_EXISTS for other bytes) is the answer all the same.
+        if mutating
+            && let Some(stored) = self.replayed(&verified).await?
+        {
             self.record_replay(template, &stored).await;
             return Ok(stored);
         }
@@ -476,11 +496,7 @@ impl Federation {
             &connection.workspace,
             &command,
         );
-        let write_first = matches!(
-            command,
-            pb::command_payload::Command::AgentSpawn(_)
-                | pb::command_payload::Command::AgentKill(_)
-        ) || retry_id.is_some();
+        let write_first = changes_state(&command) || retry_id.is_some();
         let (record, sealed) = match self.previous_send(retry_id, &digest).await? {
             Some(previous) => previous,
             None => {

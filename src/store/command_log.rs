@@ -3,7 +3,7 @@
 //! re-sends them, and the listing operators read.
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 use super::federation::{DUPLICATE_MESSAGE, SeenRow, mark_conflict, outcome_of};
 use super::schema::{federation_command_log, federation_seen_messages};
@@ -111,8 +111,28 @@ impl Store {
     ) -> Result<WriteOutcome<()>, StoreError> {
         let seen_row = seen.map(SeenRow::from_record);
         let row = CommandLogRow::from_record(record);
-        let written = with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
+        // The SQLite body runs on a blocking thread: it gets its own copies.
+        let owned = (seen.cloned(), record.clone());
+        let written = in_transaction!(self,
+            sqlite |conn| {
+                use diesel::RunQueryDsl as Sync;
+                let (seen, record) = &owned;
+                let seen_row = seen.as_ref().map(SeenRow::from_record);
+                let row = CommandLogRow::from_record(record);
+                if let Some(seen_row) = &seen_row {
+                    Sync::execute(
+                        diesel::insert_into(federation_seen_messages::table).values(seen_row),
+                        conn,
+                    )
+                    .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))?;
+                }
+                Sync::execute(
+                    diesel::insert_into(federation_command_log::table).values(&row),
+                    conn,
+                )?;
+                Ok(())
+            },
+            postgres |conn| {
                 if let Some(seen_row) = &seen_row {
                     diesel::insert_into(federation_seen_messages::table)
                         .values(seen_row)
@@ -125,9 +145,8 @@ impl Store {
                     .execute(conn)
                     .await?;
                 Ok(())
-            })
-            .await
-        });
+            },
+        );
         outcome_of(written)
     }
 

@@ -42,6 +42,46 @@ macro_rules! with_connection {
     }};
 }
 
+/// Runs one transaction on either backend. On SQLite `$sqlite` runs with
+/// diesel's synchronous API in a single trip to the blocking pool (through
+/// `with_connection!`'s turn and checkout), where an async transaction makes
+/// one trip per statement, BEGIN and COMMIT included; on PostgreSQL
+/// `$postgres` runs in an async transaction. Both bodies return
+/// `Result<T, StoreError>`; `$sqlite` gets owned data only (it moves to the
+/// blocking thread).
+macro_rules! in_transaction {
+    ($store:expr, sqlite |$sconn:ident| $sqlite:expr, postgres |$pconn:ident| $postgres:expr $(,)?) => {{
+        let _turn = $store.turn().await?;
+        match &$store.pools {
+            $crate::store::Pools::Sqlite(pool) => {
+                let mut pooled = pool.get().await?;
+                let wrapper: &mut $crate::store::pools::SqliteConnection = &mut pooled;
+                let done = wrapper
+                    .spawn_blocking(move |$sconn: &mut diesel::SqliteConnection| {
+                        use diesel::Connection as _;
+                        Ok($sconn.transaction::<_, $crate::store::StoreError, _>(
+                            |$sconn| $sqlite,
+                        ))
+                    })
+                    .await;
+                match done {
+                    Ok(result) => result,
+                    Err(error) => Err($crate::store::StoreError::from(error)),
+                }
+            }
+            $crate::store::Pools::Postgres(pool) => {
+                let mut pooled = pool.get().await?;
+                let $pconn: &mut $crate::store::pools::PostgresConnection = &mut pooled;
+                diesel_async::AsyncConnection::transaction::<_, $crate::store::StoreError, _>(
+                    $pconn,
+                    async |$pconn| $postgres,
+                )
+                .await
+            }
+        }
+    }};
+}
+
 mod agents;
 mod api_keys;
 mod command_log;

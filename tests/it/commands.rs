@@ -20,6 +20,7 @@ use crate::support::peer::TestPeer;
 on_both_backends!(
     a_spawn_retried_with_the_same_bytes_makes_one_agent,
     a_reused_message_id_with_other_bytes_is_already_exists,
+    a_replayed_status_read_gets_the_stored_result,
     status_and_kill_of_a_local_agent_are_not_found,
     a_capability_not_granted_is_permission_denied,
     a_flipped_signature_bit_is_unauthenticated,
@@ -242,6 +243,63 @@ async fn a_reused_message_id_with_other_bytes_is_already_exists(backend: Backend
     let status = refused(setup.send(setup.seal(&other)).await);
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(setup.agent_count().await, 1, "no second agent");
+    setup.finish().await;
+}
+
+/// A read is not looked up before it runs (only spawns and kills are), but its
+/// replay is still caught when its message id is recorded: identical bytes get
+/// the stored signed result, even after the agent changed, and other bytes
+/// under the same id are ALREADY_EXISTS.
+async fn a_replayed_status_read_gets_the_stored_result(backend: Backend) {
+    let mut setup = Setup::new(backend, ALL).await;
+    let spawned = setup
+        .send(setup.seal(&setup.command(spawn_command("sleep 30"))))
+        .await
+        .expect("spawn");
+    let Some(pb::command_result_payload::Outcome::Agent(agent)) = result_of(&spawned).outcome
+    else {
+        panic!("expected an agent: {:?}", result_of(&spawned));
+    };
+    let status = setup.command(pb::command_payload::Command::AgentStatus(
+        pb::AgentStatusCommand {
+            agent_id: agent.agent_id.clone(),
+        },
+    ));
+    let sealed = setup.seal(&status);
+    let first = setup.send(sealed.clone()).await.expect("status");
+    let Some(pb::command_result_payload::Outcome::Agent(seen)) = result_of(&first).outcome else {
+        panic!("expected the agent: {:?}", result_of(&first));
+    };
+    assert_eq!(seen.state, agent_pb::AgentState::Running as i32);
+
+    setup
+        .agents
+        .kill(&agent.agent_id, "changed since the read")
+        .await
+        .expect("kill");
+    let again = setup.send(sealed).await.expect("replay");
+    assert_eq!(first, again, "the replay gets the stored signed result");
+
+    let mut other = setup.command(pb::command_payload::Command::AgentList(
+        pb::AgentListCommand::default(),
+    ));
+    other.header = status.header.clone();
+    let refusal = refused(setup.send(setup.seal(&other)).await);
+    assert_eq!(refusal.code(), Code::AlreadyExists, "{refusal:?}");
+
+    // A fresh read sees the change.
+    let fresh = setup
+        .send(setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
+            pb::AgentStatusCommand {
+                agent_id: agent.agent_id.clone(),
+            },
+        ))))
+        .await
+        .expect("fresh status");
+    let Some(pb::command_result_payload::Outcome::Agent(now)) = result_of(&fresh).outcome else {
+        panic!("expected the agent: {:?}", result_of(&fresh));
+    };
+    assert_eq!(now.state, agent_pb::AgentState::Killed as i32);
     setup.finish().await;
 }
 
