@@ -31,9 +31,8 @@ pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
 /// again: their replay is caught when the message id is recorded.
 pub fn changes_state(command: &pb::command_payload::Command) -> bool {
     match command {
-        pb::command_payload::Command::AgentSpawn(_) | pb::command_payload::Command::AgentKill(_) => {
-            true
-        }
+        pb::command_payload::Command::AgentSpawn(_)
+        | pb::command_payload::Command::AgentKill(_) => true,
         pb::command_payload::Command::AgentStatus(_)
         | pb::command_payload::Command::AgentList(_) => false,
     }
@@ -162,9 +161,7 @@ impl Federation {
         // never runs it twice. A read runs at once: recording it below fails
         // on a message id seen before, and then the stored result (or
         // ALREADY_EXISTS for other bytes) is the answer all the same.
-        if mutating
-            && let Some(stored) = self.replayed(&verified).await?
-        {
+        if mutating && let Some(stored) = self.replayed(&verified).await? {
             self.record_replay(template, &stored).await;
             return Ok(stored);
         }

@@ -113,8 +113,10 @@ impl Store {
         let row = CommandLogRow::from_record(record);
         // The SQLite body runs on a blocking thread: it gets its own copies.
         let owned = (seen.cloned(), record.clone());
-        let written = in_transaction!(self,
-            sqlite |conn| {
+        let written = in_transaction!(
+            self,
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
                 use diesel::RunQueryDsl as Sync;
                 let (seen, record) = &owned;
                 let seen_row = seen.as_ref().map(SeenRow::from_record);
@@ -132,7 +134,8 @@ impl Store {
                 )?;
                 Ok(())
             },
-            postgres |conn| {
+            // PostgreSQL.
+            |conn| {
                 if let Some(seen_row) = &seen_row {
                     diesel::insert_into(federation_seen_messages::table)
                         .values(seen_row)

@@ -42,15 +42,17 @@ macro_rules! with_connection {
     }};
 }
 
-/// Runs one transaction on either backend. On SQLite `$sqlite` runs with
+/// Runs one transaction on either backend:
+/// `in_transaction!(store, |conn| sqlite_body, |conn| postgres_body)`.
+/// On SQLite the first body runs with
 /// diesel's synchronous API in a single trip to the blocking pool (through
 /// `with_connection!`'s turn and checkout), where an async transaction makes
-/// one trip per statement, BEGIN and COMMIT included; on PostgreSQL
-/// `$postgres` runs in an async transaction. Both bodies return
-/// `Result<T, StoreError>`; `$sqlite` gets owned data only (it moves to the
-/// blocking thread).
+/// one trip per statement, BEGIN and COMMIT included; on PostgreSQL the
+/// second body runs in an async transaction. Both bodies return
+/// `Result<T, StoreError>`; the SQLite body gets owned data only (it moves to
+/// the blocking thread).
 macro_rules! in_transaction {
-    ($store:expr, sqlite |$sconn:ident| $sqlite:expr, postgres |$pconn:ident| $postgres:expr $(,)?) => {{
+    ($store:expr, |$sconn:ident| $sqlite:expr, |$pconn:ident| $postgres:expr $(,)?) => {{
         let _turn = $store.turn().await?;
         match &$store.pools {
             $crate::store::Pools::Sqlite(pool) => {
@@ -59,9 +61,7 @@ macro_rules! in_transaction {
                 let done = wrapper
                     .spawn_blocking(move |$sconn: &mut diesel::SqliteConnection| {
                         use diesel::Connection as _;
-                        Ok($sconn.transaction::<_, $crate::store::StoreError, _>(
-                            |$sconn| $sqlite,
-                        ))
+                        Ok($sconn.transaction::<_, $crate::store::StoreError, _>(|$sconn| $sqlite))
                     })
                     .await;
                 match done {

@@ -289,11 +289,13 @@ async fn a_replayed_status_read_gets_the_stored_result(backend: Backend) {
 
     // A fresh read sees the change.
     let fresh = setup
-        .send(setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
-            pb::AgentStatusCommand {
-                agent_id: agent.agent_id.clone(),
-            },
-        ))))
+        .send(
+            setup.seal(&setup.command(pb::command_payload::Command::AgentStatus(
+                pb::AgentStatusCommand {
+                    agent_id: agent.agent_id.clone(),
+                },
+            ))),
+        )
         .await
         .expect("fresh status");
     let Some(pb::command_result_payload::Outcome::Agent(now)) = result_of(&fresh).outcome else {
