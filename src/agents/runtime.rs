@@ -643,7 +643,7 @@ impl AgentRuntime {
                 Some(pgid) => {
                     stopped_groups.insert(pgid);
                     let agent_id = orphan.id.clone();
-                    stop_orphan_group(pgid, self.settings.kill_grace, move |pgid| {
+                    stop_orphan_group(pgid, &orphan.id, self.settings.kill_grace, move |pgid| {
                         process::group_belongs_to_agent(pgid, &agent_id)
                     });
                     "the daemon restarted while the agent ran; its processes were stopped"
@@ -674,14 +674,20 @@ impl AgentRuntime {
             if tracked || !stopped_groups.insert(stray.group) {
                 continue;
             }
+            // A start that was never committed, or a process that left its
+            // agent's group: either way nothing supervises it any more.
+            let agent_id = stray.agent_id.unwrap_or_default();
             let runner_id = self.runner_id.clone();
-            stop_orphan_group(stray.group, self.settings.kill_grace, move |pgid| {
-                process::group_belongs_to_runner(pgid, &runner_id)
-            });
+            stop_orphan_group(
+                stray.group,
+                &agent_id,
+                self.settings.kill_grace,
+                move |pgid| process::group_belongs_to_runner(pgid, &runner_id),
+            );
             tracing::warn!(
-                agent.id = stray.agent_id.as_deref().unwrap_or_default(),
+                agent.id = %agent_id,
                 pgid = stray.group,
-                "stopped the processes of an agent whose start was never recorded"
+                "stopped agent processes that no unfinished record names"
             );
         }
         Ok(orphans.len())
@@ -724,12 +730,14 @@ impl AgentRuntime {
 /// reused meanwhile).
 fn stop_orphan_group(
     pgid: u32,
+    agent_id: &str,
     grace: Duration,
     still_ours: impl FnOnce(u32) -> bool + Send + 'static,
 ) {
     if let Err(error) = process::signal_group(pgid, GroupSignal::Terminate) {
-        tracing::warn!(pgid, %error, "cannot signal an orphaned agent");
+        tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot signal an orphaned agent");
     }
+    let agent_id = agent_id.to_owned();
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline && process::group_is_alive(pgid) {
@@ -739,7 +747,7 @@ fn stop_orphan_group(
             && still_ours(pgid)
             && let Err(error) = process::signal_group(pgid, GroupSignal::Kill)
         {
-            tracing::warn!(pgid, %error, "cannot kill an orphaned agent");
+            tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot kill an orphaned agent");
         }
     });
 }
