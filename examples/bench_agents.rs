@@ -72,22 +72,22 @@ async fn agent_like_spawn_and_wait(work_dir: &std::path::Path) -> anyhow::Result
     Ok(started.elapsed())
 }
 
-/// The two writes a spawn makes before it answers: the SPAWNING record, then
-/// the RUNNING transition.
-async fn store_writes(store: &mosaic_mesh::store::Store) -> anyhow::Result<Duration> {
+/// The one write a spawn makes before it answers: the record, RUNNING with
+/// its pid, and its two history steps, in one transaction.
+async fn store_write(store: &mosaic_mesh::store::Store) -> anyhow::Result<Duration> {
     use mosaic_mesh::agents::{AgentRecord, AgentState, Origin};
     let now = mosaic_mesh::clock::now_ms();
-    let mut record = AgentRecord {
+    let record = AgentRecord {
         id: uuid::Uuid::now_v7().to_string(),
         agent_type: "true".to_owned(),
-        state: AgentState::Spawning,
+        state: AgentState::Running,
         state_reason: String::new(),
         prompt: String::new(),
         task_id: String::new(),
         labels: Default::default(),
         origin: Origin::Local,
         runner_id: "bench".to_owned(),
-        pid: None,
+        pid: Some(1),
         exit_code: None,
         signal: None,
         output_tail: Vec::new(),
@@ -95,17 +95,12 @@ async fn store_writes(store: &mosaic_mesh::store::Store) -> anyhow::Result<Durat
         output_truncated: false,
         timeout_secs: 60,
         created_at_ms: now,
-        started_at_ms: None,
+        started_at_ms: Some(now),
         ended_at_ms: None,
         updated_at_ms: now,
     };
     let started = Instant::now();
     store.insert_agent(&record).await?;
-    record.state = AgentState::Running;
-    record.pid = Some(1);
-    store
-        .record_agent_transition(AgentState::Spawning, &record)
-        .await?;
     Ok(started.elapsed())
 }
 
@@ -256,7 +251,7 @@ async fn main() -> anyhow::Result<()> {
 
         let (running_sample, completed_sample) = spawn_true(&mut client, &key).await?;
         let agent_like_sample = agent_like_spawn_and_wait(&work_dir).await?;
-        let writes_sample = store_writes(&store).await?;
+        let writes_sample = store_write(&store).await?;
         if iteration >= WARM_UP {
             bare.push(bare_sample);
             round_trip.push(round_trip_sample);
@@ -283,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
         "spawn+wait with the agent's process options",
         &mut agent_like,
     );
-    report("store: SPAWNING insert + RUNNING transition", &mut writes);
+    report("store: the RUNNING record with its history", &mut writes);
 
     let baseline_median = bare_median + trip_median;
     let baseline_p99 = bare_p99 + trip_p99;

@@ -1,6 +1,6 @@
 //! Process groups: signalling a whole group, telling whether any member still
-//! lives, recognising an agent's group after a restart, and a guard that
-//! kills a group nobody supervises any more.
+//! lives, recognising an agent's group (or every group a runner started)
+//! after a restart, and a guard that kills a group nobody supervises any more.
 //!
 //! Every agent runs as the leader of its own process group (the group id is
 //! its pid), so one `kill(-pgid)` reaches the agent and everything it started
@@ -14,6 +14,12 @@ use rustix::process::{Pid, Signal};
 /// keeps its environment) carries: how a restarted daemon recognises its
 /// orphans among processes that merely reuse a pid.
 pub const AGENT_ID_VARIABLE: &str = "MOSAIC_AGENT_ID";
+
+/// The environment variable every agent process carries beside its agent id:
+/// the runner id of the daemon that started it. A daemon records an agent
+/// only after its process has started, so after a crash in between a process
+/// may exist that no record names; this is how the restarted daemon finds it.
+pub const RUNNER_ID_VARIABLE: &str = "MOSAIC_RUNNER_ID";
 
 /// The signals the runtime sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +61,7 @@ pub fn group_is_alive(pgid: u32) -> bool {
     if rustix::process::test_kill_process_group(pid).is_err() {
         return false;
     }
-    match live_members(pgid, None) {
+    match live_members(pgid) {
         Some(count) => count > 0,
         None => true,
     }
@@ -65,16 +71,62 @@ pub fn group_is_alive(pgid: u32) -> bool {
 /// the group is that agent's, not a stranger's that reuses the number.
 /// False where `/proc` cannot be read (nothing is then killed on suspicion).
 pub fn group_belongs_to_agent(pgid: u32, agent_id: &str) -> bool {
-    live_members(pgid, Some(agent_id)).is_some_and(|count| count > 0)
+    let marker = format!("{AGENT_ID_VARIABLE}={agent_id}");
+    live_processes(Some(pgid), Some(&marker)).is_some_and(|found| !found.is_empty())
 }
 
-/// Counts the live (non-zombie) members of group `pgid`, only those whose
-/// environment names `agent_id` if one is given. `None` when `/proc` cannot
-/// be listed.
-fn live_members(pgid: u32, agent_id: Option<&str>) -> Option<usize> {
+/// True when a live process of group `pgid` carries
+/// `MOSAIC_RUNNER_ID=runner_id`: the group was started by that runner.
+/// False where `/proc` cannot be read.
+pub fn group_belongs_to_runner(pgid: u32, runner_id: &str) -> bool {
+    let marker = format!("{RUNNER_ID_VARIABLE}={runner_id}");
+    live_processes(Some(pgid), Some(&marker)).is_some_and(|found| !found.is_empty())
+}
+
+/// A live process that carries a runner's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerProcess {
+    /// Its process group.
+    pub group: u32,
+    /// The value of its `MOSAIC_AGENT_ID`, if it has one.
+    pub agent_id: Option<String>,
+}
+
+/// The live processes that carry `MOSAIC_RUNNER_ID=runner_id`: every process
+/// of the agents that runner started that still runs. Empty where `/proc`
+/// cannot be read.
+pub fn processes_of_runner(runner_id: &str) -> Vec<RunnerProcess> {
+    let marker = format!("{RUNNER_ID_VARIABLE}={runner_id}");
+    live_processes(None, Some(&marker))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|process| RunnerProcess {
+            group: process.group,
+            agent_id: process.agent_id,
+        })
+        .collect()
+}
+
+/// A live process found in `/proc`.
+struct LiveProcess {
+    group: u32,
+    /// Its `MOSAIC_AGENT_ID`; read only when its environment was.
+    agent_id: Option<String>,
+}
+
+/// Counts the live (non-zombie) members of group `pgid`. `None` when `/proc`
+/// cannot be listed.
+fn live_members(pgid: u32) -> Option<usize> {
+    live_processes(Some(pgid), None).map(|found| found.len())
+}
+
+/// The live (non-zombie) processes, only those in group `pgid` if one is
+/// given and only those whose environment holds the entry `marker`
+/// (`NAME=value`) if one is given. `None` when `/proc` cannot be listed.
+fn live_processes(pgid: Option<u32>, marker: Option<&str>) -> Option<Vec<LiveProcess>> {
     let entries = std::fs::read_dir("/proc").ok()?;
-    let wanted = agent_id.map(|id| format!("{AGENT_ID_VARIABLE}={id}"));
-    let mut count = 0;
+    let agent_id_prefix = format!("{AGENT_ID_VARIABLE}=");
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(pid) = name
@@ -90,23 +142,32 @@ fn live_members(pgid: u32, agent_id: Option<&str>) -> Option<usize> {
         let Some((state, group)) = parse_stat(&stat) else {
             continue;
         };
-        if group != i64::from(pgid) || matches!(state, 'Z' | 'X' | 'x') {
+        let Ok(group) = u32::try_from(group) else {
+            continue;
+        };
+        if pgid.is_some_and(|pgid| pgid != group) || matches!(state, 'Z' | 'X' | 'x') {
             continue;
         }
-        if let Some(wanted) = &wanted {
+        let mut agent_id = None;
+        if let Some(marker) = marker {
             let Ok(environment) = std::fs::read(format!("/proc/{pid}/environ")) else {
                 continue;
             };
-            if !environment
-                .split(|byte| *byte == 0)
-                .any(|entry| entry == wanted.as_bytes())
-            {
+            let mut marked = false;
+            for entry in environment.split(|byte| *byte == 0) {
+                if entry == marker.as_bytes() {
+                    marked = true;
+                } else if let Some(value) = entry.strip_prefix(agent_id_prefix.as_bytes()) {
+                    agent_id = Some(String::from_utf8_lossy(value).into_owned());
+                }
+            }
+            if !marked {
                 continue;
             }
         }
-        count += 1;
+        found.push(LiveProcess { group, agent_id });
     }
-    Some(count)
+    Some(found)
 }
 
 /// The state letter and process group of a `/proc/PID/stat` line.
@@ -194,5 +255,37 @@ mod tests {
             signal_group(absent, GroupSignal::Terminate),
             Ok(false)
         ));
+    }
+
+    #[test]
+    fn a_runners_processes_are_found_by_its_id_in_their_environment() {
+        use std::os::unix::process::CommandExt as _;
+        let runner_id = format!("test-runner-{}", std::process::id());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(RUNNER_ID_VARIABLE, &runner_id)
+            .env(AGENT_ID_VARIABLE, "agent-1")
+            .process_group(0)
+            .spawn()
+            .expect("start sleep");
+        let group = child.id();
+        // The environment is the one given at exec: wait until it is there.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while processes_of_runner(&runner_id).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            processes_of_runner(&runner_id),
+            [RunnerProcess {
+                group,
+                agent_id: Some("agent-1".to_owned()),
+            }]
+        );
+        assert!(group_belongs_to_runner(group, &runner_id));
+        assert!(!group_belongs_to_runner(group, "another-runner"));
+        assert!(processes_of_runner("another-runner").is_empty());
+        assert!(matches!(signal_group(group, GroupSignal::Kill), Ok(true)));
+        child.wait().expect("reap sleep");
+        assert!(processes_of_runner(&runner_id).is_empty());
     }
 }

@@ -4,10 +4,16 @@
 //!
 //! The database is the record; this module adds what only a live process has:
 //! the agents this daemon supervises (`tracked`), each with its current record,
-//! a broadcast of its events and a stop request. An agent is tracked from the
-//! moment it is recorded until its terminal state is persisted.
+//! a broadcast of its events and a stop request. An agent is tracked from just
+//! before its process starts until its terminal state is persisted.
+//!
+//! An agent is recorded once, after its process has started: RUNNING with its
+//! pid, its SPAWNING step and the step into RUNNING in one transaction, before
+//! Spawn answers. Its process carries the agent id and this runner's id in its
+//! environment, so a crash between the start and that commit leaves nothing
+//! that a restarted daemon cannot find ([`AgentRuntime::reconcile`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -23,7 +29,7 @@ use super::model::{
     AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
 };
 use super::paging;
-use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, GroupSignal};
+use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, GroupSignal, RUNNER_ID_VARIABLE};
 use super::supervisor::{self, Supervision};
 use crate::clock::now_ms;
 use crate::config::{AgentType, AgentsConfig};
@@ -217,6 +223,8 @@ impl AgentRuntime {
     ///
     /// Refused, with nothing recorded or started: a malformed spec
     /// ([`AgentError::Invalid`]) and a full runtime ([`AgentError::AtCapacity`]).
+    /// When the database does not record the start, the process is stopped
+    /// before the error is returned.
     pub async fn spawn(&self, spec: SpawnSpec) -> Result<AgentRecord, AgentError> {
         let (agent_type, timeout_secs) = Self::check_spec(&self.settings, &spec)?;
         if self.closing.load(Ordering::SeqCst) {
@@ -253,20 +261,17 @@ impl AgentRuntime {
             ended_at_ms: None,
             updated_at_ms: now,
         };
-        self.store.insert_agent(&record).await?;
+        // Tracked (not yet recorded) before its process starts: the process
+        // knows its id and may ask about itself, and a kill or shutdown that
+        // comes meanwhile reaches the supervisor.
         let tracked = Arc::new(Tracked::new(record.clone()));
         self.registry
             .insert(record.id.clone(), Arc::clone(&tracked));
-        tracing::info!(
-            agent.id = %record.id,
-            agent.r#type = %record.agent_type,
-            origin = ?record.origin.kind(),
-            "agent recorded"
-        );
         self.start(record, agent_type, tracked, permit).await
     }
 
-    /// Starts the process of a recorded agent and hands it to a supervisor.
+    /// Starts the process of a new agent, records it RUNNING and hands it to
+    /// a supervisor.
     async fn start(
         &self,
         record: AgentRecord,
@@ -334,6 +339,7 @@ impl AgentRuntime {
         command
             .envs(&agent_type.env)
             .env(AGENT_ID_VARIABLE, &record.id)
+            .env(RUNNER_ID_VARIABLE, &self.runner_id)
             .env("MOSAIC_TASK_ID", &record.task_id)
             .env("MOSAIC_AGENT_WORKDIR", &work_dir);
 
@@ -356,22 +362,27 @@ impl AgentRuntime {
         running.pid = Some(pid);
         running.started_at_ms = Some(now_ms());
         running.updated_at_ms = running.started_at_ms.unwrap_or(running.created_at_ms);
-        if let Err(error) = self
-            .store
-            .record_agent_transition(AgentState::Spawning, &running)
-            .await
-        {
+        // The one commit before Spawn answers: the record, RUNNING with its
+        // pid, and its history. Until it is committed the process is found
+        // after a crash by the runner id in its environment (see `reconcile`).
+        if let Err(error) = self.store.insert_agent(&running).await {
             // Unrecorded, the process must not run: the guard kills its group
             // when dropped here, and the agent is failed if the database lets us.
             drop(guard);
             let _ = child.wait().await;
             let reason =
                 "the database did not record the start; the process was stopped".to_owned();
-            let _ = self.fail_to_start(record, &tracked, reason, permit).await;
+            let _ = self.fail_to_start(running, &tracked, reason, permit).await;
             return Err(error.into());
         }
         tracked.publish_transition(AgentState::Spawning, running.clone());
-        tracing::info!(agent.id = %running.id, pid, "agent running");
+        tracing::info!(
+            agent.id = %running.id,
+            agent.r#type = %running.agent_type,
+            origin = ?running.origin.kind(),
+            pid,
+            "agent running"
+        );
 
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -391,7 +402,8 @@ impl AgentRuntime {
         Ok(running)
     }
 
-    /// Records that an agent's process could not be started.
+    /// Records that an agent's process could not be started (or was stopped
+    /// because its start could not be recorded): FAILED with `reason`.
     async fn fail_to_start(
         &self,
         record: AgentRecord,
@@ -406,10 +418,17 @@ impl AgentRuntime {
         failed.state_reason = reason;
         failed.ended_at_ms = Some(now);
         failed.updated_at_ms = now;
-        let persisted = self
-            .store
-            .record_agent_transition(AgentState::Spawning, &failed)
-            .await;
+        let persisted = match self.store.insert_agent(&failed).await {
+            // A commit reported as failed may still have happened (the
+            // connection was lost after COMMIT was sent): then the record
+            // says RUNNING, and the agent moves on from there.
+            Err(StoreError::Conflict(_)) => {
+                self.store
+                    .record_agent_transition(AgentState::Running, &failed)
+                    .await
+            }
+            other => other,
+        };
         drop(permit);
         tracked.publish_transition(AgentState::Spawning, failed.clone());
         self.registry.remove(&failed.id);
@@ -607,15 +626,26 @@ impl AgentRuntime {
     /// by the pid alone, which may have been reused — is stopped (SIGTERM,
     /// then SIGKILL after the grace period, in the background); the agent is
     /// recorded FAILED with the reason.
+    ///
+    /// Then every other process group that carries this runner's id in its
+    /// environment is stopped the same way: a daemon that died between
+    /// starting an agent's process and committing its record left a process
+    /// that no record names. Groups of agents this runtime tracks (none,
+    /// when called before serving) are left alone.
     pub async fn reconcile(&self) -> Result<usize, StoreError> {
         let orphans = self.store.list_unfinished_agents(&self.runner_id).await?;
+        let mut stopped_groups = HashSet::new();
         for orphan in &orphans {
             let running_group = orphan
                 .pid
                 .filter(|pid| process::group_belongs_to_agent(*pid, &orphan.id));
             let reason = match running_group {
                 Some(pgid) => {
-                    stop_orphan_group(pgid, orphan.id.clone(), self.settings.kill_grace);
+                    stopped_groups.insert(pgid);
+                    let agent_id = orphan.id.clone();
+                    stop_orphan_group(pgid, &orphan.id, self.settings.kill_grace, move |pgid| {
+                        process::group_belongs_to_agent(pgid, &agent_id)
+                    });
                     "the daemon restarted while the agent ran; its processes were stopped"
                 }
                 None => "the daemon restarted while the agent ran; its process was gone",
@@ -635,6 +665,30 @@ impl AgentRuntime {
                 Err(error) => return Err(error),
             }
             tracing::warn!(agent.id = %orphan.id, pid = ?orphan.pid, reason, "settled an orphaned agent");
+        }
+        for stray in process::processes_of_runner(&self.runner_id) {
+            let tracked = stray
+                .agent_id
+                .as_deref()
+                .is_some_and(|agent_id| self.registry.get(agent_id).is_some());
+            if tracked || !stopped_groups.insert(stray.group) {
+                continue;
+            }
+            // A start that was never committed, or a process that left its
+            // agent's group: either way nothing supervises it any more.
+            let agent_id = stray.agent_id.unwrap_or_default();
+            let runner_id = self.runner_id.clone();
+            stop_orphan_group(
+                stray.group,
+                &agent_id,
+                self.settings.kill_grace,
+                move |pgid| process::group_belongs_to_runner(pgid, &runner_id),
+            );
+            tracing::warn!(
+                agent.id = %agent_id,
+                pgid = stray.group,
+                "stopped agent processes that no unfinished record names"
+            );
         }
         Ok(orphans.len())
     }
@@ -671,17 +725,26 @@ impl AgentRuntime {
     }
 }
 
-/// SIGTERM to an orphaned group now, SIGKILL after `grace` if it still runs.
-fn stop_orphan_group(pgid: u32, agent_id: String, grace: Duration) {
+/// SIGTERM to an orphaned group now, SIGKILL after `grace` if it still runs
+/// and is still the orphan's (`still_ours`: the group number may have been
+/// reused meanwhile).
+fn stop_orphan_group(
+    pgid: u32,
+    agent_id: &str,
+    grace: Duration,
+    still_ours: impl FnOnce(u32) -> bool + Send + 'static,
+) {
     if let Err(error) = process::signal_group(pgid, GroupSignal::Terminate) {
         tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot signal an orphaned agent");
     }
+    let agent_id = agent_id.to_owned();
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline && process::group_is_alive(pgid) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if process::group_belongs_to_agent(pgid, &agent_id)
+        if process::group_is_alive(pgid)
+            && still_ours(pgid)
             && let Err(error) = process::signal_group(pgid, GroupSignal::Kill)
         {
             tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot kill an orphaned agent");
@@ -804,6 +867,43 @@ fn load_or_create_runner_id(agents_dir: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::testing::test_on_both_backends;
+
+    async fn a_start_the_database_does_not_record_leaves_no_process(store: Store) {
+        let data_dir = tempfile::tempdir().expect("data dir");
+        let mut settings = AgentsConfig::default();
+        settings
+            .types
+            .insert("sleep".to_owned(), AgentType::new(&["sleep", "300"]));
+        let runtime = AgentRuntime::new(store.clone(), settings, data_dir.path()).expect("runtime");
+        // Every agent record now fails to commit, after its first rows.
+        store
+            .execute_for_test("DROP TABLE agent_events")
+            .await
+            .expect("drop the events table");
+        let outcome = runtime
+            .spawn(SpawnSpec {
+                agent_type: "sleep".to_owned(),
+                prompt: String::new(),
+                task_id: String::new(),
+                labels: Default::default(),
+                timeout: None,
+                origin: Origin::Local,
+            })
+            .await;
+        assert!(matches!(outcome, Err(AgentError::Store(_))), "{outcome:?}");
+        // The process was started, then stopped before Spawn answered.
+        assert!(process::processes_of_runner(runtime.runner_id()).is_empty());
+        assert_eq!(runtime.status().running, 0);
+        assert!(runtime.registry.is_empty());
+        let recorded = store
+            .list_agents(&AgentFilter::default(), None, 10)
+            .await
+            .expect("list");
+        assert!(recorded.is_empty(), "{recorded:?}");
+    }
+
+    test_on_both_backends!(a_start_the_database_does_not_record_leaves_no_process);
 
     #[test]
     fn programs_are_found_in_the_agents_path() {

@@ -22,8 +22,15 @@ pub struct AgentCursor {
 }
 
 impl Store {
-    /// Records a new agent (in `Spawning`), its status, labels and first
-    /// event, in one transaction.
+    /// Records a new agent with its status, labels and history, in one
+    /// transaction.
+    ///
+    /// The history is the way into the agent's state: `Spawning` at
+    /// `created_at_ms`, then, for an agent in any other state, the change
+    /// from `Spawning` into it at `updated_at_ms` with the state's reason.
+    /// The runtime records an agent once its process has started (RUNNING,
+    /// with its pid) or could not start (FAILED): one commit instead of one
+    /// before the start and one after.
     pub async fn insert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
         let row = AgentRow::from_record(agent)?;
         let status = StatusRow::from_record(agent)?;
@@ -36,13 +43,27 @@ impl Store {
                 label_value: value,
             })
             .collect();
-        let event = NewEventRow {
+        let spawning = AgentState::Spawning;
+        let mut events = vec![NewEventRow {
             agent_id: &agent.id,
-            to_state: agent.state.as_str(),
+            to_state: spawning.as_str(),
             from_state: "",
-            reason: &agent.state_reason,
+            reason: if agent.state == spawning {
+                &agent.state_reason
+            } else {
+                ""
+            },
             at_ms: agent.created_at_ms,
-        };
+        }];
+        if agent.state != spawning {
+            events.push(NewEventRow {
+                agent_id: &agent.id,
+                to_state: agent.state.as_str(),
+                from_state: spawning.as_str(),
+                reason: &agent.state_reason,
+                at_ms: agent.updated_at_ms,
+            });
+        }
         with_connection!(self, |conn| {
             conn.transaction::<_, StoreError, _>(async |conn| {
                 diesel::insert_into(agents::table)
@@ -53,18 +74,20 @@ impl Store {
                     .values(&status)
                     .execute(conn)
                     .await?;
-                // One statement per label: diesel has no batch insert for
-                // SQLite behind the async wrapper, and labels are few.
+                // One statement per label and per event: diesel has no batch
+                // insert for SQLite behind the async wrapper, and both are few.
                 for label in &labels {
                     diesel::insert_into(agent_labels::table)
                         .values(label)
                         .execute(conn)
                         .await?;
                 }
-                diesel::insert_into(agent_events::table)
-                    .values(&event)
-                    .execute(conn)
-                    .await?;
+                for event in &events {
+                    diesel::insert_into(agent_events::table)
+                        .values(event)
+                        .execute(conn)
+                        .await?;
+                }
                 Ok(())
             })
             .await?
@@ -624,7 +647,64 @@ mod tests {
         assert_eq!(ids, ["mine"]);
     }
 
+    async fn a_started_agent_is_recorded_with_the_way_into_its_state(store: Store) {
+        let running = AgentRecord {
+            state: AgentState::Running,
+            pid: Some(4242),
+            started_at_ms: Some(1_005),
+            updated_at_ms: 1_005,
+            labels: BTreeMap::from([("team".to_owned(), "blue".to_owned())]),
+            ..agent("started", 1_000)
+        };
+        store.insert_agent(&running).await.expect("insert");
+        assert_eq!(
+            store.get_agent("started").await.expect("get"),
+            Some(running.clone())
+        );
+        let unfinished = store
+            .list_unfinished_agents("runner-a")
+            .await
+            .expect("unfinished");
+        assert_eq!(unfinished, [running]);
+        let failed = AgentRecord {
+            state: AgentState::Failed,
+            state_reason: "cannot start".to_owned(),
+            ended_at_ms: Some(2_001),
+            updated_at_ms: 2_001,
+            ..agent("failed", 2_000)
+        };
+        store.insert_agent(&failed).await.expect("insert");
+        // The same id twice is a conflict, and changes nothing.
+        let again = store.insert_agent(&failed).await;
+        assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+        for (id, created, state, at, reason) in [
+            ("started", 1_000, AgentState::Running, 1_005, ""),
+            ("failed", 2_000, AgentState::Failed, 2_001, "cannot start"),
+        ] {
+            let transitions = store.list_agent_transitions(id).await.expect("events");
+            let steps: Vec<_> = transitions
+                .iter()
+                .map(|transition| {
+                    (
+                        transition.from,
+                        transition.to,
+                        transition.at_ms,
+                        transition.reason.as_str(),
+                    )
+                })
+                .collect();
+            assert_eq!(
+                steps,
+                [
+                    (None, AgentState::Spawning, created, ""),
+                    (Some(AgentState::Spawning), state, at, reason),
+                ]
+            );
+        }
+    }
+
     test_on_both_backends!(
+        a_started_agent_is_recorded_with_the_way_into_its_state,
         an_agent_round_trips_through_its_transitions,
         listing_filters_and_pages_newest_first,
         unfinished_agents_are_per_runner,

@@ -161,6 +161,16 @@ fn with_database_name(url: &str, name: &str) -> String {
     }
 }
 
+/// Runs `sql` on the store's database: how a test breaks the database on
+/// purpose (dropping a table makes every write to it fail).
+#[cfg(test)]
+impl Store {
+    pub(crate) async fn execute_for_test(&self, sql: &str) -> Result<(), StoreError> {
+        with_connection!(self, |conn| diesel::sql_query(sql).execute(conn).await?);
+        Ok(())
+    }
+}
+
 /// Generates, for each named `async fn(Store)` in the enclosing module, one
 /// test on a fresh SQLite file (`sqlite::<name>`) and one on a fresh
 /// PostgreSQL database (`postgres::<name>`), both migrated.

@@ -1,6 +1,7 @@
 //! The agent runtime as a caller meets it through AgentControl: real processes,
 //! their output, kills, timeouts, the concurrency cap, watches, listing, bad
-//! input, and a daemon restarted after SIGKILL — on SQLite and on PostgreSQL.
+//! input, and a daemon restarted after SIGKILL or after dying between an agent's
+//! start and its record — on SQLite and on PostgreSQL.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -26,6 +27,7 @@ on_both_backends!(
     bad_requests_are_refused_and_change_nothing,
     listing_filters_and_pages,
     a_restart_after_sigkill_leaves_no_agent_falsely_running,
+    a_restart_stops_processes_whose_start_was_never_recorded,
     the_agent_commands_drive_the_daemon,
     stopping_the_daemon_stops_its_agents,
 );
@@ -707,6 +709,95 @@ async fn a_restart_after_sigkill_leaves_no_agent_falsely_running(backend: Backen
     assert!(running.agents.is_empty(), "{running:?}");
 
     second_run.kill().await.expect("stop the daemon");
+    environment.cleanup().await;
+}
+
+/// Starts `sh -c 'sleep 300 & echo $!; wait'` in its own process group with
+/// `MOSAIC_RUNNER_ID=runner_id` and an agent id no record has: what a daemon
+/// leaves behind when it dies after starting an agent's process and before
+/// committing its record. Returns the shell and the pid of its `sleep`.
+async fn start_unrecorded_agent_process(runner_id: &str) -> (tokio::process::Child, u32) {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut shell = tokio::process::Command::new("/bin/sh")
+        .args(["-c", "sleep 300 & echo $!; wait"])
+        .env("MOSAIC_RUNNER_ID", runner_id)
+        .env("MOSAIC_AGENT_ID", uuid::Uuid::now_v7().to_string())
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("start an unrecorded agent process");
+    let stdout = shell.stdout.take().expect("stdout");
+    let mut line = String::new();
+    tokio::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .expect("read the child's pid");
+    let child = line.trim().parse().expect("child pid");
+    (shell, child)
+}
+
+async fn a_restart_stops_processes_whose_start_was_never_recorded(backend: Backend) {
+    use mosaic_mesh::agents::process::{GroupGuard, GroupSignal, signal_group};
+    use std::os::unix::process::ExitStatusExt as _;
+
+    let environment = TestEnvironment::new(backend).await;
+    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    // An agent learns the runner id of its daemon from its environment.
+    let recorded = agents
+        .spawn("sh", "echo \"runner=$MOSAIC_RUNNER_ID\"")
+        .await
+        .expect("spawn");
+    let recorded = agents
+        .wait_for_state(&recorded.agent_id, pb::AgentState::Completed)
+        .await;
+    let runner_id = recorded
+        .output_tail
+        .iter()
+        .find_map(|line| line.strip_prefix("runner="))
+        .filter(|runner_id| !runner_id.is_empty())
+        .expect("the agent saw MOSAIC_RUNNER_ID")
+        .to_owned();
+    daemon.stop().await;
+
+    // The daemon died between the start of a process and its record; another
+    // daemon's (another runner's) agent runs beside it.
+    let (mut unrecorded, unrecorded_child) = start_unrecorded_agent_process(&runner_id).await;
+    let _unrecorded_guard = GroupGuard::new(unrecorded.id().expect("pid"));
+    let (stranger, stranger_child) = start_unrecorded_agent_process("another-runner").await;
+    let stranger_group = stranger.id().expect("pid");
+    let _stranger_guard = GroupGuard::new(stranger_group);
+
+    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    // No record names it, yet the restarted daemon stops its whole group.
+    let status = tokio::time::timeout(AGENT_DEADLINE, unrecorded.wait())
+        .await
+        .expect("the unrecorded process was stopped")
+        .expect("wait");
+    assert_eq!(status.signal(), Some(15), "SIGTERM: {status:?}");
+    wait_until_dead(unrecorded_child).await;
+    // Another runner's processes are not this daemon's to stop.
+    assert!(process_is_alive(stranger_group) && process_is_alive(stranger_child));
+    assert!(matches!(
+        signal_group(stranger_group, GroupSignal::Kill),
+        Ok(true)
+    ));
+
+    // Nothing was recorded for it, and nothing is shown running.
+    let listed = agents
+        .list(pb::ListAgentsRequest::default())
+        .await
+        .expect("list");
+    let states: Vec<_> = listed
+        .agents
+        .iter()
+        .map(|agent| (agent.agent_id.as_str(), agent.state))
+        .collect();
+    assert_eq!(
+        states,
+        [(recorded.agent_id.as_str(), is(pb::AgentState::Completed))]
+    );
+
+    daemon.stop().await;
     environment.cleanup().await;
 }
 
