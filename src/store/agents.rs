@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 use super::schema::{agent_events, agent_labels, agent_status, agents};
 use super::{Store, StoreError};
@@ -32,67 +32,54 @@ impl Store {
     /// with its pid) or could not start (FAILED): one commit instead of one
     /// before the start and one after.
     pub async fn insert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
-        let row = AgentRow::from_record(agent)?;
-        let status = StatusRow::from_record(agent)?;
-        let labels: Vec<NewLabelRow<'_>> = agent
-            .labels
-            .iter()
-            .map(|(key, value)| NewLabelRow {
-                agent_id: &agent.id,
-                label_key: key,
-                label_value: value,
-            })
-            .collect();
-        let spawning = AgentState::Spawning;
-        let mut events = vec![NewEventRow {
-            agent_id: &agent.id,
-            to_state: spawning.as_str(),
-            from_state: "",
-            reason: if agent.state == spawning {
-                &agent.state_reason
-            } else {
-                ""
+        // The SQLite body runs on a blocking thread: it gets its own copy.
+        let owned = agent.clone();
+        in_transaction!(
+            self,
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
+                use diesel::RunQueryDsl as Sync;
+                let rows = NewAgentRows::of(&owned)?;
+                Sync::execute(diesel::insert_into(agents::table).values(&rows.agent), conn)?;
+                Sync::execute(
+                    diesel::insert_into(agent_status::table).values(&rows.status),
+                    conn,
+                )?;
+                for label in &rows.labels {
+                    Sync::execute(diesel::insert_into(agent_labels::table).values(label), conn)?;
+                }
+                for event in &rows.events {
+                    Sync::execute(diesel::insert_into(agent_events::table).values(event), conn)?;
+                }
+                Ok(())
             },
-            at_ms: agent.created_at_ms,
-        }];
-        if agent.state != spawning {
-            events.push(NewEventRow {
-                agent_id: &agent.id,
-                to_state: agent.state.as_str(),
-                from_state: spawning.as_str(),
-                reason: &agent.state_reason,
-                at_ms: agent.updated_at_ms,
-            });
-        }
-        with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
+            // PostgreSQL.
+            |conn| {
+                let rows = NewAgentRows::of(agent)?;
                 diesel::insert_into(agents::table)
-                    .values(&row)
+                    .values(&rows.agent)
                     .execute(conn)
                     .await?;
                 diesel::insert_into(agent_status::table)
-                    .values(&status)
+                    .values(&rows.status)
                     .execute(conn)
                     .await?;
-                // One statement per label and per event: diesel has no batch
-                // insert for SQLite behind the async wrapper, and both are few.
-                for label in &labels {
+                // One statement per label and per event: both are few.
+                for label in &rows.labels {
                     diesel::insert_into(agent_labels::table)
                         .values(label)
                         .execute(conn)
                         .await?;
                 }
-                for event in &events {
+                for event in &rows.events {
                     diesel::insert_into(agent_events::table)
                         .values(event)
                         .execute(conn)
                         .await?;
                 }
                 Ok(())
-            })
-            .await?
-        });
-        Ok(())
+            },
+        )
     }
 
     /// Persists `agent`'s status (its state and every field that changes)
@@ -107,39 +94,54 @@ impl Store {
         from: AgentState,
         agent: &AgentRecord,
     ) -> Result<(), StoreError> {
-        let status = StatusRow::from_record(agent)?;
-        let event = NewEventRow {
-            agent_id: &agent.id,
-            to_state: agent.state.as_str(),
-            from_state: from.as_str(),
-            reason: &agent.state_reason,
-            at_ms: agent.updated_at_ms,
-        };
-        with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
+        let conflict =
+            move |id: &str| StoreError::Conflict(format!("agent {id} is no longer {from}"));
+        // The SQLite body runs on a blocking thread: it gets its own copy.
+        let owned = agent.clone();
+        in_transaction!(
+            self,
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
+                use diesel::RunQueryDsl as Sync;
+                let agent = &owned;
+                let updated = Sync::execute(
+                    diesel::update(
+                        agent_status::table
+                            .filter(agent_status::agent_id.eq(&agent.id))
+                            .filter(agent_status::state.eq(from.as_str())),
+                    )
+                    .set(&StatusRow::from_record(agent)?),
+                    conn,
+                )?;
+                if updated == 0 {
+                    return Err(conflict(&agent.id));
+                }
+                Sync::execute(
+                    diesel::insert_into(agent_events::table).values(&transition_event(from, agent)),
+                    conn,
+                )?;
+                Ok(())
+            },
+            // PostgreSQL.
+            |conn| {
                 let updated = diesel::update(
                     agent_status::table
                         .filter(agent_status::agent_id.eq(&agent.id))
                         .filter(agent_status::state.eq(from.as_str())),
                 )
-                .set(&status)
+                .set(&StatusRow::from_record(agent)?)
                 .execute(conn)
                 .await?;
                 if updated == 0 {
-                    return Err(StoreError::Conflict(format!(
-                        "agent {} is no longer {from}",
-                        agent.id
-                    )));
+                    return Err(conflict(&agent.id));
                 }
                 diesel::insert_into(agent_events::table)
-                    .values(&event)
+                    .values(&transition_event(from, agent))
                     .execute(conn)
                     .await?;
                 Ok(())
-            })
-            .await?
-        });
-        Ok(())
+            },
+        )
     }
 
     /// Saves the output figures of an agent that is still running (a no-op
@@ -281,6 +283,69 @@ const UNFINISHED: [&str; 2] = ["SPAWNING", "RUNNING"];
 fn parse_state(name: &str) -> Result<AgentState, StoreError> {
     AgentState::parse(name)
         .ok_or_else(|| StoreError::undecodable(format!("unknown agent state {name:?}")))
+}
+
+/// The history entry of `agent`'s change from `from` into its state.
+fn transition_event(from: AgentState, agent: &AgentRecord) -> NewEventRow<'_> {
+    NewEventRow {
+        agent_id: &agent.id,
+        to_state: agent.state.as_str(),
+        from_state: from.as_str(),
+        reason: &agent.state_reason,
+        at_ms: agent.updated_at_ms,
+    }
+}
+
+/// The rows that record a new agent: its own, its status, its labels, and the
+/// history of the way into its state (`Spawning` at `created_at_ms`, then, for
+/// an agent in any other state, the change from `Spawning` into it at
+/// `updated_at_ms` with the state's reason).
+struct NewAgentRows<'a> {
+    agent: AgentRow,
+    status: StatusRow,
+    labels: Vec<NewLabelRow<'a>>,
+    events: Vec<NewEventRow<'a>>,
+}
+
+impl<'a> NewAgentRows<'a> {
+    fn of(agent: &'a AgentRecord) -> Result<Self, StoreError> {
+        let labels = agent
+            .labels
+            .iter()
+            .map(|(key, value)| NewLabelRow {
+                agent_id: &agent.id,
+                label_key: key,
+                label_value: value,
+            })
+            .collect();
+        let spawning = AgentState::Spawning;
+        let mut events = vec![NewEventRow {
+            agent_id: &agent.id,
+            to_state: spawning.as_str(),
+            from_state: "",
+            reason: if agent.state == spawning {
+                &agent.state_reason
+            } else {
+                ""
+            },
+            at_ms: agent.created_at_ms,
+        }];
+        if agent.state != spawning {
+            events.push(NewEventRow {
+                agent_id: &agent.id,
+                to_state: agent.state.as_str(),
+                from_state: spawning.as_str(),
+                reason: &agent.state_reason,
+                at_ms: agent.updated_at_ms,
+            });
+        }
+        Ok(Self {
+            agent: AgentRow::from_record(agent)?,
+            status: StatusRow::from_record(agent)?,
+            labels,
+            events,
+        })
+    }
 }
 
 #[derive(Queryable, Selectable, Insertable)]

@@ -277,6 +277,10 @@ async fn a_replayed_status_read_gets_the_stored_result(backend: Backend) {
         .kill(&agent.agent_id, "changed since the read")
         .await
         .expect("kill");
+    setup
+        .agents
+        .wait_for_state(&agent.agent_id, agent_pb::AgentState::Killed)
+        .await;
     let again = setup.send(sealed).await.expect("replay");
     assert_eq!(first, again, "the replay gets the stored signed result");
 
