@@ -5,6 +5,8 @@
 //! statement).
 
 use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
@@ -64,6 +66,35 @@ WITH changed AS (
 )
 SELECT * FROM changed";
 
+/// A `diesel::sql_query` whose prepared statement the connection keeps.
+///
+/// diesel marks every `sql_query` unsafe to cache, since its text could be
+/// built at run time; diesel-async then prepares it on every call, which is
+/// a second round trip and a new plan each time. The texts here are
+/// constants, so their statements are cached per connection like those of
+/// diesel's query builder (keyed by the SQL text and the bind types).
+struct Cached<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Cached<Q> {
+    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> QueryId for Cached<Q> {
+    type QueryId = ();
+    // No static id: the cache key is then the SQL text and bind types.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: Query> Query for Cached<Q> {
+    type SqlType = Q::SqlType;
+}
+
 /// Writes `rows` in one statement: `false` when a job with the same id or
 /// idempotency key exists, and nothing was written.
 pub(super) async fn insert_job(
@@ -77,7 +108,7 @@ pub(super) async fn insert_job(
         .unzip();
     let job = &rows.job;
     let creation = &rows.creation;
-    let inserted = diesel::sql_query(INSERT_JOB)
+    let statement = diesel::sql_query(INSERT_JOB)
         .bind::<Text, _>(job.id)
         .bind::<Text, _>(job.job_type)
         .bind::<Text, _>(job.workspace)
@@ -106,9 +137,8 @@ pub(super) async fn insert_job(
         .bind::<Integer, _>(creation.progress)
         .bind::<Text, _>(creation.message)
         .bind::<Text, _>(creation.actor)
-        .bind::<BigInt, _>(creation.at_ms)
-        .execute(conn)
-        .await?;
+        .bind::<BigInt, _>(creation.at_ms);
+    let inserted = Cached(statement).execute(conn).await?;
     Ok(inserted == 1)
 }
 
@@ -119,7 +149,7 @@ pub(super) async fn write_job_change(
     guard: &JobGuard<'_>,
     write: &JobWrite,
 ) -> QueryResult<Option<JobRow>> {
-    let mut rows: Vec<JobRow> = diesel::sql_query(WRITE_JOB_CHANGE)
+    let statement = diesel::sql_query(WRITE_JOB_CHANGE)
         .bind::<Text, _>(write.to_state.as_str())
         .bind::<BigInt, _>(write.at_ms)
         .bind::<Nullable<Integer>, _>(write.progress.map(|progress| i32::from(progress.get())))
@@ -134,9 +164,8 @@ pub(super) async fn write_job_change(
         .bind::<Text, _>(guard.state.as_str())
         .bind::<Nullable<BigInt>, _>(guard.version)
         .bind::<Text, _>(write.message.as_str())
-        .bind::<Text, _>(write.actor.as_str())
-        .load(conn)
-        .await?;
+        .bind::<Text, _>(write.actor.as_str());
+    let mut rows: Vec<JobRow> = Cached(statement).load(conn).await?;
     // The id is the primary key: at most one row.
     Ok(rows.pop())
 }
