@@ -352,7 +352,9 @@ async fn main() -> BenchResult<()> {
     for backend in ["postgres", "sqlite"] {
         let sqlite_dir = tempfile::tempdir()?;
         let mut databases = Vec::new();
-        for _ in 0..3 {
+        // One database per measurement: each daemon keeps its identity,
+        // sealed with a key from its own data directory, in the database.
+        for _ in 0..4 {
             databases.push(if backend == "postgres" {
                 TestDatabase::postgres().await?
             } else {
@@ -364,7 +366,7 @@ async fn main() -> BenchResult<()> {
         // others still say something.
         let lifecycles =
             grpc_per_second(&databases[0].url, Workload::Lifecycles, clients, seconds).await;
-        let refused = grpc_per_second(&databases[0].url, Workload::Refused, clients, seconds).await;
+        let refused = grpc_per_second(&databases[3].url, Workload::Refused, clients, seconds).await;
         let engine = engine_lifecycles_per_second(&databases[1].url, clients, seconds).await;
         let inserts = inserts_per_second(&databases[2].url, clients, seconds).await;
         if backend == "postgres" {
