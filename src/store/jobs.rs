@@ -179,14 +179,14 @@ impl Store {
         let labels_json = labels_json(job)?;
         let inserted = with_connection!(
             self,
-            sqlite | conn | {
+            sqlite = |conn| {
                 let (job, creation) = (job.clone(), creation.clone());
                 conn.spawn_blocking(move |conn| {
                     sqlite::insert_job(conn, &JobRows::of(&job, &creation, labels_json))
                 })
                 .await?
             },
-            postgres | conn | {
+            postgres = |conn| {
                 let rows = JobRows::of(job, creation, labels_json);
                 postgres::insert_job(conn, &rows).await?
             }
@@ -298,12 +298,12 @@ impl Store {
     ) -> Result<Option<JobRecord>, StoreError> {
         let row = with_connection!(
             self,
-            sqlite | conn | {
+            sqlite = |conn| {
                 let change = sqlite::OwnedChange::of(guard, write);
                 conn.spawn_blocking(move |conn| sqlite::write_job_change(conn, &change))
                     .await?
             },
-            postgres | conn | postgres::write_job_change(conn, guard, write).await?
+            postgres = |conn| postgres::write_job_change(conn, guard, write).await?
         );
         row.map(JobRecord::try_from).transpose()
     }

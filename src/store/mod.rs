@@ -27,15 +27,17 @@
 /// `jobs.rs`):
 ///
 /// ```text
-/// with_connection!(self,
-///     sqlite |conn| conn.spawn_blocking(move |conn| ...).await?,
-///     postgres |conn| diesel::sql_query(...).execute(conn).await?)
+/// with_connection!(
+///     self,
+///     sqlite = |conn| conn.spawn_blocking(move |conn| ...).await?,
+///     postgres = |conn| diesel::sql_query(...).execute(conn).await?
+/// )
 /// ```
 macro_rules! with_connection {
     ($store:expr, |$conn:ident| $body:expr) => {
-        with_connection!($store, sqlite | $conn | $body, postgres | $conn | $body)
+        with_connection!($store, sqlite = |$conn| $body, postgres = |$conn| $body)
     };
-    ($store:expr, sqlite |$sqlite:ident| $sqlite_body:expr, postgres |$postgres:ident| $postgres_body:expr) => {{
+    ($store:expr, sqlite = |$sqlite:ident| $sqlite_body:expr, postgres = |$postgres:ident| $postgres_body:expr) => {{
         // A turn first, in arrival order; then the pool cannot hand a
         // connection to a task that arrived later (bb8 lets a new `get` take
         // a connection just returned before a waiter wakes).
