@@ -11,9 +11,10 @@
 //! three calls is one committed write (the job row, label rows and creation
 //! entry, or the guarded update and its history entry). The goal is
 //! stated per pair of write calls, so beside the lifecycle ratio the report
-//! gives the pairs-equivalent ratio: calls/s / 2 / inserts/s. A last gRPC
-//! measurement, calls refused before the store, shows what every call pays
-//! before the coordinator's own work.
+//! gives the pairs-equivalent ratio: calls/s / 2 / inserts/s. Two more gRPC
+//! measurements show what every call pays before the coordinator's own work:
+//! calls refused before the store (with the API-key lookup) and health
+//! checks (without it).
 //!
 //! Run: `cargo run --release --example bench_jobs` (PostgreSQL from
 //! `MOSAIC_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`;
@@ -118,6 +119,26 @@ async fn refused_calls(
     Ok(())
 }
 
+/// One client's loop of `grpc.health.v1.Health/Check` calls, which need no
+/// API key and read no table, until `deadline`: the refused calls above less
+/// the API-key lookup.
+async fn health_checks(
+    channel: tonic::transport::Channel,
+    deadline: tokio::time::Instant,
+    done: Arc<AtomicU64>,
+) -> BenchResult<()> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    while tokio::time::Instant::now() < deadline {
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// What each gRPC client does in a measurement.
 #[derive(Clone, Copy)]
 enum Workload {
@@ -125,6 +146,8 @@ enum Workload {
     Lifecycles,
     /// Calls refused before the store; counts calls.
     Refused,
+    /// Health checks without an API key; counts calls.
+    Health,
 }
 
 /// `workload` units per second against a daemon on `database_url`.
@@ -148,6 +171,7 @@ async fn grpc_per_second(
     let generous = mosaic_mesh::ratelimit::RateLimitFileConfig {
         global_limit: Some(100_000_000),
         coordinator_limit: Some(100_000_000),
+        health_limit: Some(100_000_000),
         ..Default::default()
     };
     config.rate_limit =
@@ -178,7 +202,7 @@ async fn grpc_per_second(
         let channel =
             mosaic_mesh::tls::connect_channel(&url, Some(tls.clone()), ChannelTimeouts::default())
                 .await?;
-        let client = CoordinatorClient::new(channel);
+        let client = CoordinatorClient::new(channel.clone());
         workers.push(match workload {
             Workload::Lifecycles => {
                 tokio::spawn(lifecycles(client, key.clone(), deadline, done.clone()))
@@ -186,6 +210,7 @@ async fn grpc_per_second(
             Workload::Refused => {
                 tokio::spawn(refused_calls(client, key.clone(), deadline, done.clone()))
             }
+            Workload::Health => tokio::spawn(health_checks(channel, deadline, done.clone())),
         });
     }
     for worker in workers {
@@ -354,7 +379,7 @@ async fn main() -> BenchResult<()> {
         let mut databases = Vec::new();
         // One database per measurement: each daemon keeps its identity,
         // sealed with a key from its own data directory, in the database.
-        for _ in 0..4 {
+        for _ in 0..5 {
             databases.push(if backend == "postgres" {
                 TestDatabase::postgres().await?
             } else {
@@ -367,6 +392,7 @@ async fn main() -> BenchResult<()> {
         let lifecycles =
             grpc_per_second(&databases[0].url, Workload::Lifecycles, clients, seconds).await;
         let refused = grpc_per_second(&databases[3].url, Workload::Refused, clients, seconds).await;
+        let health = grpc_per_second(&databases[4].url, Workload::Health, clients, seconds).await;
         let engine = engine_lifecycles_per_second(&databases[1].url, clients, seconds).await;
         let inserts = inserts_per_second(&databases[2].url, clients, seconds).await;
         if backend == "postgres" {
@@ -376,7 +402,7 @@ async fn main() -> BenchResult<()> {
         for database in databases {
             database.cleanup().await?;
         }
-        rows.push((backend, lifecycles, engine, inserts, refused));
+        rows.push((backend, lifecycles, engine, inserts, refused, health));
     }
 
     println!();
@@ -393,7 +419,7 @@ async fn main() -> BenchResult<()> {
     );
     let mut failures = Vec::new();
     let mut floors = Vec::new();
-    for (backend, lifecycles, engine, inserts, refused) in rows {
+    for (backend, lifecycles, engine, inserts, refused, health) in rows {
         let mut figure = |name: &str, result: BenchResult<f64>| match result {
             Ok(value) => value,
             Err(error) => {
@@ -404,7 +430,12 @@ async fn main() -> BenchResult<()> {
         let lifecycles = figure("gRPC lifecycles", lifecycles);
         let engine = figure("engine lifecycles", engine);
         let inserts = figure("inserts", inserts);
-        floors.push((backend, figure("refused calls", refused), lifecycles * 3.0));
+        floors.push((
+            backend,
+            figure("refused calls", refused),
+            figure("health checks", health),
+            lifecycles * 3.0,
+        ));
         let calls = lifecycles * 3.0;
         println!(
             "{:<9} {:>12.0} {:>9.0} {:>10.0} {:>10.3} {:>10.3} {:>12.0} {:>10.3}",
@@ -418,14 +449,15 @@ async fn main() -> BenchResult<()> {
             engine / inserts
         );
     }
-    for (backend, refused, calls) in floors {
+    for (backend, refused, health, calls) in floors {
         // Each client runs one call at a time, so a call's wall time is
         // clients / rate; the difference is the coordinator's own work.
         let per_call_us = |rate: f64| clients as f64 / rate * 1e6;
         println!(
-            "{backend:<9} refused-before-store calls/s {refused:.0}: {:.0} us of a job call's {:.0} us",
+            "{backend:<9} per call at {clients} clients: job call {:.0} us, refused before store {:.0} us ({refused:.0}/s), health check {:.0} us ({health:.0}/s)",
+            per_call_us(calls),
             per_call_us(refused),
-            per_call_us(calls)
+            per_call_us(health),
         );
     }
     match pgbench {
@@ -444,8 +476,8 @@ async fn main() -> BenchResult<()> {
     println!("pair ratio = calls/s / 2 / inserts/s (the issue's CreateJob+CompleteJob pair).");
     println!("engine lc/s = the same lifecycles through coordinator::jobs::Jobs directly");
     println!("(no gRPC, TLS, authentication or rate limiting); engine lc = its lc ratio.");
-    println!("refused-before-store = GetJob with an empty id (INVALID_ARGUMENT) over gRPC+TLS:");
-    println!("TLS, HTTP/2, the API-key lookup and rate limiting, no job work; its wall time");
-    println!("per call at the same concurrency beside a job call's.");
+    println!("refused before store = GetJob with an empty id (INVALID_ARGUMENT) over gRPC+TLS:");
+    println!("TLS, HTTP/2, the API-key lookup and rate limiting, no job work. health check =");
+    println!("grpc.health.v1 Check: the same without an API key. Per call = clients / rate.");
     Ok(())
 }
