@@ -236,8 +236,10 @@ impl Jobs {
         change: JobChange,
         actor: &str,
     ) -> Result<JobRecord, CoordinatorError> {
-        validate_job_id(job_id)?;
+        // In this order, as before the write without a read: a request with
+        // both wrong gets the same message.
         validate_change(&change, self.max_payload_bytes)?;
+        validate_job_id(job_id)?;
         if let Some(source) = state::sole_source(&change) {
             let guard = JobGuard {
                 job_id,
