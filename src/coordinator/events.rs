@@ -39,10 +39,20 @@ impl Default for JobEvents {
 }
 
 impl JobEvents {
-    /// Announces a committed change to every current subscriber.
-    pub fn publish(&self, job: JobRecord, entry: JobHistoryRecord) {
-        // No subscriber is the common case, not an error.
-        let _ = self.sender.send(Arc::new(JobEvent { job, entry }));
+    /// Announces a committed change to every current subscriber. With none
+    /// (the common case: nobody watches) the job is not even copied; a
+    /// watcher that subscribes later reads the job after subscribing, so it
+    /// misses nothing.
+    pub fn publish(&self, job: &JobRecord, entry: JobHistoryRecord) {
+        if self.sender.receiver_count() == 0 {
+            return;
+        }
+        // A watcher that went away between the count and the send is not an
+        // error either.
+        let _ = self.sender.send(Arc::new(JobEvent {
+            job: job.clone(),
+            entry,
+        }));
     }
 
     /// A receiver of every change published from now on.

@@ -13,13 +13,13 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 
 use super::events::JobEvents;
-use super::state::{self, JobChange};
+use super::state::{self, JobChange, JobWrite};
 use super::webhook;
 use super::{CoordinatorError, CoordinatorState};
 use crate::clock::now_ms;
 use crate::config::{CoordinatorConfig, WebhookSource};
 use crate::store::{
-    DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord, Store, StoreError,
+    DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, Store, StoreError,
 };
 
 /// How often a change that lost a race is retried before the caller is told
@@ -134,12 +134,10 @@ impl Jobs {
         actor: &str,
     ) -> Result<(JobRecord, bool), CoordinatorError> {
         validate_new_job(&new_job, self.max_payload_bytes)?;
+        // No read first: the insert itself finds a used key (a conflict, and
+        // nothing written), so a new job costs one write and a retried
+        // create one write and one read.
         let key = Some(new_job.idempotency_key.clone()).filter(|key| !key.is_empty());
-        if let Some(key) = &key
-            && let Some(existing) = self.store.find_job_by_idempotency_key(key).await?
-        {
-            return Ok((existing, false));
-        }
         let mut job = JobRecord::new_pending(new_job_id(), new_job.job_type, now_ms());
         job.workspace = new_job.workspace;
         job.payload_json = new_job.payload_json;
@@ -153,11 +151,12 @@ impl Jobs {
         drop(turn);
         match inserted {
             Ok(()) => {
-                self.events.publish(job.clone(), creation);
+                self.events.publish(&job, creation);
                 Ok((job, true))
             }
             Err(StoreError::Conflict(conflict)) => {
-                // A concurrent create with the same key committed first.
+                // An earlier or concurrent create with the same key committed
+                // first.
                 let existing = match &key {
                     Some(key) => self.store.find_job_by_idempotency_key(key).await?,
                     None => None,
@@ -225,31 +224,70 @@ impl Jobs {
     }
 
     /// Applies `change` to the job, committed before this returns.
+    ///
+    /// A change that is legal from one state only (start, attach, complete)
+    /// is written at once, guarded by that state; the job is read only when
+    /// the guard fails, to name the reason or to find that it has just moved
+    /// into that state. Every other change reads the job, asks the state
+    /// machine, and is written guarded by the version it read.
     pub async fn change(
         &self,
         job_id: &str,
         change: JobChange,
         actor: &str,
     ) -> Result<JobRecord, CoordinatorError> {
+        // In this order, as before the write without a read: a request with
+        // both wrong gets the same message.
         validate_change(&change, self.max_payload_bytes)?;
+        validate_job_id(job_id)?;
+        if let Some(source) = state::sole_source(&change) {
+            let guard = JobGuard {
+                job_id,
+                state: source,
+                version: None,
+            };
+            let write = state::write_of(&change, actor, now_ms());
+            if let Some(job) = self.write_change(&guard, &write).await? {
+                return Ok(job);
+            }
+        }
         for _ in 0..MAX_CHANGE_ATTEMPTS {
             let job = self.get(job_id).await?;
-            let (next, entry) = state::apply(&job, &change, actor, now_ms())?;
-            let turn = self.write_turn().await;
-            let updated = self.store.update_job(job.version, &next, &entry).await?;
-            drop(turn);
-            if updated {
-                tracing::debug!(
-                    job.id = %next.id,
-                    job.state = %next.state,
-                    sequence = entry.sequence,
-                    "job changed"
-                );
-                self.events.publish(next.clone(), entry);
-                return Ok(next);
+            state::check(&job, &change)?;
+            let guard = JobGuard {
+                job_id,
+                state: job.state,
+                version: Some(job.version),
+            };
+            let write = state::write_of(&change, actor, now_ms());
+            if let Some(job) = self.write_change(&guard, &write).await? {
+                return Ok(job);
             }
         }
         Err(CoordinatorError::Contention)
+    }
+
+    /// Writes one change under `guard` and publishes it: the job as written,
+    /// or `None` when the stored job did not match the guard.
+    async fn write_change(
+        &self,
+        guard: &JobGuard<'_>,
+        write: &JobWrite,
+    ) -> Result<Option<JobRecord>, CoordinatorError> {
+        let turn = self.write_turn().await;
+        let written = self.store.write_job_change(guard, write).await?;
+        drop(turn);
+        if let Some(job) = &written {
+            let entry = write.entry(job, guard.state);
+            tracing::debug!(
+                job.id = %job.id,
+                job.state = %job.state,
+                sequence = entry.sequence,
+                "job changed"
+            );
+            self.events.publish(job, entry);
+        }
+        Ok(written)
     }
 
     /// The RUNNING jobs that follow a local agent.
@@ -348,7 +386,7 @@ impl Jobs {
                     "webhook delivery recorded"
                 );
                 let job = job.map(|(job, creation)| {
-                    self.events.publish(job.clone(), creation);
+                    self.events.publish(&job, creation);
                     job
                 });
                 Ok(DeliveryResult {

@@ -204,6 +204,166 @@ pub enum TransitionError {
     },
 }
 
+/// What a legal change writes into a job, whatever else the job holds. The
+/// store applies it to the stored row (and adds one to the version); `apply`
+/// applies it to a job in memory. Both therefore write the same fields.
+///
+/// `None` leaves a field as it is: no change ever clears one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobWrite {
+    /// The state after the change (RUNNING for progress, which keeps it).
+    pub to_state: JobState,
+    pub progress: Option<Percent>,
+    pub progress_message: Option<String>,
+    pub result_json: Option<String>,
+    pub error: Option<String>,
+    pub agent_id: Option<String>,
+    pub peer_instance_id: Option<String>,
+    pub started_at_ms: Option<i64>,
+    pub ended_at_ms: Option<i64>,
+    /// The job's new `updated_at_ms` and the history entry's time.
+    pub at_ms: i64,
+    /// The history entry's message.
+    pub message: String,
+    /// The history entry's actor.
+    pub actor: String,
+}
+
+impl JobWrite {
+    /// The history entry that records this write: `job_after` is the job
+    /// with it applied (its version is the entry's sequence), `from` the
+    /// state the job was in.
+    pub fn entry(&self, job_after: &JobRecord, from: JobState) -> JobHistoryRecord {
+        JobHistoryRecord {
+            job_id: job_after.id.clone(),
+            sequence: job_after.version,
+            from_state: Some(from),
+            to_state: job_after.state,
+            progress: job_after.progress,
+            message: self.message.clone(),
+            actor: self.actor.clone(),
+            at_ms: self.at_ms,
+        }
+    }
+
+    /// `job` with this write applied and its version one higher.
+    fn applied_to(&self, job: &JobRecord) -> JobRecord {
+        let mut next = job.clone();
+        next.state = self.to_state;
+        let set = |field: &mut String, value: &Option<String>| {
+            if let Some(value) = value {
+                field.clone_from(value);
+            }
+        };
+        if let Some(progress) = self.progress {
+            next.progress = progress;
+        }
+        set(&mut next.progress_message, &self.progress_message);
+        set(&mut next.result_json, &self.result_json);
+        set(&mut next.error, &self.error);
+        set(&mut next.agent_id, &self.agent_id);
+        set(&mut next.peer_instance_id, &self.peer_instance_id);
+        next.started_at_ms = self.started_at_ms.or(job.started_at_ms);
+        next.ended_at_ms = self.ended_at_ms.or(job.ended_at_ms);
+        next.version = job.version + 1;
+        next.updated_at_ms = self.at_ms;
+        next
+    }
+}
+
+/// What `change` writes when it is legal, at `now_ms` by `actor`. Pure: it
+/// does not say whether the change is legal; `check` does.
+pub fn write_of(change: &JobChange, actor: &str, now_ms: i64) -> JobWrite {
+    let to_state = change.target().unwrap_or(JobState::Running);
+    let mut write = JobWrite {
+        to_state,
+        progress: None,
+        progress_message: None,
+        result_json: None,
+        error: None,
+        agent_id: None,
+        peer_instance_id: None,
+        started_at_ms: None,
+        ended_at_ms: to_state.is_terminal().then_some(now_ms),
+        at_ms: now_ms,
+        message: String::new(),
+        actor: actor.to_owned(),
+    };
+    match change {
+        JobChange::Progress { percent, message } => {
+            write.progress = Some(*percent);
+            write.progress_message = Some(message.clone());
+            write.message.clone_from(message);
+        }
+        JobChange::Start { message } => {
+            write.started_at_ms = Some(now_ms);
+            write.message.clone_from(message);
+        }
+        JobChange::AttachAgent {
+            agent_id,
+            peer_instance_id,
+        } => {
+            write.started_at_ms = Some(now_ms);
+            write.agent_id = Some(agent_id.clone());
+            write.peer_instance_id = Some(peer_instance_id.clone());
+            write.message = if peer_instance_id.is_empty() {
+                format!("agent {agent_id} started")
+            } else {
+                format!("agent {agent_id} started on peer {peer_instance_id}")
+            };
+        }
+        JobChange::Complete { result_json } => {
+            write.progress = Some(Percent::COMPLETE);
+            write.result_json = Some(result_json.clone());
+        }
+        JobChange::Fail { error } => {
+            write.error = Some(error.clone());
+            write.message.clone_from(error);
+        }
+        JobChange::Cancel { reason } => {
+            write.message.clone_from(reason);
+        }
+    }
+    write
+}
+
+/// Whether `change` is legal for `job` as it is; nothing is changed.
+pub fn check(job: &JobRecord, change: &JobChange) -> Result<(), TransitionError> {
+    let from = job.state;
+    if let JobChange::Progress { percent, .. } = change {
+        if from != JobState::Running {
+            return Err(TransitionError::ProgressNotRunning { state: from });
+        }
+        if *percent < job.progress {
+            return Err(TransitionError::ProgressBackwards {
+                current: job.progress.get(),
+                requested: percent.get(),
+            });
+        }
+        return Ok(());
+    }
+    match change.target() {
+        Some(to) if !from.can_move_to(to) => Err(TransitionError::Illegal { from, to }),
+        _ => Ok(()),
+    }
+}
+
+/// The one state `change` is legal from whatever else the job holds, if
+/// there is exactly one: such a change can be written guarded by the stored
+/// state alone, without reading the job first (start and attach from
+/// PENDING, complete from RUNNING). `None` for progress, which also depends
+/// on the current progress, and for fail and cancel, legal from two states.
+pub fn sole_source(change: &JobChange) -> Option<JobState> {
+    let to = change.target()?;
+    let mut sources = JobState::ALL
+        .into_iter()
+        .filter(|from| from.can_move_to(to));
+    match (sources.next(), sources.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
 /// Applies `change` to `job`: the job as it is after the change and the
 /// history entry that records it, or why the change is refused.
 ///
@@ -216,76 +376,10 @@ pub fn apply(
     actor: &str,
     now_ms: i64,
 ) -> Result<(JobRecord, JobHistoryRecord), TransitionError> {
-    let from = job.state;
-    let mut next = job.clone();
-    let message = match change {
-        JobChange::Progress { percent, message } => {
-            if from != JobState::Running {
-                return Err(TransitionError::ProgressNotRunning { state: from });
-            }
-            if *percent < job.progress {
-                return Err(TransitionError::ProgressBackwards {
-                    current: job.progress.get(),
-                    requested: percent.get(),
-                });
-            }
-            next.progress = *percent;
-            next.progress_message = message.clone();
-            message.clone()
-        }
-        JobChange::Start { message } => {
-            check_edge(from, JobState::Running)?;
-            next.started_at_ms = Some(now_ms);
-            message.clone()
-        }
-        JobChange::AttachAgent {
-            agent_id,
-            peer_instance_id,
-        } => {
-            check_edge(from, JobState::Running)?;
-            next.started_at_ms = Some(now_ms);
-            next.agent_id = agent_id.clone();
-            next.peer_instance_id = peer_instance_id.clone();
-            if peer_instance_id.is_empty() {
-                format!("agent {agent_id} started")
-            } else {
-                format!("agent {agent_id} started on peer {peer_instance_id}")
-            }
-        }
-        JobChange::Complete { result_json } => {
-            check_edge(from, JobState::Completed)?;
-            next.progress = Percent::COMPLETE;
-            next.result_json = result_json.clone();
-            String::new()
-        }
-        JobChange::Fail { error } => {
-            check_edge(from, JobState::Failed)?;
-            next.error = error.clone();
-            error.clone()
-        }
-        JobChange::Cancel { reason } => {
-            check_edge(from, JobState::Cancelled)?;
-            reason.clone()
-        }
-    };
-    if let Some(to) = change.target() {
-        next.state = to;
-        if to.is_terminal() {
-            next.ended_at_ms = Some(now_ms);
-        }
-    }
-    next.version = job.version + 1;
-    next.updated_at_ms = now_ms;
-    let entry = JobHistoryRecord {
-        job_id: job.id.clone(),
-        sequence: next.version,
-        from_state: Some(from),
-        to_state: next.state,
-        progress: next.progress,
-        message,
-        actor: actor.to_owned(),
-        at_ms: now_ms,
-    };
+    check(job, change)?;
+    let write = write_of(change, actor, now_ms);
+    let next = write.applied_to(job);
+    let entry = write.entry(&next, job.state);
     Ok((next, entry))
 }
 
@@ -300,14 +394,6 @@ pub fn creation_entry(job: &JobRecord, actor: &str) -> JobHistoryRecord {
         message: String::new(),
         actor: actor.to_owned(),
         at_ms: job.created_at_ms,
-    }
-}
-
-fn check_edge(from: JobState, to: JobState) -> Result<(), TransitionError> {
-    if from.can_move_to(to) {
-        Ok(())
-    } else {
-        Err(TransitionError::Illegal { from, to })
     }
 }
 
@@ -572,6 +658,48 @@ mod tests {
             assert_eq!(JobState::parse(&state.as_str().to_lowercase()), Some(state));
         }
         assert_eq!(JobState::parse("DONE"), None);
+    }
+
+    #[test]
+    fn a_change_with_a_sole_source_is_legal_exactly_from_it() {
+        assert_eq!(
+            sole_source(&JobChange::Start {
+                message: String::new()
+            }),
+            Some(JobState::Pending)
+        );
+        assert_eq!(
+            sole_source(&JobChange::Complete {
+                result_json: String::new()
+            }),
+            Some(JobState::Running)
+        );
+        assert_eq!(
+            sole_source(&JobChange::Fail {
+                error: String::new()
+            }),
+            None
+        );
+        assert_eq!(
+            sole_source(&JobChange::Progress {
+                percent: Percent(1),
+                message: String::new()
+            }),
+            None
+        );
+        // The store writes such a change guarded by the state alone, so the
+        // state alone must decide, whatever the progress.
+        for change in every_change() {
+            let Some(source) = sole_source(&change) else {
+                continue;
+            };
+            for from in JobState::ALL {
+                for progress in [0, 40, 100] {
+                    let legal = check(&job_in(from, progress), &change).is_ok();
+                    assert_eq!(legal, from == source, "{change:?} from {from}");
+                }
+            }
+        }
     }
 
     #[test]

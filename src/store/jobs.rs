@@ -1,12 +1,22 @@
 //! Queries for coordinator jobs: creating a job with its first history entry,
-//! changing it under a version check, reading, listing and paging, and
-//! recording webhook deliveries.
+//! changing it under a guard, reading, listing and paging, and recording
+//! webhook deliveries.
 //!
-//! Every change is a conditional `UPDATE ... WHERE id = ? AND version = ?` in
-//! one transaction with its history insert, so of two racing changes exactly
-//! one is written and the other sees that the job moved on. Each transaction
-//! writes before it reads: a SQLite transaction that read first could fail at
-//! once on a concurrent writer instead of waiting for it.
+//! Every change is a conditional `UPDATE ... WHERE id = ? AND state = ?`
+//! (and `AND version = ?` when the caller read the job first) written
+//! atomically with its history entry, so of two racing changes exactly one is
+//! written and the other sees that the job moved on.
+//!
+//! The two writes on the hot path of the coordinator, creating a job and
+//! changing one, cost one database round trip each: on PostgreSQL one SQL
+//! statement (data-modifying CTEs; a statement outside an explicit
+//! transaction is atomic on its own), on SQLite one blocking call that runs
+//! `BEGIN IMMEDIATE`, the statements and `COMMIT` on the connection's thread.
+//! They are therefore written once per backend, unlike the other queries
+//! here; the unit tests below run each on both.
+
+mod postgres;
+mod sqlite;
 
 use std::collections::BTreeMap;
 
@@ -15,7 +25,7 @@ use diesel_async::{AsyncConnection as _, RunQueryDsl};
 
 use super::schema::{job_history, job_labels, jobs, webhook_deliveries};
 use super::{Store, StoreError};
-use crate::coordinator::state::{JobState, Percent};
+use crate::coordinator::state::{JobState, JobWrite, Percent};
 
 /// Inserts a job's row, label rows and creation entry on `$conn`, inside the
 /// caller's transaction. A macro because it runs on either backend's
@@ -136,6 +146,17 @@ pub struct JobCursor {
     pub id: String,
 }
 
+/// Which stored job `write_job_change` may change: the one with this id, in
+/// this state and, when `version` is set, at this version. Without a version
+/// the state alone decides, which is right only for a change whose legality
+/// depends on the state alone (see `coordinator::state::sole_source`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobGuard<'a> {
+    pub job_id: &'a str,
+    pub state: JobState,
+    pub version: Option<i64>,
+}
+
 /// What `record_webhook_delivery` did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DeliveryOutcome {
@@ -147,22 +168,36 @@ pub enum DeliveryOutcome {
 }
 
 impl Store {
-    /// Writes a new job, its labels and its creation entry in one
-    /// transaction. `StoreError::Conflict` if a job already has its
+    /// Writes a new job, its labels and its creation entry atomically, in
+    /// one round trip. `StoreError::Conflict` if a job already has its
     /// idempotency key (or its id); nothing is written then.
     pub async fn insert_job(
         &self,
         job: &JobRecord,
         creation: &JobHistoryRecord,
     ) -> Result<(), StoreError> {
-        let rows = JobRows::of(job, creation)?;
-        with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
-                insert_job_rows!(conn, rows);
-                Ok(())
-            })
-            .await
-        })
+        let labels_json = labels_json(job)?;
+        let inserted = with_connection!(
+            self,
+            sqlite = |conn| {
+                let (job, creation) = (job.clone(), creation.clone());
+                conn.spawn_blocking(move |conn| {
+                    sqlite::insert_job(conn, &JobRows::of(&job, &creation, labels_json))
+                })
+                .await?
+            },
+            postgres = |conn| {
+                let rows = JobRows::of(job, creation, labels_json);
+                postgres::insert_job(conn, &rows).await?
+            }
+        );
+        if inserted {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(
+                "a job with this id or idempotency key already exists".to_owned(),
+            ))
+        }
     }
 
     /// Records a webhook delivery of `source` and, unless the delivery is
@@ -177,7 +212,9 @@ impl Store {
         now_ms: i64,
     ) -> Result<DeliveryOutcome, StoreError> {
         let rows = job
-            .map(|(job, creation)| JobRows::of(job, creation))
+            .map(|(job, creation)| {
+                Ok::<_, StoreError>(JobRows::of(job, creation, labels_json(job)?))
+            })
             .transpose()?;
         let delivery = NewDeliveryRow {
             source,
@@ -249,51 +286,26 @@ impl Store {
         row.map(JobRecord::try_from).transpose()
     }
 
-    /// Writes `job` (its changed fields, new version) and `entry`, only if
-    /// the stored job still has `expected_version`. `Ok(false)`: it did not,
-    /// and nothing was written; `StoreError::NotFound` is never returned for
-    /// that, the caller re-reads.
-    pub async fn update_job(
+    /// Applies `write` to the job `guard` names, with its history entry
+    /// (from `guard.state`, sequence the new version), atomically and in one
+    /// round trip: the job as written, or `None` when no stored job matched
+    /// the guard and nothing was written (it does not exist, or it is in
+    /// another state or at another version; the caller reads it to know).
+    pub async fn write_job_change(
         &self,
-        expected_version: i64,
-        job: &JobRecord,
-        entry: &JobHistoryRecord,
-    ) -> Result<bool, StoreError> {
-        let changes = JobChangeset {
-            state: job.state.as_str(),
-            progress: i32::from(job.progress.get()),
-            progress_message: &job.progress_message,
-            result_json: &job.result_json,
-            error: &job.error,
-            agent_id: &job.agent_id,
-            peer_instance_id: &job.peer_instance_id,
-            version: job.version,
-            updated_at_ms: job.updated_at_ms,
-            started_at_ms: job.started_at_ms,
-            ended_at_ms: job.ended_at_ms,
-        };
-        let history = NewHistoryRow::of(entry);
-        with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
-                let updated = diesel::update(
-                    jobs::table
-                        .filter(jobs::id.eq(&job.id))
-                        .filter(jobs::version.eq(expected_version)),
-                )
-                .set(&changes)
-                .execute(conn)
-                .await?;
-                if updated == 0 {
-                    return Ok(false);
-                }
-                diesel::insert_into(job_history::table)
-                    .values(&history)
-                    .execute(conn)
-                    .await?;
-                Ok(true)
-            })
-            .await
-        })
+        guard: &JobGuard<'_>,
+        write: &JobWrite,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let row = with_connection!(
+            self,
+            sqlite = |conn| {
+                let change = sqlite::OwnedChange::of(guard, write);
+                conn.spawn_blocking(move |conn| sqlite::write_job_change(conn, &change))
+                    .await?
+            },
+            postgres = |conn| postgres::write_job_change(conn, guard, write).await?
+        );
+        row.map(JobRecord::try_from).transpose()
     }
 
     /// The job's history entries with a sequence above `after_sequence`,
@@ -419,9 +431,8 @@ struct JobRows<'a> {
 }
 
 impl<'a> JobRows<'a> {
-    fn of(job: &'a JobRecord, creation: &'a JobHistoryRecord) -> Result<Self, StoreError> {
-        let labels_json = serde_json::to_string(&job.labels).map_err(StoreError::unencodable)?;
-        Ok(JobRows {
+    fn of(job: &'a JobRecord, creation: &'a JobHistoryRecord, labels_json: String) -> Self {
+        JobRows {
             job: NewJobRow {
                 id: &job.id,
                 job_type: &job.job_type,
@@ -454,8 +465,13 @@ impl<'a> JobRows<'a> {
                 })
                 .collect(),
             creation: NewHistoryRow::of(creation),
-        })
+        }
     }
+}
+
+/// The job's labels as the JSON object stored in `jobs.labels_json`.
+fn labels_json(job: &JobRecord) -> Result<String, StoreError> {
+    serde_json::to_string(&job.labels).map_err(StoreError::unencodable)
 }
 
 #[derive(Insertable)]
@@ -478,22 +494,6 @@ struct NewJobRow<'a> {
     idempotency_key: Option<&'a str>,
     version: i64,
     created_at_ms: i64,
-    updated_at_ms: i64,
-    started_at_ms: Option<i64>,
-    ended_at_ms: Option<i64>,
-}
-
-#[derive(AsChangeset)]
-#[diesel(table_name = jobs, treat_none_as_null = true)]
-struct JobChangeset<'a> {
-    state: &'static str,
-    progress: i32,
-    progress_message: &'a str,
-    result_json: &'a str,
-    error: &'a str,
-    agent_id: &'a str,
-    peer_instance_id: &'a str,
-    version: i64,
     updated_at_ms: i64,
     started_at_ms: Option<i64>,
     ended_at_ms: Option<i64>,
@@ -544,7 +544,7 @@ struct NewDeliveryRow<'a> {
     received_at_ms: i64,
 }
 
-#[derive(Queryable, Selectable)]
+#[derive(Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = jobs, check_for_backend(diesel::sqlite::Sqlite, diesel::pg::Pg))]
 struct JobRow {
     id: String,
@@ -643,8 +643,16 @@ impl TryFrom<HistoryRow> for JobHistoryRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coordinator::state::{JobChange, apply, creation_entry};
+    use crate::coordinator::state::{JobChange, apply, creation_entry, write_of};
     use crate::store::testing::test_on_both_backends;
+
+    fn guarded(job_id: &str, state: JobState, version: Option<i64>) -> JobGuard<'_> {
+        JobGuard {
+            job_id,
+            state,
+            version,
+        }
+    }
 
     fn job(id: &str, created_at_ms: i64) -> JobRecord {
         let mut job = JobRecord::new_pending(id.to_owned(), "review".to_owned(), created_at_ms);
@@ -676,16 +684,18 @@ mod tests {
                 .expect("find by key"),
             Some(created.clone())
         );
-        let (started, entry) = apply(
-            &created,
-            &JobChange::Start {
-                message: "go".to_owned(),
-            },
-            "worker",
-            2_000,
-        )
-        .expect("legal");
-        assert!(store.update_job(1, &started, &entry).await.expect("update"));
+        let start = JobChange::Start {
+            message: "go".to_owned(),
+        };
+        let (started, entry) = apply(&created, &start, "worker", 2_000).expect("legal");
+        let written = store
+            .write_job_change(
+                &guarded("a", JobState::Pending, Some(1)),
+                &write_of(&start, "worker", 2_000),
+            )
+            .await
+            .expect("update");
+        assert_eq!(written, Some(started.clone()));
         assert_eq!(store.find_job("a").await.expect("find"), Some(started));
         let history = store.job_history("a", 0).await.expect("history");
         assert_eq!(history.len(), 2);
@@ -696,18 +706,103 @@ mod tests {
     async fn a_stale_version_writes_nothing(store: Store) {
         let created = job("a", 1_000);
         insert(&store, &created).await;
-        let (started, entry) = apply(
-            &created,
+        let start = write_of(
             &JobChange::Start {
                 message: String::new(),
             },
             "worker",
             2_000,
-        )
-        .expect("legal");
-        assert!(!store.update_job(7, &started, &entry).await.expect("update"));
+        );
+        for guard in [
+            guarded("a", JobState::Pending, Some(7)),
+            guarded("a", JobState::Running, Some(1)),
+            guarded("a", JobState::Running, None),
+            guarded("missing", JobState::Pending, None),
+        ] {
+            let written = store
+                .write_job_change(&guard, &start)
+                .await
+                .expect("update");
+            assert_eq!(written, None, "{guard:?}");
+        }
         assert_eq!(store.find_job("a").await.expect("find"), Some(created));
         assert_eq!(store.job_history("a", 0).await.expect("history").len(), 1);
+    }
+
+    async fn a_change_guarded_by_state_alone_is_written_with_its_entry(store: Store) {
+        let created = job("a", 1_000);
+        insert(&store, &created).await;
+        let start = JobChange::Start {
+            message: "go".to_owned(),
+        };
+        let complete = JobChange::Complete {
+            result_json: "{\"ok\":true}".to_owned(),
+        };
+        let (started, start_entry) = apply(&created, &start, "worker", 2_000).expect("legal");
+        let (completed, complete_entry) =
+            apply(&started, &complete, "worker", 3_000).expect("legal");
+        for (from, change, at_ms, expected) in [
+            (JobState::Pending, &start, 2_000, &started),
+            (JobState::Running, &complete, 3_000, &completed),
+        ] {
+            let written = store
+                .write_job_change(
+                    &guarded("a", from, None),
+                    &write_of(change, "worker", at_ms),
+                )
+                .await
+                .expect("update");
+            assert_eq!(written.as_ref(), Some(expected));
+        }
+        // The same complete again matches no RUNNING job: nothing is written.
+        let again = store
+            .write_job_change(
+                &guarded("a", JobState::Running, None),
+                &write_of(&complete, "worker", 4_000),
+            )
+            .await
+            .expect("update");
+        assert_eq!(again, None);
+        assert_eq!(
+            store.job_history("a", 0).await.expect("history"),
+            vec![
+                creation_entry(&created, "tester"),
+                start_entry,
+                complete_entry
+            ]
+        );
+    }
+
+    async fn of_racing_changes_guarded_by_state_exactly_one_is_written(store: Store) {
+        let created = job("a", 1_000);
+        insert(&store, &created).await;
+        let start = write_of(
+            &JobChange::Start {
+                message: String::new(),
+            },
+            "worker",
+            2_000,
+        );
+        let racers = (0..8).map(|index| {
+            let store = store.clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                let written = store
+                    .write_job_change(&guarded("a", JobState::Pending, None), &start)
+                    .await
+                    .expect("update");
+                (index, written.is_some())
+            })
+        });
+        let mut winners = Vec::new();
+        for racer in racers.collect::<Vec<_>>() {
+            let (index, won) = racer.await.expect("join");
+            if won {
+                winners.push(index);
+            }
+        }
+        assert_eq!(winners.len(), 1, "{winners:?}");
+        assert_eq!(store.job_history("a", 0).await.expect("history").len(), 2);
     }
 
     async fn a_reused_idempotency_key_conflicts(store: Store) {
@@ -829,6 +924,8 @@ mod tests {
     test_on_both_backends!(
         a_job_round_trips_with_its_history,
         a_stale_version_writes_nothing,
+        a_change_guarded_by_state_alone_is_written_with_its_entry,
+        of_racing_changes_guarded_by_state_exactly_one_is_written,
         a_reused_idempotency_key_conflicts,
         lists_filter_and_page_newest_first,
         a_webhook_delivery_is_recorded_once,

@@ -21,8 +21,23 @@
 ///     api_keys::table.count().get_result::<i64>(conn).await?
 /// });
 /// ```
+///
+/// The second form gives each backend its own body, for the few writes that
+/// are one SQL statement on PostgreSQL and one blocking call on SQLite (see
+/// `jobs.rs`):
+///
+/// ```text
+/// with_connection!(
+///     self,
+///     sqlite = |conn| conn.spawn_blocking(move |conn| ...).await?,
+///     postgres = |conn| diesel::sql_query(...).execute(conn).await?
+/// )
+/// ```
 macro_rules! with_connection {
-    ($store:expr, |$conn:ident| $body:expr) => {{
+    ($store:expr, |$conn:ident| $body:expr) => {
+        with_connection!($store, sqlite = |$conn| $body, postgres = |$conn| $body)
+    };
+    ($store:expr, sqlite = |$sqlite:ident| $sqlite_body:expr, postgres = |$postgres:ident| $postgres_body:expr) => {{
         // A turn first, in arrival order; then the pool cannot hand a
         // connection to a task that arrived later (bb8 lets a new `get` take
         // a connection just returned before a waiter wakes).
@@ -30,13 +45,13 @@ macro_rules! with_connection {
         match &$store.pools {
             $crate::store::Pools::Sqlite(pool) => {
                 let mut pooled = pool.get().await?;
-                let $conn: &mut $crate::store::pools::SqliteConnection = &mut pooled;
-                $body
+                let $sqlite: &mut $crate::store::pools::SqliteConnection = &mut pooled;
+                $sqlite_body
             }
             $crate::store::Pools::Postgres(pool) => {
                 let mut pooled = pool.get().await?;
-                let $conn: &mut $crate::store::pools::PostgresConnection = &mut pooled;
-                $body
+                let $postgres: &mut $crate::store::pools::PostgresConnection = &mut pooled;
+                $postgres_body
             }
         }
     }};
@@ -111,7 +126,7 @@ pub use federation::{
     ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
 };
 pub use identity::{InstanceKeyRecord, InstanceRecord};
-pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobHistoryRecord, JobRecord};
+pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord};
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};

@@ -1508,8 +1508,8 @@ async fn a_dispatched_job_is_not_left_running_after_a_restart_on_postgres() {
 
 async fn a_start_ends_running_jobs_whose_agents_ended_while_down(backend: Backend) {
     use mosaic_mesh::agents::{AgentRecord, AgentState, Origin};
-    use mosaic_mesh::coordinator::state::{JobChange, apply, creation_entry};
-    use mosaic_mesh::store::JobRecord;
+    use mosaic_mesh::coordinator::state::{JobChange, JobState, creation_entry, write_of};
+    use mosaic_mesh::store::{JobGuard, JobRecord};
 
     // As a crash leaves them: a RUNNING job whose agent ended (FAILED) while
     // no daemon followed it.
@@ -1549,8 +1549,16 @@ async fn a_start_ends_running_jobs_whose_agents_ended_while_down(backend: Backen
         agent_id: agent.id.clone(),
         peer_instance_id: String::new(),
     };
-    let (running, entry) = apply(&pending, &attach, "system", now).expect("attach");
-    assert!(store.update_job(1, &running, &entry).await.expect("update"));
+    let guard = JobGuard {
+        job_id: &pending.id,
+        state: JobState::Pending,
+        version: Some(1),
+    };
+    let running = store
+        .write_job_change(&guard, &write_of(&attach, "system", now))
+        .await
+        .expect("update");
+    assert!(running.is_some());
 
     let daemon = environment
         .start_with(crate::support::agents::agent_config(&environment))

@@ -1,0 +1,171 @@
+//! The coordinator's two hot-path writes on PostgreSQL, each one SQL
+//! statement and so one round trip: a statement run outside an explicit
+//! transaction is atomic on its own, and the data-modifying CTEs in it see
+//! each other's rows (the foreign keys are checked at the end of the
+//! statement).
+
+use diesel::QueryResult;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
+use diesel_async::RunQueryDsl;
+
+use super::{JobGuard, JobRow, JobRows};
+use crate::coordinator::state::JobWrite;
+use crate::store::pools::PostgresConnection;
+
+/// The job row, its label rows and its creation entry. `ON CONFLICT DO
+/// NOTHING` covers the id and the idempotency key: on a conflict no job row is
+/// returned, so no label or history row is written either, and the statement
+/// reports 0 rows.
+const INSERT_JOB: &str = "\
+WITH job AS (
+    INSERT INTO jobs (id, job_type, workspace, payload_json, priority, labels_json,
+        state, progress, progress_message, result_json, error, created_by, agent_id,
+        peer_instance_id, idempotency_key, version, created_at_ms, updated_at_ms,
+        started_at_ms, ended_at_ms)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+        $17, $18, $19, $20)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), labels AS (
+    INSERT INTO job_labels (job_id, name, value)
+    SELECT job.id, label.name, label.value
+    FROM job, unnest($21::text[], $22::text[]) AS label (name, value)
+)
+INSERT INTO job_history (job_id, sequence, from_state, to_state, progress, message,
+    actor, at_ms)
+SELECT id, $23, $24, $25, $26, $27, $28, $29 FROM job";
+
+/// A change under its guard and its history entry. `COALESCE` keeps the
+/// fields the change leaves alone (a NULL parameter); `version = COALESCE($13,
+/// version)` is no condition when the guard has no version. Under a
+/// concurrent change of the same row PostgreSQL waits for it and evaluates the
+/// WHERE clause again on the row it wrote, so of two racing changes only one
+/// matches.
+const WRITE_JOB_CHANGE: &str = "\
+WITH changed AS (
+    UPDATE jobs SET
+        state = $1,
+        version = version + 1,
+        updated_at_ms = $2,
+        progress = COALESCE($3, progress),
+        progress_message = COALESCE($4, progress_message),
+        result_json = COALESCE($5, result_json),
+        error = COALESCE($6, error),
+        agent_id = COALESCE($7, agent_id),
+        peer_instance_id = COALESCE($8, peer_instance_id),
+        started_at_ms = COALESCE($9, started_at_ms),
+        ended_at_ms = COALESCE($10, ended_at_ms)
+    WHERE id = $11 AND state = $12 AND version = COALESCE($13, version)
+    RETURNING *
+), entry AS (
+    INSERT INTO job_history (job_id, sequence, from_state, to_state, progress, message,
+        actor, at_ms)
+    SELECT id, version, $12, state, progress, $14, $15, $2 FROM changed
+)
+SELECT * FROM changed";
+
+/// A `diesel::sql_query` whose prepared statement the connection keeps.
+///
+/// diesel marks every `sql_query` unsafe to cache, since its text could be
+/// built at run time; diesel-async then prepares it on every call, which is
+/// a second round trip and a new plan each time. The texts here are
+/// constants, so their statements are cached per connection like those of
+/// diesel's query builder (keyed by the SQL text and the bind types).
+struct Cached<Q>(Q);
+
+impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Cached<Q> {
+    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> QueryId for Cached<Q> {
+    type QueryId = ();
+    // No static id: the cache key is then the SQL text and bind types.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: Query> Query for Cached<Q> {
+    type SqlType = Q::SqlType;
+}
+
+/// Writes `rows` in one statement: `false` when a job with the same id or
+/// idempotency key exists, and nothing was written.
+pub(super) async fn insert_job(
+    conn: &mut PostgresConnection,
+    rows: &JobRows<'_>,
+) -> QueryResult<bool> {
+    let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
+        .labels
+        .iter()
+        .map(|label| (label.name, label.value))
+        .unzip();
+    let job = &rows.job;
+    let creation = &rows.creation;
+    let statement = diesel::sql_query(INSERT_JOB)
+        .bind::<Text, _>(job.id)
+        .bind::<Text, _>(job.job_type)
+        .bind::<Text, _>(job.workspace)
+        .bind::<Text, _>(job.payload_json)
+        .bind::<Integer, _>(job.priority)
+        .bind::<Text, _>(&job.labels_json)
+        .bind::<Text, _>(job.state)
+        .bind::<Integer, _>(job.progress)
+        .bind::<Text, _>(job.progress_message)
+        .bind::<Text, _>(job.result_json)
+        .bind::<Text, _>(job.error)
+        .bind::<Text, _>(job.created_by)
+        .bind::<Text, _>(job.agent_id)
+        .bind::<Text, _>(job.peer_instance_id)
+        .bind::<Nullable<Text>, _>(job.idempotency_key)
+        .bind::<BigInt, _>(job.version)
+        .bind::<BigInt, _>(job.created_at_ms)
+        .bind::<BigInt, _>(job.updated_at_ms)
+        .bind::<Nullable<BigInt>, _>(job.started_at_ms)
+        .bind::<Nullable<BigInt>, _>(job.ended_at_ms)
+        .bind::<Array<Text>, _>(label_names)
+        .bind::<Array<Text>, _>(label_values)
+        .bind::<BigInt, _>(creation.sequence)
+        .bind::<Nullable<Text>, _>(creation.from_state)
+        .bind::<Text, _>(creation.to_state)
+        .bind::<Integer, _>(creation.progress)
+        .bind::<Text, _>(creation.message)
+        .bind::<Text, _>(creation.actor)
+        .bind::<BigInt, _>(creation.at_ms);
+    let inserted = Cached(statement).execute(conn).await?;
+    Ok(inserted == 1)
+}
+
+/// Writes `write` to the job `guard` names, with its history entry, in one
+/// statement: the row as written, or `None` when no job matched the guard.
+pub(super) async fn write_job_change(
+    conn: &mut PostgresConnection,
+    guard: &JobGuard<'_>,
+    write: &JobWrite,
+) -> QueryResult<Option<JobRow>> {
+    let statement = diesel::sql_query(WRITE_JOB_CHANGE)
+        .bind::<Text, _>(write.to_state.as_str())
+        .bind::<BigInt, _>(write.at_ms)
+        .bind::<Nullable<Integer>, _>(write.progress.map(|progress| i32::from(progress.get())))
+        .bind::<Nullable<Text>, _>(write.progress_message.as_deref())
+        .bind::<Nullable<Text>, _>(write.result_json.as_deref())
+        .bind::<Nullable<Text>, _>(write.error.as_deref())
+        .bind::<Nullable<Text>, _>(write.agent_id.as_deref())
+        .bind::<Nullable<Text>, _>(write.peer_instance_id.as_deref())
+        .bind::<Nullable<BigInt>, _>(write.started_at_ms)
+        .bind::<Nullable<BigInt>, _>(write.ended_at_ms)
+        .bind::<Text, _>(guard.job_id)
+        .bind::<Text, _>(guard.state.as_str())
+        .bind::<Nullable<BigInt>, _>(guard.version)
+        .bind::<Text, _>(write.message.as_str())
+        .bind::<Text, _>(write.actor.as_str());
+    let mut rows: Vec<JobRow> = Cached(statement).load(conn).await?;
+    // The id is the primary key: at most one row.
+    Ok(rows.pop())
+}
