@@ -57,44 +57,32 @@ macro_rules! with_connection {
     }};
 }
 
-/// Runs one transaction on either backend:
-/// `in_transaction!(store, |conn| sqlite_body, |conn| postgres_body)`.
-/// On SQLite the first body runs with
-/// diesel's synchronous API in a single trip to the blocking pool (through
-/// `with_connection!`'s turn and checkout), where an async transaction makes
-/// one trip per statement, BEGIN and COMMIT included; on PostgreSQL the
-/// second body runs in an async transaction. Both bodies return
-/// `Result<T, StoreError>`; the SQLite body gets owned data only (it moves to
-/// the blocking thread).
+/// Runs one transaction on either backend, through `with_connection!`'s
+/// second form: `in_transaction!(store, |conn| sqlite_body, |conn| postgres_body)`.
+/// On SQLite the first body runs with diesel's synchronous API in a single
+/// trip to the blocking pool, where an async transaction makes one trip per
+/// statement, BEGIN and COMMIT included; on PostgreSQL the second body runs in
+/// an async transaction. Both bodies return `Result<T, StoreError>`; the SQLite
+/// body gets owned data only (it moves to the blocking thread).
 macro_rules! in_transaction {
-    ($store:expr, |$sconn:ident| $sqlite:expr, |$pconn:ident| $postgres:expr $(,)?) => {{
-        let _turn = $store.turn().await?;
-        match &$store.pools {
-            $crate::store::Pools::Sqlite(pool) => {
-                let mut pooled = pool.get().await?;
-                let wrapper: &mut $crate::store::pools::SqliteConnection = &mut pooled;
-                let done = wrapper
-                    .spawn_blocking(move |$sconn: &mut diesel::SqliteConnection| {
-                        use diesel::Connection as _;
-                        Ok($sconn.transaction::<_, $crate::store::StoreError, _>(|$sconn| $sqlite))
-                    })
-                    .await;
-                match done {
-                    Ok(result) => result,
-                    Err(error) => Err($crate::store::StoreError::from(error)),
-                }
-            }
-            $crate::store::Pools::Postgres(pool) => {
-                let mut pooled = pool.get().await?;
-                let $pconn: &mut $crate::store::pools::PostgresConnection = &mut pooled;
-                diesel_async::AsyncConnection::transaction::<_, $crate::store::StoreError, _>(
-                    $pconn,
-                    async |$pconn| $postgres,
-                )
+    ($store:expr, |$sconn:ident| $sqlite:expr, |$pconn:ident| $postgres:expr $(,)?) => {
+        with_connection!(
+            $store,
+            sqlite = |wrapper| wrapper
+                .spawn_blocking(move |$sconn: &mut diesel::SqliteConnection| {
+                    use diesel::Connection as _;
+                    Ok($sconn.transaction::<_, $crate::store::StoreError, _>(|$sconn| $sqlite))
+                })
                 .await
-            }
-        }
-    }};
+                .unwrap_or_else(|error| Err($crate::store::StoreError::from(error))),
+            postgres = |$pconn| diesel_async::AsyncConnection::transaction::<
+                _,
+                $crate::store::StoreError,
+                _,
+            >($pconn, async |$pconn| $postgres)
+            .await
+        )
+    };
 }
 
 mod agents;
