@@ -389,8 +389,9 @@ fn print_markdown(input: &MarkdownInput<'_>) {
         "Two `mosaicd` processes on SQLite, peered in one workspace. The load generator (a \
          tonic client over mutual TLS, P-256 client certificate) calls A's admin RPC \
          `GetRemoteAgent` with an API key: A signs an `agent.status` command, B verifies it \
-         (all receiver checks, replay record) and reads the agent, signs the result, A \
-         verifies it. Baselines, same run, same kind of channel (P-256 certificates both \
+         (all receiver checks), reads the agent, signs the result and commits the replay \
+         record and log entry, A verifies it and commits its log entry. API keys and peer \
+         connections come from the daemons' 1 s caches (`server.auth_cache_ms`). Baselines, same run, same kind of channel (P-256 certificates both \
          ways, rustls/ring, the daemon's own TLS config): a bare tonic unary echo carrying \
          the same bytes ({} B request, {} B response), one hop (client → echo B) and two \
          hops (client → echo A → echo B, each echo a separate process, A holding one \
@@ -478,6 +479,24 @@ fn print_markdown(input: &MarkdownInput<'_>) {
         100.0 * ratio(crypto.as_secs_f64(), signed_p50.as_secs_f64()),
         human(signed_p50)
     );
+    // With one caller a call's throughput is 1 / its latency, and no
+    // implementation can beat the two-hop echo plus the four signature
+    // operations the protocol demands (done one after another).
+    if let Some((_, row)) = input.rows.first() {
+        let echo = row.echo_two_hops.p50();
+        let floor = echo + crypto;
+        println!(
+            "Floor with one caller: the two-hop echo p50 ({}) plus those four operations ({:.0} µs)              is {}, so no implementation of the protocol on this machine could exceed a              throughput ratio of {:.2} against the two-hop echo (or {:.2} against one hop,              p50 {}). Measured: {:.2} ({} per call above the floor).\n",
+            human(echo),
+            micros(crypto),
+            human(floor),
+            ratio(echo.as_secs_f64(), floor.as_secs_f64()),
+            ratio(row.echo_one_hop.p50().as_secs_f64(), floor.as_secs_f64()),
+            human(row.echo_one_hop.p50()),
+            ratio(row.signed.throughput(), row.echo_two_hops.throughput()),
+            human(row.signed.p50().saturating_sub(floor)),
+        );
+    }
     let errors = input
         .errors
         .iter()
