@@ -188,12 +188,7 @@ impl Federation {
             detail,
             ..template.clone()
         };
-        if self
-            .store
-            .record_inbound_command(Some(&seen), &record)
-            .await?
-            != WriteOutcome::Done(())
-        {
+        if self.journal().record(seen, record).await? != WriteOutcome::Done(()) {
             let stored = self
                 .replay_after_race(&verified.header, &verified.digest)
                 .await?;

@@ -5,6 +5,7 @@
 //! - [`envelope`]: the signed envelope and the receiver's checks (pure).
 //! - [`state`]: the connection state machine (pure).
 //! - [`commands`]: signed commands from peers (ExecuteCommand, receiver side).
+//! - `journal`: the group commit of received commands' message ids and log entries.
 //! - [`dial`]: the allow/deny CIDR lists for dialing peers (pure).
 //! - [`peer_client`]: cached mutual-TLS channels to peers.
 //! - [`peering`]: the handshake, operator changes and inbound notices and pings.
@@ -16,6 +17,7 @@ pub mod commands;
 pub mod dial;
 pub mod envelope;
 mod error;
+mod journal;
 pub mod outbox;
 pub mod paging;
 pub mod peer_client;

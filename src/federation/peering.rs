@@ -79,6 +79,9 @@ pub struct Federation {
     /// The only ACTIVE connection with a peer instance, for commands that name
     /// no workspace; cleared with `peers`.
     sole_peers: TtlCache<String, Arc<PeerEntry>>,
+    /// The group commit of received commands, started on first use (on the
+    /// runtime that serves them).
+    journal: std::sync::OnceLock<super::journal::Journal>,
 }
 
 /// An open connection with a peer in one workspace and the keys it was known
@@ -159,6 +162,7 @@ impl Federation {
             command_counters: super::audit::CommandCounters::default(),
             peers: TtlCache::new(std::time::Duration::ZERO),
             sole_peers: TtlCache::new(std::time::Duration::ZERO),
+            journal: std::sync::OnceLock::new(),
         }
     }
 
@@ -171,6 +175,12 @@ impl Federation {
         self.peers = TtlCache::new(lifetime);
         self.sole_peers = TtlCache::new(lifetime);
         self
+    }
+
+    /// The writer that commits received commands in groups.
+    pub(super) fn journal(&self) -> &super::journal::Journal {
+        self.journal
+            .get_or_init(|| super::journal::Journal::start(self.store.clone()))
     }
 
     /// Forgets every cached connection.

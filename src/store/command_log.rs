@@ -100,57 +100,75 @@ impl Store {
         outcome_of(written)
     }
 
-    /// Records a received command together with its message id (when it
-    /// was accepted), in one transaction: a message id that a concurrent
-    /// delivery recorded first is [`WriteOutcome::DuplicateMessage`] and
-    /// writes nothing.
-    pub async fn record_inbound_command(
+    /// Records accepted received commands, each with its message id, in one
+    /// transaction, with an outcome per command: one whose message id was
+    /// recorded before (a replay, or a concurrent delivery that came first) is
+    /// [`WriteOutcome::DuplicateMessage`] and writes nothing, and the others
+    /// are written all the same. This is the group commit behind
+    /// `federation::journal`: one commit for the commands that arrived
+    /// together.
+    pub async fn record_inbound_commands(
         &self,
-        seen: Option<&SeenMessage>,
-        record: &CommandLogRecord,
-    ) -> Result<WriteOutcome<()>, StoreError> {
-        let seen_row = seen.map(SeenRow::from_record);
-        let row = CommandLogRow::from_record(record);
-        // The SQLite body runs on a blocking thread: it gets its own copies.
-        let owned = (seen.cloned(), record.clone());
-        let written = in_transaction!(
+        commands: Vec<(SeenMessage, CommandLogRecord)>,
+    ) -> Result<Vec<WriteOutcome<()>>, StoreError> {
+        let rows: Vec<(SeenRow<'_>, CommandLogRow<'_>)> = commands
+            .iter()
+            .map(|(seen, record)| {
+                (
+                    SeenRow::from_record(seen),
+                    CommandLogRow::from_record(record),
+                )
+            })
+            .collect();
+        let owned = commands.clone();
+        in_transaction!(
             self,
             // SQLite, synchronous, on the blocking pool.
             |conn| {
                 use diesel::RunQueryDsl as Sync;
-                let (seen, record) = &owned;
-                let seen_row = seen.as_ref().map(SeenRow::from_record);
-                let row = CommandLogRow::from_record(record);
-                if let Some(seen_row) = &seen_row {
-                    Sync::execute(
-                        diesel::insert_into(federation_seen_messages::table).values(seen_row),
+                let mut outcomes = Vec::with_capacity(owned.len());
+                for (seen, record) in &owned {
+                    let inserted = Sync::execute(
+                        diesel::insert_into(federation_seen_messages::table)
+                            .values(SeenRow::from_record(seen))
+                            .on_conflict_do_nothing(),
                         conn,
-                    )
-                    .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))?;
+                    )?;
+                    if inserted == 0 {
+                        outcomes.push(WriteOutcome::DuplicateMessage);
+                        continue;
+                    }
+                    Sync::execute(
+                        diesel::insert_into(federation_command_log::table)
+                            .values(CommandLogRow::from_record(record)),
+                        conn,
+                    )?;
+                    outcomes.push(WriteOutcome::Done(()));
                 }
-                Sync::execute(
-                    diesel::insert_into(federation_command_log::table).values(&row),
-                    conn,
-                )?;
-                Ok(())
+                Ok(outcomes)
             },
             // PostgreSQL.
             |conn| {
-                if let Some(seen_row) = &seen_row {
-                    diesel::insert_into(federation_seen_messages::table)
+                let mut outcomes = Vec::with_capacity(rows.len());
+                for (seen_row, row) in &rows {
+                    let inserted = diesel::insert_into(federation_seen_messages::table)
                         .values(seen_row)
+                        .on_conflict_do_nothing()
                         .execute(conn)
-                        .await
-                        .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))?;
+                        .await?;
+                    if inserted == 0 {
+                        outcomes.push(WriteOutcome::DuplicateMessage);
+                        continue;
+                    }
+                    diesel::insert_into(federation_command_log::table)
+                        .values(row)
+                        .execute(conn)
+                        .await?;
+                    outcomes.push(WriteOutcome::Done(()));
                 }
-                diesel::insert_into(federation_command_log::table)
-                    .values(&row)
-                    .execute(conn)
-                    .await?;
-                Ok(())
+                Ok(outcomes)
             },
-        );
-        outcome_of(written)
+        )
     }
 
     /// Sets the outcome of a recorded command.
@@ -342,5 +360,94 @@ impl CommandLogStoredRow {
             request_digest: self.request_digest,
             envelope,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::test_on_both_backends;
+
+    test_on_both_backends!(a_batch_writes_each_new_command_and_refuses_each_replay);
+
+    /// An accepted `agent.status` from `peer` under `message_id`.
+    fn received(message_id: &str, digest: u8) -> (SeenMessage, CommandLogRecord) {
+        let seen = SeenMessage {
+            sender_instance_id: "peer".to_owned(),
+            message_id: message_id.to_owned(),
+            payload_digest: vec![digest; 32],
+            reply: None,
+            seen_at_ms: 1_000,
+        };
+        let record = CommandLogRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            direction: CommandDirection::Inbound,
+            message_id: message_id.to_owned(),
+            sender_instance_id: "peer".to_owned(),
+            recipient_instance_id: "us".to_owned(),
+            workspace: "ws".to_owned(),
+            command_type: "agent.status".to_owned(),
+            outcome: "ok".to_owned(),
+            detail: String::new(),
+            issued_at_ms: 1_000,
+            recorded_at_ms: 1_000,
+            request_digest: None,
+            envelope: None,
+        };
+        (seen, record)
+    }
+
+    async fn a_batch_writes_each_new_command_and_refuses_each_replay(store: Store) {
+        let first = store
+            .record_inbound_commands(vec![received("m1", 1)])
+            .await
+            .expect("first batch");
+        assert_eq!(first, [WriteOutcome::Done(())]);
+
+        // A replay of m1 from an earlier batch, and m2 twice in this one.
+        let outcomes = store
+            .record_inbound_commands(vec![
+                received("m2", 2),
+                received("m1", 9),
+                received("m3", 3),
+                received("m2", 2),
+            ])
+            .await
+            .expect("second batch");
+        assert_eq!(
+            outcomes,
+            [
+                WriteOutcome::Done(()),
+                WriteOutcome::DuplicateMessage,
+                WriteOutcome::Done(()),
+                WriteOutcome::DuplicateMessage,
+            ]
+        );
+
+        let seen = store
+            .find_seen_message("peer", "m1")
+            .await
+            .expect("lookup")
+            .expect("m1 recorded");
+        assert_eq!(seen.payload_digest, vec![1; 32], "the first bytes stay");
+        let mut logged: Vec<String> = store
+            .list_command_log(&CommandLogFilter {
+                peer_instance_id: None,
+                workspace: None,
+                direction: None,
+                after: None,
+                limit: 100,
+            })
+            .await
+            .expect("log")
+            .into_iter()
+            .map(|entry| entry.message_id)
+            .collect();
+        logged.sort();
+        assert_eq!(
+            logged,
+            ["m1", "m2", "m3"],
+            "one entry per command, none for replays"
+        );
     }
 }
