@@ -486,7 +486,10 @@ fn print_markdown(input: &MarkdownInput<'_>) {
         let echo = row.echo_two_hops.p50();
         let floor = echo + crypto;
         println!(
-            "Floor with one caller: the two-hop echo p50 ({}) plus those four operations ({:.0} µs)              is {}, so no implementation of the protocol on this machine could exceed a              throughput ratio of {:.2} against the two-hop echo (or {:.2} against one hop,              p50 {}). Measured: {:.2} ({} per call above the floor).\n",
+            "Floor with one caller: the two-hop echo p50 ({}) plus those four operations ({:.0} µs) \
+             is {}, so no implementation of the protocol on this machine could exceed a \
+             throughput ratio of {:.2} against the two-hop echo (or {:.2} against one hop, \
+             p50 {}). Measured: {:.2} ({} per call above the floor).\n",
             human(echo),
             micros(crypto),
             human(floor),
