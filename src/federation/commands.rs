@@ -3,11 +3,11 @@
 //! per-command capability, the origin scoping of agents, and the signed
 //! CommandResultPayload reply that an identical retry gets again.
 
+use std::sync::Arc;
+
 use super::FederationError;
 use super::audit::{check_message_id, describe_error, describe_outcome, request_digest};
 use super::envelope::{self, Verified};
-use std::sync::Arc;
-
 use super::peering::{Federation, PeerEntry, no_connection, seen_message};
 use super::state::ConnectionState;
 use crate::agents::service::{agent_to_proto, spawn_spec};

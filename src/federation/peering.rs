@@ -251,24 +251,7 @@ impl Federation {
         else {
             return Ok(None);
         };
-        let current_key = PublicKey::from_spki_der(&connection.remote_public_key)
-            .map_err(|error| FederationError::Internal(format!("stored peer key: {error}")))?;
-        let previous_keys = self
-            .store
-            .peer_keys(&connection.id)
-            .await?
-            .into_iter()
-            .filter_map(|previous| {
-                PublicKey::from_spki_der(&previous.public_key)
-                    .ok()
-                    .map(|key| (key, previous.valid_until_ms))
-            })
-            .collect();
-        let entry = Arc::new(PeerEntry {
-            connection,
-            current_key,
-            previous_keys,
-        });
+        let entry = Arc::new(self.peer_entry(connection).await?);
         self.peers.insert(ticket, key, Arc::clone(&entry));
         Ok(Some(entry))
     }
@@ -308,25 +291,32 @@ impl Federation {
         &self,
         connection: &ConnectionRecord,
     ) -> Result<Vec<TrustedKey>, FederationError> {
-        let current = PublicKey::from_spki_der(&connection.remote_public_key)
+        Ok(self
+            .peer_entry(connection.clone())
+            .await?
+            .trusted_keys(self.now()))
+    }
+
+    /// `connection` with the peer's keys read from the store.
+    async fn peer_entry(&self, connection: ConnectionRecord) -> Result<PeerEntry, FederationError> {
+        let current_key = PublicKey::from_spki_der(&connection.remote_public_key)
             .map_err(|error| FederationError::Internal(format!("stored peer key: {error}")))?;
-        let mut trusted = vec![TrustedKey {
-            key: current,
-            valid_until_ms: None,
-        }];
-        let now = self.now();
-        for previous in self.store.peer_keys(&connection.id).await? {
-            if previous.valid_until_ms <= now {
-                continue;
-            }
-            if let Ok(key) = PublicKey::from_spki_der(&previous.public_key) {
-                trusted.push(TrustedKey {
-                    key,
-                    valid_until_ms: Some(previous.valid_until_ms),
-                });
-            }
-        }
-        Ok(trusted)
+        let previous_keys = self
+            .store
+            .peer_keys(&connection.id)
+            .await?
+            .into_iter()
+            .filter_map(|previous| {
+                PublicKey::from_spki_der(&previous.public_key)
+                    .ok()
+                    .map(|key| (key, previous.valid_until_ms))
+            })
+            .collect();
+        Ok(PeerEntry {
+            connection,
+            current_key,
+            previous_keys,
+        })
     }
 
     /// Views of `records` with their pending notice counts.
