@@ -395,15 +395,9 @@ impl Federation {
         let active = with_peer(ConnectionState::Active).await?;
         match active.as_slice() {
             [only] => {
-                return match self.open_peer(&only.workspace, peer_instance_id).await? {
-                    Some(peer) if peer.connection.state == ConnectionState::Active => {
-                        self.remember_sole_peer(ticket, peer_instance_id, &peer);
-                        Ok(peer)
-                    }
-                    // It changed since the scan.
-                    Some(peer) => Err(not_active(&peer.connection)),
-                    None => Err(not_found()),
-                };
+                let peer = Arc::new(self.peer_entry(only.clone()).await?);
+                self.remember_sole_peer(ticket, peer_instance_id, &peer);
+                return Ok(peer);
             }
             [] => {}
             _ => {

@@ -90,22 +90,36 @@ pub struct Federation {
 pub(super) struct PeerEntry {
     /// The stored connection.
     pub connection: ConnectionRecord,
-    /// The peer's current key.
-    current_key: PublicKey,
-    /// Its previous keys with the end of their grace (expired ones included).
-    previous_keys: Vec<(PublicKey, i64)>,
+    /// The peer's keys on it.
+    keys: PeerKeys,
 }
 
 impl PeerEntry {
+    /// The keys the peer may sign with at `now_ms` (see [`PeerKeys::trusted`]).
+    pub fn trusted_keys(&self, now_ms: i64) -> Vec<TrustedKey> {
+        self.keys.trusted(now_ms)
+    }
+}
+
+/// A peer's keys on one connection, as read from the store.
+#[derive(Debug)]
+struct PeerKeys {
+    /// The peer's current key.
+    current: PublicKey,
+    /// Its previous keys with the end of their grace (expired ones included).
+    previous: Vec<(PublicKey, i64)>,
+}
+
+impl PeerKeys {
     /// The keys the peer may sign with at `now_ms`: its current key and previous
     /// keys still in their grace period.
-    pub fn trusted_keys(&self, now_ms: i64) -> Vec<TrustedKey> {
+    fn trusted(&self, now_ms: i64) -> Vec<TrustedKey> {
         std::iter::once(TrustedKey {
-            key: self.current_key.clone(),
+            key: self.current.clone(),
             valid_until_ms: None,
         })
         .chain(
-            self.previous_keys
+            self.previous
                 .iter()
                 .filter(|(_, valid_until_ms)| *valid_until_ms > now_ms)
                 .map(|(key, valid_until_ms)| TrustedKey {
@@ -291,17 +305,24 @@ impl Federation {
         &self,
         connection: &ConnectionRecord,
     ) -> Result<Vec<TrustedKey>, FederationError> {
-        Ok(self
-            .peer_entry(connection.clone())
-            .await?
-            .trusted_keys(self.now()))
+        Ok(self.peer_keys(connection).await?.trusted(self.now()))
     }
 
     /// `connection` with the peer's keys read from the store.
-    async fn peer_entry(&self, connection: ConnectionRecord) -> Result<PeerEntry, FederationError> {
-        let current_key = PublicKey::from_spki_der(&connection.remote_public_key)
+    pub(super) async fn peer_entry(
+        &self,
+        connection: ConnectionRecord,
+    ) -> Result<PeerEntry, FederationError> {
+        let keys = self.peer_keys(&connection).await?;
+        Ok(PeerEntry { connection, keys })
+    }
+
+    /// The peer's current key on `connection` and its previous keys from the
+    /// store.
+    async fn peer_keys(&self, connection: &ConnectionRecord) -> Result<PeerKeys, FederationError> {
+        let current = PublicKey::from_spki_der(&connection.remote_public_key)
             .map_err(|error| FederationError::Internal(format!("stored peer key: {error}")))?;
-        let previous_keys = self
+        let previous = self
             .store
             .peer_keys(&connection.id)
             .await?
@@ -312,11 +333,7 @@ impl Federation {
                     .map(|key| (key, previous.valid_until_ms))
             })
             .collect();
-        Ok(PeerEntry {
-            connection,
-            current_key,
-            previous_keys,
-        })
+        Ok(PeerKeys { current, previous })
     }
 
     /// Views of `records` with their pending notice counts.

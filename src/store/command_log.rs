@@ -111,23 +111,14 @@ impl Store {
         &self,
         commands: Vec<(SeenMessage, CommandLogRecord)>,
     ) -> Result<Vec<WriteOutcome<()>>, StoreError> {
-        let rows: Vec<(SeenRow<'_>, CommandLogRow<'_>)> = commands
-            .iter()
-            .map(|(seen, record)| {
-                (
-                    SeenRow::from_record(seen),
-                    CommandLogRow::from_record(record),
-                )
-            })
-            .collect();
-        let owned = commands.clone();
         in_transaction!(
             self,
             // SQLite, synchronous, on the blocking pool.
             |conn| {
                 use diesel::RunQueryDsl as Sync;
-                let mut outcomes = Vec::with_capacity(owned.len());
-                for (seen, record) in &owned {
+                // The commands move to the blocking thread.
+                let mut outcomes = Vec::with_capacity(commands.len());
+                for (seen, record) in &commands {
                     let inserted = Sync::execute(
                         diesel::insert_into(federation_seen_messages::table)
                             .values(SeenRow::from_record(seen))
@@ -149,10 +140,10 @@ impl Store {
             },
             // PostgreSQL.
             |conn| {
-                let mut outcomes = Vec::with_capacity(rows.len());
-                for (seen_row, row) in &rows {
+                let mut outcomes = Vec::with_capacity(commands.len());
+                for (seen, record) in &commands {
                     let inserted = diesel::insert_into(federation_seen_messages::table)
-                        .values(seen_row)
+                        .values(SeenRow::from_record(seen))
                         .on_conflict_do_nothing()
                         .execute(conn)
                         .await?;
@@ -161,7 +152,7 @@ impl Store {
                         continue;
                     }
                     diesel::insert_into(federation_command_log::table)
-                        .values(row)
+                        .values(CommandLogRow::from_record(record))
                         .execute(conn)
                         .await?;
                     outcomes.push(WriteOutcome::Done(()));
