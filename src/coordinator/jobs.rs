@@ -19,8 +19,17 @@ use super::{CoordinatorError, CoordinatorState};
 use crate::clock::now_ms;
 use crate::config::{CoordinatorConfig, WebhookSource};
 use crate::store::{
-    DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, Store, StoreError,
+    DeliveryOutcome, GroupCommit, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord,
+    JobWriteOp, JobWritten, Store, StoreError,
 };
+
+/// Most job writes committed in one transaction.
+const MAX_WRITE_BATCH: usize = 32;
+
+/// The group commit of job creates and changes: concurrent calls' writes are
+/// committed together (one commit, not one per call), each acknowledged only
+/// once its batch is committed.
+pub(crate) type JobWriter = GroupCommit<JobWriteOp, JobWritten>;
 
 /// How often a change that lost a race is retried before the caller is told
 /// to try again. Each retry re-reads the job, so only a job changing
@@ -94,6 +103,9 @@ pub struct Jobs {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Taken around each write transaction on SQLite; `None` on PostgreSQL.
     sqlite_writes: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
+    /// The daemon's job writer, shared with every `Jobs` of its
+    /// `CoordinatorState`; started on the first write.
+    writer: std::sync::Arc<std::sync::OnceLock<JobWriter>>,
     max_payload_bytes: usize,
 }
 
@@ -106,6 +118,7 @@ impl Jobs {
             shutdown: state.shutdown_signal(),
             sqlite_writes: (store.backend() == crate::store::Backend::Sqlite)
                 .then(|| state.sqlite_writes()),
+            writer: state.job_writes(),
             store,
             max_payload_bytes: config.max_payload_bytes,
         }
@@ -124,6 +137,25 @@ impl Jobs {
             Some(gate) => Some(gate.lock().await),
             None => None,
         }
+    }
+
+    /// The job writer, started on the current tokio runtime at the first
+    /// write. A batch takes the SQLite write turn like any other writer.
+    fn writer(&self) -> &JobWriter {
+        self.writer.get_or_init(|| {
+            let store = self.store.clone();
+            let gate = self.sqlite_writes.clone();
+            GroupCommit::start(MAX_WRITE_BATCH, move |ops| {
+                let (store, gate) = (store.clone(), gate.clone());
+                async move {
+                    let _turn = match &gate {
+                        Some(gate) => Some(gate.lock().await),
+                        None => None,
+                    };
+                    write_batch(&store, ops).await
+                }
+            })
+        })
     }
 
     /// Creates a PENDING job, committed before this returns. With an
@@ -146,26 +178,28 @@ impl Jobs {
         job.created_by = actor.to_owned();
         job.idempotency_key = key.clone();
         let creation = state::creation_entry(&job, actor);
-        let turn = self.write_turn().await;
-        let inserted = self.store.insert_job(&job, &creation).await;
-        drop(turn);
-        match inserted {
-            Ok(()) => {
+        let op = JobWriteOp::Insert {
+            job: job.clone(),
+            creation: creation.clone(),
+        };
+        match self.writer().write(op).await? {
+            JobWritten::Inserted(true) => {
                 self.events.publish(&job, creation);
                 Ok((job, true))
             }
-            Err(StoreError::Conflict(conflict)) => {
+            _ => {
                 // An earlier or concurrent create with the same key committed
                 // first.
                 let existing = match &key {
                     Some(key) => self.store.find_job_by_idempotency_key(key).await?,
                     None => None,
                 };
-                existing
-                    .map(|existing| (existing, false))
-                    .ok_or(CoordinatorError::Store(StoreError::Conflict(conflict)))
+                existing.map(|existing| (existing, false)).ok_or_else(|| {
+                    CoordinatorError::Store(StoreError::Conflict(
+                        "a job with this id already exists".to_owned(),
+                    ))
+                })
             }
-            Err(error) => Err(error.into()),
         }
     }
 
@@ -274,9 +308,11 @@ impl Jobs {
         guard: &JobGuard<'_>,
         write: &JobWrite,
     ) -> Result<Option<JobRecord>, CoordinatorError> {
-        let turn = self.write_turn().await;
-        let written = self.store.write_job_change(guard, write).await?;
-        drop(turn);
+        let op = JobWriteOp::change(guard, write.clone());
+        let written = match self.writer().write(op).await? {
+            JobWritten::Changed(job) => job.map(|job| *job),
+            JobWritten::Inserted(_) => None,
+        };
         if let Some(job) = &written {
             let entry = write.entry(job, guard.state);
             tracing::debug!(
@@ -404,6 +440,24 @@ impl Jobs {
                     duplicate: true,
                 })
             }
+        }
+    }
+}
+
+/// Writes a batch of job writes in one transaction. If the batch fails, each
+/// write is tried again alone, so that a write that cannot be made fails
+/// only its own call (nothing of a failed batch was committed).
+async fn write_batch(store: &Store, ops: Vec<JobWriteOp>) -> Vec<Result<JobWritten, StoreError>> {
+    match store.write_jobs(&ops).await {
+        Ok(written) => written.into_iter().map(Ok).collect(),
+        Err(error) if ops.len() == 1 => vec![Err(error)],
+        Err(error) => {
+            tracing::debug!(%error, writes = ops.len(), "a batch of job writes failed; writing each alone");
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in &ops {
+                answers.push(store.write_job(op).await);
+            }
+            answers
         }
     }
 }
@@ -688,6 +742,105 @@ fn validate_delivery(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::coordinator::state::JobState;
+    use crate::store::testing::test_on_both_backends;
+
+    fn jobs_on(store: Store) -> Jobs {
+        let config = CoordinatorConfig {
+            max_payload_bytes: crate::config::DEFAULT_MAX_PAYLOAD_BYTES,
+            remote_agent_poll: Duration::from_secs(2),
+            webhooks: BTreeMap::new(),
+        };
+        Jobs::new(store, &CoordinatorState::default(), &config)
+    }
+
+    fn review() -> NewJob {
+        NewJob {
+            job_type: "review".to_owned(),
+            ..NewJob::default()
+        }
+    }
+
+    async fn concurrent_lifecycles_are_each_committed_with_their_history(store: Store) {
+        let jobs = jobs_on(store.clone());
+        let lifecycles = (0..24).map(|index| {
+            let jobs = jobs.clone();
+            tokio::spawn(async move {
+                let mut new_job = review();
+                new_job.idempotency_key = format!("key-{}", index % 12);
+                let (job, _) = jobs.create(new_job, "bot").await.expect("create");
+                // Half the creates reuse a key: both callers get the same
+                // job, and one of them loses the race to start it.
+                let started = jobs
+                    .change(
+                        &job.id,
+                        JobChange::Start {
+                            message: String::new(),
+                        },
+                        "bot",
+                    )
+                    .await;
+                (job.id, started.is_ok())
+            })
+        });
+        let mut starts = BTreeMap::<String, usize>::new();
+        for lifecycle in lifecycles.collect::<Vec<_>>() {
+            let (id, started) = lifecycle.await.expect("join");
+            *starts.entry(id).or_default() += usize::from(started);
+        }
+        assert_eq!(starts.len(), 12, "one job per key");
+        for (id, started) in starts {
+            assert_eq!(started, 1, "{id} was started once");
+            let job = jobs.get(&id).await.expect("get");
+            assert_eq!((job.state, job.version), (JobState::Running, 2));
+            assert_eq!(jobs.history(&id).await.expect("history").len(), 2);
+        }
+    }
+
+    async fn a_write_that_fails_fails_only_its_own_call(store: Store) {
+        let jobs = jobs_on(store.clone());
+        let (a, _) = jobs.create(review(), "bot").await.expect("create");
+        let mut clash = state::creation_entry(&a, "bot");
+        clash.sequence = 2;
+        store.plant_job_history(&clash).await.expect("plant");
+
+        let b = JobRecord::new_pending(new_job_id(), "review".to_owned(), now_ms());
+        let b_id = b.id.clone();
+        let start = JobChange::Start {
+            message: String::new(),
+        };
+        let guard = JobGuard {
+            job_id: &a.id,
+            state: JobState::Pending,
+            version: None,
+        };
+        let answers = write_batch(
+            &store,
+            vec![
+                JobWriteOp::Insert {
+                    creation: state::creation_entry(&b, "bot"),
+                    job: b,
+                },
+                JobWriteOp::change(&guard, state::write_of(&start, "bot", now_ms())),
+            ],
+        )
+        .await;
+        assert!(
+            matches!(answers[0], Ok(JobWritten::Inserted(true))),
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[1], Err(StoreError::Conflict(_))),
+            "{answers:?}"
+        );
+        assert_eq!(jobs.get(&b_id).await.expect("b").state, JobState::Pending);
+        assert_eq!(jobs.get(&a.id).await.expect("a").version, 1);
+    }
+
+    test_on_both_backends!(
+        concurrent_lifecycles_are_each_committed_with_their_history,
+        a_write_that_fails_fails_only_its_own_call,
+    );
 
     fn valid() -> NewJob {
         NewJob {

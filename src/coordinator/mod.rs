@@ -42,6 +42,9 @@ pub struct CoordinatorState {
     /// Serialises the coordinator's write transactions on SQLite (see
     /// `jobs::Jobs::write_turn`).
     sqlite_writes: Arc<tokio::sync::Mutex<()>>,
+    /// The group commit of job creates and changes, started on the first
+    /// write (see `jobs::Jobs::writer`).
+    job_writes: Arc<std::sync::OnceLock<jobs::JobWriter>>,
 }
 
 impl Default for CoordinatorState {
@@ -51,6 +54,7 @@ impl Default for CoordinatorState {
             started_at: tokio::time::Instant::now(),
             shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
             sqlite_writes: Arc::new(tokio::sync::Mutex::new(())),
+            job_writes: Arc::default(),
         }
     }
 }
@@ -64,6 +68,11 @@ impl CoordinatorState {
     /// The queue of the coordinator's SQLite write transactions.
     pub fn sqlite_writes(&self) -> Arc<tokio::sync::Mutex<()>> {
         Arc::clone(&self.sqlite_writes)
+    }
+
+    /// Where the daemon's job writer is kept once started.
+    pub(crate) fn job_writes(&self) -> Arc<std::sync::OnceLock<jobs::JobWriter>> {
+        Arc::clone(&self.job_writes)
     }
 
     /// A receiver that sees `true` once shutdown has begun.

@@ -167,6 +167,46 @@ pub enum DeliveryOutcome {
     Duplicate { job_id: Option<String> },
 }
 
+/// One write of a batch written by `Store::write_jobs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobWriteOp {
+    /// A new job, its labels and its creation entry.
+    Insert {
+        job: JobRecord,
+        creation: JobHistoryRecord,
+    },
+    /// A change of the job the guard names, with its history entry.
+    Change {
+        job_id: String,
+        state: JobState,
+        version: Option<i64>,
+        write: JobWrite,
+    },
+}
+
+impl JobWriteOp {
+    /// A change under `guard`.
+    pub fn change(guard: &JobGuard<'_>, write: JobWrite) -> JobWriteOp {
+        JobWriteOp::Change {
+            job_id: guard.job_id.to_owned(),
+            state: guard.state,
+            version: guard.version,
+            write,
+        }
+    }
+}
+
+/// What one write of a batch did, in the order of the batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobWritten {
+    /// An insert: `false` when a job with its id or idempotency key exists
+    /// and nothing of it was written.
+    Inserted(bool),
+    /// A change: the job as written, or `None` when no stored job matched
+    /// the guard and nothing was written.
+    Changed(Option<Box<JobRecord>>),
+}
+
 impl Store {
     /// Writes a new job, its labels and its creation entry atomically, in
     /// one round trip. `StoreError::Conflict` if a job already has its
@@ -176,28 +216,105 @@ impl Store {
         job: &JobRecord,
         creation: &JobHistoryRecord,
     ) -> Result<(), StoreError> {
-        let labels_json = labels_json(job)?;
-        let inserted = with_connection!(
+        let op = JobWriteOp::Insert {
+            job: job.clone(),
+            creation: creation.clone(),
+        };
+        match self.write_job(&op).await? {
+            JobWritten::Inserted(true) => Ok(()),
+            _ => Err(StoreError::Conflict(
+                "a job with this id or idempotency key already exists".to_owned(),
+            )),
+        }
+    }
+
+    /// Applies `write` to the job `guard` names, with its history entry
+    /// (from `guard.state`, sequence the new version), atomically and in one
+    /// round trip: the job as written, or `None` when no stored job matched
+    /// the guard and nothing was written (it does not exist, or it is in
+    /// another state or at another version; the caller reads it to know).
+    pub async fn write_job_change(
+        &self,
+        guard: &JobGuard<'_>,
+        write: &JobWrite,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        match self
+            .write_job(&JobWriteOp::change(guard, write.clone()))
+            .await?
+        {
+            JobWritten::Changed(job) => Ok(job.map(|job| *job)),
+            JobWritten::Inserted(_) => Ok(None),
+        }
+    }
+
+    /// Writes `op` alone: `write_jobs` with a batch of one.
+    pub async fn write_job(&self, op: &JobWriteOp) -> Result<JobWritten, StoreError> {
+        self.write_jobs(std::slice::from_ref(op))
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Unavailable("the write was not answered".to_owned()))
+    }
+
+    /// Writes `ops` in order in one transaction, with one answer per write
+    /// (an insert that finds its key used and a change whose guard does not
+    /// match write nothing and are no error). Any error rolls the whole
+    /// batch back.
+    ///
+    /// One write is one round trip: on PostgreSQL one statement, atomic on
+    /// its own; on SQLite one blocking call running `BEGIN IMMEDIATE`, the
+    /// statements and `COMMIT`. A batch adds no round trip on SQLite and
+    /// `BEGIN` and `COMMIT` on PostgreSQL, and commits once.
+    pub async fn write_jobs(&self, ops: &[JobWriteOp]) -> Result<Vec<JobWritten>, StoreError> {
+        // Encoded before any connection is taken: a job whose labels cannot be
+        // stored fails the batch without a round trip.
+        let labels = ops
+            .iter()
+            .map(|op| match op {
+                JobWriteOp::Insert { job, .. } => labels_json(job).map(Some),
+                JobWriteOp::Change { .. } => Ok(None),
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let rows = with_connection!(
             self,
             sqlite = |conn| {
-                let (job, creation) = (job.clone(), creation.clone());
+                // The writes move to the blocking thread.
+                let ops = ops.to_vec();
                 conn.spawn_blocking(move |conn| {
-                    sqlite::insert_job(conn, &JobRows::of(&job, &creation, labels_json))
+                    conn.immediate_transaction(|conn| {
+                        ops.iter()
+                            .zip(labels)
+                            .map(|(op, labels)| sqlite::write(conn, op, labels))
+                            .collect::<QueryResult<Vec<_>>>()
+                    })
                 })
                 .await?
             },
             postgres = |conn| {
-                let rows = JobRows::of(job, creation, labels_json);
-                postgres::insert_job(conn, &rows).await?
+                if let ([op], [labels]) = (ops, labels.as_slice()) {
+                    vec![postgres::write(conn, op, labels.clone()).await?]
+                } else {
+                    conn.transaction::<_, StoreError, _>(async |conn| {
+                        let mut rows = Vec::with_capacity(ops.len());
+                        for (op, labels) in ops.iter().zip(&labels) {
+                            rows.push(postgres::write(conn, op, labels.clone()).await?);
+                        }
+                        Ok(rows)
+                    })
+                    .await?
+                }
             }
         );
-        if inserted {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict(
-                "a job with this id or idempotency key already exists".to_owned(),
-            ))
-        }
+        rows.into_iter()
+            .map(|written| {
+                Ok(match written {
+                    Written::Inserted(inserted) => JobWritten::Inserted(inserted),
+                    Written::Changed(row) => JobWritten::Changed(
+                        row.map(|row| JobRecord::try_from(*row).map(Box::new))
+                            .transpose()?,
+                    ),
+                })
+            })
+            .collect()
     }
 
     /// Records a webhook delivery of `source` and, unless the delivery is
@@ -286,26 +403,21 @@ impl Store {
         row.map(JobRecord::try_from).transpose()
     }
 
-    /// Applies `write` to the job `guard` names, with its history entry
-    /// (from `guard.state`, sequence the new version), atomically and in one
-    /// round trip: the job as written, or `None` when no stored job matched
-    /// the guard and nothing was written (it does not exist, or it is in
-    /// another state or at another version; the caller reads it to know).
-    pub async fn write_job_change(
+    /// Writes a history entry of its own, as if a change had been recorded
+    /// without its job being updated: the job's next change then breaks the
+    /// history's primary key and fails. For tests of failing writes.
+    #[cfg(test)]
+    pub(crate) async fn plant_job_history(
         &self,
-        guard: &JobGuard<'_>,
-        write: &JobWrite,
-    ) -> Result<Option<JobRecord>, StoreError> {
-        let row = with_connection!(
-            self,
-            sqlite = |conn| {
-                let change = sqlite::OwnedChange::of(guard, write);
-                conn.spawn_blocking(move |conn| sqlite::write_job_change(conn, &change))
-                    .await?
-            },
-            postgres = |conn| postgres::write_job_change(conn, guard, write).await?
-        );
-        row.map(JobRecord::try_from).transpose()
+        entry: &JobHistoryRecord,
+    ) -> Result<(), StoreError> {
+        with_connection!(self, |conn| {
+            diesel::insert_into(job_history::table)
+                .values(NewHistoryRow::of(entry))
+                .execute(conn)
+                .await?
+        });
+        Ok(())
     }
 
     /// The job's history entries with a sequence above `after_sequence`,
@@ -421,6 +533,12 @@ impl Store {
         });
         rows.into_iter().map(JobRecord::try_from).collect()
     }
+}
+
+/// What one write of a batch did, before its row is decoded.
+enum Written {
+    Inserted(bool),
+    Changed(Option<Box<JobRow>>),
 }
 
 /// The rows one new job is written as.
@@ -921,7 +1039,93 @@ mod tests {
         assert_eq!(outcome, DeliveryOutcome::Duplicate { job_id: None });
     }
 
+    fn start_of(job_id: &str, at_ms: i64) -> JobWriteOp {
+        let start = JobChange::Start {
+            message: String::new(),
+        };
+        JobWriteOp::change(
+            &guarded(job_id, JobState::Pending, None),
+            write_of(&start, "worker", at_ms),
+        )
+    }
+
+    fn insert_of(job: &JobRecord) -> JobWriteOp {
+        JobWriteOp::Insert {
+            job: job.clone(),
+            creation: creation_entry(job, "tester"),
+        }
+    }
+
+    fn state_of(written: &JobWritten) -> Option<JobState> {
+        match written {
+            JobWritten::Changed(job) => job.as_ref().map(|job| job.state),
+            JobWritten::Inserted(_) => None,
+        }
+    }
+
+    async fn a_batch_is_written_in_order_with_an_answer_each(store: Store) {
+        insert(&store, &job("a", 1_000)).await;
+        let mut b = job("b", 2_000);
+        b.idempotency_key = Some("k".to_owned());
+        let mut c = job("c", 3_000);
+        c.idempotency_key = Some("k".to_owned());
+        let written = store
+            .write_jobs(&[
+                insert_of(&b),
+                start_of("a", 4_000),
+                // a has just moved on, in this same batch.
+                start_of("a", 4_001),
+                // b's key is taken, by this same batch.
+                insert_of(&c),
+                // b exists: it was written earlier in this batch.
+                start_of("b", 4_002),
+            ])
+            .await
+            .expect("batch");
+        assert_eq!(written.len(), 5);
+        assert_eq!(written[0], JobWritten::Inserted(true));
+        assert_eq!(state_of(&written[1]), Some(JobState::Running));
+        assert_eq!(written[2], JobWritten::Changed(None));
+        assert_eq!(written[3], JobWritten::Inserted(false));
+        assert_eq!(state_of(&written[4]), Some(JobState::Running));
+
+        assert_eq!(store.find_job("c").await.expect("find"), None);
+        for id in ["a", "b"] {
+            let job = store.find_job(id).await.expect("find").expect("written");
+            assert_eq!((job.state, job.version), (JobState::Running, 2), "{id}");
+            assert_eq!(store.job_history(id, 0).await.expect("history").len(), 2);
+        }
+    }
+
+    async fn a_batch_with_a_failing_write_writes_nothing(store: Store) {
+        let a = job("a", 1_000);
+        insert(&store, &a).await;
+        let mut clash = creation_entry(&a, "tester");
+        clash.sequence = 2;
+        store.plant_job_history(&clash).await.expect("plant");
+
+        let outcome = store
+            .write_jobs(&[insert_of(&job("b", 2_000)), start_of("a", 3_000)])
+            .await;
+        assert!(
+            matches!(outcome, Err(StoreError::Conflict(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(store.find_job("b").await.expect("find"), None);
+        assert_eq!(store.find_job("a").await.expect("find"), Some(a));
+        // Alone, the other write goes through.
+        assert_eq!(
+            store
+                .write_job(&insert_of(&job("b", 2_000)))
+                .await
+                .expect("alone"),
+            JobWritten::Inserted(true)
+        );
+    }
+
     test_on_both_backends!(
+        a_batch_is_written_in_order_with_an_answer_each,
+        a_batch_with_a_failing_write_writes_nothing,
         a_job_round_trips_with_its_history,
         a_stale_version_writes_nothing,
         a_change_guarded_by_state_alone_is_written_with_its_entry,

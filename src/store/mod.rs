@@ -91,6 +91,7 @@ mod command_log;
 mod database_url;
 mod error;
 mod federation;
+mod group_commit;
 mod identity;
 mod jobs;
 mod metrics;
@@ -113,8 +114,12 @@ pub use federation::{
     ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
     ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
 };
+pub use group_commit::{GroupCommit, each_or_all};
 pub use identity::{InstanceKeyRecord, InstanceRecord};
-pub use jobs::{DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord};
+pub use jobs::{
+    DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, JobWriteOp,
+    JobWritten,
+};
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};

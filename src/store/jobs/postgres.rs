@@ -10,7 +10,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
-use super::{JobGuard, JobRow, JobRows};
+use super::{JobGuard, JobRow, JobRows, JobWriteOp, Written};
 use crate::coordinator::state::JobWrite;
 use crate::store::pools::PostgresConnection;
 
@@ -95,12 +95,39 @@ impl<Q: Query> Query for Cached<Q> {
     type SqlType = Q::SqlType;
 }
 
+/// Writes `op` in one statement (atomic on its own, or part of the caller's
+/// transaction).
+pub(super) async fn write(
+    conn: &mut PostgresConnection,
+    op: &JobWriteOp,
+    labels_json: Option<String>,
+) -> QueryResult<Written> {
+    match op {
+        JobWriteOp::Insert { job, creation } => {
+            let rows = JobRows::of(job, creation, labels_json.unwrap_or_default());
+            insert_job(conn, &rows).await.map(Written::Inserted)
+        }
+        JobWriteOp::Change {
+            job_id,
+            state,
+            version,
+            write,
+        } => {
+            let guard = JobGuard {
+                job_id,
+                state: *state,
+                version: *version,
+            };
+            write_job_change(conn, &guard, write)
+                .await
+                .map(|row| Written::Changed(row.map(Box::new)))
+        }
+    }
+}
+
 /// Writes `rows` in one statement: `false` when a job with the same id or
 /// idempotency key exists, and nothing was written.
-pub(super) async fn insert_job(
-    conn: &mut PostgresConnection,
-    rows: &JobRows<'_>,
-) -> QueryResult<bool> {
+async fn insert_job(conn: &mut PostgresConnection, rows: &JobRows<'_>) -> QueryResult<bool> {
     let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
         .labels
         .iter()
@@ -144,7 +171,7 @@ pub(super) async fn insert_job(
 
 /// Writes `write` to the job `guard` names, with its history entry, in one
 /// statement: the row as written, or `None` when no job matched the guard.
-pub(super) async fn write_job_change(
+async fn write_job_change(
     conn: &mut PostgresConnection,
     guard: &JobGuard<'_>,
     write: &JobWrite,
