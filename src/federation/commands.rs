@@ -554,8 +554,10 @@ impl Federation {
                 .finish_command_log(&record.id, &outcome, &detail)
                 .await
         } else {
-            self.store
-                .insert_command_log(&CommandLogRecord {
+            // A read is logged once it ends, together with the reads that
+            // ended at the same time.
+            self.sent_log()
+                .record(CommandLogRecord {
                     outcome,
                     detail,
                     recorded_at_ms: self.now(),

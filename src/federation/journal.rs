@@ -1,14 +1,17 @@
-//! Group commit of received commands: each accepted command's message id and
-//! log entry must be committed before its signed result leaves (that commit is
-//! what makes a replay return the stored result), and on one SQLite connection
-//! a commit per command is what bounds how many commands a daemon answers.
-//! Receivers' rows go through a `store::GroupCommit`, which commits those
-//! that queued up together in one transaction with an outcome per command
-//! (`Store::record_inbound_commands`).
+//! Group commit of the command log on the two paths every command takes.
+//!
+//! Received commands (`Journal`): each accepted command's message id and log
+//! entry must be committed before its signed result leaves (that commit is
+//! what makes a replay return the stored result), and on one SQLite
+//! connection a commit per command is what bounds how many commands a daemon
+//! answers. Sent reads (`SentLog`): a status or list read is logged once it
+//! ends, before its caller hears the answer. Each goes through a
+//! `store::GroupCommit`, which commits the rows that queued up together in
+//! one transaction with an outcome per row.
 
 use crate::store::{CommandLogRecord, GroupCommit, SeenMessage, Store, StoreError, WriteOutcome};
 
-/// Most commands in one transaction.
+/// Most commands or log entries in one transaction.
 const MAX_BATCH: usize = 64;
 
 /// The queue to the writer task; the task ends when this is dropped.
@@ -43,5 +46,37 @@ impl Journal {
         record: CommandLogRecord,
     ) -> Result<WriteOutcome<()>, StoreError> {
         self.writer.write((seen, record)).await
+    }
+}
+
+/// The queue to the writer of sent reads' log entries; the task ends when
+/// this is dropped.
+#[derive(Debug)]
+pub(super) struct SentLog {
+    writer: GroupCommit<CommandLogRecord, WriteOutcome<()>>,
+}
+
+impl SentLog {
+    /// Starts the writer task on the current tokio runtime.
+    pub(super) fn start(store: Store) -> SentLog {
+        let writer = GroupCommit::start(MAX_BATCH, move |records: Vec<_>| {
+            let store = store.clone();
+            async move {
+                let count = records.len();
+                let written = store.insert_command_logs(records).await;
+                crate::store::each_or_all(written, count)
+            }
+        });
+        SentLog { writer }
+    }
+
+    /// Commits a sent command's log entry (with whatever else is queued);
+    /// [`WriteOutcome::DuplicateMessage`] if its message id is logged
+    /// already, and then nothing is written.
+    pub(super) async fn record(
+        &self,
+        record: CommandLogRecord,
+    ) -> Result<WriteOutcome<()>, StoreError> {
+        self.writer.write(record).await
     }
 }

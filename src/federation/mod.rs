@@ -5,7 +5,8 @@
 //! - [`envelope`]: the signed envelope and the receiver's checks (pure).
 //! - [`state`]: the connection state machine (pure).
 //! - [`commands`]: signed commands from peers (ExecuteCommand, receiver side).
-//! - `journal`: the group commit of received commands' message ids and log entries.
+//! - `journal`: the group commit of the command log: received commands' message ids and
+//!   log entries, and sent reads' log entries.
 //! - [`dial`]: the allow/deny CIDR lists for dialing peers (pure).
 //! - [`peer_client`]: cached mutual-TLS channels to peers.
 //! - [`peering`]: the handshake, operator changes and inbound notices and pings.

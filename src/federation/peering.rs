@@ -82,6 +82,8 @@ pub struct Federation {
     /// The group commit of received commands, started on first use (on the
     /// runtime that serves them).
     journal: std::sync::OnceLock<super::journal::Journal>,
+    /// The group commit of sent reads' log entries, started on first use.
+    sent_log: std::sync::OnceLock<super::journal::SentLog>,
 }
 
 /// An open connection with a peer in one workspace and the keys it was known
@@ -177,6 +179,7 @@ impl Federation {
             peers: TtlCache::new(std::time::Duration::ZERO),
             sole_peers: TtlCache::new(std::time::Duration::ZERO),
             journal: std::sync::OnceLock::new(),
+            sent_log: std::sync::OnceLock::new(),
         }
     }
 
@@ -195,6 +198,12 @@ impl Federation {
     pub(super) fn journal(&self) -> &super::journal::Journal {
         self.journal
             .get_or_init(|| super::journal::Journal::start(self.store.clone()))
+    }
+
+    /// The writer that commits sent reads' log entries in groups.
+    pub(super) fn sent_log(&self) -> &super::journal::SentLog {
+        self.sent_log
+            .get_or_init(|| super::journal::SentLog::start(self.store.clone()))
     }
 
     /// Forgets every cached connection.

@@ -100,6 +100,58 @@ impl Store {
         outcome_of(written)
     }
 
+    /// Records log entries in one transaction, with an outcome per entry: one
+    /// whose outbound message id is already logged is
+    /// [`WriteOutcome::DuplicateMessage`] and writes nothing, and the others
+    /// are written all the same. The group commit of the entries of sent
+    /// reads (`federation::journal::SentLog`).
+    pub async fn insert_command_logs(
+        &self,
+        records: Vec<CommandLogRecord>,
+    ) -> Result<Vec<WriteOutcome<()>>, StoreError> {
+        let outcome = |inserted: usize| {
+            if inserted == 0 {
+                WriteOutcome::DuplicateMessage
+            } else {
+                WriteOutcome::Done(())
+            }
+        };
+        in_transaction!(
+            self,
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
+                use diesel::RunQueryDsl as Sync;
+                // The records move to the blocking thread.
+                records
+                    .iter()
+                    .map(|record| {
+                        Sync::execute(
+                            diesel::insert_into(federation_command_log::table)
+                                .values(CommandLogRow::from_record(record))
+                                .on_conflict_do_nothing(),
+                            conn,
+                        )
+                        .map(outcome)
+                        .map_err(StoreError::from)
+                    })
+                    .collect()
+            },
+            // PostgreSQL.
+            |conn| {
+                let mut outcomes = Vec::with_capacity(records.len());
+                for record in &records {
+                    let inserted = diesel::insert_into(federation_command_log::table)
+                        .values(CommandLogRow::from_record(record))
+                        .on_conflict_do_nothing()
+                        .execute(conn)
+                        .await?;
+                    outcomes.push(outcome(inserted));
+                }
+                Ok(outcomes)
+            },
+        )
+    }
+
     /// Records accepted received commands, each with its message id, in one
     /// transaction, with an outcome per command: one whose message id was
     /// recorded before (a replay, or a concurrent delivery that came first) is
@@ -359,7 +411,10 @@ mod tests {
     use super::*;
     use crate::store::testing::test_on_both_backends;
 
-    test_on_both_backends!(a_batch_writes_each_new_command_and_refuses_each_replay);
+    test_on_both_backends!(
+        a_batch_writes_each_new_command_and_refuses_each_replay,
+        a_batch_of_sent_entries_writes_each_new_message_id_once,
+    );
 
     /// An accepted `agent.status` from `peer` under `message_id`.
     fn received(message_id: &str, digest: u8) -> (SeenMessage, CommandLogRecord) {
@@ -439,6 +494,65 @@ mod tests {
             logged,
             ["m1", "m2", "m3"],
             "one entry per command, none for replays"
+        );
+    }
+
+    /// A sent `agent.status` under `message_id`, ended with `outcome`.
+    fn sent(message_id: &str, outcome: &str) -> CommandLogRecord {
+        CommandLogRecord {
+            direction: CommandDirection::Outbound,
+            sender_instance_id: "us".to_owned(),
+            recipient_instance_id: "peer".to_owned(),
+            outcome: outcome.to_owned(),
+            ..received(message_id, 0).1
+        }
+    }
+
+    async fn a_batch_of_sent_entries_writes_each_new_message_id_once(store: Store) {
+        let first = store
+            .insert_command_logs(vec![sent("s1", "ok")])
+            .await
+            .expect("first batch");
+        assert_eq!(first, [WriteOutcome::Done(())]);
+        let outcomes = store
+            .insert_command_logs(vec![
+                sent("s2", "ok"),
+                sent("s1", "again"),
+                sent("s3", "unavailable"),
+                sent("s2", "again"),
+            ])
+            .await
+            .expect("second batch");
+        assert_eq!(
+            outcomes,
+            [
+                WriteOutcome::Done(()),
+                WriteOutcome::DuplicateMessage,
+                WriteOutcome::Done(()),
+                WriteOutcome::DuplicateMessage,
+            ]
+        );
+        let mut logged: Vec<(String, String)> = store
+            .list_command_log(&CommandLogFilter {
+                peer_instance_id: None,
+                workspace: None,
+                direction: Some(CommandDirection::Outbound),
+                after: None,
+                limit: 100,
+            })
+            .await
+            .expect("log")
+            .into_iter()
+            .map(|entry| (entry.message_id, entry.outcome))
+            .collect();
+        logged.sort();
+        assert_eq!(
+            logged,
+            [
+                ("s1".to_owned(), "ok".to_owned()),
+                ("s2".to_owned(), "ok".to_owned()),
+                ("s3".to_owned(), "unavailable".to_owned()),
+            ]
         );
     }
 }
