@@ -9,6 +9,8 @@ use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
+use futures::FutureExt as _;
+use futures::future::BoxFuture;
 
 use super::{JobGuard, JobRow, JobRows, JobWriteOp, Written};
 use crate::coordinator::state::JobWrite;
@@ -97,15 +99,23 @@ impl<Q: Query> Query for Cached<Q> {
 
 /// Writes `op` in one statement (atomic on its own, or part of the caller's
 /// transaction).
-pub(super) async fn write(
-    conn: &mut PostgresConnection,
-    op: &JobWriteOp,
+///
+/// The future holds a shared borrow of the connection: several writes can be
+/// in flight on one connection at once, and diesel-async pipelines them (each
+/// is sent without waiting for the answer to the one before; the server runs
+/// them in the order they were sent, which is the order their futures are
+/// first polled).
+pub(super) fn write<'q>(
+    conn: &'q PostgresConnection,
+    op: &'q JobWriteOp,
     labels_json: Option<String>,
-) -> QueryResult<Written> {
+) -> BoxFuture<'q, QueryResult<Written>> {
     match op {
         JobWriteOp::Insert { job, creation } => {
             let rows = JobRows::of(job, creation, labels_json.unwrap_or_default());
-            insert_job(conn, &rows).await.map(Written::Inserted)
+            insert_job(conn, rows)
+                .map(|inserted| inserted.map(|count| Written::Inserted(count == 1)))
+                .boxed()
         }
         JobWriteOp::Change {
             job_id,
@@ -118,30 +128,36 @@ pub(super) async fn write(
                 state: *state,
                 version: *version,
             };
-            write_job_change(conn, &guard, write)
-                .await
-                .map(|row| Written::Changed(row.map(Box::new)))
+            write_job_change(conn, guard, write)
+                .map(|rows| {
+                    // The id is the primary key: at most one row.
+                    rows.map(|mut rows| Written::Changed(rows.pop().map(Box::new)))
+                })
+                .boxed()
         }
     }
 }
 
-/// Writes `rows` in one statement: `false` when a job with the same id or
+/// Writes `rows` in one statement: 0 rows when a job with the same id or
 /// idempotency key exists, and nothing was written.
-async fn insert_job(conn: &mut PostgresConnection, rows: &JobRows<'_>) -> QueryResult<bool> {
+fn insert_job<'q>(
+    conn: &'q PostgresConnection,
+    rows: JobRows<'q>,
+) -> BoxFuture<'q, QueryResult<usize>> {
     let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
         .labels
         .iter()
         .map(|label| (label.name, label.value))
         .unzip();
-    let job = &rows.job;
-    let creation = &rows.creation;
+    let job = rows.job;
+    let creation = rows.creation;
     let statement = diesel::sql_query(INSERT_JOB)
         .bind::<Text, _>(job.id)
         .bind::<Text, _>(job.job_type)
         .bind::<Text, _>(job.workspace)
         .bind::<Text, _>(job.payload_json)
         .bind::<Integer, _>(job.priority)
-        .bind::<Text, _>(&job.labels_json)
+        .bind::<Text, _>(job.labels_json)
         .bind::<Text, _>(job.state)
         .bind::<Integer, _>(job.progress)
         .bind::<Text, _>(job.progress_message)
@@ -165,17 +181,16 @@ async fn insert_job(conn: &mut PostgresConnection, rows: &JobRows<'_>) -> QueryR
         .bind::<Text, _>(creation.message)
         .bind::<Text, _>(creation.actor)
         .bind::<BigInt, _>(creation.at_ms);
-    let inserted = Cached(statement).execute(conn).await?;
-    Ok(inserted == 1)
+    Cached(statement).execute(&mut &*conn).boxed()
 }
 
 /// Writes `write` to the job `guard` names, with its history entry, in one
-/// statement: the row as written, or `None` when no job matched the guard.
-async fn write_job_change(
-    conn: &mut PostgresConnection,
-    guard: &JobGuard<'_>,
-    write: &JobWrite,
-) -> QueryResult<Option<JobRow>> {
+/// statement: the row as written, or no row when no job matched the guard.
+fn write_job_change<'q>(
+    conn: &'q PostgresConnection,
+    guard: JobGuard<'q>,
+    write: &'q JobWrite,
+) -> BoxFuture<'q, QueryResult<Vec<JobRow>>> {
     let statement = diesel::sql_query(WRITE_JOB_CHANGE)
         .bind::<Text, _>(write.to_state.as_str())
         .bind::<BigInt, _>(write.at_ms)
@@ -192,7 +207,5 @@ async fn write_job_change(
         .bind::<Nullable<BigInt>, _>(guard.version)
         .bind::<Text, _>(write.message.as_str())
         .bind::<Text, _>(write.actor.as_str());
-    let mut rows: Vec<JobRow> = Cached(statement).load(conn).await?;
-    // The id is the primary key: at most one row.
-    Ok(rows.pop())
+    Cached(statement).load(&mut &*conn).boxed()
 }
