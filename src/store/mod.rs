@@ -164,20 +164,26 @@ impl Store {
     /// seconds, rather than on the first query. Migrations are not run; call
     /// `run_migrations` for that.
     pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
-        let (pools, size) = match DatabaseTarget::parse(database_url)? {
+        let (pools, size, sqlite_path) = match DatabaseTarget::parse(database_url)? {
             DatabaseTarget::Sqlite { path } => (
                 Pools::Sqlite(pools::sqlite_pool(&path).await?),
                 pools::SQLITE_POOL_SIZE,
+                Some(path),
             ),
             DatabaseTarget::Postgres { url } => (
                 Pools::Postgres(pools::postgres_pool(&url).await?),
                 pools::POSTGRES_POOL_SIZE,
+                None,
             ),
         };
         let store = Store {
             pools,
             turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
         };
+        if let Some(path) = sqlite_path {
+            // Ends once the last clone of the store is dropped.
+            pools::checkpoint_in_background(path, Arc::downgrade(&store.turns));
+        }
         tracing::debug!(backend = ?store.backend(), "connected to the database");
         Ok(store)
     }
@@ -389,5 +395,38 @@ mod tests {
             matches!(outcome, Err(StoreError::Migration(_))),
             "{outcome:?}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_sqlite_wal_is_checkpointed_in_the_background() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let database = TestDatabase::sqlite(dir.path());
+        let store = database.migrated_store().await.expect("store");
+        let file = database
+            .url
+            .strip_prefix("sqlite://")
+            .expect("a file url")
+            .to_owned();
+        // Let a checkpoint of the migrations pass, then write fewer pages
+        // than SQLite's own auto-checkpoint waits for (1000): only the
+        // store's background checkpoint copies them into the database.
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        let size = || std::fs::metadata(&file).expect("database file").len();
+        let before = size();
+        for index in 0..50 {
+            let mut job =
+                JobRecord::new_pending(format!("job-{index}"), "review".to_owned(), 1_000);
+            job.payload_json = format!("{{\"pad\":\"{}\"}}", "x".repeat(4000));
+            let creation = crate::coordinator::state::creation_entry(&job, "tester");
+            store.insert_job(&job, &creation).await.expect("insert");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while size() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not checkpointed within 5 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }
