@@ -419,6 +419,11 @@ async fn main() -> BenchResult<()> {
     );
     let mut failures = Vec::new();
     let mut floors = Vec::new();
+    // The baseline is the simple-insert rate on PostgreSQL; the table
+    // holds each backend to its own, and the SQLite pairs are set against
+    // PostgreSQL's below as well.
+    let mut postgres_inserts = f64::NAN;
+    let mut sqlite_pairs = f64::NAN;
     for (backend, lifecycles, engine, inserts, refused, health) in rows {
         let mut figure = |name: &str, result: BenchResult<f64>| match result {
             Ok(value) => value,
@@ -437,6 +442,10 @@ async fn main() -> BenchResult<()> {
             lifecycles * 3.0,
         ));
         let calls = lifecycles * 3.0;
+        match backend {
+            "postgres" => postgres_inserts = inserts,
+            _ => sqlite_pairs = calls / 2.0,
+        }
         println!(
             "{:<9} {:>12.0} {:>9.0} {:>10.0} {:>10.3} {:>10.3} {:>12.0} {:>10.3}",
             backend,
@@ -460,8 +469,15 @@ async fn main() -> BenchResult<()> {
             per_call_us(health),
         );
     }
+    println!(
+        "sqlite    pairs/s / PostgreSQL's diesel inserts/s: {:.3}",
+        sqlite_pairs / postgres_inserts
+    );
     match pgbench {
-        Ok(Some(tps)) => println!("pgbench   one-row INSERT, {clients} clients: {tps:.0} tps"),
+        Ok(Some(tps)) => println!(
+            "pgbench   one-row INSERT, {clients} clients: {tps:.0} tps (sqlite pairs/s / pgbench tps: {:.3})",
+            sqlite_pairs / tps
+        ),
         Ok(None) => println!("pgbench   not installed; skipped"),
         Err(error) => failures.push(format!("pgbench: {error}")),
     }
