@@ -26,11 +26,6 @@ use crate::store::{
 /// Most job writes committed in one transaction.
 const MAX_WRITE_BATCH: usize = 32;
 
-/// Job write batches written at once on PostgreSQL, which runs transactions
-/// in parallel: each holds one of the pool's ten connections for a moment,
-/// leaving the rest to reads. On SQLite, which has one writer, one.
-const POSTGRES_WRITE_BATCHES: usize = 4;
-
 /// The group commit of job creates and changes: concurrent calls' writes are
 /// committed together (one commit, not one per call), each acknowledged only
 /// once its batch is committed.
@@ -150,12 +145,7 @@ impl Jobs {
         self.writer.get_or_init(|| {
             let store = self.store.clone();
             let gate = self.sqlite_writes.clone();
-            let concurrency = if gate.is_some() {
-                1
-            } else {
-                POSTGRES_WRITE_BATCHES
-            };
-            GroupCommit::start(MAX_WRITE_BATCH, concurrency, move |ops| {
+            GroupCommit::start(MAX_WRITE_BATCH, move |ops| {
                 let (store, gate) = (store.clone(), gate.clone());
                 async move {
                     let _turn = match &gate {
@@ -457,54 +447,18 @@ impl Jobs {
 /// Writes a batch of job writes in one transaction. If the batch fails, each
 /// write is tried again alone, so that a write that cannot be made fails
 /// only its own call (nothing of a failed batch was committed).
-///
-/// The writes are made in one global order (new jobs by idempotency key or
-/// id, then changes by job id; two changes of one job in arrival order), so
-/// that batches written at once on PostgreSQL take their row and key locks in
-/// the same order and never deadlock. The calls in a batch are concurrent,
-/// none acknowledged before the others were made, so any order is one they
-/// could have had.
 async fn write_batch(store: &Store, ops: Vec<JobWriteOp>) -> Vec<Result<JobWritten, StoreError>> {
-    let count = ops.len();
-    let mut indexed: Vec<(usize, JobWriteOp)> = ops.into_iter().enumerate().collect();
-    // Stable: two changes of one job keep their arrival order.
-    indexed.sort_by(|(_, a), (_, b)| lock_order(a).cmp(&lock_order(b)));
-    let (order, ordered): (Vec<usize>, Vec<JobWriteOp>) = indexed.into_iter().unzip();
-    let answers = match store.write_jobs(&ordered).await {
+    match store.write_jobs(&ops).await {
         Ok(written) => written.into_iter().map(Ok).collect(),
-        Err(error) if ordered.len() == 1 => vec![Err(error)],
+        Err(error) if ops.len() == 1 => vec![Err(error)],
         Err(error) => {
-            tracing::debug!(%error, writes = ordered.len(), "a batch of job writes failed; writing each alone");
-            let mut answers = Vec::with_capacity(ordered.len());
-            for op in &ordered {
+            tracing::debug!(%error, writes = ops.len(), "a batch of job writes failed; writing each alone");
+            let mut answers = Vec::with_capacity(ops.len());
+            for op in &ops {
                 answers.push(store.write_job(op).await);
             }
             answers
         }
-    };
-    // Back in the callers' order.
-    let mut placed: Vec<Option<Result<JobWritten, StoreError>>> =
-        std::iter::repeat_with(|| None).take(count).collect();
-    for (index, answer) in order.into_iter().zip(answers) {
-        placed[index] = Some(answer);
-    }
-    placed
-        .into_iter()
-        .map(|answer| {
-            answer.unwrap_or_else(|| {
-                Err(StoreError::Unavailable(
-                    "the job write was not answered".to_owned(),
-                ))
-            })
-        })
-        .collect()
-}
-
-/// Where a write falls in the order `write_batch` writes a batch in.
-fn lock_order(op: &JobWriteOp) -> (u8, &str) {
-    match op {
-        JobWriteOp::Insert { job, .. } => (0, job.idempotency_key.as_deref().unwrap_or(&job.id)),
-        JobWriteOp::Change { job_id, .. } => (1, job_id),
     }
 }
 
@@ -883,55 +837,7 @@ mod tests {
         assert_eq!(jobs.get(&a.id).await.expect("a").version, 1);
     }
 
-    async fn a_batch_answers_each_call_in_the_order_the_calls_came(store: Store) {
-        let jobs = jobs_on(store.clone());
-        let (a, _) = jobs.create(review(), "bot").await.expect("create");
-        let b = JobRecord::new_pending(new_job_id(), "review".to_owned(), now_ms());
-        let guard = JobGuard {
-            job_id: &a.id,
-            state: JobState::Pending,
-            version: None,
-        };
-        let start = |message: &str| {
-            let start = JobChange::Start {
-                message: message.to_owned(),
-            };
-            JobWriteOp::change(&guard, state::write_of(&start, "bot", now_ms()))
-        };
-        // Written inserts first, but answered in this order; of the two
-        // starts of a, the first to come is the one written.
-        let answers = write_batch(
-            &store,
-            vec![
-                start("first"),
-                JobWriteOp::Insert {
-                    creation: state::creation_entry(&b, "bot"),
-                    job: b.clone(),
-                },
-                start("second"),
-            ],
-        )
-        .await;
-        let answers: Vec<JobWritten> = answers
-            .into_iter()
-            .map(|answer| answer.expect("written"))
-            .collect();
-        assert!(
-            matches!(&answers[0], JobWritten::Changed(Some(job)) if job.state == JobState::Running),
-            "{answers:?}"
-        );
-        assert_eq!(answers[1], JobWritten::Inserted(true));
-        assert_eq!(answers[2], JobWritten::Changed(None));
-        let history = jobs.history(&a.id).await.expect("history");
-        assert_eq!(
-            history.last().map(|entry| entry.message.as_str()),
-            Some("first")
-        );
-        assert_eq!(jobs.get(&b.id).await.expect("b").state, JobState::Pending);
-    }
-
     test_on_both_backends!(
-        a_batch_answers_each_call_in_the_order_the_calls_came,
         concurrent_lifecycles_are_each_committed_with_their_history,
         a_write_that_fails_fails_only_its_own_call,
     );

@@ -23,7 +23,7 @@ pub(super) struct Journal {
 impl Journal {
     /// Starts the writer task on the current tokio runtime.
     pub(super) fn start(store: Store) -> Journal {
-        let writer = GroupCommit::start(MAX_BATCH, 1, move |rows: Vec<_>| {
+        let writer = GroupCommit::start(MAX_BATCH, move |rows: Vec<_>| {
             let store = store.clone();
             async move {
                 let count = rows.len();
@@ -59,7 +59,7 @@ pub(super) struct SentLog {
 impl SentLog {
     /// Starts the writer task on the current tokio runtime.
     pub(super) fn start(store: Store) -> SentLog {
-        let writer = GroupCommit::start(MAX_BATCH, 1, move |records: Vec<_>| {
+        let writer = GroupCommit::start(MAX_BATCH, move |records: Vec<_>| {
             let store = store.clone();
             async move {
                 let count = records.len();

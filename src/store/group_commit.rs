@@ -7,18 +7,15 @@
 //! writer task and wait for its answer; the writer takes whatever has queued
 //! up (up to a batch size) and writes it with one `write` call, which commits
 //! the batch in one transaction and answers each write. With one caller
-//! nothing waits for anything: a batch of one is written at once. Where the
-//! database runs transactions in parallel (PostgreSQL), several batches may
-//! be written at once.
+//! nothing waits for anything: a batch of one is written at once.
 //!
 //! Users: `federation::journal` (received commands), the outbound log of
 //! command reads (`federation::commands`) and the coordinator's job writes
 //! (`coordinator::jobs`).
 
 use std::future::Future;
-use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
 
@@ -49,23 +46,15 @@ impl<Op, Out> Clone for GroupCommit<Op, Out> {
 impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
     /// Starts the writer task on the current tokio runtime. `write` commits
     /// a batch of at most `max_batch` writes and returns one answer per
-    /// write, in order; up to `concurrency` batches are written at once (1:
-    /// one after the other), and the next batch fills while they are.
-    pub fn start<W, F>(max_batch: usize, concurrency: usize, mut write: W) -> GroupCommit<Op, Out>
+    /// write, in order.
+    pub fn start<W, F>(max_batch: usize, mut write: W) -> GroupCommit<Op, Out>
     where
         W: FnMut(Vec<Op>) -> F + Send + 'static,
         F: Future<Output = Vec<Result<Out, StoreError>>> + Send + 'static,
     {
         let (queue, mut queued) = mpsc::channel::<Queued<Op, Out>>(QUEUE);
-        let writing = Arc::new(Semaphore::new(concurrency.max(1)));
         tokio::spawn(async move {
-            loop {
-                let Ok(turn) = Arc::clone(&writing).acquire_owned().await else {
-                    break;
-                };
-                let Some(first) = queued.recv().await else {
-                    break;
-                };
+            while let Some(first) = queued.recv().await {
                 let mut batch = vec![first];
                 while batch.len() < max_batch.max(1) {
                     match queued.try_recv() {
@@ -75,19 +64,14 @@ impl<Op: Send + 'static, Out: Send + 'static> GroupCommit<Op, Out> {
                 }
                 let (ops, waiting): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|next| (next.op, next.done)).unzip();
-                let written = write(ops);
-                tokio::spawn(async move {
-                    let answers = written.await;
-                    drop(turn);
-                    // A caller that gave up (its call was cancelled) is no
-                    // longer listening; its write is committed all the same.
-                    // A write without an answer (never, from a correct
-                    // `write`) reaches its caller as the writer having
-                    // stopped.
-                    for (done, answer) in waiting.into_iter().zip(answers) {
-                        let _ = done.send(answer);
-                    }
-                });
+                let answers = write(ops).await;
+                // A caller that gave up (its call was cancelled) is no
+                // longer listening; its write is committed all the same. A
+                // write without an answer (never, from a correct `write`)
+                // reaches its caller as the writer having stopped.
+                for (done, answer) in waiting.into_iter().zip(answers) {
+                    let _ = done.send(answer);
+                }
             }
         });
         GroupCommit { queue }
@@ -137,7 +121,7 @@ mod tests {
     async fn concurrent_writes_share_batches_and_each_gets_its_own_answer() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&batches);
-        let writer = GroupCommit::start(4, 1, move |ops: Vec<u32>| {
+        let writer = GroupCommit::start(4, move |ops: Vec<u32>| {
             seen.lock().unwrap().push(ops.len());
             async move {
                 // Long enough for the other callers to queue behind it.
