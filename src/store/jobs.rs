@@ -294,24 +294,11 @@ impl Store {
                     vec![postgres::write(conn, op, labels.clone()).await?]
                 } else {
                     conn.transaction::<_, StoreError, _>(async |conn| {
-                        if each_job_once(ops) {
-                            // Pipelined: sent together, run in this order.
-                            let conn = &*conn;
-                            let writes: Vec<_> = ops
-                                .iter()
-                                .zip(&labels)
-                                .map(|(op, labels)| postgres::write(conn, op, labels.clone()))
-                                .collect();
-                            Ok(futures::future::try_join_all(writes).await?)
-                        } else {
-                            // A later write depends on an earlier one's
-                            // outcome: one at a time, to be sure of the order.
-                            let mut rows = Vec::with_capacity(ops.len());
-                            for (op, labels) in ops.iter().zip(&labels) {
-                                rows.push(postgres::write(conn, op, labels.clone()).await?);
-                            }
-                            Ok(rows)
+                        let mut rows = Vec::with_capacity(ops.len());
+                        for (op, labels) in ops.iter().zip(&labels) {
+                            rows.push(postgres::write(conn, op, labels.clone()).await?);
                         }
+                        Ok(rows)
                     })
                     .await?
                 }
@@ -546,15 +533,6 @@ impl Store {
         });
         rows.into_iter().map(JobRecord::try_from).collect()
     }
-}
-
-/// Whether no two writes of `ops` touch the same job.
-fn each_job_once(ops: &[JobWriteOp]) -> bool {
-    let mut seen = std::collections::HashSet::with_capacity(ops.len());
-    ops.iter().all(|op| match op {
-        JobWriteOp::Insert { job, .. } => seen.insert(job.id.as_str()),
-        JobWriteOp::Change { job_id, .. } => seen.insert(job_id.as_str()),
-    })
 }
 
 /// What one write of a batch did, before its row is decoded.
@@ -1119,28 +1097,6 @@ mod tests {
         }
     }
 
-    async fn a_batch_touching_each_job_once_is_written_whole(store: Store) {
-        // On PostgreSQL these writes are pipelined (no two touch one job).
-        insert(&store, &job("a", 1_000)).await;
-        insert(&store, &job("b", 1_001)).await;
-        let written = store
-            .write_jobs(&[
-                insert_of(&job("c", 2_000)),
-                start_of("a", 3_000),
-                start_of("missing", 3_001),
-                start_of("b", 3_002),
-            ])
-            .await
-            .expect("batch");
-        assert_eq!(written[0], JobWritten::Inserted(true));
-        assert_eq!(state_of(&written[1]), Some(JobState::Running));
-        assert_eq!(written[2], JobWritten::Changed(None));
-        assert_eq!(state_of(&written[3]), Some(JobState::Running));
-        assert_eq!(written.len(), 4);
-        let c = store.find_job("c").await.expect("find").expect("written");
-        assert_eq!(c.state, JobState::Pending);
-    }
-
     async fn a_batch_with_a_failing_write_writes_nothing(store: Store) {
         let a = job("a", 1_000);
         insert(&store, &a).await;
@@ -1169,7 +1125,6 @@ mod tests {
 
     test_on_both_backends!(
         a_batch_is_written_in_order_with_an_answer_each,
-        a_batch_touching_each_job_once_is_written_whole,
         a_batch_with_a_failing_write_writes_nothing,
         a_job_round_trips_with_its_history,
         a_stale_version_writes_nothing,

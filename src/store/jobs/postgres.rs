@@ -9,8 +9,6 @@ use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
-use futures::FutureExt as _;
-use futures::future::BoxFuture;
 
 use super::{JobGuard, JobRow, JobRows, JobWriteOp, Written};
 use crate::coordinator::state::JobWrite;
@@ -99,23 +97,15 @@ impl<Q: Query> Query for Cached<Q> {
 
 /// Writes `op` in one statement (atomic on its own, or part of the caller's
 /// transaction).
-///
-/// The future holds a shared borrow of the connection: several writes can be
-/// in flight on one connection at once, and diesel-async pipelines them (each
-/// is sent without waiting for the answer to the one before; the server runs
-/// them in the order they were sent, which is the order their futures are
-/// first polled).
-pub(super) fn write<'q>(
-    conn: &'q PostgresConnection,
-    op: &'q JobWriteOp,
+pub(super) async fn write(
+    conn: &mut PostgresConnection,
+    op: &JobWriteOp,
     labels_json: Option<String>,
-) -> BoxFuture<'q, QueryResult<Written>> {
+) -> QueryResult<Written> {
     match op {
         JobWriteOp::Insert { job, creation } => {
             let rows = JobRows::of(job, creation, labels_json.unwrap_or_default());
-            insert_job(conn, rows)
-                .map(|inserted| inserted.map(|count| Written::Inserted(count == 1)))
-                .boxed()
+            insert_job(conn, &rows).await.map(Written::Inserted)
         }
         JobWriteOp::Change {
             job_id,
@@ -128,36 +118,30 @@ pub(super) fn write<'q>(
                 state: *state,
                 version: *version,
             };
-            write_job_change(conn, guard, write)
-                .map(|rows| {
-                    // The id is the primary key: at most one row.
-                    rows.map(|mut rows| Written::Changed(rows.pop().map(Box::new)))
-                })
-                .boxed()
+            write_job_change(conn, &guard, write)
+                .await
+                .map(|row| Written::Changed(row.map(Box::new)))
         }
     }
 }
 
-/// Writes `rows` in one statement: 0 rows when a job with the same id or
+/// Writes `rows` in one statement: `false` when a job with the same id or
 /// idempotency key exists, and nothing was written.
-fn insert_job<'q>(
-    conn: &'q PostgresConnection,
-    rows: JobRows<'q>,
-) -> BoxFuture<'q, QueryResult<usize>> {
+async fn insert_job(conn: &mut PostgresConnection, rows: &JobRows<'_>) -> QueryResult<bool> {
     let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
         .labels
         .iter()
         .map(|label| (label.name, label.value))
         .unzip();
-    let job = rows.job;
-    let creation = rows.creation;
+    let job = &rows.job;
+    let creation = &rows.creation;
     let statement = diesel::sql_query(INSERT_JOB)
         .bind::<Text, _>(job.id)
         .bind::<Text, _>(job.job_type)
         .bind::<Text, _>(job.workspace)
         .bind::<Text, _>(job.payload_json)
         .bind::<Integer, _>(job.priority)
-        .bind::<Text, _>(job.labels_json)
+        .bind::<Text, _>(&job.labels_json)
         .bind::<Text, _>(job.state)
         .bind::<Integer, _>(job.progress)
         .bind::<Text, _>(job.progress_message)
@@ -181,16 +165,17 @@ fn insert_job<'q>(
         .bind::<Text, _>(creation.message)
         .bind::<Text, _>(creation.actor)
         .bind::<BigInt, _>(creation.at_ms);
-    Cached(statement).execute(&mut &*conn).boxed()
+    let inserted = Cached(statement).execute(conn).await?;
+    Ok(inserted == 1)
 }
 
 /// Writes `write` to the job `guard` names, with its history entry, in one
-/// statement: the row as written, or no row when no job matched the guard.
-fn write_job_change<'q>(
-    conn: &'q PostgresConnection,
-    guard: JobGuard<'q>,
-    write: &'q JobWrite,
-) -> BoxFuture<'q, QueryResult<Vec<JobRow>>> {
+/// statement: the row as written, or `None` when no job matched the guard.
+async fn write_job_change(
+    conn: &mut PostgresConnection,
+    guard: &JobGuard<'_>,
+    write: &JobWrite,
+) -> QueryResult<Option<JobRow>> {
     let statement = diesel::sql_query(WRITE_JOB_CHANGE)
         .bind::<Text, _>(write.to_state.as_str())
         .bind::<BigInt, _>(write.at_ms)
@@ -207,5 +192,7 @@ fn write_job_change<'q>(
         .bind::<Nullable<BigInt>, _>(guard.version)
         .bind::<Text, _>(write.message.as_str())
         .bind::<Text, _>(write.actor.as_str());
-    Cached(statement).load(&mut &*conn).boxed()
+    let mut rows: Vec<JobRow> = Cached(statement).load(conn).await?;
+    // The id is the primary key: at most one row.
+    Ok(rows.pop())
 }
