@@ -26,9 +26,10 @@ use crate::store::{
 /// Most job writes committed in one transaction.
 const MAX_WRITE_BATCH: usize = 32;
 
-/// The group commit of job creates and changes: concurrent calls' writes are
-/// committed together (one commit, not one per call), each acknowledged only
-/// once its batch is committed.
+/// The group commit of job creates and changes: on SQLite concurrent calls'
+/// writes are committed together (one commit, not one per call), each
+/// acknowledged only once its batch is committed; on PostgreSQL each call
+/// writes its own (see `store::GroupCommit`).
 pub(crate) type JobWriter = GroupCommit<JobWriteOp, JobWritten>;
 
 /// How often a change that lost a race is retried before the caller is told
@@ -139,13 +140,14 @@ impl Jobs {
         }
     }
 
-    /// The job writer, started on the current tokio runtime at the first
-    /// write. A batch takes the SQLite write turn like any other writer.
+    /// The job writer, started (on SQLite, a task on the current tokio
+    /// runtime) at the first write. A batch takes the SQLite write turn like
+    /// any other writer.
     fn writer(&self) -> &JobWriter {
         self.writer.get_or_init(|| {
             let store = self.store.clone();
             let gate = self.sqlite_writes.clone();
-            GroupCommit::start(MAX_WRITE_BATCH, move |ops| {
+            GroupCommit::start(store.backend(), MAX_WRITE_BATCH, move |ops| {
                 let (store, gate) = (store.clone(), gate.clone());
                 async move {
                     let _turn = match &gate {

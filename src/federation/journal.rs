@@ -6,24 +6,26 @@
 //! connection a commit per command is what bounds how many commands a daemon
 //! answers. Sent reads (`SentLog`): a status or list read is logged once it
 //! ends, before its caller hears the answer. Each goes through a
-//! `store::GroupCommit`, which commits the rows that queued up together in
-//! one transaction with an outcome per row.
+//! `store::GroupCommit`, which on SQLite commits the rows that queued up
+//! together in one transaction with an outcome per row (on PostgreSQL each
+//! row is committed on its own, as it comes).
 
 use crate::store::{CommandLogRecord, GroupCommit, SeenMessage, Store, StoreError, WriteOutcome};
 
 /// Most commands or log entries in one transaction.
 const MAX_BATCH: usize = 64;
 
-/// The queue to the writer task; the task ends when this is dropped.
+/// The group commit of received commands; a writer task ends when this is
+/// dropped.
 #[derive(Debug)]
 pub(super) struct Journal {
     writer: GroupCommit<(SeenMessage, CommandLogRecord), WriteOutcome<()>>,
 }
 
 impl Journal {
-    /// Starts the writer task on the current tokio runtime.
+    /// Starts the writer task (SQLite) on the current tokio runtime.
     pub(super) fn start(store: Store) -> Journal {
-        let writer = GroupCommit::start(MAX_BATCH, move |rows: Vec<_>| {
+        let writer = GroupCommit::start(store.backend(), MAX_BATCH, move |rows: Vec<_>| {
             let store = store.clone();
             async move {
                 let count = rows.len();
@@ -49,7 +51,7 @@ impl Journal {
     }
 }
 
-/// The queue to the writer of sent reads' log entries; the task ends when
+/// The group commit of sent reads' log entries; a writer task ends when
 /// this is dropped.
 #[derive(Debug)]
 pub(super) struct SentLog {
@@ -57,9 +59,9 @@ pub(super) struct SentLog {
 }
 
 impl SentLog {
-    /// Starts the writer task on the current tokio runtime.
+    /// Starts the writer task (SQLite) on the current tokio runtime.
     pub(super) fn start(store: Store) -> SentLog {
-        let writer = GroupCommit::start(MAX_BATCH, move |records: Vec<_>| {
+        let writer = GroupCommit::start(store.backend(), MAX_BATCH, move |records: Vec<_>| {
             let store = store.clone();
             async move {
                 let count = records.len();
