@@ -450,14 +450,15 @@ impl Jobs {
 /// write is tried again alone, so that a write that cannot be made fails
 /// only its own call (nothing of a failed batch was committed).
 async fn write_batch(store: &Store, ops: Vec<JobWriteOp>) -> Vec<Result<JobWritten, StoreError>> {
-    match store.write_jobs(&ops).await {
+    let ops: std::sync::Arc<[JobWriteOp]> = ops.into();
+    match store.write_jobs(std::sync::Arc::clone(&ops)).await {
         Ok(written) => written.into_iter().map(Ok).collect(),
         Err(error) if ops.len() == 1 => vec![Err(error)],
         Err(error) => {
             tracing::debug!(%error, writes = ops.len(), "a batch of job writes failed; writing each alone");
             let mut answers = Vec::with_capacity(ops.len());
-            for op in &ops {
-                answers.push(store.write_job(op).await);
+            for op in ops.iter() {
+                answers.push(store.write_job(op.clone()).await);
             }
             answers
         }

@@ -19,6 +19,7 @@ mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
@@ -220,7 +221,7 @@ impl Store {
             job: job.clone(),
             creation: creation.clone(),
         };
-        match self.write_job(&op).await? {
+        match self.write_job(op).await? {
             JobWritten::Inserted(true) => Ok(()),
             _ => Err(StoreError::Conflict(
                 "a job with this id or idempotency key already exists".to_owned(),
@@ -239,7 +240,7 @@ impl Store {
         write: &JobWrite,
     ) -> Result<Option<JobRecord>, StoreError> {
         match self
-            .write_job(&JobWriteOp::change(guard, write.clone()))
+            .write_job(JobWriteOp::change(guard, write.clone()))
             .await?
         {
             JobWritten::Changed(job) => Ok(job.map(|job| *job)),
@@ -248,8 +249,8 @@ impl Store {
     }
 
     /// Writes `op` alone: `write_jobs` with a batch of one.
-    pub async fn write_job(&self, op: &JobWriteOp) -> Result<JobWritten, StoreError> {
-        self.write_jobs(std::slice::from_ref(op))
+    pub async fn write_job(&self, op: JobWriteOp) -> Result<JobWritten, StoreError> {
+        self.write_jobs(Arc::from([op]))
             .await?
             .pop()
             .ok_or_else(|| StoreError::Unavailable("the write was not answered".to_owned()))
@@ -264,10 +265,13 @@ impl Store {
     /// its own; on SQLite one blocking call running `BEGIN IMMEDIATE`, the
     /// statements and `COMMIT`. A batch adds no round trip on SQLite and
     /// `BEGIN` and `COMMIT` on PostgreSQL, and commits once.
-    pub async fn write_jobs(&self, ops: &[JobWriteOp]) -> Result<Vec<JobWritten>, StoreError> {
+    /// The writes are shared, not copied, with the blocking thread that
+    /// writes them on SQLite; the caller keeps them (to write them again one
+    /// at a time if the batch fails).
+    pub async fn write_jobs(&self, ops: Arc<[JobWriteOp]>) -> Result<Vec<JobWritten>, StoreError> {
         // Encoded before any connection is taken: a job whose labels cannot be
         // stored fails the batch without a round trip.
-        let labels = ops
+        let mut labels = ops
             .iter()
             .map(|op| match op {
                 JobWriteOp::Insert { job, .. } => labels_json(job).map(Some),
@@ -277,8 +281,7 @@ impl Store {
         let rows = with_connection!(
             self,
             sqlite = |conn| {
-                // The writes move to the blocking thread.
-                let ops = ops.to_vec();
+                let ops = Arc::clone(&ops);
                 conn.spawn_blocking(move |conn| {
                     conn.immediate_transaction(|conn| {
                         ops.iter()
@@ -290,8 +293,8 @@ impl Store {
                 .await?
             },
             postgres = |conn| {
-                if let ([op], [labels]) = (ops, labels.as_slice()) {
-                    vec![postgres::write(conn, op, labels.clone()).await?]
+                if let ([op], [labels]) = (&ops[..], labels.as_mut_slice()) {
+                    vec![postgres::write(conn, op, labels.take()).await?]
                 } else {
                     conn.transaction::<_, StoreError, _>(async |conn| {
                         let mut rows = Vec::with_capacity(ops.len());
@@ -1070,7 +1073,7 @@ mod tests {
         let mut c = job("c", 3_000);
         c.idempotency_key = Some("k".to_owned());
         let written = store
-            .write_jobs(&[
+            .write_jobs(Arc::from([
                 insert_of(&b),
                 start_of("a", 4_000),
                 // a has just moved on, in this same batch.
@@ -1079,7 +1082,7 @@ mod tests {
                 insert_of(&c),
                 // b exists: it was written earlier in this batch.
                 start_of("b", 4_002),
-            ])
+            ]))
             .await
             .expect("batch");
         assert_eq!(written.len(), 5);
@@ -1105,7 +1108,10 @@ mod tests {
         store.plant_job_history(&clash).await.expect("plant");
 
         let outcome = store
-            .write_jobs(&[insert_of(&job("b", 2_000)), start_of("a", 3_000)])
+            .write_jobs(Arc::from([
+                insert_of(&job("b", 2_000)),
+                start_of("a", 3_000),
+            ]))
             .await;
         assert!(
             matches!(outcome, Err(StoreError::Conflict(_))),
@@ -1116,7 +1122,7 @@ mod tests {
         // Alone, the other write goes through.
         assert_eq!(
             store
-                .write_job(&insert_of(&job("b", 2_000)))
+                .write_job(insert_of(&job("b", 2_000)))
                 .await
                 .expect("alone"),
             JobWritten::Inserted(true)
