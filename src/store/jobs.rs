@@ -544,6 +544,40 @@ enum Written {
     Changed(Option<Box<JobRow>>),
 }
 
+/// A write as each backend's statements take it: the rows of a new job, or
+/// a change and its guard.
+enum Prepared<'a> {
+    Insert(Box<JobRows<'a>>),
+    Change(JobGuard<'a>, &'a JobWrite),
+}
+
+impl JobWriteOp {
+    /// This write as rows and guard; `labels_json` is the new job's labels,
+    /// encoded (`None` for a change).
+    fn prepare(&self, labels_json: Option<String>) -> Prepared<'_> {
+        match self {
+            JobWriteOp::Insert { job, creation } => Prepared::Insert(Box::new(JobRows::of(
+                job,
+                creation,
+                labels_json.unwrap_or_default(),
+            ))),
+            JobWriteOp::Change {
+                job_id,
+                state,
+                version,
+                write,
+            } => Prepared::Change(
+                JobGuard {
+                    job_id,
+                    state: *state,
+                    version: *version,
+                },
+                write,
+            ),
+        }
+    }
+}
+
 /// The rows one new job is written as.
 struct JobRows<'a> {
     job: NewJobRow<'a>,

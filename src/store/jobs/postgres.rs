@@ -10,7 +10,7 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
-use super::{JobGuard, JobRow, JobRows, JobWriteOp, Written};
+use super::{JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written};
 use crate::coordinator::state::JobWrite;
 use crate::store::pools::PostgresConnection;
 
@@ -102,26 +102,11 @@ pub(super) async fn write(
     op: &JobWriteOp,
     labels_json: Option<String>,
 ) -> QueryResult<Written> {
-    match op {
-        JobWriteOp::Insert { job, creation } => {
-            let rows = JobRows::of(job, creation, labels_json.unwrap_or_default());
-            insert_job(conn, &rows).await.map(Written::Inserted)
-        }
-        JobWriteOp::Change {
-            job_id,
-            state,
-            version,
-            write,
-        } => {
-            let guard = JobGuard {
-                job_id,
-                state: *state,
-                version: *version,
-            };
-            write_job_change(conn, &guard, write)
-                .await
-                .map(|row| Written::Changed(row.map(Box::new)))
-        }
+    match op.prepare(labels_json) {
+        Prepared::Insert(rows) => insert_job(conn, &rows).await.map(Written::Inserted),
+        Prepared::Change(guard, write) => write_job_change(conn, &guard, write)
+            .await
+            .map(|row| Written::Changed(row.map(Box::new))),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use diesel::prelude::*;
 
-use super::{JobGuard, JobRow, JobRows, JobWriteOp, Written};
+use super::{JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written};
 use crate::coordinator::state::JobWrite;
 use crate::store::schema::{job_history, job_labels, jobs};
 
@@ -18,22 +18,9 @@ pub(super) fn write(
     op: &JobWriteOp,
     labels_json: Option<String>,
 ) -> QueryResult<Written> {
-    match op {
-        JobWriteOp::Insert { job, creation } => {
-            let rows = JobRows::of(job, creation, labels_json.unwrap_or_default());
-            insert_job(conn, &rows).map(Written::Inserted)
-        }
-        JobWriteOp::Change {
-            job_id,
-            state,
-            version,
-            write,
-        } => {
-            let guard = JobGuard {
-                job_id,
-                state: *state,
-                version: *version,
-            };
+    match op.prepare(labels_json) {
+        Prepared::Insert(rows) => insert_job(conn, &rows).map(Written::Inserted),
+        Prepared::Change(guard, write) => {
             write_job_change(conn, &guard, write).map(|row| Written::Changed(row.map(Box::new)))
         }
     }
