@@ -1134,6 +1134,128 @@ mod tests {
         }
     }
 
+    /// A batch of writes to distinct jobs, each kind of write in it: every
+    /// row comes out as if it had been written alone.
+    async fn a_batch_of_writes_to_distinct_jobs_writes_every_row(store: Store) {
+        let mut running = job("running", 1_000);
+        running.idempotency_key = Some("taken".to_owned());
+        insert(&store, &running).await;
+        let running = store
+            .write_job_change(
+                &guarded("running", JobState::Pending, None),
+                &write_of(
+                    &JobChange::Start {
+                        message: String::new(),
+                    },
+                    "worker",
+                    1_500,
+                ),
+            )
+            .await
+            .expect("start")
+            .expect("started");
+        insert(&store, &job("pending", 1_100)).await;
+
+        let mut fresh = job("fresh", 2_000);
+        fresh.labels.insert("team".to_owned(), "red".to_owned());
+        fresh.idempotency_key = Some("new-key".to_owned());
+        fresh.payload_json = "{\"x\":1}".to_owned();
+        let mut reused = job("reused", 2_001);
+        reused.idempotency_key = Some("taken".to_owned());
+        let progress = JobChange::Progress {
+            percent: Percent::new(40).expect("percent"),
+            message: "halfway".to_owned(),
+        };
+        let fail = JobChange::Fail {
+            error: "no disk".to_owned(),
+        };
+        let written = store
+            .write_jobs(Arc::from([
+                JobWriteOp::change(
+                    &guarded("running", JobState::Running, Some(running.version)),
+                    write_of(&progress, "worker", 3_000),
+                ),
+                insert_of(&fresh),
+                JobWriteOp::change(
+                    &guarded("pending", JobState::Pending, None),
+                    write_of(&fail, "bot", 3_001),
+                ),
+                // A guard that matches no job, a key another job has.
+                start_of("missing", 3_002),
+                insert_of(&reused),
+            ]))
+            .await
+            .expect("batch");
+
+        let progressed = store.find_job("running").await.expect("find").expect("job");
+        assert_eq!(
+            written[0],
+            JobWritten::Changed(Some(Box::new(progressed.clone())))
+        );
+        assert_eq!(
+            (
+                progressed.progress.get(),
+                progressed.progress_message.as_str()
+            ),
+            (40, "halfway")
+        );
+        assert_eq!(written[1], JobWritten::Inserted(true));
+        assert_eq!(
+            store.find_job("fresh").await.expect("find"),
+            Some(fresh.clone())
+        );
+        let failed = store.find_job("pending").await.expect("find").expect("job");
+        assert_eq!(
+            written[2],
+            JobWritten::Changed(Some(Box::new(failed.clone())))
+        );
+        assert_eq!(
+            (failed.state, failed.error.as_str()),
+            (JobState::Failed, "no disk")
+        );
+        assert_eq!(written[3], JobWritten::Changed(None));
+        assert_eq!(written[4], JobWritten::Inserted(false));
+        assert_eq!(written.len(), 5);
+        assert_eq!(store.find_job("reused").await.expect("find"), None);
+        assert_eq!(store.find_job("missing").await.expect("find"), None);
+
+        // The new job's label rows and creation entry, the changes' entries.
+        let labelled = JobFilter {
+            labels: [("team".to_owned(), "red".to_owned())].into(),
+            ..JobFilter::default()
+        };
+        assert_eq!(
+            store.list_jobs(&labelled, None, 10).await.expect("list"),
+            [fresh.clone()]
+        );
+        assert_eq!(
+            store.job_history("fresh", 0).await.expect("history"),
+            [creation_entry(&fresh, "tester")]
+        );
+        let last = |history: Vec<JobHistoryRecord>| history.last().cloned().expect("entry");
+        let entry = last(store.job_history("running", 0).await.expect("history"));
+        assert_eq!(
+            (
+                entry.sequence,
+                entry.from_state,
+                entry.to_state,
+                entry.message.as_str()
+            ),
+            (3, Some(JobState::Running), JobState::Running, "halfway")
+        );
+        let entry = last(store.job_history("pending", 0).await.expect("history"));
+        assert_eq!(
+            (
+                entry.sequence,
+                entry.from_state,
+                entry.to_state,
+                entry.actor.as_str()
+            ),
+            (2, Some(JobState::Pending), JobState::Failed, "bot")
+        );
+        assert_eq!(entry.at_ms, 3_001);
+    }
+
     async fn a_batch_with_a_failing_write_writes_nothing(store: Store) {
         let a = job("a", 1_000);
         insert(&store, &a).await;
@@ -1165,6 +1287,7 @@ mod tests {
 
     test_on_both_backends!(
         a_batch_is_written_in_order_with_an_answer_each,
+        a_batch_of_writes_to_distinct_jobs_writes_every_row,
         a_batch_with_a_failing_write_writes_nothing,
         a_job_round_trips_with_its_history,
         a_stale_version_writes_nothing,
