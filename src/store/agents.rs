@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+mod postgres;
+
 use super::schema::{agent_events, agent_labels, agent_status, agents};
 use super::{Store, StoreError};
 use crate::agents::model::{AgentFilter, AgentRecord, AgentState, AgentTransition, Origin};
@@ -34,51 +36,41 @@ impl Store {
     pub async fn insert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
         // The SQLite body runs on a blocking thread: it gets its own copy.
         let owned = agent.clone();
-        in_transaction!(
+        with_connection!(
             self,
-            // SQLite, synchronous, on the blocking pool.
-            |conn| {
-                use diesel::RunQueryDsl as Sync;
-                let rows = NewAgentRows::of(&owned)?;
-                Sync::execute(diesel::insert_into(agents::table).values(&rows.agent), conn)?;
-                Sync::execute(
-                    diesel::insert_into(agent_status::table).values(&rows.status),
-                    conn,
-                )?;
-                for label in &rows.labels {
-                    Sync::execute(diesel::insert_into(agent_labels::table).values(label), conn)?;
-                }
-                for event in &rows.events {
-                    Sync::execute(diesel::insert_into(agent_events::table).values(event), conn)?;
-                }
-                Ok(())
-            },
-            // PostgreSQL.
-            |conn| {
-                let rows = NewAgentRows::of(agent)?;
-                diesel::insert_into(agents::table)
-                    .values(&rows.agent)
-                    .execute(conn)
-                    .await?;
-                diesel::insert_into(agent_status::table)
-                    .values(&rows.status)
-                    .execute(conn)
-                    .await?;
-                // One statement per label and per event: both are few.
-                for label in &rows.labels {
-                    diesel::insert_into(agent_labels::table)
-                        .values(label)
-                        .execute(conn)
-                        .await?;
-                }
-                for event in &rows.events {
-                    diesel::insert_into(agent_events::table)
-                        .values(event)
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(())
-            },
+            // One trip to the blocking pool, one transaction.
+            sqlite = |conn| conn
+                .spawn_blocking(move |conn| {
+                    use diesel::RunQueryDsl as Sync;
+                    Ok(conn.transaction::<_, StoreError, _>(|conn| {
+                        let rows = NewAgentRows::of(&owned)?;
+                        Sync::execute(
+                            diesel::insert_into(agents::table).values(&rows.agent),
+                            conn,
+                        )?;
+                        Sync::execute(
+                            diesel::insert_into(agent_status::table).values(&rows.status),
+                            conn,
+                        )?;
+                        for label in &rows.labels {
+                            Sync::execute(
+                                diesel::insert_into(agent_labels::table).values(label),
+                                conn,
+                            )?;
+                        }
+                        for event in &rows.events {
+                            Sync::execute(
+                                diesel::insert_into(agent_events::table).values(event),
+                                conn,
+                            )?;
+                        }
+                        Ok(())
+                    }))
+                })
+                .await
+                .unwrap_or_else(|error| Err(StoreError::from(error))),
+            // One statement.
+            postgres = |conn| Ok(postgres::insert_agent(conn, &NewAgentRows::of(agent)?).await?)
         )
     }
 
@@ -98,49 +90,48 @@ impl Store {
             move |id: &str| StoreError::Conflict(format!("agent {id} is no longer {from}"));
         // The SQLite body runs on a blocking thread: it gets its own copy.
         let owned = agent.clone();
-        in_transaction!(
+        with_connection!(
             self,
-            // SQLite, synchronous, on the blocking pool.
-            |conn| {
-                use diesel::RunQueryDsl as Sync;
-                let agent = &owned;
-                let updated = Sync::execute(
-                    diesel::update(
-                        agent_status::table
-                            .filter(agent_status::agent_id.eq(&agent.id))
-                            .filter(agent_status::state.eq(from.as_str())),
-                    )
-                    .set(&StatusRow::from_record(agent)?),
-                    conn,
-                )?;
-                if updated == 0 {
-                    return Err(conflict(&agent.id));
+            // One trip to the blocking pool, one transaction.
+            sqlite = |conn| conn
+                .spawn_blocking(move |conn| {
+                    use diesel::RunQueryDsl as Sync;
+                    let agent = &owned;
+                    Ok(conn.transaction::<_, StoreError, _>(|conn| {
+                        let status = StatusRow::from_record(agent)?;
+                        let updated = Sync::execute(
+                            diesel::update(
+                                agent_status::table
+                                    .filter(agent_status::agent_id.eq(&agent.id))
+                                    .filter(agent_status::state.eq(from.as_str())),
+                            )
+                            .set(&status),
+                            conn,
+                        )?;
+                        if updated == 0 {
+                            return Err(conflict(&agent.id));
+                        }
+                        Sync::execute(
+                            diesel::insert_into(agent_events::table)
+                                .values(&transition_event(from, agent)),
+                            conn,
+                        )?;
+                        Ok(())
+                    }))
+                })
+                .await
+                .unwrap_or_else(|error| Err(StoreError::from(error))),
+            // One statement.
+            postgres = |conn| {
+                let status = StatusRow::from_record(agent)?;
+                if postgres::record_transition(conn, &status, &transition_event(from, agent))
+                    .await?
+                {
+                    Ok(())
+                } else {
+                    Err(conflict(&agent.id))
                 }
-                Sync::execute(
-                    diesel::insert_into(agent_events::table).values(&transition_event(from, agent)),
-                    conn,
-                )?;
-                Ok(())
-            },
-            // PostgreSQL.
-            |conn| {
-                let updated = diesel::update(
-                    agent_status::table
-                        .filter(agent_status::agent_id.eq(&agent.id))
-                        .filter(agent_status::state.eq(from.as_str())),
-                )
-                .set(&StatusRow::from_record(agent)?)
-                .execute(conn)
-                .await?;
-                if updated == 0 {
-                    return Err(conflict(&agent.id));
-                }
-                diesel::insert_into(agent_events::table)
-                    .values(&transition_event(from, agent))
-                    .execute(conn)
-                    .await?;
-                Ok(())
-            },
+            }
         )
     }
 

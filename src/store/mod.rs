@@ -96,6 +96,7 @@ mod identity;
 mod jobs;
 mod metrics;
 mod pools;
+mod prepared;
 mod schema;
 pub mod testing;
 

@@ -1,18 +1,17 @@
 //! The coordinator's two hot-path writes on PostgreSQL, each one SQL
 //! statement and so one round trip: a statement run outside an explicit
-//! transaction is atomic on its own, and the data-modifying CTEs in it see
-//! each other's rows (the foreign keys are checked at the end of the
-//! statement).
+//! transaction is atomic on its own, its data-modifying CTEs pass rows to
+//! each other through `RETURNING`, and the foreign keys are checked at its
+//! end.
 
 use diesel::QueryResult;
-use diesel::pg::Pg;
-use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
 use super::{JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written};
 use crate::coordinator::state::JobWrite;
 use crate::store::pools::PostgresConnection;
+use crate::store::prepared::Cached;
 
 /// The job row, its label rows and its creation entry. `ON CONFLICT DO
 /// NOTHING` covers the id and the idempotency key: on a conflict no job row is
@@ -65,35 +64,6 @@ WITH changed AS (
     SELECT id, version, $12, state, progress, $14, $15, $2 FROM changed
 )
 SELECT * FROM changed";
-
-/// A `diesel::sql_query` whose prepared statement the connection keeps.
-///
-/// diesel marks every `sql_query` unsafe to cache, since its text could be
-/// built at run time; diesel-async then prepares it on every call, which is
-/// a second round trip and a new plan each time. The texts here are
-/// constants, so their statements are cached per connection like those of
-/// diesel's query builder (keyed by the SQL text and the bind types).
-struct Cached<Q>(Q);
-
-impl<Q: QueryFragment<Pg>> QueryFragment<Pg> for Cached<Q> {
-    fn walk_ast<'b>(&'b self, pass: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _backend: &Pg) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q> QueryId for Cached<Q> {
-    type QueryId = ();
-    // No static id: the cache key is then the SQL text and bind types.
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: Query> Query for Cached<Q> {
-    type SqlType = Q::SqlType;
-}
 
 /// Writes `op` in one statement (atomic on its own, or part of the caller's
 /// transaction).
