@@ -72,6 +72,21 @@ async fn agent_like_spawn_and_wait(work_dir: &std::path::Path) -> anyhow::Result
     Ok(started.elapsed())
 }
 
+/// What an agent's directory costs to make (its directory, working directory
+/// and output file, in the data dir): the runtime makes them ahead of the
+/// spawns that take them (`agents/spare.rs`), so a spawn no longer waits for
+/// this.
+fn agent_directory(agents_dir: &std::path::Path, index: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let agent_dir = agents_dir.join(format!("bench-{index}"));
+    std::fs::create_dir_all(agent_dir.join("work"))?;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(agent_dir.join("output.log"))?;
+    Ok(started.elapsed())
+}
+
 /// The one write a spawn makes before it answers: the record, RUNNING with
 /// its pid, and its two history steps, in one transaction.
 async fn store_write(store: &mosaic_mesh::store::Store) -> anyhow::Result<Duration> {
@@ -194,6 +209,8 @@ async fn main() -> anyhow::Result<()> {
     let store = shared.store.clone();
     let work_dir = data_dir.path().join("bench-work");
     std::fs::create_dir_all(&work_dir)?;
+    // Beside the daemon's own agent directories, on the same disk.
+    let directories = data_dir.path().join("bench-agents");
     let key = mosaic_mesh::auth::create_api_key(&shared.store, "bench", &[Scope::Agents])
         .await?
         .secret
@@ -227,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
     let mut to_completed = Vec::new();
     let mut agent_like = Vec::new();
     let mut writes = Vec::new();
+    let mut directory = Vec::new();
     for iteration in 0..WARM_UP + spawns {
         let bare_sample = bare_spawn_and_wait().await?;
 
@@ -252,6 +270,7 @@ async fn main() -> anyhow::Result<()> {
         let (running_sample, completed_sample) = spawn_true(&mut client, &key).await?;
         let agent_like_sample = agent_like_spawn_and_wait(&work_dir).await?;
         let writes_sample = store_write(&store).await?;
+        let directory_sample = agent_directory(&directories, iteration)?;
         if iteration >= WARM_UP {
             bare.push(bare_sample);
             round_trip.push(round_trip_sample);
@@ -260,6 +279,7 @@ async fn main() -> anyhow::Result<()> {
             to_completed.push(completed_sample);
             agent_like.push(agent_like_sample);
             writes.push(writes_sample);
+            directory.push(directory_sample);
         }
     }
 
@@ -279,6 +299,10 @@ async fn main() -> anyhow::Result<()> {
         &mut agent_like,
     );
     report("store: the RUNNING record with its history", &mut writes);
+    report(
+        "agent directory + output file (made ahead, not in Spawn)",
+        &mut directory,
+    );
 
     let baseline_median = bare_median + trip_median;
     let baseline_p99 = bare_p99 + trip_p99;

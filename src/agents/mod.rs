@@ -7,6 +7,7 @@
 //! - [`process`]: signalling process groups and recognising them.
 //! - [`runtime`]: [`AgentRuntime`], the in-process API used by the gRPC
 //!   handlers and by the federation.
+//! - `spare`: agent directories made ahead of the spawns that take them.
 //! - `supervisor`: the task that runs alongside each agent.
 //! - [`service`]: the thin gRPC shell.
 
@@ -18,6 +19,7 @@ pub mod paging;
 pub mod process;
 pub mod runtime;
 pub mod service;
+mod spare;
 mod supervisor;
 
 pub use error::AgentError;

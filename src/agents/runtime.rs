@@ -30,6 +30,7 @@ use super::model::{
 };
 use super::paging;
 use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, GroupSignal, RUNNER_ID_VARIABLE};
+use super::spare::{self, AgentDir, Spares};
 use super::supervisor::{self, Supervision};
 use crate::clock::now_ms;
 use crate::config::{AgentType, AgentsConfig};
@@ -182,6 +183,8 @@ pub struct AgentRuntime {
     registry: Arc<Registry>,
     /// Set when the daemon begins to shut down: no new agents.
     closing: AtomicBool,
+    /// Agent directories made ahead of the spawns that take them.
+    spares: Arc<Spares>,
 }
 
 impl AgentRuntime {
@@ -195,6 +198,7 @@ impl AgentRuntime {
             store,
             slots: Arc::new(Semaphore::new(settings.max_concurrent)),
             settings: Arc::new(settings),
+            spares: Spares::new(agents_dir.clone()),
             agents_dir,
             runner_id,
             registry: Arc::new(Registry::default()),
@@ -238,9 +242,15 @@ impl AgentRuntime {
                     max: self.settings.max_concurrent,
                 })?;
 
+        // The agent's directory names it: a spare made ahead, or one made
+        // now. One that cannot be made fails the agent (below).
+        let dir = self.spares.take();
+        let id = dir
+            .as_ref()
+            .map_or_else(|_| spare::new_agent_id(), |dir| dir.id.clone());
         let now = now_ms();
         let record = AgentRecord {
-            id: uuid::Uuid::now_v7().to_string(),
+            id,
             agent_type: spec.agent_type,
             state: AgentState::Spawning,
             state_reason: String::new(),
@@ -267,7 +277,7 @@ impl AgentRuntime {
         let tracked = Arc::new(Tracked::new(record.clone()));
         self.registry
             .insert(record.id.clone(), Arc::clone(&tracked));
-        self.start(record, agent_type, tracked, permit).await
+        self.start(record, agent_type, dir, tracked, permit).await
     }
 
     /// Starts the process of a new agent, records it RUNNING and hands it to
@@ -276,20 +286,15 @@ impl AgentRuntime {
         &self,
         record: AgentRecord,
         agent_type: AgentType,
+        dir: std::io::Result<AgentDir>,
         tracked: Arc<Tracked>,
         permit: OwnedSemaphorePermit,
     ) -> Result<AgentRecord, AgentError> {
-        let agent_dir = self.agents_dir.join(&record.id);
-        let work_dir = agent_dir.join("work");
-        let output_path = agent_dir.join("output.log");
-        let prepared = std::fs::create_dir_all(&work_dir).and_then(|()| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&output_path)
-        });
-        let output_file = match prepared {
-            Ok(file) => file,
+        let (work_dir, output_file, spare) = match dir {
+            Ok(dir) => {
+                let spare = dir.is_spare();
+                (dir.work_dir, dir.output, spare)
+            }
             Err(error) => {
                 let reason = format!("cannot prepare the agent's directory: {error}");
                 return self.fail_to_start(record, &tracked, reason, permit).await;
@@ -375,6 +380,7 @@ impl AgentRuntime {
             let _ = self.fail_to_start(running, &tracked, reason, permit).await;
             return Err(error.into());
         }
+        self.spares.recorded(&running.id, spare);
         tracked.publish_transition(AgentState::Spawning, running.clone());
         tracing::info!(
             agent.id = %running.id,
@@ -433,6 +439,8 @@ impl AgentRuntime {
         tracked.publish_transition(AgentState::Spawning, failed.clone());
         self.registry.remove(&failed.id);
         persisted?;
+        // Recorded: a spare it took (if any) is one no more.
+        self.spares.recorded(&failed.id, true);
         Ok(failed)
     }
 
@@ -632,6 +640,10 @@ impl AgentRuntime {
     /// starting an agent's process and committing its record left a process
     /// that no record names. Groups of agents this runtime tracks (none,
     /// when called before serving) are left alone.
+    ///
+    /// Last, the agent directories the previous run made ahead and no
+    /// recorded agent took are removed, and new ones are made
+    /// (`agents/spare.rs`).
     pub async fn reconcile(&self) -> Result<usize, StoreError> {
         let orphans = self.store.list_unfinished_agents(&self.runner_id).await?;
         let mut stopped_groups = HashSet::new();
@@ -690,6 +702,16 @@ impl AgentRuntime {
                 "stopped agent processes that no unfinished record names"
             );
         }
+        // With the orphans stopped, no process works in a spare left by the
+        // last run: the unrecorded ones go, and new ones are made.
+        let removed = Spares::sweep(&self.agents_dir, &self.store).await?;
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed agent directories made ahead and never used"
+            );
+        }
+        self.spares.refill();
         Ok(orphans.len())
     }
 
@@ -698,6 +720,7 @@ impl AgentRuntime {
     /// their agents end while the server drains its calls.
     pub fn begin_shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
+        self.spares.discard();
         let tracked = self.registry.all();
         if !tracked.is_empty() {
             tracing::info!(count = tracked.len(), "stopping running agents");
@@ -903,7 +926,128 @@ mod tests {
         assert!(recorded.is_empty(), "{recorded:?}");
     }
 
-    test_on_both_backends!(a_start_the_database_does_not_record_leaves_no_process);
+    fn spec(agent_type: &str) -> SpawnSpec {
+        SpawnSpec {
+            agent_type: agent_type.to_owned(),
+            prompt: String::new(),
+            task_id: String::new(),
+            labels: Default::default(),
+            timeout: None,
+            origin: Origin::Local,
+        }
+    }
+
+    /// The ids of the spares in `agents_dir` (those with a marker).
+    fn marked(agents_dir: &Path) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(agents_dir)
+            .expect("agents dir")
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                Some(name.strip_suffix(".spare")?.to_owned())
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// `marked(agents_dir)` once `done` holds of it (within ten seconds).
+    async fn marked_when(agents_dir: &Path, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        for _ in 0..1000 {
+            let ids = marked(agents_dir);
+            if done(&ids) {
+                return ids;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("spares never settled: {:?}", marked(agents_dir));
+    }
+
+    /// The agent once it has ended.
+    async fn ended(runtime: &AgentRuntime, id: &str) -> AgentRecord {
+        for _ in 0..1000 {
+            let agent = runtime.get(id).await.expect("get");
+            if agent.state.is_terminal() {
+                return agent;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("agent {id} never ended");
+    }
+
+    async fn a_spawn_takes_a_directory_made_ahead(store: Store) {
+        let data_dir = tempfile::tempdir().expect("data dir");
+        let agents_dir = data_dir.path().join("agents");
+        let mut settings = AgentsConfig::default();
+        settings
+            .types
+            .insert("pwd".to_owned(), AgentType::new(&["/bin/sh", "-c", "pwd"]));
+        let runtime = AgentRuntime::new(store, settings, data_dir.path()).expect("runtime");
+        runtime.reconcile().await.expect("reconcile");
+        let spares = marked_when(&agents_dir, |ids| ids.len() == 2).await;
+
+        let agent = runtime.spawn(spec("pwd")).await.expect("spawn");
+        assert!(spares.contains(&agent.id), "{} not in {spares:?}", agent.id);
+        let agent = ended(&runtime, &agent.id).await;
+        assert_eq!(agent.state, AgentState::Completed, "{agent:?}");
+        let work_dir = agents_dir.join(&agent.id).join("work");
+        assert_eq!(agent.output_tail, [work_dir.to_string_lossy()]);
+        // Recorded, it is a spare no more; two new ones are made.
+        let now = marked_when(&agents_dir, |ids| {
+            ids.len() == 2 && !ids.contains(&agent.id)
+        })
+        .await;
+
+        // At shutdown the spares go; the agent's directory stays.
+        runtime.begin_shutdown();
+        assert_eq!(marked(&agents_dir), Vec::<String>::new());
+        for id in &now {
+            assert!(!agents_dir.join(id).exists(), "{id}");
+        }
+        assert!(agents_dir.join(&agent.id).join("output.log").is_file());
+    }
+
+    async fn spares_a_crash_left_behind_are_removed_at_the_next_start(store: Store) {
+        let data_dir = tempfile::tempdir().expect("data dir");
+        let agents_dir = data_dir.path().join("agents");
+        let mut settings = AgentsConfig::default();
+        settings
+            .types
+            .insert("true".to_owned(), AgentType::new(&["true"]));
+        let first =
+            AgentRuntime::new(store.clone(), settings.clone(), data_dir.path()).expect("runtime");
+        first.reconcile().await.expect("reconcile");
+        marked_when(&agents_dir, |ids| ids.len() == 2).await;
+        let agent = first.spawn(spec("true")).await.expect("spawn");
+        ended(&first, &agent.id).await;
+        let unused = marked_when(&agents_dir, |ids| {
+            ids.len() == 2 && !ids.contains(&agent.id)
+        })
+        .await;
+        // The daemon dies (no shutdown) just after the agent was recorded,
+        // before its spare's marker was removed.
+        std::fs::File::create(agents_dir.join(format!("{}.spare", agent.id))).expect("marker");
+        drop(first);
+
+        let second = AgentRuntime::new(store, settings, data_dir.path()).expect("runtime");
+        second.reconcile().await.expect("reconcile");
+        for id in &unused {
+            assert!(!agents_dir.join(id).exists(), "{id} was left");
+        }
+        assert!(agents_dir.join(&agent.id).join("output.log").is_file());
+        let fresh = marked_when(&agents_dir, |ids| ids.len() == 2).await;
+        assert!(
+            fresh
+                .iter()
+                .all(|id| !unused.contains(id) && *id != agent.id),
+            "{fresh:?}"
+        );
+    }
+
+    test_on_both_backends!(
+        a_start_the_database_does_not_record_leaves_no_process,
+        a_spawn_takes_a_directory_made_ahead,
+        spares_a_crash_left_behind_are_removed_at_the_next_start,
+    );
 
     #[test]
     fn programs_are_found_in_the_agents_path() {
