@@ -702,8 +702,10 @@ impl AgentRuntime {
                 "stopped agent processes that no unfinished record names"
             );
         }
-        // With the orphans stopped, no process works in a spare left by the
-        // last run: the unrecorded ones go, and new ones are made.
+        // The spares the last run left and no recorded agent took go (an
+        // unrecorded process still working in one is being stopped above; its
+        // directory going first does not keep that from finishing), and new
+        // ones are made.
         let removed = Spares::sweep(&self.agents_dir, &self.store).await?;
         if removed > 0 {
             tracing::info!(

@@ -117,8 +117,8 @@ impl Spares {
                         }
                     }
                     Err(error) => {
-                        // Spawns make their own meanwhile; the next take
-                        // tries again.
+                        // Spawns make their own meanwhile; the next
+                        // recorded spawn tries again.
                         tracing::warn!(%error, "cannot make a spare agent directory");
                         break;
                     }
