@@ -36,41 +36,27 @@ impl Store {
     pub async fn insert_agent(&self, agent: &AgentRecord) -> Result<(), StoreError> {
         // The SQLite body runs on a blocking thread: it gets its own copy.
         let owned = agent.clone();
-        with_connection!(
+        in_transaction!(
             self,
-            // One trip to the blocking pool, one transaction.
-            sqlite = |conn| conn
-                .spawn_blocking(move |conn| {
-                    use diesel::RunQueryDsl as Sync;
-                    Ok(conn.transaction::<_, StoreError, _>(|conn| {
-                        let rows = NewAgentRows::of(&owned)?;
-                        Sync::execute(
-                            diesel::insert_into(agents::table).values(&rows.agent),
-                            conn,
-                        )?;
-                        Sync::execute(
-                            diesel::insert_into(agent_status::table).values(&rows.status),
-                            conn,
-                        )?;
-                        for label in &rows.labels {
-                            Sync::execute(
-                                diesel::insert_into(agent_labels::table).values(label),
-                                conn,
-                            )?;
-                        }
-                        for event in &rows.events {
-                            Sync::execute(
-                                diesel::insert_into(agent_events::table).values(event),
-                                conn,
-                            )?;
-                        }
-                        Ok(())
-                    }))
-                })
-                .await
-                .unwrap_or_else(|error| Err(StoreError::from(error))),
-            // One statement.
-            postgres = |conn| Ok(postgres::insert_agent(conn, &NewAgentRows::of(agent)?).await?)
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
+                use diesel::RunQueryDsl as Sync;
+                let rows = NewAgentRows::of(&owned)?;
+                Sync::execute(diesel::insert_into(agents::table).values(&rows.agent), conn)?;
+                Sync::execute(
+                    diesel::insert_into(agent_status::table).values(&rows.status),
+                    conn,
+                )?;
+                for label in &rows.labels {
+                    Sync::execute(diesel::insert_into(agent_labels::table).values(label), conn)?;
+                }
+                for event in &rows.events {
+                    Sync::execute(diesel::insert_into(agent_events::table).values(event), conn)?;
+                }
+                Ok(())
+            },
+            // PostgreSQL: one statement.
+            statement = |conn| Ok(postgres::insert_agent(conn, &NewAgentRows::of(agent)?).await?),
         )
     }
 
@@ -90,39 +76,32 @@ impl Store {
             move |id: &str| StoreError::Conflict(format!("agent {id} is no longer {from}"));
         // The SQLite body runs on a blocking thread: it gets its own copy.
         let owned = agent.clone();
-        with_connection!(
+        in_transaction!(
             self,
-            // One trip to the blocking pool, one transaction.
-            sqlite = |conn| conn
-                .spawn_blocking(move |conn| {
-                    use diesel::RunQueryDsl as Sync;
-                    let agent = &owned;
-                    Ok(conn.transaction::<_, StoreError, _>(|conn| {
-                        let status = StatusRow::from_record(agent)?;
-                        let updated = Sync::execute(
-                            diesel::update(
-                                agent_status::table
-                                    .filter(agent_status::agent_id.eq(&agent.id))
-                                    .filter(agent_status::state.eq(from.as_str())),
-                            )
-                            .set(&status),
-                            conn,
-                        )?;
-                        if updated == 0 {
-                            return Err(conflict(&agent.id));
-                        }
-                        Sync::execute(
-                            diesel::insert_into(agent_events::table)
-                                .values(&transition_event(from, agent)),
-                            conn,
-                        )?;
-                        Ok(())
-                    }))
-                })
-                .await
-                .unwrap_or_else(|error| Err(StoreError::from(error))),
-            // One statement.
-            postgres = |conn| {
+            // SQLite, synchronous, on the blocking pool.
+            |conn| {
+                use diesel::RunQueryDsl as Sync;
+                let agent = &owned;
+                let updated = Sync::execute(
+                    diesel::update(
+                        agent_status::table
+                            .filter(agent_status::agent_id.eq(&agent.id))
+                            .filter(agent_status::state.eq(from.as_str())),
+                    )
+                    .set(&StatusRow::from_record(agent)?),
+                    conn,
+                )?;
+                if updated == 0 {
+                    return Err(conflict(&agent.id));
+                }
+                Sync::execute(
+                    diesel::insert_into(agent_events::table).values(&transition_event(from, agent)),
+                    conn,
+                )?;
+                Ok(())
+            },
+            // PostgreSQL: one statement.
+            statement = |conn| {
                 let status = StatusRow::from_record(agent)?;
                 if postgres::record_transition(conn, &status, &transition_event(from, agent))
                     .await?

@@ -64,8 +64,24 @@ macro_rules! with_connection {
 /// statement, BEGIN and COMMIT included; on PostgreSQL the second body runs in
 /// an async transaction. Both bodies return `Result<T, StoreError>`; the SQLite
 /// body gets owned data only (it moves to the blocking thread).
+///
+/// `in_transaction!(store, |conn| sqlite_body, statement = |conn| postgres_body)`
+/// runs the PostgreSQL body without BEGIN and COMMIT: for a body that is one
+/// statement, atomic on its own (the hot-path writes).
 macro_rules! in_transaction {
     ($store:expr, |$sconn:ident| $sqlite:expr, |$pconn:ident| $postgres:expr $(,)?) => {
+        in_transaction!(
+            $store,
+            |$sconn| $sqlite,
+            statement = |$pconn| diesel_async::AsyncConnection::transaction::<
+                _,
+                $crate::store::StoreError,
+                _,
+            >($pconn, async |$pconn| $postgres)
+            .await
+        )
+    };
+    ($store:expr, |$sconn:ident| $sqlite:expr, statement = |$pconn:ident| $postgres:expr $(,)?) => {
         with_connection!(
             $store,
             sqlite = |wrapper| wrapper
@@ -75,12 +91,7 @@ macro_rules! in_transaction {
                 })
                 .await
                 .unwrap_or_else(|error| Err($crate::store::StoreError::from(error))),
-            postgres = |$pconn| diesel_async::AsyncConnection::transaction::<
-                _,
-                $crate::store::StoreError,
-                _,
-            >($pconn, async |$pconn| $postgres)
-            .await
+            postgres = |$pconn| $postgres
         )
     };
 }
