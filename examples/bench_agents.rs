@@ -313,12 +313,12 @@ async fn main() -> anyhow::Result<()> {
     );
     let ratio = |value: Duration, base: Duration| value.as_secs_f64() / base.as_secs_f64();
     println!(
-        "ratio Spawn → RUNNING   / baseline: median {:.2}  p99 {:.2}",
+        "ratio Spawn → RUNNING   / baseline: median {:.2}  p99 {:.2}   (aim ≤ 1.5: one spawn, one round trip)",
         ratio(running_median, baseline_median),
         ratio(running_p99, baseline_p99)
     );
     println!(
-        "ratio Spawn → COMPLETED / baseline: median {:.2}  p99 {:.2}   (aim ≤ 1.5)",
+        "ratio Spawn → COMPLETED / baseline: median {:.2}  p99 {:.2}   (also WatchAgent and the end's commit)",
         ratio(completed_median, baseline_median),
         ratio(completed_p99, baseline_p99)
     );
