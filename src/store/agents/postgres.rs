@@ -1,8 +1,9 @@
-//! An agent's two writes on the spawn path on PostgreSQL, each one SQL
-//! statement and so one round trip (a transaction of one statement per row
-//! made five or more): a statement run outside an explicit transaction is
-//! atomic on its own, its data-modifying CTEs pass rows to each other through
-//! `RETURNING`, and the foreign keys are checked at its end.
+//! An agent's two writes on PostgreSQL, its record once its process has
+//! started and each later state change, each one SQL statement and so one
+//! round trip (a transaction of one statement per row made five or more): a
+//! statement run outside an explicit transaction is atomic on its own, its
+//! data-modifying CTEs pass rows to each other through `RETURNING`, and the
+//! foreign keys are checked at its end.
 
 use diesel::QueryResult;
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
@@ -60,6 +61,14 @@ pub(super) async fn insert_agent(
         .iter()
         .map(|label| (label.label_key, label.label_value))
         .unzip();
+    let (mut event_to, mut event_from) = (Vec::new(), Vec::new());
+    let (mut event_reasons, mut event_times) = (Vec::new(), Vec::new());
+    for event in &rows.events {
+        event_to.push(event.to_state);
+        event_from.push(event.from_state);
+        event_reasons.push(event.reason);
+        event_times.push(event.at_ms);
+    }
     let statement = diesel::sql_query(INSERT_AGENT)
         .bind::<Text, _>(&agent.id)
         .bind::<Text, _>(&agent.agent_type)
@@ -85,10 +94,10 @@ pub(super) async fn insert_agent(
         .bind::<BigInt, _>(status.updated_at_ms)
         .bind::<Array<Text>, _>(label_keys)
         .bind::<Array<Text>, _>(label_values)
-        .bind::<Array<Text>, _>(rows.events.iter().map(|e| e.to_state).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.events.iter().map(|e| e.from_state).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.events.iter().map(|e| e.reason).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.events.iter().map(|e| e.at_ms).collect::<Vec<_>>());
+        .bind::<Array<Text>, _>(event_to)
+        .bind::<Array<Text>, _>(event_from)
+        .bind::<Array<Text>, _>(event_reasons)
+        .bind::<Array<BigInt>, _>(event_times);
     Cached(statement).execute(conn).await?;
     Ok(())
 }
