@@ -163,6 +163,25 @@ mod tests {
 
     use super::*;
 
+    /// Writes `0..count` from as many concurrent tasks; each write with its
+    /// answer.
+    async fn write_concurrently(
+        writer: &GroupCommit<u32, u32>,
+        count: u32,
+    ) -> Vec<(u32, Result<u32, StoreError>)> {
+        let calls: Vec<_> = (0..count)
+            .map(|op| {
+                let writer = writer.clone();
+                tokio::spawn(async move { (op, writer.write(op).await) })
+            })
+            .collect();
+        let mut answers = Vec::with_capacity(calls.len());
+        for call in calls {
+            answers.push(call.await.unwrap());
+        }
+        answers
+    }
+
     #[tokio::test]
     async fn concurrent_writes_share_batches_and_each_gets_its_own_answer() {
         let batches = Arc::new(Mutex::new(Vec::new()));
@@ -183,14 +202,7 @@ mod tests {
                     .collect()
             }
         });
-        let calls: Vec<_> = (0..10)
-            .map(|op| {
-                let writer = writer.clone();
-                tokio::spawn(async move { (op, writer.write(op).await) })
-            })
-            .collect();
-        for call in calls {
-            let (op, answer) = call.await.unwrap();
+        for (op, answer) in write_concurrently(&writer, 10).await {
             match answer {
                 Ok(out) => assert_eq!(out, op * 10),
                 Err(StoreError::Conflict(_)) => assert_eq!(op, 7),
@@ -211,14 +223,7 @@ mod tests {
             seen.lock().unwrap().push(ops.len());
             async move { ops.into_iter().map(|op| Ok(op + 1)).collect() }
         });
-        let calls: Vec<_> = (0..10)
-            .map(|op| {
-                let writer = writer.clone();
-                tokio::spawn(async move { (op, writer.write(op).await) })
-            })
-            .collect();
-        for call in calls {
-            let (op, answer) = call.await.unwrap();
+        for (op, answer) in write_concurrently(&writer, 10).await {
             assert_eq!(answer.unwrap(), op + 1);
         }
         assert_eq!(*batches.lock().unwrap(), vec![1; 10]);
