@@ -259,6 +259,9 @@ pub async fn serve(
     };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     database_health.abort();
+    // The log entries of sent reads answered during the drain are written
+    // behind their answers; they are committed before the daemon stops.
+    shared.federation.flush_command_log().await;
     shared.agents.shutdown().await;
     drained
 }

@@ -208,6 +208,9 @@ impl Federation {
             after,
             limit: i64::from(page_size) + 1,
         };
+        // Sent reads are written behind their answers; the listing shows
+        // every one answered before it.
+        self.flush_command_log().await;
         let mut records = self.store.list_command_log(&filter).await?;
         let next_page_token = if records.len() > page_size as usize {
             records.truncate(page_size as usize);

@@ -453,7 +453,8 @@ impl Federation {
     /// Every command that is sent is in the command log with its outcome:
     /// spawns and kills are written before they leave (a crash mid-call
     /// leaves an entry without outcome, and the signed bytes to retry);
-    /// status and list reads once they end.
+    /// status and list reads once they end, written behind the answer
+    /// (`journal::SentLog`; the log listing waits for them).
     pub async fn send_command(
         &self,
         peer_instance_id: &str,
@@ -554,8 +555,8 @@ impl Federation {
                 .finish_command_log(&record.id, &outcome, &detail)
                 .await
         } else {
-            // A read is logged once it ends, together with the reads that
-            // ended at the same time.
+            // A read's entry is written behind its answer, with the reads
+            // that ended at about the same time.
             self.sent_log()
                 .record(CommandLogRecord {
                     outcome,
@@ -564,7 +565,6 @@ impl Federation {
                     ..record.clone()
                 })
                 .await
-                .map(|_| ())
         };
         if let Err(error) = written {
             tracing::warn!(%error, "could not record the outcome of a sent command");

@@ -4,11 +4,13 @@
 //! entry must be committed before its signed result leaves (that commit is
 //! what makes a replay return the stored result), and on one SQLite
 //! connection a commit per command is what bounds how many commands a daemon
-//! answers. Sent reads (`SentLog`): a status or list read is logged once it
-//! ends, before its caller hears the answer. Each goes through a
-//! `store::GroupCommit`, which on SQLite commits the rows that queued up
-//! together in one transaction with an outcome per row (on PostgreSQL each
-//! row is committed on its own, as it comes).
+//! answers; it goes through a `store::GroupCommit`, which on SQLite commits
+//! the rows that queued up together in one transaction with an outcome per
+//! row (on PostgreSQL each row is committed on its own, as it comes). Sent
+//! reads (`SentLog`): a status or list read's log entry is written behind its
+//! answer, in batches, and a listing of the log waits for what is queued.
+
+use tokio::sync::{mpsc, oneshot};
 
 use crate::store::{CommandLogRecord, GroupCommit, SeenMessage, Store, StoreError, WriteOutcome};
 
@@ -51,34 +53,164 @@ impl Journal {
     }
 }
 
-/// The group commit of sent reads' log entries; a writer task ends when
-/// this is dropped.
+/// Sent log entries waiting for the writer before a read waits to queue
+/// its own (back-pressure, so a stalled database never grows memory without
+/// bound).
+const SENT_QUEUE: usize = 4096;
+
+/// One item for the sent-log writer.
+enum Sent {
+    /// A read's log entry.
+    Entry(Box<CommandLogRecord>),
+    /// Answered once every entry queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The log entries of sent reads, written behind their answers (both
+/// backends): a status or list read's caller hears the answer once its entry
+/// is queued, and a writer task commits whatever has queued, up to
+/// [`MAX_BATCH`] entries in one transaction. The entry records what the
+/// sender asked and heard, and changes nothing that a retry or a replay
+/// check depends on (reads have no retry id; the peer keeps its own record
+/// of the message id), so nothing waits on its commit. [`SentLog::flush`]
+/// is what makes the log read its own writes: the log listing and shutdown
+/// wait on it. An entry is lost only if the process dies within the batch's
+/// commit (a millisecond or so); a failed batch is logged as a warning.
+/// The writer task ends when this is dropped, after writing what is queued.
 #[derive(Debug)]
 pub(super) struct SentLog {
-    writer: GroupCommit<CommandLogRecord, WriteOutcome<()>>,
+    queue: mpsc::Sender<Sent>,
 }
 
 impl SentLog {
-    /// Starts the writer task (SQLite) on the current tokio runtime.
+    /// Starts the writer task on the current tokio runtime.
     pub(super) fn start(store: Store) -> SentLog {
-        let writer = GroupCommit::start(store.backend(), MAX_BATCH, move |records: Vec<_>| {
-            let store = store.clone();
-            async move {
-                let count = records.len();
-                let written = store.insert_command_logs(records).await;
-                crate::store::each_or_all(written, count)
+        let (queue, mut queued) = mpsc::channel::<Sent>(SENT_QUEUE);
+        tokio::spawn(async move {
+            while let Some(first) = queued.recv().await {
+                let mut entries = Vec::new();
+                let mut flushes = Vec::new();
+                let mut next = Some(first);
+                while let Some(item) = next.take() {
+                    match item {
+                        Sent::Entry(entry) => entries.push(*entry),
+                        Sent::Flush(done) => flushes.push(done),
+                    }
+                    if entries.len() < MAX_BATCH {
+                        next = queued.try_recv().ok();
+                    }
+                }
+                if !entries.is_empty() {
+                    let count = entries.len();
+                    match store.insert_command_logs(entries).await {
+                        Ok(outcomes) => {
+                            let duplicates = outcomes
+                                .iter()
+                                .filter(|outcome| **outcome != WriteOutcome::Done(()))
+                                .count();
+                            if duplicates > 0 {
+                                tracing::warn!(
+                                    duplicates,
+                                    "sent reads whose message id was logged already were not logged again"
+                                );
+                            }
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, count, "could not record the outcome of sent reads");
+                        }
+                    }
+                }
+                for done in flushes {
+                    let _ = done.send(());
+                }
             }
         });
-        SentLog { writer }
+        SentLog { queue }
     }
 
-    /// Commits a sent command's log entry (with whatever else is queued);
-    /// [`WriteOutcome::DuplicateMessage`] if its message id is logged
-    /// already, and then nothing is written.
-    pub(super) async fn record(
-        &self,
-        record: CommandLogRecord,
-    ) -> Result<WriteOutcome<()>, StoreError> {
-        self.writer.write(record).await
+    /// Queues a sent read's log entry; waits only while the queue is full.
+    pub(super) async fn record(&self, record: CommandLogRecord) -> Result<(), StoreError> {
+        let stopped = || StoreError::Unavailable("the command log writer has stopped".to_owned());
+        match self.queue.try_send(Sent::Entry(Box::new(record))) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.queue.send(item).await.map_err(|_| stopped())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),
+        }
+    }
+
+    /// Returns once every entry queued before this call is written (or its
+    /// batch has failed and been logged).
+    pub(super) async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send(Sent::Flush(done)).await.is_ok() {
+            let _ = written.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::test_on_both_backends;
+    use crate::store::{CommandDirection, CommandLogFilter};
+
+    test_on_both_backends!(a_flush_returns_once_every_queued_read_is_in_the_log);
+
+    /// A sent `agent.status` under `message_id`.
+    fn sent(message_id: String) -> CommandLogRecord {
+        CommandLogRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            direction: CommandDirection::Outbound,
+            message_id,
+            sender_instance_id: "us".to_owned(),
+            recipient_instance_id: "peer".to_owned(),
+            workspace: "ws".to_owned(),
+            command_type: "agent.status".to_owned(),
+            outcome: "ok".to_owned(),
+            detail: String::new(),
+            issued_at_ms: 1_000,
+            recorded_at_ms: 1_000,
+            request_digest: None,
+            envelope: None,
+        }
+    }
+
+    async fn a_flush_returns_once_every_queued_read_is_in_the_log(store: Store) {
+        let sent_log = std::sync::Arc::new(SentLog::start(store.clone()));
+        // More entries than one batch, from concurrent callers; each call
+        // returns once its entry is queued.
+        let callers: Vec<_> = (0..4)
+            .map(|caller| {
+                let sent_log = std::sync::Arc::clone(&sent_log);
+                tokio::spawn(async move {
+                    for n in 0..50 {
+                        sent_log
+                            .record(sent(format!("m-{caller}-{n}")))
+                            .await
+                            .expect("queue a log entry");
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.await.expect("caller");
+        }
+        sent_log.flush().await;
+        let logged = store
+            .list_command_log(&CommandLogFilter {
+                peer_instance_id: None,
+                workspace: None,
+                direction: Some(CommandDirection::Outbound),
+                after: None,
+                limit: 1_000,
+            })
+            .await
+            .expect("list the log");
+        let mut ids: Vec<String> = logged.into_iter().map(|entry| entry.message_id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 200, "every queued entry is written, once");
     }
 }

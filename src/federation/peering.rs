@@ -200,10 +200,18 @@ impl Federation {
             .get_or_init(|| super::journal::Journal::start(self.store.clone()))
     }
 
-    /// The writer that commits sent reads' log entries in groups.
+    /// The writer that commits sent reads' log entries behind their answers.
     pub(super) fn sent_log(&self) -> &super::journal::SentLog {
         self.sent_log
             .get_or_init(|| super::journal::SentLog::start(self.store.clone()))
+    }
+
+    /// Returns once every sent read answered so far is in the command log:
+    /// before the log is listed, and at shutdown.
+    pub async fn flush_command_log(&self) {
+        if let Some(sent_log) = self.sent_log.get() {
+            sent_log.flush().await;
+        }
     }
 
     /// Forgets every cached connection.
