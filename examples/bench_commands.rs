@@ -6,7 +6,8 @@
 //! same kind of mutual-TLS channel, one hop (client → echo B) and two hops
 //! (client → echo A → echo B, the shape of the signed path); ring's raw P-256
 //! sign and verify; and federated spawns of `true` (A asks B until B reports
-//! RUNNING) against a bare process spawn plus one gRPC round trip.
+//! RUNNING) against a bare process spawn plus one gRPC round trip; and the CPU
+//! time of every process per call, with the throughput ceiling that sets.
 //!
 //! `cargo build --release --bin mosaicd --examples && target/release/examples/bench_commands`
 //! Options: `--requests N` calls per measurement (default 3000, split over 3
@@ -20,6 +21,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use common::daemon::with_key;
@@ -66,12 +68,44 @@ fn options() -> anyhow::Result<Options> {
     Ok(options)
 }
 
-/// The three paths measured side by side at each concurrency.
+/// The three paths measured side by side at each concurrency, with the CPU
+/// time all the processes took during the two-hop echo and the signed
+/// measurements.
 #[derive(Default)]
 struct Row {
     echo_one_hop: Samples,
     echo_two_hops: Samples,
     signed: Samples,
+    echo_two_hops_cpu: Duration,
+    signed_cpu: Duration,
+}
+
+/// The processes a measurement runs on: the load generator (this one), the
+/// two daemons and the two echo servers. Whichever are not in a measurement
+/// sit idle meanwhile, so the sum over all of them is that measurement's CPU.
+struct Processes(Vec<u32>);
+
+impl Processes {
+    /// CPU time used so far by all of them.
+    fn cpu(&self) -> anyhow::Result<Duration> {
+        self.0
+            .iter()
+            .map(|&pid| {
+                common::machine::cpu_time(pid)
+                    .ok_or_else(|| anyhow::anyhow!("no CPU time for process {pid}"))
+            })
+            .sum()
+    }
+}
+
+/// Runs `measure` and returns what it returned with the CPU time it took.
+async fn with_cpu<T>(
+    processes: &Processes,
+    measure: impl Future<Output = T>,
+) -> anyhow::Result<(T, Duration)> {
+    let before = processes.cpu()?;
+    let output = measure.await;
+    Ok((output, processes.cpu()?.saturating_sub(before)))
 }
 
 #[tokio::main]
@@ -88,6 +122,13 @@ async fn main() -> anyhow::Result<()> {
     let two_hops = echo_a.client(&mesh.client).await?;
     let key = mesh.a.api_key().to_owned();
     let b_id = mesh.b_id().to_owned();
+    let processes = Processes(vec![
+        std::process::id(),
+        mesh.a.pid,
+        mesh.b.pid,
+        echo_a.pid,
+        echo_b.pid,
+    ]);
 
     // The agent whose status is asked: alive on B, spawned by A.
     let agent = federation
@@ -169,25 +210,33 @@ async fn main() -> anyhow::Result<()> {
             .await;
             row.echo_one_hop.extend(samples);
             merge(all_errors.entry("echo, one hop").or_default(), errors);
-            let (samples, errors) = closed_loop(
-                callers,
-                per_round,
-                TIME_LIMIT,
-                two_hops.clone(),
-                echo_call.clone(),
+            let ((samples, errors), cpu) = with_cpu(
+                &processes,
+                closed_loop(
+                    callers,
+                    per_round,
+                    TIME_LIMIT,
+                    two_hops.clone(),
+                    echo_call.clone(),
+                ),
             )
-            .await;
+            .await?;
             row.echo_two_hops.extend(samples);
+            row.echo_two_hops_cpu += cpu;
             merge(all_errors.entry("echo, two hops").or_default(), errors);
-            let (samples, errors) = closed_loop(
-                callers,
-                per_round,
-                TIME_LIMIT,
-                federation.clone(),
-                signed_call.clone(),
+            let ((samples, errors), cpu) = with_cpu(
+                &processes,
+                closed_loop(
+                    callers,
+                    per_round,
+                    TIME_LIMIT,
+                    federation.clone(),
+                    signed_call.clone(),
+                ),
             )
-            .await;
+            .await?;
             row.signed.extend(samples);
+            row.signed_cpu += cpu;
             merge(all_errors.entry("signed agent.status").or_default(), errors);
         }
         rows.push((callers, row));
@@ -371,6 +420,51 @@ async fn spawn_comparison(
     Ok(series)
 }
 
+/// CPU per call, and the throughput that no implementation of the protocol
+/// could pass on this machine: a signed call carries the same bytes over the
+/// same two mutual-TLS hops as the two-hop echo, and on top of that the
+/// protocol demands two signatures and two verifications, so it costs at
+/// least the echo's CPU per call plus those four operations; with N CPUs no
+/// more than N ÷ that can complete per second.
+fn print_cpu_ceiling(rows: &[(usize, Row)], sign: &[Duration], verify: &[Duration]) {
+    let cpus = common::machine::cpus();
+    let crypto = 2 * mean(sign) + 2 * mean(verify);
+    println!(
+        "CPU time, all five processes (load generator, A, B, both echo servers; the ones \
+         not in a measurement are idle), per completed call, and the ceiling it sets. The \
+         signed call moves the same bytes over the same two hops as the two-hop echo and \
+         must also make 2 signatures and 2 verifications ({:.0} µs of CPU at ring's means \
+         above), so no implementation can spend less CPU per call than the echo plus \
+         those; with {cpus} CPUs its throughput cannot pass {cpus} ÷ that, whatever the \
+         daemon does. CPU time is read from /proc in 10 ms steps.\n",
+        micros(crypto)
+    );
+    println!(
+        "| callers | CPUs busy: echo 2 hops / signed | CPU per call: echo 2 hops | signed | ceiling calls/s | ceiling ÷ 2-hop echo | ceiling ÷ 1-hop echo | measured ÷ 2-hop echo |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (callers, row) in rows {
+        let calls = |samples: &Samples| samples.latencies.len().max(1) as f64;
+        let busy = |cpu: Duration, samples: &Samples| {
+            cpu.as_secs_f64() / samples.wall.as_secs_f64().max(1e-9)
+        };
+        let echo_per_call = row.echo_two_hops_cpu.as_secs_f64() / calls(&row.echo_two_hops);
+        let signed_per_call = row.signed_cpu.as_secs_f64() / calls(&row.signed);
+        let ceiling = cpus as f64 / (echo_per_call + crypto.as_secs_f64()).max(1e-9);
+        println!(
+            "| {callers} | {:.2} / {:.2} | {:.0} µs | {:.0} µs | {ceiling:.0} | {:.2} | {:.2} | {:.2} |",
+            busy(row.echo_two_hops_cpu, &row.echo_two_hops),
+            busy(row.signed_cpu, &row.signed),
+            echo_per_call * 1e6,
+            signed_per_call * 1e6,
+            ratio(ceiling, row.echo_two_hops.throughput()),
+            ratio(ceiling, row.echo_one_hop.throughput()),
+            ratio(row.signed.throughput(), row.echo_two_hops.throughput()),
+        );
+    }
+    println!();
+}
+
 struct MarkdownInput<'a> {
     options: &'a Options,
     rows: &'a [(usize, Row)],
@@ -390,8 +484,8 @@ fn print_markdown(input: &MarkdownInput<'_>) {
          tonic client over mutual TLS, P-256 client certificate) calls A's admin RPC \
          `GetRemoteAgent` with an API key: A signs an `agent.status` command, B verifies it \
          (all receiver checks), reads the agent, signs the result and commits the replay \
-         record and log entry, A verifies it and commits its log entry. API keys and peer \
-         connections come from the daemons' 1 s caches (`server.auth_cache_ms`). Baselines, same run, same kind of channel (P-256 certificates both \
+         record and log entry, A verifies it and queues its log entry (written behind the \
+         answer). API keys and peer connections come from the daemons' 1 s caches (`server.auth_cache_ms`). Baselines, same run, same kind of channel (P-256 certificates both \
          ways, rustls/ring, the daemon's own TLS config): a bare tonic unary echo carrying \
          the same bytes ({} B request, {} B response), one hop (client → echo B) and two \
          hops (client → echo A → echo B, each echo a separate process, A holding one \
@@ -500,6 +594,7 @@ fn print_markdown(input: &MarkdownInput<'_>) {
             human(row.signed.p50().saturating_sub(floor)),
         );
     }
+    print_cpu_ceiling(input.rows, input.sign, input.verify);
     let errors = input
         .errors
         .iter()

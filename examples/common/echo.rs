@@ -170,6 +170,8 @@ pub struct EchoProcess {
     /// Its key, to pin.
     pub key: PublicKey,
     key_base64: String,
+    /// The process id (for its CPU time).
+    pub pid: u32,
     _child: tokio::process::Child,
 }
 
@@ -186,6 +188,7 @@ impl EchoProcess {
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        let pid = child.id().context("the echo server exited at once")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
@@ -203,6 +206,7 @@ impl EchoProcess {
             url: format!("https://{address}"),
             key,
             key_base64: key_base64.to_owned(),
+            pid,
             _child: child,
         })
     }

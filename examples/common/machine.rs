@@ -51,6 +51,29 @@ pub fn own_rss_kib() -> Option<u64> {
     rss_kib(std::process::id())
 }
 
+/// CPU time (user + system, all threads, dead ones included) that process
+/// `pid` has used so far, from /proc/PID/stat, in steps of 10 ms (Linux
+/// reports it in USER_HZ ticks, 100 a second on every architecture it
+/// runs on).
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    const TICKS_PER_SECOND: u64 = 100;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its
+    // closing parenthesis start with field 3, the state.
+    let after_name = &text[text.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(std::time::Duration::from_millis(
+        (user + system) * 1000 / TICKS_PER_SECOND,
+    ))
+}
+
+/// Logical CPUs this process may run on.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
 /// `NAME:   1234 kB` in a /proc file.
 fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines()
