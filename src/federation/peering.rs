@@ -82,7 +82,8 @@ pub struct Federation {
     /// The group commit of received commands, started on first use (on the
     /// runtime that serves them).
     journal: std::sync::OnceLock<super::journal::Journal>,
-    /// The group commit of sent reads' log entries, started on first use.
+    /// The writer of sent reads' log entries (behind their answers),
+    /// started on first use.
     sent_log: std::sync::OnceLock<super::journal::SentLog>,
 }
 
