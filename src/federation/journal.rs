@@ -153,29 +153,10 @@ impl SentLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::test_on_both_backends;
+    use crate::store::testing::{status_log_entry, test_on_both_backends};
     use crate::store::{CommandDirection, CommandLogFilter};
 
     test_on_both_backends!(a_flush_returns_once_every_queued_read_is_in_the_log);
-
-    /// A sent `agent.status` under `message_id`.
-    fn sent(message_id: String) -> CommandLogRecord {
-        CommandLogRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            direction: CommandDirection::Outbound,
-            message_id,
-            sender_instance_id: "us".to_owned(),
-            recipient_instance_id: "peer".to_owned(),
-            workspace: "ws".to_owned(),
-            command_type: "agent.status".to_owned(),
-            outcome: "ok".to_owned(),
-            detail: String::new(),
-            issued_at_ms: 1_000,
-            recorded_at_ms: 1_000,
-            request_digest: None,
-            envelope: None,
-        }
-    }
 
     async fn a_flush_returns_once_every_queued_read_is_in_the_log(store: Store) {
         let sent_log = std::sync::Arc::new(SentLog::start(store.clone()));
@@ -187,7 +168,10 @@ mod tests {
                 tokio::spawn(async move {
                     for n in 0..50 {
                         sent_log
-                            .record(sent(format!("m-{caller}-{n}")))
+                            .record(status_log_entry(
+                                CommandDirection::Outbound,
+                                &format!("m-{caller}-{n}"),
+                            ))
                             .await
                             .expect("queue a log entry");
                     }

@@ -409,7 +409,7 @@ impl CommandLogStoredRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing::test_on_both_backends;
+    use crate::store::testing::{status_log_entry, test_on_both_backends};
 
     test_on_both_backends!(
         a_batch_writes_each_new_command_and_refuses_each_replay,
@@ -425,21 +425,7 @@ mod tests {
             reply: None,
             seen_at_ms: 1_000,
         };
-        let record = CommandLogRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            direction: CommandDirection::Inbound,
-            message_id: message_id.to_owned(),
-            sender_instance_id: "peer".to_owned(),
-            recipient_instance_id: "us".to_owned(),
-            workspace: "ws".to_owned(),
-            command_type: "agent.status".to_owned(),
-            outcome: "ok".to_owned(),
-            detail: String::new(),
-            issued_at_ms: 1_000,
-            recorded_at_ms: 1_000,
-            request_digest: None,
-            envelope: None,
-        };
+        let record = status_log_entry(CommandDirection::Inbound, message_id);
         (seen, record)
     }
 
@@ -500,11 +486,8 @@ mod tests {
     /// A sent `agent.status` under `message_id`, ended with `outcome`.
     fn sent(message_id: &str, outcome: &str) -> CommandLogRecord {
         CommandLogRecord {
-            direction: CommandDirection::Outbound,
-            sender_instance_id: "us".to_owned(),
-            recipient_instance_id: "peer".to_owned(),
             outcome: outcome.to_owned(),
-            ..received(message_id, 0).1
+            ..status_log_entry(CommandDirection::Outbound, message_id)
         }
     }
 

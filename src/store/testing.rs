@@ -207,6 +207,34 @@ macro_rules! test_on_both_backends {
 #[cfg(test)]
 pub(crate) use test_on_both_backends;
 
+/// A finished `agent.status` command's log entry between this instance
+/// (`us`) and `peer` in workspace `ws`, outcome `ok`, in `direction`.
+#[cfg(test)]
+pub(crate) fn status_log_entry(
+    direction: super::CommandDirection,
+    message_id: &str,
+) -> super::CommandLogRecord {
+    let (sender, recipient) = match direction {
+        super::CommandDirection::Inbound => ("peer", "us"),
+        super::CommandDirection::Outbound => ("us", "peer"),
+    };
+    super::CommandLogRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        direction,
+        message_id: message_id.to_owned(),
+        sender_instance_id: sender.to_owned(),
+        recipient_instance_id: recipient.to_owned(),
+        workspace: "ws".to_owned(),
+        command_type: "agent.status".to_owned(),
+        outcome: "ok".to_owned(),
+        detail: String::new(),
+        issued_at_ms: 1_000,
+        recorded_at_ms: 1_000,
+        request_digest: None,
+        envelope: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
