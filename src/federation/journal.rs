@@ -1,4 +1,4 @@
-//! Group commit of the command log on the two paths every command takes.
+//! The command log's writers on the two paths every command takes.
 //!
 //! Received commands (`Journal`): each accepted command's message id and log
 //! entry must be committed before its signed result leaves (that commit is
@@ -76,7 +76,8 @@ enum Sent {
 /// is what makes the log read its own writes: the log listing and shutdown
 /// wait on it. An entry is lost only if the process dies within the batch's
 /// commit (a millisecond or so); a failed batch is logged as a warning.
-/// The writer task ends when this is dropped, after writing what is queued.
+/// The writer task ends when this is dropped, after writing what is queued
+/// (while its runtime runs: the server flushes before it stops).
 #[derive(Debug)]
 pub(super) struct SentLog {
     queue: mpsc::Sender<Sent>,
