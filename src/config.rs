@@ -119,6 +119,9 @@ pub struct FileConfig {
     /// `[tls]`.
     #[serde(default)]
     pub tls: crate::tls::ca::TlsFileConfig,
+    /// `[storage]`.
+    #[serde(default)]
+    pub storage: crate::store::StorageFileConfig,
 }
 
 /// `[instance]` in the file.
@@ -509,6 +512,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Pinned keys only (default), or CA mode with the operator's chain and bundle.
     pub tls: crate::tls::ca::TlsSettings,
+    /// The SQLite WAL's bound and the retention of ended work (see `store::settings`).
+    pub storage: crate::store::StorageSettings,
 }
 
 /// The agent runtime's settings, resolved.
@@ -845,6 +850,7 @@ impl Config {
             &args.rate_limit,
             redis_url.is_some(),
         )?;
+        let storage = crate::store::StorageSettings::resolve(file.storage)?;
 
         Ok(Self {
             data_dir,
@@ -870,6 +876,7 @@ impl Config {
             coordinator,
             metrics_listen,
             tls,
+            storage,
         })
     }
 

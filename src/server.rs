@@ -66,7 +66,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
             config.data_dir.display()
         )
     })?;
-    let store = Store::connect(&config.database_url)
+    let store = Store::open(&config.database_url, &config.storage)
         .await
         .context("cannot open the database")?;
     store

@@ -112,7 +112,7 @@ pub async fn migrate(args: &ConfigArgs, output: Output) -> Result<(), CliError> 
     let config = load_config(args)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
-    let store = Store::connect(&config.database_url)
+    let store = Store::open(&config.database_url, &config.storage)
         .await
         .context("cannot open the database")?;
     store
@@ -135,7 +135,7 @@ pub async fn open_existing_store(config: &Config) -> Result<Store, CliError> {
             "no database at {path}; run `mosaicd init` (or pass the daemon's --data-dir)"
         )));
     }
-    let store = Store::connect(&config.database_url)
+    let store = Store::open(&config.database_url, &config.storage)
         .await
         .context("cannot open the database")?;
     store

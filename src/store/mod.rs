@@ -98,6 +98,7 @@ macro_rules! in_transaction {
 
 mod agents;
 mod api_keys;
+mod checkpoint;
 mod command_log;
 mod database_url;
 mod error;
@@ -109,6 +110,7 @@ mod metrics;
 mod pools;
 mod prepared;
 mod schema;
+mod settings;
 pub mod testing;
 
 use std::fmt;
@@ -132,6 +134,7 @@ pub use jobs::{
     DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, JobWriteOp,
     JobWritten,
 };
+pub use settings::{StorageFileConfig, StorageSettings};
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};
@@ -169,13 +172,20 @@ enum Pools {
 impl Store {
     /// Connects to the database named by `database_url`: `sqlite://<path>`
     /// or a bare path ending in `.db` for SQLite, `postgres://...` or
-    /// `postgresql://...` for PostgreSQL.
+    /// `postgresql://...` for PostgreSQL, with the default storage settings.
     ///
     /// One connection is opened before this returns, so a database that is
     /// unreachable fails here with `StoreError::Unavailable`, within a few
     /// seconds, rather than on the first query. Migrations are not run; call
     /// `run_migrations` for that.
     pub async fn connect(database_url: &str) -> Result<Store, StoreError> {
+        Store::open(database_url, &StorageSettings::default()).await
+    }
+
+    /// `connect` with the daemon's `[storage]` settings: on SQLite, a
+    /// background task keeps the WAL under `sqlite_wal_max_bytes` for as long
+    /// as any clone of the store lives (see `checkpoint.rs`).
+    pub async fn open(database_url: &str, settings: &StorageSettings) -> Result<Store, StoreError> {
         let (pools, size, sqlite_path) = match DatabaseTarget::parse(database_url)? {
             DatabaseTarget::Sqlite { path } => (
                 Pools::Sqlite(pools::sqlite_pool(&path).await?),
@@ -194,7 +204,8 @@ impl Store {
         };
         if let Some(path) = sqlite_path {
             // Ends once the last clone of the store is dropped.
-            pools::checkpoint_in_background(path, Arc::downgrade(&store.turns));
+            checkpoint::Checkpointer::new(path, settings.sqlite_wal_max_bytes)
+                .spawn(Arc::downgrade(&store.turns));
         }
         tracing::debug!(backend = ?store.backend(), "connected to the database");
         Ok(store)

@@ -49,59 +49,13 @@ pub(super) const POSTGRES_POOL_SIZE: u32 = 10;
 /// No commit checkpoints the WAL (`wal_autocheckpoint = 0`): SQLite would
 /// otherwise make every thousandth page's commit copy the WAL into the
 /// database and wait for two fsyncs, a spike of milliseconds in some unlucky
-/// call's latency; `checkpoint_in_background` does it instead.
+/// call's latency; the store's `Checkpointer` does it instead, off the
+/// commit path (see `checkpoint.rs`).
 const SQLITE_SETUP: &str = "PRAGMA busy_timeout = 5000; \
     PRAGMA journal_mode = WAL; \
     PRAGMA foreign_keys = ON; \
     PRAGMA synchronous = NORMAL; \
     PRAGMA wal_autocheckpoint = 0;";
-
-/// How often `checkpoint_in_background` checkpoints the WAL.
-const SQLITE_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
-
-/// Checkpoints the WAL of the SQLite database at `path` every
-/// `SQLITE_CHECKPOINT_INTERVAL`, on a connection of its own in tokio's
-/// blocking pool, for as long as `alive` has a strong reference (the store
-/// holds it). A PASSIVE checkpoint takes no lock a writer waits for: the
-/// store's commits go on while it copies pages and syncs the file.
-pub(super) fn checkpoint_in_background<T: Send + Sync + 'static>(
-    path: String,
-    alive: std::sync::Weak<T>,
-) {
-    tokio::spawn(async move {
-        let mut ticks = tokio::time::interval(SQLITE_CHECKPOINT_INTERVAL);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut connection: Option<diesel::SqliteConnection> = None;
-        loop {
-            ticks.tick().await;
-            if alive.strong_count() == 0 {
-                break;
-            }
-            let path = path.clone();
-            let reused = connection.take();
-            let checkpointed = tokio::task::spawn_blocking(move || {
-                use diesel::Connection as _;
-                use diesel::connection::SimpleConnection as _;
-                let mut connection = match reused {
-                    Some(connection) => connection,
-                    None => diesel::SqliteConnection::establish(&path)
-                        .map_err(|error| error.to_string())?,
-                };
-                connection
-                    .batch_execute("PRAGMA wal_checkpoint(PASSIVE);")
-                    .map_err(|error| error.to_string())?;
-                Ok::<_, String>(connection)
-            })
-            .await;
-            match checkpointed {
-                Ok(Ok(open)) => connection = Some(open),
-                // Tried again at the next tick, on a new connection.
-                Ok(Err(error)) => tracing::debug!(%error, "could not checkpoint the SQLite WAL"),
-                Err(error) => tracing::debug!(%error, "the SQLite checkpoint task failed"),
-            }
-        }
-    });
-}
 
 /// What diesel-async's `ManagerConfig::custom_setup` expects a setup function
 /// to return.
