@@ -16,6 +16,7 @@
 //! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
 //!   encryption at rest, its certificate and its rotation.
 //! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
+//! - [`retention`]: ended jobs, webhook deliveries and agents pruned on a schedule.
 //! - [`store`]: the only module that speaks SQL (diesel-async on SQLite or PostgreSQL).
 //! - [`error`]: the one table from error kinds to `tonic::Status`.
 //! - [`proto`]: the generated code.
@@ -34,6 +35,7 @@ pub mod identity;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
+pub mod retention;
 pub mod server;
 pub mod store;
 pub mod tls;

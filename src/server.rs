@@ -244,6 +244,11 @@ pub async fn serve(
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
+    let _retention = AbortOnDrop(crate::retention::spawn(
+        shared.store.clone(),
+        Arc::clone(&shared.agents),
+        config.storage.clone(),
+    ));
     let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
         shared.store.clone(),
         health_reporter.clone(),
@@ -266,7 +271,8 @@ pub async fn serve(
     drained
 }
 
-/// Aborts the metrics endpoint's task when dropped (when serving stops).
+/// Aborts a background task (the metrics endpoint, the pruning) when dropped
+/// (when serving stops).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {

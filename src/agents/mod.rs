@@ -7,6 +7,7 @@
 //! - [`process`]: signalling process groups and recognising them.
 //! - [`runtime`]: [`AgentRuntime`], the in-process API used by the gRPC
 //!   handlers and by the federation.
+//! - `retention`: ended agents pruned past their retention.
 //! - `spare`: agent directories made ahead of the spawns that take them.
 //! - `supervisor`: the task that runs alongside each agent.
 //! - [`service`]: the thin gRPC shell.
@@ -17,6 +18,7 @@ pub mod model;
 pub mod output;
 pub mod paging;
 pub mod process;
+mod retention;
 pub mod runtime;
 pub mod service;
 mod spare;

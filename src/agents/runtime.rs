@@ -172,12 +172,12 @@ impl Registry {
 
 /// The agent runtime of this daemon. Cheap to share behind an `Arc`.
 pub struct AgentRuntime {
-    store: Store,
+    pub(super) store: Store,
     settings: Arc<AgentsConfig>,
     /// `<data_dir>/agents`: one directory per agent.
-    agents_dir: PathBuf,
+    pub(super) agents_dir: PathBuf,
     /// Names this daemon in agent records (see [`AgentRuntime::runner_id`]).
-    runner_id: String,
+    pub(super) runner_id: String,
     /// One permit per running agent: the concurrency cap, enforced atomically.
     slots: Arc<Semaphore>,
     registry: Arc<Registry>,

@@ -109,6 +109,7 @@ mod jobs;
 mod metrics;
 mod pools;
 mod prepared;
+mod retention;
 mod schema;
 mod settings;
 pub mod testing;
