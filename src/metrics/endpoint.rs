@@ -122,5 +122,6 @@ async fn read_store_gauges(store: &Store) -> StoreGauges {
         jobs_by_state,
         peers_by_state,
         commands: Vec::new(),
+        sqlite_wal: store.sqlite_wal(),
     }
 }

@@ -67,6 +67,8 @@ pub struct StoreGauges {
     pub peers_by_state: Vec<(String, bool, i64)>,
     /// Signed commands since start per (direction, outcome): counters.
     pub commands: Vec<(String, String, u64)>,
+    /// The SQLite WAL and its checkpointer's holds; `None` on PostgreSQL.
+    pub sqlite_wal: Option<crate::store::WalReading>,
 }
 
 impl Metrics {
@@ -181,7 +183,44 @@ impl Metrics {
                 escape(outcome)
             );
         }
+        if let Some(wal) = &store.sqlite_wal {
+            render_sqlite_wal(&mut text, wal);
+        }
         text
+    }
+}
+
+fn render_sqlite_wal(text: &mut String, wal: &crate::store::WalReading) {
+    let series: [(&str, &str, &str, String); 4] = [
+        (
+            "mosaic_sqlite_wal_bytes",
+            "gauge",
+            "Length of the SQLite write-ahead log file (storage.sqlite_wal_max_mb bounds it).",
+            wal.wal_bytes.to_string(),
+        ),
+        (
+            "mosaic_sqlite_wal_truncations_total",
+            "counter",
+            "Checkpoints that emptied the SQLite write-ahead log, each holding queries back briefly.",
+            wal.truncations.to_string(),
+        ),
+        (
+            "mosaic_sqlite_wal_hold_seconds_total",
+            "counter",
+            "Time queries were held back while the SQLite write-ahead log was emptied.",
+            wal.held.as_secs_f64().to_string(),
+        ),
+        (
+            "mosaic_sqlite_wal_longest_hold_seconds",
+            "gauge",
+            "The longest single hold since start.",
+            wal.longest_hold.as_secs_f64().to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(text, "# HELP {name} {help}");
+        let _ = writeln!(text, "# TYPE {name} {kind}");
+        let _ = writeln!(text, "{name} {value}");
     }
 }
 
@@ -318,6 +357,12 @@ mod tests {
                 ("inbound".into(), "ok".into(), 4),
                 ("outbound".into(), "UNAVAILABLE".into(), 1),
             ],
+            sqlite_wal: Some(crate::store::WalReading {
+                wal_bytes: 4096,
+                truncations: 3,
+                held: Duration::from_millis(21),
+                longest_hold: Duration::from_millis(9),
+            }),
         };
         let text = Metrics::default().render(&empty_rate_limit(), &gauges);
         assert!(text.contains("mosaic_agents{state=\"RUNNING\"} 2\n"));
@@ -329,5 +374,9 @@ mod tests {
         assert!(
             text.contains("mosaic_commands_total{direction=\"out\",outcome=\"UNAVAILABLE\"} 1\n")
         );
+        assert!(text.contains("mosaic_sqlite_wal_bytes 4096\n"));
+        assert!(text.contains("mosaic_sqlite_wal_truncations_total 3\n"));
+        assert!(text.contains("mosaic_sqlite_wal_hold_seconds_total 0.021\n"));
+        assert!(text.contains("mosaic_sqlite_wal_longest_hold_seconds 0.009\n"));
     }
 }

@@ -32,6 +32,7 @@
 //! Each hold lasts one TRUNCATE checkpoint, 6–10 ms there.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -69,6 +70,48 @@ struct CheckpointReport {
     checkpointed: i32,
 }
 
+/// What the checkpointer has seen and done since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub(super) struct WalStats {
+    wal_bytes: AtomicU64,
+    truncations: AtomicU64,
+    held_micros: AtomicU64,
+    longest_hold_micros: AtomicU64,
+}
+
+/// A reading of [`WalStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalReading {
+    /// The WAL file's length at the checkpointer's last reading.
+    pub wal_bytes: u64,
+    /// TRUNCATE checkpoints run, each one hold of the store's queries.
+    pub truncations: u64,
+    /// Time the store's queries were held back, all holds together.
+    pub held: Duration,
+    /// The longest single hold.
+    pub longest_hold: Duration,
+}
+
+impl WalStats {
+    /// The counters now.
+    pub(super) fn read(&self) -> WalReading {
+        WalReading {
+            wal_bytes: self.wal_bytes.load(Ordering::Relaxed),
+            truncations: self.truncations.load(Ordering::Relaxed),
+            held: Duration::from_micros(self.held_micros.load(Ordering::Relaxed)),
+            longest_hold: Duration::from_micros(self.longest_hold_micros.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn record_hold(&self, held: Duration) {
+        let micros = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        self.truncations.fetch_add(1, Ordering::Relaxed);
+        self.held_micros.fetch_add(micros, Ordering::Relaxed);
+        self.longest_hold_micros
+            .fetch_max(micros, Ordering::Relaxed);
+    }
+}
+
 /// The background checkpointer of one SQLite database.
 pub(super) struct Checkpointer {
     database: String,
@@ -81,12 +124,13 @@ pub(super) struct Checkpointer {
     hold_above_bytes: u64,
     /// The checkpointer's own connection, opened on first use and kept.
     connection: Option<diesel::SqliteConnection>,
+    stats: Arc<WalStats>,
 }
 
 impl Checkpointer {
     /// A checkpointer for the database file at `database`, keeping its WAL
-    /// under `wal_max_bytes`.
-    pub(super) fn new(database: String, wal_max_bytes: u64) -> Checkpointer {
+    /// under `wal_max_bytes`, counting what it does in `stats`.
+    pub(super) fn new(database: String, wal_max_bytes: u64, stats: Arc<WalStats>) -> Checkpointer {
         let wal = PathBuf::from(format!("{database}-wal"));
         Checkpointer {
             database,
@@ -94,6 +138,7 @@ impl Checkpointer {
             truncate_above_bytes: wal_max_bytes / 2,
             hold_above_bytes: wal_max_bytes / 4 * 3,
             connection: None,
+            stats,
         }
     }
 
@@ -131,6 +176,7 @@ impl Checkpointer {
                 let started = Instant::now();
                 let report = self.checkpoint("TRUNCATE").await;
                 drop(held);
+                self.stats.record_hold(started.elapsed());
                 tracing::debug!(
                     wal_bytes,
                     held_us = started.elapsed().as_micros(),
@@ -144,7 +190,9 @@ impl Checkpointer {
     /// The WAL file's length; a stat of a local file, microseconds, fine on
     /// a worker thread. No file reads as empty.
     fn wal_bytes(&self) -> u64 {
-        std::fs::metadata(&self.wal).map_or(0, |file| file.len())
+        let bytes = std::fs::metadata(&self.wal).map_or(0, |file| file.len());
+        self.stats.wal_bytes.store(bytes, Ordering::Relaxed);
+        bytes
     }
 
     /// Runs a PASSIVE checkpoint, reading the WAL's length while it runs.
@@ -315,10 +363,13 @@ mod tests {
             "the load was too light to test the bound: {jobs} jobs"
         );
         assert!(reads.load(Ordering::Relaxed) > 0);
+        let stats = store.sqlite_wal().expect("SQLite WAL statistics");
+        assert!(stats.truncations > 0, "{stats:?}");
+        assert!(stats.longest_hold <= stats.held, "{stats:?}");
         assert!(
             largest <= bound,
             "the WAL reached {largest} bytes, over its bound of {bound} ({jobs} jobs written)"
         );
-        eprintln!("{jobs} jobs written, the WAL reached {largest} of {bound} bytes");
+        eprintln!("{jobs} jobs written, the WAL reached {largest} of {bound} bytes; {stats:?}");
     }
 }

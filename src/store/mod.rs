@@ -123,6 +123,7 @@ use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
 pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
+pub use checkpoint::WalReading;
 pub use command_log::{CommandDirection, CommandLogFilter, CommandLogRecord, SignedCommand};
 pub use error::StoreError;
 pub use federation::{
@@ -161,6 +162,8 @@ pub struct Store {
     /// One permit per pooled connection, handed out first come, first served
     /// (tokio's semaphore is fair); see `with_connection!`.
     turns: Arc<tokio::sync::Semaphore>,
+    /// What the SQLite checkpointer has done; `None` on PostgreSQL.
+    wal: Option<Arc<checkpoint::WalStats>>,
 }
 
 /// One pool per backend; `with_connection!` matches on it.
@@ -199,13 +202,17 @@ impl Store {
                 None,
             ),
         };
+        let wal = sqlite_path
+            .as_ref()
+            .map(|_| Arc::new(checkpoint::WalStats::default()));
         let store = Store {
             pools,
             turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
+            wal: wal.clone(),
         };
-        if let Some(path) = sqlite_path {
+        if let (Some(path), Some(stats)) = (sqlite_path, wal) {
             // Ends once the last clone of the store is dropped.
-            checkpoint::Checkpointer::new(path, settings.sqlite_wal_max_bytes)
+            checkpoint::Checkpointer::new(path, settings.sqlite_wal_max_bytes, stats)
                 .spawn(Arc::downgrade(&store.turns));
         }
         tracing::debug!(backend = ?store.backend(), "connected to the database");
@@ -221,6 +228,12 @@ impl Store {
                 "timed out waiting for a database connection".to_owned(),
             )),
         }
+    }
+
+    /// The SQLite WAL's length and the checkpointer's holds since start;
+    /// `None` on PostgreSQL.
+    pub fn sqlite_wal(&self) -> Option<WalReading> {
+        self.wal.as_ref().map(|stats| stats.read())
     }
 
     /// The database engine behind this store.

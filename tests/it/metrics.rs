@@ -174,6 +174,12 @@ async fn scrape_counts_calls_by_code(backend: Backend) {
         "{body}"
     );
     assert!(body.contains("# TYPE mosaic_peers gauge"), "{body}");
+    // The WAL's series exist on SQLite only.
+    assert_eq!(
+        value_of(&body, "mosaic_sqlite_wal_truncations_total").is_some(),
+        backend == Backend::Sqlite,
+        "{body}"
+    );
 
     let (not_found, _) = http_get(metrics_address, "/other").await;
     assert_eq!(not_found, "HTTP/1.1 404 Not Found");
