@@ -10,12 +10,25 @@
 //! 4 : 2 : 2 : 2. First a closed loop of 16 callers measures the peak of that
 //! mix; then an open loop issues operations at half of it (`--rate` overrides).
 //!
+//! The daemons keep ended jobs and webhook deliveries for a short retention
+//! (`--retention`), so their databases reach a steady state within the run;
+//! agents keep the default retention (the one agent's status is read all
+//! along).
+//!
 //! `cargo build --release --bin mosaicd --examples && target/release/examples/soak`
 //! Options: `--duration 10m` (default; humantime, e.g. `30s`), `--peak 10s`
 //! (time of the peak measurement), `--rate OPS` (skip the peak measurement),
-//! `--markdown` (print only the Markdown section on stdout; progress goes to
-//! stderr either way). Exits non-zero if any call failed: every error code is
-//! unexpected here (the rate limits are set out of reach).
+//! `--database sqlite|postgres` (default sqlite; PostgreSQL databases are made
+//! on the server named by `MOSAIC_TEST_DATABASE_URL`), `--retention 2m`
+//! (default: a fifth of the duration, from 10 s to 2 min), `--markdown`
+//! (print only the Markdown section on stdout; progress goes to stderr either
+//! way).
+//!
+//! Exits non-zero when a goal is not met: any failed call (every error code
+//! is unexpected here, the rate limits are set out of reach); resident memory
+//! of either daemon growing 10 % or more after the warm-up; the SQLite WAL
+//! passing its bound; the database growing faster than the rows it keeps; or
+//! more ended jobs kept than the retention allows.
 
 #![forbid(unsafe_code)]
 
@@ -30,8 +43,9 @@ use std::time::{Duration, Instant};
 use common::daemon::{WEBHOOK_SECRET, WEBHOOK_SOURCE, with_key};
 use common::load::{closed_loop, code_name, describe_errors};
 use common::machine::mib;
-use common::mesh::Mesh;
+use common::mesh::{Mesh, MeshOptions};
 use common::stats::{human, percentile};
+use common::storage::{StorageProbe, StorageReading};
 use mosaic_mesh::proto::agent as agent_pb;
 use mosaic_mesh::proto::coordinator as coordinator_pb;
 use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
@@ -45,11 +59,33 @@ use tonic_health::pb::health_client::HealthClient;
 const MAX_IN_FLIGHT: usize = 256;
 /// The share of the run before the RSS baseline is taken.
 const WARM_UP_FRACTION: f64 = 0.2;
+/// Largest resident memory growth after the warm-up, in percent.
+const RSS_GROWTH_GOAL: f64 = 10.0;
+/// How much faster than the rows it keeps a database may grow (free pages
+/// not yet reused, PostgreSQL's dead rows before autovacuum).
+const DATABASE_GROWTH_SLACK: f64 = 1.25;
+/// Bytes a database may grow regardless of its rows (a few pages per table).
+const DATABASE_GROWTH_FLOOR: u64 = 4 * 1024 * 1024;
+/// The daemons' pruning interval (`storage.prune_interval_secs`).
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the SQLite WAL's length is read.
+const WAL_READ_INTERVAL: Duration = Duration::from_millis(50);
 
 struct Options {
     duration: Duration,
     peak: Duration,
     rate: Option<f64>,
+    postgres: bool,
+    retention: Option<Duration>,
+}
+
+impl Options {
+    /// The retention of ended jobs and deliveries the daemons are given.
+    fn retention(&self) -> Duration {
+        self.retention.unwrap_or_else(|| {
+            (self.duration / 5).clamp(Duration::from_secs(10), Duration::from_secs(120))
+        })
+    }
 }
 
 fn options() -> anyhow::Result<Options> {
@@ -57,6 +93,8 @@ fn options() -> anyhow::Result<Options> {
         duration: Duration::from_secs(600),
         peak: Duration::from_secs(10),
         rate: None,
+        postgres: false,
+        retention: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -68,6 +106,14 @@ fn options() -> anyhow::Result<Options> {
             "--duration" => options.duration = humantime::parse_duration(&value()?)?,
             "--peak" => options.peak = humantime::parse_duration(&value()?)?,
             "--rate" => options.rate = Some(value()?.parse()?),
+            "--database" => {
+                options.postgres = match value()?.as_str() {
+                    "sqlite" => false,
+                    "postgres" => true,
+                    other => anyhow::bail!("--database {other}: expected sqlite or postgres"),
+                }
+            }
+            "--retention" => options.retention = Some(humantime::parse_duration(&value()?)?),
             "--markdown" => {}
             other => anyhow::bail!("unknown option {other}"),
         }
@@ -75,6 +121,10 @@ fn options() -> anyhow::Result<Options> {
     anyhow::ensure!(
         options.duration > Duration::ZERO,
         "--duration must be positive"
+    );
+    anyhow::ensure!(
+        options.retention() >= Duration::from_secs(1),
+        "--retention must be at least 1 s"
     );
     Ok(options)
 }
@@ -224,13 +274,65 @@ struct Recorder {
     errors: BTreeMap<(Operation, &'static str), u64>,
 }
 
-/// One RSS reading.
+/// One RSS and storage reading.
 struct Sample {
     at: Duration,
     rss_a: u64,
     rss_b: u64,
     operations_per_second: f64,
     load_average: String,
+    storage_a: StorageReading,
+    storage_b: StorageReading,
+}
+
+/// Both daemons' databases, and the longest WAL seen of each.
+struct Storage {
+    a: StorageProbe,
+    b: StorageProbe,
+    largest_wal: Arc<[AtomicU64; 2]>,
+}
+
+impl Storage {
+    fn of(mesh: &Mesh) -> Storage {
+        Storage {
+            a: StorageProbe::of(&mesh.a.prepared.database_url()),
+            b: StorageProbe::of(&mesh.b.prepared.database_url()),
+            largest_wal: Arc::new([AtomicU64::new(0), AtomicU64::new(0)]),
+        }
+    }
+
+    /// Reads both WALs every `WAL_READ_INTERVAL` until the task is aborted.
+    fn watch_wal(&self) -> tokio::task::JoinHandle<()> {
+        let (a, b, largest) = (
+            self.a.clone(),
+            self.b.clone(),
+            Arc::clone(&self.largest_wal),
+        );
+        tokio::spawn(async move {
+            loop {
+                largest[0].fetch_max(a.wal_bytes(), Ordering::Relaxed);
+                largest[1].fetch_max(b.wal_bytes(), Ordering::Relaxed);
+                tokio::time::sleep(WAL_READ_INTERVAL).await;
+            }
+        })
+    }
+
+    async fn sample(
+        &self,
+        mesh: &Mesh,
+        at: Duration,
+        operations_per_second: f64,
+    ) -> anyhow::Result<Sample> {
+        Ok(Sample {
+            at,
+            rss_a: mesh.a.rss_kib().unwrap_or_default(),
+            rss_b: mesh.b.rss_kib().unwrap_or_default(),
+            operations_per_second,
+            load_average: common::machine::load_average(),
+            storage_a: self.a.read().await?,
+            storage_b: self.b.read().await?,
+        })
+    }
 }
 
 #[tokio::main]
@@ -238,7 +340,17 @@ async fn main() -> anyhow::Result<()> {
     let options = options()?;
     let load_before = common::machine::load_average();
     eprintln!("soak: starting daemons A and B");
-    let mesh = Mesh::start().await?;
+    let retention = options.retention().as_secs().max(1);
+    let mesh = Mesh::start_with(MeshOptions {
+        postgres: options.postgres,
+        extra_toml: format!(
+            "[storage]\njob_retention_secs = {retention}\nwebhook_delivery_retention_secs = {retention}\nprune_interval_secs = {}\n",
+            PRUNE_INTERVAL.as_secs()
+        ),
+    })
+    .await?;
+    let storage = Storage::of(&mesh);
+    let wal_watch = storage.watch_wal();
     let key: Arc<str> = Arc::from(mesh.a.api_key());
     let mut federation = mesh.federation_a().await?;
     let agent = federation
@@ -297,13 +409,7 @@ async fn main() -> anyhow::Result<()> {
     let completed = Arc::new(AtomicU64::new(0));
     let semaphore = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let sample_every = (options.duration / 20).max(Duration::from_secs(1));
-    let mut samples = vec![Sample {
-        at: Duration::ZERO,
-        rss_a: mesh.a.rss_kib().unwrap_or_default(),
-        rss_b: mesh.b.rss_kib().unwrap_or_default(),
-        operations_per_second: 0.0,
-        load_average: common::machine::load_average(),
-    }];
+    let mut samples = vec![storage.sample(&mesh, Duration::ZERO, 0.0).await?];
     let mut next_sample = sample_every;
     let mut completed_at_last_sample = 0;
     let mut issued: u64 = 0;
@@ -354,14 +460,8 @@ async fn main() -> anyhow::Result<()> {
         if elapsed >= next_sample {
             let done = completed.load(Ordering::Relaxed);
             let window = elapsed.saturating_sub(samples.last().map_or(Duration::ZERO, |s| s.at));
-            samples.push(Sample {
-                at: elapsed,
-                rss_a: mesh.a.rss_kib().unwrap_or_default(),
-                rss_b: mesh.b.rss_kib().unwrap_or_default(),
-                operations_per_second: (done - completed_at_last_sample) as f64
-                    / window.as_secs_f64().max(1e-9),
-                load_average: common::machine::load_average(),
-            });
+            let rate = (done - completed_at_last_sample) as f64 / window.as_secs_f64().max(1e-9);
+            samples.push(storage.sample(&mesh, elapsed, rate).await?);
             completed_at_last_sample = done;
             let last = samples
                 .last()
@@ -386,33 +486,38 @@ async fn main() -> anyhow::Result<()> {
     // The last reading, once the traffic has stopped.
     let done = completed.load(Ordering::Relaxed);
     let window = wall.saturating_sub(samples.last().map_or(Duration::ZERO, |s| s.at));
-    samples.push(Sample {
-        at: wall,
-        rss_a: mesh.a.rss_kib().unwrap_or_default(),
-        rss_b: mesh.b.rss_kib().unwrap_or_default(),
-        operations_per_second: (done - completed_at_last_sample) as f64
-            / window.as_secs_f64().max(1e-9),
-        load_average: common::machine::load_average(),
-    });
+    let rate_at_end = (done - completed_at_last_sample) as f64 / window.as_secs_f64().max(1e-9);
+    samples.push(storage.sample(&mesh, wall, rate_at_end).await?);
+    wal_watch.abort();
+    let wal_holds = [
+        WalHolds::scrape(&mesh.a).await,
+        WalHolds::scrape(&mesh.b).await,
+    ];
+    let largest_wal = [
+        storage.largest_wal[0].load(Ordering::Relaxed),
+        storage.largest_wal[1].load(Ordering::Relaxed),
+    ];
 
-    let recorder = recorder.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-    print_markdown(&Report {
-        options: &options,
-        rate,
-        peak,
-        wall,
-        issued,
-        shed,
-        recorder: &recorder,
-        samples: &samples,
-        load_before: &load_before,
-    });
-    let failed: u64 = recorder.errors.values().sum();
-    anyhow::ensure!(
-        failed == 0,
-        "{failed} operations failed: {:?}",
-        recorder.errors
-    );
+    let missed = {
+        let recorder = recorder.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let report = Report {
+            options: &options,
+            rate,
+            peak,
+            wall,
+            issued,
+            shed,
+            recorder: &recorder,
+            samples: &samples,
+            load_before: &load_before,
+            largest_wal,
+            wal_holds,
+        };
+        print_markdown(&report);
+        report.goals_missed()
+    };
+    mesh.cleanup().await?;
+    anyhow::ensure!(missed.is_empty(), "goals not met: {}", missed.join("; "));
     Ok(())
 }
 
@@ -426,6 +531,46 @@ struct Report<'a> {
     recorder: &'a Recorder,
     samples: &'a [Sample],
     load_before: &'a str,
+    /// The longest WAL seen of A and B (SQLite).
+    largest_wal: [u64; 2],
+    /// A's and B's checkpointer holds, from their `/metrics` (SQLite).
+    wal_holds: [Option<WalHolds>; 2],
+}
+
+/// How often and how long a daemon's checkpointer held its queries back to
+/// empty the WAL, as its `/metrics` says.
+#[derive(Debug, Clone, Copy)]
+struct WalHolds {
+    truncations: f64,
+    held_seconds: f64,
+    longest_seconds: f64,
+}
+
+impl WalHolds {
+    /// `None` when the daemon has no WAL series (PostgreSQL) or cannot be
+    /// scraped.
+    async fn scrape(daemon: &common::daemon::Daemon) -> Option<WalHolds> {
+        let text = daemon.scrape_metrics().await.ok()?;
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        };
+        Some(WalHolds {
+            truncations: value("mosaic_sqlite_wal_truncations_total")?,
+            held_seconds: value("mosaic_sqlite_wal_hold_seconds_total")?,
+            longest_seconds: value("mosaic_sqlite_wal_longest_hold_seconds")?,
+        })
+    }
+
+    fn describe(&self, wall: Duration) -> String {
+        format!(
+            "{:.0} holds, {:.1} ms on average, {:.1} ms at most, {:.2} % of the run",
+            self.truncations,
+            1e3 * self.held_seconds / self.truncations.max(1.0),
+            1e3 * self.longest_seconds,
+            100.0 * self.held_seconds / wall.as_secs_f64().max(1e-9)
+        )
+    }
 }
 
 fn growth(from: u64, to: u64) -> f64 {
@@ -436,8 +581,146 @@ fn growth(from: u64, to: u64) -> f64 {
     }
 }
 
+fn met(goal: bool) -> &'static str {
+    if goal { "met" } else { "not met" }
+}
+
+/// How one database grew from the steady sample to the end.
+struct DatabaseGrowth {
+    from: StorageReading,
+    to: StorageReading,
+    /// The most the database may hold at the end: its size at the steady
+    /// sample scaled by the rows kept, with `DATABASE_GROWTH_SLACK` and
+    /// `DATABASE_GROWTH_FLOOR`.
+    allowed_bytes: u64,
+}
+
+impl DatabaseGrowth {
+    fn of(from: StorageReading, to: StorageReading) -> DatabaseGrowth {
+        let rows_ratio = (to.rows as f64 / from.rows.max(1) as f64).max(1.0);
+        let allowed_bytes = (from.database_bytes as f64 * rows_ratio * DATABASE_GROWTH_SLACK)
+            as u64
+            + DATABASE_GROWTH_FLOOR;
+        DatabaseGrowth {
+            from,
+            to,
+            allowed_bytes,
+        }
+    }
+
+    fn met(&self) -> bool {
+        self.to.database_bytes <= self.allowed_bytes
+    }
+}
+
+impl Report<'_> {
+    /// The first sample after the warm-up: the RSS baseline.
+    fn warm(&self) -> Option<&Sample> {
+        let warm = self.wall.mul_f64(WARM_UP_FRACTION);
+        self.samples.iter().find(|sample| sample.at >= warm)
+    }
+
+    /// The first sample after the warm-up once the rows kept can be steady:
+    /// the retention has passed and a pruning has run since.
+    fn steady(&self) -> Option<&Sample> {
+        let steady = (self.options.retention() + 2 * PRUNE_INTERVAL)
+            .max(self.wall.mul_f64(WARM_UP_FRACTION));
+        self.samples.iter().find(|sample| sample.at >= steady)
+    }
+
+    /// RSS growth of A and B after the warm-up, in percent.
+    fn rss_growth(&self) -> Option<(f64, f64)> {
+        let (baseline, last) = (self.warm()?, self.samples.last()?);
+        Some((
+            growth(baseline.rss_a, last.rss_a),
+            growth(baseline.rss_b, last.rss_b),
+        ))
+    }
+
+    /// The WAL bound the daemons run with (the default).
+    fn wal_bound(&self) -> u64 {
+        mosaic_mesh::store::StorageSettings::default().sqlite_wal_max_bytes
+    }
+
+    /// A's and B's database growth over the steady part of the run.
+    fn database_growth(&self) -> Option<[DatabaseGrowth; 2]> {
+        let (from, to) = (self.steady()?, self.samples.last()?);
+        if std::ptr::eq(from, to) {
+            return None;
+        }
+        Some([
+            DatabaseGrowth::of(from.storage_a, to.storage_a),
+            DatabaseGrowth::of(from.storage_b, to.storage_b),
+        ])
+    }
+
+    /// The most ended jobs a daemon may keep at the end: those that ended
+    /// within the retention and two pruning intervals, at the rate jobs
+    /// ended over the run, with half again for bursts.
+    fn ended_jobs_allowed(&self) -> u64 {
+        let jobs_ended = self
+            .recorder
+            .latencies
+            .get(&Operation::Job)
+            .map_or(0, Vec::len) as f64;
+        let per_second = jobs_ended / self.wall.as_secs_f64().max(1e-9);
+        let window = (self.options.retention() + 2 * PRUNE_INTERVAL).as_secs_f64();
+        (per_second * window * 1.5) as u64 + 100
+    }
+
+    /// What a run is judged on, each goal that was not met in a few words.
+    fn goals_missed(&self) -> Vec<String> {
+        let mut missed = Vec::new();
+        let failed: u64 = self.recorder.errors.values().sum();
+        if failed > 0 {
+            missed.push(format!("{failed} operations failed"));
+        }
+        if let Some((a, b)) = self.rss_growth()
+            && !(a < RSS_GROWTH_GOAL && b < RSS_GROWTH_GOAL)
+        {
+            missed.push(format!(
+                "RSS grew A {a:+.1} %, B {b:+.1} % after warm-up (goal < {RSS_GROWTH_GOAL} %)"
+            ));
+        }
+        let bound = self.wal_bound();
+        for (daemon, largest) in ["A", "B"].iter().zip(self.largest_wal) {
+            if largest > bound {
+                missed.push(format!(
+                    "{daemon}'s WAL reached {} (bound {})",
+                    mib(largest / 1024),
+                    mib(bound / 1024)
+                ));
+            }
+        }
+        if let Some(growths) = self.database_growth() {
+            for (daemon, grown) in ["A", "B"].iter().zip(&growths) {
+                if !grown.met() {
+                    missed.push(format!(
+                        "{daemon}'s database grew to {} with {} rows kept (at most {} for them)",
+                        mib(grown.to.database_bytes / 1024),
+                        grown.to.rows,
+                        mib(grown.allowed_bytes / 1024)
+                    ));
+                }
+            }
+        }
+        let allowed = self.ended_jobs_allowed();
+        if let Some(last) = self.samples.last() {
+            for (daemon, kept) in [("A", last.storage_a), ("B", last.storage_b)] {
+                if self.steady().is_some() && kept.ended_jobs > allowed {
+                    missed.push(format!(
+                        "{daemon} kept {} ended jobs (retention allows about {allowed})",
+                        kept.ended_jobs
+                    ));
+                }
+            }
+        }
+        missed
+    }
+}
+
 fn print_markdown(report: &Report<'_>) {
-    println!("## Soak (issue 9)\n");
+    println!("## Soak\n");
     let peak = match report.peak {
         Some(peak) => format!(
             "half the peak of the same mix measured just before ({peak:.0} operations/s with 16 \
@@ -447,13 +730,21 @@ fn print_markdown(report: &Report<'_>) {
         None => "a rate given with `--rate`".to_owned(),
     };
     println!(
-        "Daemons A and B (`mosaicd` processes, SQLite), mixed traffic from one mutual-TLS \
+        "Daemons A and B (`mosaicd` processes, {}), mixed traffic from one mutual-TLS \
          client to A for {:.0} s at {:.0} operations/s, {peak}. Mix per 10 operations: 4 signed \
          `agent.status` A→B, 2 job lifecycles (CreateJob, UpdateJobStatus, CompleteJob), 2 \
          HMAC-signed webhooks (each a job), 2 health checks (coordinator Health and \
-         grpc.health.v1, on A and B). Load average {} at the start, {} at the end.\n",
+         grpc.health.v1, on A and B). Ended jobs and webhook deliveries are kept {} s, pruned \
+         every {} s. Load average {} at the start, {} at the end.\n",
+        if report.options.postgres {
+            "PostgreSQL"
+        } else {
+            "SQLite"
+        },
         report.wall.as_secs_f64(),
         report.rate,
+        report.options.retention().as_secs(),
+        PRUNE_INTERVAL.as_secs(),
         report.load_before,
         common::machine::load_average()
     );
@@ -498,54 +789,104 @@ fn print_markdown(report: &Report<'_>) {
          {MAX_IN_FLIGHT} in flight) of {} issued. Goal: no unexpected error — **{}**.\n",
         report.shed,
         report.issued,
-        if failed == 0 { "met" } else { "not met" }
+        met(failed == 0)
     );
-    println!("| time | operations/s in the interval | RSS A | RSS B | load average |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| time | operations/s in the interval | RSS A | RSS B | database A | rows A | ended jobs A | database B | rows B | load average |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for sample in report.samples {
         println!(
-            "| {:.0} s | {:.0} | {} | {} | {} |",
+            "| {:.0} s | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             sample.at.as_secs_f64(),
             sample.operations_per_second,
             mib(sample.rss_a),
             mib(sample.rss_b),
+            mib(sample.storage_a.database_bytes / 1024),
+            sample.storage_a.rows,
+            sample.storage_a.ended_jobs,
+            mib(sample.storage_b.database_bytes / 1024),
+            sample.storage_b.rows,
             sample.load_average
         );
     }
-    let warm = report.wall.mul_f64(WARM_UP_FRACTION);
-    if let (Some(baseline), Some(last)) = (
-        report.samples.iter().find(|sample| sample.at >= warm),
-        report.samples.last(),
-    ) {
-        let peak_a = report
-            .samples
-            .iter()
-            .filter(|s| s.at >= warm)
-            .map(|s| s.rss_a)
-            .max()
-            .unwrap_or_default();
-        let peak_b = report
-            .samples
-            .iter()
-            .filter(|s| s.at >= warm)
-            .map(|s| s.rss_b)
-            .max()
-            .unwrap_or_default();
-        let (growth_a, growth_b) = (
-            growth(baseline.rss_a, last.rss_a),
-            growth(baseline.rss_b, last.rss_b),
-        );
+    if let (Some(baseline), Some((growth_a, growth_b))) = (report.warm(), report.rss_growth()) {
+        let highest = |rss: fn(&Sample) -> u64| {
+            let peak = report
+                .samples
+                .iter()
+                .filter(|s| s.at >= baseline.at)
+                .map(rss)
+                .max()
+                .unwrap_or_default();
+            growth(rss(baseline), peak)
+        };
         println!(
-            "\nRSS growth after warm-up (from {:.0} s to the end; goal < 10 %): A {growth_a:+.1} % \
-             (highest {:+.1} %), B {growth_b:+.1} % (highest {:+.1} %) — **{}**.\n",
+            "\nRSS growth after warm-up (from {:.0} s to the end; goal < {RSS_GROWTH_GOAL} %): \
+             A {growth_a:+.1} % (highest {:+.1} %), B {growth_b:+.1} % (highest {:+.1} %) — **{}**.",
             baseline.at.as_secs_f64(),
-            growth(baseline.rss_a, peak_a),
-            growth(baseline.rss_b, peak_b),
-            if growth_a < 10.0 && growth_b < 10.0 {
-                "met"
-            } else {
-                "not met"
+            highest(|s| s.rss_a),
+            highest(|s| s.rss_b),
+            met(growth_a < RSS_GROWTH_GOAL && growth_b < RSS_GROWTH_GOAL)
+        );
+    }
+    if !report.options.postgres {
+        let bound = report.wal_bound();
+        let [a, b] = report.largest_wal;
+        println!(
+            "\nLongest SQLite WAL (read every {} ms; goal: within its bound of {}): A {}, B {} — **{}**.",
+            WAL_READ_INTERVAL.as_millis(),
+            mib(bound / 1024),
+            mib(a / 1024),
+            mib(b / 1024),
+            met(a <= bound && b <= bound)
+        );
+        for (daemon, holds) in ["A", "B"].iter().zip(report.wal_holds) {
+            if let Some(holds) = holds {
+                println!(
+                    "Queries held back while {daemon}'s WAL was emptied: {}.",
+                    holds.describe(report.wall)
+                );
             }
+        }
+    }
+    match (report.steady(), report.database_growth()) {
+        (Some(steady), Some([a, b])) => {
+            let line = |grown: &DatabaseGrowth| {
+                format!(
+                    "{} with {} rows → {} with {} rows (at most {})",
+                    mib(grown.from.database_bytes / 1024),
+                    grown.from.rows,
+                    mib(grown.to.database_bytes / 1024),
+                    grown.to.rows,
+                    mib(grown.allowed_bytes / 1024)
+                )
+            };
+            println!(
+                "\nDatabase growth from {:.0} s (retention and a pruning past) to the end; goal: \
+                 no faster than the rows kept (×{DATABASE_GROWTH_SLACK} + {}): A {}, B {} — **{}**.",
+                steady.at.as_secs_f64(),
+                mib(DATABASE_GROWTH_FLOOR / 1024),
+                line(&a),
+                line(&b),
+                met(a.met() && b.met())
+            );
+        }
+        _ => println!(
+            "\nDatabase growth: not judged, the run is shorter than the retention and two prunings."
+        ),
+    }
+    if report.steady().is_some()
+        && let Some(last) = report.samples.last()
+    {
+        let allowed = report.ended_jobs_allowed();
+        println!(
+            "\nEnded jobs kept at the end (goal: at most about {allowed}, those of the last {} s): \
+             A {}, B {} — **{}**.\n",
+            (report.options.retention() + 2 * PRUNE_INTERVAL).as_secs(),
+            last.storage_a.ended_jobs,
+            last.storage_b.ended_jobs,
+            met(last.storage_a.ended_jobs <= allowed && last.storage_b.ended_jobs <= allowed)
         );
     }
 }

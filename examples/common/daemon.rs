@@ -1,6 +1,7 @@
 //! `mosaicd` daemons run as separate processes (the release binary next to the
-//! examples), each with its own temporary data dir, SQLite database, config
-//! file and port, and the mutual-TLS client identity the load generators use.
+//! examples), each with its own temporary data dir, database (SQLite in the
+//! data dir, or a PostgreSQL database it is given), config file and port, and
+//! the mutual-TLS client identity the load generators use.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,12 +53,16 @@ pub struct PreparedDaemon {
     pub name: String,
     /// Where it will listen.
     pub address: SocketAddr,
+    /// Where it serves `/metrics` (plain HTTP).
+    pub metrics_address: SocketAddr,
     /// Its instance id.
     pub instance_id: String,
     /// Its key fingerprint.
     pub fingerprint: String,
     /// An API key with every scope.
     pub api_key: String,
+    /// `None`: SQLite in the data dir.
+    database_url: Option<String>,
     data_dir: tempfile::TempDir,
     binary: PathBuf,
 }
@@ -65,11 +70,20 @@ pub struct PreparedDaemon {
 /// The base configuration: generous rate limits (the production defaults of 100
 /// calls a minute would throttle a benchmark), agent types `true` and `sh`, and
 /// the bench webhook source.
-fn base_config(name: &str, address: SocketAddr) -> String {
+fn base_config(
+    name: &str,
+    address: SocketAddr,
+    metrics_address: SocketAddr,
+    database_url: Option<&str>,
+) -> String {
     const LIMIT: u32 = 1_000_000_000;
+    let database = database_url
+        .map(|url| format!("database_url = \"{url}\"\n"))
+        .unwrap_or_default();
     format!(
         r#"listen = "{address}"
-
+metrics_listen = "{metrics_address}"
+{database}
 [instance]
 name = "{name}"
 public_url = "https://{address}"
@@ -99,17 +113,26 @@ job_type = "bench.webhook"
 }
 
 impl PreparedDaemon {
-    /// Creates the data dir, config, identity and an all-scopes API key.
+    /// Creates the data dir, config, identity and an all-scopes API key, on
+    /// SQLite in the data dir.
     pub fn new(name: &str) -> anyhow::Result<PreparedDaemon> {
+        PreparedDaemon::on(name, None)
+    }
+
+    /// `new`, on the database at `database_url` if given.
+    pub fn on(name: &str, database_url: Option<String>) -> anyhow::Result<PreparedDaemon> {
         let binary = mosaicd_binary()?;
         let data_dir = tempfile::tempdir()?;
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let metrics_address: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut prepared = PreparedDaemon {
             name: name.to_owned(),
             address,
+            metrics_address,
             instance_id: String::new(),
             fingerprint: String::new(),
             api_key: String::new(),
+            database_url,
             data_dir,
             binary,
         };
@@ -129,12 +152,33 @@ impl PreparedDaemon {
         Ok(prepared)
     }
 
+    /// The database the daemon uses.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}",
+                self.data_dir
+                    .path()
+                    .join(mosaic_mesh::config::SQLITE_FILE)
+                    .display()
+            )
+        })
+    }
+
     fn config_file(&self) -> PathBuf {
         self.data_dir.path().join("mosaic.toml")
     }
 
     fn write_config(&self, extra_toml: &str) -> anyhow::Result<()> {
-        let text = format!("{}\n{extra_toml}", base_config(&self.name, self.address));
+        let text = format!(
+            "{}\n{extra_toml}",
+            base_config(
+                &self.name,
+                self.address,
+                self.metrics_address,
+                self.database_url.as_deref()
+            )
+        );
         std::fs::write(self.config_file(), text)?;
         Ok(())
     }
@@ -280,6 +324,21 @@ impl Daemon {
             .clone()
             .context("the daemon's key is not known yet")?;
         client.channel(&self.url(), key).await
+    }
+
+    /// The Prometheus text the daemon serves at `/metrics`.
+    pub async fn scrape_metrics(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(self.prepared.metrics_address).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: mosaicd\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (_, body) = response
+            .split_once("\r\n\r\n")
+            .context("a metrics response without a body")?;
+        Ok(body.to_owned())
     }
 
     /// Stops the process (SIGKILL) and waits for it.

@@ -9,6 +9,8 @@ use mosaic_mesh::proto::federation as pb;
 use mosaic_mesh::proto::federation::federation_client::FederationClient;
 use tonic::transport::Channel;
 
+use mosaic_mesh::store::testing::TestDatabase;
+
 use super::daemon::{ClientIdentity, Daemon, PreparedDaemon, with_key};
 
 /// The workspace of the connection.
@@ -22,21 +24,56 @@ pub struct Mesh {
     pub b: Daemon,
     /// The load generator's mutual-TLS identity.
     pub client: ClientIdentity,
+    /// A's and B's PostgreSQL databases, dropped by `cleanup`; none on SQLite.
+    databases: Vec<TestDatabase>,
+}
+
+/// How A and B are configured beyond the benchmark base.
+#[derive(Debug, Clone, Default)]
+pub struct MeshOptions {
+    /// Each daemon on a PostgreSQL database of its own (created on the server
+    /// named by `MOSAIC_TEST_DATABASE_URL`) instead of SQLite in its data dir.
+    pub postgres: bool,
+    /// TOML sections added to both daemons' configuration (not `[federation]`).
+    pub extra_toml: String,
 }
 
 impl Mesh {
-    /// Starts A and B and connects them (at most 30 s).
+    /// Starts A and B on SQLite and connects them (at most 30 s).
     pub async fn start() -> anyhow::Result<Mesh> {
-        let a = PreparedDaemon::new("bench-a")?;
-        let b = PreparedDaemon::new("bench-b")?;
+        Mesh::start_with(MeshOptions::default()).await
+    }
+
+    /// Starts A and B as `options` says and connects them (at most 30 s).
+    pub async fn start_with(options: MeshOptions) -> anyhow::Result<Mesh> {
+        let mut databases = Vec::new();
+        let (a_database, b_database) = if options.postgres {
+            for _ in 0..2 {
+                databases.push(TestDatabase::postgres().await?);
+            }
+            let urls: Vec<String> = databases
+                .iter()
+                .map(|database| database.url.clone())
+                .collect();
+            (urls.first().cloned(), urls.get(1).cloned())
+        } else {
+            (None, None)
+        };
+        let a = PreparedDaemon::on("bench-a", a_database)?;
+        let b = PreparedDaemon::on("bench-b", b_database)?;
         let b_extra = format!(
-            "[federation]\nauto_accept_fingerprints = [\"{}\"]\nauto_accept_grants = [\"agent.spawn\", \"agent.status\", \"agent.kill\"]\n",
-            a.fingerprint
+            "[federation]\nauto_accept_fingerprints = [\"{}\"]\nauto_accept_grants = [\"agent.spawn\", \"agent.status\", \"agent.kill\"]\n{}",
+            a.fingerprint, options.extra_toml
         );
-        let a = a.serve("").await?;
+        let a = a.serve(&options.extra_toml).await?;
         let b = b.serve(&b_extra).await?;
         let client = ClientIdentity::new().await?;
-        let mesh = Mesh { a, b, client };
+        let mesh = Mesh {
+            a,
+            b,
+            client,
+            databases,
+        };
         let mut admin = mesh.federation_a().await?;
         let connection = admin
             .connect_peer(with_key(
@@ -80,6 +117,16 @@ impl Mesh {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(mesh)
+    }
+
+    /// Stops both daemons and drops their PostgreSQL databases, if any.
+    pub async fn cleanup(self) -> anyhow::Result<()> {
+        self.a.stop().await;
+        self.b.stop().await;
+        for database in self.databases {
+            database.cleanup().await?;
+        }
+        Ok(())
     }
 
     /// B's instance id.

@@ -12,3 +12,4 @@ pub mod load;
 pub mod machine;
 pub mod mesh;
 pub mod stats;
+pub mod storage;
