@@ -1,4 +1,5 @@
-//! Wall-clock time as epoch milliseconds, the one unit every stored time uses.
+//! Wall-clock time as epoch milliseconds, the one unit every stored time uses,
+//! and the [`Clock`] that logic depending on time is given (tests set it).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,46 @@ pub fn ms_from_timestamp(timestamp: &prost_types::Timestamp) -> i64 {
         .seconds
         .saturating_mul(1000)
         .saturating_add(i64::from(timestamp.nanos) / 1_000_000)
+}
+
+/// Where logic that depends on time reads it, so that a test can set the time
+/// instead of sleeping (leases, expiries). Epoch milliseconds, like `now_ms`.
+pub trait Clock: Send + Sync {
+    /// Milliseconds since the Unix epoch, now.
+    fn now_ms(&self) -> i64;
+}
+
+/// The system's wall clock: [`now_ms`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        now_ms()
+    }
+}
+
+/// A clock that moves only when told to, for tests.
+#[derive(Debug, Default)]
+pub struct ManualClock(std::sync::atomic::AtomicI64);
+
+impl ManualClock {
+    /// A clock reading `epoch_ms`.
+    pub fn at(epoch_ms: i64) -> ManualClock {
+        ManualClock(std::sync::atomic::AtomicI64::new(epoch_ms))
+    }
+
+    /// Moves the clock forward by `elapsed_ms`.
+    pub fn advance(&self, elapsed_ms: i64) {
+        self.0
+            .fetch_add(elapsed_ms, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> i64 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]

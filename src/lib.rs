@@ -9,16 +9,20 @@
 //!   services, health, reflection and graceful shutdown.
 //! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
 //!   instance by method tier, in memory or shared through Redis, with fallback.
+//! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
-//!   says who a caller is before any handler runs.
+//!   says who a caller is before any handler runs; [`cache`]: the time-bounded cache
+//!   behind its lookups and the peers' keys.
 //! - [`tls`]: rustls configurations: the server that asks for (but does not demand) a
 //!   client certificate, and clients that pin a key instead of trusting a CA.
 //! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
 //!   encryption at rest, its certificate and its rotation.
 //! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
+//! - [`replicas`]: what replicas of one instance share: the runner id, leases.
 //! - [`retention`]: ended jobs, webhook deliveries and agents pruned on a schedule.
 //! - [`store`]: the only module that speaks SQL (diesel-async on SQLite or PostgreSQL).
 //! - [`error`]: the one table from error kinds to `tonic::Status`.
+//! - [`clock`]: epoch milliseconds, and the injectable [`clock::Clock`].
 //! - [`proto`]: the generated code.
 #![forbid(unsafe_code)]
 
@@ -35,6 +39,7 @@ pub mod identity;
 pub mod metrics;
 pub mod proto;
 pub mod ratelimit;
+pub mod replicas;
 pub mod retention;
 pub mod server;
 pub mod store;

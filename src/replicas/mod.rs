@@ -1,0 +1,15 @@
+//! Replicas of one instance: several `mosaicd` processes on one PostgreSQL
+//! behind a TCP balancer.
+//!
+//! - [`runner`]: the runner id that names one daemon (its data dir) as the
+//!   supervisor of the agents it starts.
+//! - [`lease`]: a pure, fenced, time-bounded claim with an injected clock:
+//!   the building block of what replicas will hand between themselves.
+//!
+//! This module owns what one replica must know of the others: which are alive
+//! and how to reach them (the replica registry), which replica supervises what
+//! (leases), and routing a call to the owner. `federation/` never reads the
+//! replica registry: a peer sees one instance, whichever replica answers.
+
+pub mod lease;
+pub mod runner;
