@@ -11,6 +11,7 @@
 //! - [`health`]: the component checks behind `Health` and `grpc.health.v1`.
 //! - [`convert`]: proto messages to and from domain types.
 //! - [`service`]: the thin gRPC handlers.
+//! - [`settings`]: `[coordinator]` and its webhook sources, as written and resolved.
 
 pub mod convert;
 pub mod dispatch;
@@ -20,6 +21,7 @@ pub mod jobs;
 pub mod paging;
 pub mod remote;
 pub mod service;
+pub mod settings;
 pub mod state;
 pub mod webhook;
 
