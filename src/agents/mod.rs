@@ -7,22 +7,32 @@
 //! - [`process`]: signalling process groups and recognising them.
 //! - [`runtime`]: [`AgentRuntime`], the in-process API used by the gRPC
 //!   handlers and by the federation.
+//! - `registry`: the agents this daemon supervises, in memory.
+//! - `reconcile`: settling what a previous run left unfinished, at start.
 //! - `retention`: ended agents pruned past their retention.
 //! - `spare`: agent directories made ahead of the spawns that take them.
 //! - `supervisor`: the task that runs alongside each agent.
+//! - `watch`: the event streams of a watch, live or re-read.
+//! - [`convert`]: domain types to and from `mosaic.agent.v1` messages.
 //! - [`service`]: the thin gRPC shell.
+//! - [`settings`]: `[agents]` and `[agents.types.NAME]`, as written and resolved.
 
 pub mod command;
+pub mod convert;
 pub mod error;
 pub mod model;
 pub mod output;
 pub mod paging;
 pub mod process;
+mod reconcile;
+mod registry;
 mod retention;
 pub mod runtime;
 pub mod service;
+pub mod settings;
 mod spare;
 mod supervisor;
+mod watch;
 
 pub use error::AgentError;
 pub use model::{

@@ -11,17 +11,17 @@
 //! pid, its SPAWNING step and the step into RUNNING in one transaction, before
 //! Spawn answers. Its process carries the agent id and this runner's id in its
 //! environment, so a crash between the start and that commit leaves nothing
-//! that a restarted daemon cannot find ([`AgentRuntime::reconcile`]).
+//! that a restarted daemon cannot find ([`AgentRuntime::reconcile`], in
+//! `reconcile.rs`). The agents it supervises are in `registry.rs`, the
+//! streams of `watch` in `watch.rs`.
 
-use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use futures::stream::BoxStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::command::{self, Substitutions};
 use super::error::AgentError;
@@ -29,17 +29,15 @@ use super::model::{
     AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
 };
 use super::paging;
-use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, GroupSignal, RUNNER_ID_VARIABLE};
+use super::process::{AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
+use super::registry::{Registry, StopRequest, Tracked};
 use super::spare::{self, AgentDir, Spares};
 use super::supervisor::{self, Supervision};
+use super::watch;
 use crate::clock::now_ms;
 use crate::config::{AgentType, AgentsConfig};
 use crate::store::{Store, StoreError};
 
-/// Events a slow watcher may fall behind by before it misses some.
-const EVENT_BUFFER: usize = 1024;
-/// How often a watch of an agent supervised by another daemon re-reads it.
-const REMOTE_WATCH_POLL: Duration = Duration::from_millis(500);
 /// Environment variables an agent inherits from the daemon; everything else
 /// (the master key above all) stays out unless the agent type sets it.
 const INHERITED_VARIABLES: [&str; 10] = [
@@ -49,142 +47,22 @@ const INHERITED_VARIABLES: [&str; 10] = [
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// Longest accepted kill reason, in bytes.
 pub const MAX_KILL_REASON_BYTES: usize = 1024;
-/// The file in `<data_dir>/agents` that names this daemon as a runner.
-const RUNNER_ID_FILE: &str = "runner-id";
-
-/// Why a supervisor is asked to stop its agent; the first request wins.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum StopRequest {
-    /// A kill: the agent ends KILLED with this reason.
-    Kill(String),
-    /// The daemon is shutting down: the agent ends FAILED.
-    Shutdown,
-}
-
-/// One agent this daemon supervises.
-pub(super) struct Tracked {
-    /// The current record; events are sent while holding it, so a watcher
-    /// that reads it and subscribes under the same lock misses nothing.
-    record: Mutex<AgentRecord>,
-    events: broadcast::Sender<AgentEvent>,
-    stop: watch::Sender<Option<StopRequest>>,
-}
-
-impl Tracked {
-    fn new(record: AgentRecord) -> Self {
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
-        let (stop, _) = watch::channel(None);
-        Self {
-            record: Mutex::new(record),
-            events,
-            stop,
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, AgentRecord> {
-        // A panic while holding the lock leaves a consistent record (it is
-        // replaced whole), so a poisoned lock is still usable.
-        self.record.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The current record.
-    pub(super) fn snapshot(&self) -> AgentRecord {
-        self.lock().clone()
-    }
-
-    /// Replaces the record after a persisted change from `from` and tells
-    /// watchers.
-    pub(super) fn publish_transition(&self, from: AgentState, record: AgentRecord) {
-        let mut current = self.lock();
-        *current = record.clone();
-        let _ = self.events.send(AgentEvent::StateChanged {
-            from: Some(from),
-            agent: Box::new(record),
-        });
-    }
-
-    /// Updates the output figures of the record (not persisted here).
-    pub(super) fn update_output(&self, tail: Vec<String>, bytes: u64, truncated: bool) {
-        let mut current = self.lock();
-        current.output_tail = tail;
-        current.output_bytes = bytes;
-        current.output_truncated = truncated;
-        current.updated_at_ms = now_ms();
-    }
-
-    /// Tells watchers about an output line.
-    pub(super) fn publish_output(&self, event: AgentEvent) {
-        // No watcher is not an error.
-        let _ = self.events.send(event);
-    }
-
-    /// A receiver of stop requests.
-    pub(super) fn stop_requests(&self) -> watch::Receiver<Option<StopRequest>> {
-        self.stop.subscribe()
-    }
-
-    /// Asks the supervisor to stop the agent; a later request does not
-    /// replace the first.
-    fn request_stop(&self, request: StopRequest) {
-        self.stop.send_if_modified(|current| {
-            if current.is_none() {
-                *current = Some(request);
-                true
-            } else {
-                false
-            }
-        });
-    }
-}
-
-/// The agents this daemon supervises, by id.
-#[derive(Default)]
-pub(super) struct Registry {
-    agents: Mutex<HashMap<String, Arc<Tracked>>>,
-}
-
-impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Tracked>>> {
-        self.agents.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn get(&self, id: &str) -> Option<Arc<Tracked>> {
-        self.lock().get(id).cloned()
-    }
-
-    fn insert(&self, id: String, tracked: Arc<Tracked>) {
-        self.lock().insert(id, tracked);
-    }
-
-    /// Stops tracking an agent whose terminal state is persisted.
-    pub(super) fn remove(&self, id: &str) {
-        self.lock().remove(id);
-    }
-
-    fn all(&self) -> Vec<Arc<Tracked>> {
-        self.lock().values().cloned().collect()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.lock().is_empty()
-    }
-}
 
 /// The agent runtime of this daemon. Cheap to share behind an `Arc`.
 pub struct AgentRuntime {
     pub(super) store: Store,
-    settings: Arc<AgentsConfig>,
+    pub(super) settings: Arc<AgentsConfig>,
     /// `<data_dir>/agents`: one directory per agent.
     pub(super) agents_dir: PathBuf,
     /// Names this daemon in agent records (see [`AgentRuntime::runner_id`]).
     pub(super) runner_id: String,
     /// One permit per running agent: the concurrency cap, enforced atomically.
     slots: Arc<Semaphore>,
-    registry: Arc<Registry>,
+    pub(super) registry: Arc<Registry>,
     /// Set when the daemon begins to shut down: no new agents.
     closing: AtomicBool,
     /// Agent directories made ahead of the spawns that take them.
-    spares: Arc<Spares>,
+    pub(super) spares: Arc<Spares>,
 }
 
 impl AgentRuntime {
@@ -193,7 +71,7 @@ impl AgentRuntime {
     pub fn new(store: Store, settings: AgentsConfig, data_dir: &Path) -> std::io::Result<Self> {
         let agents_dir = data_dir.join("agents");
         std::fs::create_dir_all(&agents_dir)?;
-        let runner_id = load_or_create_runner_id(&agents_dir)?;
+        let runner_id = crate::replicas::runner::load_or_create_runner_id(&agents_dir)?;
         Ok(Self {
             store,
             slots: Arc::new(Semaphore::new(settings.max_concurrent)),
@@ -611,110 +489,15 @@ impl AgentRuntime {
         include_output: bool,
     ) -> Result<BoxStream<'static, Result<AgentEvent, AgentError>>, AgentError> {
         if let Some(tracked) = self.registry.get(id) {
-            let (current, receiver) = {
-                let record = tracked.lock();
-                (record.clone(), tracked.events.subscribe())
-            };
-            return Ok(tracked_watch(current, receiver, include_output));
+            let (current, receiver) = tracked.current_and_events();
+            return Ok(watch::tracked_watch(current, receiver, include_output));
         }
         let current = self
             .store
             .get_agent(id)
             .await?
             .ok_or_else(|| AgentError::NotFound(id.to_owned()))?;
-        Ok(polled_watch(self.store.clone(), current))
-    }
-
-    /// Settles this daemon's agents left unfinished by its previous run (a
-    /// crash, SIGKILL, power loss): none of them is supervised any more.
-    ///
-    /// Orphans are not re-adopted: the daemon cannot wait for a process that
-    /// is not its child, and their output pipes died with it. A process group
-    /// that still runs — recognised by the agent id in its environment, not
-    /// by the pid alone, which may have been reused — is stopped (SIGTERM,
-    /// then SIGKILL after the grace period, in the background); the agent is
-    /// recorded FAILED with the reason.
-    ///
-    /// Then every other process group that carries this runner's id in its
-    /// environment is stopped the same way: a daemon that died between
-    /// starting an agent's process and committing its record left a process
-    /// that no record names. Groups of agents this runtime tracks (none,
-    /// when called before serving) are left alone.
-    ///
-    /// Last, the agent directories the previous run made ahead and no
-    /// recorded agent took are removed, and new ones are made
-    /// (`agents/spare.rs`).
-    pub async fn reconcile(&self) -> Result<usize, StoreError> {
-        let orphans = self.store.list_unfinished_agents(&self.runner_id).await?;
-        let mut stopped_groups = HashSet::new();
-        for orphan in &orphans {
-            let running_group = orphan
-                .pid
-                .filter(|pid| process::group_belongs_to_agent(*pid, &orphan.id));
-            let reason = match running_group {
-                Some(pgid) => {
-                    stopped_groups.insert(pgid);
-                    let agent_id = orphan.id.clone();
-                    stop_orphan_group(pgid, &orphan.id, self.settings.kill_grace, move |pgid| {
-                        process::group_belongs_to_agent(pgid, &agent_id)
-                    });
-                    "the daemon restarted while the agent ran; its processes were stopped"
-                }
-                None => "the daemon restarted while the agent ran; its process was gone",
-            };
-            let mut failed = orphan.clone();
-            let now = now_ms();
-            failed.state = AgentState::Failed;
-            failed.state_reason = reason.to_owned();
-            failed.ended_at_ms = Some(now);
-            failed.updated_at_ms = now;
-            match self
-                .store
-                .record_agent_transition(orphan.state, &failed)
-                .await
-            {
-                Ok(()) | Err(StoreError::Conflict(_)) => {}
-                Err(error) => return Err(error),
-            }
-            tracing::warn!(agent.id = %orphan.id, pid = ?orphan.pid, reason, "settled an orphaned agent");
-        }
-        for stray in process::processes_of_runner(&self.runner_id) {
-            let tracked = stray
-                .agent_id
-                .as_deref()
-                .is_some_and(|agent_id| self.registry.get(agent_id).is_some());
-            if tracked || !stopped_groups.insert(stray.group) {
-                continue;
-            }
-            // A start that was never committed, or a process that left its
-            // agent's group: either way nothing supervises it any more.
-            let agent_id = stray.agent_id.unwrap_or_default();
-            let runner_id = self.runner_id.clone();
-            stop_orphan_group(
-                stray.group,
-                &agent_id,
-                self.settings.kill_grace,
-                move |pgid| process::group_belongs_to_runner(pgid, &runner_id),
-            );
-            tracing::warn!(
-                agent.id = %agent_id,
-                pgid = stray.group,
-                "stopped agent processes that no unfinished record names"
-            );
-        }
-        // The spares the last run left and no recorded agent took go (an
-        // unrecorded process still working in one is being stopped above; its
-        // directory going first does not keep that from finishing), and new
-        // ones are made.
-        let removed = Spares::sweep(&self.agents_dir, &self.store).await?;
-        if removed > 0 {
-            tracing::info!(
-                removed,
-                "removed agent directories made ahead and never used"
-            );
-        }
-        self.spares.refill();
-        Ok(orphans.len())
+        Ok(watch::polled_watch(self.store.clone(), current))
     }
 
     /// Refuses new agents from now on and asks every running one to stop
@@ -750,107 +533,6 @@ impl AgentRuntime {
     }
 }
 
-/// SIGTERM to an orphaned group now, SIGKILL after `grace` if it still runs
-/// and is still the orphan's (`still_ours`: the group number may have been
-/// reused meanwhile).
-fn stop_orphan_group(
-    pgid: u32,
-    agent_id: &str,
-    grace: Duration,
-    still_ours: impl FnOnce(u32) -> bool + Send + 'static,
-) {
-    if let Err(error) = process::signal_group(pgid, GroupSignal::Terminate) {
-        tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot signal an orphaned agent");
-    }
-    let agent_id = agent_id.to_owned();
-    tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + grace;
-        while tokio::time::Instant::now() < deadline && process::group_is_alive(pgid) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if process::group_is_alive(pgid)
-            && still_ours(pgid)
-            && let Err(error) = process::signal_group(pgid, GroupSignal::Kill)
-        {
-            tracing::warn!(agent.id = %agent_id, pgid, %error, "cannot kill an orphaned agent");
-        }
-    });
-}
-
-/// The watch of an agent this daemon supervises.
-fn tracked_watch(
-    current: AgentRecord,
-    receiver: broadcast::Receiver<AgentEvent>,
-    include_output: bool,
-) -> BoxStream<'static, Result<AgentEvent, AgentError>> {
-    let first = AgentEvent::StateChanged {
-        from: None,
-        agent: Box::new(current.clone()),
-    };
-    if current.state.is_terminal() {
-        return futures::stream::iter([Ok(first)]).boxed();
-    }
-    let rest = futures::stream::unfold(Some(receiver), move |receiver| async move {
-        let mut receiver = receiver?;
-        loop {
-            match receiver.recv().await {
-                Ok(AgentEvent::Output { .. }) if !include_output => continue,
-                Ok(event) => {
-                    let next = (!event.is_final()).then_some(receiver);
-                    return Some((Ok(event), next));
-                }
-                Err(broadcast::error::RecvError::Lagged(skipped)) => {
-                    // Only a watcher far behind gets here; it loses the oldest
-                    // events, never the final one (which is sent last).
-                    tracing::debug!(skipped, "a slow agent watcher skipped events");
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    return Some((Err(AgentError::Interrupted), None));
-                }
-            }
-        }
-    });
-    futures::stream::iter([Ok(first)]).chain(rest).boxed()
-}
-
-/// The watch of an agent this daemon does not supervise: its stored record,
-/// re-read until it ends (another replica's agent; no output lines).
-fn polled_watch(
-    store: Store,
-    current: AgentRecord,
-) -> BoxStream<'static, Result<AgentEvent, AgentError>> {
-    let first = AgentEvent::StateChanged {
-        from: None,
-        agent: Box::new(current.clone()),
-    };
-    if current.state.is_terminal() {
-        return futures::stream::iter([Ok(first)]).boxed();
-    }
-    let rest = futures::stream::unfold(Some(current), move |last| {
-        let store = store.clone();
-        async move {
-            let last = last?;
-            loop {
-                tokio::time::sleep(REMOTE_WATCH_POLL).await;
-                let fresh = match store.get_agent(&last.id).await {
-                    Ok(Some(fresh)) => fresh,
-                    Ok(None) => return Some((Err(AgentError::NotFound(last.id.clone())), None)),
-                    Err(error) => return Some((Err(error.into()), None)),
-                };
-                if fresh.state != last.state {
-                    let event = AgentEvent::StateChanged {
-                        from: Some(last.state),
-                        agent: Box::new(fresh.clone()),
-                    };
-                    let next = (!fresh.state.is_terminal()).then_some(fresh);
-                    return Some((Ok(event), next));
-                }
-            }
-        }
-    });
-    futures::stream::iter([Ok(first)]).chain(rest).boxed()
-}
-
 /// The program to execute for `name`: itself when it contains a `/`, else the
 /// first executable file of that name in `path_variable`.
 ///
@@ -873,25 +555,10 @@ fn resolve_program(name: &str, path_variable: &std::ffi::OsStr) -> Option<PathBu
         })
 }
 
-/// Reads `<agents_dir>/runner-id`, creating it with a new UUID the first time.
-fn load_or_create_runner_id(agents_dir: &Path) -> std::io::Result<String> {
-    let path = agents_dir.join(RUNNER_ID_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
-        Ok(_) | Err(_) => {
-            let runner_id = uuid::Uuid::new_v4().to_string();
-            let temporary = path.with_extension("tmp");
-            std::fs::write(&temporary, &runner_id)?;
-            std::fs::rename(&temporary, &path)?;
-            Ok(runner_id)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agents::process;
     use crate::store::testing::test_on_both_backends;
 
     async fn a_start_the_database_does_not_record_leaves_no_process(store: Store) {

@@ -3,16 +3,13 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
-use super::model::{
-    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, OriginKind, OutputStream, SpawnSpec,
-};
+use super::convert::{agent_to_proto, event_to_proto, filter_from_proto, spawn_spec};
+use super::model::Origin;
 use super::runtime::AgentRuntime;
-use crate::clock::timestamp_from_ms;
 use crate::proto::agent as pb;
 use crate::server::Shared;
 
@@ -110,152 +107,4 @@ fn required_id(agent_id: &str) -> Result<&str, Status> {
         return Err(Status::invalid_argument("agent_id is required"));
     }
     Ok(agent_id)
-}
-
-/// The domain spawn spec of a `SpawnRequest`, for `origin`. Also used by the
-/// federation for `agent.spawn` commands.
-pub fn spawn_spec(request: pb::SpawnRequest, origin: Origin) -> SpawnSpec {
-    SpawnSpec {
-        agent_type: request.agent_type,
-        prompt: request.prompt,
-        task_id: request.task_id,
-        labels: request.labels.into_iter().collect(),
-        timeout: request
-            .timeout_seconds
-            .map(|seconds| Duration::from_secs(u64::from(seconds))),
-        origin,
-    }
-}
-
-fn filter_from_proto(request: &pb::ListAgentsRequest) -> Result<AgentFilter, Status> {
-    let state = match pb::AgentState::try_from(request.state) {
-        Ok(pb::AgentState::Unspecified) => None,
-        Ok(state) => Some(state_from_proto(state)),
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown state {}",
-                request.state
-            )));
-        }
-    };
-    let origin_kind = match pb::AgentOriginKind::try_from(request.origin_kind) {
-        Ok(pb::AgentOriginKind::Unspecified) => None,
-        Ok(pb::AgentOriginKind::Local) => Some(OriginKind::Local),
-        Ok(pb::AgentOriginKind::Peer) => Some(OriginKind::Peer),
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "unknown origin_kind {}",
-                request.origin_kind
-            )));
-        }
-    };
-    let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_owned());
-    Ok(AgentFilter {
-        state,
-        agent_type: non_empty(&request.agent_type),
-        origin_kind,
-        origin_instance_id: non_empty(&request.origin_instance_id),
-        origin_workspace: None,
-        labels: request
-            .labels
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect(),
-    })
-}
-
-fn state_from_proto(state: pb::AgentState) -> AgentState {
-    match state {
-        pb::AgentState::Spawning | pb::AgentState::Unspecified => AgentState::Spawning,
-        pb::AgentState::Running => AgentState::Running,
-        pb::AgentState::Completed => AgentState::Completed,
-        pb::AgentState::Failed => AgentState::Failed,
-        pb::AgentState::Killed => AgentState::Killed,
-        pb::AgentState::TimedOut => AgentState::TimedOut,
-    }
-}
-
-/// The protobuf enum of a state.
-pub fn state_to_proto(state: AgentState) -> pb::AgentState {
-    match state {
-        AgentState::Spawning => pb::AgentState::Spawning,
-        AgentState::Running => pb::AgentState::Running,
-        AgentState::Completed => pb::AgentState::Completed,
-        AgentState::Failed => pb::AgentState::Failed,
-        AgentState::Killed => pb::AgentState::Killed,
-        AgentState::TimedOut => pb::AgentState::TimedOut,
-    }
-}
-
-/// The protobuf message of an agent record. Also used by the federation.
-pub fn agent_to_proto(agent: &AgentRecord) -> pb::Agent {
-    let origin = match &agent.origin {
-        Origin::Local => pb::AgentOrigin {
-            kind: pb::AgentOriginKind::Local.into(),
-            instance_id: String::new(),
-            workspace: String::new(),
-        },
-        Origin::Peer {
-            instance_id,
-            workspace,
-        } => pb::AgentOrigin {
-            kind: pb::AgentOriginKind::Peer.into(),
-            instance_id: instance_id.clone(),
-            workspace: workspace.clone(),
-        },
-    };
-    pb::Agent {
-        agent_id: agent.id.clone(),
-        agent_type: agent.agent_type.clone(),
-        state: state_to_proto(agent.state).into(),
-        state_reason: agent.state_reason.clone(),
-        prompt: agent.prompt.clone(),
-        task_id: agent.task_id.clone(),
-        labels: agent
-            .labels
-            .iter()
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect(),
-        origin: Some(origin),
-        pid: agent.pid,
-        exit_code: agent.exit_code,
-        signal: agent.signal,
-        output_tail: agent.output_tail.clone(),
-        output_bytes: agent.output_bytes,
-        output_truncated: agent.output_truncated,
-        timeout_seconds: agent.timeout_secs,
-        created_at: Some(timestamp_from_ms(agent.created_at_ms)),
-        started_at: agent.started_at_ms.map(timestamp_from_ms),
-        ended_at: agent.ended_at_ms.map(timestamp_from_ms),
-        updated_at: Some(timestamp_from_ms(agent.updated_at_ms)),
-    }
-}
-
-fn event_to_proto(event: AgentEvent) -> pb::watch_agent_response::Event {
-    match event {
-        AgentEvent::StateChanged { from, agent } => {
-            pb::watch_agent_response::Event::StateChange(pb::AgentStateChange {
-                from_state: from
-                    .map_or(pb::AgentState::Unspecified, state_to_proto)
-                    .into(),
-                to_state: state_to_proto(agent.state).into(),
-                reason: agent.state_reason.clone(),
-                at: Some(timestamp_from_ms(agent.updated_at_ms)),
-                agent: Some(agent_to_proto(&agent)),
-            })
-        }
-        AgentEvent::Output {
-            stream,
-            line,
-            at_ms,
-        } => pb::watch_agent_response::Event::OutputLine(pb::AgentOutputLine {
-            stream: match stream {
-                OutputStream::Stdout => pb::AgentOutputStream::Stdout,
-                OutputStream::Stderr => pb::AgentOutputStream::Stderr,
-            }
-            .into(),
-            line,
-            at: Some(timestamp_from_ms(at_ms)),
-        }),
-    }
 }

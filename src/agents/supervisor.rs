@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use super::model::{AgentEvent, AgentState, OutputStream};
 use super::output::{LineSplitter, OutputBudget, Tail};
 use super::process::{self, GroupGuard, GroupSignal};
-use super::runtime::{Registry, StopRequest, Tracked};
+use super::registry::{Registry, StopRequest, Tracked};
 use crate::clock::now_ms;
 use crate::config::AgentsConfig;
 use crate::store::{Store, StoreError};
