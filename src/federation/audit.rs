@@ -8,9 +8,9 @@ use std::sync::Mutex;
 
 use prost::Message as _;
 
+use super::Federation;
 use super::FederationError;
 use super::paging::{decode_cursor, encode_cursor};
-use super::peering::Federation;
 use crate::clock::timestamp_from_ms;
 use crate::error::code_name;
 use crate::proto::federation as pb;

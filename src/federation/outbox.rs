@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Federation;
 use super::FederationError;
 use super::envelope::{self, TrustedKey};
-use super::peering::{Federation, peer_error, peer_status};
+use super::peering::{peer_error, peer_status};
 use super::state::{ConnectionState, NoticeKind};
 use crate::clock::timestamp_from_ms;
 use crate::identity::{Identity, PublicKey};

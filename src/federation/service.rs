@@ -6,8 +6,8 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::paging::{decode_cursor, encode_cursor};
-use super::peering::{ConnectRequest, ConnectionView};
 use super::state::{ConnectionState, OperatorAction};
+use super::{ConnectRequest, ConnectionView};
 use crate::auth::Caller;
 use crate::clock::{now_ms, timestamp_from_ms};
 use crate::identity::{Identity, PublicKey};

@@ -1,0 +1,76 @@
+//! Signed commands between instances: which capability each needs and what
+//! the command log calls it (here), the receiver's side (`receive`) and the
+//! sender's side (`send`).
+
+mod receive;
+mod send;
+
+use crate::proto::federation as pb;
+
+/// The command's type name, as the command log shows it.
+pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
+    match command {
+        pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
+        pb::command_payload::Command::AgentStatus(_) => "agent.status",
+        pb::command_payload::Command::AgentKill(_) => "agent.kill",
+        pb::command_payload::Command::AgentList(_) => "agent.list",
+    }
+}
+
+/// Whether running the command changes anything (a spawn or a kill), so that a
+/// retry must get the stored result without running it again. Reads may run
+/// again: their replay is caught when the message id is recorded.
+pub fn changes_state(command: &pb::command_payload::Command) -> bool {
+    match command {
+        pb::command_payload::Command::AgentSpawn(_)
+        | pb::command_payload::Command::AgentKill(_) => true,
+        pb::command_payload::Command::AgentStatus(_)
+        | pb::command_payload::Command::AgentList(_) => false,
+    }
+}
+
+/// The capability a command needs on the connection. Listing one's own
+/// agents is a status read of several, so `agent.list` needs `agent.status`.
+pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
+    match command {
+        pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
+        pb::command_payload::Command::AgentStatus(_)
+        | pb::command_payload::Command::AgentList(_) => "agent.status",
+        pb::command_payload::Command::AgentKill(_) => "agent.kill",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_command_type_needs_its_own_capability() {
+        use pb::command_payload::Command;
+        let cases = [
+            (
+                Command::AgentSpawn(pb::AgentSpawnCommand::default()),
+                "agent.spawn",
+            ),
+            (
+                Command::AgentStatus(pb::AgentStatusCommand::default()),
+                "agent.status",
+            ),
+            (
+                Command::AgentKill(pb::AgentKillCommand::default()),
+                "agent.kill",
+            ),
+            (
+                Command::AgentList(pb::AgentListCommand::default()),
+                "agent.status",
+            ),
+        ];
+        for (command, capability) in cases {
+            assert_eq!(command_capability(&command), capability);
+        }
+        assert_eq!(
+            command_type(&Command::AgentList(pb::AgentListCommand::default())),
+            "agent.list"
+        );
+    }
+}

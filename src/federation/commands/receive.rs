@@ -1,0 +1,305 @@
+//! The receiver's side of a signed command (ExecuteCommand): the envelope
+//! checks in the order the Federation service documents, the per-command
+//! capability, the origin scoping of agents, running the command, and the
+//! signed CommandResultPayload reply that an identical retry gets again.
+
+use super::{changes_state, command_capability, command_type};
+use crate::agents::convert::{agent_to_proto, spawn_spec};
+use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
+use crate::federation::Federation;
+use crate::federation::FederationError;
+use crate::federation::audit::{describe_error, describe_outcome};
+use crate::federation::envelope::{self, Verified};
+use crate::federation::peering::{no_connection, seen_message};
+use crate::federation::state::ConnectionState;
+use crate::identity::PublicKey;
+use crate::proto::federation as pb;
+use crate::store::{CommandDirection, CommandLogRecord, WriteOutcome};
+
+impl Federation {
+    /// ExecuteCommand from a peer whose TLS client key is `tls_key`. A refused
+    /// message is an error (a gRPC status, nothing changed); a command that was
+    /// accepted but failed is a signed reply carrying a CommandError.
+    ///
+    /// Every command from a sender that its TLS key identifies (the key of the
+    /// connection the header names) goes into the command log, accepted or
+    /// refused; anything earlier (a wrong recipient, no such connection, a key
+    /// that is not the connection's) is counted and traced but not logged, so
+    /// that a stranger cannot fill the log.
+    pub async fn receive_command(
+        &self,
+        agents: &AgentRuntime,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let mut audit = None;
+        let result = self
+            .receive_checked(agents, sealed, tls_key, &mut audit)
+            .await;
+        if let Err(error) = &result {
+            let (outcome, detail) = describe_error(error);
+            self.command_counters
+                .count(CommandDirection::Inbound, &outcome);
+            tracing::info!(%outcome, %detail, "refused a command from a peer");
+            if let Some(template) = audit {
+                let record = CommandLogRecord {
+                    outcome,
+                    detail,
+                    ..template
+                };
+                if let Err(store_error) = self.store.insert_command_log(&record).await {
+                    tracing::warn!(error = %store_error, "could not record a refused command");
+                }
+            }
+        }
+        result
+    }
+
+    async fn receive_checked(
+        &self,
+        agents: &AgentRuntime,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+        audit: &mut Option<CommandLogRecord>,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let identity = self.identity.current();
+        let now = self.now();
+        // Step 3: well formed, with a known command type.
+        let parsed = envelope::parse::<pb::CommandPayload>(sealed)?;
+        let command = parsed
+            .unverified_payload()
+            .command
+            .as_ref()
+            .ok_or_else(|| {
+                FederationError::InvalidArgument(
+                    "the command payload carries no known command type".into(),
+                )
+            })?;
+        let (kind, capability) = (command_type(command), command_capability(command));
+        let mutating = changes_state(command);
+        let header = parsed.header().clone();
+        // Step 4.
+        parsed.check_recipient(&identity.instance_id)?;
+        // Step 5: ACTIVE in that workspace; SUSPENDED is FAILED_PRECONDITION.
+        let peer = self
+            .open_peer(&header.workspace, &header.sender_instance_id)
+            .await?
+            .ok_or_else(no_connection)?;
+        let connection = &peer.connection;
+        let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
+        if connection.remote_public_key == tls_key.spki_der() {
+            *audit = Some(template.clone());
+        }
+        match connection.state {
+            ConnectionState::Active => {}
+            ConnectionState::Suspended => {
+                return Err(FederationError::FailedPrecondition(
+                    "the connection with the sender in that workspace is suspended".into(),
+                ));
+            }
+            _ => return Err(no_connection()),
+        }
+        // Step 6.
+        if !connection
+            .capabilities
+            .granted
+            .iter()
+            .any(|granted| granted == capability)
+        {
+            return Err(FederationError::PermissionDenied(format!(
+                "capability {capability} is not granted to the sender on this connection"
+            )));
+        }
+        // Steps 7 to 9.
+        let trusted = peer.trusted_keys(now);
+        let key = parsed.check_key(&trusted, tls_key, now)?;
+        // The TLS key is one the connection trusts: the sender is identified.
+        *audit = Some(template.clone());
+        parsed.check_time(now, self.window_ms())?;
+        let verified = parsed.verify_signature(&key)?;
+        // Step 10, serialised per message id so that concurrent identical
+        // retries cannot both run the command (a spawn must happen once).
+        let lock = self.delivery_lock(&format!(
+            "command\u{0}{}\u{0}{}",
+            header.sender_instance_id, header.message_id
+        ));
+        let _guard = lock.lock().await;
+        // A command that changes something is looked up first, so a retry
+        // never runs it twice. A read runs at once: recording it below fails
+        // on a message id seen before, and then the stored result (or
+        // ALREADY_EXISTS for other bytes) is the answer all the same.
+        if mutating && let Some(stored) = self.replayed(&verified).await? {
+            self.record_replay(template, &stored).await;
+            return Ok(stored);
+        }
+        let outcome = run_command(agents, &verified).await;
+        let routing = self.routing(&identity, &header.sender_instance_id, &header.workspace);
+        let reply = pb::CommandResultPayload {
+            header: Some(envelope::new_header(
+                &routing,
+                identity.public_key().key_id(),
+            )),
+            command_message_id: header.message_id.clone(),
+            outcome: Some(outcome),
+        };
+        let sealed_reply = envelope::seal(&reply, identity.as_ref())?;
+        let seen = seen_message(
+            &verified.header,
+            verified.digest.clone(),
+            Some(&sealed_reply),
+            now,
+        );
+        let (outcome_name, detail) = describe_outcome(reply.outcome.as_ref());
+        let record = CommandLogRecord {
+            outcome: outcome_name.clone(),
+            detail,
+            ..template.clone()
+        };
+        if self.journal().record(seen, record).await? != WriteOutcome::Done(()) {
+            let stored = self
+                .replay_after_race(&verified.header, &verified.digest)
+                .await?;
+            self.record_replay(template, &stored).await;
+            return Ok(stored);
+        }
+        self.command_counters
+            .count(CommandDirection::Inbound, &outcome_name);
+        tracing::info!(
+            peer.id = %header.sender_instance_id,
+            workspace = %header.workspace,
+            command = kind,
+            outcome = %outcome_name,
+            "ran a command from a peer"
+        );
+        Ok(sealed_reply)
+    }
+
+    /// Logs an identical retry that got the stored result again.
+    async fn record_replay(&self, template: CommandLogRecord, stored: &pb::SignedEnvelope) {
+        use prost::Message as _;
+        let (outcome, detail) = match pb::CommandResultPayload::decode(stored.payload.as_slice()) {
+            Ok(result) => describe_outcome(result.outcome.as_ref()),
+            Err(_) => (
+                "INTERNAL".to_owned(),
+                "the stored result does not decode".to_owned(),
+            ),
+        };
+        self.command_counters
+            .count(CommandDirection::Inbound, &outcome);
+        let record = CommandLogRecord {
+            outcome,
+            detail: format!("identical retry, stored result returned: {detail}"),
+            ..template
+        };
+        if let Err(error) = self.store.insert_command_log(&record).await {
+            tracing::warn!(%error, "could not record a retried command");
+        }
+    }
+}
+
+/// A log entry for a received command, before its outcome is known.
+fn inbound_record(
+    header: &pb::EnvelopeHeader,
+    kind: &str,
+    issued_at_ms: i64,
+    now: i64,
+) -> CommandLogRecord {
+    CommandLogRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        direction: CommandDirection::Inbound,
+        message_id: header.message_id.clone(),
+        sender_instance_id: header.sender_instance_id.clone(),
+        recipient_instance_id: header.recipient_instance_id.clone(),
+        workspace: header.workspace.clone(),
+        command_type: kind.to_owned(),
+        outcome: String::new(),
+        detail: String::new(),
+        issued_at_ms,
+        recorded_at_ms: now,
+        request_digest: None,
+        envelope: None,
+    }
+}
+
+/// Runs a verified command for its sender; failures become a CommandError.
+async fn run_command(
+    agents: &AgentRuntime,
+    verified: &Verified<pb::CommandPayload>,
+) -> pb::command_result_payload::Outcome {
+    use pb::command_payload::Command;
+    use pb::command_result_payload::Outcome;
+    let sender = &verified.header.sender_instance_id;
+    let workspace = &verified.header.workspace;
+    let result = match &verified.payload.command {
+        Some(Command::AgentSpawn(spawn)) => {
+            let request = spawn.spawn.clone().unwrap_or_default();
+            let origin = Origin::Peer {
+                instance_id: sender.clone(),
+                workspace: workspace.clone(),
+            };
+            agents
+                .spawn(spawn_spec(request, origin))
+                .await
+                .map(|agent| Outcome::Agent(agent_to_proto(&agent)))
+        }
+        Some(Command::AgentStatus(status)) => {
+            own_agent(agents, &status.agent_id, sender, workspace)
+                .await
+                .map(|agent| Outcome::Agent(agent_to_proto(&agent)))
+        }
+        Some(Command::AgentKill(kill)) => {
+            match own_agent(agents, &kill.agent_id, sender, workspace).await {
+                Ok(_) => agents
+                    .kill(&kill.agent_id, &kill.reason)
+                    .await
+                    .map(|agent| Outcome::Agent(agent_to_proto(&agent))),
+                Err(error) => Err(error),
+            }
+        }
+        Some(Command::AgentList(list)) => {
+            let filter = AgentFilter {
+                origin_kind: Some(crate::agents::model::OriginKind::Peer),
+                origin_instance_id: Some(sender.clone()),
+                origin_workspace: Some(workspace.clone()),
+                ..AgentFilter::default()
+            };
+            agents
+                .list(&filter, list.page_size, &list.page_token)
+                .await
+                .map(|(page, next_page_token)| {
+                    Outcome::AgentList(pb::AgentList {
+                        agents: page.iter().map(agent_to_proto).collect(),
+                        next_page_token,
+                    })
+                })
+        }
+        // Refused with INVALID_ARGUMENT before the signature check.
+        None => Err(AgentError::Invalid("no command type".into())),
+    };
+    result.unwrap_or_else(|error| {
+        let status = tonic::Status::from(error);
+        Outcome::Error(pb::CommandError {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+        })
+    })
+}
+
+/// The agent `agent_id` if `sender` spawned it through `workspace`. Any other
+/// agent (local, another peer's, another workspace's, or none) is the same
+/// NOT_FOUND, so a peer cannot learn which agents exist.
+async fn own_agent(
+    agents: &AgentRuntime,
+    agent_id: &str,
+    sender: &str,
+    workspace: &str,
+) -> Result<AgentRecord, AgentError> {
+    let agent = agents.get(agent_id).await?;
+    match &agent.origin {
+        Origin::Peer {
+            instance_id,
+            workspace: origin_workspace,
+        } if instance_id == sender && origin_workspace == workspace => Ok(agent),
+        _ => Err(AgentError::NotFound(agent_id.to_owned())),
+    }
+}

@@ -1,0 +1,430 @@
+//! What a peer sends: a connection request, notices and pings. Every message
+//! goes through the envelope checks in the order the Federation service
+//! documents and is acted on only after its signature and replay checks; every
+//! change is one store transaction with its history event and its message id.
+
+use std::sync::Arc;
+
+use crate::federation::FederationError;
+use crate::federation::envelope::{self, Payload, TrustedKey, Verified};
+use crate::federation::state::{self, Actor, ConnectionState, Direction, NoticeKind};
+use crate::identity::{PublicKey, fingerprint};
+use crate::proto::federation as pb;
+use crate::store::{
+    ConnectionCapabilities, ConnectionChange, ConnectionRecord, PeerKeyRecord, WriteOutcome,
+};
+
+use crate::federation::Federation;
+use crate::federation::peering::*;
+
+impl Federation {
+    /// RequestConnection from a peer.
+    pub async fn receive_request(
+        &self,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let identity = self.identity.current();
+        let now = self.now();
+        // 3: well formed, including the sender's identity and key.
+        let parsed = envelope::parse::<pb::ConnectionRequestPayload>(sealed)?;
+        let header = parsed.header().clone();
+        let claimed = parsed.unverified_payload();
+        let sender = claimed
+            .sender
+            .as_ref()
+            .ok_or_else(|| FederationError::InvalidArgument("sender is missing".into()))?;
+        if sender.instance_id != header.sender_instance_id {
+            return Err(FederationError::InvalidArgument(
+                "sender.instance_id is not the header's sender".into(),
+            ));
+        }
+        let sender_key = PublicKey::from_spki_der(&sender.public_key).map_err(|_| {
+            FederationError::InvalidArgument("sender.public_key is not an ECDSA P-256 key".into())
+        })?;
+        if sender_key.key_id() != header.key_id {
+            return Err(FederationError::InvalidArgument(
+                "header.key_id is not the key id of sender.public_key".into(),
+            ));
+        }
+        // 4: addressed to us.
+        parsed.check_recipient(&identity.instance_id)?;
+        // 5 and 6 do not apply: the sender is not known yet.
+        // 7: the key in the request is the TLS key.
+        let trusted = [TrustedKey {
+            key: sender_key.clone(),
+            valid_until_ms: None,
+        }];
+        let key = parsed.check_key(&trusted, tls_key, now)?;
+        // 8 and 9.
+        parsed.check_time(now, self.window_ms())?;
+        let verified = parsed.verify_signature(&key)?;
+        // 10: replay, or an identical retry.
+        if let Some(stored) = self.replayed(&verified).await? {
+            return Ok(stored);
+        }
+        let payload = verified.payload;
+        let sender = payload
+            .sender
+            .clone()
+            .ok_or_else(|| FederationError::InvalidArgument("sender is missing".into()))?;
+        let (host, _) = super::peer_client::parse_peer_url(&sender.url)
+            .map_err(|error| FederationError::InvalidArgument(format!("sender.url: {error}")))?;
+        if let Ok(address) = host.parse::<std::net::IpAddr>()
+            && !self.clients.policy().permits(address)
+        {
+            return Err(FederationError::PermissionDenied(
+                "sender.url is an address this instance's dial policy denies".into(),
+            ));
+        }
+        check_capability_list("requested_capabilities", &payload.requested_capabilities)?;
+        check_capability_list("offered_capabilities", &payload.offered_capabilities)?;
+        check_capability_list("sender.capabilities", &sender.capabilities)?;
+        if self
+            .store
+            .find_open_connection(&header.workspace, &header.sender_instance_id)
+            .await?
+            .is_some()
+        {
+            return Err(already_open(&header.workspace));
+        }
+
+        let auto_accept = fingerprint::normalize(&sender_key.fingerprint())
+            .is_some_and(|printed| self.config.auto_accept_fingerprints.contains(&printed));
+        // Anyone holding a key can ask, so the requests an operator has not
+        // answered yet are bounded.
+        if !auto_accept
+            && self
+                .store
+                .count_connections(Direction::Inbound, ConnectionState::Pending)
+                .await?
+                >= i64::from(self.config.max_pending_inbound)
+        {
+            return Err(FederationError::ResourceExhausted(
+                "too many connection requests are waiting for this instance's operator; try again later"
+                    .into(),
+            ));
+        }
+        let state = if auto_accept {
+            ConnectionState::Active
+        } else {
+            ConnectionState::Pending
+        };
+        let granted = if auto_accept {
+            self.config.auto_accept_grants.clone()
+        } else {
+            Vec::new()
+        };
+        let record = ConnectionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            workspace: header.workspace.clone(),
+            remote_instance_id: header.sender_instance_id.clone(),
+            remote_name: truncate(&sender.name, MAX_NAME_CHARS),
+            remote_url: sender.url.clone(),
+            remote_public_key: sender_key.spki_der().to_vec(),
+            remote_fingerprint: sender_key.fingerprint(),
+            capabilities: ConnectionCapabilities {
+                remote: sender.capabilities.clone(),
+                granted: granted.clone(),
+                granted_to_us: payload.offered_capabilities.clone(),
+                requested: payload.requested_capabilities.clone(),
+            },
+            direction: Direction::Inbound,
+            state,
+            state_reason: String::new(),
+            suspended_by: None,
+            reachable: true,
+            last_contact_at_ms: Some(now),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let mut events = vec![event(
+            &record.id,
+            None,
+            ConnectionState::Pending,
+            Actor::Peer,
+            "",
+            now,
+        )];
+        if auto_accept {
+            events.push(event(
+                &record.id,
+                Some(ConnectionState::Pending),
+                ConnectionState::Active,
+                Actor::System,
+                "auto-accepted: the peer's fingerprint is on federation.auto_accept_fingerprints",
+                now,
+            ));
+        }
+        let routing = self.routing(&identity, &header.sender_instance_id, &header.workspace);
+        let reply = pb::ConnectionReplyPayload {
+            header: Some(envelope::new_header(
+                &routing,
+                identity.public_key().key_id(),
+            )),
+            request_message_id: header.message_id.clone(),
+            state: state.to_proto().into(),
+            granted_capabilities: granted,
+            connection_id: record.id.clone(),
+        };
+        let reply = envelope::seal(&reply, identity.as_ref())?;
+        let seen = seen_message(&verified.header, verified.digest.clone(), Some(&reply), now);
+        match self
+            .insert_connection(&record, &events, Some(&seen))
+            .await?
+        {
+            WriteOutcome::Done(()) => {}
+            WriteOutcome::OpenConnectionExists => return Err(already_open(&header.workspace)),
+            WriteOutcome::DuplicateMessage | WriteOutcome::StateChanged => {
+                return self.replay_after_race(&header, &verified.digest).await;
+            }
+        }
+        tracing::info!(
+            connection.id = %record.id,
+            peer.id = %record.remote_instance_id,
+            workspace = %record.workspace,
+            state = record.state.as_str(),
+            "received a federation connection request"
+        );
+        Ok(reply)
+    }
+
+    /// NotifyConnection from a peer.
+    pub async fn receive_notice(
+        &self,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let identity = self.identity.current();
+        let now = self.now();
+        // 3: well formed, including the notice's own fields.
+        let parsed = envelope::parse::<pb::ConnectionNoticePayload>(sealed)?;
+        let header = parsed.header().clone();
+        let claimed = parsed.unverified_payload();
+        let kind = NoticeKind::from_proto(claimed.kind()).ok_or_else(|| {
+            FederationError::InvalidArgument("the notice kind is not set or not known".into())
+        })?;
+        let rotated_to = if kind == NoticeKind::KeyRotated {
+            let new_key = claimed.new_key.as_ref().ok_or_else(|| {
+                FederationError::InvalidArgument("KEY_ROTATED needs new_key".into())
+            })?;
+            let key = PublicKey::from_spki_der(&new_key.public_key).map_err(|_| {
+                FederationError::InvalidArgument("new_key is not an ECDSA P-256 key".into())
+            })?;
+            let valid_until = claimed
+                .previous_key_valid_until
+                .as_ref()
+                .map(crate::clock::ms_from_timestamp)
+                .ok_or_else(|| {
+                    FederationError::InvalidArgument(
+                        "KEY_ROTATED needs previous_key_valid_until".into(),
+                    )
+                })?;
+            Some((
+                key,
+                valid_until.min(now.saturating_add(MAX_PEER_KEY_GRACE_MS)),
+            ))
+        } else {
+            None
+        };
+        check_capability_list("granted_capabilities", &claimed.granted_capabilities)?;
+        // 4.
+        parsed.check_recipient(&identity.instance_id)?;
+        // 5: an open connection with the sender in that workspace.
+        let connection = self
+            .store
+            .find_open_connection(&header.workspace, &header.sender_instance_id)
+            .await?
+            .ok_or_else(no_connection)?;
+        // 7: a key of the sender; the TLS key is checked just below.
+        let trusted = self.trusted_keys(&connection).await?;
+        let signing_key = parsed.signing_key(&trusted, now)?;
+        // A KEY_ROTATED notice is signed with the old key and must travel over a
+        // TLS connection made with the new one: the sender proves it holds both.
+        let tls_matches = match &rotated_to {
+            Some((new_key, _)) => new_key == tls_key,
+            None => &signing_key == tls_key,
+        };
+        if !tls_matches {
+            return Err(envelope::EnvelopeError::KeyIsNotTlsKey.into());
+        }
+        // 8, 9, 10.
+        parsed.check_time(now, self.window_ms())?;
+        let verified = parsed.verify_signature(&signing_key)?;
+        if let Some(stored) = self.replayed(&verified).await? {
+            return Ok(stored);
+        }
+
+        let payload = &verified.payload;
+        let outcome = state::after_notice(kind, situation(&connection))
+            .map_err(FederationError::FailedPrecondition)?;
+        let reason = truncate(&payload.reason, MAX_REASON_CHARS);
+        let capabilities = (kind == NoticeKind::Accepted).then(|| ConnectionCapabilities {
+            granted_to_us: payload.granted_capabilities.clone(),
+            ..connection.capabilities.clone()
+        });
+        let (new_remote_key, retired_peer_key) = match &rotated_to {
+            Some((new_key, valid_until_ms)) => (
+                Some((new_key.spki_der().to_vec(), new_key.fingerprint())),
+                Some(PeerKeyRecord {
+                    connection_id: connection.id.clone(),
+                    key_id: signing_key.key_id(),
+                    public_key: signing_key.spki_der().to_vec(),
+                    valid_until_ms: *valid_until_ms,
+                }),
+            ),
+            None => (None, None),
+        };
+        let state_changes = outcome.state != connection.state;
+        let routing = self.routing(&identity, &header.sender_instance_id, &header.workspace);
+        let ack = pb::NoticeAckPayload {
+            header: Some(envelope::new_header(
+                &routing,
+                identity.public_key().key_id(),
+            )),
+            notice_message_id: header.message_id.clone(),
+            state: outcome.state.to_proto().into(),
+        };
+        let ack = envelope::seal(&ack, identity.as_ref())?;
+        let change = ConnectionChange {
+            connection_id: connection.id.clone(),
+            expected_state: connection.state,
+            new_state: outcome.state,
+            state_reason: if state_changes {
+                reason.clone()
+            } else {
+                connection.state_reason.clone()
+            },
+            suspended_by: outcome.suspended_by,
+            capabilities,
+            new_remote_key,
+            retired_peer_key,
+            event: state_changes.then(|| {
+                event(
+                    &connection.id,
+                    Some(connection.state),
+                    outcome.state,
+                    Actor::Peer,
+                    &reason,
+                    now,
+                )
+            }),
+            notice: None,
+            seen: Some(seen_message(
+                &header,
+                verified.digest.clone(),
+                Some(&ack),
+                now,
+            )),
+            at_ms: now,
+        };
+        match self.change_connection(&change).await? {
+            WriteOutcome::Done(_) => {}
+            WriteOutcome::DuplicateMessage => {
+                return self.replay_after_race(&header, &verified.digest).await;
+            }
+            _ => {
+                return Err(FederationError::FailedPrecondition(
+                    "the connection changed meanwhile; the notice was not applied".into(),
+                ));
+            }
+        }
+        self.store
+            .record_contact(&connection.id, true, Some(now))
+            .await?;
+        tracing::info!(
+            connection.id = %connection.id,
+            peer.id = %connection.remote_instance_id,
+            notice = kind.as_str(),
+            to = outcome.state.as_str(),
+            "applied a notice from a peer"
+        );
+        Ok(ack)
+    }
+
+    /// Ping from a peer.
+    pub async fn receive_ping(
+        &self,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let identity = self.identity.current();
+        let now = self.now();
+        let parsed = envelope::parse::<pb::PingPayload>(sealed)?;
+        let header = parsed.header().clone();
+        parsed.check_recipient(&identity.instance_id)?;
+        let connection = self
+            .store
+            .find_open_connection(&header.workspace, &header.sender_instance_id)
+            .await?
+            .ok_or_else(no_connection)?;
+        let trusted = self.trusted_keys(&connection).await?;
+        let key = parsed.check_key(&trusted, tls_key, now)?;
+        parsed.check_time(now, self.window_ms())?;
+        let verified = parsed.verify_signature(&key)?;
+        let seen = seen_message(&verified.header, verified.digest.clone(), None, now);
+        if self.store.insert_seen_message(&seen).await? != WriteOutcome::Done(()) {
+            return Err(FederationError::AlreadyExists(
+                "this ping's message id was already used".into(),
+            ));
+        }
+        self.store
+            .record_contact(&connection.id, true, Some(now))
+            .await?;
+        let routing = self.routing(&identity, &header.sender_instance_id, &header.workspace);
+        let reply = pb::PingPayload {
+            header: Some(envelope::new_header(
+                &routing,
+                identity.public_key().key_id(),
+            )),
+        };
+        Ok(envelope::seal(&reply, identity.as_ref())?)
+    }
+
+    /// The stored reply for an identical retry; ALREADY_EXISTS for a message id
+    /// reused with other bytes; `None` for a new message id.
+    pub(super) async fn replayed<P: Payload>(
+        &self,
+        verified: &Verified<P>,
+    ) -> Result<Option<pb::SignedEnvelope>, FederationError> {
+        let Some(seen) = self
+            .store
+            .find_seen_message(
+                &verified.header.sender_instance_id,
+                &verified.header.message_id,
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        stored_reply(seen, &verified.digest).map(Some)
+    }
+
+    /// After a concurrent write recorded the same message id first.
+    pub(super) async fn replay_after_race(
+        &self,
+        header: &pb::EnvelopeHeader,
+        digest: &[u8],
+    ) -> Result<pb::SignedEnvelope, FederationError> {
+        let seen = self
+            .store
+            .find_seen_message(&header.sender_instance_id, &header.message_id)
+            .await?
+            .ok_or_else(|| {
+                FederationError::AlreadyExists("this message id was already used".into())
+            })?;
+        stored_reply(seen, digest)
+    }
+
+    /// The per-connection lock that keeps notice deliveries in order.
+    pub(super) fn delivery_lock(&self, connection_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .delivery_locks
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if locks.len() > 1024 {
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        }
+        Arc::clone(locks.entry(connection_id.to_owned()).or_default())
+    }
+}

@@ -1,0 +1,413 @@
+//! What an operator does to connections: ConnectPeer (first contact, key
+//! checks, the signed request), accept, reject, suspend, resume, disconnect
+//! (each one store transaction with its history event and the notice that
+//! tells the peer), listing them, and what a key rotation sets off.
+
+use crate::federation::FederationError;
+use crate::federation::envelope::{self, TrustedKey, Verified};
+use crate::federation::state::{
+    self, Actor, ConnectionState, Direction, NoticeKind, OperatorAction,
+};
+use crate::identity::{PublicKey, fingerprint};
+use crate::proto::federation as pb;
+use crate::store::{
+    ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
+    ConnectionRecord, NoticeRecord, WriteOutcome,
+};
+
+use crate::federation::Federation;
+use crate::federation::peering::*;
+
+/// A connection as shown to operators: the stored row and its undelivered
+/// notices.
+#[derive(Debug, Clone)]
+pub struct ConnectionView {
+    /// The stored connection.
+    pub record: ConnectionRecord,
+    /// Notices to the peer not yet delivered.
+    pub pending_notices: u32,
+}
+
+/// What ConnectPeer needs.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// The peer's URL.
+    pub url: String,
+    /// The workspace.
+    pub workspace: String,
+    /// Fingerprint to check, if any.
+    pub expected_fingerprint: Option<String>,
+    /// What we grant the peer.
+    pub granted_capabilities: Vec<String>,
+    /// What we ask the peer for (empty: all it advertises).
+    pub requested_capabilities: Vec<String>,
+}
+
+impl Federation {
+    /// Views of `records` with their pending notice counts.
+    pub async fn views(
+        &self,
+        records: Vec<ConnectionRecord>,
+    ) -> Result<Vec<ConnectionView>, FederationError> {
+        let ids: Vec<String> = records.iter().map(|record| record.id.clone()).collect();
+        let counts = self.store.pending_notice_counts(&ids).await?;
+        Ok(records
+            .into_iter()
+            .map(|record| ConnectionView {
+                pending_notices: counts.get(&record.id).copied().unwrap_or(0),
+                record,
+            })
+            .collect())
+    }
+
+    async fn view(&self, record: ConnectionRecord) -> Result<ConnectionView, FederationError> {
+        let mut views = self.views(vec![record]).await?;
+        views
+            .pop()
+            .ok_or_else(|| FederationError::Internal("a view went missing".into()))
+    }
+
+    /// ConnectPeer: first contact, key checks, the signed request, and the
+    /// OUTBOUND row in the state the peer replied.
+    pub async fn connect_peer(
+        &self,
+        request: ConnectRequest,
+    ) -> Result<ConnectionView, FederationError> {
+        let identity = self.identity.current();
+        check_workspace(&request.workspace)?;
+        check_capability_list("granted_capabilities", &request.granted_capabilities)?;
+        check_capability_list("requested_capabilities", &request.requested_capabilities)?;
+        check_offered(&identity, &request.granted_capabilities)?;
+        let expected_fingerprint = match request.expected_fingerprint.as_deref() {
+            None | Some("") => None,
+            Some(typed) => Some(fingerprint::normalize(typed).ok_or_else(|| {
+                FederationError::InvalidArgument(format!(
+                    "expected_fingerprint {typed:?} is not a fingerprint (eight groups of four like ABCD-EFGH-...)"
+                ))
+            })?),
+        };
+        super::peer_client::parse_peer_url(&request.url)
+            .map_err(|error| FederationError::InvalidArgument(error.to_string()))?;
+
+        let (instance, tls_key) = self
+            .clients
+            .first_contact(&request.url)
+            .await
+            .map_err(first_contact_error)?;
+        let claimed = PublicKey::from_spki_der(&instance.public_key).map_err(|_| {
+            FederationError::FailedPrecondition(
+                "the peer claims a key that is not an ECDSA P-256 key; nothing was stored".into(),
+            )
+        })?;
+        if claimed != tls_key {
+            return Err(FederationError::FailedPrecondition(
+                "the peer's TLS key is not the key it claims in GetInstance; nothing was stored"
+                    .into(),
+            ));
+        }
+        if let Some(expected) = &expected_fingerprint
+            && !fingerprint::matches(expected, claimed.spki_der())
+        {
+            return Err(FederationError::FailedPrecondition(format!(
+                "the peer's fingerprint is {}, not the expected one; nothing was stored",
+                claimed.fingerprint()
+            )));
+        }
+        if instance.instance_id.is_empty() || instance.instance_id.len() > 64 {
+            return Err(FederationError::FailedPrecondition(
+                "the peer's identity has no usable instance id".into(),
+            ));
+        }
+        if instance.instance_id == identity.instance_id {
+            return Err(FederationError::InvalidArgument(
+                "the URL is this instance itself".into(),
+            ));
+        }
+        if self
+            .store
+            .find_open_connection(&request.workspace, &instance.instance_id)
+            .await?
+            .is_some()
+        {
+            return Err(already_open(&request.workspace));
+        }
+
+        let requested = if request.requested_capabilities.is_empty() {
+            instance.capabilities.clone()
+        } else {
+            request.requested_capabilities.clone()
+        };
+        let routing = self.routing(&identity, &instance.instance_id, &request.workspace);
+        let header = envelope::new_header(&routing, identity.public_key().key_id());
+        let message_id = header.message_id.clone();
+        let payload = pb::ConnectionRequestPayload {
+            header: Some(header),
+            sender: Some(super::service::instance_message(&identity)),
+            requested_capabilities: requested.clone(),
+            offered_capabilities: request.granted_capabilities.clone(),
+        };
+        let sealed = envelope::seal(&payload, identity.as_ref())?;
+        let mut client = self
+            .clients
+            .pinned(&request.url, std::slice::from_ref(&claimed))
+            .await
+            .map_err(peer_error)?;
+        let response = client
+            .request_connection(self.clients.request(pb::RequestConnectionRequest {
+                envelope: Some(sealed),
+            }))
+            .await
+            .map_err(peer_status)?
+            .into_inner();
+        let trusted = [TrustedKey {
+            key: claimed.clone(),
+            valid_until_ms: None,
+        }];
+        let reply: Verified<pb::ConnectionReplyPayload> = envelope::open_reply(
+            response.envelope.as_ref(),
+            &identity.instance_id,
+            &instance.instance_id,
+            &request.workspace,
+            &trusted,
+            self.now(),
+        )
+        .map_err(|error| FederationError::BadReply(error.to_string()))?;
+        if reply.payload.request_message_id != message_id {
+            return Err(FederationError::BadReply(
+                "the reply answers another request".into(),
+            ));
+        }
+        let peer_state = ConnectionState::from_proto(reply.payload.state())
+            .filter(|state| {
+                matches!(
+                    state,
+                    ConnectionState::Pending | ConnectionState::Active | ConnectionState::Rejected
+                )
+            })
+            .ok_or_else(|| FederationError::BadReply("the reply has no usable state".into()))?;
+
+        let now = self.now();
+        let record = ConnectionRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            workspace: request.workspace.clone(),
+            remote_instance_id: instance.instance_id.clone(),
+            remote_name: truncate(&instance.name, MAX_NAME_CHARS),
+            remote_url: request.url.clone(),
+            remote_public_key: claimed.spki_der().to_vec(),
+            remote_fingerprint: claimed.fingerprint(),
+            capabilities: ConnectionCapabilities {
+                remote: instance.capabilities.clone(),
+                granted: request.granted_capabilities.clone(),
+                granted_to_us: if peer_state == ConnectionState::Active {
+                    reply.payload.granted_capabilities.clone()
+                } else {
+                    Vec::new()
+                },
+                requested,
+            },
+            direction: Direction::Outbound,
+            state: peer_state,
+            state_reason: String::new(),
+            suspended_by: None,
+            reachable: true,
+            last_contact_at_ms: Some(now),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        let mut events = vec![event(
+            &record.id,
+            None,
+            ConnectionState::Pending,
+            Actor::Local,
+            "",
+            now,
+        )];
+        if peer_state != ConnectionState::Pending {
+            events.push(event(
+                &record.id,
+                Some(ConnectionState::Pending),
+                peer_state,
+                Actor::Peer,
+                "",
+                now,
+            ));
+        }
+        match self.insert_connection(&record, &events, None).await? {
+            WriteOutcome::Done(()) => {}
+            WriteOutcome::OpenConnectionExists => return Err(already_open(&request.workspace)),
+            other => {
+                return Err(FederationError::Internal(format!(
+                    "unexpected outcome storing a connection: {other:?}"
+                )));
+            }
+        }
+        tracing::info!(
+            connection.id = %record.id,
+            peer.id = %record.remote_instance_id,
+            workspace = %record.workspace,
+            state = record.state.as_str(),
+            "requested a federation connection"
+        );
+        self.view(record).await
+    }
+
+    /// One connection and its history.
+    pub async fn get_connection(
+        &self,
+        connection_id: &str,
+    ) -> Result<(ConnectionView, Vec<ConnectionEventRecord>), FederationError> {
+        let record = self.find(connection_id).await?;
+        let events = self.store.connection_events(&record.id).await?;
+        Ok((self.view(record).await?, events))
+    }
+
+    /// Connections matching `filter`, with pending notice counts.
+    pub async fn list_connections(
+        &self,
+        filter: &ConnectionFilter,
+    ) -> Result<Vec<ConnectionView>, FederationError> {
+        let records = self.store.list_connections(filter).await?;
+        self.views(records).await
+    }
+
+    async fn find(&self, connection_id: &str) -> Result<ConnectionRecord, FederationError> {
+        if connection_id.is_empty() {
+            return Err(FederationError::InvalidArgument(
+                "connection_id is required".into(),
+            ));
+        }
+        self.store
+            .find_connection(connection_id)
+            .await?
+            .ok_or_else(|| FederationError::NotFound(format!("no connection {connection_id:?}")))
+    }
+
+    /// Accept, reject, suspend, resume or disconnect, as an operator of this
+    /// instance; the peer is told by a signed notice (queued, then tried at once).
+    pub async fn operator_action(
+        &self,
+        connection_id: &str,
+        action: OperatorAction,
+        granted_capabilities: &[String],
+        reason: &str,
+    ) -> Result<ConnectionView, FederationError> {
+        let record = self.find(connection_id).await?;
+        if action == OperatorAction::Accept {
+            check_capability_list("granted_capabilities", granted_capabilities)?;
+            check_offered(&self.identity.current(), granted_capabilities)?;
+        }
+        let reason = truncate(reason, MAX_REASON_CHARS);
+        let outcome = state::after_operator_action(action, situation(&record))
+            .map_err(FederationError::FailedPrecondition)?;
+        let now = self.now();
+        let capabilities = (action == OperatorAction::Accept).then(|| ConnectionCapabilities {
+            granted: granted_capabilities.to_vec(),
+            ..record.capabilities.clone()
+        });
+        let notice = NoticeRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            connection_id: record.id.clone(),
+            kind: outcome.notice,
+            reason: reason.clone(),
+            granted_capabilities: if action == OperatorAction::Accept {
+                granted_capabilities.to_vec()
+            } else {
+                Vec::new()
+            },
+            signing_key_id: None,
+            attempts: 0,
+            next_attempt_at_ms: now,
+            last_error: String::new(),
+            created_at_ms: now,
+        };
+        let change = ConnectionChange {
+            connection_id: record.id.clone(),
+            expected_state: record.state,
+            new_state: outcome.state,
+            state_reason: reason.clone(),
+            suspended_by: outcome.suspended_by,
+            capabilities,
+            new_remote_key: None,
+            retired_peer_key: None,
+            event: Some(event(
+                &record.id,
+                Some(record.state),
+                outcome.state,
+                Actor::Local,
+                &reason,
+                now,
+            )),
+            notice: Some(notice),
+            seen: None,
+            at_ms: now,
+        };
+        let changed = match self.change_connection(&change).await? {
+            WriteOutcome::Done(changed) => changed,
+            _ => {
+                return Err(FederationError::FailedPrecondition(
+                    "the connection changed meanwhile; look at it again".into(),
+                ));
+            }
+        };
+        tracing::info!(
+            connection.id = %changed.id,
+            peer.id = %changed.remote_instance_id,
+            from = record.state.as_str(),
+            to = changed.state.as_str(),
+            "changed a federation connection"
+        );
+        // One prompt attempt, so the usual case answers with the notice delivered;
+        // the background task retries whatever is left.
+        self.deliver_notices(&changed.id, true).await;
+        let record = self.find(&changed.id).await?;
+        self.view(record).await
+    }
+
+    /// After a key rotation: stop reusing channels made with the old certificate,
+    /// and queue a KEY_ROTATED notice signed with `old_key_id` for every open
+    /// connection (at most one pending per connection: its signing key is the
+    /// one the peer knows).
+    pub async fn after_rotation(&self, old_key_id: &str) -> Result<(), FederationError> {
+        self.clients.forget_all();
+        let now = self.now();
+        for open_state in [
+            ConnectionState::Pending,
+            ConnectionState::Active,
+            ConnectionState::Suspended,
+        ] {
+            let connections = self
+                .store
+                .list_connections(&ConnectionFilter {
+                    state: Some(open_state),
+                    limit: i64::MAX,
+                    ..ConnectionFilter::default()
+                })
+                .await?;
+            for connection in connections {
+                let pending = self.store.notices_of(&connection.id).await?;
+                if pending
+                    .iter()
+                    .any(|notice| notice.kind == NoticeKind::KeyRotated)
+                {
+                    continue;
+                }
+                self.store
+                    .insert_notice(&NoticeRecord {
+                        id: uuid::Uuid::new_v4().to_string(),
+                        connection_id: connection.id.clone(),
+                        kind: NoticeKind::KeyRotated,
+                        reason: String::new(),
+                        granted_capabilities: Vec::new(),
+                        signing_key_id: Some(old_key_id.to_owned()),
+                        attempts: 0,
+                        next_attempt_at_ms: now,
+                        last_error: String::new(),
+                        created_at_ms: now,
+                    })
+                    .await?;
+            }
+        }
+        self.wake_outbox.notify_one();
+        Ok(())
+    }
+}
