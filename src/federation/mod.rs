@@ -16,11 +16,13 @@
 //! - `inbound`: what a peer sends: connection requests, notices, pings.
 //! - [`peering`]: the rules both sides share (limits, checks, history events).
 //! - [`outbox`]: notice delivery with retries, liveness pings, pruning.
+//! - [`convert`]: the identity as `mosaic.federation.v1` shows it.
 //! - [`service`]: the gRPC handlers.
 //! - [`settings`]: `[federation]`, as written and resolved.
 
 pub mod audit;
 pub mod commands;
+pub mod convert;
 pub mod dial;
 pub mod envelope;
 mod error;

@@ -142,7 +142,7 @@ impl Federation {
         let message_id = header.message_id.clone();
         let payload = pb::ConnectionRequestPayload {
             header: Some(header),
-            sender: Some(super::service::instance_message(&identity)),
+            sender: Some(crate::federation::convert::instance_message(&identity)),
             requested_capabilities: requested.clone(),
             offered_capabilities: request.granted_capabilities.clone(),
         };

@@ -11,7 +11,7 @@ use super::envelope::{self, TrustedKey};
 use super::peering::{peer_error, peer_status};
 use super::state::{ConnectionState, NoticeKind};
 use crate::clock::timestamp_from_ms;
-use crate::identity::{Identity, PublicKey};
+use crate::identity::PublicKey;
 use crate::proto::federation as pb;
 use crate::store::{ConnectionFilter, ConnectionRecord, NoticeRecord};
 
@@ -277,7 +277,7 @@ impl Federation {
                 ));
             };
             payload.header = Some(envelope::new_header(&routing, signing_key_id.to_owned()));
-            payload.new_key = Some(current_key_info(&identity));
+            payload.new_key = Some(super::convert::current_key_message(&identity));
             payload.previous_key_valid_until = Some(timestamp_from_ms(previous.valid_until_ms));
             envelope::seal(&payload, signer)?
         } else {
@@ -405,17 +405,6 @@ impl Federation {
         )
         .map_err(|error| FederationError::BadReply(error.to_string()))?;
         Ok(())
-    }
-}
-
-fn current_key_info(identity: &Identity) -> pb::PublicKeyInfo {
-    let key = identity.public_key();
-    pb::PublicKeyInfo {
-        key_id: key.key_id(),
-        public_key: key.spki_der().to_vec(),
-        fingerprint: key.fingerprint(),
-        created_at: Some(timestamp_from_ms(identity.current_key_created_at_ms)),
-        valid_until: None,
     }
 }
 

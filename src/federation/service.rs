@@ -5,12 +5,13 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::convert::{current_key_message, instance_message, previous_key_message};
 use super::paging::{decode_cursor, encode_cursor};
 use super::state::{ConnectionState, OperatorAction};
 use super::{ConnectRequest, ConnectionView};
 use crate::auth::Caller;
 use crate::clock::{now_ms, timestamp_from_ms};
-use crate::identity::{Identity, PublicKey};
+use crate::identity::PublicKey;
 use crate::proto::federation as pb;
 use crate::server::Shared;
 use crate::store::{ConnectionEventRecord, ConnectionFilter};
@@ -32,44 +33,6 @@ impl FederationService {
     /// Handlers over the daemon's shared state.
     pub fn new(shared: Shared) -> Self {
         Self { shared }
-    }
-}
-
-/// The public view of the identity, as `GetInstance` returns it.
-pub fn instance_message(identity: &Identity) -> pb::Instance {
-    let now = now_ms();
-    let public_key = identity.public_key();
-    pb::Instance {
-        instance_id: identity.instance_id.clone(),
-        name: identity.profile.name.clone(),
-        url: identity.profile.public_url.clone(),
-        public_key: public_key.spki_der().to_vec(),
-        fingerprint: public_key.fingerprint(),
-        key_id: public_key.key_id(),
-        capabilities: identity.profile.capabilities.clone(),
-        metadata: identity.profile.metadata.clone().into_iter().collect(),
-        previous_keys: identity
-            .previous_keys(now)
-            .map(|previous| pb::PublicKeyInfo {
-                key_id: previous.public_key.key_id(),
-                public_key: previous.public_key.spki_der().to_vec(),
-                fingerprint: previous.public_key.fingerprint(),
-                created_at: Some(timestamp_from_ms(previous.created_at_ms)),
-                valid_until: Some(timestamp_from_ms(previous.valid_until_ms)),
-            })
-            .collect(),
-        created_at: Some(timestamp_from_ms(identity.created_at_ms)),
-    }
-}
-
-fn current_key_message(identity: &Identity) -> pb::PublicKeyInfo {
-    let public_key = identity.public_key();
-    pb::PublicKeyInfo {
-        key_id: public_key.key_id(),
-        public_key: public_key.spki_der().to_vec(),
-        fingerprint: public_key.fingerprint(),
-        created_at: Some(timestamp_from_ms(identity.current_key_created_at_ms)),
-        valid_until: None,
     }
 }
 
@@ -109,16 +72,7 @@ impl pb::federation_server::Federation for FederationService {
             tracing::error!(%error, "could not queue key-rotation notices for peers");
         }
         let now = now_ms();
-        let previous_key = identity
-            .previous_keys(now)
-            .next()
-            .map(|previous| pb::PublicKeyInfo {
-                key_id: previous.public_key.key_id(),
-                public_key: previous.public_key.spki_der().to_vec(),
-                fingerprint: previous.public_key.fingerprint(),
-                created_at: Some(timestamp_from_ms(previous.created_at_ms)),
-                valid_until: Some(timestamp_from_ms(previous.valid_until_ms)),
-            });
+        let previous_key = identity.previous_keys(now).next().map(previous_key_message);
         Ok(Response::new(pb::RotateKeysResponse {
             current_key: Some(current_key_message(&identity)),
             previous_key,

@@ -99,7 +99,7 @@ impl TestPeer {
         let identity = self.current();
         pb::ConnectionRequestPayload {
             header: Some(self.header(recipient, workspace, identity.public_key().key_id())),
-            sender: Some(mosaic_mesh::federation::service::instance_message(
+            sender: Some(mosaic_mesh::federation::convert::instance_message(
                 &identity,
             )),
             requested_capabilities: vec!["agent.status".to_owned()],
