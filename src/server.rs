@@ -41,9 +41,9 @@ pub struct Shared {
     /// The database.
     pub store: Store,
     /// The instance identity.
+    pub identity: Arc<IdentityManager>,
     /// Peering: connections, notices, pings and the peer clients.
     pub federation: Arc<crate::federation::Federation>,
-    pub identity: Arc<IdentityManager>,
     /// The resolved configuration.
     pub config: Arc<Config>,
     /// The local agent runtime.
