@@ -21,8 +21,8 @@ use rcgen::{
 };
 use tonic::Code;
 
-use crate::peering::{Admin, connect_and_accept};
 use crate::support::Backend;
+use crate::support::admin::{Admin, connect_and_accept};
 use crate::support::agents::with_agent_types;
 use crate::support::binary::mosaicd;
 use crate::support::daemon::{TestDaemon, TestEnvironment, spki_of_pem, with_key};

@@ -17,8 +17,8 @@ use mosaic_mesh::store::SeenMessage;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::peering::{Admin, connect_and_accept};
 use crate::support::Backend;
+use crate::support::admin::{Admin, connect_and_accept};
 use crate::support::agents::{Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 

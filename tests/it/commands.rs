@@ -581,7 +581,7 @@ async fn the_peer_kills_its_own_agent(backend: Backend) {
 /// A spawns on B, watches it run and kills it; C, also connected to B, can
 /// neither see nor kill A's agent; once B suspends A, A's commands fail.
 async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
-    use crate::peering::{Admin, connect_and_accept};
+    use crate::support::admin::{Admin, connect_and_accept};
     let environments = [
         TestEnvironment::new(backend).await,
         TestEnvironment::new(backend).await,
@@ -728,7 +728,7 @@ async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
 }
 
 async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend) {
-    use crate::peering::{Admin, connect_and_accept};
+    use crate::support::admin::{Admin, connect_and_accept};
     let environments = [
         TestEnvironment::new(backend).await,
         TestEnvironment::new(backend).await,

@@ -216,7 +216,7 @@ async fn signed_commands_are_counted_in_and_out_by_outcome() {
     use mosaic_mesh::proto::federation as pb;
     use pb::federation_client::FederationClient;
 
-    use crate::peering::{Admin, connect_and_accept};
+    use crate::support::admin::{Admin, connect_and_accept};
     let environments = [
         TestEnvironment::new(Backend::Sqlite).await,
         TestEnvironment::new(Backend::Sqlite).await,

@@ -11,8 +11,8 @@ use mosaic_mesh::auth::Scope;
 use mosaic_mesh::proto::agent as agent_pb;
 use serde_json::Value;
 
-use crate::peering::{Admin, connect_and_accept};
 use crate::support::Backend;
+use crate::support::admin::{Admin, connect_and_accept};
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
 

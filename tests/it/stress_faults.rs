@@ -21,8 +21,8 @@ use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::peering::Admin;
 use crate::support::Backend;
+use crate::support::admin::Admin;
 use crate::support::agents::{Agents, process_is_alive, wait_until_dead, with_agent_types};
 use crate::support::binary::{channel_to, mosaicd, spawn_serve_command};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};

@@ -1,6 +1,7 @@
 //! Shared test support: real daemons on 127.0.0.1:0 with temporary data dirs, on
 //! SQLite or PostgreSQL, reached over real TLS with the generated clients.
 
+pub mod admin;
 pub mod agents;
 pub mod binary;
 pub mod daemon;
