@@ -26,6 +26,10 @@
 //!   the copy is done (writes faster than the disk syncs), the store's turns
 //!   are taken at once, so the WAL stops growing while the copy finishes.
 //!
+//! A reader or writer in another process (an offline `mosaicd` command) can
+//! keep the TRUNCATE from finishing; the checkpointer then waits 5 s before
+//! holding the daemon's queries again, and says so in the log.
+//!
 //! The last quarter is the margin for what is written between two readings
 //! and while the queries queued ahead of the checkpointer finish: in the
 //! store test that writes as fast as it can (50 MB/s of WAL), about 1 MB.
@@ -52,9 +56,15 @@ const BUSY_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 const IDLE_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a TRUNCATE checkpoint waits for another process's reader or
-/// writer before giving up until the next reading. The store's own queries
-/// are held back by its turns and never make it wait.
-const OTHER_PROCESS_WAIT_MS: u32 = 1_000;
+/// writer before giving up. The store's own queries are held back by its
+/// turns and never make it wait.
+const OTHER_PROCESS_WAIT_MS: u32 = 250;
+
+/// After a TRUNCATE checkpoint that another process's reader or writer kept
+/// from finishing, how long before the next hold: SQLite cannot restart the
+/// WAL while that reader reads from it, and holding the daemon's queries for
+/// nothing every few milliseconds would stall it.
+const OTHER_PROCESS_BACKOFF: Duration = Duration::from_secs(5);
 
 /// What one checkpoint reported (SQLite's `wal_checkpoint` pragma row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, QueryableByName)]
@@ -151,6 +161,7 @@ impl Checkpointer {
     async fn run(mut self, turns: Weak<Semaphore>) {
         let mut last_passive = Instant::now();
         let mut last_reading = 0;
+        let mut no_hold_until = Instant::now();
         loop {
             let wal_bytes = self.wal_bytes();
             let pause = if wal_bytes == last_reading {
@@ -168,18 +179,27 @@ impl Checkpointer {
                 continue;
             }
             last_passive = Instant::now();
-            let mut held = self.passive_watching(&turns).await;
-            if held.is_none() && self.wal_bytes() > self.truncate_above_bytes {
+            let may_hold = Instant::now() >= no_hold_until;
+            let mut held = self.passive_watching(&turns, may_hold).await;
+            if held.is_none() && may_hold && self.wal_bytes() > self.truncate_above_bytes {
                 held = hold(&turns).await;
             }
-            if let Some(held) = held {
-                let started = Instant::now();
+            if let Some((permit, since)) = held {
                 let report = self.checkpoint("TRUNCATE").await;
-                drop(held);
-                self.stats.record_hold(started.elapsed());
+                drop(permit);
+                let held_for = since.elapsed();
+                self.stats.record_hold(held_for);
+                if report.is_some_and(|report| report.busy != 0) {
+                    no_hold_until = Instant::now() + OTHER_PROCESS_BACKOFF;
+                    tracing::warn!(
+                        wal_bytes,
+                        "another process is reading or writing the database; the SQLite WAL \
+                         cannot be emptied until it finishes (retrying in 5 s)"
+                    );
+                }
                 tracing::debug!(
                     wal_bytes,
-                    held_us = started.elapsed().as_micros(),
+                    held_us = held_for.as_micros(),
                     ?report,
                     "truncated the SQLite WAL"
                 );
@@ -196,15 +216,16 @@ impl Checkpointer {
     }
 
     /// Runs a PASSIVE checkpoint, reading the WAL's length while it runs.
-    /// Returns the store's turns if it had to take them because the WAL
-    /// passed three quarters of its bound meanwhile.
-    async fn passive_watching(&mut self, turns: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+    /// Returns the store's turns, and when they were taken, if it had to
+    /// take them (`may_hold`) because the WAL passed three quarters of its
+    /// bound meanwhile.
+    async fn passive_watching(&mut self, turns: &Arc<Semaphore>, may_hold: bool) -> Option<Held> {
         let mut passive = self.start("PASSIVE");
         let mut held = None;
         let outcome = loop {
             tokio::select! {
                 outcome = &mut passive => break outcome,
-                () = tokio::time::sleep(BUSY_CHECK_INTERVAL), if held.is_none() => {
+                () = tokio::time::sleep(BUSY_CHECK_INTERVAL), if may_hold && held.is_none() => {
                     if self.wal_bytes() > self.hold_above_bytes {
                         held = hold(turns).await;
                     }
@@ -265,13 +286,17 @@ impl Checkpointer {
 /// A checkpoint's connection and report, or why it failed.
 type Checkpointed = Result<(diesel::SqliteConnection, CheckpointReport), String>;
 
+/// All of the store's turns, and when they were taken.
+type Held = (OwnedSemaphorePermit, Instant);
+
 /// Takes all of the store's turns, in the fair queue behind the queries
 /// already waiting. `None` only if the store closed its queue.
-async fn hold(turns: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
-    Arc::clone(turns)
+async fn hold(turns: &Arc<Semaphore>) -> Option<Held> {
+    let permit = Arc::clone(turns)
         .acquire_many_owned(super::pools::SQLITE_POOL_SIZE)
         .await
-        .ok()
+        .ok()?;
+    Some((permit, Instant::now()))
 }
 
 /// Opens the checkpointer's connection.
@@ -371,5 +396,67 @@ mod tests {
             "the WAL reached {largest} bytes, over its bound of {bound} ({jobs} jobs written)"
         );
         eprintln!("{jobs} jobs written, the WAL reached {largest} of {bound} bytes; {stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reader_in_another_process_does_not_stall_the_store() {
+        use diesel::Connection as _;
+        use diesel::connection::SimpleConnection as _;
+
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let database = TestDatabase::sqlite(dir.path());
+        let bound: u64 = 4 * 1024 * 1024;
+        let settings = StorageSettings {
+            sqlite_wal_max_bytes: bound,
+            ..StorageSettings::default()
+        };
+        let store = Store::open(&database.url, &settings).await.expect("open");
+        store.run_migrations().await.expect("migrations");
+        let path = database
+            .url
+            .strip_prefix("sqlite://")
+            .expect("a file url")
+            .to_owned();
+        // Another process's reader: a read transaction left open keeps SQLite
+        // from restarting the WAL.
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let reader = std::thread::spawn(move || {
+            let mut connection = diesel::SqliteConnection::establish(&path).expect("reader");
+            connection
+                .batch_execute("BEGIN; SELECT count(*) FROM jobs;")
+                .expect("open a read transaction");
+            let _ = released.recv();
+            connection.batch_execute("COMMIT;").expect("end it");
+        });
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = tokio::spawn(write_jobs(
+            store.clone(),
+            0,
+            Arc::clone(&stop),
+            Arc::clone(&written),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let during = store.sqlite_wal().expect("statistics");
+        // The WAL passed its bound (it cannot be emptied), yet the store was
+        // held back at most once per back-off, not at every reading.
+        assert!(during.wal_bytes > bound, "{during:?}");
+        assert!(during.truncations <= 1, "{during:?}");
+        assert!(written.load(Ordering::Relaxed) > 100, "the writes stalled");
+
+        release.send(()).expect("release the reader");
+        reader.join().expect("reader thread");
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while store.sqlite_wal().expect("statistics").wal_bytes > bound {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not emptied after the reader left: {:?}",
+                store.sqlite_wal()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.await.expect("writer");
     }
 }
