@@ -53,9 +53,15 @@ impl From<ApiKeyError> for Status {
     }
 }
 
+impl From<CoordinatorError> for Status {
+    fn from(error: CoordinatorError) -> Self {
+        coordinator_status(error)
+    }
+}
+
 /// The status of a coordinator failure. Signature failures say what is wrong
 /// with the signature, never anything about the secret.
-pub fn coordinator_status(error: CoordinatorError) -> Status {
+fn coordinator_status(error: CoordinatorError) -> Status {
     match error {
         CoordinatorError::Invalid(message) => Status::invalid_argument(message),
         CoordinatorError::NotFound(_) => Status::not_found(error.to_string()),

@@ -7,7 +7,6 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::CoordinatorError;
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
 use super::dispatch::DispatchRequest;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
@@ -315,11 +314,5 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
             agent_id: dispatched.agent_id,
             created: dispatched.created,
         }))
-    }
-}
-
-impl From<CoordinatorError> for Status {
-    fn from(error: CoordinatorError) -> Self {
-        crate::error::coordinator_status(error)
     }
 }
