@@ -330,21 +330,26 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn the_wal_stays_under_its_bound_while_writers_and_readers_run() {
-        let dir = tempfile::tempdir().expect("create a temporary directory");
-        let database = TestDatabase::sqlite(dir.path());
-        let bound: u64 = 8 * 1024 * 1024;
+    /// A migrated SQLite store in `dir` whose WAL is bounded at `bound`
+    /// bytes, and its database file's path.
+    async fn bounded_store(dir: &std::path::Path, bound: u64) -> (Store, String) {
+        let database = TestDatabase::sqlite(dir);
         let settings = StorageSettings {
             sqlite_wal_max_bytes: bound,
             ..StorageSettings::default()
         };
         let store = Store::open(&database.url, &settings).await.expect("open");
         store.run_migrations().await.expect("migrations");
-        let wal = format!(
-            "{}-wal",
-            database.url.strip_prefix("sqlite://").expect("a file url")
-        );
+        let path = database.url.strip_prefix("sqlite://").expect("a file url");
+        (store, path.to_owned())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_wal_stays_under_its_bound_while_writers_and_readers_run() {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        let bound: u64 = 8 * 1024 * 1024;
+        let (store, path) = bounded_store(dir.path(), bound).await;
+        let wal = format!("{path}-wal");
 
         let stop = Arc::new(AtomicBool::new(false));
         let written = Arc::new(AtomicU64::new(0));
@@ -404,19 +409,8 @@ mod tests {
         use diesel::connection::SimpleConnection as _;
 
         let dir = tempfile::tempdir().expect("create a temporary directory");
-        let database = TestDatabase::sqlite(dir.path());
         let bound: u64 = 4 * 1024 * 1024;
-        let settings = StorageSettings {
-            sqlite_wal_max_bytes: bound,
-            ..StorageSettings::default()
-        };
-        let store = Store::open(&database.url, &settings).await.expect("open");
-        store.run_migrations().await.expect("migrations");
-        let path = database
-            .url
-            .strip_prefix("sqlite://")
-            .expect("a file url")
-            .to_owned();
+        let (store, path) = bounded_store(dir.path(), bound).await;
         // Another process's reader: a read transaction left open keeps SQLite
         // from restarting the WAL.
         let (release, released) = std::sync::mpsc::channel::<()>();
