@@ -128,17 +128,21 @@ mod tests {
         job
     }
 
-    async fn ended_jobs_past_their_retention_go_with_their_history_and_deliveries(store: Store) {
-        let delivered = ended_job("old-0", 1_000);
-        let outcome = store
+    /// Delivery `d-0` of source `github`, making `job`, received at `at_ms`.
+    async fn deliver_d0(store: &Store, job: &JobRecord, at_ms: i64) -> DeliveryOutcome {
+        store
             .record_webhook_delivery(
                 "github",
                 "d-0",
-                Some((&delivered, &creation_entry(&delivered, "webhook"))),
-                900,
+                Some((job, &creation_entry(job, "webhook"))),
+                at_ms,
             )
             .await
-            .expect("delivery");
+            .expect("delivery")
+    }
+
+    async fn ended_jobs_past_their_retention_go_with_their_history_and_deliveries(store: Store) {
+        let outcome = deliver_d0(&store, &ended_job("old-0", 1_000), 900).await;
         assert_eq!(outcome, DeliveryOutcome::Recorded);
         let mut jobs = vec![
             ended_job("old-1", 1_001),
@@ -184,16 +188,7 @@ mod tests {
             assert_eq!(job.id, kept);
         }
         // The pruned job's delivery went with it: a redelivery is new.
-        let again = ended_job("old-0-again", 9_500);
-        let outcome = store
-            .record_webhook_delivery(
-                "github",
-                "d-0",
-                Some((&again, &creation_entry(&again, "webhook"))),
-                9_500,
-            )
-            .await
-            .expect("redelivery");
+        let outcome = deliver_d0(&store, &ended_job("old-0-again", 9_500), 9_500).await;
         assert_eq!(outcome, DeliveryOutcome::Recorded);
     }
 
