@@ -160,7 +160,7 @@ pub async fn serve(
             &shared.config.coordinator,
         ),
         &shared.agents,
-        &crate::coordinator::remote::Peers::of(&shared),
+        &crate::coordinator::remote::RemoteDispatch::of(&shared),
     )
     .await
     .context("cannot follow the agents of running jobs")?;

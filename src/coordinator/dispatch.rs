@@ -9,7 +9,7 @@ use futures::StreamExt as _;
 
 use super::CoordinatorError;
 use super::jobs::{Jobs, NewJob};
-use super::remote::Peers;
+use super::remote::RemoteDispatch;
 use super::state::JobChange;
 use crate::agents::{AgentEvent, AgentRecord, AgentRuntime, AgentState, Origin, SpawnSpec};
 use crate::config::Config;
@@ -52,7 +52,7 @@ pub struct Dispatched {
 pub async fn dispatch(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,
-    peers: &Peers,
+    peers: &RemoteDispatch,
     config: &Config,
     request: DispatchRequest,
     actor: &str,
@@ -143,7 +143,7 @@ pub async fn dispatch(
 pub async fn cancel(
     jobs: &Jobs,
     agents: &AgentRuntime,
-    peers: &Peers,
+    peers: &RemoteDispatch,
     job_id: &str,
     reason: String,
     actor: &str,
@@ -174,7 +174,7 @@ pub async fn cancel(
 pub async fn resume_following(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,
-    peers: &Peers,
+    peers: &RemoteDispatch,
 ) -> Result<usize, CoordinatorError> {
     let remote = jobs.running_jobs_with_remote_agents().await?;
     let remote = super::remote::resume_following(jobs, peers, remote)

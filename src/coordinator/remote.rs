@@ -25,7 +25,7 @@ const MAX_POLL_BACKOFF: Duration = Duration::from_secs(60);
 /// and sends commands, the store holding the command log, and how often the
 /// remote agent is polled.
 #[derive(Clone)]
-pub struct Peers {
+pub struct RemoteDispatch {
     /// Signs and sends the commands.
     pub federation: Arc<Federation>,
     /// The database (the command log keeps the signed spawn for retries).
@@ -38,10 +38,10 @@ pub struct Peers {
     pub spawn_valid_for: Duration,
 }
 
-impl Peers {
+impl RemoteDispatch {
     /// The daemon's federation, store and configured poll interval.
-    pub fn of(shared: &crate::server::Shared) -> Peers {
-        Peers {
+    pub fn of(shared: &crate::server::Shared) -> RemoteDispatch {
+        RemoteDispatch {
             federation: Arc::clone(&shared.federation),
             store: shared.store.clone(),
             poll_interval: shared.config.coordinator.remote_agent_poll,
@@ -70,7 +70,7 @@ pub fn spawn_message_id(job_id: &str) -> String {
 /// idempotency key.
 pub async fn dispatch(
     jobs: &Jobs,
-    peers: &Peers,
+    peers: &RemoteDispatch,
     mut request: DispatchRequest,
     actor: &str,
 ) -> Result<Dispatched, CoordinatorError> {
@@ -122,7 +122,7 @@ pub async fn dispatch(
 /// returned as it is.
 async fn redispatch(
     jobs: &Jobs,
-    peers: &Peers,
+    peers: &RemoteDispatch,
     job: JobRecord,
 ) -> Result<Dispatched, CoordinatorError> {
     let unfinished = job.state == JobState::Pending && job.agent_id.is_empty();
@@ -177,7 +177,7 @@ fn sent_command(sent: &CommandLogRecord) -> Result<pb::command_payload::Command,
 /// job and starts following it.
 async fn start(
     jobs: &Jobs,
-    peers: &Peers,
+    peers: &RemoteDispatch,
     job: JobRecord,
     peer: &str,
     workspace: &str,
@@ -315,7 +315,7 @@ pub fn stop_remote_agent(
 /// for its agent (a retried DispatchJob attached it, or it was cancelled),
 /// and at shutdown (the next start resumes). Once the signed spawn can no
 /// longer reach the peer, the job is FAILED.
-async fn finish_spawn(jobs: Jobs, peers: Peers, job_id: String) {
+async fn finish_spawn(jobs: Jobs, peers: RemoteDispatch, job_id: String) {
     let mut shutdown = jobs.shutdown_signal();
     let mut delay = peers.poll_interval;
     let message_id = spawn_message_id(&job_id);
@@ -384,7 +384,7 @@ async fn finish_spawn(jobs: Jobs, peers: Peers, job_id: String) {
 /// After a restart: the jobs that a dispatch left PENDING after logging its
 /// signed spawn, recently enough for the spawn to still reach the peer, get
 /// it sent again (see [`finish_spawn`]).
-pub async fn resume_spawns(jobs: &Jobs, peers: &Peers) -> Result<usize, CoordinatorError> {
+pub async fn resume_spawns(jobs: &Jobs, peers: &RemoteDispatch) -> Result<usize, CoordinatorError> {
     let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
     let since = crate::clock::now_ms().saturating_sub(valid_ms);
     let mut count = 0;
@@ -403,7 +403,7 @@ pub async fn resume_spawns(jobs: &Jobs, peers: &Peers) -> Result<usize, Coordina
 }
 
 /// Polls the RUNNING jobs' remote agents again, after a restart.
-pub fn resume_following(jobs: &Jobs, peers: &Peers, running: Vec<JobRecord>) -> usize {
+pub fn resume_following(jobs: &Jobs, peers: &RemoteDispatch, running: Vec<JobRecord>) -> usize {
     let count = running.len();
     for job in running {
         tokio::spawn(follow(
@@ -427,7 +427,7 @@ pub fn resume_following(jobs: &Jobs, peers: &Peers, running: Vec<JobRecord>) -> 
 /// when the daemon shuts down (the next start resumes).
 async fn follow(
     jobs: Jobs,
-    peers: Peers,
+    peers: RemoteDispatch,
     job_id: String,
     peer: String,
     workspace: String,

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
 use super::dispatch::DispatchRequest;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
-use super::remote::Peers;
+use super::remote::RemoteDispatch;
 use super::state::{JobChange, Percent};
 use crate::auth::Caller;
 use crate::proto::coordinator as pb;
@@ -24,7 +24,7 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 pub struct CoordinatorService {
     shared: Shared,
     jobs: Jobs,
-    peers: Peers,
+    peers: RemoteDispatch,
 }
 
 impl CoordinatorService {
@@ -35,7 +35,7 @@ impl CoordinatorService {
             &shared.coordinator,
             &shared.config.coordinator,
         );
-        let peers = Peers::of(&shared);
+        let peers = RemoteDispatch::of(&shared);
         Self {
             shared,
             jobs,
