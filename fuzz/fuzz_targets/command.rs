@@ -13,7 +13,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mosaic_mesh::agents::command::{self, Substitutions};
 use mosaic_mesh::agents::model::OriginKind;
-use mosaic_mesh::agents::service::spawn_spec;
+use mosaic_mesh::agents::convert::spawn_spec;
 use mosaic_mesh::agents::{paging, AgentFilter, AgentRuntime, Origin};
 use mosaic_mesh::clock::timestamp_from_ms;
 use mosaic_mesh::config::{AgentType, AgentsConfig};
