@@ -53,6 +53,9 @@ pub struct Shared {
     pub rate_limiter: Arc<RateLimiter>,
     /// The job coordinator's in-process state (change feed, start time).
     pub coordinator: crate::coordinator::CoordinatorState,
+    /// The job operations over the store and that state, built once here for
+    /// the handlers and the restart's follow-up alike.
+    pub jobs: crate::coordinator::jobs::Jobs,
     /// Call metrics, and the metrics listener's address once bound.
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -95,6 +98,9 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         )
         .with_peer_cache(config.auth_cache),
     );
+    let coordinator = crate::coordinator::CoordinatorState::default();
+    let jobs =
+        crate::coordinator::jobs::Jobs::new(store.clone(), &coordinator, &config.coordinator);
     let shared = Shared {
         store,
         identity,
@@ -102,7 +108,8 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
         federation,
         agents: Arc::new(agents),
         rate_limiter: Arc::new(rate_limiter),
-        coordinator: crate::coordinator::CoordinatorState::default(),
+        coordinator,
+        jobs,
         metrics: Arc::new(crate::metrics::Metrics::default()),
     };
     write_certificate(&shared)?;
@@ -154,11 +161,7 @@ pub async fn serve(
         .context("cannot settle the agents of the previous run")?;
     // Jobs whose agents ended while the daemon was down end now.
     crate::coordinator::dispatch::resume_following(
-        &crate::coordinator::jobs::Jobs::new(
-            shared.store.clone(),
-            &shared.coordinator,
-            &shared.config.coordinator,
-        ),
+        &shared.jobs,
         &shared.agents,
         &crate::coordinator::remote::RemoteDispatch::of(&shared),
     )

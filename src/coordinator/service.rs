@@ -30,11 +30,7 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     /// Handlers over the daemon's shared state.
     pub fn new(shared: Shared) -> Self {
-        let jobs = Jobs::new(
-            shared.store.clone(),
-            &shared.coordinator,
-            &shared.config.coordinator,
-        );
+        let jobs = shared.jobs.clone();
         let peers = RemoteDispatch::of(&shared);
         Self {
             shared,
