@@ -48,14 +48,13 @@ impl Mesh {
     pub async fn start_with(options: MeshOptions) -> anyhow::Result<Mesh> {
         let mut databases = Vec::new();
         let (a_database, b_database) = if options.postgres {
-            for _ in 0..2 {
-                databases.push(TestDatabase::postgres().await?);
-            }
-            let urls: Vec<String> = databases
-                .iter()
-                .map(|database| database.url.clone())
-                .collect();
-            (urls.first().cloned(), urls.get(1).cloned())
+            let (a, b) = (
+                TestDatabase::postgres().await?,
+                TestDatabase::postgres().await?,
+            );
+            let urls = (Some(a.url.clone()), Some(b.url.clone()));
+            databases = vec![a, b];
+            urls
         } else {
             (None, None)
         };
