@@ -235,6 +235,46 @@ pub(crate) fn status_log_entry(
     }
 }
 
+/// The plan PostgreSQL keeps for `sql` once it stops planning each call
+/// afresh (its generic plan, which a pooled connection's prepared statement
+/// switches to after five calls and keeps for the connection's life), made on
+/// the tables of the database at `url` as they are now. `types` lists the
+/// parameters' SQL types in order, as `PREPARE` takes them.
+#[cfg(test)]
+pub(crate) async fn generic_plan(
+    url: &str,
+    sql: &str,
+    types: &[&str],
+) -> Result<String, StoreError> {
+    use diesel::sql_types::Text;
+    use diesel_async::SimpleAsyncConnection;
+
+    #[derive(diesel::QueryableByName)]
+    struct PlanLine {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        line: String,
+    }
+
+    let mut connection = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|error| StoreError::Unavailable(redact_password(&error.to_string(), url)))?;
+    connection
+        .batch_execute(&format!(
+            "SET plan_cache_mode = force_generic_plan; PREPARE probe ({}) AS {sql}",
+            types.join(", ")
+        ))
+        .await?;
+    let nulls = vec!["NULL"; types.len()].join(", ");
+    let lines: Vec<PlanLine> = diesel::sql_query(format!("EXPLAIN EXECUTE probe ({nulls})"))
+        .load(&mut connection)
+        .await?;
+    Ok(lines
+        .into_iter()
+        .map(|plan| plan.line)
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

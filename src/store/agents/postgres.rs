@@ -129,3 +129,32 @@ pub(super) async fn record_transition(
     let events = Cached(statement).execute(conn).await?;
     Ok(events == 1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::{TestDatabase, generic_plan};
+
+    /// The parameters of `RECORD_TRANSITION`, in order.
+    const TRANSITION_TYPES: [&str; 16] = [
+        "text", "text", "bigint", "integer", "integer", "text", "bigint", "boolean", "bigint",
+        "bigint", "bigint", "text", "text", "text", "text", "bigint",
+    ];
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_transition_finds_its_agent_by_id_even_on_tables_never_analyzed() {
+        // As for jobs (see `store::jobs::postgres`): a plan made on the empty
+        // tables is kept, and `agent_status_state` would make every
+        // transition read the index entries of every agent in its state.
+        let database = TestDatabase::postgres()
+            .await
+            .expect("create a test database");
+        database.migrated_store().await.expect("migrate");
+        let plan = generic_plan(&database.url, RECORD_TRANSITION, &TRANSITION_TYPES)
+            .await
+            .expect("plan");
+        assert!(plan.contains("agent_status_pkey"), "{plan}");
+        assert!(!plan.contains("agent_status_state"), "{plan}");
+        database.cleanup().await.expect("drop the test database");
+    }
+}
