@@ -34,6 +34,9 @@ use crate::store::Store;
 /// Accepted connections waiting for tonic; a full queue slows `accept`, which is
 /// the backpressure we want.
 const ACCEPT_QUEUE: usize = 128;
+/// How long a starting replica waits for another that is migrating the
+/// database or creating the identity.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
 
 /// What the services share: storage, identity and configuration.
 #[derive(Clone)]
@@ -72,6 +75,11 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     let store = Store::open(&config.database_url, &config.storage)
         .await
         .context("cannot open the database")?;
+    // Replicas started together migrate and create the identity one at a
+    // time; the others then find both done.
+    let startup = Store::lock_for_startup(&config.database_url, STARTUP_PATIENCE)
+        .await
+        .context("cannot take the database's start-up lock")?;
     store
         .run_migrations()
         .await
@@ -83,6 +91,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     )
     .await
     .context("cannot load the instance identity")?;
+    drop(startup);
     crate::tls::ca::enable_if_configured(&mut identity, config)?;
     let agents = AgentRuntime::new(store.clone(), config.agents.clone(), &config.data_dir)
         .context("cannot prepare the agent runtime's directory")?;
@@ -252,6 +261,20 @@ pub async fn serve(
         Arc::clone(&shared.agents),
         config.storage.clone(),
     ));
+    // A rotation made through another replica is taken up here too.
+    let _rotations = crate::replicas::identity::follow_rotations(
+        shared.store.clone(),
+        Arc::clone(&shared.identity),
+        {
+            let shared = shared.clone();
+            move || {
+                if let Err(error) = write_certificate(&shared) {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot write the new certificate file");
+                }
+            }
+        },
+    )
+    .map(AbortOnDrop);
     let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
         shared.store.clone(),
         health_reporter.clone(),

@@ -1,6 +1,7 @@
-//! The instance's self-signed X.509 certificate, made for the instance key at start
-//! (and after each rotation). Peers pin the key inside it, not a CA; ordinary
-//! clients (`grpcurl -cacert`, grpcio `root_certificates`) can pin the certificate.
+//! The instance's self-signed X.509 certificate, made once for each instance key
+//! and stored beside it, so every replica and every restart serves the same bytes.
+//! Peers pin the key inside it, not a CA; ordinary clients (`grpcurl -cacert`,
+//! grpcio `root_certificates`) can pin the certificate file.
 
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::PrivatePkcs8KeyDer;
@@ -8,7 +9,8 @@ use rustls_pki_types::PrivatePkcs8KeyDer;
 use super::keys::InstanceKey;
 
 /// How long a generated certificate is valid. Trust comes from the pinned key, so
-/// the dates are hygiene only; the certificate is re-made at every start.
+/// the dates are hygiene only; the certificate is made again when the key
+/// rotates or the instance's name or public URL changes.
 const CERTIFICATE_LIFETIME: time::Duration = time::Duration::days(3650);
 /// Back-dating that absorbs small clock differences between peers.
 const CLOCK_SKEW_ALLOWANCE: time::Duration = time::Duration::hours(1);
@@ -25,6 +27,49 @@ pub struct InstanceCertificate {
     pub der: Vec<u8>,
     /// The same certificate as PEM text.
     pub pem: String,
+}
+
+impl InstanceCertificate {
+    /// A certificate read back from its DER (as stored beside its key).
+    pub fn from_der(der: Vec<u8>) -> InstanceCertificate {
+        use base64::Engine as _;
+        let text = base64::engine::general_purpose::STANDARD.encode(&der);
+        let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+        for line in text.as_bytes().chunks(64) {
+            pem.push_str(&String::from_utf8_lossy(line));
+            pem.push('\n');
+        }
+        pem.push_str("-----END CERTIFICATE-----\n");
+        InstanceCertificate { der, pem }
+    }
+}
+
+/// Whether `stored` certifies the same key under the same subject and
+/// alternative names as `fresh`, so that it may still be served: two
+/// certificates `self_signed` made for one key and profile differ only in
+/// their dates, serial and signature. `false` when either does not parse.
+pub fn same_key_and_names(stored: &[u8], fresh: &[u8]) -> bool {
+    fn key_and_names(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let (_, certificate) = x509_parser::parse_x509_certificate(der).ok()?;
+        let tbs = &certificate.tbs_certificate;
+        let alternative_names = tbs
+            .extensions()
+            .iter()
+            .find(|extension| {
+                extension.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME
+            })
+            .map(|extension| extension.value.to_vec())
+            .unwrap_or_default();
+        Some((
+            tbs.subject_pki.raw.to_vec(),
+            tbs.subject.as_raw().to_vec(),
+            alternative_names,
+        ))
+    }
+    match (key_and_names(stored), key_and_names(fresh)) {
+        (Some(stored), Some(fresh)) => stored == fresh,
+        _ => false,
+    }
 }
 
 /// Makes a self-signed certificate for `key`, naming `common_name` and carrying
@@ -136,6 +181,36 @@ mod tests {
         assert!(names.contains("mesh.example.org"), "{names}");
         assert!(names.contains("localhost"), "{names}");
         assert!(names.contains("IPAddress(7f:00:00:01)"), "{names}");
+    }
+
+    #[test]
+    fn a_stored_certificate_fits_while_key_and_names_stay() {
+        let key = InstanceKey::generate().expect("generate");
+        let names = ["mesh.example.org".to_owned()];
+        let stored = self_signed(&key, "node-a", &names).expect("certificate");
+        let again = self_signed(&key, "node-a", &names).expect("certificate");
+        assert_ne!(stored.der, again.der, "dates, serial and signature differ");
+        assert!(same_key_and_names(&stored.der, &again.der));
+        let renamed = self_signed(&key, "node-b", &names).expect("certificate");
+        assert!(!same_key_and_names(&stored.der, &renamed.der));
+        let moved =
+            self_signed(&key, "node-a", &["other.example.org".to_owned()]).expect("certificate");
+        assert!(!same_key_and_names(&stored.der, &moved.der));
+        let other_key = InstanceKey::generate().expect("generate");
+        let rekeyed = self_signed(&other_key, "node-a", &names).expect("certificate");
+        assert!(!same_key_and_names(&stored.der, &rekeyed.der));
+        assert!(!same_key_and_names(b"not a certificate", &again.der));
+
+        let read_back = InstanceCertificate::from_der(stored.der.clone());
+        let parsed: Vec<u8> =
+            rustls_pki_types::pem::PemObject::from_pem_slice(read_back.pem.as_bytes())
+                .map(|der: rustls_pki_types::CertificateDer<'_>| der.as_ref().to_vec())
+                .expect("pem");
+        assert_eq!(parsed, stored.der);
+        assert_eq!(
+            read_back.pem.replace('\n', ""),
+            stored.pem.replace(['\n', '\r'], "")
+        );
     }
 
     #[test]

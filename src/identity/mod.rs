@@ -118,28 +118,15 @@ impl std::fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// The identity of `instance` with its opened `keys`, serving
+    /// `certificate` (made for the current key).
     fn new(
         instance: &InstanceRecord,
-        current_key: InstanceKey,
-        current_key_created_at_ms: i64,
-        previous_keys: Vec<PreviousKey>,
-        previous_signing_keys: Vec<InstanceKey>,
+        keys: OpenedKeys,
+        certificate: InstanceCertificate,
     ) -> Result<Self, IdentityError> {
-        let profile = InstanceProfile {
-            name: instance.name.clone(),
-            public_url: instance.public_url.clone(),
-            capabilities: instance.capabilities.clone(),
-            metadata: instance.metadata.clone(),
-        };
-        let certificate = certificate::self_signed(
-            &current_key,
-            &profile.name,
-            &host_of_url(&profile.public_url)
-                .into_iter()
-                .collect::<Vec<_>>(),
-        )?;
         let signing_key = rustls::crypto::ring::sign::any_ecdsa_type(&PrivateKeyDer::Pkcs8(
-            PrivatePkcs8KeyDer::from(current_key.pkcs8_der().to_vec()),
+            PrivatePkcs8KeyDer::from(keys.current.pkcs8_der().to_vec()),
         ))
         .map_err(|_| IdentityError::Tls)?;
         let certified_key = Arc::new(CertifiedKey::new(
@@ -148,15 +135,28 @@ impl Identity {
         ));
         Ok(Self {
             instance_id: instance.instance_id.clone(),
-            profile,
+            profile: profile_of(instance),
             created_at_ms: instance.created_at_ms,
-            current_key_created_at_ms,
-            current_key,
-            previous_keys,
-            previous_signing_keys,
+            current_key_created_at_ms: keys.current_created_at_ms,
+            current_key: keys.current,
+            previous_keys: keys.previous,
+            previous_signing_keys: keys.previous_signing,
             certificate,
             certified_key,
         })
+    }
+
+    /// This identity's instance row, as of `updated_at_ms`.
+    fn record(&self, updated_at_ms: i64) -> InstanceRecord {
+        InstanceRecord {
+            instance_id: self.instance_id.clone(),
+            name: self.profile.name.clone(),
+            public_url: self.profile.public_url.clone(),
+            capabilities: self.profile.capabilities.clone(),
+            metadata: self.profile.metadata.clone(),
+            created_at_ms: self.created_at_ms,
+            updated_at_ms,
+        }
     }
 
     /// The current public key.
@@ -219,6 +219,43 @@ fn host_of_url(url: &str) -> Option<String> {
     uri.host().map(str::to_owned)
 }
 
+/// The profile part of a stored instance.
+fn profile_of(instance: &InstanceRecord) -> InstanceProfile {
+    InstanceProfile {
+        name: instance.name.clone(),
+        public_url: instance.public_url.clone(),
+        capabilities: instance.capabilities.clone(),
+        metadata: instance.metadata.clone(),
+    }
+}
+
+/// A new self-signed certificate for `key`, naming the instance and the host
+/// of its public URL.
+fn make_certificate(
+    key: &InstanceKey,
+    profile: &InstanceProfile,
+) -> Result<InstanceCertificate, IdentityError> {
+    let host: Vec<String> = host_of_url(&profile.public_url).into_iter().collect();
+    Ok(certificate::self_signed(key, &profile.name, &host)?)
+}
+
+/// The certificate to serve for `key` under `profile`: the `stored` one
+/// while it still names that key and profile (so every replica and restart
+/// serves the same bytes), else a new one, with `true`: it must be stored.
+fn certificate_for(
+    key: &InstanceKey,
+    profile: &InstanceProfile,
+    stored: Option<&[u8]>,
+) -> Result<(InstanceCertificate, bool), IdentityError> {
+    let fresh = make_certificate(key, profile)?;
+    match stored {
+        Some(der) if certificate::same_key_and_names(der, &fresh.der) => {
+            Ok((InstanceCertificate::from_der(der.to_vec()), false))
+        }
+        _ => Ok((fresh, true)),
+    }
+}
+
 /// Owns the identity for a running daemon: loads or creates it, and rotates it.
 pub struct IdentityManager {
     store: Store,
@@ -251,6 +288,7 @@ impl IdentityManager {
         let Some((mut instance, key_records)) = store.load_instance().await? else {
             let master_key = master_key_source.load_or_create()?;
             let key = InstanceKey::generate()?;
+            let certificate = make_certificate(&key, profile)?;
             let instance = InstanceRecord {
                 instance_id: uuid::Uuid::new_v4().to_string(),
                 name: profile.name.clone(),
@@ -260,14 +298,20 @@ impl IdentityManager {
                 created_at_ms: now,
                 updated_at_ms: now,
             };
-            let record = seal_key(&master_key, &key, now)?;
+            let record = seal_key(&master_key, &key, now, &certificate)?;
             store.create_instance(&instance, &record).await?;
             tracing::info!(
                 instance.id = %instance.instance_id,
                 key.id = %key.public_key().key_id(),
                 "created a new instance identity"
             );
-            let identity = Identity::new(&instance, key, now, Vec::new(), Vec::new())?;
+            let keys = OpenedKeys {
+                current: key,
+                current_created_at_ms: now,
+                previous: Vec::new(),
+                previous_signing: Vec::new(),
+            };
+            let identity = Identity::new(&instance, keys, certificate)?;
             return Ok(Self {
                 store,
                 master_key,
@@ -280,16 +324,9 @@ impl IdentityManager {
             .load()?
             .ok_or_else(|| master_key_source.missing_error())?;
         // Opened before the profile is updated: a wrong master key writes nothing.
-        let (current_key, current_record_created_at_ms, previous_keys, previous_signing_keys) =
-            open_keys(&master_key, &key_records, now)?;
+        let (keys, stored_certificate) = open_keys(&master_key, &key_records, now)?;
 
-        let stored_profile = InstanceProfile {
-            name: instance.name.clone(),
-            public_url: instance.public_url.clone(),
-            capabilities: instance.capabilities.clone(),
-            metadata: instance.metadata.clone(),
-        };
-        if stored_profile != *profile {
+        if profile_of(&instance) != *profile {
             store
                 .update_instance_profile(
                     &profile.name,
@@ -304,13 +341,16 @@ impl IdentityManager {
             instance.capabilities.clone_from(&profile.capabilities);
             instance.metadata.clone_from(&profile.metadata);
         }
-        let identity = Identity::new(
-            &instance,
-            current_key,
-            current_record_created_at_ms,
-            previous_keys,
-            previous_signing_keys,
-        )?;
+        // Made once per key (or when the name or public URL changes) and
+        // stored, so that every replica and restart serves the same bytes.
+        let (certificate, is_new) =
+            certificate_for(&keys.current, profile, stored_certificate.as_deref())?;
+        if is_new {
+            store
+                .set_key_certificate(&keys.current.public_key().key_id(), &certificate.der)
+                .await?;
+        }
+        let identity = Identity::new(&instance, keys, certificate)?;
         Ok(Self {
             store,
             master_key,
@@ -332,15 +372,14 @@ impl IdentityManager {
         let master_key = master_key_source
             .load()?
             .ok_or_else(|| master_key_source.missing_error())?;
-        let (current_key, current_created_at_ms, previous_keys, previous_signing_keys) =
-            open_keys(&master_key, &key_records, now)?;
-        let identity = Identity::new(
-            &instance,
-            current_key,
-            current_created_at_ms,
-            previous_keys,
-            previous_signing_keys,
+        let (keys, stored_certificate) = open_keys(&master_key, &key_records, now)?;
+        // Offline: a certificate that no longer fits is made, not stored.
+        let (certificate, _) = certificate_for(
+            &keys.current,
+            &profile_of(&instance),
+            stored_certificate.as_deref(),
         )?;
+        let identity = Identity::new(&instance, keys, certificate)?;
         Ok(Some(Self {
             store,
             master_key,
@@ -412,7 +451,8 @@ impl IdentityManager {
         let now = now_ms();
         let old = self.current();
         let new_key = InstanceKey::generate()?;
-        let record = seal_key(&self.master_key, &new_key, now)?;
+        let certificate = make_certificate(&new_key, &old.profile)?;
+        let record = seal_key(&self.master_key, &new_key, now, &certificate)?;
         let grace_ms = i64::try_from(grace_period.as_millis()).unwrap_or(i64::MAX);
         let valid_until_ms = now.saturating_add(grace_ms);
         self.store
@@ -428,15 +468,7 @@ impl IdentityManager {
                 valid_until_ms,
             },
         );
-        let instance = InstanceRecord {
-            instance_id: old.instance_id.clone(),
-            name: old.profile.name.clone(),
-            public_url: old.profile.public_url.clone(),
-            capabilities: old.profile.capabilities.clone(),
-            metadata: old.profile.metadata.clone(),
-            created_at_ms: old.created_at_ms,
-            updated_at_ms: now,
-        };
+        let instance = old.record(now);
         let mut previous_signing_keys: Vec<InstanceKey> = Vec::new();
         for key in std::iter::once(&old.current_key).chain(&old.previous_signing_keys) {
             let still_valid = previous_keys
@@ -448,13 +480,13 @@ impl IdentityManager {
                 ))?);
             }
         }
-        let identity = Arc::new(Identity::new(
-            &instance,
-            new_key,
-            now,
-            previous_keys,
-            previous_signing_keys,
-        )?);
+        let keys = OpenedKeys {
+            current: new_key,
+            current_created_at_ms: now,
+            previous: previous_keys,
+            previous_signing: previous_signing_keys,
+        };
+        let identity = Arc::new(Identity::new(&instance, keys, certificate)?);
         *self
             .current
             .write()
@@ -466,6 +498,49 @@ impl IdentityManager {
             "rotated the instance key"
         );
         Ok(identity)
+    }
+}
+
+impl IdentityManager {
+    /// Takes up a key change made through another replica of this instance
+    /// (a rotation): when the database's current key, or the certificate
+    /// stored for it, is not the one in use, the stored keys are opened and
+    /// become the current identity, the previous ones still verifying for
+    /// their grace period. Returns whether anything changed. Nothing changes
+    /// in CA mode, where keys do not rotate.
+    pub async fn refresh(&self) -> Result<bool, IdentityError> {
+        if self.ca.is_some() {
+            return Ok(false);
+        }
+        let Some((_, key_records)) = self.store.load_instance().await? else {
+            return Ok(false);
+        };
+        let old = self.current();
+        let now = now_ms();
+        let (current_record, _) = split_key_records(&key_records, now)?;
+        let same_certificate = current_record
+            .certificate_der
+            .as_ref()
+            .is_none_or(|der| *der == old.certificate.der);
+        if current_record.key_id == old.public_key().key_id() && same_certificate {
+            return Ok(false);
+        }
+        let (keys, stored_certificate) = open_keys(&self.master_key, &key_records, now)?;
+        let (certificate, _) =
+            certificate_for(&keys.current, &old.profile, stored_certificate.as_deref())?;
+        // This replica's own profile (its configuration), as at start.
+        let instance = old.record(now);
+        let identity = Arc::new(Identity::new(&instance, keys, certificate)?);
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::clone(&identity);
+        tracing::info!(
+            key.id = %identity.public_key().key_id(),
+            previous_key.id = %old.public_key().key_id(),
+            "took up the instance key now current in the database"
+        );
+        Ok(true)
     }
 }
 
@@ -481,28 +556,41 @@ pub async fn load_public(
     Ok(Some((instance, public_key, previous_keys)))
 }
 
-/// The current key (and when it was made), the previous keys still in their
-/// grace period and their private halves, opened with `master_key`.
+/// The instance's keys, opened with the master key.
+struct OpenedKeys {
+    /// The current key.
+    current: InstanceKey,
+    /// When the current key was made.
+    current_created_at_ms: i64,
+    /// The previous keys still in their grace period.
+    previous: Vec<PreviousKey>,
+    /// Their private halves.
+    previous_signing: Vec<InstanceKey>,
+}
+
+/// The keys in `key_records` opened with `master_key`, and the certificate
+/// stored beside the current key, if any.
 fn open_keys(
     master_key: &MasterKey,
     key_records: &[InstanceKeyRecord],
     now: i64,
-) -> Result<(InstanceKey, i64, Vec<PreviousKey>, Vec<InstanceKey>), IdentityError> {
-    let (current_record, previous_keys) = split_key_records(key_records, now)?;
-    let current_key = open_key(master_key, current_record)?;
-    let previous_signing_keys = key_records
+) -> Result<(OpenedKeys, Option<Vec<u8>>), IdentityError> {
+    let (current_record, previous) = split_key_records(key_records, now)?;
+    let current = open_key(master_key, current_record)?;
+    let previous_signing = key_records
         .iter()
         .filter(|record| {
             !record.is_current && record.valid_until_ms.is_some_and(|until| until > now)
         })
         .map(|record| open_key(master_key, record))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((
-        current_key,
-        current_record.created_at_ms,
-        previous_keys,
-        previous_signing_keys,
-    ))
+    let keys = OpenedKeys {
+        current,
+        current_created_at_ms: current_record.created_at_ms,
+        previous,
+        previous_signing,
+    };
+    Ok((keys, current_record.certificate_der.clone()))
 }
 
 fn split_key_records(
@@ -532,10 +620,13 @@ fn sealing_context(key_id: &str) -> Vec<u8> {
     [SEALING_CONTEXT, key_id.as_bytes()].concat()
 }
 
+/// `key` sealed under `master_key`, as a new current key with its
+/// `certificate`.
 fn seal_key(
     master_key: &MasterKey,
     key: &InstanceKey,
     now: i64,
+    certificate: &InstanceCertificate,
 ) -> Result<InstanceKeyRecord, IdentityError> {
     let key_id = key.public_key().key_id();
     let sealed_private_key = master_key.seal(key.pkcs8_der(), &sealing_context(&key_id))?;
@@ -546,6 +637,7 @@ fn seal_key(
         created_at_ms: now,
         valid_until_ms: None,
         is_current: true,
+        certificate_der: Some(certificate.der.clone()),
     })
 }
 

@@ -1,6 +1,8 @@
 //! Replicas of one instance: several `mosaicd` processes on one PostgreSQL
 //! behind a TCP balancer.
 //!
+//! - [`identity`]: a key rotation made through one replica taken up by the
+//!   others, with no restart.
 //! - [`runner`]: the runner id that names one daemon (its data dir) as the
 //!   supervisor of the agents it starts.
 //! - [`lease`]: a pure, fenced, time-bounded claim with an injected clock:
@@ -11,5 +13,6 @@
 //! (leases), and routing a call to the owner. `federation/` never reads the
 //! replica registry: a peer sees one instance, whichever replica answers.
 
+pub mod identity;
 pub mod lease;
 pub mod runner;

@@ -38,6 +38,9 @@ pub struct InstanceKeyRecord {
     /// the current key.
     pub valid_until_ms: Option<i64>,
     pub is_current: bool,
+    /// The self-signed certificate made for this key (DER), served by every
+    /// replica; `None` for a key stored before certificates were kept.
+    pub certificate_der: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for InstanceKeyRecord {
@@ -50,6 +53,10 @@ impl fmt::Debug for InstanceKeyRecord {
             .field("created_at_ms", &self.created_at_ms)
             .field("valid_until_ms", &self.valid_until_ms)
             .field("is_current", &self.is_current)
+            .field(
+                "certificate_der",
+                &self.certificate_der.as_ref().map(Vec::len),
+            )
             .finish()
     }
 }
@@ -157,7 +164,24 @@ impl Store {
     ///
     /// `StoreError::NotFound` if there is no current key (no instance yet, or
     /// a concurrent rotation got there first); nothing is changed then.
+    ///
+    /// The other replicas are then told to take the new key up (on
+    /// PostgreSQL; they also check on a timer, so a notification that fails
+    /// is logged, not returned: the rotation has happened).
     pub async fn rotate_instance_key(
+        &self,
+        new_key: &InstanceKeyRecord,
+        previous_valid_until_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.write_rotation(new_key, previous_valid_until_ms)
+            .await?;
+        if let Err(error) = self.notify(super::Topic::Identity).await {
+            tracing::warn!(%error, "could not tell the other replicas of the rotation; they will see it at their next check");
+        }
+        Ok(())
+    }
+
+    async fn write_rotation(
         &self,
         new_key: &InstanceKeyRecord,
         previous_valid_until_ms: i64,
@@ -188,6 +212,25 @@ impl Store {
             })
             .await
         })
+    }
+
+    /// Stores `certificate_der` as the certificate of key `key_id`.
+    /// `StoreError::NotFound` if there is no such key.
+    pub async fn set_key_certificate(
+        &self,
+        key_id: &str,
+        certificate_der: &[u8],
+    ) -> Result<(), StoreError> {
+        let updated_rows = with_connection!(self, |conn| {
+            diesel::update(instance_keys::table.filter(instance_keys::key_id.eq(key_id)))
+                .set(instance_keys::certificate_der.eq(Some(certificate_der)))
+                .execute(conn)
+                .await?
+        });
+        if updated_rows == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     /// Deletes retired keys whose `valid_until_ms` is before `now_ms` and
@@ -272,6 +315,7 @@ struct InstanceKeyRow {
     created_at_ms: i64,
     valid_until_ms: Option<i64>,
     is_current: bool,
+    certificate_der: Option<Vec<u8>>,
 }
 
 impl From<InstanceKeyRow> for InstanceKeyRecord {
@@ -283,6 +327,7 @@ impl From<InstanceKeyRow> for InstanceKeyRecord {
             created_at_ms: row.created_at_ms,
             valid_until_ms: row.valid_until_ms,
             is_current: row.is_current,
+            certificate_der: row.certificate_der,
         }
     }
 }
@@ -299,6 +344,7 @@ struct NewInstanceKeyRow<'a> {
     valid_until_ms: Option<i64>,
     is_current: bool,
     retired_at_ms: Option<i64>,
+    certificate_der: Option<&'a [u8]>,
 }
 
 impl<'a> NewInstanceKeyRow<'a> {
@@ -312,6 +358,7 @@ impl<'a> NewInstanceKeyRow<'a> {
             valid_until_ms: None,
             is_current: true,
             retired_at_ms: None,
+            certificate_der: key.certificate_der.as_deref(),
         }
     }
 }
@@ -341,6 +388,7 @@ mod tests {
             created_at_ms,
             valid_until_ms: None,
             is_current: true,
+            certificate_der: Some(format!("certificate {key_id}").into_bytes()),
         }
     }
 
@@ -517,7 +565,46 @@ mod tests {
         failed_rotation_changes_nothing,
         changing_a_missing_instance_is_not_found,
         pruning_removes_only_expired_retired_keys,
+        a_key_keeps_the_certificate_stored_for_it,
     );
+
+    async fn a_key_keeps_the_certificate_stored_for_it(store: Store) {
+        let first = InstanceKeyRecord {
+            certificate_der: None,
+            ..key_record("key-1", 1_000)
+        };
+        store
+            .create_instance(&instance_record("instance-1", "node-a"), &first)
+            .await
+            .expect("create");
+        store
+            .set_key_certificate("key-1", b"made at the first start")
+            .await
+            .expect("store the certificate");
+        let second = key_record("key-2", 2_000);
+        store
+            .rotate_instance_key(&second, 10_000)
+            .await
+            .expect("rotate");
+        let (_, keys) = store
+            .load_instance()
+            .await
+            .expect("load")
+            .expect("instance");
+        let certificates: Vec<(&str, Option<&[u8]>)> = keys
+            .iter()
+            .map(|key| (key.key_id.as_str(), key.certificate_der.as_deref()))
+            .collect();
+        assert_eq!(
+            certificates,
+            vec![
+                ("key-2", Some(b"certificate key-2".as_slice())),
+                ("key-1", Some(b"made at the first start".as_slice())),
+            ]
+        );
+        let missing = store.set_key_certificate("key-9", b"x").await;
+        assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+    }
 
     #[test]
     fn debug_output_hides_the_sealed_private_key() {

@@ -107,11 +107,13 @@ mod group_commit;
 mod identity;
 mod jobs;
 mod metrics;
+mod notify;
 mod pools;
 mod prepared;
 mod retention;
 mod schema;
 mod settings;
+mod startup;
 pub mod testing;
 
 use std::fmt;
@@ -136,7 +138,9 @@ pub use jobs::{
     DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, JobWriteOp,
     JobWritten,
 };
+pub use notify::{Listener, Topic};
 pub use settings::{StorageFileConfig, StorageSettings};
+pub use startup::StartupLock;
 
 use database_url::DatabaseTarget;
 use pools::{PostgresConnection, SqliteConnection};
@@ -164,6 +168,10 @@ pub struct Store {
     turns: Arc<tokio::sync::Semaphore>,
     /// What the SQLite checkpointer has done; `None` on PostgreSQL.
     wal: Option<Arc<checkpoint::WalStats>>,
+    /// The PostgreSQL URL, for connections outside the pool (listening for
+    /// notifications); `None` on SQLite. Never printed: it may hold a
+    /// password.
+    postgres_url: Option<Arc<str>>,
 }
 
 /// One pool per backend; `with_connection!` matches on it.
@@ -190,16 +198,18 @@ impl Store {
     /// background task keeps the WAL under `sqlite_wal_max_bytes` for as long
     /// as any clone of the store lives (see `checkpoint.rs`).
     pub async fn open(database_url: &str, settings: &StorageSettings) -> Result<Store, StoreError> {
-        let (pools, size, sqlite_path) = match DatabaseTarget::parse(database_url)? {
+        let (pools, size, sqlite_path, postgres_url) = match DatabaseTarget::parse(database_url)? {
             DatabaseTarget::Sqlite { path } => (
                 Pools::Sqlite(pools::sqlite_pool(&path).await?),
                 pools::SQLITE_POOL_SIZE,
                 Some(path),
+                None,
             ),
             DatabaseTarget::Postgres { url } => (
                 Pools::Postgres(pools::postgres_pool(&url).await?),
                 pools::POSTGRES_POOL_SIZE,
                 None,
+                Some(Arc::from(url.as_str())),
             ),
         };
         let wal = sqlite_path
@@ -209,6 +219,7 @@ impl Store {
             pools,
             turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
             wal: wal.clone(),
+            postgres_url,
         };
         if let (Some(path), Some(stats)) = (sqlite_path, wal) {
             // Ends once the last clone of the store is dropped.

@@ -123,7 +123,7 @@ fn open_sqlite(path: &str) -> SetupFuture<'_, SqliteConnection> {
 
 /// Opens a PostgreSQL connection, keeping the URL's password out of any
 /// error.
-fn open_postgres(url: &str) -> SetupFuture<'_, PostgresConnection> {
+pub(super) fn open_postgres(url: &str) -> SetupFuture<'_, PostgresConnection> {
     Box::pin(async move {
         within_connect_timeout(PostgresConnection::establish(url))
             .await

@@ -33,6 +33,8 @@ diesel::table! {
         valid_until_ms -> Nullable<BigInt>,
         is_current -> Bool,
         retired_at_ms -> Nullable<BigInt>,
+        /// The key's self-signed certificate (DER); NULL until first made.
+        certificate_der -> Nullable<Binary>,
     }
 }
 

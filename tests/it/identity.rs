@@ -6,17 +6,7 @@ use mosaic_mesh::proto::federation as pb;
 use mosaic_mesh::tls::ServerPin;
 
 use crate::support::Backend;
-use crate::support::daemon::{TestEnvironment, with_key, with_master_key};
-
-async fn instance_of(channel: tonic::transport::Channel) -> pb::Instance {
-    pb::federation_client::FederationClient::new(channel)
-        .get_instance(pb::GetInstanceRequest {})
-        .await
-        .expect("GetInstance")
-        .into_inner()
-        .instance
-        .expect("instance")
-}
+use crate::support::daemon::{TestEnvironment, instance_of, with_key, with_master_key};
 
 async fn restart_keeps_the_identity(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;

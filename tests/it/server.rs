@@ -11,23 +11,13 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::support::daemon::{TestEnvironment, spki_of_pem, with_key};
+use crate::support::daemon::{TestEnvironment, instance_of, spki_of_pem, with_key};
 use crate::support::{Backend, python};
-
-async fn get_instance(channel: tonic::transport::Channel) -> pb::Instance {
-    pb::federation_client::FederationClient::new(channel)
-        .get_instance(pb::GetInstanceRequest {})
-        .await
-        .expect("GetInstance")
-        .into_inner()
-        .instance
-        .expect("instance")
-}
 
 async fn tls_certificate_key_is_the_identity_key(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
     let daemon = environment.start().await;
-    let instance = get_instance(daemon.channel().await).await;
+    let instance = instance_of(daemon.channel().await).await;
 
     // The certificate the daemon serves carries exactly the published key...
     assert_eq!(spki_of_pem(&daemon.certificate_pem()), instance.public_key);
@@ -47,7 +37,7 @@ async fn tls_certificate_key_is_the_identity_key(backend: Backend) {
         .channel_pinned(ServerPin::PublicKey(published))
         .await
         .expect("pinned to the published key");
-    assert_eq!(get_instance(pinned).await.instance_id, instance.instance_id);
+    assert_eq!(instance_of(pinned).await.instance_id, instance.instance_id);
     let stranger = InstanceKey::generate().expect("key").public_key().clone();
     let refused = match daemon.channel_pinned(ServerPin::PublicKey(stranger)).await {
         Err(_) => true,
@@ -173,7 +163,7 @@ async fn python_grpcio_client_pinned_to_the_certificate_gets_identity_and_health
     let python = python::python_with_grpcio();
     let environment = TestEnvironment::new(Backend::Sqlite).await;
     let daemon = environment.start().await;
-    let instance = get_instance(daemon.channel().await).await;
+    let instance = instance_of(daemon.channel().await).await;
 
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/check_identity.py");
@@ -226,7 +216,7 @@ async fn oversized_requests_are_refused_before_any_handler_runs() {
         .expect_err("oversized");
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
     // The daemon is still there for the next caller.
-    get_instance(daemon.channel().await).await;
+    instance_of(daemon.channel().await).await;
     daemon.stop().await;
 }
 
@@ -235,7 +225,7 @@ async fn reflection_only_python_client_discovers_and_calls_the_daemon() {
     let python = python::python_with_grpcio();
     let environment = TestEnvironment::new(Backend::Sqlite).await;
     let daemon = environment.start().await;
-    let instance = get_instance(daemon.channel().await).await;
+    let instance = instance_of(daemon.channel().await).await;
 
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("examples/python/reflection_client.py");

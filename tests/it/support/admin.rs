@@ -213,8 +213,20 @@ pub(crate) async fn connect_and_accept(
     workspace: &str,
     grants: &[&str],
 ) -> (String, String) {
+    connect_and_accept_at(admin_a, admin_b, &b.url(), workspace, grants).await
+}
+
+/// `connect_and_accept` with B reached at `b_url` (replicas behind a
+/// balancer).
+pub(crate) async fn connect_and_accept_at(
+    admin_a: &Admin,
+    admin_b: &Admin,
+    b_url: &str,
+    workspace: &str,
+    grants: &[&str],
+) -> (String, String) {
     let outbound = admin_a
-        .connect(&b.url(), workspace, "", &[])
+        .connect(b_url, workspace, "", &[])
         .await
         .expect("connect");
     let inbound = admin_b.open_in(workspace).await;

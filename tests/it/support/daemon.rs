@@ -238,6 +238,20 @@ impl Drop for TestDaemon {
     }
 }
 
+/// The instance a daemon describes in `GetInstance` over `channel`.
+pub async fn instance_of(
+    channel: tonic::transport::Channel,
+) -> mosaic_mesh::proto::federation::Instance {
+    use mosaic_mesh::proto::federation as pb;
+    pb::federation_client::FederationClient::new(channel)
+        .get_instance(pb::GetInstanceRequest {})
+        .await
+        .expect("GetInstance")
+        .into_inner()
+        .instance
+        .expect("instance")
+}
+
 /// Binds 127.0.0.1:`port`, waiting up to 10 s for a port that a stopped daemon
 /// just released.
 pub async fn bind_loopback(port: u16) -> tokio::net::TcpListener {

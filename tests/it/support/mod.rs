@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agents;
+pub mod balancer;
 pub mod binary;
 pub mod daemon;
 pub mod fake_peer;
@@ -11,5 +12,7 @@ pub mod node;
 pub mod peer;
 pub mod python;
 pub mod redis;
+pub mod replicas;
+pub mod tls;
 
 pub use daemon::Backend;

@@ -1,0 +1,1 @@
+ALTER TABLE instance_keys DROP COLUMN certificate_der;

@@ -1,0 +1,207 @@
+//! Replicas of one instance (DESIGN.md section 11): several `mosaicd`
+//! processes on one PostgreSQL, behind a TCP pass-through balancer, look and
+//! act like one instance.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use mosaic_mesh::proto::federation as pb;
+use mosaic_mesh::store::Store;
+
+use crate::support::Backend;
+use crate::support::admin::{Admin, connect_and_accept_at};
+use crate::support::daemon::{TestEnvironment, instance_of, with_key};
+use crate::support::python;
+use crate::support::replicas::Replicas;
+use crate::support::tls::served_certificate;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_started_together_on_an_empty_database_all_come_up_with_one_identity() {
+    for round in 0..10 {
+        // `start` panics unless all three serve.
+        let replicas = Replicas::start(3, "").await;
+        let mut identities = BTreeSet::new();
+        for index in 0..replicas.len() {
+            let instance = instance_of(replicas.channel(index).await).await;
+            identities.insert((instance.instance_id, instance.public_key));
+        }
+        assert_eq!(identities.len(), 1, "round {round}: {identities:?}");
+        let store = Store::connect(&replicas.database.url)
+            .await
+            .expect("connect");
+        let (_, keys) = store
+            .load_instance()
+            .await
+            .expect("load")
+            .expect("an identity");
+        assert_eq!(keys.len(), 1, "round {round}: one key was made");
+        drop(store);
+        replicas.cleanup().await;
+    }
+}
+
+/// Runs `examples/python/check_identity.py` (grpcio, gRPC's C-core TLS)
+/// against `address`, pinned to the certificate file `certificate`; returns
+/// the instance id it read.
+async fn grpcio_instance_id(address: &str, certificate: &std::path::Path) -> String {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python/check_identity.py");
+    let output = tokio::process::Command::new(python::python_with_grpcio())
+        .arg(&script)
+        .arg(address)
+        .arg(certificate)
+        .output()
+        .await
+        .expect("run the python client");
+    assert!(
+        output.status.success(),
+        "grpcio pinned to {} could not reach {address}: {}",
+        certificate.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json report");
+    report["instance_id"]
+        .as_str()
+        .expect("an instance id")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_replica_and_every_restart_serves_the_same_certificate() {
+    let mut replicas = Replicas::start(2, "").await;
+    let first = served_certificate(replicas.address(0)).await;
+    assert!(
+        served_certificate(replicas.address(1)).await == first,
+        "replica 1 serves other bytes than replica 0"
+    );
+    replicas.restart(0).await;
+    replicas.restart(1).await;
+    for index in 0..replicas.len() {
+        assert!(
+            served_certificate(replicas.address(index)).await == first,
+            "replica {index} serves other bytes after a restart"
+        );
+        // What it wrote for local clients is what it serves.
+        let written: Vec<u8> = rustls_pki_types::pem::PemObject::from_pem_slice(
+            replicas.certificate_pem(index).as_bytes(),
+        )
+        .map(|der: rustls_pki_types::CertificateDer<'_>| der.as_ref().to_vec())
+        .expect("pem");
+        assert!(
+            written == first,
+            "replica {index}'s certificate file differs"
+        );
+    }
+
+    // A stock grpcio client pinned to replica 0's file reaches both replicas,
+    // directly and through the balancer (round robin: two calls, one each).
+    let pinned = mosaic_mesh::config::certificate_path(replicas.data_dir(0));
+    let instance_id = instance_of(replicas.channel(0).await).await.instance_id;
+    let balanced = replicas.balancer.address.to_string();
+    let handed_before = replicas.balancer.handed();
+    for address in [
+        replicas.address(0),
+        replicas.address(1),
+        &balanced,
+        &balanced,
+    ] {
+        assert_eq!(grpcio_instance_id(address, &pinned).await, instance_id);
+    }
+    let handed_after = replicas.balancer.handed();
+    assert!(
+        handed_after
+            .iter()
+            .zip(&handed_before)
+            .all(|(after, before)| after > before),
+        "the balancer sent a grpcio connection to each replica: {handed_before:?} -> {handed_after:?}"
+    );
+    replicas.cleanup().await;
+}
+
+/// The SubjectPublicKeyInfo of a certificate (DER).
+fn key_of(certificate: &[u8]) -> Vec<u8> {
+    mosaic_mesh::identity::certificate::spki_of_certificate(certificate).expect("a certificate")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_through_one_replica_reaches_the_others_without_a_restart() {
+    let mut replicas = Replicas::start(2, "").await;
+    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let peer = peer_environment.start_peer(0, |_| {}).await;
+    let admin_peer = Admin::of(&peer).await;
+    let admin_0 = replicas.admin(0).await;
+    let (on_peer, on_instance) =
+        connect_and_accept_at(&admin_peer, &admin_0, &replicas.balancer.url(), "ws", &[]).await;
+
+    // Rotate through replica 0, with a short grace for the old key.
+    let grace = Duration::from_secs(3);
+    let rotated = admin_0
+        .client
+        .clone()
+        .rotate_keys(with_key(
+            pb::RotateKeysRequest {
+                grace_period_seconds: Some(3),
+            },
+            &admin_0.key,
+        ))
+        .await
+        .expect("rotate")
+        .into_inner();
+    let rotated_at = Instant::now();
+    let new_key = rotated.current_key.expect("the new key");
+
+    // Replica 1 serves the new key within 5 s, with no restart, and the
+    // same certificate bytes as replica 0.
+    loop {
+        let served = served_certificate(replicas.address(1)).await;
+        if key_of(&served) == new_key.public_key {
+            assert!(
+                served == served_certificate(replicas.address(0)).await,
+                "the replicas serve different certificates for the new key"
+            );
+            break;
+        }
+        assert!(
+            rotated_at.elapsed() < Duration::from_secs(5),
+            "replica 1 still serves the old key after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It rewrote its certificate file too: a client pinning that file now
+    // reaches it, and it shows the new key.
+    let admin_1 = replicas.admin(1).await;
+    assert_eq!(admin_1.instance().await.public_key, new_key.public_key);
+
+    // The peer learns the new key from replica 0's notice. Once the old key's
+    // grace is over, replica 0 stops and every connection goes to replica 1:
+    // the peer still gets through (TLS shows the new key) and replica 1
+    // still reaches the peer (it signs and presents the new key).
+    admin_peer
+        .wait_for(&on_peer, "the peer to pin the new key", |connection| {
+            connection.remote_fingerprint == new_key.fingerprint
+        })
+        .await;
+    tokio::time::sleep(grace.saturating_sub(rotated_at.elapsed()) + Duration::from_millis(500))
+        .await;
+    replicas.balancer.pin(Some(1));
+    replicas.kill(0).await;
+    admin_peer.suspend(&on_peer).await.expect("suspend");
+    admin_1
+        .wait_for_state(&on_instance, pb::ConnectionState::Suspended)
+        .await;
+    admin_peer.resume(&on_peer).await.expect("resume");
+    admin_1
+        .wait_for_state(&on_instance, pb::ConnectionState::Active)
+        .await;
+    admin_1
+        .suspend(&on_instance)
+        .await
+        .expect("suspend from replica 1");
+    admin_peer
+        .wait_for_state(&on_peer, pb::ConnectionState::Suspended)
+        .await;
+
+    peer.stop().await;
+    peer_environment.cleanup().await;
+    replicas.cleanup().await;
+}
