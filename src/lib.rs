@@ -6,7 +6,8 @@
 //!   commands talk gRPC to a running daemon.
 //! - [`config`]: the one configuration tree and its sources (file, `MOSAIC_*`, flags).
 //! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the three
-//!   services, health, reflection and graceful shutdown.
+//!   services, health, reflection and graceful shutdown; [`health`]: the
+//!   standard health service following the database.
 //! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
 //!   instance by method tier, in memory or shared through Redis, with fallback.
 //! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
@@ -18,7 +19,8 @@
 //! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
 //!   encryption at rest, its certificate and its rotation.
 //! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
-//! - [`replicas`]: what replicas of one instance share: the runner id, leases.
+//! - [`replicas`]: what replicas of one instance share: the runner id, leases,
+//!   key rotations taken up from the database.
 //! - [`retention`]: ended jobs, webhook deliveries and agents pruned on a schedule.
 //! - [`store`]: the only module that speaks SQL (diesel-async on SQLite or PostgreSQL).
 //! - [`error`]: the one table from error kinds to `tonic::Status`.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod federation;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod proto;

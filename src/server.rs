@@ -178,11 +178,9 @@ pub async fn serve(
     .context("cannot follow the agents of running jobs")?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    for service_name in crate::proto::SERVICE_NAMES {
-        health_reporter
-            .set_service_status(service_name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    // Every service SERVING now, then in step with the database.
+    let database_health =
+        AbortOnDrop(crate::health::follow_database(shared.store.clone(), health_reporter).await);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -275,10 +273,6 @@ pub async fn serve(
         },
     )
     .map(AbortOnDrop);
-    let database_health = tokio::spawn(crate::coordinator::health::report_database_health(
-        shared.store.clone(),
-        health_reporter.clone(),
-    ));
     // Agents and job watchers are told as soon as shutdown begins, so watch
     // streams end instead of holding the drain open until the grace ends.
     let agents = Arc::clone(&shared.agents);
@@ -289,7 +283,7 @@ pub async fn serve(
         coordinator.begin_shutdown();
     };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
-    database_health.abort();
+    drop(database_health);
     // The log entries of sent reads answered during the drain are written
     // behind their answers; they are committed before the daemon stops.
     shared.federation.flush_command_log().await;

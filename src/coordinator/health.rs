@@ -1,6 +1,6 @@
-//! The checks behind `Coordinator.Health` and the coordinator's entry in
-//! `grpc.health.v1`: database round trip, Redis PING (when configured), agent
-//! runtime, version and uptime.
+//! The checks behind `Coordinator.Health`: database round trip, Redis PING
+//! (when configured), agent runtime, version and uptime. (`grpc.health.v1`
+//! follows the database in `crate::health`.)
 
 use std::time::Duration;
 
@@ -12,10 +12,6 @@ use crate::store::Store;
 const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long connecting to Redis and its PING may take together.
 const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
-/// How often the database is checked for `grpc.health.v1`.
-const REPORT_INTERVAL: Duration = Duration::from_secs(5);
-/// The service whose `grpc.health.v1` status follows the database.
-const COORDINATOR_SERVICE: &str = "mosaic.coordinator.v1.Coordinator";
 
 /// Checks every component and gives the verdict.
 pub async fn check(shared: &Shared) -> pb::HealthResponse {
@@ -144,32 +140,5 @@ async fn check_redis(url: &str) -> pb::ComponentHealth {
             &format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()),
             None,
         ),
-    }
-}
-
-/// Keeps the coordinator's `grpc.health.v1` status in step with the
-/// database: NOT_SERVING while it does not answer. Runs until aborted.
-pub async fn report_database_health(store: Store, reporter: tonic_health::server::HealthReporter) {
-    let mut interval = tokio::time::interval(REPORT_INTERVAL);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut serving = true;
-    loop {
-        interval.tick().await;
-        let reachable = matches!(
-            tokio::time::timeout(DATABASE_TIMEOUT, store.ping()).await,
-            Ok(Ok(()))
-        );
-        if reachable != serving {
-            serving = reachable;
-            let status = if serving {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            tracing::warn!(database.reachable = serving, "coordinator health changed");
-            reporter
-                .set_service_status(COORDINATOR_SERVICE, status)
-                .await;
-        }
     }
 }

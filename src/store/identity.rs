@@ -67,25 +67,30 @@ impl Store {
     pub async fn load_instance(
         &self,
     ) -> Result<Option<(InstanceRecord, Vec<InstanceKeyRecord>)>, StoreError> {
-        let (instance_row, key_rows) = with_connection!(self, |conn| {
+        let loaded = with_connection!(self, |conn| {
             let instance_row = instance::table
                 .select(InstanceRow::as_select())
                 .first(conn)
                 .await
                 .optional()?;
-            let Some(instance_row) = instance_row else {
-                return Ok(None);
-            };
-            let key_rows = instance_keys::table
-                .select(InstanceKeyRow::as_select())
-                .order((
-                    instance_keys::created_at_ms.desc(),
-                    instance_keys::key_id.desc(),
-                ))
-                .load(conn)
-                .await?;
-            (instance_row, key_rows)
+            match instance_row {
+                None => None,
+                Some(instance_row) => {
+                    let key_rows: Vec<InstanceKeyRow> = instance_keys::table
+                        .select(InstanceKeyRow::as_select())
+                        .order((
+                            instance_keys::created_at_ms.desc(),
+                            instance_keys::key_id.desc(),
+                        ))
+                        .load(conn)
+                        .await?;
+                    Some((instance_row, key_rows))
+                }
+            }
         });
+        let Some((instance_row, key_rows)) = loaded else {
+            return Ok(None);
+        };
         let keys = key_rows.into_iter().map(InstanceKeyRecord::from).collect();
         Ok(Some((instance_row.into_record()?, keys)))
     }

@@ -8,13 +8,17 @@
 //! diesel.
 
 /// Runs `$body` with `$conn` bound to a `&mut` connection checked out of the
-/// store's pool, whichever backend that is.
+/// store's pool, whichever backend that is, within the store's call deadline
+/// (`storage.call_timeout_ms`, the wait for a turn and a connection
+/// included): past it the call is UNAVAILABLE and the connection, which may
+/// still hold an unanswered query, is closed instead of pooled again.
 ///
 /// The body is expanded once per backend, so one piece of diesel query code
-/// is compiled against both SQLite and PostgreSQL. It runs inside the calling
-/// async function: `.await`, `?` and `return` act on that function, which must
-/// return `Result<_, StoreError>`. The connection goes back to the pool when
-/// the body finishes.
+/// is compiled against both SQLite and PostgreSQL. It runs in an async block
+/// whose error type is `StoreError`: `.await` and `?` work as in the calling
+/// function (which must return `Result<_, StoreError>`), but `return` would
+/// leave the block only, so bodies do not use it. The connection goes back to
+/// the pool when the body finishes.
 ///
 /// ```text
 /// let count = with_connection!(self, |conn| {
@@ -38,20 +42,34 @@ macro_rules! with_connection {
         with_connection!($store, sqlite = |$conn| $body, postgres = |$conn| $body)
     };
     ($store:expr, sqlite = |$sqlite:ident| $sqlite_body:expr, postgres = |$postgres:ident| $postgres_body:expr) => {{
+        let store: &$crate::store::Store = &$store;
+        let deadline = tokio::time::Instant::now() + store.call_timeout;
         // A turn first, in arrival order; then the pool cannot hand a
         // connection to a task that arrived later (bb8 lets a new `get` take
         // a connection just returned before a waiter wakes).
-        let _turn = $store.turn().await?;
-        match &$store.pools {
+        let _turn = store.turn(deadline).await?;
+        match &store.pools {
             $crate::store::Pools::Sqlite(pool) => {
-                let mut pooled = pool.get().await?;
-                let $sqlite: &mut $crate::store::pools::SqliteConnection = &mut pooled;
-                $sqlite_body
+                let mut pooled = store.checkout(pool.get(), deadline).await?;
+                let outcome = {
+                    let $sqlite: &mut $crate::store::pools::SqliteConnection = &mut pooled;
+                    tokio::time::timeout_at(deadline, async {
+                        Ok::<_, $crate::store::StoreError>($sqlite_body)
+                    })
+                    .await
+                };
+                $crate::store::deadline::settle(outcome, &mut *pooled, store.call_timeout)?
             }
             $crate::store::Pools::Postgres(pool) => {
-                let mut pooled = pool.get().await?;
-                let $postgres: &mut $crate::store::pools::PostgresConnection = &mut pooled;
-                $postgres_body
+                let mut pooled = store.checkout(pool.get(), deadline).await?;
+                let outcome = {
+                    let $postgres: &mut $crate::store::pools::PostgresConnection = &mut pooled;
+                    tokio::time::timeout_at(deadline, async {
+                        Ok::<_, $crate::store::StoreError>($postgres_body)
+                    })
+                    .await
+                };
+                $crate::store::deadline::settle(outcome, &mut *pooled, store.call_timeout)?
             }
         }
     }};
@@ -101,6 +119,7 @@ mod api_keys;
 mod checkpoint;
 mod command_log;
 mod database_url;
+mod deadline;
 mod error;
 mod federation;
 mod group_commit;
@@ -172,6 +191,8 @@ pub struct Store {
     /// notifications); `None` on SQLite. Never printed: it may hold a
     /// password.
     postgres_url: Option<Arc<str>>,
+    /// How long one call may take (`storage.call_timeout_ms`).
+    call_timeout: std::time::Duration,
 }
 
 /// One pool per backend; `with_connection!` matches on it.
@@ -206,7 +227,7 @@ impl Store {
                 None,
             ),
             DatabaseTarget::Postgres { url } => (
-                Pools::Postgres(pools::postgres_pool(&url).await?),
+                Pools::Postgres(pools::postgres_pool(&url, settings.call_timeout).await?),
                 pools::POSTGRES_POOL_SIZE,
                 None,
                 Some(Arc::from(url.as_str())),
@@ -220,6 +241,7 @@ impl Store {
             turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
             wal: wal.clone(),
             postgres_url,
+            call_timeout: settings.call_timeout,
         };
         if let (Some(path), Some(stats)) = (sqlite_path, wal) {
             // Ends once the last clone of the store is dropped.
@@ -230,14 +252,36 @@ impl Store {
         Ok(store)
     }
 
-    /// Waits, in arrival order, for a turn to use a pooled connection; as
-    /// long as the pool's own checkout, then UNAVAILABLE.
-    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
-        match tokio::time::timeout(pools::CHECKOUT_TIMEOUT, self.turns.acquire()).await {
+    /// Waits, in arrival order, for a turn to use a pooled connection; until
+    /// the call's `deadline`, then UNAVAILABLE.
+    async fn turn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, StoreError> {
+        match tokio::time::timeout_at(deadline, self.turns.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             _ => Err(StoreError::Unavailable(
                 "timed out waiting for a database connection".to_owned(),
             )),
+        }
+    }
+
+    /// A connection from the pool by the call's `deadline` (a server that
+    /// does not answer makes opening one hang), else UNAVAILABLE.
+    async fn checkout<P, E>(
+        &self,
+        checkout: impl std::future::Future<Output = Result<P, E>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<P, StoreError>
+    where
+        StoreError: From<E>,
+    {
+        match tokio::time::timeout_at(deadline, checkout).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_elapsed) => Err(StoreError::Unavailable(format!(
+                "no database connection within {} ms",
+                self.call_timeout.as_millis()
+            ))),
         }
     }
 

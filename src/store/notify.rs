@@ -58,7 +58,7 @@ impl Store {
         let Some(url) = &self.postgres_url else {
             return Ok(None);
         };
-        let mut connection = pools::open_postgres(url)
+        let mut connection = pools::open_postgres(url, self.call_timeout)
             .await
             .map_err(|error| StoreError::Unavailable(error.to_string()))?;
         diesel::sql_query(format!("LISTEN {}", topic.channel()))

@@ -61,14 +61,31 @@ const SQLITE_SETUP: &str = "PRAGMA busy_timeout = 5000; \
 /// to return.
 type SetupFuture<'a, C> = Pin<Box<dyn Future<Output = ConnectionResult<C>> + Send + 'a>>;
 
+/// How long a PostgreSQL connection sits idle before TCP keepalives probe
+/// it, unless the URL says (`keepalives_idle`).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// Time between two keepalive probes.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// Unanswered probes before the connection counts as dead.
+const KEEPALIVE_RETRIES: u32 = 3;
+
 /// A pool of SQLite connections to the database file at `path`.
 pub(super) async fn sqlite_pool(path: &str) -> Result<Pool<SqliteConnection>, StoreError> {
     build_pool(path, open_sqlite, SQLITE_POOL_SIZE).await
 }
 
-/// A pool of PostgreSQL connections to `url`.
-pub(super) async fn postgres_pool(url: &str) -> Result<Pool<PostgresConnection>, StoreError> {
-    build_pool(url, open_postgres, POSTGRES_POOL_SIZE).await
+/// A pool of PostgreSQL connections to `url`, each with `call_timeout` as
+/// its statement timeout and TCP user timeout.
+pub(super) async fn postgres_pool(
+    url: &str,
+    call_timeout: Duration,
+) -> Result<Pool<PostgresConnection>, StoreError> {
+    build_pool(
+        url,
+        move |url| open_postgres(url, call_timeout),
+        POSTGRES_POOL_SIZE,
+    )
+    .await
 }
 
 /// Opens one connection directly, then builds the pool around it.
@@ -79,7 +96,7 @@ pub(super) async fn postgres_pool(url: &str) -> Result<Pool<PostgresConnection>,
 /// password).
 async fn build_pool<C>(
     url: &str,
-    open: for<'a> fn(&'a str) -> SetupFuture<'a, C>,
+    open: impl for<'a> Fn(&'a str) -> SetupFuture<'a, C> + Send + Sync + 'static,
     max_size: u32,
 ) -> Result<Pool<C>, StoreError>
 where
@@ -122,14 +139,49 @@ fn open_sqlite(path: &str) -> SetupFuture<'_, SqliteConnection> {
 }
 
 /// Opens a PostgreSQL connection, keeping the URL's password out of any
-/// error.
-pub(super) fn open_postgres(url: &str) -> SetupFuture<'_, PostgresConnection> {
+/// error. The server cancels any statement running longer than
+/// `call_timeout`; the socket sends keepalives when idle, and gives up on
+/// data left unacknowledged for `call_timeout`, so that a server which
+/// stops answering (packets dropped, no reset) is noticed rather than
+/// waited on for the system's minutes. The URL's own `keepalives_idle` and
+/// `tcp_user_timeout` win.
+pub(super) fn open_postgres(
+    url: &str,
+    call_timeout: Duration,
+) -> SetupFuture<'_, PostgresConnection> {
     Box::pin(async move {
-        within_connect_timeout(PostgresConnection::establish(url))
-            .await
-            .map_err(|error| {
-                ConnectionError::BadConnection(redact_password(&error.to_string(), url))
-            })
+        within_connect_timeout(async {
+            let mut config: tokio_postgres::Config =
+                url.parse().map_err(|error: tokio_postgres::Error| {
+                    ConnectionError::InvalidConnectionUrl(error.to_string())
+                })?;
+            if !url.contains("keepalives_idle") {
+                config
+                    .keepalives(true)
+                    .keepalives_idle(KEEPALIVE_IDLE)
+                    .keepalives_interval(KEEPALIVE_INTERVAL)
+                    .keepalives_retries(KEEPALIVE_RETRIES);
+            }
+            if !url.contains("tcp_user_timeout") {
+                config.tcp_user_timeout(call_timeout);
+            }
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|error| ConnectionError::BadConnection(error.to_string()))?;
+            let mut connection =
+                PostgresConnection::try_from_client_and_connection(client, connection).await?;
+            connection
+                .batch_execute(&format!(
+                    "SET statement_timeout = {}",
+                    call_timeout.as_millis()
+                ))
+                .await
+                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            Ok(connection)
+        })
+        .await
+        .map_err(|error| ConnectionError::BadConnection(redact_password(&error.to_string(), url)))
     })
 }
 

@@ -1,5 +1,5 @@
-//! `[storage]` in the configuration file: the SQLite WAL's bound and how long
-//! ended work is kept.
+//! `[storage]` in the configuration file: how long a database call may take,
+//! the SQLite WAL's bound and how long ended work is kept.
 
 use std::time::Duration;
 
@@ -19,11 +19,23 @@ pub const DEFAULT_WEBHOOK_DELIVERY_RETENTION_SECS: u64 = 7 * 24 * 60 * 60;
 pub const DEFAULT_AGENT_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
 /// How often expired rows are pruned unless configured.
 pub const DEFAULT_PRUNE_INTERVAL_SECS: u64 = 60;
+/// How long one database call may take unless configured: far above any
+/// healthy query, well below a client's patience.
+pub const DEFAULT_CALL_TIMEOUT_MS: u64 = 5_000;
+/// The shortest call deadline accepted.
+const MIN_CALL_TIMEOUT_MS: u64 = 100;
+/// The longest call deadline accepted (10 minutes).
+const MAX_CALL_TIMEOUT_MS: u64 = 600_000;
 
 /// `[storage]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StorageFileConfig {
+    /// Milliseconds one database call may take, waiting for a connection
+    /// included, before it fails with UNAVAILABLE (default 5000, 100 to
+    /// 600000); on PostgreSQL also the server's `statement_timeout` and the
+    /// connections' TCP user timeout.
+    pub call_timeout_ms: Option<u64>,
     /// MiB the SQLite WAL may reach before writers are briefly held back while
     /// it is truncated (default 64, at least 4; ignored on PostgreSQL).
     pub sqlite_wal_max_mb: Option<u64>,
@@ -45,6 +57,8 @@ pub struct StorageFileConfig {
 /// The validated `[storage]` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageSettings {
+    /// How long one database call may take (default 5 s).
+    pub call_timeout: Duration,
     /// Bytes the SQLite WAL may reach (default 64 MiB).
     pub sqlite_wal_max_bytes: u64,
     /// How long ended jobs are kept; `None` keeps them forever.
@@ -60,6 +74,7 @@ pub struct StorageSettings {
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
+            call_timeout: Duration::from_millis(DEFAULT_CALL_TIMEOUT_MS),
             sqlite_wal_max_bytes: DEFAULT_SQLITE_WAL_MAX_MB * 1024 * 1024,
             job_retention: Some(Duration::from_secs(DEFAULT_JOB_RETENTION_SECS)),
             webhook_delivery_retention: Some(Duration::from_secs(
@@ -80,6 +95,15 @@ const MAX_SQLITE_WAL_MAX_MB: u64 = 64 * 1024;
 impl StorageSettings {
     /// Validates `[storage]`, naming the key at fault.
     pub fn resolve(file: StorageFileConfig) -> Result<StorageSettings, ConfigError> {
+        let call_timeout_ms = file.call_timeout_ms.unwrap_or(DEFAULT_CALL_TIMEOUT_MS);
+        if !(MIN_CALL_TIMEOUT_MS..=MAX_CALL_TIMEOUT_MS).contains(&call_timeout_ms) {
+            return Err(ConfigError::Invalid {
+                key: "storage.call_timeout_ms",
+                message: format!(
+                    "{call_timeout_ms} is outside {MIN_CALL_TIMEOUT_MS} to {MAX_CALL_TIMEOUT_MS}"
+                ),
+            });
+        }
         let wal_mb = file.sqlite_wal_max_mb.unwrap_or(DEFAULT_SQLITE_WAL_MAX_MB);
         if !(MIN_SQLITE_WAL_MAX_MB..=MAX_SQLITE_WAL_MAX_MB).contains(&wal_mb) {
             return Err(ConfigError::Invalid {
@@ -99,6 +123,7 @@ impl StorageSettings {
             });
         }
         Ok(StorageSettings {
+            call_timeout: Duration::from_millis(call_timeout_ms),
             sqlite_wal_max_bytes: wal_mb * 1024 * 1024,
             job_retention: retention(file.job_retention_secs, DEFAULT_JOB_RETENTION_SECS),
             webhook_delivery_retention: retention(
@@ -164,6 +189,13 @@ mod tests {
                     ..StorageFileConfig::default()
                 },
                 "storage.prune_interval_secs",
+            ),
+            (
+                StorageFileConfig {
+                    call_timeout_ms: Some(99),
+                    ..StorageFileConfig::default()
+                },
+                "storage.call_timeout_ms",
             ),
         ] {
             match StorageSettings::resolve(file) {

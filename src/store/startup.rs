@@ -65,9 +65,12 @@ impl Store {
         let DatabaseTarget::Postgres { url } = DatabaseTarget::parse(database_url)? else {
             return Ok(StartupLock { _holder: None });
         };
-        let mut connection = pools::open_postgres(&url)
-            .await
-            .map_err(|error| StoreError::Unavailable(error.to_string()))?;
+        let mut connection = pools::open_postgres(
+            &url,
+            Duration::from_millis(super::settings::DEFAULT_CALL_TIMEOUT_MS),
+        )
+        .await
+        .map_err(|error| StoreError::Unavailable(error.to_string()))?;
         let started = Instant::now();
         let mut told = false;
         loop {

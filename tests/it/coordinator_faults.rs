@@ -1,6 +1,8 @@
-//! The coordinator while PostgreSQL is cut off (with the fault proxy): its
-//! Health says NOT_SERVING with the database DOWN, `grpc.health.v1` follows,
-//! and both recover when the database does.
+//! The daemon while PostgreSQL is cut off or stops answering (with the fault
+//! proxy): calls fail with UNAVAILABLE within the store's call deadline, the
+//! coordinator's Health says NOT_SERVING with the database DOWN,
+//! `grpc.health.v1` follows for the server and every service, and all of it
+//! recovers when the database does.
 
 use std::time::Duration;
 
@@ -9,8 +11,10 @@ use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use mosaic_mesh::auth::Scope;
+
 use crate::support::Backend;
-use crate::support::daemon::TestEnvironment;
+use crate::support::daemon::{TestEnvironment, with_key};
 use crate::support::fault_proxy::{Fault, FaultProxy};
 
 /// `url` with its `host:port` replaced by `address`.
@@ -26,48 +30,53 @@ fn through(url: &str, address: std::net::SocketAddr) -> String {
     )
 }
 
-/// Polls the standard health service until the coordinator reports `wanted`.
+/// Polls the standard health service until the server (the empty name) and
+/// every service report `wanted`.
 async fn wait_for_standard_health(
     client: &mut HealthClient<tonic::transport::Channel>,
     wanted: ServingStatus,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let status = client
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: "mosaic.coordinator.v1.Coordinator".to_owned(),
-            })
-            .await
-            .expect("health check")
-            .into_inner()
-            .status;
-        if status == wanted as i32 {
-            return;
+    for service in std::iter::once("").chain(mosaic_mesh::proto::SERVICE_NAMES) {
+        loop {
+            let status = client
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: service.to_owned(),
+                })
+                .await
+                .expect("health check")
+                .into_inner()
+                .status;
+            if status == wanted as i32 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "grpc.health.v1 never said {wanted:?} for {service:?} (last {status})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "grpc.health.v1 never said {wanted:?} (last {status})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The `host:port` of PostgreSQL in `url`, resolved.
+async fn postgres_address(url: &str) -> std::net::SocketAddr {
+    let upstream = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(authority, _)| authority.rsplit('@').next().unwrap_or(authority).to_owned())
+        .expect("host:port");
+    tokio::net::lookup_host(upstream)
+        .await
+        .expect("resolve")
+        .next()
+        .expect("address")
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn coordinator_health_follows_a_postgres_cut() {
     let environment = TestEnvironment::new(Backend::Postgres).await;
-    let upstream = environment
-        .database
-        .url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map(|(authority, _)| authority.rsplit('@').next().unwrap_or(authority).to_owned())
-        .expect("host:port");
-    let upstream: std::net::SocketAddr = tokio::net::lookup_host(upstream)
-        .await
-        .expect("resolve")
-        .next()
-        .expect("address");
-    let proxy = FaultProxy::start(upstream).await;
+    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
     let mut config = environment.config();
     config.database_url = through(&environment.database.url, proxy.address);
     let daemon = environment.start_with(config).await.expect("start");
@@ -109,6 +118,65 @@ async fn coordinator_health_follows_a_postgres_cut() {
         .expect("health")
         .into_inner();
     assert_eq!(health.status, i32::from(pb::ServingStatus::Serving));
+    daemon.stop().await;
+    drop(proxy);
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_stops_answering_fails_calls_within_the_deadline() {
+    let environment = TestEnvironment::new(Backend::Postgres).await;
+    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
+    let mut config = environment.config();
+    config.database_url = through(&environment.database.url, proxy.address);
+    config.storage.call_timeout = Duration::from_secs(1);
+    // The API key is checked (and then cached) before the database goes.
+    config.auth_cache = Duration::from_secs(300);
+    let daemon = environment.start_with(config).await.expect("start");
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let channel = daemon.channel().await;
+    let mut coordinator = CoordinatorClient::new(channel.clone());
+    let mut standard = HealthClient::new(channel);
+    let list = || with_key(pb::ListJobsRequest::default(), &key);
+    coordinator.list_jobs(list()).await.expect("list jobs");
+    wait_for_standard_health(&mut standard, ServingStatus::Serving).await;
+
+    // Packets dropped, no reset: without a deadline the call would wait for
+    // the client's own (90 s seen).
+    proxy.set(Fault::Blackhole);
+    for _ in 0..3 {
+        let started = tokio::time::Instant::now();
+        let status = coordinator
+            .list_jobs(list())
+            .await
+            .expect_err("the database does not answer");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "UNAVAILABLE within the 1 s deadline (and the wait for a connection), took {:?}",
+            started.elapsed()
+        );
+    }
+    wait_for_standard_health(&mut standard, ServingStatus::NotServing).await;
+
+    // Answers again: SERVING, and calls work (connections that lost bytes to
+    // the black hole are closed, not reused).
+    proxy.set(Fault::Pass);
+    wait_for_standard_health(&mut standard, ServingStatus::Serving).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while let Err(status) = coordinator.list_jobs(list()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls still fail after the database came back: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..20 {
+        coordinator
+            .list_jobs(list())
+            .await
+            .expect("every call works once the database is back");
+    }
     daemon.stop().await;
     drop(proxy);
     environment.cleanup().await;

@@ -1,6 +1,6 @@
 //! A small TCP fault proxy for fault tests: it sits between the daemon and a
 //! dependency (PostgreSQL, Redis, a peer) and can pass traffic, delay it, cut every
-//! open connection, or refuse new ones, on command.
+//! open connection, refuse new ones, or swallow everything, on command.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +21,11 @@ pub enum Fault {
     Cut,
     /// Stop listening: new connections are refused by the kernel.
     Refuse,
+    /// Keep every connection open and accept new ones, but forward nothing:
+    /// what a client sees of a server whose packets are dropped (no reset,
+    /// no answer). Bytes swallowed now are lost for good, so connections
+    /// open during it stay broken after it ends; new ones work.
+    Blackhole,
 }
 
 /// A running proxy. Dropping it stops it.
@@ -153,6 +158,7 @@ async fn pump(
         match fault {
             Fault::Cut => break,
             Fault::Delay(delay) => tokio::time::sleep(delay).await,
+            Fault::Blackhole => continue,
             Fault::Pass | Fault::Refuse => {}
         }
         if to.write_all(&buffer[..read]).await.is_err() {
