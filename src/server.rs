@@ -159,6 +159,12 @@ pub async fn serve(
     shared: Shared,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // SQLite is one daemon's database: a second server of the file stops
+    // here, before it touches any agent.
+    let _serving = shared
+        .store
+        .lock_for_serving()
+        .context("cannot serve this database")?;
     let config = Arc::clone(&shared.config);
     let max_message_bytes = config.max_message_bytes;
     // Before serving: no agent left unfinished by a previous run may be shown

@@ -132,6 +132,7 @@ mod prepared;
 mod retention;
 mod schema;
 mod settings;
+mod single_server;
 mod startup;
 pub mod testing;
 
@@ -159,6 +160,7 @@ pub use jobs::{
 };
 pub use notify::{Listener, Topic};
 pub use settings::{StorageFileConfig, StorageSettings};
+pub use single_server::ServingLock;
 pub use startup::StartupLock;
 
 use database_url::DatabaseTarget;
@@ -193,6 +195,8 @@ pub struct Store {
     postgres_url: Option<Arc<str>>,
     /// How long one call may take (`storage.call_timeout_ms`).
     call_timeout: std::time::Duration,
+    /// The SQLite database file; `None` on PostgreSQL.
+    sqlite_path: Option<Arc<str>>,
 }
 
 /// One pool per backend; `with_connection!` matches on it.
@@ -236,14 +240,16 @@ impl Store {
         let wal = sqlite_path
             .as_ref()
             .map(|_| Arc::new(checkpoint::WalStats::default()));
-        let store = Store {
+        let mut store = Store {
             pools,
             turns: Arc::new(tokio::sync::Semaphore::new(size as usize)),
             wal: wal.clone(),
             postgres_url,
             call_timeout: settings.call_timeout,
+            sqlite_path: None,
         };
         if let (Some(path), Some(stats)) = (sqlite_path, wal) {
+            store.sqlite_path = Some(Arc::from(path.as_str()));
             // Ends once the last clone of the store is dropped.
             checkpoint::Checkpointer::new(path, settings.sqlite_wal_max_bytes, stats)
                 .spawn(Arc::downgrade(&store.turns));

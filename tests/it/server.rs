@@ -263,3 +263,29 @@ async fn reflection_only_python_client_discovers_and_calls_the_daemon() {
     assert_eq!(report["health"]["status"], "SERVING");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_one_sqlite_file_is_refused_naming_the_file() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start().await;
+    let output = crate::support::binary::mosaicd(environment.data_dir.path())
+        .env("MOSAIC_DATABASE_URL", &environment.database.url)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("run a second mosaicd serve");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "the second daemon must not serve: {stderr}"
+    );
+    let file = environment.database.url.trim_start_matches("sqlite://");
+    assert!(
+        stderr.contains(&format!(
+            "another mosaicd is serving the SQLite database {file}"
+        )),
+        "{stderr}"
+    );
+    // The first still serves.
+    instance_of(daemon.channel().await).await;
+    daemon.stop().await;
+}
