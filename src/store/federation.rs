@@ -529,6 +529,35 @@ impl Store {
         outcome_of(written)
     }
 
+    /// Stores the reply to a message id claimed with a reply-less
+    /// [`insert_seen_message`](Store::insert_seen_message) before the command
+    /// ran (a command that changes state: every replica that receives it
+    /// looks for the claim, and waits for this reply). Writes nothing if the
+    /// claim has a reply already.
+    pub async fn answer_claimed_message(&self, seen: &SeenMessage) -> Result<(), StoreError> {
+        let Some(reply) = &seen.reply else {
+            return Err(StoreError::unencodable("a claim is answered with a reply"));
+        };
+        with_connection!(self, |conn| {
+            diesel::update(
+                federation_seen_messages::table
+                    .filter(
+                        federation_seen_messages::sender_instance_id.eq(&seen.sender_instance_id),
+                    )
+                    .filter(federation_seen_messages::message_id.eq(&seen.message_id))
+                    .filter(federation_seen_messages::reply_payload.is_null()),
+            )
+            .set((
+                federation_seen_messages::reply_payload.eq(Some(reply.payload.as_slice())),
+                federation_seen_messages::reply_signature.eq(Some(reply.signature.as_slice())),
+                federation_seen_messages::reply_key_id.eq(Some(reply.key_id.as_str())),
+            ))
+            .execute(conn)
+            .await?;
+        });
+        Ok(())
+    }
+
     /// Forgets message ids seen before `before_ms` (the clock check refuses them
     /// anyway) and peer keys whose grace ended before it. Returns how many message
     /// ids were forgotten.

@@ -11,6 +11,7 @@ use mosaic_mesh::store::Store;
 use crate::support::Backend;
 use crate::support::admin::{Admin, connect_and_accept_at};
 use crate::support::daemon::{TestEnvironment, instance_of, with_key};
+use crate::support::peer::TestPeer;
 use crate::support::python;
 use crate::support::replicas::Replicas;
 use crate::support::tls::served_certificate;
@@ -203,5 +204,101 @@ async fn a_rotation_through_one_replica_reaches_the_others_without_a_restart() {
 
     peer.stop().await;
     peer_environment.cleanup().await;
+    replicas.cleanup().await;
+}
+
+/// An agent type that ends at once, for the replicas' configuration.
+const TRUE_AGENT: &str = "[agents.types.true]\ncommand = [\"true\"]\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_spawn_delivered_to_two_replicas_at_once_starts_one_agent() {
+    use mosaic_mesh::federation::envelope;
+    use prost::Message as _;
+
+    let replicas = Replicas::start(2, TRUE_AGENT).await;
+    let admin = replicas.admin(0).await;
+    let instance = admin.instance().await;
+    // A hand-made peer, connected and granted agent.spawn.
+    let peer = TestPeer::new("sender").await;
+    let certificate = replicas.certificate_pem(0);
+    let mut clients = Vec::new();
+    for index in 0..replicas.len() {
+        let url = format!("https://{}", replicas.address(index));
+        clients.push(pb::federation_client::FederationClient::new(
+            peer.channel_to_url(&url, &certificate).await,
+        ));
+    }
+    let request = peer.connection_request(&instance.instance_id, "ws");
+    clients[0]
+        .request_connection(pb::RequestConnectionRequest {
+            envelope: Some(envelope::seal(&request, peer.current().as_ref()).expect("seal")),
+        })
+        .await
+        .expect("connection request");
+    let inbound = admin.open_in("ws").await;
+    admin
+        .accept(&inbound.connection_id, &["agent.spawn"])
+        .await
+        .expect("accept");
+    let store = Store::connect(&replicas.database.url)
+        .await
+        .expect("connect");
+
+    for round in 0..20 {
+        let key_id = peer.current().public_key().key_id();
+        let payload = pb::CommandPayload {
+            header: Some(peer.header(&instance.instance_id, "ws", key_id)),
+            command: Some(pb::command_payload::Command::AgentSpawn(
+                pb::AgentSpawnCommand {
+                    spawn: Some(mosaic_mesh::proto::agent::SpawnRequest {
+                        agent_type: "true".to_owned(),
+                        prompt: format!("round {round}"),
+                        ..Default::default()
+                    }),
+                },
+            )),
+        };
+        let sealed = envelope::seal(&payload, peer.current().as_ref()).expect("seal");
+        // The same signed bytes to both replicas at the same moment.
+        let deliveries = clients.iter().map(|client| {
+            let mut client = client.clone();
+            let sealed = sealed.clone();
+            async move {
+                client
+                    .execute_command(pb::ExecuteCommandRequest {
+                        envelope: Some(sealed),
+                    })
+                    .await
+                    .expect("the command is answered")
+                    .into_inner()
+                    .envelope
+                    .expect("a signed reply")
+            }
+        });
+        let replies = futures::future::join_all(deliveries).await;
+        assert!(
+            replies.iter().all(|reply| reply == &replies[0]),
+            "round {round}: the replicas gave different replies"
+        );
+        let result =
+            pb::CommandResultPayload::decode(replies[0].payload.as_slice()).expect("a result");
+        assert!(
+            matches!(
+                result.outcome,
+                Some(pb::command_result_payload::Outcome::Agent(_))
+            ),
+            "round {round}: {result:?}"
+        );
+        let agents = store
+            .list_agents(&Default::default(), None, 100)
+            .await
+            .expect("list agents");
+        assert_eq!(
+            agents.len(),
+            round + 1,
+            "round {round}: one agent per spawn"
+        );
+    }
+    drop(store);
     replicas.cleanup().await;
 }

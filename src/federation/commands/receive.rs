@@ -10,11 +10,18 @@ use crate::federation::Federation;
 use crate::federation::FederationError;
 use crate::federation::audit::{describe_error, describe_outcome};
 use crate::federation::envelope::{self, Verified};
-use crate::federation::peering::{no_connection, seen_message};
+use crate::federation::peering::{no_connection, seen_message, stored_reply};
 use crate::federation::state::ConnectionState;
 use crate::identity::PublicKey;
 use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogRecord, WriteOutcome};
+
+/// How long a delivery waits for the reply of an identical one that claimed
+/// the command first (a spawn takes milliseconds; a replica that died
+/// between claim and reply never answers).
+const WAIT_FOR_CLAIMED_REPLY: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often it looks.
+const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl Federation {
     /// ExecuteCommand from a peer whose TLS client key is `tls_key`. A refused
@@ -117,18 +124,21 @@ impl Federation {
         *audit = Some(template.clone());
         parsed.check_time(now, self.window_ms())?;
         let verified = parsed.verify_signature(&key)?;
-        // Step 10, serialised per message id so that concurrent identical
-        // retries cannot both run the command (a spawn must happen once).
+        // Step 10, serialised per message id in this process, so that
+        // identical retries arriving together wait here rather than in the
+        // database.
         let lock = self.delivery_lock(&format!(
             "command\u{0}{}\u{0}{}",
             header.sender_instance_id, header.message_id
         ));
         let _guard = lock.lock().await;
-        // A command that changes something is looked up first, so a retry
-        // never runs it twice. A read runs at once: recording it below fails
-        // on a message id seen before, and then the stored result (or
-        // ALREADY_EXISTS for other bytes) is the answer all the same.
-        if mutating && let Some(stored) = self.replayed(&verified).await? {
+        // A command that changes something is claimed in the database before
+        // it runs, so that it runs once per instance: an identical delivery
+        // to another replica finds the claim and waits for its reply. A read
+        // runs at once: recording it below fails on a message id seen
+        // before, and then the stored result (or ALREADY_EXISTS for other
+        // bytes) is the answer all the same.
+        if mutating && let Some(stored) = self.claim(&verified, now).await? {
             self.record_replay(template, &stored).await;
             return Ok(stored);
         }
@@ -155,7 +165,13 @@ impl Federation {
             detail,
             ..template.clone()
         };
-        if self.journal().record(seen, record).await? != WriteOutcome::Done(()) {
+        if mutating {
+            // The claim is ours: its reply, then the log entry.
+            self.store.answer_claimed_message(&seen).await?;
+            if let Err(error) = self.store.insert_command_log(&record).await {
+                tracing::warn!(%error, "could not record a command that ran");
+            }
+        } else if self.journal().record(seen, record).await? != WriteOutcome::Done(()) {
             let stored = self
                 .replay_after_race(&verified.header, &verified.digest)
                 .await?;
@@ -172,6 +188,46 @@ impl Federation {
             "ran a command from a peer"
         );
         Ok(sealed_reply)
+    }
+
+    /// Claims the message id of a command that changes state before it
+    /// runs: `None` when the claim is this delivery's (run it), else the
+    /// reply an earlier identical delivery stored, waited for while that one
+    /// still runs (on this replica or another) for up to
+    /// `WAIT_FOR_CLAIMED_REPLY`. Other bytes under the same message id are
+    /// ALREADY_EXISTS.
+    async fn claim(
+        &self,
+        verified: &Verified<pb::CommandPayload>,
+        now: i64,
+    ) -> Result<Option<pb::SignedEnvelope>, FederationError> {
+        let header = &verified.header;
+        let claim = seen_message(header, verified.digest.clone(), None, now);
+        let waited = tokio::time::Instant::now();
+        loop {
+            if self.store.insert_seen_message(&claim).await? == WriteOutcome::Done(()) {
+                return Ok(None);
+            }
+            let seen = self
+                .store
+                .find_seen_message(&header.sender_instance_id, &header.message_id)
+                .await?;
+            match seen {
+                Some(seen) if seen.reply.is_some() || seen.payload_digest != verified.digest => {
+                    return stored_reply(seen, &verified.digest).map(Some);
+                }
+                // Claimed, not answered yet; or pruned in between (claim again).
+                Some(_) | None => {}
+            }
+            if waited.elapsed() >= WAIT_FOR_CLAIMED_REPLY {
+                return Err(FederationError::Unavailable(
+                    "an identical delivery of this command is still running, or was interrupted; \
+                     its reply is not stored yet"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(CLAIM_POLL).await;
+        }
     }
 
     /// Logs an identical retry that got the stored result again.

@@ -59,20 +59,26 @@ impl TestPeer {
     /// A mutual-TLS channel to `daemon` presenting this peer's current certificate
     /// (the TLS session keeps that certificate even after a rotation).
     pub async fn channel_to(&self, daemon: &TestDaemon) -> tonic::transport::Channel {
-        let key =
-            PublicKey::from_spki_der(&spki_of_pem(&daemon.certificate_pem())).expect("daemon key");
+        self.channel_to_url(&daemon.url(), &daemon.certificate_pem())
+            .await
+    }
+
+    /// `channel_to` a daemon at `url` whose certificate is `certificate_pem`
+    /// (a replica, straight or through a balancer).
+    pub async fn channel_to_url(
+        &self,
+        url: &str,
+        certificate_pem: &str,
+    ) -> tonic::transport::Channel {
+        let key = PublicKey::from_spki_der(&spki_of_pem(certificate_pem)).expect("daemon key");
         let tls = mosaic_mesh::tls::mutual_client_config(
             ServerPin::PublicKey(key),
             Arc::clone(&self.identity),
         )
         .expect("client tls");
-        mosaic_mesh::tls::connect_channel(
-            &daemon.url(),
-            Some(Arc::new(tls)),
-            ChannelTimeouts::default(),
-        )
-        .await
-        .expect("connect to the daemon")
+        mosaic_mesh::tls::connect_channel(url, Some(Arc::new(tls)), ChannelTimeouts::default())
+            .await
+            .expect("connect to the daemon")
     }
 
     /// A fresh header from this peer, signed (by convention) with `key_id`.
