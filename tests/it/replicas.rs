@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use mosaic_mesh::auth::Scope;
 use mosaic_mesh::proto::federation as pb;
 use mosaic_mesh::store::Store;
 
@@ -298,6 +299,60 @@ async fn one_spawn_delivered_to_two_replicas_at_once_starts_one_agent() {
             round + 1,
             "round {round}: one agent per spawn"
         );
+    }
+    drop(store);
+    replicas.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_create_job_sent_to_two_replicas_at_once_makes_one_job() {
+    use mosaic_mesh::proto::coordinator as coordinator_pb;
+
+    let replicas = Replicas::start(2, "").await;
+    let store = Store::connect(&replicas.database.url)
+        .await
+        .expect("connect");
+    let key = mosaic_mesh::auth::create_api_key(&store, "bot", &[Scope::Coordinator])
+        .await
+        .expect("create an API key")
+        .secret
+        .to_string();
+    let mut clients = Vec::new();
+    for index in 0..replicas.len() {
+        clients.push(coordinator_pb::coordinator_client::CoordinatorClient::new(
+            replicas.channel(index).await,
+        ));
+    }
+    for round in 0..20 {
+        let request = coordinator_pb::CreateJobRequest {
+            job_type: "review".to_owned(),
+            payload_json: format!("{{\"round\":{round}}}"),
+            idempotency_key: format!("retry-{round}"),
+            ..Default::default()
+        };
+        let creations = clients.iter().map(|client| {
+            let mut client = client.clone();
+            let request = with_key(request.clone(), &key);
+            async move {
+                client
+                    .create_job(request)
+                    .await
+                    .expect("CreateJob")
+                    .into_inner()
+                    .job
+                    .expect("a job")
+            }
+        });
+        let jobs = futures::future::join_all(creations).await;
+        assert_eq!(
+            jobs[0].job_id, jobs[1].job_id,
+            "round {round}: both got the same job"
+        );
+        let listed = store
+            .list_jobs(&Default::default(), None, 100)
+            .await
+            .expect("list jobs");
+        assert_eq!(listed.len(), round + 1, "round {round}: one job per key");
     }
     drop(store);
     replicas.cleanup().await;
