@@ -125,6 +125,7 @@ mod federation;
 mod group_commit;
 mod identity;
 mod jobs;
+mod leases;
 mod metrics;
 mod notify;
 mod pools;

@@ -298,3 +298,15 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(jobs, job_labels, job_history, webhook_deliveries);
+
+diesel::table! {
+    /// Leases on background work shared by replicas.
+    replica_leases (name) {
+        name -> Text,
+        /// The process that holds it.
+        holder -> Text,
+        /// Grows with every change of holder.
+        token -> BigInt,
+        expires_at_ms -> BigInt,
+    }
+}
