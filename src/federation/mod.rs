@@ -64,6 +64,9 @@ pub struct Federation {
     clock: Clock,
     delivery_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     wake_outbox: tokio::sync::Notify,
+    /// This process as the holder of leases on background work shared with
+    /// the other replicas of the instance (a UUID per process).
+    lease_holder: String,
     command_counters: self::audit::CommandCounters,
     /// Open connections with their keys by (workspace, peer instance id), read
     /// on every command; cleared by every connection change made here.
@@ -121,6 +124,7 @@ impl Federation {
             clock,
             delivery_locks: Mutex::new(HashMap::new()),
             wake_outbox: tokio::sync::Notify::new(),
+            lease_holder: uuid::Uuid::new_v4().to_string(),
             command_counters: self::audit::CommandCounters::default(),
             peers: TtlCache::new(std::time::Duration::ZERO),
             sole_peers: TtlCache::new(std::time::Duration::ZERO),

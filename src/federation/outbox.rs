@@ -1,6 +1,13 @@
 //! The background side of peering: delivering queued notices (in order per
 //! connection, retried with exponential backoff and jitter until the peer takes
 //! them), liveness pings to ACTIVE peers, and pruning of old message ids.
+//!
+//! Replicas of one instance share the outbox and the connections, so each of
+//! these happens once per instance: a connection's notices are delivered
+//! under its lease (`outbox:<connection id>`), taken for the delivery and
+//! released after, and pings and pruning by the holder of the lease
+//! `federation.background`, renewed at each round; when a holder stops,
+//! another replica takes the work over once its lease has run out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +26,12 @@ use crate::store::{ConnectionFilter, ConnectionRecord, NoticeRecord};
 const OUTBOX_TICK: Duration = Duration::from_millis(500);
 /// How often old message ids and expired peer keys are pruned.
 const PRUNE_INTERVAL_MS: i64 = 60_000;
+/// The lease on pings and pruning.
+const BACKGROUND_LEASE: &str = "federation.background";
+/// How long a connection's notice delivery may hold its lease: longer than
+/// any delivery (each attempt is bounded by the peer call's timeouts); a
+/// replica that dies while delivering leaves it for this long.
+const OUTBOX_LEASE_MS: i64 = 60_000;
 
 /// The delay before retry number `attempts` (1 for the first retry): doubling
 /// from `initial`, capped at `max`, then scaled by `jitter` in `[0.5, 1.0]` so
@@ -97,14 +110,21 @@ impl Federation {
             let now = self.now();
             if now.saturating_sub(last_ping_ms) >= ping_interval_ms {
                 last_ping_ms = now;
-                if let Err(error) = self.ping_active_peers().await {
-                    tracing::warn!(%error, "could not ping peers");
-                }
-            }
-            if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS {
-                last_prune_ms = now;
-                if let Err(error) = self.prune().await {
-                    tracing::warn!(%error, "could not prune old message ids and log entries");
+                // Held while renewed at each ping round; another replica
+                // takes over three rounds after this one stops.
+                if self
+                    .holds(BACKGROUND_LEASE, ping_interval_ms.saturating_mul(3))
+                    .await
+                {
+                    if let Err(error) = self.ping_active_peers().await {
+                        tracing::warn!(%error, "could not ping peers");
+                    }
+                    if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS {
+                        last_prune_ms = now;
+                        if let Err(error) = self.prune().await {
+                            tracing::warn!(%error, "could not prune old message ids and log entries");
+                        }
+                    }
                 }
             }
         }
@@ -140,11 +160,36 @@ impl Federation {
     pub(super) async fn deliver_notices(&self, connection_id: &str, now_or_later: bool) {
         let lock = self.delivery_lock(connection_id);
         let _serialised = lock.lock().await;
+        // Across replicas: the one that takes the connection's lease
+        // delivers; another finds it taken and leaves the notices to it.
+        let lease = format!("outbox:{connection_id}");
+        if !self.holds(&lease, OUTBOX_LEASE_MS).await {
+            return;
+        }
         if let Err(error) = self
             .deliver_notices_locked(connection_id, now_or_later)
             .await
         {
             tracing::warn!(connection.id = %connection_id, %error, "notice delivery failed");
+        }
+        if let Err(error) = self.store.release_lease(&lease, &self.lease_holder).await {
+            tracing::debug!(%error, "could not release a notice lease; it runs out by itself");
+        }
+    }
+
+    /// Takes or renews the lease `name` for this process for `ttl_ms`;
+    /// `false` while another replica holds it or the database fails.
+    async fn holds(&self, name: &str, ttl_ms: i64) -> bool {
+        match self
+            .store
+            .take_lease(name, &self.lease_holder, self.now(), ttl_ms)
+            .await
+        {
+            Ok(granted) => granted.is_some(),
+            Err(error) => {
+                tracing::warn!(lease = name, %error, "could not take a lease on background work");
+                false
+            }
         }
     }
 

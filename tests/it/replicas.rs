@@ -357,3 +357,71 @@ async fn one_create_job_sent_to_two_replicas_at_once_makes_one_job() {
     drop(store);
     replicas.cleanup().await;
 }
+
+/// Calls of `method` a daemon has served, whatever their outcome.
+fn calls_served(daemon: &crate::support::daemon::TestDaemon, method: &str) -> u64 {
+    let text = daemon.metrics.render(
+        &daemon.rate_limiter.metrics().snapshot(),
+        &mosaic_mesh::metrics::StoreGauges::default(),
+    );
+    text.lines()
+        .filter(|line| {
+            line.starts_with("mosaic_grpc_calls_total")
+                && line.contains(&format!("method=\"{method}\""))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Federation timings short enough for a test: pings every 300 ms, notice
+/// retries from 100 ms up to 300 ms.
+const SHORT_FEDERATION: &str = "[federation]
+ping_interval_ms = 300
+notice_retry_initial_ms = 100
+notice_retry_max_ms = 300
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_replicas_deliver_each_notice_once_and_ping_as_one() {
+    let replicas = Replicas::start(3, SHORT_FEDERATION).await;
+    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let peer = peer_environment.start_peer(0, |_| {}).await;
+    let port = peer.address.port();
+    let admin_peer = Admin::of(&peer).await;
+    let admin_0 = replicas.admin(0).await;
+    let (on_peer, on_instance) =
+        connect_and_accept_at(&admin_peer, &admin_0, &replicas.balancer.url(), "ws", &[]).await;
+
+    // Pings: over 3 s at one every 300 ms, about 10 from the instance, not
+    // 10 from each replica.
+    let pings_before = calls_served(&peer, "Ping");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pings = calls_served(&peer, "Ping") - pings_before;
+    assert!(
+        (3..=15).contains(&pings),
+        "the peer got {pings} pings in 3 s from three replicas pinging every 300 ms"
+    );
+
+    // A notice queued while the peer is down, then retried by whichever
+    // replica holds the connection's lease: delivered once when it is back.
+    peer.stop().await;
+    let admin_1 = replicas.admin(1).await;
+    admin_1.suspend(&on_instance).await.expect("suspend");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let peer = peer_environment.start_peer(port, |_| {}).await;
+    let admin_peer = Admin::of(&peer).await;
+    admin_peer
+        .wait_for_state(&on_peer, pb::ConnectionState::Suspended)
+        .await;
+    // Time for any second delivery to land.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        calls_served(&peer, "NotifyConnection"),
+        1,
+        "the SUSPENDED notice was delivered more than once"
+    );
+
+    peer.stop().await;
+    peer_environment.cleanup().await;
+    replicas.cleanup().await;
+}
