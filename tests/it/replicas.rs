@@ -425,3 +425,52 @@ async fn three_replicas_deliver_each_notice_once_and_ping_as_one() {
     peer_environment.cleanup().await;
     replicas.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_the_holder_of_the_background_lease_stops_another_replica_takes_over() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+    let replicas = Replicas::start(2, SHORT_FEDERATION).await;
+    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let peer = peer_environment.start_peer(0, |_| {}).await;
+    let admin_peer = Admin::of(&peer).await;
+    let admin_0 = replicas.admin(0).await;
+    connect_and_accept_at(&admin_peer, &admin_0, &replicas.balancer.url(), "ws", &[]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A holder that stopped: the lease names a process that is gone, for
+    // 2 s more. Nobody pings until it runs out; then a replica takes it
+    // over with the next fencing token and the pings resume.
+    let mut database = AsyncPgConnection::establish(&replicas.database.url)
+        .await
+        .expect("connect");
+    let gone_until = mosaic_mesh::clock::now_ms() + 2_000;
+    diesel::sql_query(format!(
+        "UPDATE replica_leases SET holder = 'a-replica-that-stopped', token = token + 1, \
+         expires_at_ms = {gone_until} WHERE name = 'federation.background'"
+    ))
+    .execute(&mut database)
+    .await
+    .expect("hand the lease to a stopped holder");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = calls_served(&peer, "Ping");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        calls_served(&peer, "Ping"),
+        before,
+        "nobody pings while the stopped holder's lease runs"
+    );
+    // Run out at 2 s, taken over within three ping rounds (900 ms) after.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let resumed = calls_served(&peer, "Ping");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        calls_served(&peer, "Ping") > resumed,
+        "no replica took the background work over"
+    );
+
+    drop(database);
+    peer.stop().await;
+    peer_environment.cleanup().await;
+    replicas.cleanup().await;
+}
