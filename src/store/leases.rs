@@ -13,17 +13,18 @@ use super::{Store, StoreError};
 
 /// Takes `name` for `holder` until `now_ms + ttl_ms`, or renews it: granted
 /// when nobody holds it, when `holder` does, or when the holder's time ran
-/// out (then with the next token). The same text for both backends but for
-/// the placeholders.
+/// out (then with the next token). One text for both backends: SQLite reads
+/// `$1`..`$4` as named parameters numbered in order of first appearance,
+/// which is their order here.
 const TAKE: &str = "\
 INSERT INTO replica_leases (name, holder, token, expires_at_ms)
-VALUES (?1, ?2, 1, ?3)
+VALUES ($1, $2, 1, $3)
 ON CONFLICT (name) DO UPDATE SET
     holder = excluded.holder,
     token = CASE WHEN replica_leases.holder = excluded.holder
         THEN replica_leases.token ELSE replica_leases.token + 1 END,
     expires_at_ms = excluded.expires_at_ms
-WHERE replica_leases.holder = excluded.holder OR replica_leases.expires_at_ms <= ?4
+WHERE replica_leases.holder = excluded.holder OR replica_leases.expires_at_ms <= $4
 RETURNING token";
 
 #[derive(QueryableByName)]
@@ -43,22 +44,8 @@ impl Store {
         ttl_ms: i64,
     ) -> Result<Option<u64>, StoreError> {
         let expires_at_ms = now_ms.saturating_add(ttl_ms);
-        let postgres_sql = TAKE
-            .replace("?1", "$1")
-            .replace("?2", "$2")
-            .replace("?3", "$3")
-            .replace("?4", "$4");
-        let granted: Option<Token> = with_connection!(
-            self,
-            sqlite = |conn| diesel::sql_query(TAKE)
-                .bind::<Text, _>(name)
-                .bind::<Text, _>(holder)
-                .bind::<BigInt, _>(expires_at_ms)
-                .bind::<BigInt, _>(now_ms)
-                .get_result::<Token>(conn)
-                .await
-                .optional()?,
-            postgres = |conn| diesel::sql_query(&postgres_sql)
+        let granted: Option<Token> = with_connection!(self, |conn| {
+            diesel::sql_query(TAKE)
                 .bind::<Text, _>(name)
                 .bind::<Text, _>(holder)
                 .bind::<BigInt, _>(expires_at_ms)
@@ -66,7 +53,7 @@ impl Store {
                 .get_result::<Token>(conn)
                 .await
                 .optional()?
-        );
+        });
         Ok(granted.map(|granted| u64::try_from(granted.token).unwrap_or(0)))
     }
 
@@ -93,68 +80,34 @@ mod tests {
     use crate::store::testing::test_on_both_backends;
 
     async fn one_holder_at_a_time_and_the_next_token_after_expiry(store: Store) {
-        assert_eq!(
-            store
-                .take_lease("pings", "a", 1_000, 500)
+        // (lease, holder, now, what it gets), in order; each asks for 500 ms.
+        let asked: [(&str, &str, i64, Option<u64>); 7] = [
+            ("pings", "a", 1_000, Some(1)),
+            ("pings", "b", 1_200, None),
+            // The holder renews, same token.
+            ("pings", "a", 1_400, Some(1)),
+            ("pings", "b", 1_800, None),
+            // Past the renewed expiry (1 900) another takes it, next token.
+            ("pings", "b", 1_900, Some(2)),
+            ("pings", "a", 2_000, None),
+            // Other names are other leases.
+            ("outbox:c1", "a", 2_000, Some(1)),
+        ];
+        for (name, holder, now_ms, expected) in asked {
+            let granted = store
+                .take_lease(name, holder, now_ms, 500)
                 .await
-                .expect("take"),
-            Some(1)
-        );
-        assert_eq!(
-            store
-                .take_lease("pings", "b", 1_200, 500)
-                .await
-                .expect("refused"),
-            None
-        );
-        // The holder renews, same token.
-        assert_eq!(
-            store
-                .take_lease("pings", "a", 1_400, 500)
-                .await
-                .expect("renew"),
-            Some(1)
-        );
-        assert_eq!(
-            store
-                .take_lease("pings", "b", 1_800, 500)
-                .await
-                .expect("refused"),
-            None
-        );
-        // Past the renewed expiry (1 900) another takes it, with the next token.
-        assert_eq!(
-            store
-                .take_lease("pings", "b", 1_900, 500)
-                .await
-                .expect("take over"),
-            Some(2)
-        );
-        assert_eq!(
-            store
-                .take_lease("pings", "a", 2_000, 500)
-                .await
-                .expect("refused"),
-            None
-        );
-        // Other names are other leases.
-        assert_eq!(
-            store
-                .take_lease("outbox:c1", "a", 2_000, 500)
-                .await
-                .expect("take"),
-            Some(1)
-        );
-        // A release lets the next take it at once.
-        store
-            .release_lease("pings", "a")
-            .await
-            .expect("a release of another's lease is a no-op");
+                .expect("take a lease");
+            assert_eq!(granted, expected, "{holder} asking for {name} at {now_ms}");
+        }
+        // A release lets the next take it at once; another's release is a
+        // no-op.
+        store.release_lease("pings", "a").await.expect("release");
         assert_eq!(
             store
                 .take_lease("pings", "a", 2_100, 500)
                 .await
-                .expect("refused"),
+                .expect("take"),
             None
         );
         store.release_lease("pings", "b").await.expect("release");
