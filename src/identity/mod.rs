@@ -486,11 +486,7 @@ impl IdentityManager {
             previous: previous_keys,
             previous_signing: previous_signing_keys,
         };
-        let identity = Arc::new(Identity::new(&instance, keys, certificate)?);
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = Arc::clone(&identity);
+        let identity = self.install(Identity::new(&instance, keys, certificate)?);
         tracing::info!(
             key.id = %identity.public_key().key_id(),
             previous_key.id = %old.public_key().key_id(),
@@ -499,9 +495,7 @@ impl IdentityManager {
         );
         Ok(identity)
     }
-}
 
-impl IdentityManager {
     /// Takes up a key change made through another replica of this instance
     /// (a rotation): when the database's current key, or the certificate
     /// stored for it, is not the one in use, the stored keys are opened and
@@ -530,17 +524,25 @@ impl IdentityManager {
             certificate_for(&keys.current, &old.profile, stored_certificate.as_deref())?;
         // This replica's own profile (its configuration), as at start.
         let instance = old.record(now);
-        let identity = Arc::new(Identity::new(&instance, keys, certificate)?);
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poison| poison.into_inner()) = Arc::clone(&identity);
+        let identity = self.install(Identity::new(&instance, keys, certificate)?);
         tracing::info!(
             key.id = %identity.public_key().key_id(),
             previous_key.id = %old.public_key().key_id(),
             "took up the instance key now current in the database"
         );
         Ok(true)
+    }
+
+    /// Makes `identity` the current one, whole, for every reader after this.
+    fn install(&self, identity: Identity) -> Arc<Identity> {
+        let identity = Arc::new(identity);
+        // A poisoned lock only means a writer panicked between two whole-Arc
+        // assignments; the value inside is still a complete snapshot.
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = Arc::clone(&identity);
+        identity
     }
 }
 
