@@ -6,8 +6,10 @@
 //! Each pruning deletes in batches of `BATCH` rows, each batch one short
 //! statement in its own turn of the store, so a backlog of millions of rows
 //! (a first start after raising the load, or after lowering a retention)
-//! never holds the database for long. Every replica runs it; the deletes are
-//! idempotent, and agents are pruned by the replica that ran them.
+//! never holds the database for long. Agents are pruned by the replica that
+//! ran them; jobs and webhook deliveries, which the replicas share, by the
+//! holder of the lease `retention` (renewed at each pruning, taken over by
+//! another replica three intervals after its holder stopped).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,8 @@ use crate::store::{StorageSettings, Store, StoreError};
 
 /// Rows deleted per statement.
 pub const BATCH: i64 = 500;
+/// The lease on pruning what the replicas share.
+const LEASE: &str = "retention";
 
 /// What one pruning removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,14 +33,29 @@ pub struct Pruned {
     pub agents: u64,
 }
 
-/// Prunes what `settings` says has expired at `now_ms`, batch by batch.
+/// Prunes what `settings` says has expired at `now_ms`, batch by batch:
+/// this daemon's ended agents, and, if `holder` takes or renews the lease
+/// on them (for three prune intervals), the jobs and webhook deliveries.
 pub async fn prune_once(
     store: &Store,
     agents: &AgentRuntime,
     settings: &StorageSettings,
+    holder: &str,
     now_ms: i64,
 ) -> Result<Pruned, StoreError> {
     let mut pruned = Pruned::default();
+    if let Some(before) = cutoff(now_ms, settings.agent_retention) {
+        pruned.agents = in_batches(|| agents.prune_ended(before, BATCH)).await?;
+    }
+    let ttl_ms =
+        i64::try_from(settings.prune_interval.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
+    if store
+        .take_lease(LEASE, holder, now_ms, ttl_ms)
+        .await?
+        .is_none()
+    {
+        return Ok(pruned);
+    }
     if let Some(before) = cutoff(now_ms, settings.job_retention) {
         pruned.jobs = in_batches(|| store.prune_ended_jobs(before, BATCH)).await?;
     }
@@ -44,25 +63,23 @@ pub async fn prune_once(
         pruned.webhook_deliveries =
             in_batches(|| store.prune_webhook_deliveries(before, BATCH)).await?;
     }
-    if let Some(before) = cutoff(now_ms, settings.agent_retention) {
-        pruned.agents = in_batches(|| agents.prune_ended(before, BATCH)).await?;
-    }
     Ok(pruned)
 }
 
-/// Runs `prune_once` every `settings.prune_interval` until the returned task
-/// is aborted (the server aborts it when it stops).
+/// Runs `prune_once` for `holder` every `settings.prune_interval` until the
+/// returned task is aborted (the server aborts it when it stops).
 pub fn spawn(
     store: Store,
     agents: Arc<AgentRuntime>,
     settings: StorageSettings,
+    holder: String,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(settings.prune_interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            match prune_once(&store, &agents, &settings, crate::clock::now_ms()).await {
+            match prune_once(&store, &agents, &settings, &holder, crate::clock::now_ms()).await {
                 Ok(pruned) if pruned != Pruned::default() => {
                     tracing::info!(
                         jobs = pruned.jobs,
@@ -164,7 +181,7 @@ mod tests {
             agent_retention: None,
             ..StorageSettings::default()
         };
-        let pruned = prune_once(&store, &agents, &forever, later)
+        let pruned = prune_once(&store, &agents, &forever, "a", later)
             .await
             .expect("prune");
         assert_eq!(pruned, Pruned::default());
@@ -176,7 +193,7 @@ mod tests {
             agent_retention: Some(Duration::from_secs(1)),
             ..StorageSettings::default()
         };
-        let pruned = prune_once(&store, &agents, &short, later)
+        let pruned = prune_once(&store, &agents, &short, "a", later)
             .await
             .expect("prune");
         assert_eq!(
@@ -193,6 +210,26 @@ mod tests {
             Err(AgentError::NotFound(_))
         ));
         assert!(store.find_job("done").await.expect("find").is_none());
+
+        // Another replica prunes nothing shared while "a" holds the lease,
+        // and takes it over once "a" has missed three prunings.
+        job.id = "done-too".to_owned();
+        store
+            .insert_job(&job, &creation_entry(&job, "tester"))
+            .await
+            .expect("insert");
+        let pruned = prune_once(&store, &agents, &short, "b", later + 1_000)
+            .await
+            .expect("prune");
+        assert_eq!(
+            pruned.jobs, 0,
+            "pruned while another replica holds the lease"
+        );
+        let after_a = later + 3 * 60_000 + 1;
+        let pruned = prune_once(&store, &agents, &short, "b", after_a)
+            .await
+            .expect("prune");
+        assert_eq!(pruned.jobs, 1, "not taken over");
         agents.shutdown().await;
     }
 

@@ -175,13 +175,9 @@ pub async fn serve(
         .await
         .context("cannot settle the agents of the previous run")?;
     // Jobs whose agents ended while the daemon was down end now.
-    crate::coordinator::dispatch::resume_following(
-        &shared.jobs,
-        &shared.agents,
-        &crate::coordinator::remote::RemoteDispatch::of(&shared),
-    )
-    .await
-    .context("cannot follow the agents of running jobs")?;
+    crate::coordinator::dispatch::resume_following(&shared.jobs, &shared.agents)
+        .await
+        .context("cannot follow the agents of running jobs")?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Every service SERVING now, then in step with the database.
@@ -260,10 +256,17 @@ pub async fn serve(
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
+    // Remote dispatches are followed by one replica at a time.
+    let following = crate::coordinator::following::spawn(
+        shared.jobs.clone(),
+        crate::coordinator::remote::RemoteDispatch::of(&shared),
+        shared.federation.lease_holder().to_owned(),
+    );
     let _retention = AbortOnDrop(crate::retention::spawn(
         shared.store.clone(),
         Arc::clone(&shared.agents),
         config.storage.clone(),
+        shared.federation.lease_holder().to_owned(),
     ));
     // A rotation made through another replica is taken up here too.
     let _rotations = crate::replicas::identity::follow_rotations(
@@ -290,6 +293,8 @@ pub async fn serve(
     };
     let drained = drain_on_shutdown(serving, shutdown, stop_serving, config.shutdown_grace).await;
     drop(database_health);
+    // Another replica follows the remote dispatches from now on.
+    following.stop().await;
     // The log entries of sent reads answered during the drain are written
     // behind their answers; they are committed before the daemon stops.
     shared.federation.flush_command_log().await;

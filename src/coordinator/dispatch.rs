@@ -168,19 +168,15 @@ pub async fn cancel(
     Ok(job)
 }
 
-/// Follows the agents of RUNNING jobs again, after a restart: each job ends
-/// as its agent did (at once for a local agent the restart settled; a remote
-/// agent is polled again).
+/// Follows the local agents of RUNNING jobs again, after a restart: each
+/// job ends as its agent did (at once for an agent the restart settled).
+/// Remote agents are followed by [`super::following`].
 pub async fn resume_following(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,
-    peers: &RemoteDispatch,
 ) -> Result<usize, CoordinatorError> {
-    let remote = jobs.running_jobs_with_remote_agents().await?;
-    let remote = super::remote::resume_following(jobs, peers, remote)
-        + super::remote::resume_spawns(jobs, peers).await?;
     let running = jobs.running_jobs_with_local_agents().await?;
-    let count = running.len() + remote;
+    let count = running.len();
     for job in running {
         tokio::spawn(follow_agent(
             jobs.clone(),

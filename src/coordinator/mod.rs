@@ -5,6 +5,8 @@
 //! - [`dispatch`]: `DispatchJob`, and jobs that follow their agent's end.
 //! - [`remote`]: `DispatchJob` to a federated peer, and jobs that follow a
 //!   remote agent by polling it.
+//! - [`following`]: which replica polls the remote agents (one per instance,
+//!   under a lease).
 //! - [`webhook`]: signature checks and event mapping for `HandleWebhook` (pure).
 //! - [`events`]: the in-process feed of committed changes behind `WatchJob`.
 //! - [`paging`]: `ListJobs` page tokens (pure).
@@ -16,6 +18,7 @@
 pub mod convert;
 pub mod dispatch;
 pub mod events;
+pub mod following;
 pub mod health;
 pub mod jobs;
 pub mod paging;
@@ -47,6 +50,9 @@ pub struct CoordinatorState {
     /// The group commit of job creates and changes, started on the first
     /// write (see `jobs::Jobs::writer`).
     job_writes: Arc<std::sync::OnceLock<jobs::JobWriter>>,
+    /// The tasks following remote dispatches, while this process holds their
+    /// lease.
+    followers: following::Followers,
 }
 
 impl Default for CoordinatorState {
@@ -57,6 +63,7 @@ impl Default for CoordinatorState {
             shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
             sqlite_writes: Arc::new(tokio::sync::Mutex::new(())),
             job_writes: Arc::default(),
+            followers: following::Followers::default(),
         }
     }
 }
@@ -75,6 +82,11 @@ impl CoordinatorState {
     /// Where the daemon's job writer is kept once started.
     pub(crate) fn job_writes(&self) -> Arc<std::sync::OnceLock<jobs::JobWriter>> {
         Arc::clone(&self.job_writes)
+    }
+
+    /// The tasks following remote dispatches from this process.
+    pub fn followers(&self) -> following::Followers {
+        self.followers.clone()
     }
 
     /// A receiver that sees `true` once shutdown has begun.

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::CoordinatorError;
 use super::dispatch::{DispatchRequest, Dispatched, SYSTEM_ACTOR, job_change_for};
+use super::following::{Followers, Work};
 use super::jobs::Jobs;
 use super::state::{JobChange, JobState};
 use crate::agents::{AgentRecord, AgentState, Origin};
@@ -36,6 +37,8 @@ pub struct RemoteDispatch {
     /// longer of the message lifetime and the clock window): a spawn the peer
     /// has not answered in that time is given up.
     pub spawn_valid_for: Duration,
+    /// The follow-up tasks of this process (see [`super::following`]).
+    pub followers: Followers,
 }
 
 impl RemoteDispatch {
@@ -50,6 +53,7 @@ impl RemoteDispatch {
                 .federation
                 .message_lifetime
                 .max(shared.config.federation.clock_window),
+            followers: shared.coordinator.followers(),
         }
     }
 }
@@ -109,7 +113,13 @@ pub async fn dispatch(
             ..dispatched
         }),
         Err(CoordinatorError::Federation(error)) if spawn_may_have_happened(&error) => {
-            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job_id));
+            // This call's own follow-up, on whichever replica took it.
+            peers.followers.start(
+                Work::Spawn,
+                &job_id,
+                false,
+                finish_spawn(jobs.clone(), peers.clone(), job_id.clone()),
+            );
             Err(error.into())
         }
         Err(error) => Err(error),
@@ -246,14 +256,9 @@ async fn start(
             return Err(error);
         }
     };
-    tokio::spawn(follow(
-        jobs.clone(),
-        peers.clone(),
-        attached.id.clone(),
-        peer.to_owned(),
-        workspace.to_owned(),
-        agent.agent_id.clone(),
-    ));
+    // Polled from here if this replica follows the remote dispatches, else
+    // by the one that does, from its next scan.
+    follow_job(jobs, peers, attached.clone());
     Ok(Dispatched {
         job: attached,
         agent_id: agent.agent_id,
@@ -381,9 +386,10 @@ async fn finish_spawn(jobs: Jobs, peers: RemoteDispatch, job_id: String) {
     }
 }
 
-/// After a restart: the jobs that a dispatch left PENDING after logging its
-/// signed spawn, recently enough for the spawn to still reach the peer, get
-/// it sent again (see [`finish_spawn`]).
+/// When this replica takes the following of remote dispatches over (at
+/// start, or from a replica that stopped): the jobs that a dispatch left
+/// PENDING after logging its signed spawn, recently enough for the spawn to
+/// still reach the peer, get it sent again (see [`finish_spawn`]).
 pub async fn resume_spawns(jobs: &Jobs, peers: &RemoteDispatch) -> Result<usize, CoordinatorError> {
     let valid_ms = i64::try_from(peers.spawn_valid_for.as_millis()).unwrap_or(i64::MAX);
     let since = crate::clock::now_ms().saturating_sub(valid_ms);
@@ -394,28 +400,31 @@ pub async fn resume_spawns(jobs: &Jobs, peers: &RemoteDispatch) -> Result<usize,
             .find_outbound_command(&spawn_message_id(&job.id))
             .await?
             .is_some()
+            && peers.followers.start(
+                Work::Spawn,
+                &job.id,
+                true,
+                finish_spawn(jobs.clone(), peers.clone(), job.id.clone()),
+            )
         {
-            tokio::spawn(finish_spawn(jobs.clone(), peers.clone(), job.id));
             count += 1;
         }
     }
     Ok(count)
 }
 
-/// Polls the RUNNING jobs' remote agents again, after a restart.
-pub fn resume_following(jobs: &Jobs, peers: &RemoteDispatch, running: Vec<JobRecord>) -> usize {
-    let count = running.len();
-    for job in running {
-        tokio::spawn(follow(
-            jobs.clone(),
-            peers.clone(),
-            job.id,
-            job.peer_instance_id,
-            job.workspace,
-            job.agent_id,
-        ));
-    }
-    count
+/// Polls `job`'s remote agent until it ends, if this replica follows the
+/// remote dispatches and does not poll it already. True if it started.
+pub fn follow_job(jobs: &Jobs, peers: &RemoteDispatch, job: JobRecord) -> bool {
+    let task = follow(
+        jobs.clone(),
+        peers.clone(),
+        job.id.clone(),
+        job.peer_instance_id,
+        job.workspace,
+        job.agent_id,
+    );
+    peers.followers.start(Work::Follow, &job.id, true, task)
 }
 
 /// Polls the remote agent with signed `agent.status` until it has ended,

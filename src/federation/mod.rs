@@ -83,6 +83,12 @@ pub struct Federation {
 }
 
 impl Federation {
+    /// This process's name as the holder of leases on background work
+    /// shared with the other replicas (a UUID made at start).
+    pub fn lease_holder(&self) -> &str {
+        &self.lease_holder
+    }
+
     /// Federation over `store` and `identity`, reading the wall clock.
     pub fn new(
         store: Store,

@@ -6,11 +6,13 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use mosaic_mesh::auth::Scope;
+use mosaic_mesh::proto::coordinator as coordinator_pb;
 use mosaic_mesh::proto::federation as pb;
 use mosaic_mesh::store::Store;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, connect_and_accept_at};
+use crate::support::admin::{Admin, connect_and_accept, connect_and_accept_at};
+use crate::support::agents::with_agent_types;
 use crate::support::daemon::{TestEnvironment, instance_of, with_key};
 use crate::support::peer::TestPeer;
 use crate::support::python;
@@ -306,8 +308,6 @@ async fn one_spawn_delivered_to_two_replicas_at_once_starts_one_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_create_job_sent_to_two_replicas_at_once_makes_one_job() {
-    use mosaic_mesh::proto::coordinator as coordinator_pb;
-
     let replicas = Replicas::start(2, "").await;
     let store = Store::connect(&replicas.database.url)
         .await
@@ -472,5 +472,197 @@ async fn when_the_holder_of_the_background_lease_stops_another_replica_takes_ove
     drop(database);
     peer.stop().await;
     peer_environment.cleanup().await;
+    replicas.cleanup().await;
+}
+
+/// A peer with the test agent types, connected with the replicas' instance
+/// in workspace `ws` and granting it the agent commands, and a bot's API
+/// key on the instance for `DispatchJob`.
+struct PeerWithAgents {
+    environment: TestEnvironment,
+    daemon: crate::support::daemon::TestDaemon,
+    instance_id: String,
+    store: Store,
+    dispatch_key: String,
+}
+
+impl PeerWithAgents {
+    async fn connect(replicas: &Replicas) -> PeerWithAgents {
+        let environment = TestEnvironment::new(Backend::Sqlite).await;
+        let daemon = environment
+            .start_peer(0, |config| *config = with_agent_types(config.clone()))
+            .await;
+        let admin_peer = Admin::of(&daemon).await;
+        connect_and_accept(
+            &replicas.admin(0).await,
+            &admin_peer,
+            &daemon,
+            "ws",
+            &["agent.spawn", "agent.status", "agent.kill"],
+        )
+        .await;
+        let store = Store::connect(&replicas.database.url)
+            .await
+            .expect("connect");
+        let dispatch_key = mosaic_mesh::auth::create_api_key(&store, "bot", &[Scope::Webhook])
+            .await
+            .expect("create an API key")
+            .secret
+            .to_string();
+        PeerWithAgents {
+            instance_id: admin_peer.instance().await.instance_id,
+            environment,
+            daemon,
+            store,
+            dispatch_key,
+        }
+    }
+
+    /// `DispatchJob` of `sh -c prompt` to the peer through replica `index`.
+    async fn dispatch(
+        &self,
+        replicas: &Replicas,
+        index: usize,
+        prompt: &str,
+        idempotency_key: &str,
+    ) -> coordinator_pb::DispatchJobResponse {
+        coordinator_pb::coordinator_client::CoordinatorClient::new(replicas.channel(index).await)
+            .dispatch_job(with_key(
+                coordinator_pb::DispatchJobRequest {
+                    job_type: "remote-work".to_owned(),
+                    agent_type: "sh".to_owned(),
+                    prompt: prompt.to_owned(),
+                    peer_instance_id: self.instance_id.clone(),
+                    idempotency_key: idempotency_key.to_owned(),
+                    ..Default::default()
+                },
+                &self.dispatch_key,
+            ))
+            .await
+            .expect("DispatchJob")
+            .into_inner()
+    }
+
+    async fn agents(&self) -> crate::support::agents::Agents {
+        crate::support::agents::Agents::new(
+            self.daemon.channel().await,
+            self.daemon.api_key(&[Scope::Agents]).await,
+        )
+    }
+
+    async fn stop(self) {
+        drop(self.store);
+        self.daemon.stop().await;
+        self.environment.cleanup().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_remote_dispatch_sent_to_two_replicas_at_once_starts_one_agent() {
+    let replicas = Replicas::start(2, "").await;
+    let peer = PeerWithAgents::connect(&replicas).await;
+    let mut agents = peer.agents().await;
+    for round in 0..10 {
+        let key = format!("retry-{round}");
+        let (first, second) = tokio::join!(
+            peer.dispatch(&replicas, 0, "sleep 600", &key),
+            peer.dispatch(&replicas, 1, "sleep 600", &key),
+        );
+        let job = |response: &coordinator_pb::DispatchJobResponse| {
+            response.job.as_ref().expect("a job").job_id.clone()
+        };
+        assert_eq!(job(&first), job(&second), "round {round}: two jobs");
+        // A caller that came second while the spawn was in flight may get
+        // the job before its agent; an agent it names is the same.
+        let named: BTreeSet<&str> = [first.agent_id.as_str(), second.agent_id.as_str()]
+            .into_iter()
+            .filter(|agent| !agent.is_empty())
+            .collect();
+        assert_eq!(named.len(), 1, "round {round}: agents {named:?}");
+        let started = agents
+            .list(Default::default())
+            .await
+            .expect("ListAgents")
+            .agents;
+        assert_eq!(started.len(), round + 1, "round {round}: {started:?}");
+    }
+    for agent in agents
+        .list(Default::default())
+        .await
+        .expect("ListAgents")
+        .agents
+    {
+        agents
+            .kill(&agent.agent_id, "the test is over")
+            .await
+            .expect("kill");
+    }
+    peer.stop().await;
+    replicas.cleanup().await;
+}
+
+/// A job dispatched through one replica to a peer, then polled while every
+/// replica has been restarted: the peer gets the polls of one follower, not
+/// one per replica; when the follower is killed another takes over and the
+/// job still ends with its agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_dispatch_polls_are_not_multiplied_by_the_replica_count() {
+    // Polls every 200 ms: a follower lease of 600 ms.
+    let mut replicas = Replicas::start(3, "[coordinator]\nremote_agent_poll_ms = 200\n").await;
+    let peer = PeerWithAgents::connect(&replicas).await;
+    let dispatched = peer.dispatch(&replicas, 0, "sleep 600", "").await;
+    let job_id = dispatched.job.expect("a job").job_id;
+    // Every replica restarted: each resumes what it follows at start.
+    for index in 0..replicas.len() {
+        replicas.restart(index).await;
+    }
+    let polls_in = |seconds: u64| {
+        let peer = &peer.daemon;
+        async move {
+            let before = calls_served(peer, "ExecuteCommand");
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            calls_served(peer, "ExecuteCommand") - before
+        }
+    };
+    // Over 4 s at one poll every 200 ms: about 20 from the instance, not 60.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let polls = polls_in(4).await;
+    assert!(
+        (8..=28).contains(&polls),
+        "the peer got {polls} polls in 4 s from three replicas polling every 200 ms"
+    );
+
+    // The follower killed, whichever it is: the others take over.
+    replicas.kill(0).await;
+    replicas.kill(1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let polls = polls_in(3).await;
+    assert!(
+        (6..=21).contains(&polls),
+        "the peer got {polls} polls in 3 s from the replica left"
+    );
+    // And the job still ends with its agent.
+    let mut agents = peer.agents().await;
+    agents
+        .kill(&dispatched.agent_id, "the test is over")
+        .await
+        .expect("KillAgent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job = peer
+            .store
+            .find_job(&job_id)
+            .await
+            .expect("find")
+            .expect("the job");
+        if job.state.is_terminal() {
+            assert_eq!(job.state.as_str(), "FAILED", "{job:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    peer.stop().await;
     replicas.cleanup().await;
 }
