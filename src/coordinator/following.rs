@@ -49,7 +49,8 @@ pub struct Followers {
 #[derive(Debug, Default)]
 struct Inner {
     held: bool,
-    tasks: HashMap<(Work, String), tokio::task::JoinHandle<()>>,
+    /// The tasks, and whether each runs only while the lease is held.
+    tasks: HashMap<(Work, String), (tokio::task::JoinHandle<()>, bool)>,
 }
 
 impl Followers {
@@ -63,10 +64,7 @@ impl Followers {
         only_if_held: bool,
         task: impl Future<Output = ()> + Send + 'static,
     ) -> bool {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self.lock();
         if only_if_held && !inner.held {
             return false;
         }
@@ -74,43 +72,52 @@ impl Followers {
         if inner
             .tasks
             .get(&key)
-            .is_some_and(|running| !running.is_finished())
+            .is_some_and(|(running, _)| !running.is_finished())
         {
             return false;
         }
-        inner.tasks.insert(key, tokio::spawn(task));
+        inner.tasks.insert(key, (tokio::spawn(task), only_if_held));
         true
     }
 
-    /// Records whether this process holds the lease; losing it stops every
-    /// task. True when it was just taken (not held before).
+    /// Records whether this process holds the lease; without it, every task
+    /// that needs it stops (a dispatch's own retry goes on). True when it was
+    /// just taken (not held before).
     fn set_held(&self, held: bool) -> bool {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inner = self.lock();
         let taken = held && !inner.held;
         inner.held = held;
-        if held {
-            inner.tasks.retain(|_, task| !task.is_finished());
-        } else {
-            for (_, task) in inner.tasks.drain() {
+        inner.tasks.retain(|_, (task, needs_lease)| {
+            if *needs_lease && !held {
                 task.abort();
             }
-        }
+            !task.is_finished() && (held || !*needs_lease)
+        });
         taken
+    }
+
+    /// Stops every task, those that do not need the lease too.
+    fn stop_all(&self) {
+        let mut inner = self.lock();
+        inner.held = false;
+        for (_, (task, _)) in inner.tasks.drain() {
+            task.abort();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// How many tasks of `work` run now.
     pub fn running(&self, work: Work) -> usize {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let inner = self.lock();
         inner
             .tasks
             .iter()
-            .filter(|((kind, _), task)| *kind == work && !task.is_finished())
+            .filter(|((kind, _), (task, _))| *kind == work && !task.is_finished())
             .count()
     }
 }
@@ -203,7 +210,7 @@ impl Following {
     /// Stops following and releases the lease.
     pub async fn stop(self) {
         self.scanning.abort();
-        self.followers.set_held(false);
+        self.followers.stop_all();
         if let Err(error) = self.store.release_lease(LEASE, &self.holder).await {
             tracing::debug!(%error, "could not release the lease on following remote dispatches; it runs out by itself");
         }
@@ -213,7 +220,7 @@ impl Following {
 impl Drop for Following {
     fn drop(&mut self) {
         self.scanning.abort();
-        self.followers.set_held(false);
+        self.followers.stop_all();
     }
 }
 
@@ -250,11 +257,15 @@ mod tests {
         assert!(followers.start(Work::Follow, "j1", true, forever()));
         assert!(!followers.start(Work::Follow, "j1", true, forever()));
         assert!(followers.start(Work::Spawn, "j1", true, forever()));
+        // A dispatch's own retry runs whether the lease is held or not.
+        assert!(followers.start(Work::Spawn, "j2", false, forever()));
         assert_eq!(followers.running(Work::Follow), 1);
-        // Losing the lease stops them all.
+        // Losing the lease stops the tasks that need it, not the retry.
         followers.set_held(false);
-        tokio::task::yield_now().await;
+        followers.set_held(false);
         assert_eq!(followers.running(Work::Follow), 0);
+        assert_eq!(followers.running(Work::Spawn), 1);
+        followers.stop_all();
         assert_eq!(followers.running(Work::Spawn), 0);
         // A finished task makes room for a new one.
         followers.set_held(true);
