@@ -131,6 +131,9 @@ pub struct FileConfig {
     /// `[storage]`.
     #[serde(default)]
     pub storage: crate::store::StorageFileConfig,
+    /// `[replicas]`.
+    #[serde(default)]
+    pub replicas: crate::replicas::settings::ReplicasFileConfig,
 }
 
 /// `[instance]` in the file.
@@ -249,6 +252,8 @@ pub struct Config {
     pub rate_limit: crate::ratelimit::RateLimitSettings,
     /// The job coordinator: payload limit and webhook sources.
     pub coordinator: CoordinatorConfig,
+    /// How this replica is known to the others: its lease and address.
+    pub replicas: crate::replicas::settings::ReplicasConfig,
     /// Where `/metrics` is served over plain HTTP (default none: no metrics listener).
     pub metrics_listen: Option<SocketAddr>,
     /// Pinned keys only (default), or CA mode with the operator's chain and bundle.
@@ -398,6 +403,7 @@ impl Config {
         }
         let tls = crate::tls::ca::TlsSettings::resolve(file.tls, &args.tls, plaintext)?;
         let coordinator = crate::coordinator::settings::resolve(file.coordinator)?;
+        let replicas = crate::replicas::settings::resolve(file.replicas)?;
         let agents = crate::agents::settings::resolve(file.agents, max_message_bytes)?;
         let rate_limit = crate::ratelimit::RateLimitSettings::resolve(
             file.rate_limit,
@@ -428,6 +434,7 @@ impl Config {
             agents,
             rate_limit,
             coordinator,
+            replicas,
             metrics_listen,
             tls,
             storage,
@@ -641,6 +648,38 @@ mod tests {
         }
         let error = parse_file("[coordinator.webhooks.github]\nsecrt = \"x\"\n").expect_err("typo");
         assert!(error.contains("secrt"), "{error}");
+    }
+
+    #[test]
+    fn replica_settings_resolve_and_bad_ones_name_their_key() {
+        let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
+        assert_eq!(config.replicas.lease, Duration::from_secs(30));
+        assert_eq!(config.replicas.advertise_url, None);
+        let file =
+            parse_file("[replicas]\nlease_secs = 9\nadvertise_url = \"https://10.0.0.5:7443\"\n")
+                .expect("parse");
+        let config = Config::resolve(file, &args_with_dir()).expect("config");
+        assert_eq!(config.replicas.lease, Duration::from_secs(9));
+        assert_eq!(
+            config.replicas.advertise_url.as_deref(),
+            Some("https://10.0.0.5:7443")
+        );
+        for (text, key) in [
+            ("[replicas]\nlease_secs = 2\n", "replicas.lease_secs"),
+            ("[replicas]\nlease_secs = 3601\n", "replicas.lease_secs"),
+            (
+                "[replicas]\nadvertise_url = \"10.0.0.5\"\n",
+                "replicas.advertise_url",
+            ),
+            (
+                "[replicas]\nadvertise_url = \"ftp://h:1\"\n",
+                "replicas.advertise_url",
+            ),
+        ] {
+            let file = parse_file(text).expect("parse");
+            let error = Config::resolve(file, &args_with_dir()).expect_err(text);
+            assert!(error.to_string().contains(key), "{error}");
+        }
     }
 
     #[test]

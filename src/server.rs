@@ -222,6 +222,21 @@ pub async fn serve(
         );
 
     let local_address = listener.local_addr().context("listener has no address")?;
+    // In the registry of replicas, with a lease this process renews.
+    let scheme = if config.plaintext { "http" } else { "https" };
+    let advertised = config
+        .replicas
+        .advertise_url
+        .clone()
+        .unwrap_or_else(|| format!("{scheme}://{local_address}"));
+    let registration = crate::replicas::registry::register(
+        shared.store.clone(),
+        shared.agents.runner_id(),
+        &advertised,
+        config.replicas.lease,
+    )
+    .await
+    .context("cannot register this replica")?;
     let identity = shared.identity.current();
     tracing::info!(
         listen = %local_address,
@@ -299,6 +314,8 @@ pub async fn serve(
     // behind their answers; they are committed before the daemon stops.
     shared.federation.flush_command_log().await;
     shared.agents.shutdown().await;
+    // Stopped cleanly: nobody waits for this replica's lease to run out.
+    registration.stop().await;
     drained
 }
 

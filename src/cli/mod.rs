@@ -10,6 +10,7 @@ pub mod identity;
 pub mod job;
 pub mod peer;
 pub mod remote;
+pub mod replicas;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -86,6 +87,9 @@ pub enum Command {
     /// (`coordinator` API key).
     #[command(subcommand)]
     Job(job::JobCommand),
+    /// List the replicas of this instance: state, agents supervised, last
+    /// heartbeat (offline, on the database).
+    Replicas,
 }
 
 /// `mosaicd identity ...`
@@ -170,5 +174,6 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Agent(command) => agent::run(command, &cli.config, &cli.client, output).await,
         Command::Job(command) => job::run(&cli.config, &cli.client, command, output).await,
+        Command::Replicas => replicas::list(&cli.config, output).await,
     }
 }

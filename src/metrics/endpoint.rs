@@ -117,11 +117,26 @@ async fn read_store_gauges(store: &Store) -> StoreGauges {
             tracing::warn!(%error, "metrics: cannot count peers");
             Vec::new()
         });
+    let now_ms = crate::clock::now_ms();
+    let replicas = match store.list_replicas().await {
+        Ok(replicas) => replicas
+            .into_iter()
+            .map(|(replica, agents)| {
+                let state = replica.state_at(now_ms).to_owned();
+                (replica.runner_id, state, agents)
+            })
+            .collect(),
+        Err(error) => {
+            tracing::warn!(%error, "metrics: cannot list the replicas");
+            Vec::new()
+        }
+    };
     StoreGauges {
         agents_by_state,
         jobs_by_state,
         peers_by_state,
         commands: Vec::new(),
         sqlite_wal: store.sqlite_wal(),
+        replicas,
     }
 }

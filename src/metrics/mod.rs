@@ -69,6 +69,8 @@ pub struct StoreGauges {
     pub commands: Vec<(String, String, u64)>,
     /// The SQLite WAL and its checkpointer's holds; `None` on PostgreSQL.
     pub sqlite_wal: Option<crate::store::WalReading>,
+    /// The replicas of the instance: (runner id, state, agents supervised).
+    pub replicas: Vec<(String, String, u64)>,
 }
 
 impl Metrics {
@@ -181,6 +183,18 @@ impl Metrics {
                 text,
                 "mosaic_commands_total{{direction=\"{direction}\",outcome=\"{}\"}} {count}",
                 escape(outcome)
+            );
+        }
+        text.push_str(
+            "# HELP mosaic_replica_agents Agents each replica of this instance supervises, with the replica's state (serving, expired, stopped, lost), read at scrape time.\n",
+        );
+        text.push_str("# TYPE mosaic_replica_agents gauge\n");
+        for (runner_id, state, agents) in &store.replicas {
+            let _ = writeln!(
+                text,
+                "mosaic_replica_agents{{runner_id=\"{}\",state=\"{}\"}} {agents}",
+                escape(runner_id),
+                escape(state)
             );
         }
         if let Some(wal) = &store.sqlite_wal {
@@ -363,10 +377,14 @@ mod tests {
                 held: Duration::from_millis(21),
                 longest_hold: Duration::from_millis(9),
             }),
+            replicas: vec![("runner-1".into(), "serving".into(), 2)],
         };
         let text = Metrics::default().render(&empty_rate_limit(), &gauges);
         assert!(text.contains("mosaic_agents{state=\"RUNNING\"} 2\n"));
         assert!(text.contains("mosaic_jobs{state=\"PENDING\"} 3\n"));
+        assert!(
+            text.contains("mosaic_replica_agents{runner_id=\"runner-1\",state=\"serving\"} 2\n")
+        );
         assert!(text.contains("mosaic_peers{state=\"ACTIVE\",reachable=\"true\"} 1\n"));
         assert!(text.contains("mosaic_rate_limit_breaker_state{state=\"closed\"} 1\n"));
         assert!(text.contains("mosaic_rate_limit_fallback_active 0\n"));

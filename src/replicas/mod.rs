@@ -7,6 +7,9 @@
 //!   supervisor of the agents it starts.
 //! - [`lease`]: a pure, fenced, time-bounded claim with an injected clock:
 //!   the building block of what replicas will hand between themselves.
+//! - [`registry`]: this replica in the table of replicas, its lease renewed
+//!   by a heartbeat and fenced by an epoch.
+//! - [`settings`]: the `[replicas]` section.
 //!
 //! This module owns what one replica must know of the others: which are alive
 //! and how to reach them (the replica registry), which replica supervises what
@@ -15,4 +18,6 @@
 
 pub mod identity;
 pub mod lease;
+pub mod registry;
 pub mod runner;
+pub mod settings;

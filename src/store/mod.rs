@@ -130,6 +130,7 @@ mod metrics;
 mod notify;
 mod pools;
 mod prepared;
+mod replicas;
 mod retention;
 mod schema;
 mod settings;
@@ -160,6 +161,7 @@ pub use jobs::{
     JobWritten,
 };
 pub use notify::{Listener, Topic};
+pub use replicas::{NewReplica, ReplicaRecord};
 pub use settings::{StorageFileConfig, StorageSettings};
 pub use single_server::ServingLock;
 pub use startup::StartupLock;

@@ -310,3 +310,20 @@ diesel::table! {
         expires_at_ms -> BigInt,
     }
 }
+
+diesel::table! {
+    /// The replicas of the instance, one per runner id.
+    replicas (runner_id) {
+        runner_id -> Text,
+        /// How another replica reaches it (an https URL).
+        address -> Text,
+        /// Grows with every start and every takeover.
+        epoch -> BigInt,
+        /// `serving`, `stopped` or `lost`.
+        state -> Text,
+        version -> Text,
+        started_at_ms -> BigInt,
+        heartbeat_at_ms -> BigInt,
+        expires_at_ms -> BigInt,
+    }
+}

@@ -42,6 +42,7 @@ mod peer_cli;
 mod peering;
 mod rate_limit;
 mod remote_cli;
+mod replica_registry;
 mod replicas;
 mod server;
 mod stress_faults;

@@ -154,6 +154,23 @@ impl Replicas {
         }
     }
 
+    /// Stops replica `index` with SIGTERM (a clean stop) and waits for it to
+    /// exit.
+    pub async fn terminate(&mut self, index: usize) {
+        if let Some(mut child) = self.children[index].take() {
+            let pid = child.id().and_then(|pid| i32::try_from(pid).ok());
+            if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
+                rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+                    .expect("send SIGTERM");
+            }
+            let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+                .await
+                .expect("the replica stops within 30 s")
+                .expect("wait for the replica");
+            assert!(status.success(), "the replica exited with {status}");
+        }
+    }
+
     /// Starts replica `index` again (after `kill`) and points the balancer
     /// at its new address.
     pub async fn restart(&mut self, index: usize) {
