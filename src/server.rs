@@ -271,6 +271,14 @@ pub async fn serve(
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
+    // A replica that stops renewing its lease has its agents settled by
+    // another.
+    let _settling = AbortOnDrop(crate::replicas::settle::spawn(
+        shared.store.clone(),
+        shared.jobs.clone(),
+        shared.agents.runner_id().to_owned(),
+        config.replicas.lease,
+    ));
     // Remote dispatches are followed by one replica at a time.
     let following = crate::coordinator::following::spawn(
         shared.jobs.clone(),
@@ -301,8 +309,17 @@ pub async fn serve(
     // streams end instead of holding the drain open until the grace ends.
     let agents = Arc::clone(&shared.agents);
     let coordinator = shared.coordinator.clone();
+    // A replica whose lease another replica took over (it was paused or cut
+    // off past its lease, and its agents were settled there) stops as if
+    // told to, and exits with an error so that its supervisor restarts it.
+    let mut lost = registration.lost();
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            _ = lost.wait_for(|lost| *lost) => {
+                tracing::error!("another replica took this replica's lease over; stopping");
+            }
+        }
         agents.begin_shutdown();
         coordinator.begin_shutdown();
     };
@@ -314,8 +331,14 @@ pub async fn serve(
     // behind their answers; they are committed before the daemon stops.
     shared.federation.flush_command_log().await;
     shared.agents.shutdown().await;
+    let was_lost = *registration.lost().borrow();
     // Stopped cleanly: nobody waits for this replica's lease to run out.
     registration.stop().await;
+    if was_lost {
+        anyhow::bail!(
+            "another replica took this replica's lease over while it did not renew it, and settled its agents; start it again to rejoin"
+        );
+    }
     drained
 }
 

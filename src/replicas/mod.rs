@@ -9,6 +9,8 @@
 //!   the building block of what replicas will hand between themselves.
 //! - [`registry`]: this replica in the table of replicas, its lease renewed
 //!   by a heartbeat and fenced by an epoch.
+//! - [`settle`]: a replica that stopped renewing its lease taken over by
+//!   another, which settles its agents and their jobs.
 //! - [`settings`]: the `[replicas]` section.
 //!
 //! This module owns what one replica must know of the others: which are alive
@@ -21,3 +23,4 @@ pub mod lease;
 pub mod registry;
 pub mod runner;
 pub mod settings;
+pub mod settle;

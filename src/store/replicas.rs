@@ -19,7 +19,7 @@ pub struct ReplicaRecord {
     pub address: String,
     /// Grows with every start and every takeover.
     pub epoch: i64,
-    /// `serving`, `stopped` or `lost`.
+    /// `serving`, `stopped` or `lost` (another replica settled its agents).
     pub state: String,
     /// The `mosaicd` version it runs.
     pub version: String,
@@ -154,6 +154,49 @@ impl Store {
         Ok(())
     }
 
+    /// The replicas other than `except` that say serving but whose lease
+    /// ran out by `now_ms`: (runner id, epoch).
+    pub async fn expired_replicas(
+        &self,
+        except: &str,
+        now_ms: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        Ok(with_connection!(self, |conn| {
+            replicas::table
+                .filter(replicas::state.eq("serving"))
+                .filter(replicas::expires_at_ms.le(now_ms))
+                .filter(replicas::runner_id.ne(except))
+                .select((replicas::runner_id, replicas::epoch))
+                .load(conn)
+                .await?
+        }))
+    }
+
+    /// Takes an expired replica over: marks `runner_id` lost in the next
+    /// epoch, if it is still serving in `epoch` with its lease run out by
+    /// `now_ms`. True for the one caller that did it; its old epoch's
+    /// heartbeats are refused from now on.
+    pub async fn take_over_replica(
+        &self,
+        runner_id: &str,
+        epoch: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let updated = with_connection!(self, |conn| {
+            diesel::update(
+                replicas::table
+                    .find(runner_id)
+                    .filter(replicas::epoch.eq(epoch))
+                    .filter(replicas::state.eq("serving"))
+                    .filter(replicas::expires_at_ms.le(now_ms)),
+            )
+            .set((replicas::state.eq("lost"), replicas::epoch.eq(epoch + 1)))
+            .execute(conn)
+            .await?
+        });
+        Ok(updated == 1)
+    }
+
     /// Every registered replica, with how many agents each supervises (not
     /// yet ended), by runner id.
     pub async fn list_replicas(&self) -> Result<Vec<(ReplicaRecord, u64)>, StoreError> {
@@ -267,6 +310,58 @@ mod tests {
         );
         // Past its lease, a replica that says serving shows as expired.
         assert_eq!(listed[1].0.state_at(6_500), "expired");
+
+        // Expired: another replica sees it, and one of two takes it over
+        // (the next epoch, lost); its process can no longer beat.
+        assert!(
+            store
+                .expired_replicas("r3", 6_499)
+                .await
+                .expect("expired")
+                .is_empty()
+        );
+        assert_eq!(
+            store.expired_replicas("r3", 6_500).await.expect("expired"),
+            vec![("r1".to_owned(), 2)]
+        );
+        assert!(
+            store
+                .expired_replicas("r1", 6_500)
+                .await
+                .expect("expired")
+                .is_empty()
+        );
+        assert!(
+            store
+                .take_over_replica("r1", 2, 6_500)
+                .await
+                .expect("take over")
+        );
+        assert!(
+            !store
+                .take_over_replica("r1", 2, 6_500)
+                .await
+                .expect("take over")
+        );
+        assert!(
+            !store
+                .heartbeat_replica("r1", 2, 6_600, 9_600)
+                .await
+                .expect("beat")
+        );
+        let listed = store.list_replicas().await.expect("list");
+        assert_eq!(
+            (listed[1].0.epoch, listed[1].0.state_at(7_000)),
+            (3, "lost")
+        );
+        // It starts again: serving, in the epoch after.
+        assert_eq!(
+            store
+                .register_replica(&replica("r1", 8_000))
+                .await
+                .expect("register"),
+            4
+        );
     }
 
     test_on_both_backends!(each_start_is_a_new_epoch_and_an_old_epoch_cannot_beat);

@@ -157,18 +157,36 @@ impl Replicas {
     /// Stops replica `index` with SIGTERM (a clean stop) and waits for it to
     /// exit.
     pub async fn terminate(&mut self, index: usize) {
-        if let Some(mut child) = self.children[index].take() {
-            let pid = child.id().and_then(|pid| i32::try_from(pid).ok());
-            if let Some(pid) = pid.and_then(rustix::process::Pid::from_raw) {
-                rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-                    .expect("send SIGTERM");
-            }
-            let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
-                .await
-                .expect("the replica stops within 30 s")
-                .expect("wait for the replica");
+        if self.children[index].is_some() {
+            self.signal(index, rustix::process::Signal::TERM);
+            let status = self.exited(index, std::time::Duration::from_secs(30)).await;
             assert!(status.success(), "the replica exited with {status}");
         }
+    }
+
+    /// Sends `signal` to replica `index`'s process.
+    pub fn signal(&self, index: usize, signal: rustix::process::Signal) {
+        let child = self.children[index].as_ref().expect("the replica runs");
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("the replica's pid");
+        rustix::process::kill_process(pid, signal).expect("signal the replica");
+    }
+
+    /// Waits (at most `within`) for replica `index` to exit by itself, and
+    /// returns how it did.
+    pub async fn exited(
+        &mut self,
+        index: usize,
+        within: std::time::Duration,
+    ) -> std::process::ExitStatus {
+        let mut child = self.children[index].take().expect("the replica runs");
+        tokio::time::timeout(within, child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("replica {index} did not exit within {within:?}"))
+            .expect("wait for the replica")
     }
 
     /// Starts replica `index` again (after `kill`) and points the balancer
