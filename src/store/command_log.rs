@@ -5,8 +5,9 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::federation::{DUPLICATE_MESSAGE, SeenRow, mark_conflict, outcome_of};
+use super::federation::{DUPLICATE_MESSAGE, mark_conflict, outcome_of};
 use super::schema::{federation_command_log, federation_seen_messages};
+use super::seen_messages::SeenRow;
 use super::{SeenMessage, Store, StoreError, WriteOutcome};
 
 /// Whether this instance received or sent a command.

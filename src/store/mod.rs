@@ -128,11 +128,13 @@ mod jobs;
 mod leases;
 mod metrics;
 mod notify;
+mod outbox;
 mod pools;
 mod prepared;
 mod replicas;
 mod retention;
 mod schema;
+mod seen_messages;
 mod settings;
 mod single_server;
 mod startup;
@@ -152,7 +154,7 @@ pub use command_log::{CommandDirection, CommandLogFilter, CommandLogRecord, Sign
 pub use error::StoreError;
 pub use federation::{
     ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
-    ConnectionRecord, NoticeRecord, PeerKeyRecord, SeenMessage, StoredReply, WriteOutcome,
+    ConnectionRecord, NoticeRecord, PeerKeyRecord, WriteOutcome,
 };
 pub use group_commit::{GroupCommit, each_or_all};
 pub use identity::{InstanceKeyRecord, InstanceRecord};
@@ -162,6 +164,7 @@ pub use jobs::{
 };
 pub use notify::{Listener, Topic};
 pub use replicas::{NewReplica, ReplicaRecord};
+pub use seen_messages::{SeenMessage, StoredReply};
 pub use settings::{StorageFileConfig, StorageSettings};
 pub use single_server::ServingLock;
 pub use startup::StartupLock;
