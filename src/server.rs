@@ -183,14 +183,18 @@ pub async fn serve(
     // Every service SERVING now, then in step with the database.
     let database_health =
         AbortOnDrop(crate::health::follow_database(shared.store.clone(), health_reporter).await);
+    // The error details (`google.rpc.RetryInfo`, `QuotaFailure`,
+    // `ErrorInfo`, ...) are described too, so grpcurl decodes them.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("cannot build the reflection service")?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("cannot build the reflection service")?;
 

@@ -158,6 +158,90 @@ async fn reflection_v1_and_v1alpha_list_the_three_services() {
     daemon.stop().await;
 }
 
+/// The files reflection (v1) answers `asked` with, or the error it answers.
+async fn files_describing(
+    channel: tonic::transport::Channel,
+    asked: tonic_reflection::pb::v1::server_reflection_request::MessageRequest,
+) -> Result<Vec<prost_types::FileDescriptorProto>, String> {
+    use prost::Message as _;
+    use tonic_reflection::pb::v1;
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(asked),
+    };
+    let mut responses = v1::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let Some(Ok(response)) = responses.next().await else {
+        panic!("no reflection response");
+    };
+    match response.message_response {
+        Some(v1::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) => {
+            Ok(files
+                .file_descriptor_proto
+                .iter()
+                .map(|bytes| {
+                    prost_types::FileDescriptorProto::decode(bytes.as_slice())
+                        .expect("a file descriptor")
+                })
+                .collect())
+        }
+        Some(v1::server_reflection_response::MessageResponse::ErrorResponse(error)) => {
+            Err(error.error_message)
+        }
+        other => panic!("unexpected reflection response {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_describes_the_error_details_our_statuses_carry() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start().await;
+    // What grpcurl asks to decode a RESOURCE_EXHAUSTED's details: the file
+    // that holds each type, then each file it imports, by name.
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    for symbol in [
+        "google.rpc.RetryInfo",
+        "google.rpc.QuotaFailure",
+        "google.rpc.ErrorInfo",
+        "google.rpc.BadRequest",
+    ] {
+        let files = files_describing(
+            daemon.channel().await,
+            MessageRequest::FileContainingSymbol(symbol.to_owned()),
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{symbol}: {error}"));
+        let file = files
+            .iter()
+            .find(|file| file.name().ends_with("error_details.proto"))
+            .unwrap_or_else(|| panic!("{symbol}: no error_details.proto in the answer"));
+        for import in &file.dependency {
+            let imported = files_describing(
+                daemon.channel().await,
+                MessageRequest::FileByFilename(import.clone()),
+            )
+            .await
+            .unwrap_or_else(|error| panic!("{symbol} imports {import}: {error}"));
+            assert!(
+                imported.iter().any(|file| file.name() == import),
+                "{symbol} imports {import}"
+            );
+        }
+    }
+    // Ours are still there.
+    let files = files_describing(
+        daemon.channel().await,
+        MessageRequest::FileContainingSymbol("mosaic.agent.v1.AgentControl".to_owned()),
+    )
+    .await
+    .expect("AgentControl is described");
+    assert!(!files.is_empty());
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn python_grpcio_client_pinned_to_the_certificate_gets_identity_and_health() {
     let python = python::python_with_grpcio();
