@@ -20,11 +20,14 @@
 //!   encryption at rest, its certificate and its rotation.
 //! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
 //! - [`replicas`]: what replicas of one instance share: the runner id, leases,
-//!   key rotations taken up from the database.
+//!   key rotations taken up from the database, the registry of replicas and
+//!   the settling of a lost one's agents.
 //! - [`retention`]: ended jobs, webhook deliveries and agents pruned on a schedule.
 //! - [`store`]: the only module that speaks SQL (diesel-async on SQLite or PostgreSQL).
 //! - [`error`]: the one table from error kinds to `tonic::Status`.
 //! - [`clock`]: epoch milliseconds, and the injectable [`clock::Clock`].
+//! - [`text`]: what counts as printable in text from outside; escaping for a
+//!   terminal.
 //! - [`proto`]: the generated code.
 #![forbid(unsafe_code)]
 
@@ -46,4 +49,5 @@ pub mod replicas;
 pub mod retention;
 pub mod server;
 pub mod store;
+pub mod text;
 pub mod tls;

@@ -24,7 +24,11 @@ async fn main() -> ExitCode {
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", error.message);
+            // The message may quote a peer's or the database's words.
+            eprintln!(
+                "error: {}",
+                mosaic_mesh::text::escape_for_terminal(&error.message)
+            );
             error.exit_code()
         }
     }

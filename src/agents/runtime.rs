@@ -455,6 +455,12 @@ impl AgentRuntime {
                 "the kill reason is longer than {MAX_KILL_REASON_BYTES} bytes"
             )));
         }
+        if !crate::text::is_printable_line(reason) {
+            return Err(AgentError::Invalid(
+                "the kill reason must be printable text (no control or invisible formatting characters)"
+                    .to_owned(),
+            ));
+        }
         if let Some(tracked) = self.registry.get(id) {
             let reason = if reason.trim().is_empty() {
                 "killed on request".to_owned()

@@ -236,10 +236,13 @@ async fn watch(
                     );
                 } else {
                     eprintln!(
-                        "mosaicd: agent {} is {}{}",
-                        agent.agent_id,
-                        state_name(change.to_state),
-                        reason_suffix(&change.reason)
+                        "{}",
+                        crate::text::escape_for_terminal(&format!(
+                            "mosaicd: agent {} is {}{}",
+                            agent.agent_id,
+                            state_name(change.to_state),
+                            reason_suffix(&change.reason)
+                        ))
                     );
                 }
             }
@@ -257,9 +260,11 @@ async fn watch(
                         }})
                     );
                 } else if stream_name == "stderr" {
-                    eprintln!("{}", line.line);
+                    eprintln!("{}", crate::text::escape_for_terminal(&line.line));
                 } else {
-                    println!("{}", line.line);
+                    // Escaped like everything else: the agent may run on a
+                    // peer (`--json` gives the lines as they are).
+                    println!("{}", crate::text::escape_for_terminal(&line.line));
                 }
             }
             None => {}

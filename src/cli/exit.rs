@@ -27,7 +27,8 @@ impl Output {
                 serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
             );
         } else {
-            println!("{}", text());
+            // Names, reasons and states may come from peers and agents.
+            println!("{}", crate::text::escape_for_terminal(&text()));
         }
     }
 }

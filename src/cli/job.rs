@@ -413,7 +413,7 @@ async fn watch(
                 json!({ "entry": entry_json(&entry), "job": job_json(&job) })
             );
         } else {
-            println!("{}", entry_text(&entry));
+            println!("{}", crate::text::escape_for_terminal(&entry_text(&entry)));
         }
     }
     Ok(())

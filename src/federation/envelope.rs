@@ -277,9 +277,12 @@ pub fn parse<P: Payload>(
     check_id("sender_instance_id", &header.sender_instance_id)?;
     check_id("recipient_instance_id", &header.recipient_instance_id)?;
     check_id("key_id", &header.key_id)?;
-    if header.workspace.is_empty() || header.workspace.chars().count() > MAX_WORKSPACE_CHARS {
+    if header.workspace.is_empty()
+        || header.workspace.chars().count() > MAX_WORKSPACE_CHARS
+        || !crate::text::is_printable_line(&header.workspace)
+    {
         return Err(malformed(format!(
-            "header.workspace must be 1 to {MAX_WORKSPACE_CHARS} characters"
+            "header.workspace must be 1 to {MAX_WORKSPACE_CHARS} printable characters"
         )));
     }
     let issued_at_ms = header

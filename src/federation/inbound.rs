@@ -77,6 +77,14 @@ impl Federation {
                 "sender.url is an address this instance's dial policy denies".into(),
             ));
         }
+        // Shown to the operator in `peer list`: no escape sequences, line
+        // breaks or invisible reordering.
+        if !crate::text::is_printable_line(&sender.name) {
+            return Err(FederationError::InvalidArgument(
+                "sender.name must be printable text (no control or invisible formatting characters)"
+                    .into(),
+            ));
+        }
         check_capability_list("requested_capabilities", &payload.requested_capabilities)?;
         check_capability_list("offered_capabilities", &payload.offered_capabilities)?;
         check_capability_list("sender.capabilities", &sender.capabilities)?;
@@ -258,6 +266,12 @@ impl Federation {
         let payload = &verified.payload;
         let outcome = state::after_notice(kind, situation(&connection))
             .map_err(FederationError::FailedPrecondition)?;
+        if !crate::text::is_printable_line(&payload.reason) {
+            return Err(FederationError::InvalidArgument(
+                "reason must be printable text (no control or invisible formatting characters)"
+                    .into(),
+            ));
+        }
         let reason = truncate(&payload.reason, MAX_REASON_CHARS);
         let capabilities = (kind == NoticeKind::Accepted).then(|| ConnectionCapabilities {
             granted_to_us: payload.granted_capabilities.clone(),

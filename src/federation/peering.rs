@@ -102,7 +102,7 @@ pub fn check_workspace(workspace: &str) -> Result<(), FederationError> {
     let length = workspace.chars().count();
     if length == 0
         || length > envelope::MAX_WORKSPACE_CHARS
-        || workspace.chars().any(char::is_control)
+        || !crate::text::is_printable_line(workspace)
     {
         return Err(FederationError::InvalidArgument(format!(
             "workspace must be 1 to {} printable characters",

@@ -36,6 +36,7 @@ mod coordinator;
 mod coordinator_faults;
 mod dispatch_remote;
 mod faults;
+mod hostile_text;
 mod identity;
 mod metrics;
 mod peer_cli;
