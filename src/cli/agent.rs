@@ -38,7 +38,7 @@ pub enum AgentCommand {
         /// Start the agent on this peer instead (see --peer).
         #[command(flatten)]
         remote: RemoteArgs,
-        /// With --peer: the signed command's message id (1 to 128 of A-Z a-z
+        /// With --peer: the signed command's message id (1 to 64 of A-Z a-z
         /// 0-9 . _ : -) [default: a new UUID]. Running the same spawn again
         /// with the id of an attempt whose answer was lost never starts a
         /// second agent.

@@ -17,7 +17,9 @@ use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogFilter, CommandLogRecord};
 
 /// Longest message id an operator may choose for a retriable command.
-const MAX_MESSAGE_ID_CHARS: usize = 128;
+/// The longest message id an operator may choose: the longest a peer
+/// accepts in a header, so that an id accepted here is never refused there.
+const MAX_MESSAGE_ID_CHARS: usize = super::envelope::MAX_ID_CHARS;
 /// Longest detail text kept in a log entry.
 const MAX_DETAIL_CHARS: usize = 512;
 /// Default and largest ListCommandLog page.
@@ -96,7 +98,7 @@ fn clip(text: &str) -> String {
     text.chars().take(MAX_DETAIL_CHARS).collect()
 }
 
-/// Checks a message id chosen by an operator: 1 to 128 characters from
+/// Checks a message id chosen by an operator: 1 to 64 characters from
 /// `A-Z a-z 0-9 . _ : -` (a UUID fits).
 pub fn check_message_id(message_id: &str) -> Result<(), FederationError> {
     let valid = !message_id.is_empty()
@@ -266,7 +268,8 @@ mod tests {
     fn operator_message_ids_are_bounded_and_plain() {
         assert!(check_message_id("6f1c1a52-3c43-4c4b-9d8e-0f5e7c0b1a2d").is_ok());
         assert!(check_message_id("retry:job-7.spawn_1").is_ok());
-        for bad in ["", "has space", "naïve", "a/b", &"x".repeat(129)] {
+        assert!(check_message_id(&"x".repeat(64)).is_ok());
+        for bad in ["", "has space", "naïve", "a/b", &"x".repeat(65)] {
             assert!(check_message_id(bad).is_err(), "{bad:?} must be refused");
         }
     }

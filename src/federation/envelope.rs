@@ -18,7 +18,7 @@ use crate::proto::federation as pb;
 /// replayed as a signature for some other protocol that uses the same key.
 pub const DOMAIN_PREFIX: &[u8] = b"mosaic-federation-v1";
 /// Longest message id accepted (a UUID is 36 characters).
-const MAX_ID_CHARS: usize = 64;
+pub(crate) const MAX_ID_CHARS: usize = 64;
 /// Length of an ECDSA P-256 signature in the fixed `r || s` form.
 const SIGNATURE_BYTES: usize = 64;
 /// Longest workspace name accepted.

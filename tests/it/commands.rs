@@ -42,6 +42,7 @@ on_both_backends!(
     a_rotated_out_key_after_its_grace_is_unauthenticated,
     a_message_over_the_transport_limit_is_out_of_range,
     refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not,
+    a_message_id_the_operator_may_choose_is_one_the_peer_accepts,
 );
 
 /// Daemon B with the test agent types, a hand-made peer connected to it in
@@ -999,4 +1000,67 @@ async fn refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not(backe
     assert_eq!(setup.log().await, log, "strangers are not logged");
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     setup.finish().await;
+}
+
+async fn a_message_id_the_operator_may_choose_is_one_the_peer_accepts(backend: Backend) {
+    use crate::support::admin::{Admin, connect_and_accept};
+    let environments = [
+        TestEnvironment::new(backend).await,
+        TestEnvironment::new(backend).await,
+    ];
+    let a = environments[0].start_peer(0, |_| {}).await;
+    let b = environments[1]
+        .start_peer(0, |config| *config = with_agent_types(config.clone()))
+        .await;
+    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
+    let b_id = admin_b.instance().await.instance_id;
+    connect_and_accept(&admin_a, &admin_b, &b, "ws", &["agent.spawn"]).await;
+    let key = a.api_key(&[Scope::Admin]).await;
+    let mut client = FederationClient::new(a.channel().await);
+    let spawn = |message_id: String| {
+        with_key(
+            pb::SpawnRemoteAgentRequest {
+                peer_instance_id: b_id.clone(),
+                message_id,
+                spawn: Some(agent_pb::SpawnRequest {
+                    agent_type: "true".to_owned(),
+                    ..agent_pb::SpawnRequest::default()
+                }),
+                ..pb::SpawnRemoteAgentRequest::default()
+            },
+            &key,
+        )
+    };
+    // 65 characters: refused here, before anything is signed or sent.
+    let status = client
+        .spawn_remote_agent(spawn("m".repeat(65)))
+        .await
+        .expect_err("a 65-character message id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("1 to 64"), "{status:?}");
+    let store = mosaic_mesh::store::Store::connect(&a.config.database_url)
+        .await
+        .expect("A's database");
+    assert!(
+        store
+            .find_outbound_command(&"m".repeat(65))
+            .await
+            .expect("read the command log")
+            .is_none(),
+        "the command was signed and sent"
+    );
+    drop(store);
+    // 64 characters: the peer takes it and starts the agent.
+    let started = client
+        .spawn_remote_agent(spawn("m".repeat(64)))
+        .await
+        .expect("a 64-character message id reaches the peer")
+        .into_inner();
+    assert_eq!(started.message_id, "m".repeat(64));
+    assert!(started.agent.is_some());
+    a.stop().await;
+    b.stop().await;
+    for environment in environments {
+        environment.cleanup().await;
+    }
 }
