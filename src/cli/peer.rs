@@ -345,9 +345,19 @@ fn connection_table(connections: &[pb::Connection]) -> String {
         return "no connections".to_owned();
     }
     let now = crate::clock::now_ms();
+    // The fingerprint, not the name, tells one peer from another that
+    // claims its name or id.
     let mut text = format!(
-        "{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {}",
-        "CONNECTION", "WORKSPACE", "PEER", "DIR", "STATE", "REACHABLE", "LAST CONTACT", "PENDING"
+        "{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {:<7}  {}",
+        "CONNECTION",
+        "WORKSPACE",
+        "PEER",
+        "DIR",
+        "STATE",
+        "REACHABLE",
+        "LAST CONTACT",
+        "PENDING",
+        "FINGERPRINT"
     );
     for connection in connections {
         let last_contact = connection.last_contact_at.as_ref().map_or_else(
@@ -355,7 +365,7 @@ fn connection_table(connections: &[pb::Connection]) -> String {
             |at| format!("{}s ago", (now - ms_from_timestamp(at)).max(0) / 1000),
         );
         text.push_str(&format!(
-            "\n{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {}",
+            "\n{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {:<7}  {}",
             connection.connection_id,
             connection.workspace,
             connection.remote_name,
@@ -363,7 +373,8 @@ fn connection_table(connections: &[pb::Connection]) -> String {
             state_name(connection.state()),
             if connection.reachable { "yes" } else { "no" },
             last_contact,
-            connection.pending_notices
+            connection.pending_notices,
+            connection.remote_fingerprint
         ));
     }
     text

@@ -47,8 +47,14 @@ impl Federation {
                 "header.key_id is not the key id of sender.public_key".into(),
             ));
         }
-        // 4: addressed to us.
+        // 4: addressed to us, and not from us: a request claiming this
+        // instance's own id is someone else's key.
         parsed.check_recipient(&identity.instance_id)?;
+        if header.sender_instance_id == identity.instance_id {
+            return Err(FederationError::InvalidArgument(
+                "the sender claims this instance's own id".into(),
+            ));
+        }
         // 5 and 6 do not apply: the sender is not known yet.
         // 7: the key in the request is the TLS key.
         let trusted = [TrustedKey {

@@ -1,7 +1,8 @@
-//! Text from outside never reaches an operator's terminal raw (DESIGN.md
-//! section 4): a peer's name, a workspace and a kill reason with escape
-//! sequences or line breaks are refused where they enter, and the CLI
-//! escapes what it prints of an agent's output.
+//! What a stranger can put in front of an operator (DESIGN.md section 4):
+//! a peer's name, a workspace and a kill reason with escape sequences or
+//! line breaks are refused where they enter, the CLI escapes what it prints
+//! of an agent's output, and a request claiming the daemon's own id is
+//! refused.
 
 use mosaic_mesh::auth::Scope;
 use mosaic_mesh::federation::envelope;
@@ -119,6 +120,31 @@ async fn the_cli_escapes_an_agents_escape_sequences() {
     );
     assert!(shown.contains("plain"), "{shown}");
     assert!(shown.contains(r"\u{1b}[2J\u{1b}[Hred\rover"), "{shown}");
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_claiming_the_daemons_own_id_is_refused() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start_peer(0, |_| {}).await;
+    let admin = Admin::of(&daemon).await;
+    let instance = admin.instance().await;
+    let mallory = TestPeer::new("mallory").await;
+    let mut client = FederationClient::new(mallory.channel_to(&daemon).await);
+
+    let mut request = mallory.connection_request(&instance.instance_id, "ws");
+    request.sender.as_mut().expect("sender").instance_id = instance.instance_id.clone();
+    request.header.as_mut().expect("header").sender_instance_id = instance.instance_id.clone();
+    let sealed = envelope::seal(&request, mallory.current().as_ref()).expect("seal");
+    let status = client
+        .request_connection(pb::RequestConnectionRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect_err("a request claiming the daemon's own id");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(admin.list().await.is_empty(), "the request was stored");
     daemon.stop().await;
     environment.cleanup().await;
 }

@@ -170,6 +170,16 @@ async fn peer_commands_drive_a_handshake() {
         "{text}"
     );
 
+    // The list shows each peer's fingerprint, which tells it from another
+    // key claiming its name.
+    let listed = mosaicd_text(&a, &key_a, &["peer", "list"]).await;
+    assert!(listed.status.success(), "{listed:?}");
+    let fingerprint = shown["remote_fingerprint"].as_str().expect("fingerprint");
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains(fingerprint),
+        "{listed:?}"
+    );
+
     // Exit codes: unknown id 3, a change that does not apply 4, bad usage 2.
     let missing = mosaicd(&a, &key_a, &["peer", "suspend", "no-such-connection"]).await;
     assert_eq!(missing.status.code(), Some(3), "{missing:?}");
