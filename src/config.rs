@@ -581,6 +581,10 @@ mod tests {
                 "[federation]\nping_interval_ms = 0\n",
                 "federation.ping_interval_ms",
             ),
+            (
+                "[federation]\npending_request_ttl_secs = 0\n",
+                "federation.pending_request_ttl_secs",
+            ),
         ] {
             let file = parse_file(text).expect("parse");
             let error = Config::resolve(file, &args_with_dir()).expect_err("refused");

@@ -297,7 +297,41 @@ impl Federation {
             check_offered(&self.identity.current(), granted_capabilities)?;
         }
         let reason = truncate(reason, MAX_REASON_CHARS);
-        let outcome = state::after_operator_action(action, situation(&record))
+        let change =
+            self.action_change(&record, action, granted_capabilities, reason, Actor::Local)?;
+        let changed = match self.change_connection(&change).await? {
+            WriteOutcome::Done(changed) => changed,
+            _ => {
+                return Err(FederationError::FailedPrecondition(
+                    "the connection changed meanwhile; look at it again".into(),
+                ));
+            }
+        };
+        tracing::info!(
+            connection.id = %changed.id,
+            peer.id = %changed.remote_instance_id,
+            from = record.state.as_str(),
+            to = changed.state.as_str(),
+            "changed a federation connection"
+        );
+        // One prompt attempt, so the usual case answers with the notice delivered;
+        // the background task retries whatever is left.
+        self.deliver_notices(&changed.id, true).await;
+        let record = self.find(&changed.id).await?;
+        self.view(record).await
+    }
+
+    /// The change `action` makes to `record`, by `actor`, with its event and
+    /// the notice that tells the peer.
+    fn action_change(
+        &self,
+        record: &ConnectionRecord,
+        action: OperatorAction,
+        granted_capabilities: &[String],
+        reason: String,
+        actor: Actor,
+    ) -> Result<ConnectionChange, FederationError> {
+        let outcome = state::after_operator_action(action, situation(record))
             .map_err(FederationError::FailedPrecondition)?;
         let now = self.now();
         let capabilities = (action == OperatorAction::Accept).then(|| ConnectionCapabilities {
@@ -333,7 +367,7 @@ impl Federation {
                 &record.id,
                 Some(record.state),
                 outcome.state,
-                Actor::Local,
+                actor,
                 &reason,
                 now,
             )),
@@ -341,26 +375,35 @@ impl Federation {
             seen: None,
             at_ms: now,
         };
-        let changed = match self.change_connection(&change).await? {
-            WriteOutcome::Done(changed) => changed,
-            _ => {
-                return Err(FederationError::FailedPrecondition(
-                    "the connection changed meanwhile; look at it again".into(),
-                ));
+        Ok(change)
+    }
+
+    /// Rejects, as the daemon, the inbound requests that waited longer than
+    /// `federation.pending_request_ttl` for an operator (at most 100 a
+    /// round); each requester is told by a REJECTED notice, as after an
+    /// operator's reject. Returns how many were rejected.
+    pub async fn expire_pending_requests(&self) -> Result<usize, FederationError> {
+        let ttl = self.config.pending_request_ttl;
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let before = self.now().saturating_sub(ttl_ms);
+        let mut expired = 0;
+        for record in self.store.pending_requests_before(before, 100).await? {
+            let reason = format!(
+                "expired: no operator answered the request within {}",
+                humantime::format_duration(ttl)
+            );
+            let change =
+                self.action_change(&record, OperatorAction::Reject, &[], reason, Actor::System)?;
+            if let WriteOutcome::Done(changed) = self.change_connection(&change).await? {
+                tracing::info!(
+                    connection.id = %changed.id,
+                    peer.id = %changed.remote_instance_id,
+                    "a connection request expired unanswered"
+                );
+                expired += 1;
             }
-        };
-        tracing::info!(
-            connection.id = %changed.id,
-            peer.id = %changed.remote_instance_id,
-            from = record.state.as_str(),
-            to = changed.state.as_str(),
-            "changed a federation connection"
-        );
-        // One prompt attempt, so the usual case answers with the notice delivered;
-        // the background task retries whatever is left.
-        self.deliver_notices(&changed.id, true).await;
-        let record = self.find(&changed.id).await?;
-        self.view(record).await
+        }
+        Ok(expired)
     }
 
     /// After a key rotation: stop reusing channels made with the old certificate,

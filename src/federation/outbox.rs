@@ -1,6 +1,7 @@
 //! The background side of peering: delivering queued notices (in order per
 //! connection, retried with exponential backoff and jitter until the peer takes
-//! them), liveness pings to ACTIVE peers, and pruning of old message ids.
+//! them), liveness pings to ACTIVE peers, expiring connection requests no
+//! operator answered, and pruning of old message ids.
 //!
 //! Replicas of one instance share the outbox and the connections, so each of
 //! these happens once per instance: a connection's notices are delivered
@@ -118,6 +119,9 @@ impl Federation {
                 {
                     if let Err(error) = self.ping_active_peers().await {
                         tracing::warn!(%error, "could not ping peers");
+                    }
+                    if let Err(error) = self.expire_pending_requests().await {
+                        tracing::warn!(%error, "could not expire unanswered connection requests");
                     }
                     if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS {
                         last_prune_ms = now;

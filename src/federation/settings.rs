@@ -37,6 +37,9 @@ pub struct FederationFileConfig {
     /// Most inbound connection requests waiting for an operator at once
     /// (default 100); past it new requests are refused.
     pub max_pending_inbound: Option<u32>,
+    /// Seconds an inbound connection request waits for an operator before
+    /// it is rejected as expired (default 604800, 7 days; at least 1).
+    pub pending_request_ttl_secs: Option<u64>,
     /// Days the command audit log keeps an entry (default 90).
     pub command_log_retention_days: Option<u64>,
 }
@@ -69,6 +72,9 @@ pub struct FederationConfig {
     /// Most inbound requests waiting for an operator (default 100): anyone with a
     /// key can ask, so unanswered requests are bounded.
     pub max_pending_inbound: u32,
+    /// How long an inbound request waits for an operator before it is
+    /// rejected as expired (default 7 days).
+    pub pending_request_ttl: Duration,
     /// How long the command audit log keeps an entry (default 90 days).
     pub command_log_retention: Duration,
 }
@@ -180,6 +186,11 @@ impl FederationConfig {
             auto_accept_fingerprints,
             auto_accept_grants,
             max_pending_inbound: file.max_pending_inbound.unwrap_or(100),
+            pending_request_ttl: positive_secs(
+                "federation.pending_request_ttl_secs",
+                file.pending_request_ttl_secs,
+                7 * 24 * 60 * 60,
+            )?,
             command_log_retention: positive_secs(
                 "federation.command_log_retention_days",
                 file.command_log_retention_days

@@ -402,6 +402,27 @@ impl Store {
         Ok(count)
     }
 
+    /// Up to `limit` inbound requests still PENDING that were made before
+    /// `before_ms`, oldest first.
+    pub async fn pending_requests_before(
+        &self,
+        before_ms: i64,
+        limit: i64,
+    ) -> Result<Vec<ConnectionRecord>, StoreError> {
+        let rows: Vec<ConnectionRow> = with_connection!(self, |conn| {
+            federation_connections::table
+                .filter(federation_connections::direction.eq(Direction::Inbound.as_str()))
+                .filter(federation_connections::state.eq(ConnectionState::Pending.as_str()))
+                .filter(federation_connections::created_at_ms.lt(before_ms))
+                .order(federation_connections::created_at_ms.asc())
+                .limit(limit)
+                .select(ConnectionRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(ConnectionRow::into_record).collect()
+    }
+
     /// A connection's history, oldest first.
     pub async fn connection_events(
         &self,

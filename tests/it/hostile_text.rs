@@ -1,8 +1,9 @@
 //! What a stranger can put in front of an operator (DESIGN.md section 4):
 //! a peer's name, a workspace and a kill reason with escape sequences or
 //! line breaks are refused where they enter, the CLI escapes what it prints
-//! of an agent's output, and a request claiming the daemon's own id is
-//! refused.
+//! of an agent's output, a request claiming the daemon's own id is refused,
+//! and an unanswered request expires instead of holding its place in the
+//! queue forever.
 
 use mosaic_mesh::auth::Scope;
 use mosaic_mesh::federation::envelope;
@@ -145,6 +146,67 @@ async fn a_request_claiming_the_daemons_own_id_is_refused() {
         .expect_err("a request claiming the daemon's own id");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(admin.list().await.is_empty(), "the request was stored");
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unanswered_request_expires_and_frees_its_place_in_the_queue() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment
+        .start_peer(0, |config| {
+            config.federation.ping_interval = std::time::Duration::from_millis(300);
+            config.federation.pending_request_ttl = std::time::Duration::from_secs(1);
+            config.federation.max_pending_inbound = 1;
+        })
+        .await;
+    let admin = Admin::of(&daemon).await;
+    let instance = admin.instance().await;
+    let ask = |peer: &TestPeer| {
+        let sealed = envelope::seal(
+            &peer.connection_request(&instance.instance_id, "ws"),
+            peer.current().as_ref(),
+        )
+        .expect("seal");
+        pb::RequestConnectionRequest {
+            envelope: Some(sealed),
+        }
+    };
+    let first = TestPeer::new("first").await;
+    FederationClient::new(first.channel_to(&daemon).await)
+        .request_connection(ask(&first))
+        .await
+        .expect("the first request waits");
+    // The queue (of one) is full...
+    let second = TestPeer::new("second").await;
+    let mut second_client = FederationClient::new(second.channel_to(&daemon).await);
+    let status = second_client
+        .request_connection(ask(&second))
+        .await
+        .expect_err("the queue is full");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+
+    // ...until the first request expires unanswered.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let expired = loop {
+        let listed = admin.list().await;
+        if let Some(rejected) = listed
+            .iter()
+            .find(|connection| connection.state() == pb::ConnectionState::Rejected)
+        {
+            break rejected.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request never expired: {listed:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    assert!(expired.state_reason.starts_with("expired"), "{expired:?}");
+    second_client
+        .request_connection(ask(&second))
+        .await
+        .expect("a newcomer gets a place once the old request expired");
     daemon.stop().await;
     environment.cleanup().await;
 }
