@@ -347,6 +347,11 @@ mod tests {
             parse_peer_url("https://b.example:7443").expect("url"),
             ("b.example".to_owned(), 7443)
         );
+        // No port: 443, as the protos say.
+        assert_eq!(
+            parse_peer_url("https://b.example").expect("url"),
+            ("b.example".to_owned(), 443)
+        );
         assert_eq!(
             parse_peer_url("https://[::1]:9000/").expect("url"),
             ("::1".to_owned(), 9000)
