@@ -318,11 +318,20 @@ pub async fn serve(
     // told to, and exits with an error so that its supervisor restarts it.
     let mut lost = registration.lost();
     let shutdown = async move {
+        let taken_over = async move {
+            // The guard `wait_for` returns is not `Send`; only the outcome
+            // is kept.
+            if lost.wait_for(|lost| *lost).await.is_ok() {
+                tracing::error!("another replica took this replica's lease over; stopping");
+            } else {
+                // The heartbeat ended without a loss (it stops only with the
+                // server): nothing to wait for.
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = shutdown => {}
-            _ = lost.wait_for(|lost| *lost) => {
-                tracing::error!("another replica took this replica's lease over; stopping");
-            }
+            () = taken_over => {}
         }
         agents.begin_shutdown();
         coordinator.begin_shutdown();
