@@ -154,6 +154,11 @@ pub fn spawn(jobs: Jobs, peers: RemoteDispatch, holder: String) -> Following {
                 }
                 if let Err(error) = scan_once(&jobs, &peers, taken).await {
                     tracing::debug!(%error, "cannot read the remote dispatches to follow; trying again");
+                    if taken {
+                        // The unanswered spawns were not read: the next scan
+                        // takes over afresh and reads them again.
+                        peers.followers.set_held(false);
+                    }
                 }
             }
         })
