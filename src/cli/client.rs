@@ -22,9 +22,10 @@ pub const ENV_SERVER_FINGERPRINT: &str = "MOSAIC_SERVER_FINGERPRINT";
 /// Flags of client commands.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// URL of the daemon client commands talk to.
-    #[arg(long, env = ENV_SERVER, global = true, default_value = "https://127.0.0.1:7443", value_name = "URL")]
-    pub server: String,
+    /// URL of the daemon client commands talk to [default: the `listen`
+    /// address of the configuration, `https://127.0.0.1:7443` by default].
+    #[arg(long, env = ENV_SERVER, global = true, value_name = "URL")]
+    pub server: Option<String>,
     /// API key for client commands.
     #[arg(long, env = ENV_API_KEY, global = true, hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<String>,
@@ -72,9 +73,27 @@ impl Connection {
     }
 }
 
-/// Connects to the daemon named by `args.server`.
+/// The daemon's URL: `--server`, else the configuration's own `listen`
+/// (a wildcard address read as loopback), over TLS unless it is plaintext.
+pub fn server_url(config: &Config, args: &ClientArgs) -> String {
+    if let Some(server) = &args.server {
+        return server.clone();
+    }
+    let mut address = config.listen;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let scheme = if config.plaintext { "http" } else { "https" };
+    format!("{scheme}://{address}")
+}
+
+/// Connects to the daemon named by [`server_url`].
 pub async fn connect(config: &Config, args: &ClientArgs) -> Result<Connection, CliError> {
-    let tls = if args.server.starts_with("https://") {
+    let server = server_url(config, args);
+    let tls = if server.starts_with("https://") {
         Some(Arc::new(
             crate::tls::pinned_client_config(server_pin(config, args)?)
                 .map_err(|error| CliError::failure(error.to_string()))?,
@@ -82,18 +101,17 @@ pub async fn connect(config: &Config, args: &ClientArgs) -> Result<Connection, C
     } else {
         None
     };
-    let channel = crate::tls::connect_channel(&args.server, tls, ChannelTimeouts::default())
+    let channel = crate::tls::connect_channel(&server, tls, ChannelTimeouts::default())
         .await
         .map_err(|error| match error {
             crate::tls::TlsError::InvalidUrl { .. } => CliError::usage(error.to_string()),
             other => CliError::unavailable(format!(
-                "{other} — is `mosaicd serve` running at {}? (TLS failures also show here: check --server-fingerprint)",
-                args.server
+                "{other} — is `mosaicd serve` running at {server}? (TLS failures also show here: check --server-fingerprint)"
             )),
         })?;
     Ok(Connection {
         channel,
-        server: args.server.clone(),
+        server,
         api_key: args.api_key.clone(),
     })
 }

@@ -30,6 +30,7 @@ on_both_backends!(
     a_restart_stops_processes_whose_start_was_never_recorded,
     the_agent_commands_drive_the_daemon,
     stopping_the_daemon_stops_its_agents,
+    client_commands_find_the_daemon_at_the_configured_listen_address,
 );
 
 /// A daemon with the test agent types (and `adjust` applied) and a client.
@@ -1013,5 +1014,28 @@ async fn stopping_the_daemon_stops_its_agents(backend: Backend) {
     assert!(stored.state_reason.contains("shut down"), "{stored:?}");
     assert!(!process_is_alive(spawned.pid.expect("pid")));
     assert!(!process_is_alive(child));
+    environment.cleanup().await;
+}
+
+async fn client_commands_find_the_daemon_at_the_configured_listen_address(backend: Backend) {
+    let environment = TestEnvironment::new(backend).await;
+    let setup = BinarySetup::new(&environment);
+    let (mut daemon, address) = spawn_serve_command(setup.command()).await;
+    // The operator's config names where the daemon listens (here the port it
+    // got); no --server: client commands go there, not to 7443.
+    let config_file = setup.data_dir.join("client.toml");
+    std::fs::write(&config_file, format!("listen = \"{address}\"\n")).expect("write config");
+    let listed = mosaicd(&setup.data_dir)
+        .arg("--config")
+        .arg(&config_file)
+        .arg("--database-url")
+        .arg(&setup.database_url)
+        .args(["agent", "list", "--json"])
+        .env("MOSAIC_API_KEY", &setup.key)
+        .env_remove("MOSAIC_SERVER")
+        .output()
+        .expect("agent list");
+    assert!(listed.status.success(), "{listed:?}");
+    daemon.kill().await.expect("stop the daemon");
     environment.cleanup().await;
 }
