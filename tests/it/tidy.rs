@@ -303,14 +303,18 @@ fn the_readme_documents_every_configuration_file_key() {
 }
 
 /// Every `MOSAIC_*` name in a string literal under `src/`, outside `#[cfg(test)]`
-/// modules: clap's `env = "..."`, the `ENV_*` constants clap and `std::env` read,
-/// and the variables given to agents.
+/// modules (inline, or a module's `tests.rs` beside it): clap's `env = "..."`,
+/// the `ENV_*` constants clap and `std::env` read, and the variables given to
+/// agents.
 fn environment_variables_in_sources() -> BTreeMap<String, String> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     files_with_extension(&root.join("src"), "rs", &mut files);
     let mut found = BTreeMap::new();
     for path in &files {
+        if path.file_name().is_some_and(|name| name == "tests.rs") {
+            continue;
+        }
         let text = std::fs::read_to_string(path).unwrap_or_default();
         let code = text
             .split("\n#[cfg(test)]\nmod tests")
