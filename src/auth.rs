@@ -188,6 +188,8 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
             _ => Requirement::ApiKey(Scope::Admin),
         },
         "mosaic.agent.v1.AgentControl" => Requirement::ApiKey(Scope::Agents),
+        // The handlers admit only this instance's own key.
+        "mosaic.replica.v1.Replica" => Requirement::PeerCertificate,
         "mosaic.coordinator.v1.Coordinator" => match method {
             "Health" => Requirement::Public,
             "HandleWebhook" | "DispatchJob" => Requirement::ApiKey(Scope::Webhook),
@@ -477,6 +479,10 @@ mod tests {
         assert_eq!(
             requirement_for("/grpc.health.v1.Health/Check"),
             Some(Requirement::Public)
+        );
+        assert_eq!(
+            requirement_for("/mosaic.replica.v1.Replica/KillAgent"),
+            Some(Requirement::PeerCertificate)
         );
         assert_eq!(requirement_for("/other.Service/Method"), None);
     }

@@ -84,9 +84,12 @@ impl From<AgentError> for Status {
             AgentError::SupervisedElsewhere { .. } => {
                 Status::failed_precondition(error.to_string())
             }
-            AgentError::Interrupted | AgentError::ShuttingDown => {
-                Status::unavailable(error.to_string())
-            }
+            AgentError::Interrupted
+            | AgentError::ShuttingDown
+            | AgentError::OwnerUnavailable { .. }
+            | AgentError::OwnerLost { .. }
+            | AgentError::NotSupervisedHere { .. } => Status::unavailable(error.to_string()),
+            AgentError::Forwarded(status) => status,
             AgentError::Store(store) => store.into(),
         }
     }

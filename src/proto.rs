@@ -21,6 +21,13 @@ pub mod mosaic {
             tonic::include_proto!("mosaic.coordinator.v1");
         }
     }
+    /// `mosaic.replica.*`
+    pub mod replica {
+        /// `mosaic.replica.v1`
+        pub mod v1 {
+            tonic::include_proto!("mosaic.replica.v1");
+        }
+    }
     /// `mosaic.federation.*`
     pub mod federation {
         /// `mosaic.federation.v1`
@@ -36,11 +43,15 @@ pub use self::mosaic::agent::v1 as agent;
 pub use self::mosaic::coordinator::v1 as coordinator;
 /// `mosaic.federation.v1`: instance identity, peering and signed commands.
 pub use self::mosaic::federation::v1 as federation;
+/// `mosaic.replica.v1`: calls between replicas of one instance.
+pub use self::mosaic::replica::v1 as replica;
 
 /// The encoded `FileDescriptorSet` of every proto file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("mosaic_descriptor");
 
 /// The fully qualified service names, as reflection and health report them.
+/// (`mosaic.replica.v1.Replica`, internal to an instance, is served and
+/// described but has no health status of its own.)
 pub const SERVICE_NAMES: [&str; 3] = [
     "mosaic.federation.v1.Federation",
     "mosaic.agent.v1.AgentControl",

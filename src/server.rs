@@ -1,4 +1,4 @@
-//! The server: one tonic server on one listener with the three Mosaic services,
+//! The server: one tonic server on one listener with the Mosaic services,
 //! `grpc.health.v1.Health` and server reflection (v1 and v1alpha), behind the
 //! rate-limit layer (which also authenticates), over TLS unless `--plaintext` on
 //! loopback.
@@ -28,7 +28,9 @@ use crate::identity::IdentityManager;
 use crate::proto::agent::agent_control_server::AgentControlServer;
 use crate::proto::coordinator::coordinator_server::CoordinatorServer;
 use crate::proto::federation::federation_server::FederationServer;
+use crate::proto::replica::replica_server::ReplicaServer;
 use crate::ratelimit::{RateLimitLayer, RateLimiter};
+use crate::replicas::service::ReplicaService;
 use crate::store::Store;
 
 /// Accepted connections waiting for tonic; a full queue slows `accept`, which is
@@ -98,6 +100,11 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())
         .context("cannot configure rate limiting")?;
     let identity = Arc::new(identity);
+    // Agents another replica supervises are killed and watched there.
+    agents.route_elsewhere_through(Arc::new(crate::replicas::routing::Router::new(
+        store.clone(),
+        Arc::clone(&identity),
+    )));
     let federation = Arc::new(
         crate::federation::Federation::new(
             store.clone(),
@@ -223,7 +230,11 @@ pub async fn serve(
         .add_service(
             CoordinatorServer::new(CoordinatorService::new(shared.clone()))
                 .max_decoding_message_size(max_message_bytes),
-        );
+        )
+        .add_service(ReplicaServer::new(ReplicaService::new(
+            Arc::clone(&shared.agents),
+            Arc::clone(&shared.identity),
+        )));
 
     let local_address = listener.local_addr().context("listener has no address")?;
     // In the registry of replicas, with a lease this process renews.
@@ -233,6 +244,12 @@ pub async fn serve(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local_address}"));
+    if config.replicas.advertise_url.is_none() && local_address.ip().is_unspecified() {
+        tracing::warn!(
+            replica.address = %advertised,
+            "listening on every address without replicas.advertise_url: other replicas of this instance cannot reach this one to kill or watch its agents; set replicas.advertise_url to an address they can dial"
+        );
+    }
     let registration = crate::replicas::registry::register(
         shared.store.clone(),
         shared.agents.runner_id(),
@@ -295,6 +312,12 @@ pub async fn serve(
         config.storage.clone(),
         shared.federation.lease_holder().to_owned(),
     ));
+    // Job changes made through another replica reach this one's watchers.
+    let _job_changes = crate::coordinator::events::follow_other_replicas(
+        shared.store.clone(),
+        shared.coordinator.events.clone(),
+    )
+    .map(AbortOnDrop);
     // A rotation made through another replica is taken up here too.
     let _rotations = crate::replicas::identity::follow_rotations(
         shared.store.clone(),

@@ -10,7 +10,7 @@ use tonic::Status;
 use super::model::{
     AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, OriginKind, OutputStream, SpawnSpec,
 };
-use crate::clock::timestamp_from_ms;
+use crate::clock::{ms_from_timestamp, timestamp_from_ms};
 use crate::proto::agent as pb;
 
 /// The domain spawn spec of a `SpawnRequest`, for `origin` (a local call or a
@@ -132,6 +132,43 @@ pub fn agent_to_proto(agent: &AgentRecord) -> pb::Agent {
         started_at: agent.started_at_ms.map(timestamp_from_ms),
         ended_at: agent.ended_at_ms.map(timestamp_from_ms),
         updated_at: Some(timestamp_from_ms(agent.updated_at_ms)),
+        runner_id: agent.runner_id.clone(),
+    }
+}
+
+/// The record of a protobuf agent, as another replica of this instance sent
+/// it (the inverse of [`agent_to_proto`]).
+pub fn agent_from_proto(agent: pb::Agent) -> AgentRecord {
+    let state = state_from_proto(agent.state());
+    let origin = match agent.origin {
+        Some(origin) if origin.kind() == pb::AgentOriginKind::Peer => Origin::Peer {
+            instance_id: origin.instance_id,
+            workspace: origin.workspace,
+        },
+        _ => Origin::Local,
+    };
+    let ms = |timestamp: Option<prost_types::Timestamp>| timestamp.as_ref().map(ms_from_timestamp);
+    AgentRecord {
+        state,
+        id: agent.agent_id,
+        agent_type: agent.agent_type,
+        state_reason: agent.state_reason,
+        prompt: agent.prompt,
+        task_id: agent.task_id,
+        labels: agent.labels.into_iter().collect(),
+        origin,
+        runner_id: agent.runner_id,
+        pid: agent.pid,
+        exit_code: agent.exit_code,
+        signal: agent.signal,
+        output_tail: agent.output_tail,
+        output_bytes: agent.output_bytes,
+        output_truncated: agent.output_truncated,
+        timeout_secs: agent.timeout_seconds,
+        created_at_ms: ms(agent.created_at).unwrap_or_default(),
+        started_at_ms: ms(agent.started_at),
+        ended_at_ms: ms(agent.ended_at),
+        updated_at_ms: ms(agent.updated_at).unwrap_or_default(),
     }
 }
 
@@ -162,5 +199,116 @@ pub fn event_to_proto(event: AgentEvent) -> pb::watch_agent_response::Event {
             line,
             at: Some(timestamp_from_ms(at_ms)),
         }),
+    }
+}
+
+/// The WatchAgent stream of a watch's `events`: each event numbered from 1,
+/// an error ending the stream with its status.
+pub fn watch_responses(
+    events: super::elsewhere::EventStream,
+) -> futures::stream::BoxStream<'static, Result<pb::WatchAgentResponse, Status>> {
+    use futures::StreamExt as _;
+    events
+        .enumerate()
+        .map(|(index, event)| {
+            let event = event.map_err(Status::from)?;
+            Ok(pb::WatchAgentResponse {
+                sequence: u64::try_from(index).unwrap_or(u64::MAX).saturating_add(1),
+                event: Some(event_to_proto(event)),
+            })
+        })
+        .boxed()
+}
+
+/// The event of a protobuf watch message, as another replica of this
+/// instance sent it (the inverse of [`event_to_proto`]); `None` for a
+/// message that carries no event.
+pub fn event_from_proto(event: Option<pb::watch_agent_response::Event>) -> Option<AgentEvent> {
+    match event? {
+        pb::watch_agent_response::Event::StateChange(change) => {
+            let from = match change.from_state() {
+                pb::AgentState::Unspecified => None,
+                state => Some(state_from_proto(state)),
+            };
+            Some(AgentEvent::StateChanged {
+                from,
+                agent: Box::new(agent_from_proto(change.agent?)),
+            })
+        }
+        pb::watch_agent_response::Event::OutputLine(line) => Some(AgentEvent::Output {
+            stream: match line.stream() {
+                pb::AgentOutputStream::Stderr => OutputStream::Stderr,
+                _ => OutputStream::Stdout,
+            },
+            at_ms: line.at.as_ref().map(ms_from_timestamp).unwrap_or_default(),
+            line: line.line,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AgentRecord {
+        AgentRecord {
+            id: "agent-1".to_owned(),
+            agent_type: "sh".to_owned(),
+            state: AgentState::Running,
+            state_reason: "started".to_owned(),
+            prompt: "echo hi".to_owned(),
+            task_id: "job-1".to_owned(),
+            labels: [("team".to_owned(), "core".to_owned())].into(),
+            origin: Origin::Peer {
+                instance_id: "peer".to_owned(),
+                workspace: "ws".to_owned(),
+            },
+            runner_id: "runner-a".to_owned(),
+            pid: Some(42),
+            exit_code: None,
+            signal: Some(15),
+            output_tail: vec!["hi".to_owned()],
+            output_bytes: 3,
+            output_truncated: true,
+            timeout_secs: 60,
+            created_at_ms: 1_700_000_000_123,
+            started_at_ms: Some(1_700_000_000_456),
+            ended_at_ms: None,
+            updated_at_ms: 1_700_000_000_789,
+        }
+    }
+
+    #[test]
+    fn a_record_sent_to_another_replica_reads_back_the_same() {
+        let agent = record();
+        assert_eq!(agent_from_proto(agent_to_proto(&agent)), agent);
+        let local = AgentRecord {
+            origin: Origin::Local,
+            ..record()
+        };
+        assert_eq!(agent_from_proto(agent_to_proto(&local)), local);
+    }
+
+    #[test]
+    fn watch_events_read_back_the_same() {
+        for event in [
+            AgentEvent::StateChanged {
+                from: None,
+                agent: Box::new(record()),
+            },
+            AgentEvent::StateChanged {
+                from: Some(AgentState::Spawning),
+                agent: Box::new(record()),
+            },
+            AgentEvent::Output {
+                stream: OutputStream::Stderr,
+                line: "oops".to_owned(),
+                at_ms: 1_700_000_001_000,
+            },
+        ] {
+            let sent = Some(event_to_proto(event.clone()));
+            assert_eq!(event_from_proto(sent), Some(event));
+        }
+        assert_eq!(event_from_proto(None), None);
     }
 }

@@ -23,12 +23,55 @@ pub enum AgentError {
         max: usize,
     },
     /// The agent's process is supervised by another daemon sharing the
-    /// database; only that daemon can signal it.
-    #[error("agent {agent_id} runs under another mosaicd sharing this database; stop it there")]
+    /// database that is not a registered replica (so it cannot be reached).
+    #[error(
+        "agent {agent_id} runs under runner {runner_id}, which is not a registered replica of this instance; stop it on that mosaicd"
+    )]
     SupervisedElsewhere {
         /// The agent.
         agent_id: String,
+        /// The runner that supervises it.
+        runner_id: String,
     },
+    /// The replica that supervises the agent holds its lease but did not
+    /// answer (or answered that it could not now): worth retrying.
+    #[error(
+        "agent {agent_id} runs under replica {runner_id} at {address}, which did not answer ({cause}); retry"
+    )]
+    OwnerUnavailable {
+        /// The agent.
+        agent_id: String,
+        /// The replica's runner id.
+        runner_id: String,
+        /// Where that replica said it is reached.
+        address: String,
+        /// What went wrong.
+        cause: String,
+    },
+    /// The replica that supervised the agent no longer holds its lease:
+    /// another settles its agents as FAILED ("runner lost") shortly.
+    #[error(
+        "agent {agent_id} ran under replica {runner_id}, which stopped renewing its lease; its agents are being settled as failed (runner lost); retry shortly"
+    )]
+    OwnerLost {
+        /// The agent.
+        agent_id: String,
+        /// The replica's runner id.
+        runner_id: String,
+    },
+    /// Asked (by another replica) about an unfinished agent this replica
+    /// does not supervise.
+    #[error("agent {agent_id} is not supervised by this replica (runner {runner_id}); retry")]
+    NotSupervisedHere {
+        /// The agent.
+        agent_id: String,
+        /// This replica's runner id.
+        runner_id: String,
+    },
+    /// The answer of the replica that supervises the agent, passed on as it
+    /// came (NOT_FOUND, INVALID_ARGUMENT, ...).
+    #[error("{}", .0.message())]
+    Forwarded(tonic::Status),
     /// The daemon is shutting down and starts no more agents.
     #[error("the daemon is shutting down and starts no new agents; retry on a running daemon")]
     ShuttingDown,

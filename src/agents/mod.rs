@@ -5,6 +5,8 @@
 //! - [`output`]: line splitting, the output tail, the output cap (pure).
 //! - [`paging`]: ListAgents page tokens (pure).
 //! - [`process`]: signalling process groups and recognising them.
+//! - [`elsewhere`]: the other replicas, as the runtime asks them for the
+//!   agents they supervise.
 //! - [`runtime`]: [`AgentRuntime`], the in-process API used by the gRPC
 //!   handlers and by the federation.
 //! - `registry`: the agents this daemon supervises, in memory.
@@ -19,6 +21,7 @@
 
 pub mod command;
 pub mod convert;
+pub mod elsewhere;
 pub mod error;
 pub mod model;
 pub mod output;

@@ -16,18 +16,16 @@
 //! streams of `watch` in `watch.rs`.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures::stream::BoxStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::command::{self, Substitutions};
+use super::elsewhere::{Elsewhere, EventStream};
 use super::error::AgentError;
-use super::model::{
-    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
-};
+use super::model::{AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec};
 use super::paging;
 use super::process::{AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
 use super::registry::{Registry, StopRequest, Tracked};
@@ -63,6 +61,9 @@ pub struct AgentRuntime {
     closing: AtomicBool,
     /// Agent directories made ahead of the spawns that take them.
     pub(super) spares: Arc<Spares>,
+    /// The other replicas, for agents another one supervises; unset in a
+    /// runtime that serves no calls (tests, `init`).
+    elsewhere: OnceLock<Arc<dyn Elsewhere>>,
 }
 
 impl AgentRuntime {
@@ -81,7 +82,16 @@ impl AgentRuntime {
             runner_id,
             registry: Arc::new(Registry::default()),
             closing: AtomicBool::new(false),
+            elsewhere: OnceLock::new(),
         })
+    }
+
+    /// Routes the kills and watches of agents that another replica
+    /// supervises through `elsewhere`. Set once, before serving.
+    pub fn route_elsewhere_through(&self, elsewhere: Arc<dyn Elsewhere>) {
+        if self.elsewhere.set(elsewhere).is_err() {
+            tracing::warn!("the routing to other replicas was already set");
+        }
     }
 
     /// The id that names this daemon (its data dir) as the supervisor of the
@@ -448,8 +458,24 @@ impl AgentRuntime {
 
     /// Stops an agent: SIGTERM to its process group, SIGKILL after the grace
     /// period. Returns the agent as it is when the stop has begun; an agent
-    /// that has already ended is returned unchanged.
+    /// that has already ended is returned unchanged. An agent another replica
+    /// supervises is stopped there.
     pub async fn kill(&self, id: &str, reason: &str) -> Result<AgentRecord, AgentError> {
+        self.kill_routed(id, reason, true).await
+    }
+
+    /// [`AgentRuntime::kill`] of an agent this replica supervises, for
+    /// another replica that routed the kill here; never routes it on.
+    pub async fn kill_here(&self, id: &str, reason: &str) -> Result<AgentRecord, AgentError> {
+        self.kill_routed(id, reason, false).await
+    }
+
+    async fn kill_routed(
+        &self,
+        id: &str,
+        reason: &str,
+        route: bool,
+    ) -> Result<AgentRecord, AgentError> {
         if reason.len() > MAX_KILL_REASON_BYTES {
             return Err(AgentError::Invalid(format!(
                 "the kill reason is longer than {MAX_KILL_REASON_BYTES} bytes"
@@ -479,21 +505,53 @@ impl AgentRuntime {
         if record.state.is_terminal() {
             return Ok(record);
         }
-        // Unfinished but not ours: another daemon sharing the database runs
-        // it (or ran it and has not restarted yet).
-        Err(AgentError::SupervisedElsewhere {
-            agent_id: id.to_owned(),
-        })
+        self.elsewhere(&record, route)?.kill(&record, reason).await
+    }
+
+    /// Where an unfinished agent this replica does not track is reached:
+    /// the replica that supervises it, when `route` allows it.
+    fn elsewhere(&self, record: &AgentRecord, route: bool) -> Result<&dyn Elsewhere, AgentError> {
+        if !route || record.runner_id == self.runner_id {
+            // Ours but not tracked: it is being settled (or was asked
+            // here by a replica that looked the owner up before a restart).
+            return Err(AgentError::NotSupervisedHere {
+                agent_id: record.id.clone(),
+                runner_id: self.runner_id.clone(),
+            });
+        }
+        self.elsewhere
+            .get()
+            .map(AsRef::as_ref)
+            .ok_or_else(|| AgentError::SupervisedElsewhere {
+                agent_id: record.id.clone(),
+                runner_id: record.runner_id.clone(),
+            })
     }
 
     /// The agent's events: first its current state (`from: None`), then each
     /// change and, with `include_output`, each output line, ending after the
-    /// change into a terminal state.
-    pub async fn watch(
+    /// change into a terminal state. An agent another replica supervises is
+    /// followed there (its output lines too).
+    pub async fn watch(&self, id: &str, include_output: bool) -> Result<EventStream, AgentError> {
+        self.watch_routed(id, include_output, true).await
+    }
+
+    /// [`AgentRuntime::watch`] of an agent this replica supervises (or one
+    /// that has ended), for another replica that routed the watch here.
+    pub async fn watch_here(
         &self,
         id: &str,
         include_output: bool,
-    ) -> Result<BoxStream<'static, Result<AgentEvent, AgentError>>, AgentError> {
+    ) -> Result<EventStream, AgentError> {
+        self.watch_routed(id, include_output, false).await
+    }
+
+    async fn watch_routed(
+        &self,
+        id: &str,
+        include_output: bool,
+        route: bool,
+    ) -> Result<EventStream, AgentError> {
         if let Some(tracked) = self.registry.get(id) {
             let (current, receiver) = tracked.current_and_events();
             return Ok(watch::tracked_watch(current, receiver, include_output));
@@ -503,7 +561,12 @@ impl AgentRuntime {
             .get_agent(id)
             .await?
             .ok_or_else(|| AgentError::NotFound(id.to_owned()))?;
-        Ok(watch::polled_watch(self.store.clone(), current))
+        if current.state.is_terminal() || (route && current.runner_id == self.runner_id) {
+            return Ok(watch::polled_watch(self.store.clone(), current));
+        }
+        self.elsewhere(&current, route)?
+            .watch(&current, include_output)
+            .await
     }
 
     /// Refuses new agents from now on and asks every running one to stop

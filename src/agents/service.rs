@@ -1,13 +1,11 @@
 //! The `mosaic.agent.v1.AgentControl` gRPC handlers: a thin shell that turns
 //! requests into [`AgentRuntime`] calls and records into protobuf messages.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
-use super::convert::{agent_to_proto, event_to_proto, filter_from_proto, spawn_spec};
+use super::convert::{agent_to_proto, filter_from_proto, spawn_spec, watch_responses};
 use super::model::Origin;
 use super::runtime::AgentRuntime;
 use crate::proto::agent as pb;
@@ -27,8 +25,7 @@ impl AgentControlService {
     }
 }
 
-type WatchStream =
-    Pin<Box<dyn futures::Stream<Item = Result<pb::WatchAgentResponse, Status>> + Send>>;
+type WatchStream = futures::stream::BoxStream<'static, Result<pb::WatchAgentResponse, Status>>;
 
 #[tonic::async_trait]
 impl pb::agent_control_server::AgentControl for AgentControlService {
@@ -91,14 +88,7 @@ impl pb::agent_control_server::AgentControl for AgentControlService {
         let request = request.into_inner();
         let agent_id = required_id(&request.agent_id)?;
         let events = self.runtime.watch(agent_id, request.include_output).await?;
-        let responses = events.enumerate().map(|(index, event)| {
-            let event = event.map_err(Status::from)?;
-            Ok(pb::WatchAgentResponse {
-                sequence: u64::try_from(index).unwrap_or(u64::MAX).saturating_add(1),
-                event: Some(event_to_proto(event)),
-            })
-        });
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(watch_responses(events)))
     }
 }
 

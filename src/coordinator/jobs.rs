@@ -154,7 +154,18 @@ impl Jobs {
                         Some(gate) => Some(gate.lock().await),
                         None => None,
                     };
-                    write_batch(&store, ops).await
+                    let written = write_batch(&store, ops).await;
+                    // Watchers on the other replicas hear of the changes.
+                    super::events::notify_changes(
+                        &store,
+                        written.iter().filter_map(|written| match written {
+                            Ok(JobWritten::Changed(Some(job))) => {
+                                Some((job.id.as_str(), job.version))
+                            }
+                            _ => None,
+                        }),
+                    );
+                    written
                 }
             })
         })
@@ -367,6 +378,7 @@ impl Jobs {
         // certainly in the feed, and one committed before it is skipped by
         // its sequence.
         let feed = self.events.subscribe();
+        let hints = self.events.subscribe_hints();
         let job = self.get(job_id).await?;
         // The entry that made this version of the job, not the latest one: a
         // change committed between the two reads must not be paired with the
@@ -383,6 +395,7 @@ impl Jobs {
         let watch = Watch {
             store,
             feed,
+            hints,
             sender,
             shutdown: self.shutdown.clone(),
         };
@@ -469,6 +482,8 @@ async fn write_batch(store: &Store, ops: Vec<JobWriteOp>) -> Vec<Result<JobWritt
 struct Watch {
     store: Store,
     feed: broadcast::Receiver<std::sync::Arc<super::events::JobEvent>>,
+    /// Changes made through other replicas: (job id, version after).
+    hints: broadcast::Receiver<std::sync::Arc<(String, i64)>>,
     sender: mpsc::Sender<Result<WatchItem, CoordinatorError>>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
@@ -480,6 +495,7 @@ impl Watch {
         let Watch {
             store,
             mut feed,
+            mut hints,
             sender,
             mut shutdown,
         } = self;
@@ -492,7 +508,8 @@ impl Watch {
         let mut poll = tokio::time::interval(WATCH_POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !ended {
-            let items: Vec<WatchItem> = tokio::select! {
+            // `None`: read what was missed from the history.
+            let next: Option<Vec<WatchItem>> = tokio::select! {
                 () = sender.closed() => return,
                 () = shutdown_begins(&mut shutdown) => {
                     let _ = sender.send(Err(CoordinatorError::ShuttingDown)).await;
@@ -503,22 +520,25 @@ impl Watch {
                         continue;
                     }
                     Ok(event) if event.entry.sequence == last_sequence + 1 => {
-                        vec![(event.entry.clone(), event.job.clone())]
+                        Some(vec![(event.entry.clone(), event.job.clone())])
                     }
                     // A gap (changes published out of order) or a lag: the
                     // history has everything.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        match catch_up(&store, &job_id, last_sequence).await {
-                            Ok(items) => items,
-                            Err(error) => {
-                                let _ = sender.send(Err(error)).await;
-                                return;
-                            }
-                        }
-                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => None,
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-                _ = poll.tick() => match catch_up(&store, &job_id, last_sequence).await {
+                hint = hints.recv() => match hint {
+                    // The history sequence of a change is the version it
+                    // made.
+                    Ok(hint) if hint.0 != job_id || hint.1 <= last_sequence => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = poll.tick() => None,
+            };
+            let items = match next {
+                Some(items) => items,
+                None => match catch_up(&store, &job_id, last_sequence).await {
                     Ok(items) => items,
                     Err(error) => {
                         let _ = sender.send(Err(error)).await;

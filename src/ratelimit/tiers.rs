@@ -15,7 +15,8 @@ pub enum Tier {
     /// `grpc.health.v1.Health` and `Coordinator/Health`.
     Health,
     /// Federation wire methods called by peers (`RequestConnection`,
-    /// `NotifyConnection`, `ExecuteCommand`, `Ping`).
+    /// `NotifyConnection`, `ExecuteCommand`, `Ping`), and the calls between
+    /// replicas (`mosaic.replica.v1.Replica`).
     Federation,
     /// Everything else (admin methods, agents, reflection, unknown methods).
     Default,
@@ -73,6 +74,7 @@ pub fn tier_for(path: &str) -> Tier {
             "mosaic.federation.v1.Federation",
             "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "Ping",
         ) => Tier::Federation,
+        ("mosaic.replica.v1.Replica", _) => Tier::Federation,
         ("mosaic.coordinator.v1.Coordinator", _) => Tier::Coordinator,
         ("grpc.health.v1.Health", _) => Tier::Health,
         _ => Tier::Default,
@@ -176,6 +178,7 @@ mod tests {
                 Tier::Federation,
             ),
             ("/mosaic.federation.v1.Federation/Ping", Tier::Federation),
+            ("/mosaic.replica.v1.Replica/WatchAgent", Tier::Federation),
             (
                 "/mosaic.federation.v1.Federation/RequestConnection",
                 Tier::Federation,

@@ -11,6 +11,9 @@
 //!   by a heartbeat and fenced by an epoch.
 //! - [`settle`]: a replica that stopped renewing its lease taken over by
 //!   another, which settles its agents and their jobs.
+//! - [`routing`]: a kill or a watch of an agent another replica supervises,
+//!   carried to that replica.
+//! - [`service`]: the `mosaic.replica.v1.Replica` handlers that receive them.
 //! - [`settings`]: the `[replicas]` section.
 //!
 //! This module owns what one replica must know of the others: which are alive
@@ -21,6 +24,8 @@
 pub mod identity;
 pub mod lease;
 pub mod registry;
+pub mod routing;
 pub mod runner;
+pub mod service;
 pub mod settings;
 pub mod settle;

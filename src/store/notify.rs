@@ -15,6 +15,8 @@ use super::{Store, StoreError};
 pub enum Topic {
     /// The instance's current key (a rotation through some replica).
     Identity,
+    /// Jobs changed; the payload names them (see `coordinator::events`).
+    Jobs,
 }
 
 impl Topic {
@@ -22,6 +24,7 @@ impl Topic {
     fn channel(self) -> &'static str {
         match self {
             Topic::Identity => "mosaic_identity",
+            Topic::Jobs => "mosaic_jobs",
         }
     }
 }
@@ -38,12 +41,12 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Waits for the next notification. UNAVAILABLE once the connection is
-    /// gone; listen again then.
-    pub async fn next(&mut self) -> Result<(), StoreError> {
+    /// Waits for the next notification and returns its payload. UNAVAILABLE
+    /// once the connection is gone; listen again then.
+    pub async fn next(&mut self) -> Result<String, StoreError> {
         let mut notifications = std::pin::pin!(self.connection.notifications_stream());
         match notifications.next().await {
-            Some(Ok(_)) => Ok(()),
+            Some(Ok(notification)) => Ok(notification.payload),
             Some(Err(error)) => Err(StoreError::from(error)),
             None => Err(StoreError::Unavailable(
                 "the listening connection closed".to_owned(),
@@ -69,11 +72,19 @@ impl Store {
 
     /// Tells every listener of `topic` to look again; nothing on SQLite.
     pub async fn notify(&self, topic: Topic) -> Result<(), StoreError> {
+        self.notify_with(topic, "").await
+    }
+
+    /// [`Store::notify`] with a payload (at most 8000 bytes, PostgreSQL's
+    /// limit).
+    pub async fn notify_with(&self, topic: Topic, payload: &str) -> Result<(), StoreError> {
         if self.postgres_url.is_none() {
             return Ok(());
         }
         with_connection!(self, |conn| {
-            diesel::sql_query(format!("NOTIFY {}", topic.channel()))
+            diesel::sql_query("SELECT pg_notify($1, $2)")
+                .bind::<diesel::sql_types::Text, _>(topic.channel())
+                .bind::<diesel::sql_types::Text, _>(payload)
                 .execute(conn)
                 .await?;
         });
@@ -101,10 +112,26 @@ mod tests {
             .expect("listen")
             .expect("a listener on PostgreSQL");
         sender.notify(Topic::Identity).await.expect("notify");
-        tokio::time::timeout(Duration::from_secs(5), listener.next())
+        let heard = tokio::time::timeout(Duration::from_secs(5), listener.next())
             .await
             .expect("the notification arrives")
             .expect("a notification");
+        assert_eq!(heard, "");
+        let mut jobs = receiver
+            .listen(Topic::Jobs)
+            .await
+            .expect("listen")
+            .expect("a listener on PostgreSQL");
+        sender
+            .notify_with(Topic::Jobs, "job-1:2")
+            .await
+            .expect("notify");
+        let heard = tokio::time::timeout(Duration::from_secs(5), jobs.next())
+            .await
+            .expect("the notification arrives")
+            .expect("a notification");
+        assert_eq!(heard, "job-1:2");
+        drop(jobs);
         drop((listener, sender, receiver));
         database.cleanup().await.expect("drop the test database");
     }

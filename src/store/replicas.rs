@@ -197,6 +197,19 @@ impl Store {
         Ok(updated == 1)
     }
 
+    /// The registered replica of `runner_id`, if any: where to reach the
+    /// supervisor of that runner's agents.
+    pub async fn get_replica(&self, runner_id: &str) -> Result<Option<ReplicaRecord>, StoreError> {
+        Ok(with_connection!(self, |conn| {
+            replicas::table
+                .find(runner_id)
+                .select(ReplicaRecord::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        }))
+    }
+
     /// Every registered replica, with how many agents each supervises (not
     /// yet ended), by runner id.
     pub async fn list_replicas(&self) -> Result<Vec<(ReplicaRecord, u64)>, StoreError> {
@@ -283,6 +296,16 @@ mod tests {
                 .await
                 .expect("beat")
         );
+        let found = store
+            .get_replica("r1")
+            .await
+            .expect("get")
+            .expect("registered");
+        assert_eq!(
+            (found.epoch, found.address.as_str(), found.expires_at_ms),
+            (2, "https://127.0.0.1:7443", 6_500)
+        );
+        assert!(store.get_replica("nobody").await.expect("get").is_none());
         // A clean stop ends the lease; a stopped replica does not beat.
         store.stop_replica("r2", 1, 4_000).await.expect("stop");
         assert!(

@@ -44,6 +44,7 @@ mod peering;
 mod rate_limit;
 mod remote_cli;
 mod replica_registry;
+mod replica_routing;
 mod replicas;
 mod server;
 mod stress_faults;

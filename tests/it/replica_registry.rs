@@ -8,26 +8,13 @@ use std::time::{Duration, Instant};
 use mosaic_mesh::auth::Scope;
 use mosaic_mesh::store::Store;
 
-use crate::support::agents::{AGENT_TYPES_TOML, Agents};
+use crate::support::agents::Agents;
 use crate::support::replicas::Replicas;
 
 /// `count` replicas with the test agent types and a lease of 3 s, a store
 /// on their database and an API key with `scopes`.
 async fn start(count: usize, scopes: &[Scope]) -> (Replicas, Store, String) {
-    let replicas = Replicas::start(
-        count,
-        &format!("[replicas]\nlease_secs = 3\n{AGENT_TYPES_TOML}"),
-    )
-    .await;
-    let store = Store::connect(&replicas.database.url)
-        .await
-        .expect("connect");
-    let key = mosaic_mesh::auth::create_api_key(&store, "test", scopes)
-        .await
-        .expect("create an API key")
-        .secret
-        .to_string();
-    (replicas, store, key)
+    Replicas::with_agents(count, 3, "", scopes).await
 }
 
 /// `mosaicd replicas --json` run as replica `index`'s operator.

@@ -13,6 +13,7 @@ use crate::federation::envelope::{self, Verified};
 use crate::federation::peering::{no_connection, seen_message, stored_reply};
 use crate::federation::state::ConnectionState;
 use crate::identity::PublicKey;
+use crate::proto::agent as pb_agent;
 use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogRecord, WriteOutcome};
 
@@ -296,19 +297,19 @@ async fn run_command(
             agents
                 .spawn(spawn_spec(request, origin))
                 .await
-                .map(|agent| Outcome::Agent(agent_to_proto(&agent)))
+                .map(|agent| Outcome::Agent(for_peer(&agent)))
         }
         Some(Command::AgentStatus(status)) => {
             own_agent(agents, &status.agent_id, sender, workspace)
                 .await
-                .map(|agent| Outcome::Agent(agent_to_proto(&agent)))
+                .map(|agent| Outcome::Agent(for_peer(&agent)))
         }
         Some(Command::AgentKill(kill)) => {
             match own_agent(agents, &kill.agent_id, sender, workspace).await {
                 Ok(_) => agents
                     .kill(&kill.agent_id, &kill.reason)
                     .await
-                    .map(|agent| Outcome::Agent(agent_to_proto(&agent))),
+                    .map(|agent| Outcome::Agent(for_peer(&agent))),
                 Err(error) => Err(error),
             }
         }
@@ -324,7 +325,7 @@ async fn run_command(
                 .await
                 .map(|(page, next_page_token)| {
                     Outcome::AgentList(pb::AgentList {
-                        agents: page.iter().map(agent_to_proto).collect(),
+                        agents: page.iter().map(for_peer).collect(),
                         next_page_token,
                     })
                 })
@@ -339,6 +340,15 @@ async fn run_command(
             message: status.message().to_owned(),
         })
     })
+}
+
+/// An agent as a peer sees it: without the runner id, which names a replica
+/// of this instance and is nothing a peer can use.
+fn for_peer(agent: &AgentRecord) -> pb_agent::Agent {
+    pb_agent::Agent {
+        runner_id: String::new(),
+        ..agent_to_proto(agent)
+    }
 }
 
 /// The agent `agent_id` if `sender` spawned it through `workspace`. Any other

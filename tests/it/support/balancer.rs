@@ -73,6 +73,12 @@ impl Balancer {
         self.routing.lock().expect("routing").backends[index] = backend;
     }
 
+    /// Cuts every open connection, as a balancer reloaded or a network cut
+    /// would: clients connect again, to whichever backend is next.
+    pub fn cut(&self) {
+        self.tasks.lock().expect("tasks").abort_all();
+    }
+
     /// How many connections each backend has been handed so far.
     pub fn handed(&self) -> Vec<usize> {
         self.routing.lock().expect("routing").handed.clone()

@@ -75,6 +75,33 @@ impl Replicas {
         replicas
     }
 
+    /// `count` replicas with the test agent types (`agents_toml` added to
+    /// their `[agents]` section) and a lease of `lease_secs`, a store on
+    /// their database and an API key with `scopes`.
+    pub async fn with_agents(
+        count: usize,
+        lease_secs: u64,
+        agents_toml: &str,
+        scopes: &[Scope],
+    ) -> (Replicas, mosaic_mesh::store::Store, String) {
+        let agents = crate::support::agents::AGENT_TYPES_TOML
+            .replace("[agents]\n", &format!("[agents]\n{agents_toml}"));
+        let replicas = Replicas::start(
+            count,
+            &format!("[replicas]\nlease_secs = {lease_secs}\n{agents}"),
+        )
+        .await;
+        let store = mosaic_mesh::store::Store::connect(&replicas.database.url)
+            .await
+            .expect("connect");
+        let key = mosaic_mesh::auth::create_api_key(&store, "test", scopes)
+            .await
+            .expect("create an API key")
+            .secret
+            .to_string();
+        (replicas, store, key)
+    }
+
     /// A `mosaicd` command for replica `index`: its data dir and config, the
     /// instance's database and master key.
     pub fn command(&self, index: usize) -> Command {

@@ -1,0 +1,30 @@
+//! [`Elsewhere`]: how the runtime reaches an agent whose process another
+//! replica of this instance supervises. `replicas::routing` implements it
+//! (a call to that replica over mutual TLS); the runtime only asks.
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+
+use super::error::AgentError;
+use super::model::{AgentEvent, AgentRecord};
+
+/// A watch's events, as [`super::AgentRuntime::watch`] yields them.
+pub type EventStream = BoxStream<'static, Result<AgentEvent, AgentError>>;
+
+/// The replicas that supervise the agents this one does not.
+pub trait Elsewhere: Send + Sync {
+    /// Asks the replica that supervises `agent` to stop it (the runtime has
+    /// checked `reason`); the agent as that replica answers.
+    fn kill<'a>(
+        &'a self,
+        agent: &'a AgentRecord,
+        reason: &'a str,
+    ) -> BoxFuture<'a, Result<AgentRecord, AgentError>>;
+
+    /// Follows `agent` through the replica that supervises it.
+    fn watch<'a>(
+        &'a self,
+        agent: &'a AgentRecord,
+        include_output: bool,
+    ) -> BoxFuture<'a, Result<EventStream, AgentError>>;
+}

@@ -1,0 +1,116 @@
+//! The `mosaic.replica.v1.Replica` handlers: kills and watches routed here
+//! by another replica of this instance, for the agents this one supervises.
+//!
+//! The caller must present a client certificate carrying this instance's
+//! own key (current, or previous within its grace): only the replicas hold
+//! it. A key rotated through another replica a moment ago is taken up by
+//! re-reading the identity once before refusing.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::agents::AgentRuntime;
+use crate::agents::convert::{agent_to_proto, watch_responses};
+use crate::auth::Caller;
+use crate::identity::{IdentityManager, PublicKey};
+use crate::proto::agent as agent_pb;
+use crate::proto::replica::replica_server::Replica;
+
+/// Handlers for the Replica service.
+pub struct ReplicaService {
+    agents: Arc<AgentRuntime>,
+    identity: Arc<IdentityManager>,
+    /// When an unknown key last made this replica re-read the identity: at
+    /// most once a second, so strangers cannot turn calls into reads.
+    last_refresh: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl ReplicaService {
+    /// Handlers over this replica's runtime, admitting callers that hold
+    /// `identity`'s key.
+    pub fn new(agents: Arc<AgentRuntime>, identity: Arc<IdentityManager>) -> Self {
+        Self {
+            agents,
+            identity,
+            last_refresh: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Refuses a caller that is not a replica of this instance.
+    async fn admit<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(key) = Caller::of(request).peer_key().cloned() else {
+            return Err(Status::unauthenticated(
+                "Replica calls need a client certificate carrying this instance's key",
+            ));
+        };
+        if self.is_own(&key) {
+            return Ok(());
+        }
+        // Rotated through another replica a moment ago?
+        if self.may_refresh() && self.identity.refresh().await.unwrap_or(false) && self.is_own(&key)
+        {
+            return Ok(());
+        }
+        Err(Status::permission_denied(
+            "Replica calls are for the replicas of this instance, which hold its key",
+        ))
+    }
+
+    fn may_refresh(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_refresh
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if last.is_some_and(|last| now.duration_since(last) < std::time::Duration::from_secs(1)) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    fn is_own(&self, key: &PublicKey) -> bool {
+        let current = self.identity.current();
+        current.public_key() == key
+            || current
+                .previous_keys(crate::clock::now_ms())
+                .any(|previous| previous.public_key == *key)
+    }
+}
+
+type WatchStream =
+    futures::stream::BoxStream<'static, Result<agent_pb::WatchAgentResponse, Status>>;
+
+#[tonic::async_trait]
+impl Replica for ReplicaService {
+    async fn kill_agent(
+        &self,
+        request: Request<agent_pb::KillAgentRequest>,
+    ) -> Result<Response<agent_pb::KillAgentResponse>, Status> {
+        self.admit(&request).await?;
+        let request = request.into_inner();
+        let agent = self
+            .agents
+            .kill_here(&request.agent_id, &request.reason)
+            .await?;
+        Ok(Response::new(agent_pb::KillAgentResponse {
+            agent: Some(agent_to_proto(&agent)),
+        }))
+    }
+
+    type WatchAgentStream = WatchStream;
+
+    async fn watch_agent(
+        &self,
+        request: Request<agent_pb::WatchAgentRequest>,
+    ) -> Result<Response<Self::WatchAgentStream>, Status> {
+        self.admit(&request).await?;
+        let request = request.into_inner();
+        let events = self
+            .agents
+            .watch_here(&request.agent_id, request.include_output)
+            .await?;
+        Ok(Response::new(watch_responses(events)))
+    }
+}
