@@ -1,7 +1,13 @@
 //! The checks behind `Coordinator.Health`: database round trip, Redis PING
 //! (when configured), agent runtime, version and uptime. (`grpc.health.v1`
 //! follows the database in `crate::health`.)
+//!
+//! Anyone may call Health, so a call costs no round trip of its own: the
+//! database and Redis are probed at most once per [`PROBE_EVERY`], by the
+//! first call after the last probe aged (the others wait for it and share
+//! it), through the store's pool and the rate limiter's Redis pool.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::coordinator as pb;
@@ -10,20 +16,48 @@ use crate::store::Store;
 
 /// How long the database may take to answer the health query.
 const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long connecting to Redis and its PING may take together.
-const REDIS_TIMEOUT: Duration = Duration::from_millis(500);
+/// How old a probe of the database and Redis may be when a call reports it.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The last probe of the database and Redis, shared by the calls that come
+/// within [`PROBE_EVERY`] of it.
+#[derive(Clone, Debug, Default)]
+pub struct HealthProbe {
+    last: Arc<tokio::sync::Mutex<Option<Probed>>>,
+}
+
+#[derive(Debug)]
+struct Probed {
+    at: tokio::time::Instant,
+    database: pb::ComponentHealth,
+    redis: pb::ComponentHealth,
+}
+
+impl HealthProbe {
+    /// The database's and Redis's health, probed now unless a probe younger
+    /// than [`PROBE_EVERY`] exists. Holding the lock while probing makes
+    /// the calls that arrive meanwhile wait for this probe, not start theirs.
+    async fn components(&self, shared: &Shared) -> (pb::ComponentHealth, pb::ComponentHealth) {
+        let mut last = self.last.lock().await;
+        if let Some(probed) = last.as_ref()
+            && probed.at.elapsed() < PROBE_EVERY
+        {
+            return (probed.database.clone(), probed.redis.clone());
+        }
+        let (database, redis) = tokio::join!(check_database(&shared.store), check_redis(shared));
+        *last = Some(Probed {
+            at: tokio::time::Instant::now(),
+            database: database.clone(),
+            redis: redis.clone(),
+        });
+        (database, redis)
+    }
+}
 
 /// Checks every component and gives the verdict.
 pub async fn check(shared: &Shared) -> pb::HealthResponse {
-    let database = check_database(&shared.store).await;
-    let redis = match &shared.config.redis_url {
-        None => component(
-            pb::ComponentStatus::NotConfigured,
-            "in-memory rate limiting; set redis_url to share limits",
-            None,
-        ),
-        Some(url) => with_fallback_state(check_redis(url).await, shared),
-    };
+    let (database, redis) = shared.coordinator.health.components(shared).await;
+    let redis = with_fallback_state(redis, shared);
     let agent_runtime = check_agent_runtime(shared);
     let status = verdict(&database, &redis);
     pb::HealthResponse {
@@ -117,28 +151,24 @@ async fn check_database(store: &Store) -> pb::ComponentHealth {
     }
 }
 
-/// Opens a fresh connection and sends PING, within `REDIS_TIMEOUT`. The
+/// PING through the rate limiter's pool (within its `redis_timeout`). The
 /// detail never repeats the URL (it may hold a password).
-async fn check_redis(url: &str) -> pb::ComponentHealth {
+async fn check_redis(shared: &Shared) -> pb::ComponentHealth {
+    if shared.config.redis_url.is_none() {
+        return component(
+            pb::ComponentStatus::NotConfigured,
+            "in-memory rate limiting; set redis_url to share limits",
+            None,
+        );
+    }
     let started = tokio::time::Instant::now();
-    let ping = async {
-        let client = redis::Client::open(url)?;
-        let mut connection = client.get_multiplexed_async_connection().await?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut connection)
-            .await
-    };
-    match tokio::time::timeout(REDIS_TIMEOUT, ping).await {
-        Ok(Ok(_)) => component(pb::ComponentStatus::Ok, "", Some(started.elapsed())),
-        Ok(Err(error)) => component(
-            pb::ComponentStatus::Down,
-            &format!("redis failed: {:?}", error.kind()),
+    match shared.rate_limiter.ping_redis().await {
+        None => component(
+            pb::ComponentStatus::NotConfigured,
+            "redis_url is set but rate limits are kept in memory (rate_limit.storage = \"memory\")",
             None,
         ),
-        Err(_) => component(
-            pb::ComponentStatus::Down,
-            &format!("no answer within {} ms", REDIS_TIMEOUT.as_millis()),
-            None,
-        ),
+        Some(Ok(())) => component(pb::ComponentStatus::Ok, "", Some(started.elapsed())),
+        Some(Err(error)) => component(pb::ComponentStatus::Down, &error.to_string(), None),
     }
 }

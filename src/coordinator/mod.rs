@@ -53,6 +53,8 @@ pub struct CoordinatorState {
     /// The tasks following remote dispatches, while this process holds their
     /// lease.
     followers: following::Followers,
+    /// The last probe of the database and Redis, for `Health`.
+    pub health: health::HealthProbe,
 }
 
 impl Default for CoordinatorState {
@@ -64,6 +66,7 @@ impl Default for CoordinatorState {
             sqlite_writes: Arc::new(tokio::sync::Mutex::new(())),
             job_writes: Arc::default(),
             followers: following::Followers::default(),
+            health: health::HealthProbe::default(),
         }
     }
 }

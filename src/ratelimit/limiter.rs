@@ -92,6 +92,15 @@ impl RateLimiter {
         })
     }
 
+    /// PING through the limiter's pool of Redis connections: `None` when
+    /// limits are kept in memory (Redis is not used).
+    pub async fn ping_redis(&self) -> Option<Result<(), RedisCheckError>> {
+        match &self.backend {
+            Backend::Redis(storage) => Some(storage.redis.ping().await),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// The configuration in force.
     pub fn settings(&self) -> &RateLimitSettings {
         &self.settings

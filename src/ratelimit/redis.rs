@@ -129,6 +129,28 @@ impl RedisLimiter {
         })
     }
 
+    /// PING on a pooled connection, within the timeout: whether Redis
+    /// answers, for health checks (no connection of its own).
+    pub async fn ping(&self) -> Result<(), RedisCheckError> {
+        let mut used_connection: Option<Arc<AtomicBool>> = None;
+        let outcome = tokio::time::timeout(self.timeout, async {
+            let (mut connection, broken) = self.shared_connection().await?;
+            used_connection = Some(broken);
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+                .map_err(RedisCheckError::from)
+        })
+        .await
+        .unwrap_or(Err(RedisCheckError::Timeout(self.timeout)));
+        if outcome.is_err()
+            && let Some(broken) = used_connection
+        {
+            broken.store(true, Ordering::Relaxed);
+        }
+        outcome.map(drop)
+    }
+
     /// The Redis key of `key`'s bucket in `tier`: `<prefix><tier>:<subject>`.
     pub fn bucket_name(&self, tier: Tier, key: &LimitKey) -> String {
         format!("{}{}:{}", self.prefix, tier.as_str(), key.subject())

@@ -1059,6 +1059,8 @@ async fn health_reports_each_component(backend: Backend) {
     ] {
         let mut config = environment.config();
         config.redis_url = Some(url.to_owned());
+        config.rate_limit.storage = mosaic_mesh::ratelimit::Storage::Redis;
+        config.rate_limit.redis_prefix = crate::support::redis::unique_prefix();
         let daemon = environment.start_with(config).await.expect("daemon");
         let health = CoordinatorClient::new(daemon.channel().await)
             .health(pb::HealthRequest {})

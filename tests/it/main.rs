@@ -28,6 +28,7 @@ macro_rules! on_both_backends {
 mod agents;
 mod api_keys;
 mod ca_mode;
+mod call_cost;
 mod cli;
 mod clients;
 mod command_log;

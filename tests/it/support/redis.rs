@@ -21,7 +21,8 @@ pub fn unique_prefix() -> String {
     format!("mosaic:rl:test:{}:", uuid::Uuid::new_v4().simple())
 }
 
-async fn connection(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+/// A new connection to the Redis at `url`.
+pub async fn connection(url: &str) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
     redis::Client::open(url)?
         .get_multiplexed_async_connection()
         .await
