@@ -164,6 +164,9 @@ pub struct ServerFileConfig {
     /// Milliseconds an API key, peer connection or peer key read from the store
     /// is believed (default 1000; 0: read on every call).
     pub auth_cache_ms: Option<u64>,
+    /// The level of the one log line per call: `info` (default), `debug` or
+    /// `off`.
+    pub access_log: Option<String>,
 }
 
 /// `[identity]` in the file.
@@ -234,6 +237,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Time a client has to complete the TLS handshake (default 10 s).
     pub tls_handshake_timeout: Duration,
+    /// The level of the one log line per call (default info).
+    pub access_log: crate::metrics::layer::AccessLog,
     /// How long an API key, peer connection or peer key read from the store is
     /// believed before it is read again (default 1 s; zero: every call reads).
     /// Changes made through this daemon apply at once; see [`crate::cache`].
@@ -386,6 +391,12 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        let access_log = match file.server.access_log.as_deref() {
+            None => crate::metrics::layer::AccessLog::Info,
+            Some(level) => level
+                .parse()
+                .map_err(|message| invalid("server.access_log", message))?,
+        };
         let auth_cache_ms = file.server.auth_cache_ms.unwrap_or(DEFAULT_AUTH_CACHE_MS);
         if auth_cache_ms > MAX_AUTH_CACHE_MS {
             return Err(invalid(
@@ -427,6 +438,7 @@ impl Config {
             shutdown_grace,
             max_message_bytes,
             tls_handshake_timeout: Duration::from_secs(handshake_secs),
+            access_log,
             auth_cache: Duration::from_millis(auth_cache_ms),
             rotation_grace: Duration::from_secs(rotation_grace_secs),
             federation,

@@ -17,10 +17,14 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(message) = init_tracing(cli.log.as_deref(), cli.log_format) {
-        eprintln!("error: {message}");
-        return ExitCode::from(2);
-    }
+    // Flushes the queued log lines when main returns.
+    let _log = match init_tracing(cli.log.as_deref(), cli.log_format) {
+        Ok(guard) => guard,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(2);
+        }
+    };
     match dispatch(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -34,9 +38,13 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Starts logging; a `--log` / `MOSAIC_LOG` filter that does not parse is a
-/// usage error, not a silent fallback.
-fn init_tracing(filter: Option<&str>, format: LogFormat) -> Result<(), String> {
+/// Starts logging, to stderr through a non-blocking writer
+/// (`metrics::log_writer`); a `--log` / `MOSAIC_LOG` filter that does not
+/// parse is a usage error, not a silent fallback.
+fn init_tracing(
+    filter: Option<&str>,
+    format: LogFormat,
+) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).map_err(
         |error| {
             format!(
@@ -44,13 +52,14 @@ fn init_tracing(filter: Option<&str>, format: LogFormat) -> Result<(), String> {
             )
         },
     )?;
+    let (writer, guard) = mosaic_mesh::metrics::log_writer::stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    Ok(())
+    Ok(guard)
 }

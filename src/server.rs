@@ -209,9 +209,10 @@ pub async fn serve(
     let _pruning = shared.rate_limiter.spawn_maintenance();
     let _metrics_endpoint = start_metrics_endpoint(&shared).await?;
     let router = Server::builder()
-        .layer(crate::metrics::layer::MetricsLayer::new(Arc::clone(
-            &shared.metrics,
-        )))
+        .layer(crate::metrics::layer::MetricsLayer::new(
+            Arc::clone(&shared.metrics),
+            config.access_log,
+        ))
         .layer(RateLimitLayer::new(
             Arc::clone(&shared.rate_limiter),
             authenticator,

@@ -184,6 +184,25 @@ fn replica_settings_resolve_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn the_call_log_level_is_read_and_a_bad_one_names_its_key() {
+    use crate::metrics::layer::AccessLog;
+    let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
+    assert_eq!(config.access_log, AccessLog::Info);
+    for (level, expected) in [
+        ("info", AccessLog::Info),
+        ("debug", AccessLog::Debug),
+        ("off", AccessLog::Off),
+    ] {
+        let file = parse_file(&format!("[server]\naccess_log = \"{level}\"\n")).expect("parse");
+        let config = Config::resolve(file, &args_with_dir()).expect("config");
+        assert_eq!(config.access_log, expected);
+    }
+    let file = parse_file("[server]\naccess_log = \"loud\"\n").expect("parse");
+    let error = Config::resolve(file, &args_with_dir()).expect_err("a bad level");
+    assert!(error.to_string().contains("server.access_log"), "{error}");
+}
+
+#[test]
 fn tls_mode_and_its_files_must_agree() {
     use crate::tls::ca::{TlsMode, TlsSettings};
     let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");

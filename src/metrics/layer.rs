@@ -15,6 +15,35 @@ use http_body::Frame;
 
 use super::Metrics;
 
+/// The level of the one log line per call (`server.access_log`), target
+/// `mosaic_mesh::access`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AccessLog {
+    /// At INFO, shown by the default `--log info`.
+    #[default]
+    Info,
+    /// At DEBUG: kept out of the default log, there with `--log debug` (or
+    /// `mosaic_mesh::access=debug`).
+    Debug,
+    /// Not written at all (the call metrics still count every call).
+    Off,
+}
+
+impl std::str::FromStr for AccessLog {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "info" => Ok(AccessLog::Info),
+            "debug" => Ok(AccessLog::Debug),
+            "off" => Ok(AccessLog::Off),
+            other => Err(format!(
+                "{other:?} is not a level for the call log; expected \"info\", \"debug\" or \"off\""
+            )),
+        }
+    }
+}
+
 /// Who the auth layer said was calling, filled in by the rate-limit layer so this
 /// outer layer can log it (never the key itself).
 #[derive(Clone, Debug, Default)]
@@ -50,12 +79,17 @@ pub fn describe_caller(caller: &crate::auth::Caller) -> String {
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Arc<Metrics>,
+    access_log: AccessLog,
 }
 
 impl MetricsLayer {
-    /// A layer recording into `metrics`.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics }
+    /// A layer recording into `metrics` and writing the call log line at
+    /// `access_log`.
+    pub fn new(metrics: Arc<Metrics>, access_log: AccessLog) -> Self {
+        Self {
+            metrics,
+            access_log,
+        }
     }
 }
 
@@ -66,6 +100,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
         MetricsService {
             inner,
             metrics: Arc::clone(&self.metrics),
+            access_log: self.access_log,
         }
     }
 }
@@ -75,6 +110,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
 pub struct MetricsService<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    access_log: AccessLog,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
@@ -100,6 +136,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let metrics = Arc::clone(&self.metrics);
+        let access_log = self.access_log;
         Box::pin(async move {
             let started = Instant::now();
             let (service, method) = labels_for(request.uri().path());
@@ -108,6 +145,7 @@ where
             let response = inner.call(request).await?;
             let mut recorder = CallRecorder {
                 metrics,
+                access_log,
                 service,
                 method,
                 caller,
@@ -153,6 +191,7 @@ fn code_name(code: &str) -> &'static str {
 /// Records one call once, with its duration and a log line.
 struct CallRecorder {
     metrics: Arc<Metrics>,
+    access_log: AccessLog,
     service: String,
     method: String,
     caller: CallerSlot,
@@ -176,14 +215,25 @@ impl CallRecorder {
         };
         self.metrics
             .record_call(&self.service, method, code, duration);
-        tracing::info!(
-            rpc.service = %self.service,
-            rpc.method = %method,
-            caller = %self.caller.get(),
-            code,
-            duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            "call"
-        );
+        let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+        let caller = self.caller.get();
+        // The level of a tracing event is part of its static call site, so
+        // each level has its own.
+        match self.access_log {
+            AccessLog::Info => tracing::event!(
+                target: "mosaic_mesh::access",
+                tracing::Level::INFO,
+                rpc.service = %self.service, rpc.method = %method, caller = %caller, code, duration_ms,
+                "call"
+            ),
+            AccessLog::Debug => tracing::event!(
+                target: "mosaic_mesh::access",
+                tracing::Level::DEBUG,
+                rpc.service = %self.service, rpc.method = %method, caller = %caller, code, duration_ms,
+                "call"
+            ),
+            AccessLog::Off => {}
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod endpoint;
 pub mod layer;
+pub mod log_writer;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -197,6 +198,15 @@ impl Metrics {
                 escape(state)
             );
         }
+        text.push_str(
+            "# HELP mosaic_log_lines_dropped_total Log lines dropped because the log's queue to stderr was full (stderr slower than the log).\n",
+        );
+        text.push_str("# TYPE mosaic_log_lines_dropped_total counter\n");
+        let _ = writeln!(
+            text,
+            "mosaic_log_lines_dropped_total {}",
+            log_writer::dropped_lines()
+        );
         if let Some(wal) = &store.sqlite_wal {
             render_sqlite_wal(&mut text, wal);
         }

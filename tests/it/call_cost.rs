@@ -57,3 +57,78 @@ async fn a_thousand_health_checks_open_no_redis_connection_of_their_own() {
     daemon.stop().await;
     environment.cleanup().await;
 }
+
+/// `mosaicd serve` on a new data dir with `server_toml` in its `[server]`
+/// section; its log is left to the caller.
+async fn serve_with(
+    server_toml: &str,
+) -> (
+    tempfile::TempDir,
+    tokio::process::Child,
+    String,
+    crate::support::binary::LogLines,
+) {
+    let dir = tempfile::tempdir().expect("data dir");
+    let config = dir.path().join("mosaic.toml");
+    std::fs::write(
+        &config,
+        format!("[server]\n{server_toml}\n\n[rate_limit]\nglobal_limit = 1000000\nhealth_limit = 1000000\n"),
+    )
+    .expect("write the config");
+    let mut command = crate::support::binary::mosaicd(dir.path());
+    command.arg("--config").arg(&config);
+    let (child, address, lines) = crate::support::binary::spawn_serve_with_log(command).await;
+    (dir, child, address, lines)
+}
+
+/// `calls` standard health checks on one connection, all within 60 s.
+async fn health_checks(address: &str, dir: &std::path::Path, calls: usize) {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut health = HealthClient::new(crate::support::binary::channel_to(address, dir).await);
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for call in 0..calls {
+            health
+                .check(HealthCheckRequest::default())
+                .await
+                .unwrap_or_else(|status| panic!("health call {call}: {status:?}"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{calls} health checks did not finish within 60 s"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_never_wait_for_a_log_nobody_reads() {
+    // The daemon's stderr is a pipe nobody reads after start: it fills after
+    // a few hundred call lines. Calls go on, the log's queue takes the lines.
+    let (dir, mut child, address, lines) = serve_with("").await;
+    health_checks(&address, dir.path(), 3000).await;
+    child.kill().await.expect("stop the daemon");
+    drop(lines);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_call_log_line_follows_server_access_log() {
+    for (level, expected_lines) in [("info", 20), ("debug", 0), ("off", 0)] {
+        let (dir, mut child, address, mut lines) =
+            serve_with(&format!("access_log = \"{level}\"")).await;
+        health_checks(&address, dir.path(), 20).await;
+        // A clean stop: what is queued is written before the process ends.
+        let pid = child
+            .id()
+            .and_then(|pid| i32::try_from(pid).ok())
+            .and_then(rustix::process::Pid::from_raw)
+            .expect("the daemon's pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let status = child.wait().await.expect("wait for the daemon");
+        assert!(status.success(), "the daemon exited with {status}");
+        let mut call_lines = 0;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("mosaic_mesh::access") && line.contains("rpc.method=Check") {
+                call_lines += 1;
+            }
+        }
+        assert_eq!(call_lines, expected_lines, "access_log = {level:?}");
+    }
+}

@@ -34,6 +34,18 @@ pub async fn spawn_serve(data_dir: &Path) -> (tokio::process::Child, String) {
 /// as `serve --listen 127.0.0.1:0`; returns the child and its address once it
 /// serves. The child is killed when dropped.
 pub async fn spawn_serve_command(command: Command) -> (tokio::process::Child, String) {
+    let (child, address, mut lines) = spawn_serve_with_log(command).await;
+    // Keep draining stderr so the daemon never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, address)
+}
+
+/// The daemon's log (stderr), line by line.
+pub type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStderr>>;
+
+/// [`spawn_serve_command`] that hands the rest of the daemon's log to the
+/// caller, which reads it (or leaves the pipe to fill).
+pub async fn spawn_serve_with_log(command: Command) -> (tokio::process::Child, String, LogLines) {
     let mut command = tokio::process::Command::from(command);
     command
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -54,9 +66,7 @@ pub async fn spawn_serve_command(command: Command) -> (tokio::process::Child, St
     })
     .await
     .expect("mosaicd starts within 30 s");
-    // Keep draining stderr so the daemon never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, address)
+    (child, address, lines)
 }
 
 /// A TLS channel to a `mosaicd serve` at `address`, pinning the key of the
