@@ -18,6 +18,9 @@ impl DatabaseTarget {
     pub(super) fn parse(database_url: &str) -> Result<DatabaseTarget, StoreError> {
         let database_url = database_url.trim();
         if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            // A bad sslmode or sslrootcert is said at start, not at the
+            // first connection.
+            super::postgres_tls::prepare(database_url).map_err(StoreError::InvalidUrl)?;
             return Ok(DatabaseTarget::Postgres {
                 url: database_url.to_owned(),
             });

@@ -130,6 +130,7 @@ mod metrics;
 mod notify;
 mod outbox;
 mod pools;
+mod postgres_tls;
 mod prepared;
 mod replicas;
 mod retention;

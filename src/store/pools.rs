@@ -138,8 +138,8 @@ fn open_sqlite(path: &str) -> SetupFuture<'_, SqliteConnection> {
     }))
 }
 
-/// Opens a PostgreSQL connection, keeping the URL's password out of any
-/// error. The server cancels any statement running longer than
+/// Opens a PostgreSQL connection, with TLS as the URL's `sslmode` says
+/// (`postgres_tls.rs`), keeping the URL's password out of any error. The server cancels any statement running longer than
 /// `call_timeout`; the socket sends keepalives when idle, and gives up on
 /// data left unacknowledged for `call_timeout`, so that a server which
 /// stops answering (packets dropped, no reset) is noticed rather than
@@ -151,8 +151,10 @@ pub(super) fn open_postgres(
 ) -> SetupFuture<'_, PostgresConnection> {
     Box::pin(async move {
         within_connect_timeout(async {
+            let tls =
+                super::postgres_tls::prepare(url).map_err(ConnectionError::InvalidConnectionUrl)?;
             let mut config: tokio_postgres::Config =
-                url.parse().map_err(|error: tokio_postgres::Error| {
+                tls.url.parse().map_err(|error: tokio_postgres::Error| {
                     ConnectionError::InvalidConnectionUrl(error.to_string())
                 })?;
             if !url.contains("keepalives_idle") {
@@ -165,12 +167,21 @@ pub(super) fn open_postgres(
             if !url.contains("tcp_user_timeout") {
                 config.tcp_user_timeout(call_timeout);
             }
-            let (client, connection) = config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|error| ConnectionError::BadConnection(error.to_string()))?;
-            let mut connection =
-                PostgresConnection::try_from_client_and_connection(client, connection).await?;
+            let bad = |error: tokio_postgres::Error| {
+                ConnectionError::BadConnection(crate::federation::peer_client::error_chain(&error))
+            };
+            let mut connection = match tls.config {
+                None => {
+                    let (client, connection) =
+                        config.connect(tokio_postgres::NoTls).await.map_err(bad)?;
+                    PostgresConnection::try_from_client_and_connection(client, connection).await?
+                }
+                Some(tls) => {
+                    let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                    let (client, connection) = config.connect(connector).await.map_err(bad)?;
+                    PostgresConnection::try_from_client_and_connection(client, connection).await?
+                }
+            };
             connection
                 .batch_execute(&format!(
                     "SET statement_timeout = {}",
