@@ -72,7 +72,12 @@ impl RateLimiter {
     ) -> Result<RateLimiter, RedisCheckError> {
         let backend = match (settings.storage, redis_url) {
             (Storage::Redis, Some(url)) => Backend::Redis(Box::new(RedisStorage {
-                redis: RedisLimiter::new(url, &settings.redis_prefix, settings.redis_timeout)?,
+                redis: RedisLimiter::new(
+                    url,
+                    settings.redis_ca_file.as_deref(),
+                    &settings.redis_prefix,
+                    settings.redis_timeout,
+                )?,
                 fallback: MemoryLimiter::new(
                     settings.limits.divided_among(settings.replicas),
                     settings.max_keys,

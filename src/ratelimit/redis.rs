@@ -49,11 +49,37 @@ pub struct TrackedConnection {
     broken: Arc<AtomicBool>,
 }
 
-/// bb8's manager for [`TrackedConnection`]s: bb8-redis's manager plus a
-/// `has_broken` that is true once a command on the connection failed.
+/// bb8's manager for [`TrackedConnection`]s: bb8-redis's manager (or, for
+/// a `rediss://` server with CAs of its own, a client built with them) plus
+/// a `has_broken` that is true once a command on the connection failed.
 #[derive(Clone, Debug)]
-pub struct TrackedManager {
-    inner: RedisConnectionManager,
+pub enum TrackedManager {
+    /// `redis://`, or `rediss://` checked against the system's roots.
+    Url(RedisConnectionManager),
+    /// `rediss://` checked against the CAs of `rate_limit.redis_ca_file`.
+    OwnCa(redis::Client),
+}
+
+impl TrackedManager {
+    /// The manager for `url`, trusting the CAs in `ca_file` when given.
+    fn new(url: &str, ca_file: Option<&std::path::Path>) -> Result<Self, RedisCheckError> {
+        let Some(ca_file) = ca_file else {
+            return Ok(TrackedManager::Url(RedisConnectionManager::new(url)?));
+        };
+        let root_cert = std::fs::read(ca_file).map_err(|error| {
+            RedisCheckError::Pool(format!(
+                "cannot read rate_limit.redis_ca_file {}: {error}",
+                ca_file.display()
+            ))
+        })?;
+        Ok(TrackedManager::OwnCa(redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        )?))
+    }
 }
 
 impl bb8::ManageConnection for TrackedManager {
@@ -61,7 +87,10 @@ impl bb8::ManageConnection for TrackedManager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Self::Connection, Self::Error> {
-        let connection = self.inner.connect().await?;
+        let connection = match self {
+            TrackedManager::Url(manager) => manager.connect().await?,
+            TrackedManager::OwnCa(client) => client.get_multiplexed_async_connection().await?,
+        };
         Ok(TrackedConnection {
             connection,
             broken: Arc::new(AtomicBool::new(false)),
@@ -69,7 +98,10 @@ impl bb8::ManageConnection for TrackedManager {
     }
 
     async fn is_valid(&self, connection: &mut Self::Connection) -> Result<(), Self::Error> {
-        self.inner.is_valid(&mut connection.connection).await
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection.connection)
+            .await
+            .map(drop)
     }
 
     fn has_broken(&self, connection: &mut Self::Connection) -> bool {
@@ -111,10 +143,13 @@ impl std::fmt::Debug for RedisLimiter {
 impl RedisLimiter {
     /// A limiter on the Redis at `url`. Connects lazily: the daemon starts and
     /// serves (on the fallback) even when Redis is down at start.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisCheckError> {
-        let manager = TrackedManager {
-            inner: RedisConnectionManager::new(url)?,
-        };
+    pub fn new(
+        url: &str,
+        ca_file: Option<&std::path::Path>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, RedisCheckError> {
+        let manager = TrackedManager::new(url, ca_file)?;
         let pool = bb8::Pool::builder()
             .max_size(POOL_SIZE)
             .test_on_check_out(false)

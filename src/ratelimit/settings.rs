@@ -113,6 +113,9 @@ pub struct RateLimitFileConfig {
     pub redis_timeout_ms: Option<u64>,
     /// Prefix of Redis keys (default `mosaic:rl:`).
     pub redis_prefix: Option<String>,
+    /// PEM file of the CAs that sign a `rediss://` server's certificate
+    /// (default: the system's trusted roots).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Keys held in memory before new keys share one overflow bucket (default 1000000).
     pub max_keys: Option<usize>,
     /// Seconds between prunings of idle in-memory keys (default 60).
@@ -149,6 +152,8 @@ pub struct RateLimitSettings {
     pub redis_timeout: Duration,
     /// Prefix of Redis keys (default `mosaic:rl:`).
     pub redis_prefix: String,
+    /// CAs for a `rediss://` server (default the system's roots).
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Keys held in memory before new ones share the overflow bucket (default 1 M).
     pub max_keys: usize,
     /// Time between prunings of idle in-memory keys (default 60 s).
@@ -387,6 +392,7 @@ impl RateLimitSettings {
             trusted_proxies: TrustedProxies::new(ranges),
             redis_timeout: Duration::from_millis(redis_timeout_ms),
             redis_prefix,
+            redis_ca_file: file.redis_ca_file,
             max_keys,
             prune_interval: Duration::from_secs(prune_interval_secs),
             breaker_failures,

@@ -39,6 +39,7 @@ mod dispatch_remote;
 mod faults;
 mod hostile_text;
 mod identity;
+mod managed_services;
 mod metrics;
 mod peer_cli;
 mod peering;

@@ -733,7 +733,8 @@ async fn the_redis_script_is_exact_and_all_or_nothing() {
 
     let url = shared_redis_url();
     let prefix = unique_prefix();
-    let limiter = RedisLimiter::new(&url, &prefix, Duration::from_secs(5)).expect("redis limiter");
+    let limiter =
+        RedisLimiter::new(&url, None, &prefix, Duration::from_secs(5)).expect("redis limiter");
     let limits = TierLimits::new(Duration::from_secs(3600), Tier::ALL.map(|tier| (tier, 5)))
         .expect("limits");
     let ip = LimitKey::for_ip("192.0.2.10".parse().expect("ip"));
