@@ -12,13 +12,15 @@ pub enum Tier {
     Webhook,
     /// The rest of the `Coordinator` service.
     Coordinator,
-    /// `grpc.health.v1.Health` and `Coordinator/Health`.
+    /// `grpc.health.v1.Health`, `Coordinator/Health` and server reflection
+    /// (what tools such as grpcurl ask before any call, and nothing an
+    /// admin call's budget should pay for).
     Health,
     /// Federation wire methods called by peers (`RequestConnection`,
     /// `NotifyConnection`, `ExecuteCommand`, `Ping`), and the calls between
     /// replicas (`mosaic.replica.v1.Replica`).
     Federation,
-    /// Everything else (admin methods, agents, reflection, unknown methods).
+    /// Everything else (admin methods, agents, unknown methods).
     Default,
 }
 
@@ -76,7 +78,12 @@ pub fn tier_for(path: &str) -> Tier {
         ) => Tier::Federation,
         ("mosaic.replica.v1.Replica", _) => Tier::Federation,
         ("mosaic.coordinator.v1.Coordinator", _) => Tier::Coordinator,
-        ("grpc.health.v1.Health", _) => Tier::Health,
+        (
+            "grpc.health.v1.Health"
+            | "grpc.reflection.v1.ServerReflection"
+            | "grpc.reflection.v1alpha.ServerReflection",
+            _,
+        ) => Tier::Health,
         _ => Tier::Default,
     }
 }
@@ -191,7 +198,11 @@ mod tests {
             ("/mosaic.agent.v1.AgentControl/Spawn", Tier::Default),
             (
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                Tier::Default,
+                Tier::Health,
+            ),
+            (
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                Tier::Health,
             ),
             ("/unknown.Service/Method", Tier::Default),
             ("garbage", Tier::Default),

@@ -138,24 +138,6 @@ async fn tiers_trip_at_their_own_limits(backend: Backend) {
         "webhook tier: 3"
     );
 
-    let mut health_results = Vec::new();
-    for _ in 0..6 {
-        health_results.push(admitted(&health_check(channel.clone(), None).await));
-    }
-    assert_eq!(
-        health_results,
-        [true, true, true, true, true, false],
-        "health tier: 5"
-    );
-    // Coordinator/Health is in the health tier too, so it is already spent.
-    let coordinator_health = coordinator
-        .health(coordinator_pb::HealthRequest::default())
-        .await;
-    assert!(
-        !admitted(&coordinator_health),
-        "Coordinator/Health shares the health tier"
-    );
-
     let mut default_results = Vec::new();
     for _ in 0..5 {
         default_results.push(admitted(&get_instance(channel.clone(), None).await));
@@ -164,6 +146,45 @@ async fn tiers_trip_at_their_own_limits(backend: Backend) {
         default_results,
         [true, true, true, true, false],
         "default tier: 4"
+    );
+
+    // With the default tier spent, a tool's reflection query still passes:
+    // it counts in the health tier.
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
+    };
+    let reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(
+            channel.clone(),
+        )
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await;
+    assert!(
+        admitted(&reflection),
+        "reflection does not share the default tier"
+    );
+
+    let mut health_results = Vec::new();
+    for _ in 0..5 {
+        health_results.push(admitted(&health_check(channel.clone(), None).await));
+    }
+    assert_eq!(
+        health_results,
+        [true, true, true, true, false],
+        "health tier: 5, one spent by the reflection query"
+    );
+    // Coordinator/Health is in the health tier too, so it is already spent.
+    let coordinator_health = coordinator
+        .health(coordinator_pb::HealthRequest::default())
+        .await;
+    assert!(
+        !admitted(&coordinator_health),
+        "Coordinator/Health shares the health tier"
     );
 
     // A method the server does not serve is limited at the default tier too.
