@@ -216,6 +216,17 @@ pub enum ConfigError {
     },
 }
 
+/// Creates the data directory (and any missing parent) readable by this
+/// user alone: it holds sealed keys, API-key hashes and agents' output. An
+/// existing directory keeps its mode (the operator's, or systemd's).
+pub fn create_data_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
 /// The resolved configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {

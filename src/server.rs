@@ -68,7 +68,7 @@ pub struct Shared {
 /// Opens the store, runs migrations and loads (or creates) the identity: what
 /// `serve` and `init` both need before anything else.
 pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+    crate::config::create_data_dir(&config.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
             config.data_dir.display()
@@ -245,6 +245,24 @@ pub async fn serve(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local_address}"));
+    let public_host = config
+        .instance
+        .public_url
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| {
+            uri.host()
+                .map(|host| host.trim_matches(['[', ']']).to_owned())
+        });
+    if public_host
+        .and_then(|host| host.parse::<std::net::IpAddr>().ok())
+        .is_some_and(|ip| ip.is_unspecified())
+    {
+        tracing::warn!(
+            public_url = %config.instance.public_url,
+            "instance.public_url names no host peers can dial (it defaults to the listen address, here every address); set instance.public_url (or --public-url) to the address peers use"
+        );
+    }
     if config.replicas.advertise_url.is_none() && local_address.ip().is_unspecified() {
         tracing::warn!(
             replica.address = %advertised,

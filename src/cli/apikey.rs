@@ -53,7 +53,7 @@ pub async fn create(
 async fn open_existing_store_or_init(
     config: &crate::config::Config,
 ) -> Result<crate::store::Store, CliError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+    crate::config::create_data_dir(&config.data_dir).map_err(|error| {
         CliError::failure(format!(
             "cannot create {}: {error}",
             config.data_dir.display()

@@ -110,7 +110,7 @@ pub async fn init(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
 /// `mosaicd migrate`: runs the embedded migrations alone.
 pub async fn migrate(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
     let config = load_config(args)?;
-    std::fs::create_dir_all(&config.data_dir)
+    crate::config::create_data_dir(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let store = Store::open(&config.database_url, &config.storage)
         .await

@@ -213,6 +213,19 @@ enum Pools {
     Postgres(Pool<PostgresConnection>),
 }
 
+/// Creates a new SQLite database file readable by this user alone, before
+/// SQLite creates it with the umask's mode (its WAL and shared-memory files
+/// then take the same mode). An existing file is left as it is; a failure
+/// here is left for SQLite to report.
+fn create_private_file(path: &str) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 impl Store {
     /// Connects to the database named by `database_url`: `sqlite://<path>`
     /// or a bare path ending in `.db` for SQLite, `postgres://...` or
@@ -232,7 +245,10 @@ impl Store {
     pub async fn open(database_url: &str, settings: &StorageSettings) -> Result<Store, StoreError> {
         let (pools, size, sqlite_path, postgres_url) = match DatabaseTarget::parse(database_url)? {
             DatabaseTarget::Sqlite { path } => (
-                Pools::Sqlite(pools::sqlite_pool(&path).await?),
+                Pools::Sqlite({
+                    create_private_file(&path);
+                    pools::sqlite_pool(&path).await?
+                }),
                 pools::SQLITE_POOL_SIZE,
                 Some(path),
                 None,

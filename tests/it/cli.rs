@@ -20,6 +20,29 @@ fn stdout_json(output: &Output) -> serde_json::Value {
 }
 
 #[test]
+fn a_new_data_dir_and_its_database_are_readable_by_their_owner_alone() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let parent = tempfile::tempdir().expect("tempdir");
+    let data_dir = parent.path().join("state").join("mosaic");
+    stdout_json(&run(mosaicd(&data_dir).args(["init", "--json"])));
+    let mode = |path: &std::path::Path| {
+        std::fs::metadata(path)
+            .unwrap_or_else(|error| panic!("{}: {error}", path.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode(&data_dir), 0o700, "the data dir");
+    assert_eq!(mode(&data_dir.join("mosaic.db")), 0o600, "the database");
+    for sidecar in ["mosaic.db-wal", "mosaic.db-shm"] {
+        let path = data_dir.join(sidecar);
+        if path.exists() {
+            assert_eq!(mode(&path), 0o600, "{sidecar}");
+        }
+    }
+}
+
+#[test]
 fn init_show_and_api_keys_work_offline() {
     let data_dir = tempfile::tempdir().expect("tempdir");
     let init = stdout_json(&run(mosaicd(data_dir.path()).args(["init", "--json"])));
