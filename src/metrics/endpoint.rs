@@ -1,6 +1,9 @@
-//! The `/metrics` endpoint: a minimal HTTP/1.1 responder on its own plain-TCP
-//! listener. Each connection gets one answer and is closed; scrapers need no
-//! more, and no request body is ever read.
+//! The `/metrics` endpoint, with `/healthz` (the process answers) and
+//! `/readyz` (it can serve: the database answers; migrations and the
+//! identity are done before this listener opens) for orchestrators: a
+//! minimal HTTP/1.1 responder on its own plain-TCP listener. Each connection
+//! gets one answer and is closed; scrapers and probes need no more, and no
+//! request body is ever read.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +19,8 @@ use crate::store::Store;
 const MAX_REQUEST_HEAD_BYTES: usize = 8 * 1024;
 /// Time a client has to send its request line and headers.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `/readyz` waits for the database.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What a scrape reads.
 #[derive(Clone)]
@@ -60,8 +65,29 @@ async fn answer(mut stream: TcpStream, sources: &MetricsSources) -> std::io::Res
     let path = target.split('?').next().unwrap_or("");
     let (status, body) = if method != "GET" {
         ("405 Method Not Allowed", "only GET is served\n".to_owned())
+    } else if path == "/healthz" {
+        ("200 OK", "alive\n".to_owned())
+    } else if path == "/readyz" {
+        match tokio::time::timeout(READY_TIMEOUT, sources.store.ping()).await {
+            Ok(Ok(())) => ("200 OK", "ready\n".to_owned()),
+            // Store errors never carry the URL's password.
+            Ok(Err(error)) => (
+                "503 Service Unavailable",
+                format!("not ready: the database: {error}\n"),
+            ),
+            Err(_) => (
+                "503 Service Unavailable",
+                format!(
+                    "not ready: the database did not answer within {} s\n",
+                    READY_TIMEOUT.as_secs()
+                ),
+            ),
+        }
     } else if path != "/metrics" {
-        ("404 Not Found", "metrics are at /metrics\n".to_owned())
+        (
+            "404 Not Found",
+            "metrics are at /metrics; probes at /healthz and /readyz\n".to_owned(),
+        )
     } else {
         let mut gauges = read_store_gauges(&sources.store).await;
         gauges.commands = sources.federation.command_counts();

@@ -203,3 +203,59 @@ async fn a_database_that_stops_answering_fails_calls_within_the_deadline() {
     drop(proxy);
     environment.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_listener_answers_healthz_and_readyz_with_the_database() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let environment = TestEnvironment::new(Backend::Postgres).await;
+    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
+    let mut config = environment.config();
+    config.database_url = through(&environment.database.url, proxy.address);
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    let daemon = environment.start_with(config).await.expect("start");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let address = loop {
+        if let Some(address) = daemon.metrics.local_address() {
+            break address;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no metrics listener"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let status_of = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response.lines().next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(status_of("/healthz").await, "HTTP/1.1 200 OK");
+    assert_eq!(status_of("/readyz").await, "HTTP/1.1 200 OK");
+    proxy.set(Fault::Cut);
+    assert_eq!(status_of("/healthz").await, "HTTP/1.1 200 OK");
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        status_of("/readyz").await,
+        "HTTP/1.1 503 Service Unavailable"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "no hang");
+    proxy.set(Fault::Pass);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while status_of("/readyz").await != "HTTP/1.1 200 OK" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready again after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.stop().await;
+    drop(proxy);
+    environment.cleanup().await;
+}
