@@ -147,8 +147,15 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "mosaicd", &mut std::io::stdout());
-            Ok(())
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "mosaicd", &mut script);
+            // A reader that stops early (`| head`) is no error of ours.
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => Err(
+                    CliError::failure(format!("cannot write the completion script: {error}")),
+                ),
+                _ => Ok(()),
+            }
         }
         Command::Serve => serve::serve(&cli.config).await,
         Command::Peer(command) => peer::run(command, &cli.config, &cli.client, output).await,

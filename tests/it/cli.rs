@@ -289,4 +289,20 @@ fn completions_are_printed_for_each_shell() {
     }
     let unknown = run(mosaicd(data_dir.path()).args(["completions", "tcsh"]));
     assert_eq!(unknown.status.code(), Some(2));
+
+    // `mosaicd completions bash | head`: the reader is gone before the
+    // script is written.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let output = mosaicd(data_dir.path())
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .output()
+        .expect("run mosaicd");
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
