@@ -168,16 +168,18 @@ fn entry_json(entry: &pb::CommandLogEntry) -> Value {
 
 /// `2026-11-23T22:00:29Z`, or `-` when unset.
 pub(super) fn time_text(timestamp: Option<&prost_types::Timestamp>) -> String {
-    timestamp
-        .map(ms_from_timestamp)
-        .and_then(|ms| u64::try_from(ms).ok())
-        .map_or_else(
-            || "-".to_owned(),
-            |ms| {
-                let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-                humantime::format_rfc3339_seconds(at).to_string()
-            },
-        )
+    timestamp.map_or_else(|| "-".to_owned(), |at| ms_text(ms_from_timestamp(at)))
+}
+
+/// An epoch-milliseconds time as RFC 3339 UTC, to the second.
+pub(super) fn ms_text(ms: i64) -> String {
+    u64::try_from(ms).map_or_else(
+        |_| "-".to_owned(),
+        |ms| {
+            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_seconds(at).to_string()
+        },
+    )
 }
 
 fn log_table(response: &pb::ListCommandLogResponse, names: &HashMap<String, String>) -> String {

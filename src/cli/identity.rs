@@ -57,9 +57,9 @@ pub async fn show(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
             );
             for key in &previous_keys {
                 text.push_str(&format!(
-                    "\nprevious key: {} (valid until {} ms)",
+                    "\nprevious key: {} (valid until {})",
                     key.public_key.fingerprint(),
-                    key.valid_until_ms
+                    super::federation::ms_text(key.valid_until_ms)
                 ));
             }
             text
@@ -178,11 +178,11 @@ pub async fn rotate(
         }),
         || {
             format!(
-                "new key:      {} ({})\nprevious key: {} valid until {} ms",
+                "new key:      {} ({})\nprevious key: {} valid until {}",
                 current.fingerprint,
                 current.key_id,
                 previous.fingerprint,
-                valid_until_ms.unwrap_or_default()
+                valid_until_ms.map_or_else(|| "-".to_owned(), super::federation::ms_text)
             )
         },
     );

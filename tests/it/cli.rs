@@ -251,6 +251,17 @@ async fn identity_rotate_talks_to_the_daemon_pinned_from_the_data_dir() {
         mosaicd(data_dir.path()).args(["identity", "show", "--json"])
     ));
     assert_eq!(after["fingerprint"], rotated["current_key"]["fingerprint"]);
+    // For people, the previous key's end is a date, not epoch milliseconds.
+    let shown = run(mosaicd(data_dir.path()).args(["identity", "show"]));
+    let text = String::from_utf8_lossy(&shown.stdout);
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("previous key:"))
+        .unwrap_or_else(|| panic!("no previous key in {text}"));
+    assert!(
+        line.contains("valid until 20") && line.ends_with("Z)") && !line.contains(" ms"),
+        "{line}"
+    );
 
     child.kill().await.expect("stop daemon");
 }
