@@ -256,7 +256,9 @@ impl Authenticator {
         }
     }
 
-    /// Decides a call. `peer_certificates` are those of the TLS connection, if any.
+    /// Decides a call. `peer_key` is the key of the TLS connection's client
+    /// certificate, if any (the caller may skip parsing it for a method that
+    /// does not need one).
     pub async fn authenticate(
         &self,
         path: &str,

@@ -108,7 +108,11 @@ where
                 return Ok(refusal_response(&refusal));
             }
 
-            let peer_key = crate::auth::peer_key_of(request.extensions());
+            // The certificate is parsed only for the methods that use it.
+            let peer_key = (crate::auth::requirement_for(&path)
+                == Some(crate::auth::Requirement::PeerCertificate))
+            .then(|| crate::auth::peer_key_of(request.extensions()))
+            .flatten();
             let caller = match authenticator
                 .authenticate(&path, request.headers(), peer_key)
                 .await
