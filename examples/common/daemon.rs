@@ -215,10 +215,24 @@ impl PreparedDaemon {
     /// waits until it answers a health check over TLS (at most 30 s). The
     /// daemon logs at `warn` (per-call logs off) into `daemon.log` in its data dir.
     pub async fn serve(self, extra_toml: &str) -> anyhow::Result<Daemon> {
+        self.serve_with_env(extra_toml, &[]).await
+    }
+
+    /// [`serve`](Self::serve), with the environment variables `env` set for
+    /// `mosaicd serve` only (not for `init` or `apikey`), after the defaults:
+    /// `MOSAIC_LOG` here replaces the default `warn`. For settings appended TOML
+    /// cannot give, such as root keys or `[rate_limit]`, which the base config
+    /// already writes.
+    pub async fn serve_with_env(
+        self,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Daemon> {
         self.write_config(extra_toml)?;
         let log = std::fs::File::create(self.data_dir.path().join("daemon.log"))?;
         let mut command = tokio::process::Command::from(self.command());
         command
+            .envs(env.iter().copied())
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
