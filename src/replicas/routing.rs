@@ -25,7 +25,7 @@ use crate::agents::convert::{agent_from_proto, event_from_proto};
 use crate::agents::elsewhere::{Elsewhere, EventStream};
 use crate::agents::{AgentError, AgentRecord};
 use crate::identity::IdentityManager;
-use crate::proto::agent as agent_pb;
+use crate::proto::replica as pb;
 use crate::proto::replica::replica_client::ReplicaClient;
 use crate::store::{ReplicaRecord, Store};
 use crate::tls::{ChannelTimeouts, ServerPin};
@@ -150,7 +150,7 @@ impl Router {
     ) -> Result<AgentRecord, AgentError> {
         let (replica, mut client) = self.owner(agent).await?;
         let answer = client
-            .kill_agent(agent_pb::KillAgentRequest {
+            .kill_agent(pb::KillAgentRequest {
                 agent_id: agent.id.clone(),
                 reason: reason.to_owned(),
             })
@@ -170,7 +170,7 @@ impl Router {
     ) -> Result<EventStream, AgentError> {
         let (replica, mut client) = self.owner(agent).await?;
         let answer = client
-            .watch_agent(agent_pb::WatchAgentRequest {
+            .watch_agent(pb::WatchAgentRequest {
                 agent_id: agent.id.clone(),
                 include_output,
             })
@@ -183,7 +183,10 @@ impl Router {
         );
         let events = answer.into_inner().filter_map(move |message| {
             let event = match message {
-                Ok(message) => event_from_proto(message.event).map(Ok),
+                Ok(message) => message
+                    .watch
+                    .and_then(|watch| event_from_proto(watch.event))
+                    .map(Ok),
                 Err(status) if status.code() == tonic::Code::Unavailable => {
                     Some(Err(AgentError::OwnerUnavailable {
                         agent_id: agent_id.clone(),

@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentRuntime;
 use crate::agents::convert::{agent_to_proto, watch_responses};
 use crate::auth::Caller;
 use crate::identity::{IdentityManager, PublicKey};
-use crate::proto::agent as agent_pb;
+use crate::proto::replica as pb;
 use crate::proto::replica::replica_server::Replica;
 
 /// Handlers for the Replica service.
@@ -79,22 +80,21 @@ impl ReplicaService {
     }
 }
 
-type WatchStream =
-    futures::stream::BoxStream<'static, Result<agent_pb::WatchAgentResponse, Status>>;
+type WatchStream = futures::stream::BoxStream<'static, Result<pb::WatchAgentResponse, Status>>;
 
 #[tonic::async_trait]
 impl Replica for ReplicaService {
     async fn kill_agent(
         &self,
-        request: Request<agent_pb::KillAgentRequest>,
-    ) -> Result<Response<agent_pb::KillAgentResponse>, Status> {
+        request: Request<pb::KillAgentRequest>,
+    ) -> Result<Response<pb::KillAgentResponse>, Status> {
         self.admit(&request).await?;
         let request = request.into_inner();
         let agent = self
             .agents
             .kill_here(&request.agent_id, &request.reason)
             .await?;
-        Ok(Response::new(agent_pb::KillAgentResponse {
+        Ok(Response::new(pb::KillAgentResponse {
             agent: Some(agent_to_proto(&agent)),
         }))
     }
@@ -103,7 +103,7 @@ impl Replica for ReplicaService {
 
     async fn watch_agent(
         &self,
-        request: Request<agent_pb::WatchAgentRequest>,
+        request: Request<pb::WatchAgentRequest>,
     ) -> Result<Response<Self::WatchAgentStream>, Status> {
         self.admit(&request).await?;
         let request = request.into_inner();
@@ -111,6 +111,8 @@ impl Replica for ReplicaService {
             .agents
             .watch_here(&request.agent_id, request.include_output)
             .await?;
-        Ok(Response::new(watch_responses(events)))
+        let relayed = watch_responses(events)
+            .map(|message| message.map(|watch| pb::WatchAgentResponse { watch: Some(watch) }));
+        Ok(Response::new(relayed.boxed()))
     }
 }

@@ -331,7 +331,7 @@ async fn only_the_instances_own_key_may_call_a_replica() {
     let (replicas, _store, key) = start(1, &[Scope::Agents]).await;
     let mut agents = Agents::new(replicas.channel(0).await, key);
     let agent = agents.spawn("sh", "sleep 600").await.expect("spawn");
-    let kill = || agent_pb::KillAgentRequest {
+    let kill = || mosaic_mesh::proto::replica::KillAgentRequest {
         agent_id: agent.agent_id.clone(),
         reason: "a stranger says so".to_owned(),
     };
@@ -354,7 +354,7 @@ async fn only_the_instances_own_key_may_call_a_replica() {
         .expect_err("another key");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     let status = ReplicaClient::new(channel)
-        .watch_agent(agent_pb::WatchAgentRequest {
+        .watch_agent(mosaic_mesh::proto::replica::WatchAgentRequest {
             agent_id: agent.agent_id.clone(),
             include_output: true,
         })
