@@ -1,6 +1,8 @@
 //! The event streams of `AgentRuntime::watch`: live from the registry for an
-//! agent this daemon supervises, re-read from the store for one another
-//! replica supervises.
+//! agent this daemon supervises, re-read from the store for one that has
+//! ended or that this daemon no longer tracks while its end is recorded. (An
+//! agent another replica supervises is watched through that replica:
+//! `replicas::routing`.)
 
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use super::error::AgentError;
 use super::model::{AgentEvent, AgentRecord};
 use crate::store::Store;
 
-/// How often a watch of an agent supervised by another daemon re-reads it.
+/// How often a watch of an agent this daemon does not track re-reads it.
 const REMOTE_WATCH_POLL: Duration = Duration::from_millis(500);
 
 /// The watch of an agent this daemon supervises.
