@@ -245,15 +245,7 @@ pub async fn serve(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local_address}"));
-    let public_host = config
-        .instance
-        .public_url
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|uri| {
-            uri.host()
-                .map(|host| host.trim_matches(['[', ']']).to_owned())
-        });
+    let public_host = config.instance.public_host();
     if public_host
         .and_then(|host| host.parse::<std::net::IpAddr>().ok())
         .is_some_and(|ip| ip.is_unspecified())

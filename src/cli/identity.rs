@@ -94,18 +94,9 @@ pub async fn csr(
     let mut names: Vec<String> = dns.to_vec();
     names.extend(ip.iter().map(ToString::to_string));
     if names.is_empty() {
-        let host = config
-            .instance
-            .public_url
-            .parse::<http::Uri>()
-            .ok()
-            .and_then(|uri| {
-                uri.host()
-                    .map(|host| host.trim_matches(['[', ']']).to_owned())
-            })
-            .ok_or_else(|| {
-                CliError::usage("the public URL has no host; pass --dns NAME or --ip ADDR")
-            })?;
+        let host = config.instance.public_host().ok_or_else(|| {
+            CliError::usage("the public URL has no host; pass --dns NAME or --ip ADDR")
+        })?;
         names.push(host);
     }
     if let Some(bad) = names.iter().find(|name| {

@@ -44,6 +44,16 @@ pub struct InstanceProfile {
     pub metadata: BTreeMap<String, String>,
 }
 
+impl InstanceProfile {
+    /// The host of the public URL, without an IPv6 literal's brackets; `None`
+    /// when the URL has none.
+    pub fn public_host(&self) -> Option<String> {
+        let uri = self.public_url.parse::<http::Uri>().ok()?;
+        uri.host()
+            .map(|host| host.trim_matches(['[', ']']).to_owned())
+    }
+}
+
 /// A key that is no longer current but still verifies until `valid_until_ms`.
 #[derive(Debug, Clone)]
 pub struct PreviousKey {

@@ -384,15 +384,7 @@ pub fn enable_if_configured(
     };
     let trust = CaTrust::load(cert_chain, ca_bundle)?;
     trust.check(identity.current().public_key(), UnixTime::now())?;
-    let host = config
-        .instance
-        .public_url
-        .parse::<http::Uri>()
-        .ok()
-        .and_then(|uri| {
-            uri.host()
-                .map(|host| host.trim_matches(['[', ']']).to_owned())
-        });
+    let host = config.instance.public_host();
     if let Some(host) = host
         && !trust.names_host(&host)
     {
