@@ -167,14 +167,29 @@ impl RedisLimiter {
     /// PING on a pooled connection, within the timeout: whether Redis
     /// answers, for health checks (no connection of its own).
     pub async fn ping(&self) -> Result<(), RedisCheckError> {
+        self.on_shared_connection(async |connection| {
+            redis::cmd("PING")
+                .query_async::<String>(connection)
+                .await
+                .map_err(RedisCheckError::from)
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs `command` on a pooled connection within the timeout. A command
+    /// that fails or is cut off by the timeout condemns the connection it
+    /// used (its "broken" flag lives out here for that reason), so the pool
+    /// does not hand it out again.
+    async fn on_shared_connection<T>(
+        &self,
+        command: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, RedisCheckError>,
+    ) -> Result<T, RedisCheckError> {
         let mut used_connection: Option<Arc<AtomicBool>> = None;
         let outcome = tokio::time::timeout(self.timeout, async {
             let (mut connection, broken) = self.shared_connection().await?;
             used_connection = Some(broken);
-            redis::cmd("PING")
-                .query_async::<String>(&mut connection)
-                .await
-                .map_err(RedisCheckError::from)
+            command(&mut connection).await
         })
         .await
         .unwrap_or(Err(RedisCheckError::Timeout(self.timeout)));
@@ -183,7 +198,7 @@ impl RedisLimiter {
         {
             broken.store(true, Ordering::Relaxed);
         }
-        outcome.map(drop)
+        outcome
     }
 
     /// The Redis key of `key`'s bucket in `tier`: `<prefix><tier>:<subject>`.
@@ -202,26 +217,12 @@ impl RedisLimiter {
         let interval_micros =
             u64::try_from(quota.emission_interval().as_micros()).unwrap_or(u64::MAX);
         let buckets: Vec<String> = keys.iter().map(|key| self.bucket_name(tier, key)).collect();
-        // The connection's "broken" flag lives out here so that a call cut off by
-        // the timeout can still condemn the connection it was stuck on.
-        let mut used_connection: Option<Arc<AtomicBool>> = None;
-        let outcome = tokio::time::timeout(self.timeout, async {
-            let (mut connection, broken) = self.shared_connection().await?;
-            used_connection = Some(broken);
-            self.run_script(&mut connection, &buckets, interval_micros, quota.limit)
-                .await
-        })
-        .await
-        .unwrap_or(Err(RedisCheckError::Timeout(self.timeout)));
-        let reply = match outcome {
-            Ok(reply) => reply,
-            Err(error) => {
-                if let Some(broken) = used_connection {
-                    broken.store(true, Ordering::Relaxed);
-                }
-                return Err(error);
-            }
-        };
+        let reply = self
+            .on_shared_connection(async |connection| {
+                self.run_script(connection, &buckets, interval_micros, quota.limit)
+                    .await
+            })
+            .await?;
         let key = keys.get(reply.index).cloned().ok_or_else(|| {
             RedisCheckError::Reply(format!("key index {} out of range", reply.index))
         })?;
