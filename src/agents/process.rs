@@ -1,12 +1,14 @@
-//! Process groups: signalling a whole group, telling whether any member still
-//! lives, recognising an agent's group (or every group a runner started)
-//! after a restart, and a guard that kills a group nobody supervises any more.
+//! Process groups: finding the program an agent starts, signalling a whole
+//! group, telling whether any member still lives, recognising an agent's group
+//! (or every group a runner started) after a restart, and a guard that kills a
+//! group nobody supervises any more.
 //!
 //! Every agent runs as the leader of its own process group (the group id is
 //! its pid), so one `kill(-pgid)` reaches the agent and everything it started
 //! unless a descendant deliberately left the group (`setsid`), which we accept.
 
 use std::io;
+use std::path::PathBuf;
 
 use rustix::process::{Pid, Signal};
 
@@ -223,6 +225,28 @@ impl Drop for GroupGuard {
     }
 }
 
+/// The program to execute for `name`: itself when it contains a `/`, else the
+/// first executable file of that name in `path_variable`.
+///
+/// Resolving here, with the agent's PATH, lets the standard library start the
+/// process with `posix_spawn`; given a bare name and a PATH of its own for the
+/// child it falls back to fork and exec, which costs about half a millisecond
+/// more per agent in a daemon of this size.
+pub(super) fn resolve_program(name: &str, path_variable: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    std::env::split_paths(path_variable)
+        .filter(|directory| directory.is_absolute())
+        .map(|directory| directory.join(name))
+        .find(|candidate| {
+            std::fs::metadata(candidate).is_ok_and(|metadata| {
+                metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
+            })
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +311,17 @@ mod tests {
         assert!(matches!(signal_group(group, GroupSignal::Kill), Ok(true)));
         child.wait().expect("reap sleep");
         assert!(processes_of_runner(&runner_id).is_empty());
+    }
+
+    #[test]
+    fn programs_are_found_in_the_agents_path() {
+        let path = std::ffi::OsString::from("relative/dir:/no/such/dir:/bin:/usr/bin");
+        let found = resolve_program("sh", &path).expect("sh is in /bin or /usr/bin");
+        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
+        assert_eq!(
+            resolve_program("./tool", &path),
+            Some(PathBuf::from("./tool"))
+        );
+        assert_eq!(resolve_program("no-such-program-here", &path), None);
     }
 }

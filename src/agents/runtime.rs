@@ -27,7 +27,7 @@ use super::elsewhere::{Elsewhere, EventStream};
 use super::error::AgentError;
 use super::model::{AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec};
 use super::paging;
-use super::process::{AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
+use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
 use super::registry::{Registry, StopRequest, Tracked};
 use super::spare::{self, AgentDir, Spares};
 use super::supervisor::{self, Supervision};
@@ -209,7 +209,7 @@ impl AgentRuntime {
             let reason = format!("agent type {:?} has an empty command", record.agent_type);
             return self.fail_to_start(record, &tracked, reason, permit).await;
         };
-        let Some(program) = resolve_program(program_name, &path_variable) else {
+        let Some(program) = process::resolve_program(program_name, &path_variable) else {
             let reason = format!("cannot start {program_name:?}: not found in PATH");
             return self.fail_to_start(record, &tracked, reason, permit).await;
         };
@@ -602,28 +602,6 @@ impl AgentRuntime {
     }
 }
 
-/// The program to execute for `name`: itself when it contains a `/`, else the
-/// first executable file of that name in `path_variable`.
-///
-/// Resolving here, with the agent's PATH, lets the standard library start the
-/// process with `posix_spawn`; given a bare name and a PATH of its own for the
-/// child it falls back to fork and exec, which costs about half a millisecond
-/// more per agent in a daemon of this size.
-fn resolve_program(name: &str, path_variable: &std::ffi::OsStr) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    if name.contains('/') {
-        return Some(PathBuf::from(name));
-    }
-    std::env::split_paths(path_variable)
-        .filter(|directory| directory.is_absolute())
-        .map(|directory| directory.join(name))
-        .find(|candidate| {
-            std::fs::metadata(candidate).is_ok_and(|metadata| {
-                metadata.is_file() && metadata.permissions().mode() & 0o111 != 0
-            })
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,16 +764,4 @@ mod tests {
         a_spawn_takes_a_directory_made_ahead,
         spares_a_crash_left_behind_are_removed_at_the_next_start,
     );
-
-    #[test]
-    fn programs_are_found_in_the_agents_path() {
-        let path = std::ffi::OsString::from("relative/dir:/no/such/dir:/bin:/usr/bin");
-        let found = resolve_program("sh", &path).expect("sh is in /bin or /usr/bin");
-        assert!(found.is_absolute() && found.ends_with("sh"), "{found:?}");
-        assert_eq!(
-            resolve_program("./tool", &path),
-            Some(PathBuf::from("./tool"))
-        );
-        assert_eq!(resolve_program("no-such-program-here", &path), None);
-    }
 }
