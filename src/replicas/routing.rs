@@ -176,27 +176,19 @@ impl Router {
             })
             .await
             .map_err(|status| self.failed(agent, &replica, status))?;
-        let (agent_id, runner_id, address) = (
-            agent.id.clone(),
-            replica.runner_id.clone(),
-            replica.address.clone(),
-        );
+        let agent = agent.clone();
         let events = answer.into_inner().filter_map(move |message| {
-            let event = match message {
-                Ok(message) => message
-                    .watch
-                    .and_then(|watch| event_from_proto(watch.event))
-                    .map(Ok),
-                Err(status) if status.code() == tonic::Code::Unavailable => {
-                    Some(Err(AgentError::OwnerUnavailable {
-                        agent_id: agent_id.clone(),
-                        runner_id: runner_id.clone(),
-                        address: address.clone(),
-                        cause: status.message().to_owned(),
-                    }))
-                }
-                Err(status) => Some(Err(AgentError::Forwarded(status))),
-            };
+            let event =
+                match message {
+                    Ok(message) => message
+                        .watch
+                        .and_then(|watch| event_from_proto(watch.event))
+                        .map(Ok),
+                    Err(status) if status.code() == tonic::Code::Unavailable => Some(Err(
+                        unavailable(&agent, &replica, status.message().to_owned()),
+                    )),
+                    Err(status) => Some(Err(AgentError::Forwarded(status))),
+                };
             std::future::ready(event)
         });
         Ok(events.boxed())
