@@ -154,6 +154,7 @@ async fn spawn_true(
             pb::WatchAgentRequest {
                 agent_id: agent.agent_id.clone(),
                 include_output: false,
+                from_sequence: None,
             },
             key,
         ))

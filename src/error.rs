@@ -79,7 +79,11 @@ impl From<AgentError> for Status {
     fn from(error: AgentError) -> Self {
         match error {
             AgentError::Invalid(_) => Status::invalid_argument(error.to_string()),
-            AgentError::NotFound(_) => Status::not_found(error.to_string()),
+            AgentError::NotFound(_) | AgentError::NotKept { .. } => {
+                Status::not_found(error.to_string())
+            }
+            AgentError::PastEnd { .. } => Status::out_of_range(error.to_string()),
+            AgentError::Unreadable { .. } => Status::internal(error.to_string()),
             AgentError::AtCapacity { .. } => Status::resource_exhausted(error.to_string()),
             AgentError::SupervisedElsewhere { .. } => {
                 Status::failed_precondition(error.to_string())

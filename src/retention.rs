@@ -1,7 +1,8 @@
 //! Ended work pruned on a schedule, once the retention `[storage]` sets for it
 //! has passed: ended jobs (with their history, labels and webhook
 //! deliveries), webhook deliveries, and the ended agents this daemon ran
-//! (with their directories).
+//! (with their directories), and before them, those agents' directories
+//! alone (their output and event journals).
 //!
 //! Each pruning deletes in batches of `BATCH` rows, each batch one short
 //! statement in its own turn of the store, so a backlog of millions of rows
@@ -31,6 +32,8 @@ pub struct Pruned {
     pub webhook_deliveries: u64,
     /// Ended agents, records and directories.
     pub agents: u64,
+    /// Directories of ended agents whose records are kept longer.
+    pub agent_outputs: u64,
 }
 
 /// Prunes what `settings` says has expired at `now_ms`, batch by batch:
@@ -46,6 +49,9 @@ pub async fn prune_once(
     let mut pruned = Pruned::default();
     if let Some(before) = cutoff(now_ms, settings.agent_retention) {
         pruned.agents = in_batches(|| agents.prune_ended(before, BATCH)).await?;
+    }
+    if let Some(before) = cutoff(now_ms, settings.agent_output_retention) {
+        pruned.agent_outputs = agents.prune_ended_output(before).await?;
     }
     let ttl_ms =
         i64::try_from(settings.prune_interval.as_millis().saturating_mul(3)).unwrap_or(i64::MAX);
@@ -85,6 +91,7 @@ pub fn spawn(
                         jobs = pruned.jobs,
                         webhook_deliveries = pruned.webhook_deliveries,
                         agents = pruned.agents,
+                        agent_outputs = pruned.agent_outputs,
                         "pruned ended work past its retention"
                     );
                 }
@@ -179,6 +186,7 @@ mod tests {
             job_retention: None,
             webhook_delivery_retention: None,
             agent_retention: None,
+            agent_output_retention: None,
             ..StorageSettings::default()
         };
         let pruned = prune_once(&store, &agents, &forever, "a", later)
@@ -201,7 +209,8 @@ mod tests {
             Pruned {
                 jobs: 1,
                 webhook_deliveries: 1,
-                agents: 1
+                agents: 1,
+                agent_outputs: 0,
             }
         );
         assert!(!agent_dir.exists(), "the agent's directory was left");

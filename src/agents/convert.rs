@@ -8,7 +8,8 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::model::{
-    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, OriginKind, OutputStream, SpawnSpec,
+    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, OriginKind, OutputChunk,
+    OutputStream, SpawnSpec, WatchFrom,
 };
 use crate::clock::{ms_from_timestamp, timestamp_from_ms};
 use crate::proto::agent as pb;
@@ -202,22 +203,49 @@ pub fn event_to_proto(event: AgentEvent) -> pb::watch_agent_response::Event {
     }
 }
 
-/// The WatchAgent stream of a watch's `events`: each event numbered from 1,
-/// an error ending the stream with its status.
+/// The WatchAgent stream of a watch's `events`, each with its sequence; an
+/// error ends the stream with its status.
 pub fn watch_responses(
     events: super::elsewhere::EventStream,
 ) -> futures::stream::BoxStream<'static, Result<pb::WatchAgentResponse, Status>> {
     use futures::StreamExt as _;
     events
-        .enumerate()
-        .map(|(index, event)| {
+        .map(|event| {
             let event = event.map_err(Status::from)?;
             Ok(pb::WatchAgentResponse {
-                sequence: u64::try_from(index).unwrap_or(u64::MAX).saturating_add(1),
-                event: Some(event_to_proto(event)),
+                sequence: event.sequence,
+                event: Some(event_to_proto(event.event)),
             })
         })
         .boxed()
+}
+
+/// Where a WatchAgent request starts.
+pub fn watch_from(from_sequence: Option<u64>) -> WatchFrom {
+    from_sequence.map_or(WatchFrom::Now, WatchFrom::Sequence)
+}
+
+/// A part of an agent's output as ReadAgentOutput answers it.
+pub fn output_chunk_to_proto(chunk: OutputChunk) -> pb::ReadAgentOutputResponse {
+    pb::ReadAgentOutputResponse {
+        data: chunk.data,
+        offset: chunk.offset,
+        next_offset: chunk.next_offset,
+        kept_bytes: chunk.kept_bytes,
+        end: chunk.end,
+    }
+}
+
+/// The inverse of [`output_chunk_to_proto`], for an answer another replica
+/// gave.
+pub fn output_chunk_from_proto(chunk: pb::ReadAgentOutputResponse) -> OutputChunk {
+    OutputChunk {
+        data: chunk.data,
+        offset: chunk.offset,
+        next_offset: chunk.next_offset,
+        kept_bytes: chunk.kept_bytes,
+        end: chunk.end,
+    }
 }
 
 /// The event of a protobuf watch message, as another replica of this

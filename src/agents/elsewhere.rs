@@ -1,15 +1,17 @@
 //! [`Elsewhere`]: how the runtime reaches an agent whose process another
-//! replica of this instance supervises. `replicas::routing` implements it
-//! (a call to that replica over mutual TLS); the runtime only asks.
+//! replica of this instance supervises (or supervised: an ended agent's
+//! journal and output stay in that replica's data dir). `replicas::routing`
+//! implements it (a call to that replica over mutual TLS); the runtime only
+//! asks.
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 
 use super::error::AgentError;
-use super::model::{AgentEvent, AgentRecord};
+use super::model::{AgentRecord, OutputChunk, SequencedEvent, WatchFrom};
 
 /// A watch's events, as [`super::AgentRuntime::watch`] yields them.
-pub type EventStream = BoxStream<'static, Result<AgentEvent, AgentError>>;
+pub type EventStream = BoxStream<'static, Result<SequencedEvent, AgentError>>;
 
 /// The replicas that supervise the agents this one does not.
 pub trait Elsewhere: Send + Sync {
@@ -26,5 +28,14 @@ pub trait Elsewhere: Send + Sync {
         &'a self,
         agent: &'a AgentRecord,
         include_output: bool,
+        from: WatchFrom,
     ) -> BoxFuture<'a, Result<EventStream, AgentError>>;
+
+    /// Reads `agent`'s output on the replica that ran it.
+    fn read_output<'a>(
+        &'a self,
+        agent: &'a AgentRecord,
+        offset: u64,
+        max_bytes: u32,
+    ) -> BoxFuture<'a, Result<OutputChunk, AgentError>>;
 }

@@ -72,6 +72,36 @@ pub enum AgentError {
     /// came (NOT_FOUND, INVALID_ARGUMENT, ...).
     #[error("{}", .0.message())]
     Forwarded(tonic::Status),
+    /// The agent's events or output asked for are not kept (any more):
+    /// pruned after `storage.agent_output_retention_secs`, or kept by a
+    /// replica that no longer serves. Its record still is.
+    #[error("the {what} of agent {agent_id} {why}; GetAgent still returns its record")]
+    NotKept {
+        /// The agent.
+        agent_id: String,
+        /// "events" or "output".
+        what: &'static str,
+        /// Why they are not here.
+        why: String,
+    },
+    /// This replica's copy of an agent's output could not be read.
+    #[error("cannot read the output of agent {agent_id}: {cause}")]
+    Unreadable {
+        /// The agent.
+        agent_id: String,
+        /// What the file system said.
+        cause: String,
+    },
+    /// A read of an agent's output starts past its end.
+    #[error("offset {offset} is past the end of agent {agent_id}'s kept output ({kept} bytes)")]
+    PastEnd {
+        /// The agent.
+        agent_id: String,
+        /// The offset asked for.
+        offset: u64,
+        /// Bytes of output kept.
+        kept: u64,
+    },
     /// The daemon is shutting down and starts no more agents.
     #[error("the daemon is shutting down and starts no new agents; retry on a running daemon")]
     ShuttingDown,

@@ -10,6 +10,10 @@
 //! - [`runtime`]: [`AgentRuntime`], the in-process API used by the gRPC
 //!   handlers and by the federation.
 //! - `registry`: the agents this daemon supervises, in memory.
+//! - `follow`: watching an agent from any point, and reading its output by
+//!   offset, here or through the replica that ran it.
+//! - `journal`: each agent's numbered events on disk, for watchers that
+//!   start earlier or fall behind.
 //! - `reconcile`: settling what a previous run left unfinished, at start.
 //! - `retention`: ended agents pruned past their retention.
 //! - `spare`: agent directories made ahead of the spawns that take them.
@@ -23,6 +27,8 @@ pub mod command;
 pub mod convert;
 pub mod elsewhere;
 pub mod error;
+mod follow;
+mod journal;
 pub mod model;
 pub mod output;
 pub mod paging;
@@ -38,7 +44,11 @@ mod supervisor;
 mod watch;
 
 pub use error::AgentError;
+
+/// The captured output's file name in an agent's directory.
+pub const OUTPUT_FILE: &str = "output.log";
 pub use model::{
-    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
+    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, OutputChunk, RuntimeStatus,
+    SequencedEvent, SpawnSpec, WatchFrom,
 };
 pub use runtime::AgentRuntime;

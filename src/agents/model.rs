@@ -257,6 +257,42 @@ impl AgentEvent {
     }
 }
 
+/// An [`AgentEvent`] with its place in the agent's history: sequences start
+/// at 1 (the agent recorded, SPAWNING) and grow by one per event, so a
+/// watcher resumes after the last one it saw. `0` numbers nothing: the
+/// current state of an agent whose events are no longer kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequencedEvent {
+    /// The event's sequence.
+    pub sequence: u64,
+    /// What happened.
+    pub event: AgentEvent,
+}
+
+/// Where a watch starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchFrom {
+    /// The agent's current state first, then what happens next.
+    Now,
+    /// Every event with this sequence or a later one (1: from the start).
+    Sequence(u64),
+}
+
+/// A part of an agent's captured output, as `ReadAgentOutput` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    /// The bytes, as the agent wrote them (stdout and stderr interleaved).
+    pub data: Vec<u8>,
+    /// Where they start in the output.
+    pub offset: u64,
+    /// Where the next read starts.
+    pub next_offset: u64,
+    /// Bytes of output kept now.
+    pub kept_bytes: u64,
+    /// The agent has ended and this read reached the end of its output.
+    pub end: bool,
+}
+
 /// The runtime's load, for the coordinator's Health RPC.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuntimeStatus {

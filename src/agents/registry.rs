@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::{broadcast, watch};
 
-use super::model::{AgentEvent, AgentRecord, AgentState};
+use super::model::{AgentEvent, AgentRecord, SequencedEvent};
 use crate::clock::now_ms;
 
 /// Events a slow watcher may fall behind by before it misses some.
@@ -25,11 +25,17 @@ pub(super) enum StopRequest {
 
 /// One agent this daemon supervises.
 pub(super) struct Tracked {
-    /// The current record; events are sent while holding it, so a watcher
-    /// that reads it and subscribes under the same lock misses nothing.
-    record: Mutex<AgentRecord>,
-    events: broadcast::Sender<AgentEvent>,
+    /// The current record and the sequence of the last event published;
+    /// events are sent while holding it, so a watcher that reads it and
+    /// subscribes under the same lock misses nothing.
+    current: Mutex<Current>,
+    events: broadcast::Sender<SequencedEvent>,
     stop: watch::Sender<Option<StopRequest>>,
+}
+
+struct Current {
+    record: AgentRecord,
+    published: u64,
 }
 
 impl Tracked {
@@ -37,54 +43,62 @@ impl Tracked {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (stop, _) = watch::channel(None);
         Self {
-            record: Mutex::new(record),
+            current: Mutex::new(Current {
+                record,
+                published: 0,
+            }),
             events,
             stop,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, AgentRecord> {
+    fn lock(&self) -> MutexGuard<'_, Current> {
         // A panic while holding the lock leaves a consistent record (it is
         // replaced whole), so a poisoned lock is still usable.
-        self.record.lock().unwrap_or_else(PoisonError::into_inner)
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The current record.
     pub(super) fn snapshot(&self) -> AgentRecord {
-        self.lock().clone()
+        self.lock().record.clone()
     }
 
-    /// Replaces the record after a persisted change from `from` and tells
-    /// watchers.
-    pub(super) fn publish_transition(&self, from: AgentState, record: AgentRecord) {
+    /// Tells watchers about `events`, numbered and journaled in order (see
+    /// `journal.rs`); a state change replaces the record.
+    pub(super) fn publish(&self, events: Vec<SequencedEvent>) {
         let mut current = self.lock();
-        *current = record.clone();
-        let _ = self.events.send(AgentEvent::StateChanged {
-            from: Some(from),
-            agent: Box::new(record),
-        });
+        for event in events {
+            if let AgentEvent::StateChanged { agent, .. } = &event.event {
+                current.record = (**agent).clone();
+            }
+            current.published = event.sequence;
+            // No watcher is not an error.
+            let _ = self.events.send(event);
+        }
     }
 
     /// Updates the output figures of the record (not persisted here).
     pub(super) fn update_output(&self, tail: Vec<String>, bytes: u64, truncated: bool) {
         let mut current = self.lock();
-        current.output_tail = tail;
-        current.output_bytes = bytes;
-        current.output_truncated = truncated;
-        current.updated_at_ms = now_ms();
+        let record = &mut current.record;
+        record.output_tail = tail;
+        record.output_bytes = bytes;
+        record.output_truncated = truncated;
+        record.updated_at_ms = now_ms();
     }
 
-    /// Tells watchers about an output line.
-    pub(super) fn publish_output(&self, event: AgentEvent) {
-        // No watcher is not an error.
-        let _ = self.events.send(event);
-    }
-
-    /// The current record and a receiver of every event after it, read and
-    /// subscribed under one lock so that no event falls between the two.
-    pub(super) fn current_and_events(&self) -> (AgentRecord, broadcast::Receiver<AgentEvent>) {
-        let record = self.lock();
-        (record.clone(), self.events.subscribe())
+    /// The current record, the sequence of the last event published (every
+    /// event up to it is in the journal) and a receiver of every event after
+    /// it, read and subscribed under one lock so that nothing falls between.
+    pub(super) fn current_and_events(
+        &self,
+    ) -> (AgentRecord, u64, broadcast::Receiver<SequencedEvent>) {
+        let current = self.lock();
+        (
+            current.record.clone(),
+            current.published,
+            self.events.subscribe(),
+        )
     }
 
     /// A receiver of stop requests.

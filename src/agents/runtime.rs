@@ -23,15 +23,17 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::command::{self, Substitutions};
-use super::elsewhere::{Elsewhere, EventStream};
+use super::elsewhere::Elsewhere;
 use super::error::AgentError;
-use super::model::{AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec};
+use super::journal::Journal;
+use super::model::{
+    AgentEvent, AgentFilter, AgentRecord, AgentState, Origin, RuntimeStatus, SpawnSpec,
+};
 use super::paging;
 use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
 use super::registry::{Registry, StopRequest, Tracked};
 use super::spare::{self, AgentDir, Spares};
 use super::supervisor::{self, Supervision};
-use super::watch;
 use crate::clock::now_ms;
 use crate::config::{AgentType, AgentsConfig};
 use crate::store::{Store, StoreError};
@@ -178,16 +180,23 @@ impl AgentRuntime {
         tracked: Arc<Tracked>,
         permit: OwnedSemaphorePermit,
     ) -> Result<AgentRecord, AgentError> {
-        let (work_dir, output_file, spare) = match dir {
+        let (work_dir, output_file, events_file, spare) = match dir {
             Ok(dir) => {
                 let spare = dir.is_spare();
-                (dir.work_dir, dir.output, spare)
+                (dir.work_dir, dir.output, dir.events, spare)
             }
             Err(error) => {
                 let reason = format!("cannot prepare the agent's directory: {error}");
-                return self.fail_to_start(record, &tracked, reason, permit).await;
+                let mut journal = Journal::new(None, self.settings.output_cap_bytes);
+                Self::journal_recorded(&mut journal, &tracked, &record).await;
+                return self
+                    .fail_to_start(record, &tracked, &mut journal, reason, permit)
+                    .await;
             }
         };
+        // Event 1: the agent as recorded (SPAWNING).
+        let mut journal = Journal::new(Some(events_file), self.settings.output_cap_bytes);
+        Self::journal_recorded(&mut journal, &tracked, &record).await;
 
         let arguments = command::render(
             &agent_type.command,
@@ -207,11 +216,15 @@ impl AgentRuntime {
         // built in code could be: fail the agent rather than panic.
         let Some((program_name, program_arguments)) = arguments.split_first() else {
             let reason = format!("agent type {:?} has an empty command", record.agent_type);
-            return self.fail_to_start(record, &tracked, reason, permit).await;
+            return self
+                .fail_to_start(record, &tracked, &mut journal, reason, permit)
+                .await;
         };
         let Some(program) = process::resolve_program(program_name, &path_variable) else {
             let reason = format!("cannot start {program_name:?}: not found in PATH");
-            return self.fail_to_start(record, &tracked, reason, permit).await;
+            return self
+                .fail_to_start(record, &tracked, &mut journal, reason, permit)
+                .await;
         };
         let mut command = tokio::process::Command::new(program);
         command
@@ -240,13 +253,17 @@ impl AgentRuntime {
             Ok(child) => child,
             Err(error) => {
                 let reason = format!("cannot start {program_name:?}: {error}");
-                return self.fail_to_start(record, &tracked, reason, permit).await;
+                return self
+                    .fail_to_start(record, &tracked, &mut journal, reason, permit)
+                    .await;
             }
         };
         let Some(pid) = child.id() else {
             // The child was reaped already; it cannot be supervised.
             let reason = "the process exited before it could be supervised".to_owned();
-            return self.fail_to_start(record, &tracked, reason, permit).await;
+            return self
+                .fail_to_start(record, &tracked, &mut journal, reason, permit)
+                .await;
         };
         let guard = GroupGuard::new(pid);
 
@@ -265,11 +282,17 @@ impl AgentRuntime {
             let _ = child.wait().await;
             let reason =
                 "the database did not record the start; the process was stopped".to_owned();
-            let _ = self.fail_to_start(running, &tracked, reason, permit).await;
+            let _ = self
+                .fail_to_start(running, &tracked, &mut journal, reason, permit)
+                .await;
             return Err(error.into());
         }
         self.spares.recorded(&running.id, spare);
-        tracked.publish_transition(AgentState::Spawning, running.clone());
+        let event = AgentEvent::StateChanged {
+            from: Some(AgentState::Spawning),
+            agent: Box::new(running.clone()),
+        };
+        tracked.publish(journal.append(vec![event]).await);
         tracing::info!(
             agent.id = %running.id,
             agent.r#type = %running.agent_type,
@@ -289,6 +312,7 @@ impl AgentRuntime {
             stdout,
             stderr,
             output_file: tokio::fs::File::from_std(output_file),
+            journal,
             guard,
             permit,
             timeout: Duration::from_secs(u64::from(running.timeout_secs)),
@@ -302,6 +326,7 @@ impl AgentRuntime {
         &self,
         record: AgentRecord,
         tracked: &Tracked,
+        journal: &mut Journal,
         reason: String,
         permit: OwnedSemaphorePermit,
     ) -> Result<AgentRecord, AgentError> {
@@ -324,12 +349,25 @@ impl AgentRuntime {
             other => other,
         };
         drop(permit);
-        tracked.publish_transition(AgentState::Spawning, failed.clone());
+        let event = AgentEvent::StateChanged {
+            from: Some(AgentState::Spawning),
+            agent: Box::new(failed.clone()),
+        };
+        tracked.publish(journal.append(vec![event]).await);
         self.registry.remove(&failed.id);
         persisted?;
         // Recorded: a spare it took (if any) is one no more.
         self.spares.recorded(&failed.id, true);
         Ok(failed)
+    }
+
+    /// Journals and publishes event 1, the agent as recorded.
+    async fn journal_recorded(journal: &mut Journal, tracked: &Tracked, record: &AgentRecord) {
+        let event = AgentEvent::StateChanged {
+            from: None,
+            agent: Box::new(record.clone()),
+        };
+        tracked.publish(journal.append(vec![event]).await);
     }
 
     /// Checks a spawn spec against the configuration `settings`; returns the
@@ -510,7 +548,11 @@ impl AgentRuntime {
 
     /// Where an unfinished agent this replica does not track is reached:
     /// the replica that supervises it, when `route` allows it.
-    fn elsewhere(&self, record: &AgentRecord, route: bool) -> Result<&dyn Elsewhere, AgentError> {
+    pub(super) fn elsewhere(
+        &self,
+        record: &AgentRecord,
+        route: bool,
+    ) -> Result<&dyn Elsewhere, AgentError> {
         if !route || record.runner_id == self.runner_id {
             // Ours but not tracked: it is being settled (or was asked
             // here by a replica that looked the owner up before a restart).
@@ -526,47 +568,6 @@ impl AgentRuntime {
                 agent_id: record.id.clone(),
                 runner_id: record.runner_id.clone(),
             })
-    }
-
-    /// The agent's events: first its current state (`from: None`), then each
-    /// change and, with `include_output`, each output line, ending after the
-    /// change into a terminal state. An agent another replica supervises is
-    /// followed there (its output lines too).
-    pub async fn watch(&self, id: &str, include_output: bool) -> Result<EventStream, AgentError> {
-        self.watch_routed(id, include_output, true).await
-    }
-
-    /// [`AgentRuntime::watch`] of an agent this replica supervises (or one
-    /// that has ended), for another replica that routed the watch here.
-    pub async fn watch_here(
-        &self,
-        id: &str,
-        include_output: bool,
-    ) -> Result<EventStream, AgentError> {
-        self.watch_routed(id, include_output, false).await
-    }
-
-    async fn watch_routed(
-        &self,
-        id: &str,
-        include_output: bool,
-        route: bool,
-    ) -> Result<EventStream, AgentError> {
-        if let Some(tracked) = self.registry.get(id) {
-            let (current, receiver) = tracked.current_and_events();
-            return Ok(watch::tracked_watch(current, receiver, include_output));
-        }
-        let current = self
-            .store
-            .get_agent(id)
-            .await?
-            .ok_or_else(|| AgentError::NotFound(id.to_owned()))?;
-        if current.state.is_terminal() || (route && current.runner_id == self.runner_id) {
-            return Ok(watch::polled_watch(self.store.clone(), current));
-        }
-        self.elsewhere(&current, route)?
-            .watch(&current, include_output)
-            .await
     }
 
     /// Refuses new agents from now on and asks every running one to stop

@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{agent_to_proto, filter_from_proto, spawn_spec, watch_responses};
+use super::convert::{
+    agent_to_proto, filter_from_proto, output_chunk_to_proto, spawn_spec, watch_from,
+    watch_responses,
+};
 use super::model::Origin;
 use super::runtime::AgentRuntime;
 use crate::proto::agent as pb;
@@ -87,8 +90,25 @@ impl pb::agent_control_server::AgentControl for AgentControlService {
     ) -> Result<Response<Self::WatchAgentStream>, Status> {
         let request = request.into_inner();
         let agent_id = required_id(&request.agent_id)?;
-        let events = self.runtime.watch(agent_id, request.include_output).await?;
+        let from = watch_from(request.from_sequence);
+        let events = self
+            .runtime
+            .watch(agent_id, request.include_output, from)
+            .await?;
         Ok(Response::new(watch_responses(events)))
+    }
+
+    async fn read_agent_output(
+        &self,
+        request: Request<pb::ReadAgentOutputRequest>,
+    ) -> Result<Response<pb::ReadAgentOutputResponse>, Status> {
+        let request = request.into_inner();
+        let agent_id = required_id(&request.agent_id)?;
+        let chunk = self
+            .runtime
+            .read_output(agent_id, request.offset, request.max_bytes)
+            .await?;
+        Ok(Response::new(output_chunk_to_proto(chunk)))
     }
 }
 

@@ -1,20 +1,21 @@
 //! Agent directories made ahead of the spawns that take them.
 //!
-//! An agent needs its directory, its working directory and its output file
-//! before its process can start: three file-system metadata operations. On
-//! ext4 each of them may wait for the journal while an `fsync` of the
-//! database (on the same disk) commits it, and in `bench_agents` they were
+//! An agent needs its directory, its working directory, its output file and
+//! its event journal before its process can start: file-system metadata
+//! operations. On ext4 each of them may wait for the journal while an
+//! `fsync` of the database (on the same disk) commits it, and in
+//! `bench_agents` they were
 //! the largest step of a spawn (about 0.4 ms of 1.1 ms). So the runtime keeps
 //! a few made ahead, and a spawn takes one: the agent's id is the spare's.
 //! The next ones are made on a blocking thread once the spawn is recorded.
 //! With none ready (a burst of spawns), a spawn makes its own as before.
 //!
-//! A spare is `<agents>/<id>/` with `work/` and an empty `output.log`, plus a
-//! marker `<agents>/<id>.spare`, made before the directory and removed only
-//! once the agent that took it is recorded. So after a crash, the markers name
-//! every directory that may belong to no agent: [`Spares::sweep`], at
-//! startup, removes those whose id has no record. At shutdown the spares no
-//! spawn took are removed.
+//! A spare is `<agents>/<id>/` with `work/`, an empty `output.log` and an
+//! empty `events.log`, plus a marker `<agents>/<id>.spare`, made before the
+//! directory and removed only once the agent that took it is recorded. So
+//! after a crash, the markers name every directory that may belong to no
+//! agent: [`Spares::sweep`], at startup, removes those whose id has no
+//! record. At shutdown the spares no spawn took are removed.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -38,6 +39,8 @@ pub(super) struct AgentDir {
     pub work_dir: PathBuf,
     /// `<agents>/<id>/output.log`, open for appending.
     pub output: File,
+    /// `<agents>/<id>/events.log`, the event journal, open for appending.
+    pub events: File,
     /// Made ahead: its marker goes once the agent is recorded.
     spare: bool,
 }
@@ -187,16 +190,26 @@ fn make(agents_dir: &Path, id: String, spare: bool) -> io::Result<AgentDir> {
     let agent_dir = agents_dir.join(&id);
     let work_dir = agent_dir.join("work");
     std::fs::create_dir_all(&work_dir)?;
-    let output = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(agent_dir.join("output.log"))?;
+    let append = |name: &str| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(agent_dir.join(name))
+    };
+    let output = append(super::OUTPUT_FILE)?;
+    let events = append(super::journal::JOURNAL_FILE)?;
     Ok(AgentDir {
         id,
         work_dir,
         output,
+        events,
         spare,
     })
+}
+
+/// True when `<agents>/<id>` is a spare (or was one that no spawn recorded).
+pub(super) fn is_spare(agents_dir: &Path, id: &str) -> bool {
+    marker_path(agents_dir, id).exists()
 }
 
 fn marker_path(agents_dir: &Path, id: &str) -> PathBuf {

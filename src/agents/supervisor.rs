@@ -12,6 +12,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
+use super::journal::Journal;
 use super::model::{AgentEvent, AgentState, OutputStream};
 use super::output::{LineSplitter, OutputBudget, Tail};
 use super::process::{self, GroupGuard, GroupSignal};
@@ -45,6 +46,8 @@ pub(super) struct Supervision {
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
     pub output_file: tokio::fs::File,
+    /// The agent's event journal, its first events written by the spawn.
+    pub journal: Journal,
     pub guard: GroupGuard,
     pub permit: OwnedSemaphorePermit,
     pub timeout: Duration,
@@ -81,6 +84,7 @@ struct Capture {
     stderr_lines: LineSplitter,
     tail: Tail,
     changed: bool,
+    journal: Journal,
 }
 
 impl Capture {
@@ -99,32 +103,41 @@ impl Capture {
             OutputStream::Stderr => &mut self.stderr_lines,
         };
         let lines = splitter.push(&chunk.bytes);
-        self.publish(chunk.stream, lines, tracked);
+        self.publish(chunk.stream, lines, tracked).await;
         self.changed = true;
     }
 
-    fn finish(&mut self, tracked: &Tracked) {
+    async fn finish(&mut self, tracked: &Tracked) {
         for stream in [OutputStream::Stdout, OutputStream::Stderr] {
             let splitter = match stream {
                 OutputStream::Stdout => &mut self.stdout_lines,
                 OutputStream::Stderr => &mut self.stderr_lines,
             };
             if let Some(line) = splitter.finish() {
-                self.publish(stream, vec![line], tracked);
+                self.publish(stream, vec![line], tracked).await;
                 self.changed = true;
             }
         }
     }
 
-    fn publish(&mut self, stream: OutputStream, lines: Vec<String>, tracked: &Tracked) {
-        for line in lines {
-            self.tail.push(line.clone());
-            tracked.publish_output(AgentEvent::Output {
-                stream,
-                line,
-                at_ms: now_ms(),
-            });
+    /// Journals the lines, then tells watchers.
+    async fn publish(&mut self, stream: OutputStream, lines: Vec<String>, tracked: &Tracked) {
+        if lines.is_empty() {
+            return;
         }
+        let at_ms = now_ms();
+        let events = lines
+            .into_iter()
+            .map(|line| {
+                self.tail.push(line.clone());
+                AgentEvent::Output {
+                    stream,
+                    line,
+                    at_ms,
+                }
+            })
+            .collect();
+        tracked.publish(self.journal.append(events).await);
     }
 
     /// Copies the figures into the tracked record; true if they changed.
@@ -153,6 +166,7 @@ pub(super) async fn supervise(supervision: Supervision) {
         stdout,
         stderr,
         output_file,
+        journal,
         mut guard,
         permit,
         timeout,
@@ -189,6 +203,7 @@ pub(super) async fn supervise(supervision: Supervision) {
         stderr_lines: LineSplitter::default(),
         tail: Tail::new(settings.tail_lines),
         changed: false,
+        journal,
     };
     let mut stop_requests = tracked.stop_requests();
     let deadline = Instant::now() + timeout;
@@ -278,7 +293,7 @@ pub(super) async fn supervise(supervision: Supervision) {
     for reader in readers {
         reader.abort();
     }
-    capture.finish(&tracked);
+    capture.finish(&tracked).await;
     if let Err(error) = capture.file.flush().await {
         tracing::warn!(agent.id = %agent_id, %error, "cannot flush agent output");
     }
@@ -307,7 +322,11 @@ pub(super) async fn supervise(supervision: Supervision) {
         "agent ended"
     );
     drop(permit);
-    tracked.publish_transition(from, ended);
+    let event = AgentEvent::StateChanged {
+        from: Some(from),
+        agent: Box::new(ended),
+    };
+    tracked.publish(capture.journal.append(vec![event]).await);
     registry.remove(&agent_id);
 }
 

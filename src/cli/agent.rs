@@ -1,4 +1,4 @@
-//! `mosaicd agent spawn | status | kill | list | watch`: client commands for the
+//! `mosaicd agent spawn | status | kill | list | watch | logs`: client commands for the
 //! daemon's AgentControl service (API key with the `agents` scope). With
 //! `--peer`, spawn, status, kill and list act on a peer instead (see `remote.rs`).
 
@@ -97,6 +97,25 @@ pub enum AgentCommand {
     Watch {
         /// The agent id.
         id: String,
+        /// Start with the event of this sequence (1: from the agent's start)
+        /// instead of its current state; to resume a watch that was cut, the
+        /// last sequence it printed + 1.
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
+    },
+    /// Print an agent's captured output (stdout and stderr as written, up to
+    /// the capture cap). With --follow (or --from), print its output lines
+    /// from the start (or from event SEQ) and follow it until it ends, as
+    /// `agent watch` does.
+    Logs {
+        /// The agent id.
+        id: String,
+        /// Follow the agent until it ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Follow from the event of this sequence on (implies --follow).
+        #[arg(long, value_name = "SEQ")]
+        from: Option<u64>,
     },
 }
 
@@ -108,7 +127,7 @@ impl AgentCommand {
             | AgentCommand::Status { remote, .. }
             | AgentCommand::Kill { remote, .. }
             | AgentCommand::List { remote, .. } => remote.peer.as_deref(),
-            AgentCommand::Watch { .. } => None,
+            AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => None,
         }
     }
 }
@@ -197,7 +216,17 @@ pub async fn run(
                 .into_inner();
             print_list(&response, output);
         }
-        AgentCommand::Watch { id } => watch(&mut client, &connection, id, output).await?,
+        AgentCommand::Watch { id, from } => {
+            watch(&mut client, &connection, id, from, output).await?;
+        }
+        AgentCommand::Logs { id, follow, from } => {
+            if follow || from.is_some() {
+                let from = Some(from.unwrap_or(1));
+                watch(&mut client, &connection, id, from, output).await?;
+            } else {
+                logs(&mut client, &connection, id, output).await?;
+            }
+        }
     }
     Ok(())
 }
@@ -206,12 +235,14 @@ async fn watch(
     client: &mut pb::agent_control_client::AgentControlClient<tonic::transport::Channel>,
     connection: &Connection,
     agent_id: String,
+    from_sequence: Option<u64>,
     output: Output,
 ) -> Result<(), CliError> {
     let mut stream = client
         .watch_agent(connection.request(pb::WatchAgentRequest {
             agent_id,
             include_output: true,
+            from_sequence,
         })?)
         .await
         .map_err(|status| connection.error(&status))?
@@ -271,6 +302,64 @@ async fn watch(
         }
     }
     Ok(())
+}
+
+/// Prints the agent's kept output, read by offset until its end (an ended
+/// agent) or until nothing more is there (a running one).
+async fn logs(
+    client: &mut pb::agent_control_client::AgentControlClient<tonic::transport::Channel>,
+    connection: &Connection,
+    agent_id: String,
+    output: Output,
+) -> Result<(), CliError> {
+    use std::io::{IsTerminal as _, Write as _};
+    let mut offset = 0;
+    let terminal = std::io::stdout().is_terminal();
+    let mut stdout = std::io::stdout().lock();
+    loop {
+        let part = client
+            .read_agent_output(connection.request(pb::ReadAgentOutputRequest {
+                agent_id: agent_id.clone(),
+                offset,
+                max_bytes: 0,
+            })?)
+            .await
+            .map_err(|status| connection.error(&status))?
+            .into_inner();
+        let written = if output.json {
+            writeln!(
+                stdout,
+                "{}",
+                json!({
+                    "offset": part.offset,
+                    "next_offset": part.next_offset,
+                    "kept_bytes": part.kept_bytes,
+                    "end": part.end,
+                    "data": String::from_utf8_lossy(&part.data),
+                })
+            )
+        } else if terminal {
+            // The agent may run a peer's prompt: nothing it wrote reaches a
+            // terminal unescaped (a pipe or a file gets the bytes).
+            let text = String::from_utf8_lossy(&part.data);
+            text.split_inclusive('\n').try_for_each(|line| {
+                let escaped = crate::text::escape_for_terminal(line.trim_end_matches('\n'));
+                let newline = if line.ends_with('\n') { "\n" } else { "" };
+                write!(stdout, "{escaped}{newline}")
+            })
+        } else {
+            stdout.write_all(&part.data)
+        };
+        if written.is_err() {
+            // A closed pipe (`| head`): the reader has what it wanted.
+            return Ok(());
+        }
+        if part.end || part.data.is_empty() {
+            let _ = stdout.flush();
+            return Ok(());
+        }
+        offset = part.next_offset;
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

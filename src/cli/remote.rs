@@ -59,7 +59,7 @@ pub async fn run(
         | AgentCommand::Status { remote, .. }
         | AgentCommand::Kill { remote, .. }
         | AgentCommand::List { remote, .. } => (remote.peer.clone(), remote.workspace.clone()),
-        AgentCommand::Watch { .. } => (None, None),
+        AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => (None, None),
     };
     let Some(peer) = peer else {
         return Err(CliError::usage("--peer is required here"));
@@ -170,7 +170,7 @@ pub async fn run(
                 output,
             );
         }
-        AgentCommand::Watch { .. } => {
+        AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => {
             return Err(CliError::usage("`agent watch` has no --peer"));
         }
     }

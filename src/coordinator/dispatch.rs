@@ -11,7 +11,9 @@ use super::CoordinatorError;
 use super::jobs::{Jobs, NewJob};
 use super::remote::RemoteDispatch;
 use super::state::JobChange;
-use crate::agents::{AgentEvent, AgentRecord, AgentRuntime, AgentState, Origin, SpawnSpec};
+use crate::agents::{
+    AgentEvent, AgentRecord, AgentRuntime, AgentState, Origin, SequencedEvent, SpawnSpec, WatchFrom,
+};
 use crate::config::Config;
 use crate::store::JobRecord;
 
@@ -194,7 +196,7 @@ pub async fn resume_following(
 /// Waits for the agent to end, then ends the job the same way. A job that
 /// has already ended (cancelled, failed by a caller) is left as it is.
 async fn follow_agent(jobs: Jobs, agents: Arc<AgentRuntime>, job_id: String, agent_id: String) {
-    let mut events = match agents.watch(&agent_id, false).await {
+    let mut events = match agents.watch(&agent_id, false, WatchFrom::Now).await {
         Ok(events) => events,
         Err(error) => {
             tracing::warn!(job.id = %job_id, agent.id = %agent_id, %error, "cannot follow the agent of a job");
@@ -203,7 +205,10 @@ async fn follow_agent(jobs: Jobs, agents: Arc<AgentRuntime>, job_id: String, age
     };
     while let Some(event) = events.next().await {
         match event {
-            Ok(AgentEvent::StateChanged { agent, .. }) if agent.state.is_terminal() => {
+            Ok(SequencedEvent {
+                event: AgentEvent::StateChanged { agent, .. },
+                ..
+            }) if agent.state.is_terminal() => {
                 let change = job_change_for(&agent);
                 match jobs.change(&job_id, change, SYSTEM_ACTOR).await {
                     Ok(job) => tracing::info!(

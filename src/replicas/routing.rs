@@ -1,4 +1,4 @@
-//! Routing a call to the replica that supervises an agent: the
+//! Routing a call to the replica that supervises (or ran) an agent: the
 //! [`Elsewhere`] the agent runtime asks for agents it does not track.
 //!
 //! The owner is the agent's `runner_id`; the registry says where it is
@@ -21,9 +21,9 @@ use futures::StreamExt as _;
 use futures::future::BoxFuture;
 use tonic::transport::Channel;
 
-use crate::agents::convert::{agent_from_proto, event_from_proto};
+use crate::agents::convert::{agent_from_proto, event_from_proto, output_chunk_from_proto};
 use crate::agents::elsewhere::{Elsewhere, EventStream};
-use crate::agents::{AgentError, AgentRecord};
+use crate::agents::{AgentError, AgentRecord, OutputChunk, SequencedEvent, WatchFrom};
 use crate::identity::IdentityManager;
 use crate::proto::replica as pb;
 use crate::proto::replica::replica_client::ReplicaClient;
@@ -167,12 +167,18 @@ impl Router {
         &self,
         agent: &AgentRecord,
         include_output: bool,
+        from: WatchFrom,
     ) -> Result<EventStream, AgentError> {
         let (replica, mut client) = self.owner(agent).await?;
+        let from_sequence = match from {
+            WatchFrom::Now => None,
+            WatchFrom::Sequence(sequence) => Some(sequence),
+        };
         let answer = client
             .watch_agent(pb::WatchAgentRequest {
                 agent_id: agent.id.clone(),
                 include_output,
+                from_sequence,
             })
             .await
             .map_err(|status| self.failed(agent, &replica, status))?;
@@ -180,10 +186,11 @@ impl Router {
         let events = answer.into_inner().filter_map(move |message| {
             let event =
                 match message {
-                    Ok(message) => message
-                        .watch
-                        .and_then(|watch| event_from_proto(watch.event))
-                        .map(Ok),
+                    Ok(message) => message.watch.and_then(|watch| {
+                        let sequence = watch.sequence;
+                        event_from_proto(watch.event)
+                            .map(|event| Ok(SequencedEvent { sequence, event }))
+                    }),
                     Err(status) if status.code() == tonic::Code::Unavailable => Some(Err(
                         unavailable(&agent, &replica, status.message().to_owned()),
                     )),
@@ -192,6 +199,30 @@ impl Router {
             std::future::ready(event)
         });
         Ok(events.boxed())
+    }
+
+    async fn read_output_there(
+        &self,
+        agent: &AgentRecord,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<OutputChunk, AgentError> {
+        let (replica, mut client) = self.owner(agent).await?;
+        let answer = client
+            .read_agent_output(pb::ReadAgentOutputRequest {
+                agent_id: agent.id.clone(),
+                offset,
+                max_bytes,
+            })
+            .await
+            .map_err(|status| self.failed(agent, &replica, status))?;
+        answer
+            .into_inner()
+            .output
+            .map(output_chunk_from_proto)
+            .ok_or_else(|| {
+                unavailable(agent, &replica, "it answered without the output".to_owned())
+            })
     }
 }
 
@@ -217,7 +248,17 @@ impl Elsewhere for Router {
         &'a self,
         agent: &'a AgentRecord,
         include_output: bool,
+        from: WatchFrom,
     ) -> BoxFuture<'a, Result<EventStream, AgentError>> {
-        Box::pin(self.watch_there(agent, include_output))
+        Box::pin(self.watch_there(agent, include_output, from))
+    }
+
+    fn read_output<'a>(
+        &'a self,
+        agent: &'a AgentRecord,
+        offset: u64,
+        max_bytes: u32,
+    ) -> BoxFuture<'a, Result<OutputChunk, AgentError>> {
+        Box::pin(self.read_output_there(agent, offset, max_bytes))
     }
 }

@@ -12,7 +12,7 @@ use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentRuntime;
-use crate::agents::convert::{agent_to_proto, watch_responses};
+use crate::agents::convert::{agent_to_proto, output_chunk_to_proto, watch_from, watch_responses};
 use crate::auth::Caller;
 use crate::identity::{IdentityManager, PublicKey};
 use crate::proto::replica as pb;
@@ -107,12 +107,28 @@ impl Replica for ReplicaService {
     ) -> Result<Response<Self::WatchAgentStream>, Status> {
         self.admit(&request).await?;
         let request = request.into_inner();
+        let from = watch_from(request.from_sequence);
         let events = self
             .agents
-            .watch_here(&request.agent_id, request.include_output)
+            .watch_here(&request.agent_id, request.include_output, from)
             .await?;
         let relayed = watch_responses(events)
             .map(|message| message.map(|watch| pb::WatchAgentResponse { watch: Some(watch) }));
         Ok(Response::new(relayed.boxed()))
+    }
+
+    async fn read_agent_output(
+        &self,
+        request: Request<pb::ReadAgentOutputRequest>,
+    ) -> Result<Response<pb::ReadAgentOutputResponse>, Status> {
+        self.admit(&request).await?;
+        let request = request.into_inner();
+        let chunk = self
+            .agents
+            .read_output_here(&request.agent_id, request.offset, request.max_bytes)
+            .await?;
+        Ok(Response::new(pb::ReadAgentOutputResponse {
+            output: Some(output_chunk_to_proto(chunk)),
+        }))
     }
 }

@@ -87,6 +87,23 @@ impl Store {
         Ok(ids)
     }
 
+    /// Those of the agents `ids` that ended before `before_ms`.
+    pub async fn agents_ended_among(
+        &self,
+        ids: &[String],
+        before_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let ended = with_connection!(self, |conn| {
+            agent_status::table
+                .select(agent_status::agent_id)
+                .filter(agent_status::agent_id.eq_any(ids))
+                .filter(agent_status::ended_at_ms.lt(before_ms))
+                .load::<String>(conn)
+                .await?
+        });
+        Ok(ended)
+    }
+
     /// Deletes the agents `ids` with their status, labels and events. Returns
     /// how many.
     pub async fn delete_agents(&self, ids: &[String]) -> Result<u64, StoreError> {

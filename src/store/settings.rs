@@ -17,6 +17,9 @@ pub const DEFAULT_JOB_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
 pub const DEFAULT_WEBHOOK_DELIVERY_RETENTION_SECS: u64 = 7 * 24 * 60 * 60;
 /// Ended agents' records and directories are kept 30 days by default.
 pub const DEFAULT_AGENT_RETENTION_SECS: u64 = 30 * 24 * 60 * 60;
+/// Ended agents' directories (working directory, output, event journal) are
+/// kept 7 days by default; their records stay for the agent retention.
+pub const DEFAULT_AGENT_OUTPUT_RETENTION_SECS: u64 = 7 * 24 * 60 * 60;
 /// How often expired rows are pruned unless configured.
 pub const DEFAULT_PRUNE_INTERVAL_SECS: u64 = 60;
 /// How long one database call may take unless configured: far above any
@@ -50,6 +53,11 @@ pub struct StorageFileConfig {
     /// Seconds an ended agent's record, events and directory (its output) are
     /// kept, counted from its end (default 2592000, 30 days; 0 keeps forever).
     pub agent_retention_secs: Option<u64>,
+    /// Seconds an ended agent's directory (working directory, output and
+    /// event journal) is kept, counted from its end (default 604800, 7 days;
+    /// 0 keeps it as long as the record). Its record stays for
+    /// `agent_retention_secs`.
+    pub agent_output_retention_secs: Option<u64>,
     /// Seconds between two prunings (default 60, at least 1).
     pub prune_interval_secs: Option<u64>,
 }
@@ -67,6 +75,9 @@ pub struct StorageSettings {
     pub webhook_delivery_retention: Option<Duration>,
     /// How long ended agents are kept; `None`: forever.
     pub agent_retention: Option<Duration>,
+    /// How long ended agents' directories are kept; `None`: as long as their
+    /// records.
+    pub agent_output_retention: Option<Duration>,
     /// Time between two prunings.
     pub prune_interval: Duration,
 }
@@ -81,6 +92,7 @@ impl Default for StorageSettings {
                 DEFAULT_WEBHOOK_DELIVERY_RETENTION_SECS,
             )),
             agent_retention: Some(Duration::from_secs(DEFAULT_AGENT_RETENTION_SECS)),
+            agent_output_retention: Some(Duration::from_secs(DEFAULT_AGENT_OUTPUT_RETENTION_SECS)),
             prune_interval: Duration::from_secs(DEFAULT_PRUNE_INTERVAL_SECS),
         }
     }
@@ -131,6 +143,10 @@ impl StorageSettings {
                 DEFAULT_WEBHOOK_DELIVERY_RETENTION_SECS,
             ),
             agent_retention: retention(file.agent_retention_secs, DEFAULT_AGENT_RETENTION_SECS),
+            agent_output_retention: retention(
+                file.agent_output_retention_secs,
+                DEFAULT_AGENT_OUTPUT_RETENTION_SECS,
+            ),
             prune_interval: Duration::from_secs(prune_interval_secs),
         })
     }
@@ -157,6 +173,10 @@ mod tests {
             settings.job_retention,
             Some(Duration::from_secs(30 * 24 * 3600))
         );
+        assert_eq!(
+            settings.agent_output_retention,
+            Some(Duration::from_secs(7 * 24 * 3600))
+        );
     }
 
     #[test]
@@ -165,9 +185,11 @@ mod tests {
             job_retention_secs: Some(0),
             webhook_delivery_retention_secs: Some(0),
             agent_retention_secs: Some(0),
+            agent_output_retention_secs: Some(0),
             ..StorageFileConfig::default()
         })
         .expect("valid");
+        assert_eq!(settings.agent_output_retention, None);
         assert_eq!(settings.job_retention, None);
         assert_eq!(settings.webhook_delivery_retention, None);
         assert_eq!(settings.agent_retention, None);

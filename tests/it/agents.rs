@@ -11,11 +11,11 @@ use mosaic_mesh::proto::agent as pb;
 
 use crate::support::Backend;
 use crate::support::agents::{
-    AGENT_DEADLINE, AGENT_TYPES_TOML, Agents, agent_config, number_in_tail, process_is_alive,
+    AGENT_DEADLINE, Agents, BinarySetup, number_in_tail, process_is_alive, start_agents,
     wait_until_dead,
 };
 use crate::support::binary::{channel_to, mosaicd, spawn_serve_command};
-use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::daemon::{TestEnvironment, with_key};
 
 on_both_backends!(
     a_shell_agent_completes_with_its_output,
@@ -33,26 +33,13 @@ on_both_backends!(
     client_commands_find_the_daemon_at_the_configured_listen_address,
 );
 
-/// A daemon with the test agent types (and `adjust` applied) and a client.
-async fn start(
-    environment: &TestEnvironment,
-    adjust: impl FnOnce(&mut mosaic_mesh::config::Config),
-) -> (TestDaemon, Agents) {
-    let mut config = agent_config(environment);
-    adjust(&mut config);
-    let daemon = environment.start_with(config).await.expect("daemon starts");
-    let key = daemon.api_key(&[Scope::Agents]).await;
-    let agents = Agents::new(daemon.channel().await, key);
-    (daemon, agents)
-}
-
 fn is(state: pb::AgentState) -> i32 {
     state as i32
 }
 
 async fn a_shell_agent_completes_with_its_output(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     let spawned = agents
         .spawn_request(pb::SpawnRequest {
@@ -117,7 +104,7 @@ async fn a_shell_agent_completes_with_its_output(backend: Backend) {
 
 async fn killing_an_agent_stops_its_whole_process_group(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     // The shell and its child ignore SIGTERM, so only the SIGKILL after the
     // grace period stops them.
@@ -185,7 +172,7 @@ async fn killing_an_agent_stops_its_whole_process_group(backend: Backend) {
 
 async fn timeouts_and_failures_are_recorded(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     let slow = agents
         .spawn_request(pb::SpawnRequest {
@@ -257,7 +244,7 @@ async fn timeouts_and_failures_are_recorded(backend: Backend) {
 
 async fn a_prompt_is_one_argument_and_runs_nothing_else(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     let prompt = "hi; touch pwned1; rm -rf ./keep && $(touch pwned2) `touch pwned3` | touch pwned4\ntouch pwned5";
     let spawned = agents.spawn("printf", prompt).await.expect("spawn");
@@ -286,7 +273,7 @@ async fn a_prompt_is_one_argument_and_runs_nothing_else(backend: Backend) {
 
 async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     // The agent waits for a file, so the watch is open before it prints.
     let spawned = agents
@@ -299,6 +286,7 @@ async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
     let request = pb::WatchAgentRequest {
         agent_id: spawned.agent_id.clone(),
         include_output: true,
+        from_sequence: None,
     };
     let mut stream = agents
         .client
@@ -307,7 +295,8 @@ async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
         .expect("watch")
         .into_inner();
     let first = stream.message().await.expect("first").expect("a message");
-    assert_eq!(first.sequence, 1);
+    // The agent's events so far: 1 recorded (SPAWNING), 2 started (RUNNING).
+    assert_eq!(first.sequence, 2);
     let Some(pb::watch_agent_response::Event::StateChange(change)) = first.event else {
         panic!("first message is the current state: {first:?}");
     };
@@ -328,7 +317,7 @@ async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
     let mut stdout_lines = Vec::new();
     let mut stderr_lines = Vec::new();
     let mut changes = Vec::new();
-    let mut sequence = 1;
+    let mut sequence = first.sequence;
     let collected = tokio::time::timeout(AGENT_DEADLINE, async {
         while let Some(message) = stream.message().await.expect("message") {
             sequence += 1;
@@ -365,6 +354,7 @@ async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
     let request = pb::WatchAgentRequest {
         agent_id: spawned.agent_id.clone(),
         include_output: true,
+        from_sequence: None,
     };
     let mut stream = agents
         .client
@@ -385,7 +375,7 @@ async fn watching_streams_state_changes_and_output_in_order(backend: Backend) {
 
 async fn the_concurrency_cap_refuses_instead_of_queueing(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |config| {
+    let (daemon, mut agents) = start_agents(&environment, |config| {
         config.agents.max_concurrent = 2;
     })
     .await;
@@ -425,7 +415,7 @@ async fn the_concurrency_cap_refuses_instead_of_queueing(backend: Backend) {
 
 async fn bad_requests_are_refused_and_change_nothing(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     let spawn = |agent_type: &str, prompt: String| pb::SpawnRequest {
         agent_type: agent_type.to_owned(),
@@ -522,7 +512,7 @@ async fn bad_requests_are_refused_and_change_nothing(backend: Backend) {
 
 async fn listing_filters_and_pages(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
 
     let mut ids = Vec::new();
     for (index, color) in ["red", "blue", "red"].into_iter().enumerate() {
@@ -610,60 +600,6 @@ async fn listing_filters_and_pages(backend: Backend) {
     environment.cleanup().await;
 }
 
-/// A data dir with the test agent types in a config file, and an API key
-/// with the `agents` scope, for daemons run as the `mosaicd` binary.
-struct BinarySetup {
-    data_dir: std::path::PathBuf,
-    config_file: std::path::PathBuf,
-    database_url: String,
-    key: String,
-}
-
-impl BinarySetup {
-    fn new(environment: &TestEnvironment) -> BinarySetup {
-        let data_dir = environment.data_dir.path().to_path_buf();
-        let config_file = data_dir.join("mosaic.toml");
-        std::fs::write(&config_file, AGENT_TYPES_TOML).expect("write config");
-        let mut setup = BinarySetup {
-            data_dir,
-            config_file,
-            database_url: environment.database.url.clone(),
-            key: String::new(),
-        };
-        let created = setup
-            .command()
-            .args([
-                "apikey", "create", "--name", "t", "--scope", "agents", "--json",
-            ])
-            .output()
-            .expect("apikey create");
-        assert!(created.status.success(), "{created:?}");
-        let created: serde_json::Value = serde_json::from_slice(&created.stdout).expect("json");
-        setup.key = created["key"].as_str().expect("key").to_owned();
-        setup
-    }
-
-    /// `mosaicd` with this data dir, config file and database.
-    fn command(&self) -> std::process::Command {
-        let mut command = mosaicd(&self.data_dir);
-        command
-            .arg("--config")
-            .arg(&self.config_file)
-            .arg("--database-url")
-            .arg(&self.database_url);
-        command
-    }
-
-    /// A client command (`agent ...`) for the daemon at `address`.
-    fn client(&self, address: &str) -> std::process::Command {
-        let mut command = self.command();
-        command
-            .args(["--server", &format!("https://{address}")])
-            .env("MOSAIC_API_KEY", &self.key);
-        command
-    }
-}
-
 async fn a_restart_after_sigkill_leaves_no_agent_falsely_running(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
     let setup = BinarySetup::new(&environment);
@@ -748,7 +684,7 @@ async fn a_restart_stops_processes_whose_start_was_never_recorded(backend: Backe
     use std::os::unix::process::ExitStatusExt as _;
 
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     // An agent learns the runner id of its daemon from its environment.
     let recorded = agents
         .spawn("sh", "echo \"runner=$MOSAIC_RUNNER_ID\"")
@@ -774,7 +710,7 @@ async fn a_restart_stops_processes_whose_start_was_never_recorded(backend: Backe
     let stranger_group = stranger.id().expect("pid");
     let _stranger_guard = GroupGuard::new(stranger_group);
 
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     // No record names it, yet the restarted daemon stops its whole group.
     let status = tokio::time::timeout(AGENT_DEADLINE, unrecorded.wait())
         .await
@@ -990,7 +926,7 @@ async fn the_agent_commands_drive_the_daemon(backend: Backend) {
 
 async fn stopping_the_daemon_stops_its_agents(backend: Backend) {
     let environment = TestEnvironment::new(backend).await;
-    let (daemon, mut agents) = start(&environment, |_| {}).await;
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     let spawned = agents
         .spawn("sh", "sleep 300 & echo child=$!; wait")
         .await

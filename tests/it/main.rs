@@ -37,6 +37,7 @@ mod coordinator;
 mod coordinator_faults;
 mod dispatch_remote;
 mod faults;
+mod following;
 mod hostile_text;
 mod identity;
 mod managed_services;

@@ -97,6 +97,7 @@ async fn a_watch_on_another_replica_gets_every_output_line_in_order() {
             agent_pb::WatchAgentRequest {
                 agent_id: agent.agent_id.clone(),
                 include_output: true,
+                from_sequence: None,
             },
             &key,
         ))
@@ -357,6 +358,7 @@ async fn only_the_instances_own_key_may_call_a_replica() {
         .watch_agent(mosaic_mesh::proto::replica::WatchAgentRequest {
             agent_id: agent.agent_id.clone(),
             include_output: true,
+            from_sequence: None,
         })
         .await
         .expect_err("another key");
@@ -440,5 +442,100 @@ async fn a_job_watch_on_one_replica_sees_changes_made_through_another_at_once() 
         delays[delays.len() / 2] < Duration::from_millis(500),
         "changes reached the other replica's watch late: {delays:?}"
     );
+    replicas.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_events_and_output_are_read_through_any_replica_while_its_own_serves() {
+    let (mut replicas, _store, key) = start(2, &[Scope::Agents]).await;
+    let mut on_0 = Agents::new(replicas.channel(0).await, key.clone());
+    let mut on_1 = Agents::new(replicas.channel(1).await, key.clone());
+    let agent = on_0
+        .spawn(
+            "sh",
+            "i=1; while [ $i -le 50 ]; do echo line-$i; sleep 0.01; i=$((i+1)); done",
+        )
+        .await
+        .expect("spawn");
+    let expected: Vec<String> = (1..=50).map(|line| format!("line-{line}")).collect();
+    let watch_from_start = |client: &mut Agents, from_sequence| {
+        let request = with_key(
+            agent_pb::WatchAgentRequest {
+                agent_id: agent.agent_id.clone(),
+                include_output: true,
+                from_sequence,
+            },
+            &client.key,
+        );
+        let mut client = client.client.clone();
+        async move { client.watch_agent(request).await }
+    };
+    let read_all = |client: &mut Agents| {
+        let request = with_key(
+            agent_pb::ReadAgentOutputRequest {
+                agent_id: agent.agent_id.clone(),
+                offset: 0,
+                max_bytes: 0,
+            },
+            &client.key,
+        );
+        let mut client = client.client.clone();
+        async move { client.read_agent_output(request).await }
+    };
+    // While it runs, through the other replica: from the start, then live.
+    let stream = watch_from_start(&mut on_1, Some(1))
+        .await
+        .expect("watch from 1 on the other replica")
+        .into_inner();
+    let messages: Vec<agent_pb::WatchAgentResponse> = tokio::time::timeout(
+        Duration::from_secs(30),
+        stream
+            .map(|message| message.expect("a watch message"))
+            .collect(),
+    )
+    .await
+    .expect("the watch ends with the agent");
+    let sequences: Vec<u64> = messages.iter().map(|message| message.sequence).collect();
+    assert_eq!(sequences, (1..=53).collect::<Vec<u64>>());
+    let lines: Vec<String> = messages
+        .iter()
+        .filter_map(|message| match &message.event {
+            Some(agent_pb::watch_agent_response::Event::OutputLine(line)) => {
+                Some(line.line.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lines, expected);
+    // Ended: its output, through the other replica, from the owner's disk.
+    let output = read_all(&mut on_1)
+        .await
+        .expect("ReadAgentOutput on the other replica")
+        .into_inner();
+    assert!(output.end);
+    let text = String::from_utf8(output.data).expect("text");
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected);
+
+    // The replica that ran it stops for good: its files are out of reach.
+    replicas.terminate(0).await;
+    let gone = read_all(&mut on_1).await.expect_err("output out of reach");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    assert!(gone.message().contains("no longer serves"), "{gone:?}");
+    let gone = watch_from_start(&mut on_1, Some(1))
+        .await
+        .expect_err("events out of reach");
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    // The record still answers, and a watch from now gives it, numbered 0.
+    let record = on_1.get(&agent.agent_id).await.expect("GetAgent");
+    assert_eq!(record.state, agent_pb::AgentState::Completed as i32);
+    let now: Vec<agent_pb::WatchAgentResponse> = watch_from_start(&mut on_1, None)
+        .await
+        .expect("watch now")
+        .into_inner()
+        .map(|message| message.expect("a watch message"))
+        .collect()
+        .await;
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0].sequence, 0);
     replicas.cleanup().await;
 }

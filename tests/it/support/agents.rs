@@ -1,5 +1,6 @@
 //! Agent test support: a configuration with agent types, an AgentControl client
-//! that sends its API key, polling with a deadline, and process checks.
+//! that sends its API key, polling with a deadline, process checks, and a data
+//! dir set up for daemons run as the `mosaicd` binary.
 
 use std::time::Duration;
 
@@ -7,7 +8,8 @@ use mosaic_mesh::config::{AgentType, Config};
 use mosaic_mesh::proto::agent as pb;
 use tonic::transport::Channel;
 
-use crate::support::daemon::{TestEnvironment, with_key};
+use crate::support::binary::mosaicd;
+use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 
 /// How long a test waits for an agent to reach a state.
 pub const AGENT_DEADLINE: Duration = Duration::from_secs(20);
@@ -186,4 +188,76 @@ pub fn number_in_tail(agent: &pb::Agent, name: &str) -> Option<u32> {
         .output_tail
         .iter()
         .find_map(|line| line.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+/// A daemon with the test agent types (and `adjust` applied) and a client
+/// with an API key of scope `agents`.
+pub async fn start_agents(
+    environment: &TestEnvironment,
+    adjust: impl FnOnce(&mut Config),
+) -> (TestDaemon, Agents) {
+    let mut config = agent_config(environment);
+    adjust(&mut config);
+    let daemon = environment.start_with(config).await.expect("daemon starts");
+    let key = daemon.api_key(&[mosaic_mesh::auth::Scope::Agents]).await;
+    let agents = Agents::new(daemon.channel().await, key);
+    (daemon, agents)
+}
+
+/// A data dir with the test agent types in a config file, and an API key
+/// with the `agents` scope, for daemons run as the `mosaicd` binary.
+pub struct BinarySetup {
+    /// The data dir (shared with the environment).
+    pub data_dir: std::path::PathBuf,
+    /// The config file with the test agent types.
+    pub config_file: std::path::PathBuf,
+    /// The environment's database.
+    pub database_url: String,
+    /// An API key with the `agents` scope.
+    pub key: String,
+}
+
+impl BinarySetup {
+    pub fn new(environment: &TestEnvironment) -> BinarySetup {
+        let data_dir = environment.data_dir.path().to_path_buf();
+        let config_file = data_dir.join("mosaic.toml");
+        std::fs::write(&config_file, AGENT_TYPES_TOML).expect("write config");
+        let mut setup = BinarySetup {
+            data_dir,
+            config_file,
+            database_url: environment.database.url.clone(),
+            key: String::new(),
+        };
+        let created = setup
+            .command()
+            .args([
+                "apikey", "create", "--name", "t", "--scope", "agents", "--json",
+            ])
+            .output()
+            .expect("apikey create");
+        assert!(created.status.success(), "{created:?}");
+        let created: serde_json::Value = serde_json::from_slice(&created.stdout).expect("json");
+        setup.key = created["key"].as_str().expect("key").to_owned();
+        setup
+    }
+
+    /// `mosaicd` with this data dir, config file and database.
+    pub fn command(&self) -> std::process::Command {
+        let mut command = mosaicd(&self.data_dir);
+        command
+            .arg("--config")
+            .arg(&self.config_file)
+            .arg("--database-url")
+            .arg(&self.database_url);
+        command
+    }
+
+    /// A client command (`agent ...`) for the daemon at `address`.
+    pub fn client(&self, address: &str) -> std::process::Command {
+        let mut command = self.command();
+        command
+            .args(["--server", &format!("https://{address}")])
+            .env("MOSAIC_API_KEY", &self.key);
+        command
+    }
 }
