@@ -33,6 +33,9 @@ const ROUNDS: usize = 5;
 const TAKEOVER_AGENTS: usize = 10;
 /// Timed kills, half through each replica (plus one untimed first call each).
 const KILLS: usize = 200;
+/// Kills timed one at a time once the previous one settled, half through
+/// each replica (the first of each path included).
+const SETTLED_KILLS: usize = 100;
 /// Output lines of the watched agent.
 const LINES: usize = 300;
 const LIMIT: u64 = 1_000_000_000;
@@ -44,6 +47,8 @@ type Latencies = Vec<Duration>;
 struct Replica {
     child: tokio::process::Child,
     client: Client,
+    /// The client's channel, for calls to other services.
+    channel: Channel,
     _data_dir: tempfile::TempDir,
 }
 
@@ -131,11 +136,12 @@ agents = {{ max_concurrent = 256, kill_grace_secs = 1, types = {{ sh = {{ comman
                 let mut health =
                     tonic_health::pb::health_client::HealthClient::new(channel.clone());
                 if health.check(check).await.is_ok() {
-                    let client = AgentControlClient::new(channel);
+                    let client = AgentControlClient::new(channel.clone());
                     let _data_dir = data_dir;
                     return Ok(Replica {
                         child,
                         client,
+                        channel,
                         _data_dir,
                     });
                 }
@@ -279,6 +285,43 @@ async fn takeover(groups: &mut AgentGroups) -> anyhow::Result<(Vec<[Duration; 2]
     Ok((rounds, survivors))
 }
 
+/// KillAgent through replica 0 (the owner) and replica 1, alternating, each
+/// call once the previous kill has settled (its agent reads KILLED and 20 ms
+/// have passed): the routing's own cost, without the previous kill's process
+/// exit and database write running beside it.
+async fn settled_kills(
+    instance: &Instance,
+    groups: &mut AgentGroups,
+) -> anyhow::Result<[Latencies; 2]> {
+    let key = &instance.key;
+    let mut clients = [0, 1].map(|index| instance.replicas[index].client.clone());
+    let mut agents = Vec::new();
+    for _ in 0..SETTLED_KILLS {
+        agents.push(spawn(&mut clients[0], key, "sleep 600", groups).await?);
+    }
+    let mut samples = [Vec::new(), Vec::new()];
+    for (index, agent_id) in agents.iter().enumerate() {
+        let (agent_id, reason) = (agent_id.clone(), "bench".to_owned());
+        let request = with_key(pb::KillAgentRequest { agent_id, reason }, key);
+        let started = Instant::now();
+        clients[index % 2].kill_agent(request).await?;
+        samples[index % 2].push(started.elapsed());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while get(&mut clients[0], key, &agents[index]).await?.state
+            != pb::AgentState::Killed as i32
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} never read KILLED",
+                agents[index]
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(samples)
+}
+
 /// KillAgent through replica 0 (the owner) and replica 1, alternating: each
 /// path's call times, its first call first; then GetAgent (a database read,
 /// nothing forwarded) through replica 1, for reference.
@@ -309,6 +352,22 @@ async fn kills(instance: &Instance, groups: &mut AgentGroups) -> anyhow::Result<
         let started = Instant::now();
         get(&mut clients[1], key, agent_id).await?;
         samples[2].push(started.elapsed());
+    }
+    Ok(samples)
+}
+
+/// `grpc.health.v1` Check through replica 1: a call that does nothing, the
+/// least any call to a replica costs.
+async fn bare_calls(instance: &Instance) -> anyhow::Result<Latencies> {
+    let channel = instance.replicas[1].channel.clone();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut samples = Vec::new();
+    for _ in 0..KILLS / 2 {
+        let started = Instant::now();
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await?;
+        samples.push(started.elapsed());
     }
     Ok(samples)
 }
@@ -388,6 +447,8 @@ async fn run(groups: &mut AgentGroups) -> anyhow::Result<()> {
 
     let instance = Instance::start(2).await?;
     let [mut owner, mut other, reads] = kills(&instance, groups).await?;
+    let [settled_owner, settled_other] = settled_kills(&instance, groups).await?;
+    let bare = bare_calls(&instance).await?;
     let watched = watches(&instance, groups).await?;
     instance.stop().await?;
 
@@ -416,6 +477,51 @@ async fn run(groups: &mut AgentGroups) -> anyhow::Result<()> {
         "\nRatio of medians (non-owner ÷ owner): {kill_ratio:.2}. Goal ≤ 2 — {}.\n",
         verdict(kill_ratio <= 2.0)
     );
+
+    println!(
+        "The same alternation, each call once the previous kill has settled (its agent reads \
+         KILLED, then 20 ms), so the previous kill's process exit and database write do not run \
+         beside it:\n"
+    );
+    println!("| path | calls | p50 | p99 |\n|---|---|---|---|");
+    for (name, samples) in [("owner", &settled_owner), ("non-owner", &settled_other)] {
+        println!(
+            "| through the {name} | {} | {} |",
+            samples.len(),
+            p50_p99(samples)
+        );
+    }
+    let medians =
+        [&settled_other, &settled_owner].map(|samples| percentile(samples, 0.5).as_secs_f64());
+    let settled_ratio = ratio(medians[0], medians[1]);
+    println!(
+        "\nRatio of medians, settled (non-owner ÷ owner): {settled_ratio:.2}. Goal ≤ 2 — {}.\n",
+        verdict(settled_ratio <= 2.0)
+    );
+    // A replica that does not run the agent must make a call of its own to
+    // the one that does, which costs what the owner's kill costs, on top of
+    // the call it answers (at least a bare call); to know where to send it,
+    // it reads the agent (as a GetAgent does) unless its id said so.
+    let owner_kill = percentile(&settled_owner, 0.5);
+    let floors = [
+        (
+            "a GetAgent through the non-owner (a call and the read of the agent)",
+            &reads,
+        ),
+        (
+            "a bare call (`grpc.health.v1` Check) through the non-owner",
+            &bare,
+        ),
+    ];
+    println!(
+        "| floor for a forwarded kill: the owner's settled kill + | p50 | ratio to the owner's |\n|---|---|---|"
+    );
+    for (name, samples) in floors {
+        let floor = owner_kill + percentile(samples, 0.5);
+        let floor_ratio = ratio(floor.as_secs_f64(), owner_kill.as_secs_f64());
+        println!("| {name} | {} | {floor_ratio:.2} |", human(floor));
+    }
+    println!();
 
     println!("### WatchAgent output across replicas\n");
     println!(

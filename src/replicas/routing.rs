@@ -10,12 +10,14 @@
 //! the owner's answer, and a watch must carry output lines that only the
 //! owner's process pipes see, as they come.
 //!
-//! One channel per owner is kept and reused; a failed call drops it, and
-//! the next call dials again (the owner may have restarted elsewhere).
+//! One channel per owner is kept and reused, and its registry row is read
+//! again at most once a second (`ROW_REUSED_FOR`) while calls succeed; a
+//! failed call drops both, and the next call reads and dials again (the
+//! owner may have restarted elsewhere).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::future::BoxFuture;
@@ -36,12 +38,35 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of a forwarded kill, and of a forwarded watch's first answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a replica's registry row, read to find it, is used again
+/// without reading it: a kill or watch through a non-owner then costs one
+/// database read (the agent's) and the call. A call that fails reads the
+/// row again to tell an owner that does not answer from one whose lease ran
+/// out.
+const ROW_REUSED_FOR: Duration = Duration::from_secs(1);
+
 /// Reaches the other replicas of this instance.
 pub struct Router {
     store: Store,
     identity: Arc<IdentityManager>,
-    /// Runner id to (address, channel).
-    channels: Mutex<HashMap<String, (String, Channel)>>,
+    /// Runner id to its row as last read, when, and a channel to it.
+    owners: Mutex<HashMap<String, Owner>>,
+}
+
+/// A replica as last read from the registry, and the channel to it.
+#[derive(Clone)]
+struct Owner {
+    replica: ReplicaRecord,
+    read_at: Instant,
+    channel: Option<Channel>,
+}
+
+/// The owner a call goes to: its row, whether that row was just read, and
+/// a client to it.
+struct Reached {
+    replica: ReplicaRecord,
+    fresh: bool,
+    client: ReplicaClient<Channel>,
 }
 
 impl Router {
@@ -50,15 +75,47 @@ impl Router {
         Self {
             store,
             identity,
-            channels: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
         }
     }
 
     /// The owner of `agent`, if it holds its lease, and a client to it.
-    async fn owner(
-        &self,
-        agent: &AgentRecord,
-    ) -> Result<(ReplicaRecord, ReplicaClient<Channel>), AgentError> {
+    async fn owner(&self, agent: &AgentRecord) -> Result<Reached, AgentError> {
+        let known = self
+            .lock()
+            .get(&agent.runner_id)
+            .filter(|owner| owner.read_at.elapsed() < ROW_REUSED_FOR)
+            .cloned();
+        let (replica, fresh, channel) = match known {
+            Some(owner) => (owner.replica, false, owner.channel),
+            None => (self.read_row(agent).await?, true, None),
+        };
+        if replica.state_at(crate::clock::now_ms()) != "serving" {
+            return Err(AgentError::OwnerLost {
+                agent_id: agent.id.clone(),
+                runner_id: agent.runner_id.clone(),
+            });
+        }
+        let channel = match channel {
+            Some(channel) => channel,
+            None => self.channel(&replica).await.map_err(|cause| {
+                unavailable(
+                    agent,
+                    &replica,
+                    crate::federation::peer_client::error_chain(&cause),
+                )
+            })?,
+        };
+        Ok(Reached {
+            replica,
+            fresh,
+            client: ReplicaClient::new(channel),
+        })
+    }
+
+    /// Reads the registry row of `agent`'s runner (and remembers it, keeping
+    /// the channel to the same address).
+    async fn read_row(&self, agent: &AgentRecord) -> Result<ReplicaRecord, AgentError> {
         let replica = self
             .store
             .get_replica(&agent.runner_id)
@@ -67,28 +124,31 @@ impl Router {
                 agent_id: agent.id.clone(),
                 runner_id: agent.runner_id.clone(),
             })?;
-        if replica.state_at(crate::clock::now_ms()) != "serving" {
-            return Err(AgentError::OwnerLost {
-                agent_id: agent.id.clone(),
-                runner_id: agent.runner_id.clone(),
-            });
-        }
-        let channel = self.channel(&replica).await.map_err(|cause| {
-            unavailable(
-                agent,
-                &replica,
-                crate::federation::peer_client::error_chain(&cause),
-            )
-        })?;
-        Ok((replica, ReplicaClient::new(channel)))
+        let mut owners = self.lock();
+        let channel = owners
+            .get(&replica.runner_id)
+            .filter(|owner| owner.replica.address == replica.address)
+            .and_then(|owner| owner.channel.clone());
+        owners.insert(
+            replica.runner_id.clone(),
+            Owner {
+                replica: replica.clone(),
+                read_at: Instant::now(),
+                channel,
+            },
+        );
+        Ok(replica)
     }
 
     /// The cached channel to `replica`, or a new one.
     async fn channel(&self, replica: &ReplicaRecord) -> Result<Channel, crate::tls::TlsError> {
-        if let Some((address, channel)) = self.lock().get(&replica.runner_id)
-            && *address == replica.address
+        if let Some(channel) = self
+            .lock()
+            .get(&replica.runner_id)
+            .filter(|owner| owner.replica.address == replica.address)
+            .and_then(|owner| owner.channel.clone())
         {
-            return Ok(channel.clone());
+            return Ok(channel);
         }
         let current = self.identity.current();
         let now_ms = crate::clock::now_ms();
@@ -112,33 +172,45 @@ impl Router {
             },
         )
         .await?;
-        self.lock().insert(
-            replica.runner_id.clone(),
-            (replica.address.clone(), channel.clone()),
-        );
+        if let Some(owner) = self.lock().get_mut(&replica.runner_id)
+            && owner.replica.address == replica.address
+        {
+            owner.channel = Some(channel.clone());
+        }
         Ok(channel)
     }
 
-    /// What a failed call to `replica` means for the caller; a call that
-    /// did not reach it (or that it could not serve now) drops the channel.
-    fn failed(
+    /// What a failed call to `reached` means for the caller. A call that did
+    /// not reach it (or that it could not serve now) drops the channel; when
+    /// the row was not read for this call, it is read again, so that an
+    /// owner whose lease ran out is told apart from one that does not answer.
+    async fn failed(
         &self,
         agent: &AgentRecord,
-        replica: &ReplicaRecord,
+        reached: &Reached,
         status: tonic::Status,
     ) -> AgentError {
         use tonic::Code;
         match status.code() {
             Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
-                self.lock().remove(&replica.runner_id);
-                unavailable(agent, replica, status.message().to_owned())
+                self.lock().remove(&reached.replica.runner_id);
+                if !reached.fresh
+                    && let Ok(replica) = self.read_row(agent).await
+                    && replica.state_at(crate::clock::now_ms()) != "serving"
+                {
+                    return AgentError::OwnerLost {
+                        agent_id: agent.id.clone(),
+                        runner_id: agent.runner_id.clone(),
+                    };
+                }
+                unavailable(agent, &reached.replica, status.message().to_owned())
             }
             _ => AgentError::Forwarded(status),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Channel)>> {
-        self.channels
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Owner>> {
+        self.owners
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -148,19 +220,26 @@ impl Router {
         agent: &AgentRecord,
         reason: &str,
     ) -> Result<AgentRecord, AgentError> {
-        let (replica, mut client) = self.owner(agent).await?;
-        let answer = client
-            .kill_agent(pb::KillAgentRequest {
-                agent_id: agent.id.clone(),
-                reason: reason.to_owned(),
-            })
-            .await
-            .map_err(|status| self.failed(agent, &replica, status))?;
+        let mut reached = self.owner(agent).await?;
+        let request = pb::KillAgentRequest {
+            agent_id: agent.id.clone(),
+            reason: reason.to_owned(),
+        };
+        let answer = match reached.client.kill_agent(request).await {
+            Ok(answer) => answer,
+            Err(status) => return Err(self.failed(agent, &reached, status).await),
+        };
         answer
             .into_inner()
             .agent
             .map(agent_from_proto)
-            .ok_or_else(|| unavailable(agent, &replica, "it answered without the agent".to_owned()))
+            .ok_or_else(|| {
+                unavailable(
+                    agent,
+                    &reached.replica,
+                    "it answered without the agent".to_owned(),
+                )
+            })
     }
 
     async fn watch_there(
@@ -169,19 +248,21 @@ impl Router {
         include_output: bool,
         from: WatchFrom,
     ) -> Result<EventStream, AgentError> {
-        let (replica, mut client) = self.owner(agent).await?;
+        let mut reached = self.owner(agent).await?;
         let from_sequence = match from {
             WatchFrom::Now => None,
             WatchFrom::Sequence(sequence) => Some(sequence),
         };
-        let answer = client
-            .watch_agent(pb::WatchAgentRequest {
-                agent_id: agent.id.clone(),
-                include_output,
-                from_sequence,
-            })
-            .await
-            .map_err(|status| self.failed(agent, &replica, status))?;
+        let request = pb::WatchAgentRequest {
+            agent_id: agent.id.clone(),
+            include_output,
+            from_sequence,
+        };
+        let answer = match reached.client.watch_agent(request).await {
+            Ok(answer) => answer,
+            Err(status) => return Err(self.failed(agent, &reached, status).await),
+        };
+        let replica = reached.replica;
         let agent = agent.clone();
         let events = answer.into_inner().filter_map(move |message| {
             let event =
@@ -207,21 +288,26 @@ impl Router {
         offset: u64,
         max_bytes: u32,
     ) -> Result<OutputChunk, AgentError> {
-        let (replica, mut client) = self.owner(agent).await?;
-        let answer = client
-            .read_agent_output(pb::ReadAgentOutputRequest {
-                agent_id: agent.id.clone(),
-                offset,
-                max_bytes,
-            })
-            .await
-            .map_err(|status| self.failed(agent, &replica, status))?;
+        let mut reached = self.owner(agent).await?;
+        let request = pb::ReadAgentOutputRequest {
+            agent_id: agent.id.clone(),
+            offset,
+            max_bytes,
+        };
+        let answer = match reached.client.read_agent_output(request).await {
+            Ok(answer) => answer,
+            Err(status) => return Err(self.failed(agent, &reached, status).await),
+        };
         answer
             .into_inner()
             .output
             .map(output_chunk_from_proto)
             .ok_or_else(|| {
-                unavailable(agent, &replica, "it answered without the output".to_owned())
+                unavailable(
+                    agent,
+                    &reached.replica,
+                    "it answered without the output".to_owned(),
+                )
             })
     }
 }
