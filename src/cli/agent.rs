@@ -111,11 +111,15 @@ pub enum AgentCommand {
         /// The agent id.
         id: String,
         /// Follow the agent until it ends.
-        #[arg(long, short = 'f')]
+        #[arg(long, short = 'f', conflicts_with = "peer")]
         follow: bool,
         /// Follow from the event of this sequence on (implies --follow).
-        #[arg(long, value_name = "SEQ")]
+        #[arg(long, value_name = "SEQ", conflicts_with = "peer")]
         from: Option<u64>,
+        /// Read the output of an agent this instance started on this peer
+        /// (a signed `agent.output` command; needs `agent.status`).
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
 }
 
@@ -126,8 +130,9 @@ impl AgentCommand {
             AgentCommand::Spawn { remote, .. }
             | AgentCommand::Status { remote, .. }
             | AgentCommand::Kill { remote, .. }
-            | AgentCommand::List { remote, .. } => remote.peer.as_deref(),
-            AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => None,
+            | AgentCommand::List { remote, .. }
+            | AgentCommand::Logs { remote, .. } => remote.peer.as_deref(),
+            AgentCommand::Watch { .. } => None,
         }
     }
 }
@@ -219,7 +224,9 @@ pub async fn run(
         AgentCommand::Watch { id, from } => {
             watch(&mut client, &connection, id, from, output).await?;
         }
-        AgentCommand::Logs { id, follow, from } => {
+        AgentCommand::Logs {
+            id, follow, from, ..
+        } => {
             if follow || from.is_some() {
                 let from = Some(from.unwrap_or(1));
                 watch(&mut client, &connection, id, from, output).await?;
@@ -312,10 +319,8 @@ async fn logs(
     agent_id: String,
     output: Output,
 ) -> Result<(), CliError> {
-    use std::io::{IsTerminal as _, Write as _};
+    let mut printer = OutputPrinter::new(output);
     let mut offset = 0;
-    let terminal = std::io::stdout().is_terminal();
-    let mut stdout = std::io::stdout().lock();
     loop {
         let part = client
             .read_agent_output(connection.request(pb::ReadAgentOutputRequest {
@@ -326,7 +331,43 @@ async fn logs(
             .await
             .map_err(|status| connection.error(&status))?
             .into_inner();
-        let written = if output.json {
+        if !printer.print(&part) {
+            return Ok(());
+        }
+        offset = part.next_offset;
+    }
+}
+
+/// Prints the parts of an agent's output as `agent logs` reads them.
+pub(super) struct OutputPrinter {
+    output: Output,
+    terminal: bool,
+    printed: bool,
+}
+
+impl OutputPrinter {
+    /// A printer to stdout, escaping for a terminal when stdout is one.
+    pub(super) fn new(output: Output) -> Self {
+        use std::io::IsTerminal as _;
+        Self {
+            output,
+            terminal: std::io::stdout().is_terminal(),
+            printed: false,
+        }
+    }
+
+    /// Prints `part`; false when there is nothing more to read (its end, an
+    /// empty part of a running agent, or a closed stdout).
+    pub(super) fn print(&mut self, part: &pb::ReadAgentOutputResponse) -> bool {
+        use std::io::Write as _;
+        let more = !part.end && !part.data.is_empty();
+        if !more && !part.end && self.printed {
+            // Nothing new from a running agent: the last part said it all.
+            return false;
+        }
+        self.printed = true;
+        let mut stdout = std::io::stdout().lock();
+        let written = if self.output.json {
             writeln!(
                 stdout,
                 "{}",
@@ -338,7 +379,7 @@ async fn logs(
                     "data": String::from_utf8_lossy(&part.data),
                 })
             )
-        } else if terminal {
+        } else if self.terminal {
             // The agent may run a peer's prompt: nothing it wrote reaches a
             // terminal unescaped (a pipe or a file gets the bytes).
             let text = String::from_utf8_lossy(&part.data);
@@ -350,15 +391,9 @@ async fn logs(
         } else {
             stdout.write_all(&part.data)
         };
-        if written.is_err() {
-            // A closed pipe (`| head`): the reader has what it wanted.
-            return Ok(());
-        }
-        if part.end || part.data.is_empty() {
-            let _ = stdout.flush();
-            return Ok(());
-        }
-        offset = part.next_offset;
+        let _ = stdout.flush();
+        // A closed pipe (`| head`): the reader has what it wanted.
+        written.is_ok() && more
     }
 }
 

@@ -1,4 +1,4 @@
-//! `mosaicd agent spawn | status | kill | list --peer INSTANCE`: agents on a
+//! `mosaicd agent spawn | status | kill | list | logs --peer INSTANCE`: agents on a
 //! peer, through the running daemon's Federation admin RPCs (API key with the
 //! `admin` scope). The daemon signs the command, sends it over the ACTIVE
 //! connection and verifies the peer's signed reply; this module picks the
@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::agent::{AgentCommand, agent_json, agent_text, print_list};
+use super::agent::{AgentCommand, OutputPrinter, agent_json, agent_text, print_list};
 use super::client::Connection;
 use super::exit::{CliError, Output};
 use crate::federation::state::ConnectionState;
@@ -58,8 +58,9 @@ pub async fn run(
         AgentCommand::Spawn { remote, .. }
         | AgentCommand::Status { remote, .. }
         | AgentCommand::Kill { remote, .. }
-        | AgentCommand::List { remote, .. } => (remote.peer.clone(), remote.workspace.clone()),
-        AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => (None, None),
+        | AgentCommand::List { remote, .. }
+        | AgentCommand::Logs { remote, .. } => (remote.peer.clone(), remote.workspace.clone()),
+        AgentCommand::Watch { .. } => (None, None),
     };
     let Some(peer) = peer else {
         return Err(CliError::usage("--peer is required here"));
@@ -170,7 +171,31 @@ pub async fn run(
                 output,
             );
         }
-        AgentCommand::Watch { .. } | AgentCommand::Logs { .. } => {
+        AgentCommand::Logs { id, .. } => {
+            let mut printer = OutputPrinter::new(output);
+            let mut offset = 0;
+            loop {
+                let request = pb::ReadRemoteAgentOutputRequest {
+                    peer_instance_id: target.instance_id.clone(),
+                    workspace: target.workspace.clone(),
+                    agent_id: id.clone(),
+                    offset,
+                    max_bytes: 0,
+                };
+                let part = client
+                    .read_remote_agent_output(connection.request(request)?)
+                    .await
+                    .map_err(call_error)?
+                    .into_inner()
+                    .output
+                    .unwrap_or_default();
+                if !printer.print(&part) {
+                    break;
+                }
+                offset = part.next_offset;
+            }
+        }
+        AgentCommand::Watch { .. } => {
             return Err(CliError::usage("`agent watch` has no --peer"));
         }
     }

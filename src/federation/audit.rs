@@ -67,6 +67,10 @@ pub fn describe_outcome(outcome: Option<&pb::command_result_payload::Outcome>) -
         Some(Outcome::AgentList(list)) => {
             ("ok".to_owned(), format!("{} agents", list.agents.len()))
         }
+        Some(Outcome::Output(output)) => (
+            "ok".to_owned(),
+            format!("{} bytes from offset {}", output.data.len(), output.offset),
+        ),
         Some(Outcome::Error(error)) => (
             code_name(tonic::Code::from(error.code)).to_owned(),
             clip(&error.message),

@@ -281,6 +281,37 @@ impl pb::federation_server::Federation for FederationService {
         }))
     }
 
+    async fn read_remote_agent_output(
+        &self,
+        request: Request<pb::ReadRemoteAgentOutputRequest>,
+    ) -> Result<Response<pb::ReadRemoteAgentOutputResponse>, Status> {
+        let request = request.into_inner();
+        if request.agent_id.is_empty() {
+            return Err(Status::invalid_argument("agent_id is required"));
+        }
+        let command = pb::command_payload::Command::AgentOutput(pb::AgentOutputCommand {
+            agent_id: request.agent_id,
+            offset: request.offset,
+            max_bytes: request.max_bytes,
+        });
+        let workspace = Some(request.workspace.as_str());
+        let (_, outcome) = self
+            .shared
+            .federation
+            .send_command(&request.peer_instance_id, workspace, command, None)
+            .await?;
+        match outcome {
+            pb::command_result_payload::Outcome::Output(output) => {
+                Ok(Response::new(pb::ReadRemoteAgentOutputResponse {
+                    output: Some(output),
+                }))
+            }
+            _ => Err(Status::internal(
+                "the peer answered agent.output with something other than output",
+            )),
+        }
+    }
+
     async fn kill_remote_agent(
         &self,
         request: Request<pb::KillRemoteAgentRequest>,

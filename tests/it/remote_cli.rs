@@ -236,6 +236,29 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Bac
     assert!(text.contains("  hello from bravo"), "{text}");
     assert!(text.contains("peer:    bravo"), "{text}");
 
+    // Its output, read from B by signed `agent.output` commands.
+    let logs = operator
+        .run(&["agent", "logs", &agent_id, "--peer", "bravo"])
+        .await;
+    assert!(logs.status.success(), "{logs:?}");
+    assert_eq!(String::from_utf8_lossy(&logs.stdout), "hello from bravo\n");
+    let logs = operator
+        .run(&["agent", "logs", &agent_id, "--peer", "bravo", "--json"])
+        .await;
+    let part: serde_json::Value =
+        serde_json::from_slice(&logs.stdout).expect("one JSON object per part");
+    assert_eq!(part["offset"], 0, "{part}");
+    assert_eq!(part["end"], false, "the agent still runs: {part}");
+    // An agent A did not start on B is no agent of A's there.
+    let unknown = operator
+        .run(&["agent", "logs", "no-such-agent", "--peer", "bravo"])
+        .await;
+    assert_eq!(unknown.status.code(), Some(3), "{unknown:?}");
+    let follow = operator
+        .run(&["agent", "logs", &agent_id, "--peer", "bravo", "--follow"])
+        .await;
+    assert_eq!(follow.status.code(), Some(2), "{follow:?}");
+
     // List: JSON with the agent, and a table for people.
     let listed = operator.json(&["agent", "list", "--peer", "bravo"]).await;
     let agents = listed["agents"].as_array().expect("agents");

@@ -14,6 +14,7 @@ pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
         pb::command_payload::Command::AgentStatus(_) => "agent.status",
         pb::command_payload::Command::AgentKill(_) => "agent.kill",
         pb::command_payload::Command::AgentList(_) => "agent.list",
+        pb::command_payload::Command::AgentOutput(_) => "agent.output",
     }
 }
 
@@ -25,17 +26,21 @@ pub fn changes_state(command: &pb::command_payload::Command) -> bool {
         pb::command_payload::Command::AgentSpawn(_)
         | pb::command_payload::Command::AgentKill(_) => true,
         pb::command_payload::Command::AgentStatus(_)
-        | pb::command_payload::Command::AgentList(_) => false,
+        | pb::command_payload::Command::AgentList(_)
+        | pb::command_payload::Command::AgentOutput(_) => false,
     }
 }
 
 /// The capability a command needs on the connection. Listing one's own
-/// agents is a status read of several, so `agent.list` needs `agent.status`.
+/// agents is a status read of several, and reading one's agent's output a
+/// read of what it did, so `agent.list` and `agent.output` need
+/// `agent.status`.
 pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
     match command {
         pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
         pb::command_payload::Command::AgentStatus(_)
-        | pb::command_payload::Command::AgentList(_) => "agent.status",
+        | pb::command_payload::Command::AgentList(_)
+        | pb::command_payload::Command::AgentOutput(_) => "agent.status",
         pb::command_payload::Command::AgentKill(_) => "agent.kill",
     }
 }
@@ -62,6 +67,10 @@ mod tests {
             ),
             (
                 Command::AgentList(pb::AgentListCommand::default()),
+                "agent.status",
+            ),
+            (
+                Command::AgentOutput(pb::AgentOutputCommand::default()),
                 "agent.status",
             ),
         ];

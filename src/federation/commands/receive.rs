@@ -4,7 +4,7 @@
 //! signed CommandResultPayload reply that an identical retry gets again.
 
 use super::{changes_state, command_capability, command_type};
-use crate::agents::convert::{agent_to_proto, spawn_spec};
+use crate::agents::convert::{agent_to_proto, output_chunk_to_proto, spawn_spec};
 use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
 use crate::federation::Federation;
 use crate::federation::FederationError;
@@ -329,6 +329,15 @@ async fn run_command(
                         next_page_token,
                     })
                 })
+        }
+        Some(Command::AgentOutput(read)) => {
+            match own_agent(agents, &read.agent_id, sender, workspace).await {
+                Ok(_) => agents
+                    .read_output(&read.agent_id, read.offset, read.max_bytes)
+                    .await
+                    .map(|chunk| Outcome::Output(output_chunk_to_proto(chunk))),
+                Err(error) => Err(error),
+            }
         }
         // Refused with INVALID_ARGUMENT before the signature check.
         None => Err(AgentError::Invalid("no command type".into())),
