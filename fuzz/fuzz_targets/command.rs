@@ -164,7 +164,7 @@ fn run_pure(verified: &envelope::Verified<pb::CommandPayload>) {
                 let _ = paging::decode_token(&list.page_token, &filter);
             }
         }
-        Some(Wire::AgentStatus(_) | Wire::AgentKill(_)) | None => {}
+        Some(Wire::AgentStatus(_) | Wire::AgentKill(_) | Wire::AgentOutput(_)) | None => {}
     }
 }
 
