@@ -111,18 +111,34 @@ async fn write_all(file: &mut tokio::fs::File, bytes: &[u8]) -> std::io::Result<
 /// The reading end: the events of a journal, oldest first.
 pub(super) struct JournalReader {
     reader: BufReader<tokio::fs::File>,
+    /// Bytes of the file read as whole records: where the next one starts.
+    offset: u64,
 }
 
 impl JournalReader {
-    /// Opens the journal at `path`; `None` if there is none.
-    pub(super) async fn open(path: &Path) -> std::io::Result<Option<Self>> {
+    /// Opens the journal at `path` to read from byte `offset`, where a record
+    /// starts (0, or an earlier reader's [`JournalReader::offset`]); `None` if
+    /// there is none.
+    pub(super) async fn open_at(path: &Path, offset: u64) -> std::io::Result<Option<Self>> {
+        use tokio::io::AsyncSeekExt as _;
         match tokio::fs::File::open(path).await {
-            Ok(file) => Ok(Some(Self {
-                reader: BufReader::new(file),
-            })),
+            Ok(mut file) => {
+                if offset > 0 {
+                    file.seek(std::io::SeekFrom::Start(offset)).await?;
+                }
+                Ok(Some(Self {
+                    reader: BufReader::new(file),
+                    offset,
+                }))
+            }
             Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Where the next record starts.
+    pub(super) fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// The next event; `None` at the end (a record cut short by a crash
@@ -144,6 +160,7 @@ impl JournalReader {
                 Err(error) if error.kind() == ErrorKind::UnexpectedEof => return Ok(None),
                 Err(error) => return Err(error),
             }
+            self.offset += varint_length(length) + length;
             let message = pb::WatchAgentResponse::decode(bytes.as_slice())
                 .map_err(|error| std::io::Error::new(ErrorKind::InvalidData, error))?;
             // A record this version cannot read (a newer kind of event) is
@@ -178,6 +195,11 @@ impl JournalReader {
     }
 }
 
+/// Bytes of the varint that encodes `value`.
+fn varint_length(value: u64) -> u64 {
+    u64::from((64 - (value | 1).leading_zeros()).div_ceil(7))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,7 +214,10 @@ mod tests {
     }
 
     async fn read_all(path: &Path) -> Vec<SequencedEvent> {
-        let mut reader = JournalReader::open(path).await.unwrap().expect("a journal");
+        let mut reader = JournalReader::open_at(path, 0)
+            .await
+            .unwrap()
+            .expect("a journal");
         let mut events = Vec::new();
         while let Some(event) = reader.next().await.unwrap() {
             events.push(event);
@@ -211,6 +236,32 @@ mod tests {
         let sequences: Vec<u64> = first.iter().chain(&second).map(|e| e.sequence).collect();
         assert_eq!(sequences, [1, 2, 3]);
         assert_eq!(read_all(&path).await, [first, second].concat());
+    }
+
+    #[tokio::test]
+    async fn a_reader_resumes_at_the_offset_another_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let file = std::fs::File::create(&path).unwrap();
+        let mut journal = Journal::new(Some(file), 1 << 20);
+        let long = "x".repeat(300);
+        journal.append(vec![line("one"), line(&long)]).await;
+        let mut first = JournalReader::open_at(&path, 0)
+            .await
+            .unwrap()
+            .expect("a journal");
+        assert_eq!(first.next().await.unwrap().map(|e| e.sequence), Some(1));
+        journal.append(vec![line("three")]).await;
+        let mut second = JournalReader::open_at(&path, first.offset())
+            .await
+            .unwrap()
+            .expect("a journal");
+        let mut rest = Vec::new();
+        while let Some(event) = second.next().await.unwrap() {
+            rest.push(event.sequence);
+        }
+        assert_eq!(rest, [2, 3]);
+        assert_eq!(second.offset(), std::fs::metadata(&path).unwrap().len());
     }
 
     #[tokio::test]
@@ -241,7 +292,7 @@ mod tests {
         let kept: Vec<u64> = read_all(&path).await.iter().map(|e| e.sequence).collect();
         assert_eq!(kept, [1]);
         assert!(
-            JournalReader::open(&dir.path().join("none"))
+            JournalReader::open_at(&dir.path().join("none"), 0)
                 .await
                 .unwrap()
                 .is_none()

@@ -111,13 +111,24 @@ async fn follow_tracked(
         }
         WatchFrom::Sequence(from) => from.max(1),
     };
+    // Where the next replay reads on: each one continues where the last
+    // stopped, so a watcher that falls behind again and again reads the
+    // journal once.
+    let mut resume_at = 0;
     loop {
         if next <= published {
-            next = replay(&journal, next, Some(published), &sink).await?.next;
+            let replayed = replay(&journal, resume_at, next, Some(published), &sink).await?;
+            (next, resume_at) = (replayed.next, replayed.resume_at);
         }
         let closed = loop {
             match receiver.recv().await {
-                Ok(event) if event.sequence < next => {}
+                // Before the start asked for; the end still ends the watch
+                // (a start past it has nothing more to send).
+                Ok(event) if event.sequence < next => {
+                    if event.event.is_final() {
+                        return Ok(());
+                    }
+                }
                 Ok(event) => {
                     next = event.sequence + 1;
                     sink.send(event).await?;
@@ -138,7 +149,7 @@ async fn follow_tracked(
             _ => {
                 // The supervisor is done and its last events are in the
                 // journal; without the final one, the daemon is stopping.
-                replay(&journal, next, None, &sink).await?;
+                replay(&journal, resume_at, next, None, &sink).await?;
                 return Err(Over::Failed(AgentError::Interrupted));
             }
         }
@@ -149,6 +160,9 @@ async fn follow_tracked(
 struct Replayed {
     /// The sequence after the last event sent.
     next: u64,
+    /// Where in the journal a later replay reads on (the first record after
+    /// those read).
+    resume_at: u64,
     /// The sequence of the last event read, sent or not (0: none).
     last: u64,
     /// The state of the last state change read, sent or not.
@@ -156,15 +170,18 @@ struct Replayed {
 }
 
 /// Sends the journal's events from `from` through `through` (all of them
-/// with `None`). `Err(Done)` once the final one is sent.
+/// with `None`), reading from byte `at` (0, or where an earlier replay of
+/// this watch stopped). `Err(Done)` once the final one is sent.
 async fn replay(
     journal: &std::path::Path,
+    at: u64,
     from: u64,
     through: Option<u64>,
     sink: &Sink,
 ) -> Result<Replayed, Over> {
     let mut replayed = Replayed {
         next: from,
+        resume_at: at,
         last: 0,
         last_state: None,
     };
@@ -172,13 +189,16 @@ async fn replay(
         tracing::warn!(%error, "cannot read an agent's event journal");
         Over::Failed(AgentError::Interrupted)
     };
-    let Some(mut reader) = JournalReader::open(journal).await.map_err(failed)? else {
+    let Some(mut reader) = JournalReader::open_at(journal, at).await.map_err(failed)? else {
         return Ok(replayed);
     };
     while let Some(event) = reader.next().await.map_err(failed)? {
         if through.is_some_and(|through| event.sequence > through) {
+            // Not published yet (perhaps not whole): the next replay reads
+            // it again.
             break;
         }
+        replayed.resume_at = reader.offset();
         replayed.last = event.sequence;
         if let AgentEvent::StateChanged { agent, .. } = &event.event {
             replayed.last_state = Some(agent.state);
@@ -218,7 +238,7 @@ pub(super) fn ended_watch(
             WatchFrom::Sequence(from) => from.max(1),
         };
         // Sends the end if the journal has it (and it was asked for).
-        let replayed = replay(&journal, start, None, &sink).await?;
+        let replayed = replay(&journal, 0, start, None, &sink).await?;
         let journaled_end = replayed.last_state.is_some_and(AgentState::is_terminal);
         let event = match from {
             WatchFrom::Now => SequencedEvent {

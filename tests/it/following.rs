@@ -190,6 +190,16 @@ async fn a_cut_watch_resumes_after_the_last_sequence_it_saw(backend: Backend) {
     seen.extend(drain(rest).await);
     assert_eq!(sequences(&seen), (1..=103).collect::<Vec<u64>>());
     assert_eq!(lines(&seen), numbered(100));
+
+    // A start past the agent's end sends nothing and ends with it.
+    let short = agents.spawn("sh", "sleep 0.3").await.expect("spawn");
+    let past = drain(
+        watch(&mut agents, &short.agent_id, true, Some(1_000))
+            .await
+            .expect("watch from past the end"),
+    )
+    .await;
+    assert!(past.is_empty(), "{past:?}");
     environment.cleanup().await;
 }
 
