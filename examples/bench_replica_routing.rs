@@ -285,6 +285,29 @@ async fn takeover(groups: &mut AgentGroups) -> anyhow::Result<(Vec<[Duration; 2]
     Ok((rounds, survivors))
 }
 
+/// `count` agents `sleep 600` spawned through `client`.
+async fn sleepers(
+    client: &mut Client,
+    key: &str,
+    count: usize,
+    groups: &mut AgentGroups,
+) -> anyhow::Result<Vec<String>> {
+    let mut agents = Vec::with_capacity(count);
+    for _ in 0..count {
+        agents.push(spawn(client, key, "sleep 600", groups).await?);
+    }
+    Ok(agents)
+}
+
+/// How long one KillAgent of `agent_id` through `client` takes.
+async fn timed_kill(client: &mut Client, key: &str, agent_id: &str) -> anyhow::Result<Duration> {
+    let (agent_id, reason) = (agent_id.to_owned(), "bench".to_owned());
+    let request = with_key(pb::KillAgentRequest { agent_id, reason }, key);
+    let started = Instant::now();
+    client.kill_agent(request).await?;
+    Ok(started.elapsed())
+}
+
 /// KillAgent through replica 0 (the owner) and replica 1, alternating, each
 /// call once the previous kill has settled (its agent reads KILLED and 20 ms
 /// have passed): the routing's own cost, without the previous kill's process
@@ -295,17 +318,10 @@ async fn settled_kills(
 ) -> anyhow::Result<[Latencies; 2]> {
     let key = &instance.key;
     let mut clients = [0, 1].map(|index| instance.replicas[index].client.clone());
-    let mut agents = Vec::new();
-    for _ in 0..SETTLED_KILLS {
-        agents.push(spawn(&mut clients[0], key, "sleep 600", groups).await?);
-    }
+    let agents = sleepers(&mut clients[0], key, SETTLED_KILLS, groups).await?;
     let mut samples = [Vec::new(), Vec::new()];
     for (index, agent_id) in agents.iter().enumerate() {
-        let (agent_id, reason) = (agent_id.clone(), "bench".to_owned());
-        let request = with_key(pb::KillAgentRequest { agent_id, reason }, key);
-        let started = Instant::now();
-        clients[index % 2].kill_agent(request).await?;
-        samples[index % 2].push(started.elapsed());
+        samples[index % 2].push(timed_kill(&mut clients[index % 2], key, agent_id).await?);
         let deadline = Instant::now() + Duration::from_secs(20);
         while get(&mut clients[0], key, &agents[index]).await?.state
             != pb::AgentState::Killed as i32
@@ -328,17 +344,10 @@ async fn settled_kills(
 async fn kills(instance: &Instance, groups: &mut AgentGroups) -> anyhow::Result<[Latencies; 3]> {
     let key = &instance.key;
     let mut clients = [0, 1].map(|index| instance.replicas[index].client.clone());
-    let mut agents = Vec::new();
-    for _ in 0..KILLS + 2 {
-        agents.push(spawn(&mut clients[0], key, "sleep 600", groups).await?);
-    }
+    let agents = sleepers(&mut clients[0], key, KILLS + 2, groups).await?;
     let mut samples = [Vec::new(), Vec::new(), Vec::new()];
     for (index, agent_id) in agents.iter().enumerate() {
-        let (agent_id, reason) = (agent_id.clone(), "bench".to_owned());
-        let request = with_key(pb::KillAgentRequest { agent_id, reason }, key);
-        let started = Instant::now();
-        clients[index % 2].kill_agent(request).await?;
-        samples[index % 2].push(started.elapsed());
+        samples[index % 2].push(timed_kill(&mut clients[index % 2], key, agent_id).await?);
     }
     // Every agent ends KILLED (read through the replica that did not run it).
     let deadline = Instant::now() + Duration::from_secs(20);
