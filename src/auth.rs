@@ -182,9 +182,8 @@ pub fn requirement_for(path: &str) -> Option<Requirement> {
         | "grpc.reflection.v1alpha.ServerReflection" => Requirement::Public,
         "mosaic.federation.v1.Federation" => match method {
             "GetInstance" => Requirement::Public,
-            "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "Ping" => {
-                Requirement::PeerCertificate
-            }
+            "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "WatchCommand"
+            | "Ping" => Requirement::PeerCertificate,
             _ => Requirement::ApiKey(Scope::Admin),
         },
         "mosaic.agent.v1.AgentControl" => Requirement::ApiKey(Scope::Agents),

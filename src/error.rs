@@ -113,6 +113,23 @@ impl From<FederationError> for Status {
             FederationError::ResourceExhausted(_) => Status::resource_exhausted(message),
             FederationError::Unavailable(_) => Status::unavailable(message),
             FederationError::Peer(status) => Status::new(status.code(), message),
+            FederationError::Command(status) => status,
+            FederationError::Interrupted { resume_from, .. } => {
+                let mut details = tonic_types::ErrorDetails::new();
+                details.set_error_info(
+                    crate::federation::REASON_WATCH_INTERRUPTED,
+                    crate::ratelimit::response::ERROR_DOMAIN,
+                    std::collections::HashMap::from([(
+                        "resume_from_sequence".to_owned(),
+                        resume_from.to_string(),
+                    )]),
+                );
+                <Status as tonic_types::StatusExt>::with_error_details(
+                    Code::Unavailable,
+                    message,
+                    details,
+                )
+            }
             FederationError::Store(store) => store.into(),
             FederationError::BadReply(_) | FederationError::Internal(_) => {
                 internal("federation", &error)

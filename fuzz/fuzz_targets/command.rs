@@ -164,7 +164,10 @@ fn run_pure(verified: &envelope::Verified<pb::CommandPayload>) {
                 let _ = paging::decode_token(&list.page_token, &filter);
             }
         }
-        Some(Wire::AgentStatus(_) | Wire::AgentKill(_) | Wire::AgentOutput(_)) | None => {}
+        Some(
+            Wire::AgentStatus(_) | Wire::AgentKill(_) | Wire::AgentOutput(_) | Wire::AgentWatch(_),
+        )
+        | None => {}
     }
 }
 

@@ -102,6 +102,11 @@ pub enum AgentCommand {
         /// last sequence it printed + 1.
         #[arg(long, value_name = "SEQ")]
         from: Option<u64>,
+        /// Follow an agent this instance started on this peer (a signed
+        /// `agent.watch` command; needs `agent.status`). The daemon resumes
+        /// by itself when the connection to the peer is cut.
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Print an agent's captured output (stdout and stderr as written, up to
     /// the capture cap). With --follow (or --from), print its output lines
@@ -111,13 +116,14 @@ pub enum AgentCommand {
         /// The agent id.
         id: String,
         /// Follow the agent until it ends.
-        #[arg(long, short = 'f', conflicts_with = "peer")]
+        #[arg(long, short = 'f')]
         follow: bool,
         /// Follow from the event of this sequence on (implies --follow).
-        #[arg(long, value_name = "SEQ", conflicts_with = "peer")]
+        #[arg(long, value_name = "SEQ")]
         from: Option<u64>,
         /// Read the output of an agent this instance started on this peer
-        /// (a signed `agent.output` command; needs `agent.status`).
+        /// (a signed `agent.output` command, or `agent.watch` to follow; both
+        /// need `agent.status`).
         #[command(flatten)]
         remote: RemoteArgs,
     },
@@ -131,8 +137,8 @@ impl AgentCommand {
             | AgentCommand::Status { remote, .. }
             | AgentCommand::Kill { remote, .. }
             | AgentCommand::List { remote, .. }
-            | AgentCommand::Logs { remote, .. } => remote.peer.as_deref(),
-            AgentCommand::Watch { .. } => None,
+            | AgentCommand::Logs { remote, .. }
+            | AgentCommand::Watch { remote, .. } => remote.peer.as_deref(),
         }
     }
 }
@@ -221,7 +227,7 @@ pub async fn run(
                 .into_inner();
             print_list(&response, output);
         }
-        AgentCommand::Watch { id, from } => {
+        AgentCommand::Watch { id, from, .. } => {
             watch(&mut client, &connection, id, from, output).await?;
         }
         AgentCommand::Logs {
@@ -259,56 +265,63 @@ async fn watch(
         .await
         .map_err(|status| connection.error(&status))?
     {
-        match message.event {
-            Some(pb::watch_agent_response::Event::StateChange(change)) => {
-                let agent = change.agent.unwrap_or_default();
-                if output.json {
-                    println!(
-                        "{}",
-                        json!({ "sequence": message.sequence, "state_change": {
-                            "from_state": state_name(change.from_state),
-                            "to_state": state_name(change.to_state),
-                            "reason": change.reason,
-                            "agent": agent_json(&agent),
-                        }})
-                    );
-                } else {
-                    eprintln!(
-                        "{}",
-                        crate::text::escape_for_terminal(&format!(
-                            "mosaicd: agent {} is {}{}",
-                            agent.agent_id,
-                            state_name(change.to_state),
-                            reason_suffix(&change.reason)
-                        ))
-                    );
-                }
-            }
-            Some(pb::watch_agent_response::Event::OutputLine(line)) => {
-                let stream_name = match pb::AgentOutputStream::try_from(line.stream) {
-                    Ok(pb::AgentOutputStream::Stderr) => "stderr",
-                    _ => "stdout",
-                };
-                if output.json {
-                    println!(
-                        "{}",
-                        json!({ "sequence": message.sequence, "output_line": {
-                            "stream": stream_name,
-                            "line": line.line,
-                        }})
-                    );
-                } else if stream_name == "stderr" {
-                    eprintln!("{}", crate::text::escape_for_terminal(&line.line));
-                } else {
-                    // Escaped like everything else: the agent may run on a
-                    // peer (`--json` gives the lines as they are).
-                    println!("{}", crate::text::escape_for_terminal(&line.line));
-                }
-            }
-            None => {}
-        }
+        print_event(&message, output);
     }
     Ok(())
+}
+
+/// Prints one event of a watch: output lines to stdout or stderr as the
+/// agent wrote them, state changes on stderr; with --json, one JSON object
+/// per event on stdout.
+pub fn print_event(message: &pb::WatchAgentResponse, output: Output) {
+    match &message.event {
+        Some(pb::watch_agent_response::Event::StateChange(change)) => {
+            let agent = change.agent.clone().unwrap_or_default();
+            if output.json {
+                println!(
+                    "{}",
+                    json!({ "sequence": message.sequence, "state_change": {
+                        "from_state": state_name(change.from_state),
+                        "to_state": state_name(change.to_state),
+                        "reason": change.reason,
+                        "agent": agent_json(&agent),
+                    }})
+                );
+            } else {
+                eprintln!(
+                    "{}",
+                    crate::text::escape_for_terminal(&format!(
+                        "mosaicd: agent {} is {}{}",
+                        agent.agent_id,
+                        state_name(change.to_state),
+                        reason_suffix(&change.reason)
+                    ))
+                );
+            }
+        }
+        Some(pb::watch_agent_response::Event::OutputLine(line)) => {
+            let stream_name = match pb::AgentOutputStream::try_from(line.stream) {
+                Ok(pb::AgentOutputStream::Stderr) => "stderr",
+                _ => "stdout",
+            };
+            if output.json {
+                println!(
+                    "{}",
+                    json!({ "sequence": message.sequence, "output_line": {
+                        "stream": stream_name,
+                        "line": line.line,
+                    }})
+                );
+            } else if stream_name == "stderr" {
+                eprintln!("{}", crate::text::escape_for_terminal(&line.line));
+            } else {
+                // Escaped like everything else: the agent may run on a
+                // peer (`--json` gives the lines as they are).
+                println!("{}", crate::text::escape_for_terminal(&line.line));
+            }
+        }
+        None => {}
+    }
 }
 
 /// Prints the agent's kept output, read by offset until its end (an ended

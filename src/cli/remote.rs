@@ -1,6 +1,6 @@
-//! `mosaicd agent spawn | status | kill | list | logs --peer INSTANCE`: agents on a
-//! peer, through the running daemon's Federation admin RPCs (API key with the
-//! `admin` scope). The daemon signs the command, sends it over the ACTIVE
+//! `mosaicd agent spawn | status | kill | list | watch | logs --peer INSTANCE`:
+//! agents on a peer, through the running daemon's Federation admin RPCs (API
+//! key with the `admin` scope). The daemon signs the command, sends it over the ACTIVE
 //! connection and verifies the peer's signed reply; this module picks the
 //! connection, so that a wrong peer or workspace is a clear error before
 //! anything is sent, and prints the agent the way local commands do.
@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::agent::{AgentCommand, OutputPrinter, agent_json, agent_text, print_list};
+use super::agent::{AgentCommand, OutputPrinter, agent_json, agent_text, print_event, print_list};
 use super::client::Connection;
 use super::exit::{CliError, Output};
 use crate::federation::state::ConnectionState;
@@ -59,8 +59,8 @@ pub async fn run(
         | AgentCommand::Status { remote, .. }
         | AgentCommand::Kill { remote, .. }
         | AgentCommand::List { remote, .. }
-        | AgentCommand::Logs { remote, .. } => (remote.peer.clone(), remote.workspace.clone()),
-        AgentCommand::Watch { .. } => (None, None),
+        | AgentCommand::Logs { remote, .. }
+        | AgentCommand::Watch { remote, .. } => (remote.peer.clone(), remote.workspace.clone()),
     };
     let Some(peer) = peer else {
         return Err(CliError::usage("--peer is required here"));
@@ -171,6 +171,21 @@ pub async fn run(
                 output,
             );
         }
+        AgentCommand::Watch { id, from, .. } => {
+            let request = connection.request(watch_request(&target, id, from))?;
+            watch(&mut client, request, output)
+                .await
+                .map_err(call_error)?;
+        }
+        AgentCommand::Logs {
+            id, follow, from, ..
+        } if follow || from.is_some() => {
+            let from = Some(from.unwrap_or(1));
+            let request = connection.request(watch_request(&target, id, from))?;
+            watch(&mut client, request, output)
+                .await
+                .map_err(call_error)?;
+        }
         AgentCommand::Logs { id, .. } => {
             let mut printer = OutputPrinter::new(output);
             let mut offset = 0;
@@ -195,8 +210,36 @@ pub async fn run(
                 offset = part.next_offset;
             }
         }
-        AgentCommand::Watch { .. } => {
-            return Err(CliError::usage("`agent watch` has no --peer"));
+    }
+    Ok(())
+}
+
+/// A watch of `agent_id` on the peer, with every output line.
+fn watch_request(
+    target: &PeerTarget,
+    agent_id: String,
+    from_sequence: Option<u64>,
+) -> pb::WatchRemoteAgentRequest {
+    pb::WatchRemoteAgentRequest {
+        peer_instance_id: target.instance_id.clone(),
+        workspace: target.workspace.clone(),
+        agent_id,
+        include_output: true,
+        from_sequence,
+    }
+}
+
+/// Follows an agent on the peer through the daemon (WatchRemoteAgent) and
+/// prints its events as `agent watch` does.
+async fn watch(
+    client: &mut pb::federation_client::FederationClient<tonic::transport::Channel>,
+    request: tonic::Request<pb::WatchRemoteAgentRequest>,
+    output: Output,
+) -> Result<(), tonic::Status> {
+    let mut stream = client.watch_remote_agent(request).await?.into_inner();
+    while let Some(message) = stream.message().await? {
+        if let Some(event) = message.event {
+            print_event(&event, output);
         }
     }
     Ok(())

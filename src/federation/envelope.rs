@@ -40,6 +40,8 @@ pub enum PayloadKind {
     Command,
     /// `CommandResultPayload`.
     CommandResult,
+    /// `AgentEventsPayload`.
+    AgentEvents,
     /// `PingPayload`.
     Ping,
 }
@@ -54,6 +56,7 @@ impl PayloadKind {
             Self::NoticeAck => "notice-ack",
             Self::Command => "command",
             Self::CommandResult => "command-result",
+            Self::AgentEvents => "agent-events",
             Self::Ping => "ping",
         }
     }
@@ -84,6 +87,7 @@ payload!(pb::ConnectionNoticePayload, PayloadKind::ConnectionNotice);
 payload!(pb::NoticeAckPayload, PayloadKind::NoticeAck);
 payload!(pb::CommandPayload, PayloadKind::Command);
 payload!(pb::CommandResultPayload, PayloadKind::CommandResult);
+payload!(pb::AgentEventsPayload, PayloadKind::AgentEvents);
 payload!(pb::PingPayload, PayloadKind::Ping);
 
 /// The exact bytes a signature covers:

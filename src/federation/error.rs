@@ -38,6 +38,19 @@ pub enum FederationError {
     /// The peer refused; its status is passed on with its code.
     #[error("the peer refused: {}", .0.message())]
     Peer(tonic::Status),
+    /// A command from a peer was accepted but failed here (its code), when
+    /// it is answered by a stream and so has no signed result to carry it.
+    #[error("{}", .0.message())]
+    Command(tonic::Status),
+    /// A watch of a remote agent could not go on (UNAVAILABLE): the status
+    /// names the sequence to resume from.
+    #[error("{message}; resume from sequence {resume_from}")]
+    Interrupted {
+        /// Why.
+        message: String,
+        /// The first sequence not delivered.
+        resume_from: u64,
+    },
     /// The peer's reply failed verification (INTERNAL, logged).
     #[error("the peer's reply failed verification: {0}")]
     BadReply(String),
@@ -86,7 +99,8 @@ impl FederationError {
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::Peer(status) => status.code(),
+            Self::Peer(status) | Self::Command(status) => status.code(),
+            Self::Interrupted { .. } => Code::Unavailable,
             Self::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Self::Store(StoreError::NotFound) => Code::NotFound,
             Self::Store(StoreError::Conflict(_)) => Code::AlreadyExists,

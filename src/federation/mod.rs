@@ -39,6 +39,10 @@ pub mod settings;
 pub mod state;
 
 pub use self::error::FederationError;
+
+/// `ErrorInfo.reason` of a remote watch that gave up after the peer could not
+/// be reached; its metadata `resume_from_sequence` says where to resume.
+pub const REASON_WATCH_INTERRUPTED: &str = "WATCH_INTERRUPTED";
 pub use self::operator::{ConnectRequest, ConnectionView};
 
 use std::collections::HashMap;

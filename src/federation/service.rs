@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
+use super::commands::RemoteWatch;
 use super::convert::{current_key_message, instance_message, previous_key_message};
 use super::paging::{decode_cursor, encode_cursor};
 use super::state::{ConnectionState, OperatorAction};
@@ -312,6 +313,37 @@ impl pb::federation_server::Federation for FederationService {
         }
     }
 
+    type WatchRemoteAgentStream =
+        futures::stream::BoxStream<'static, Result<pb::WatchRemoteAgentResponse, Status>>;
+
+    async fn watch_remote_agent(
+        &self,
+        request: Request<pb::WatchRemoteAgentRequest>,
+    ) -> Result<Response<Self::WatchRemoteAgentStream>, Status> {
+        use futures::StreamExt as _;
+        let request = request.into_inner();
+        let events = self
+            .shared
+            .federation
+            .watch_remote(RemoteWatch {
+                peer_instance_id: request.peer_instance_id,
+                workspace: Some(request.workspace),
+                agent_id: request.agent_id,
+                include_output: request.include_output,
+                from_sequence: request.from_sequence,
+            })
+            .await?;
+        Ok(Response::new(
+            events
+                .map(|event| {
+                    event
+                        .map(|event| pb::WatchRemoteAgentResponse { event: Some(event) })
+                        .map_err(Status::from)
+                })
+                .boxed(),
+        ))
+    }
+
     async fn kill_remote_agent(
         &self,
         request: Request<pb::KillRemoteAgentRequest>,
@@ -423,6 +455,37 @@ impl pb::federation_server::Federation for FederationService {
         Ok(Response::new(pb::ExecuteCommandResponse {
             envelope: Some(envelope),
         }))
+    }
+
+    type WatchCommandStream =
+        futures::stream::BoxStream<'static, Result<pb::WatchCommandResponse, Status>>;
+
+    async fn watch_command(
+        &self,
+        request: Request<pb::WatchCommandRequest>,
+    ) -> Result<Response<Self::WatchCommandStream>, Status> {
+        use futures::StreamExt as _;
+        let tls_key = peer_certificate_key(&request)?;
+        let batches = self
+            .shared
+            .federation
+            .receive_watch(
+                &self.shared.agents,
+                request.get_ref().envelope.as_ref(),
+                &tls_key,
+            )
+            .await?;
+        Ok(Response::new(
+            batches
+                .map(|batch| {
+                    batch
+                        .map(|envelope| pb::WatchCommandResponse {
+                            envelope: Some(envelope),
+                        })
+                        .map_err(Status::from)
+                })
+                .boxed(),
+        ))
     }
 
     async fn ping(

@@ -74,7 +74,7 @@ pub fn tier_for(path: &str) -> Tier {
         ("mosaic.coordinator.v1.Coordinator", "Health") => Tier::Health,
         (
             "mosaic.federation.v1.Federation",
-            "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "Ping",
+            "RequestConnection" | "NotifyConnection" | "ExecuteCommand" | "WatchCommand" | "Ping",
         ) => Tier::Federation,
         ("mosaic.replica.v1.Replica", _) => Tier::Federation,
         ("mosaic.coordinator.v1.Coordinator", _) => Tier::Coordinator,

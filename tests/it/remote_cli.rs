@@ -254,10 +254,10 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Bac
         .run(&["agent", "logs", "no-such-agent", "--peer", "bravo"])
         .await;
     assert_eq!(unknown.status.code(), Some(3), "{unknown:?}");
-    let follow = operator
-        .run(&["agent", "logs", &agent_id, "--peer", "bravo", "--follow"])
+    let unknown = operator
+        .run(&["agent", "watch", "no-such-agent", "--peer", "bravo"])
         .await;
-    assert_eq!(follow.status.code(), Some(2), "{follow:?}");
+    assert_eq!(unknown.status.code(), Some(3), "{unknown:?}");
 
     // List: JSON with the agent, and a table for people.
     let listed = operator.json(&["agent", "list", "--peer", "bravo"]).await;
@@ -292,6 +292,41 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Bac
     assert_eq!(ended["state_reason"], "done with it", "{ended}");
     let on_b = agents_on(&mut pair.agents_b).await;
     assert_eq!(on_b[0].state, agent_pb::AgentState::Killed as i32);
+
+    // Followed from its start through signed `agent.watch` batches: every
+    // event once, in order, ending with its end.
+    let follow = operator
+        .run(&["agent", "logs", &agent_id, "--peer", "bravo", "--follow"])
+        .await;
+    assert!(follow.status.success(), "{follow:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&follow.stdout),
+        "hello from bravo\n"
+    );
+    let stderr = String::from_utf8_lossy(&follow.stderr);
+    assert!(stderr.contains("is KILLED (done with it)"), "{stderr}");
+    let watched = operator
+        .run(&[
+            "agent", "watch", &agent_id, "--peer", "bravo", "--from", "2", "--json",
+        ])
+        .await;
+    assert!(watched.status.success(), "{watched:?}");
+    let events: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per event"))
+        .collect();
+    let sequences: Vec<u64> = events
+        .iter()
+        .map(|event| event["sequence"].as_u64().expect("sequence"))
+        .collect();
+    assert_eq!(sequences, (2..2 + events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(
+        events[0]["state_change"]["to_state"], "RUNNING",
+        "{events:?}"
+    );
+    assert_eq!(events[1]["output_line"]["line"], "hello from bravo");
+    let last = events.last().expect("events");
+    assert_eq!(last["state_change"]["to_state"], "KILLED", "{events:?}");
 
     // Without --peer the commands stay local: A itself runs no agents.
     let local = operator.json(&["agent", "list"]).await;

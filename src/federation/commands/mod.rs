@@ -1,9 +1,16 @@
 //! Signed commands between instances: which capability each needs and what
-//! the command log calls it (here), the receiver's side (`receive`) and the
-//! sender's side (`send`).
+//! the command log calls it (here), the receiver's side (`receive`, and
+//! `stream` for `agent.watch`) and the sender's side (`send`, and `follow`
+//! for `agent.watch`).
 
+mod batches;
+mod follow;
 mod receive;
 mod send;
+mod stream;
+
+pub use batches::{BatchCheck, BatchError};
+pub use follow::RemoteWatch;
 
 use crate::proto::federation as pb;
 
@@ -15,7 +22,14 @@ pub fn command_type(command: &pb::command_payload::Command) -> &'static str {
         pb::command_payload::Command::AgentKill(_) => "agent.kill",
         pb::command_payload::Command::AgentList(_) => "agent.list",
         pb::command_payload::Command::AgentOutput(_) => "agent.output",
+        pb::command_payload::Command::AgentWatch(_) => "agent.watch",
     }
+}
+
+/// Whether the command is answered by a stream (WatchCommand) rather than
+/// one result (ExecuteCommand).
+pub fn is_streamed(command: &pb::command_payload::Command) -> bool {
+    matches!(command, pb::command_payload::Command::AgentWatch(_))
 }
 
 /// Whether running the command changes anything (a spawn or a kill), so that a
@@ -27,20 +41,22 @@ pub fn changes_state(command: &pb::command_payload::Command) -> bool {
         | pb::command_payload::Command::AgentKill(_) => true,
         pb::command_payload::Command::AgentStatus(_)
         | pb::command_payload::Command::AgentList(_)
-        | pb::command_payload::Command::AgentOutput(_) => false,
+        | pb::command_payload::Command::AgentOutput(_)
+        | pb::command_payload::Command::AgentWatch(_) => false,
     }
 }
 
 /// The capability a command needs on the connection. Listing one's own
-/// agents is a status read of several, and reading one's agent's output a
-/// read of what it did, so `agent.list` and `agent.output` need
-/// `agent.status`.
+/// agents is a status read of several, reading one's agent's output a read
+/// of what it did, and watching one a status read that goes on, so
+/// `agent.list`, `agent.output` and `agent.watch` need `agent.status`.
 pub fn command_capability(command: &pb::command_payload::Command) -> &'static str {
     match command {
         pb::command_payload::Command::AgentSpawn(_) => "agent.spawn",
         pb::command_payload::Command::AgentStatus(_)
         | pb::command_payload::Command::AgentList(_)
-        | pb::command_payload::Command::AgentOutput(_) => "agent.status",
+        | pb::command_payload::Command::AgentOutput(_)
+        | pb::command_payload::Command::AgentWatch(_) => "agent.status",
         pb::command_payload::Command::AgentKill(_) => "agent.kill",
     }
 }
@@ -71,6 +87,10 @@ mod tests {
             ),
             (
                 Command::AgentOutput(pb::AgentOutputCommand::default()),
+                "agent.status",
+            ),
+            (
+                Command::AgentWatch(pb::AgentWatchCommand::default()),
                 "agent.status",
             ),
         ];

@@ -3,12 +3,12 @@
 //! capability, the origin scoping of agents, running the command, and the
 //! signed CommandResultPayload reply that an identical retry gets again.
 
-use super::{changes_state, command_capability, command_type};
+use super::{changes_state, command_capability, command_type, is_streamed};
 use crate::agents::convert::{agent_to_proto, output_chunk_to_proto, spawn_spec};
 use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
 use crate::federation::Federation;
 use crate::federation::FederationError;
-use crate::federation::audit::{describe_error, describe_outcome};
+use crate::federation::audit::describe_outcome;
 use crate::federation::envelope::{self, Verified};
 use crate::federation::peering::{no_connection, seen_message, stored_reply};
 use crate::federation::state::ConnectionState;
@@ -45,20 +45,7 @@ impl Federation {
             .receive_checked(agents, sealed, tls_key, &mut audit)
             .await;
         if let Err(error) = &result {
-            let (outcome, detail) = describe_error(error);
-            self.command_counters
-                .count(CommandDirection::Inbound, &outcome);
-            tracing::info!(%outcome, %detail, "refused a command from a peer");
-            if let Some(template) = audit {
-                let record = CommandLogRecord {
-                    outcome,
-                    detail,
-                    ..template
-                };
-                if let Err(store_error) = self.store.insert_command_log(&record).await {
-                    tracing::warn!(error = %store_error, "could not record a refused command");
-                }
-            }
+            self.log_refusal(error, audit).await;
         }
         result
     }
@@ -72,59 +59,13 @@ impl Federation {
     ) -> Result<pb::SignedEnvelope, FederationError> {
         let identity = self.identity.current();
         let now = self.now();
-        // Step 3: well formed, with a known command type.
-        let parsed = envelope::parse::<pb::CommandPayload>(sealed)?;
-        let command = parsed
-            .unverified_payload()
-            .command
-            .as_ref()
-            .ok_or_else(|| {
-                FederationError::InvalidArgument(
-                    "the command payload carries no known command type".into(),
-                )
-            })?;
-        let (kind, capability) = (command_type(command), command_capability(command));
-        let mutating = changes_state(command);
-        let header = parsed.header().clone();
-        // Step 4.
-        parsed.check_recipient(&identity.instance_id)?;
-        // Step 5: ACTIVE in that workspace; SUSPENDED is FAILED_PRECONDITION.
-        let peer = self
-            .open_peer(&header.workspace, &header.sender_instance_id)
-            .await?
-            .ok_or_else(no_connection)?;
-        let connection = &peer.connection;
-        let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
-        if connection.remote_public_key == tls_key.spki_der() {
-            *audit = Some(template.clone());
-        }
-        match connection.state {
-            ConnectionState::Active => {}
-            ConnectionState::Suspended => {
-                return Err(FederationError::FailedPrecondition(
-                    "the connection with the sender in that workspace is suspended".into(),
-                ));
-            }
-            _ => return Err(no_connection()),
-        }
-        // Step 6.
-        if !connection
-            .capabilities
-            .granted
-            .iter()
-            .any(|granted| granted == capability)
-        {
-            return Err(FederationError::PermissionDenied(format!(
-                "capability {capability} is not granted to the sender on this connection"
-            )));
-        }
-        // Steps 7 to 9.
-        let trusted = peer.trusted_keys(now);
-        let key = parsed.check_key(&trusted, tls_key, now)?;
-        // The TLS key is one the connection trusts: the sender is identified.
-        *audit = Some(template.clone());
-        parsed.check_time(now, self.window_ms())?;
-        let verified = parsed.verify_signature(&key)?;
+        let Admitted {
+            verified,
+            template,
+            kind,
+            mutating,
+        } = self.admit(sealed, tls_key, false, audit, now).await?;
+        let header = verified.header.clone();
         // Step 10, serialised per message id in this process, so that
         // identical retries arriving together wait here rather than in the
         // database.
@@ -191,6 +132,70 @@ impl Federation {
         Ok(sealed_reply)
     }
 
+    /// Steps 3 to 9 of the service's checks on a command: well formed with a
+    /// known command type (one that `streamed` calls take, and only those),
+    /// for this instance, from an ACTIVE connection that grants its
+    /// capability, signed in time by the key of the TLS connection. Sets
+    /// `audit` once the sender is identified, so that a refusal after that
+    /// is logged.
+    pub(super) async fn admit(
+        &self,
+        sealed: Option<&pb::SignedEnvelope>,
+        tls_key: &PublicKey,
+        streamed: bool,
+        audit: &mut Option<CommandLogRecord>,
+        now: i64,
+    ) -> Result<Admitted, FederationError> {
+        let identity = self.identity.current();
+        // Step 3: well formed, with a known command type.
+        let parsed = envelope::parse::<pb::CommandPayload>(sealed)?;
+        let command = parsed
+            .unverified_payload()
+            .command
+            .as_ref()
+            .ok_or_else(|| {
+                FederationError::InvalidArgument(
+                    "the command payload carries no known command type".into(),
+                )
+            })?;
+        let (kind, capability) = (command_type(command), command_capability(command));
+        if is_streamed(command) != streamed {
+            return Err(FederationError::InvalidArgument(if streamed {
+                format!("{kind} is answered by one result: send it with ExecuteCommand")
+            } else {
+                format!("{kind} is answered by a stream: send it with WatchCommand")
+            }));
+        }
+        let mutating = changes_state(command);
+        let header = parsed.header().clone();
+        // Step 4.
+        parsed.check_recipient(&identity.instance_id)?;
+        // Step 5: ACTIVE in that workspace; SUSPENDED is FAILED_PRECONDITION.
+        let peer = self
+            .open_peer(&header.workspace, &header.sender_instance_id)
+            .await?
+            .ok_or_else(no_connection)?;
+        let connection = &peer.connection;
+        let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
+        if connection.remote_public_key == tls_key.spki_der() {
+            *audit = Some(template.clone());
+        }
+        allows(connection, capability)?;
+        // Steps 7 to 9.
+        let trusted = peer.trusted_keys(now);
+        let key = parsed.check_key(&trusted, tls_key, now)?;
+        // The TLS key is one the connection trusts: the sender is identified.
+        *audit = Some(template.clone());
+        parsed.check_time(now, self.window_ms())?;
+        let verified = parsed.verify_signature(&key)?;
+        Ok(Admitted {
+            verified,
+            template,
+            kind,
+            mutating,
+        })
+    }
+
     /// Claims the message id of a command that changes state before it
     /// runs: `None` when the claim is this delivery's (run it), else the
     /// reply an earlier identical delivery stored, waited for while that one
@@ -252,6 +257,47 @@ impl Federation {
             tracing::warn!(%error, "could not record a retried command");
         }
     }
+}
+
+/// A command that passed steps 3 to 9 (see [`Federation::admit`]).
+pub(super) struct Admitted {
+    /// The command, its signature verified.
+    pub verified: Verified<pb::CommandPayload>,
+    /// Its command-log entry, without the outcome.
+    pub template: CommandLogRecord,
+    /// Its command type.
+    pub kind: &'static str,
+    /// Whether it changes state ([`changes_state`]).
+    pub mutating: bool,
+}
+
+/// Steps 5 and 6 on a connection that is open: ACTIVE (SUSPENDED is
+/// FAILED_PRECONDITION, anything else PERMISSION_DENIED), and `capability`
+/// granted on it (else PERMISSION_DENIED). Checked again during a stream.
+pub(super) fn allows(
+    connection: &crate::store::ConnectionRecord,
+    capability: &str,
+) -> Result<(), FederationError> {
+    match connection.state {
+        ConnectionState::Active => {}
+        ConnectionState::Suspended => {
+            return Err(FederationError::FailedPrecondition(
+                "the connection with the sender in that workspace is suspended".into(),
+            ));
+        }
+        _ => return Err(no_connection()),
+    }
+    if !connection
+        .capabilities
+        .granted
+        .iter()
+        .any(|granted| granted == capability)
+    {
+        return Err(FederationError::PermissionDenied(format!(
+            "capability {capability} is not granted to the sender on this connection"
+        )));
+    }
+    Ok(())
 }
 
 /// A log entry for a received command, before its outcome is known.
@@ -340,7 +386,9 @@ async fn run_command(
             }
         }
         // Refused with INVALID_ARGUMENT before the signature check.
-        None => Err(AgentError::Invalid("no command type".into())),
+        Some(Command::AgentWatch(_)) | None => {
+            Err(AgentError::Invalid("not a command with one result".into()))
+        }
     };
     result.unwrap_or_else(|error| {
         let status = tonic::Status::from(error);
@@ -363,7 +411,7 @@ fn for_peer(agent: &AgentRecord) -> pb_agent::Agent {
 /// The agent `agent_id` if `sender` spawned it through `workspace`. Any other
 /// agent (local, another peer's, another workspace's, or none) is the same
 /// NOT_FOUND, so a peer cannot learn which agents exist.
-async fn own_agent(
+pub(super) async fn own_agent(
     agents: &AgentRuntime,
     agent_id: &str,
     sender: &str,

@@ -26,7 +26,7 @@ impl Federation {
     /// No open connection with the peer (there) is NOT_FOUND; only PENDING or
     /// SUSPENDED ones are FAILED_PRECONDITION. Served from the peer cache while
     /// it is fresh (see [`Federation::with_peer_cache`]).
-    async fn active_connection_to(
+    pub(super) async fn active_connection_to(
         &self,
         peer_instance_id: &str,
         workspace: Option<&str>,
