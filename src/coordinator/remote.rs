@@ -2,8 +2,9 @@
 //! the connection with the peer, the agent is started there by a signed
 //! `agent.spawn` whose message id is derived from the job id (so a retry, or
 //! a restart in the middle, re-sends the same signed bytes and the peer starts
-//! at most one agent), and the job then follows the remote agent by polling it
-//! with signed `agent.status` commands, also across a restart.
+//! at most one agent), and the job then follows the remote agent through a
+//! signed `agent.watch` stream (polling with `agent.status` only while the
+//! stream cannot be held), also across a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -413,8 +414,8 @@ pub async fn resume_spawns(jobs: &Jobs, peers: &RemoteDispatch) -> Result<usize,
     Ok(count)
 }
 
-/// Polls `job`'s remote agent until it ends, if this replica follows the
-/// remote dispatches and does not poll it already. True if it started.
+/// Follows `job`'s remote agent until it ends, if this replica follows the
+/// remote dispatches and does not follow it already. True if it started.
 pub fn follow_job(jobs: &Jobs, peers: &RemoteDispatch, job: JobRecord) -> bool {
     let task = follow(
         jobs.clone(),
@@ -427,13 +428,15 @@ pub fn follow_job(jobs: &Jobs, peers: &RemoteDispatch, job: JobRecord) -> bool {
     peers.followers.start(Work::Follow, &job.id, true, task)
 }
 
-/// Polls the remote agent with signed `agent.status` until it has ended,
-/// then ends the job the same way. While the peer cannot be reached (or
-/// refuses for a reason that may pass, such as a suspended connection) the
-/// job stays RUNNING and the wait between polls doubles up to
-/// [`MAX_POLL_BACKOFF`]. A peer that no longer knows the agent fails the job.
-/// Stops when the job has ended otherwise (cancelled, failed by a caller) and
-/// when the daemon shuts down (the next start resumes).
+/// Follows the remote agent until it has ended, then ends the job the same
+/// way: through a signed `agent.watch` stream, whose end arrives as soon as
+/// the agent ends (one command per stream, not one per poll). While the
+/// stream cannot be held, one signed `agent.status` poll stands in for it
+/// before the stream is tried again, the wait doubling up to
+/// [`MAX_POLL_BACKOFF`]; the job stays RUNNING meanwhile. A peer that no
+/// longer knows the agent fails the job. Stops when the job has ended
+/// otherwise (cancelled, failed by a caller) and when the daemon shuts down
+/// (the next start resumes).
 async fn follow(
     jobs: Jobs,
     peers: RemoteDispatch,
@@ -443,7 +446,14 @@ async fn follow(
     agent_id: String,
 ) {
     let mut shutdown = jobs.shutdown_signal();
-    let mut delay = peers.poll_interval;
+    let remote = RemoteAgent {
+        peers: &peers,
+        job_id: &job_id,
+        peer: &peer,
+        workspace: &workspace,
+        agent_id: &agent_id,
+    };
+    let mut delay = Duration::ZERO;
     let mut failures: u32 = 0;
     loop {
         tokio::select! {
@@ -460,39 +470,29 @@ async fn follow(
                 continue;
             }
         }
-        let command = pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
-            agent_id: agent_id.clone(),
-        });
-        let change = match peers
-            .federation
-            .send_command(&peer, Some(&workspace), command, None)
-            .await
-        {
-            Ok((_, pb::command_result_payload::Outcome::Agent(agent))) => {
+        let learned = tokio::select! {
+            learned = remote.watch() => learned,
+            _ = shutdown.wait_for(|stopping| *stopping) => return,
+        };
+        let learned = match learned {
+            Learned::Unknown(cause) => {
+                // The stream could not be held: poll once in its place.
+                tracing::debug!(job.id = %job_id, agent.id = %agent_id, peer.id = %peer, error = %cause, "cannot follow a remote agent's stream; polling it instead");
+                remote.poll().await
+            }
+            learned => learned,
+        };
+        let change = match learned {
+            Learned::Ended(change) => change,
+            Learned::StillRunning => {
                 failures = 0;
                 delay = peers.poll_interval;
-                match ended_agent(&agent) {
-                    Some(ended) => remote_job_change(&ended, &peer),
-                    None => continue,
-                }
+                continue;
             }
-            Err(FederationError::Peer(status)) if status.code() == tonic::Code::NotFound => {
-                JobChange::Fail {
-                    error: format!(
-                        "agent {agent_id} on peer {peer} is not known there any more: {}",
-                        status.message()
-                    ),
-                }
-            }
-            other => {
+            Learned::Unknown(cause) => {
                 failures += 1;
-                let detail = match other {
-                    Ok(_) => "the peer answered agent.status with something other than an agent"
-                        .to_owned(),
-                    Err(error) => error.to_string(),
-                };
                 if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(job.id = %job_id, agent.id = %agent_id, peer.id = %peer, failures, error = %detail, "cannot get the state of a remote agent; the job stays RUNNING and is polled again");
+                    tracing::warn!(job.id = %job_id, agent.id = %agent_id, peer.id = %peer, failures, error = %cause, "cannot get the state of a remote agent; the job stays RUNNING and is followed again");
                 }
                 delay = backoff(delay, peers.poll_interval);
                 continue;
@@ -510,6 +510,102 @@ async fn follow(
             Err(error) => {
                 tracing::warn!(job.id = %job_id, %error, "could not end the job with its remote agent; trying again");
                 delay = backoff(delay, peers.poll_interval);
+            }
+        }
+    }
+}
+
+/// A job's agent on a peer.
+struct RemoteAgent<'a> {
+    peers: &'a RemoteDispatch,
+    job_id: &'a str,
+    peer: &'a str,
+    workspace: &'a str,
+    agent_id: &'a str,
+}
+
+/// What following a remote agent for a while found out.
+enum Learned {
+    /// It has ended, or is gone: the job's change.
+    Ended(JobChange),
+    /// It still runs.
+    StillRunning,
+    /// Its state could not be had (why).
+    Unknown(String),
+}
+
+impl RemoteAgent<'_> {
+    /// Follows the agent's state changes (no output) from its current state
+    /// until it ends or the stream cannot go on.
+    async fn watch(&self) -> Learned {
+        use futures::StreamExt as _;
+        let watch = crate::federation::commands::RemoteWatch {
+            peer_instance_id: self.peer.to_owned(),
+            workspace: Some(self.workspace.to_owned()),
+            agent_id: self.agent_id.to_owned(),
+            include_output: false,
+            from_sequence: None,
+        };
+        let mut events = match self.peers.federation.watch_remote(watch).await {
+            Ok(events) => events,
+            Err(error) => return self.failed(error),
+        };
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    if let Some(agent_pb::watch_agent_response::Event::StateChange(change)) =
+                        event.event
+                        && let Some(ended) = change.agent.as_ref().and_then(ended_agent)
+                    {
+                        return Learned::Ended(remote_job_change(&ended, self.peer));
+                    }
+                }
+                Err(error) => return self.failed(error),
+            }
+        }
+        Learned::Unknown("the stream ended before the agent did".to_owned())
+    }
+
+    /// One signed `agent.status` of the agent.
+    async fn poll(&self) -> Learned {
+        let command = pb::command_payload::Command::AgentStatus(pb::AgentStatusCommand {
+            agent_id: self.agent_id.to_owned(),
+        });
+        match self
+            .peers
+            .federation
+            .send_command(self.peer, Some(self.workspace), command, None)
+            .await
+        {
+            Ok((_, pb::command_result_payload::Outcome::Agent(agent))) => match ended_agent(&agent)
+            {
+                Some(ended) => Learned::Ended(remote_job_change(&ended, self.peer)),
+                None => Learned::StillRunning,
+            },
+            Ok(_) => Learned::Unknown(
+                "the peer answered agent.status with something other than an agent".to_owned(),
+            ),
+            Err(error) => self.failed(error),
+        }
+    }
+
+    /// A failed watch or poll: NOT_FOUND from the peer fails the job (the
+    /// agent is not known there any more); anything else may pass.
+    fn failed(&self, error: FederationError) -> Learned {
+        match error {
+            FederationError::Peer(status) if status.code() == tonic::Code::NotFound => {
+                Learned::Ended(JobChange::Fail {
+                    error: format!(
+                        "agent {} on peer {} is not known there any more: {}",
+                        self.agent_id,
+                        self.peer,
+                        status.message()
+                    ),
+                })
+            }
+            other => {
+                tracing::debug!(job.id = %self.job_id, error = %other, "following a remote agent failed");
+                Learned::Unknown(other.to_string())
             }
         }
     }

@@ -25,6 +25,7 @@ use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 on_both_backends!(
     a_job_dispatched_to_a_peer_follows_the_remote_agent,
     a_remote_dispatch_survives_restarts_and_an_unreachable_peer,
+    a_remote_job_learns_its_agents_end_from_one_stream_without_polls,
 );
 
 const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
@@ -45,6 +46,7 @@ struct Pair {
     jobs_key: String,
     admin_key: String,
     agents_key_b: String,
+    configure_a: fn(&mut Config),
 }
 
 fn config_a(config: &mut Config) {
@@ -55,13 +57,23 @@ fn config_b(config: &mut Config) {
     *config = with_agent_types(config.clone());
 }
 
+/// A that would poll a remote agent once a minute: a job that ends sooner
+/// learned it from the stream.
+fn config_a_slow_polls(config: &mut Config) {
+    config.coordinator.remote_agent_poll = Duration::from_secs(60);
+}
+
 impl Pair {
     async fn new(backend: Backend) -> Pair {
+        Pair::with(backend, config_a).await
+    }
+
+    async fn with(backend: Backend, configure_a: fn(&mut Config)) -> Pair {
         let environments = [
             TestEnvironment::new(backend).await,
             TestEnvironment::new(backend).await,
         ];
-        let a = environments[0].start_peer(0, config_a).await;
+        let a = environments[0].start_peer(0, configure_a).await;
         let b = environments[1].start_peer(0, config_b).await;
         let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
         let a_id = admin_a.instance().await.instance_id;
@@ -81,6 +93,7 @@ impl Pair {
             b: Some(b),
             a_id,
             b_id,
+            configure_a,
         }
     }
 
@@ -93,7 +106,11 @@ impl Pair {
     }
 
     async fn start_a(&mut self) {
-        self.a = Some(self.environments[0].start_peer(self.a_port, config_a).await);
+        self.a = Some(
+            self.environments[0]
+                .start_peer(self.a_port, self.configure_a)
+                .await,
+        );
     }
 
     async fn stop_b(&mut self) {
@@ -227,6 +244,28 @@ impl Pair {
             }
             page_token = page.next_page_token;
         }
+    }
+
+    /// A's outbound command types, one per entry, oldest first.
+    async fn sent_types(&self) -> Vec<String> {
+        let mut client = FederationClient::new(self.a().channel().await);
+        let page = client
+            .list_command_log(with_key(
+                fed_pb::ListCommandLogRequest {
+                    direction: fed_pb::CommandDirection::Outbound as i32,
+                    page_size: 500,
+                    ..fed_pb::ListCommandLogRequest::default()
+                },
+                &self.admin_key,
+            ))
+            .await
+            .expect("ListCommandLog")
+            .into_inner();
+        page.entries
+            .into_iter()
+            .rev()
+            .map(|entry| entry.command_type)
+            .collect()
     }
 
     /// A dispatch while B is down: UNAVAILABLE (or DEADLINE_EXCEEDED), and
@@ -421,7 +460,7 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
 async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Backend) {
     let mut pair = Pair::new(backend).await;
 
-    // A restarts while B's agent runs: the new A polls the agent again and
+    // A restarts while B's agent runs: the new A follows the agent again and
     // the job completes with it.
     let dispatched = pair
         .dispatch(pair.request("sh", "sleep 2; echo done-after-restart", ""))
@@ -437,9 +476,10 @@ async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Ba
         serde_json::json!(["done-after-restart"])
     );
 
-    // B goes away while its agent runs: the job stays RUNNING and A keeps
-    // polling; once B is back, the job ends as B's agent did (B's shutdown
-    // stopped it).
+    // B goes away while its agent runs, and B's shutdown stops the agent.
+    // The stream may carry that end before B is gone; if it did not, the job
+    // stays RUNNING while B cannot be reached and ends once B is back. Either
+    // way it ends as B's agent did.
     let dispatched = pair
         .dispatch(pair.request("sh", "sleep 30", ""))
         .await
@@ -447,7 +487,11 @@ async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Ba
     let job_id = dispatched.job.expect("job").job_id;
     pair.stop_b().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(pair.job(&job_id).await.state(), pb::JobState::Running);
+    let while_away = pair.job(&job_id).await.state();
+    assert!(
+        matches!(while_away, pb::JobState::Running | pb::JobState::Failed),
+        "{while_away:?}"
+    );
     pair.start_b().await;
     let ended = pair.ended(&job_id).await;
     let agent = pair
@@ -511,5 +555,38 @@ async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Ba
         serde_json::json!(["after-both-restarts"])
     );
     assert_eq!(pair.agents_on_b().await.len(), agents_before + 2);
+    pair.finish().await;
+}
+
+/// A polls only once a minute, yet its job ends within seconds of its agent
+/// on B: the end came through the `agent.watch` stream. A's command log for
+/// the job is the spawn and one watch, with no status poll.
+async fn a_remote_job_learns_its_agents_end_from_one_stream_without_polls(backend: Backend) {
+    let pair = Pair::with(backend, config_a_slow_polls).await;
+    let dispatched = pair
+        .dispatch(pair.request("sh", "sleep 1; echo streamed-end", ""))
+        .await
+        .expect("dispatch");
+    let job = dispatched.job.expect("job");
+    assert_eq!(job.state(), pb::JobState::Running);
+    let started = tokio::time::Instant::now();
+    let ended = pair.ended(&job.job_id).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the end arrived by the stream, not by a poll a minute later"
+    );
+    assert_eq!(ended.state(), pb::JobState::Completed, "{ended:?}");
+    let result = result_of(&ended);
+    assert_eq!(result["output_tail"], serde_json::json!(["streamed-end"]));
+    // Written behind the stream's end; give the entry a moment.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let sent = loop {
+        let sent = pair.sent_types().await;
+        if sent.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break sent;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sent, ["agent.spawn", "agent.watch"], "{sent:?}");
     pair.finish().await;
 }

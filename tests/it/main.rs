@@ -46,6 +46,7 @@ mod peer_cli;
 mod peering;
 mod rate_limit;
 mod remote_cli;
+mod remote_watch;
 mod replica_registry;
 mod replica_routing;
 mod replicas;
