@@ -1,8 +1,8 @@
 //! Any replica acts on any agent (DESIGN.md section 11): a kill, the kill a
 //! cancelled job causes, a peer's signed kill and a watch that land on a
 //! replica that does not supervise the agent are carried to the one that
-//! does, and answer as it would. An owner that holds its lease but does not
-//! answer makes the call UNAVAILABLE, naming it.
+//! does, and answer as it would; so is a peer's signed watch. An owner that
+//! holds its lease but does not answer makes the call UNAVAILABLE, naming it.
 
 use std::time::Duration;
 
@@ -267,6 +267,102 @@ async fn a_peers_signed_kill_works_through_either_replica() {
         assert_eq!(ended.runner_id, owner);
         wait_until_dead(agent.pid.expect("a pid")).await;
     }
+    replicas.balancer.pin(None);
+    replicas.cleanup().await;
+}
+
+/// A peer follows its agent with a signed `agent.watch` that lands on the
+/// replica that does not run it: every line arrives once, in order, and the
+/// watch ends with the agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peers_watch_through_the_other_replica_gets_every_line_in_order() {
+    let (replicas, _store, key) = start(2, &[Scope::Agents]).await;
+    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let peer = peer_environment.start_peer(0, |_| {}).await;
+    let admin_peer = Admin::of(&peer).await;
+    connect_and_accept_at(
+        &admin_peer,
+        &replicas.admin(0).await,
+        &replicas.balancer.url(),
+        "ws",
+        &["agent.spawn", "agent.status"],
+    )
+    .await;
+    let instance_id = replicas.admin(0).await.instance().await.instance_id;
+    let mut peer_client = admin_peer.client.clone();
+    replicas.balancer.pin(Some(0));
+    replicas.balancer.cut();
+    let agent = peer_client
+        .spawn_remote_agent(with_key(
+            pb::SpawnRemoteAgentRequest {
+                peer_instance_id: instance_id.clone(),
+                spawn: Some(agent_pb::SpawnRequest {
+                    agent_type: "sh".to_owned(),
+                    prompt: "sleep 1; seq 1 2000; sleep 1".to_owned(),
+                    ..agent_pb::SpawnRequest::default()
+                }),
+                ..pb::SpawnRemoteAgentRequest::default()
+            },
+            &admin_peer.key,
+        ))
+        .await
+        .expect("remote spawn")
+        .into_inner()
+        .agent
+        .expect("agent");
+    let mut agents = Agents::new(replicas.channel(0).await, key);
+    let owner = agents.get(&agent.agent_id).await.expect("get").runner_id;
+    let mut agents_1 = Agents::new(replicas.channel(1).await, agents.key.clone());
+    replicas.balancer.pin(Some(1));
+    replicas.balancer.cut();
+    // The peer's channel finds the cut on its next call and connects again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while peer_client
+        .list_remote_agents(with_key(
+            pb::ListRemoteAgentsRequest {
+                peer_instance_id: instance_id.clone(),
+                ..pb::ListRemoteAgentsRequest::default()
+            },
+            &admin_peer.key,
+        ))
+        .await
+        .is_err()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut events = peer_client
+        .watch_remote_agent(with_key(
+            pb::WatchRemoteAgentRequest {
+                peer_instance_id: instance_id.clone(),
+                agent_id: agent.agent_id.clone(),
+                include_output: true,
+                from_sequence: Some(1),
+                ..pb::WatchRemoteAgentRequest::default()
+            },
+            &admin_peer.key,
+        ))
+        .await
+        .expect("a watch through replica 1")
+        .into_inner();
+    let (mut lines, mut last_state) = (Vec::new(), None);
+    while let Some(message) = events.message().await.expect("every batch verifies") {
+        match message.event.and_then(|event| event.event) {
+            Some(agent_pb::watch_agent_response::Event::OutputLine(line)) => lines.push(line.line),
+            Some(agent_pb::watch_agent_response::Event::StateChange(change)) => {
+                last_state = Some(change.to_state());
+            }
+            None => {}
+        }
+    }
+    let expected: Vec<String> = (1..=2000).map(|number| number.to_string()).collect();
+    assert_eq!(lines, expected);
+    assert_eq!(last_state, Some(agent_pb::AgentState::Completed));
+    // Replica 1 does not run it: the events came from replica 0.
+    let seen_on_1 = agents_1.get(&agent.agent_id).await.expect("get on 1");
+    assert_eq!(seen_on_1.runner_id, owner);
+    let runs_on_1 = agents_1.spawn("true", "").await.expect("an agent on 1");
+    assert_ne!(runs_on_1.runner_id, owner, "replica 1 is not the owner");
     replicas.balancer.pin(None);
     replicas.cleanup().await;
 }
