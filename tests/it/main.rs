@@ -55,3 +55,4 @@ mod stress_faults;
 mod support;
 mod tidy;
 mod walkthrough;
+mod watch_tampering;

@@ -23,8 +23,9 @@ use crate::proto::agent as pb_agent;
 use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogRecord, WriteOutcome};
 
-/// How long a watch keeps resuming without receiving a batch before it
-/// gives up (UNAVAILABLE, with the sequence to resume from).
+/// How long a watch keeps resuming, from the first cut after the last batch
+/// it received, before it gives up (UNAVAILABLE, with the sequence to resume
+/// from).
 const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
 /// The wait before the first resume; it doubles up to [`MAX_RETRY_DELAY`]
 /// and starts again after each batch.
@@ -107,12 +108,13 @@ impl Federation {
         mut opened: Opened,
         sender: mpsc::Sender<Result<pb_agent::WatchAgentResponse, FederationError>>,
     ) {
-        let mut progress = tokio::time::Instant::now();
+        // When the stream was first cut since the last batch came through.
+        let mut cut_since: Option<tokio::time::Instant> = None;
         let mut delay = FIRST_RETRY_DELAY;
         loop {
             let (end, delivered) = self.relay(&mut opened, &mut check, &sender).await;
             if delivered.is_some() {
-                progress = tokio::time::Instant::now();
+                cut_since = None;
                 delay = FIRST_RETRY_DELAY;
             }
             self.finish_watch(&opened.record, &end, delivered).await;
@@ -125,8 +127,9 @@ impl Federation {
                 End::Cut(cause) => cause,
             };
             // Resume from the last verified sequence with a new command.
+            let first_cut = *cut_since.get_or_insert_with(tokio::time::Instant::now);
             opened = loop {
-                if progress.elapsed() >= GIVE_UP_AFTER {
+                if first_cut.elapsed() >= GIVE_UP_AFTER {
                     let error = FederationError::Interrupted {
                         message: format!("the watch could not go on: {cause}"),
                         resume_from: check.next_sequence().or(watch.from_sequence).unwrap_or(0),
