@@ -17,7 +17,6 @@ use crate::support::agents::{Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary, with_key};
 use crate::support::fault_proxy::{Fault, FaultProxy};
 use crate::support::peer::TestPeer;
-use crate::support::redis::free_port;
 
 on_both_backends!(
     a_remote_agent_followed_through_three_cuts_prints_every_line_once_in_order,
@@ -146,16 +145,15 @@ async fn a_remote_agent_followed_through_three_cuts_prints_every_line_once_in_or
         TestEnvironment::new(backend).await,
         TestEnvironment::new(backend).await,
     ];
-    let b_port = free_port();
-    let proxy = FaultProxy::start(([127, 0, 0, 1], b_port).into()).await;
     let a = environments[0].start_peer(0, |_| {}).await;
     let b = environments[1]
-        .start_peer(b_port, |config| {
+        .start_peer(0, |config| {
             *config = with_agent_types(config.clone());
             config.instance.name = "bravo".to_owned();
-            config.instance.public_url = format!("https://{}", proxy.address);
         })
         .await;
+    // A dials B only through the proxy (the URL it connected with).
+    let proxy = FaultProxy::start(b.address).await;
     let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
     let b_id = admin_b.instance().await.instance_id;
     connect_and_accept_at(

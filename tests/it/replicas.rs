@@ -487,6 +487,43 @@ struct PeerWithAgents {
 }
 
 impl PeerWithAgents {
+    /// `agent.watch` streams the peer serves now: its inbound entries not
+    /// finished yet.
+    async fn open_watches(&self) -> usize {
+        let mut client = pb::federation_client::FederationClient::new(self.daemon.channel().await);
+        let request = pb::ListCommandLogRequest {
+            direction: pb::CommandDirection::Inbound as i32,
+            page_size: 1000,
+            ..pb::ListCommandLogRequest::default()
+        };
+        let key = self.daemon.api_key(&[Scope::Admin]).await;
+        client
+            .list_command_log(with_key(request, &key))
+            .await
+            .expect("the peer's command log")
+            .into_inner()
+            .entries
+            .iter()
+            .filter(|entry| entry.command_type == "agent.watch" && entry.outcome == "streaming")
+            .count()
+    }
+
+    /// Waits until the peer serves `count` watch streams.
+    async fn wait_for_open_watches(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let open = self.open_watches().await;
+            if open == count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{open} watch streams, not {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn connect(replicas: &Replicas) -> PeerWithAgents {
         let environment = TestEnvironment::new(Backend::Sqlite).await;
         let daemon = environment
@@ -601,13 +638,13 @@ async fn one_remote_dispatch_sent_to_two_replicas_at_once_starts_one_agent() {
     replicas.cleanup().await;
 }
 
-/// A job dispatched through one replica to a peer, then polled while every
-/// replica has been restarted: the peer gets the polls of one follower, not
-/// one per replica; when the follower is killed another takes over and the
-/// job still ends with its agent.
+/// A job dispatched through one replica to a peer, then followed while every
+/// replica has been restarted: the peer serves one follower's watch stream,
+/// not one per replica, and no status polls; when the follower is killed
+/// another takes over and the job still ends with its agent.
 #[tokio::test(flavor = "multi_thread")]
-async fn remote_dispatch_polls_are_not_multiplied_by_the_replica_count() {
-    // Polls every 200 ms: a follower lease of 600 ms.
+async fn remote_dispatch_follows_are_not_multiplied_by_the_replica_count() {
+    // Polls (the fallback) every 200 ms: a follower lease of 600 ms.
     let mut replicas = Replicas::start(3, "[coordinator]\nremote_agent_poll_ms = 200\n").await;
     let peer = PeerWithAgents::connect(&replicas).await;
     let dispatched = peer.dispatch(&replicas, 0, "sleep 600", "").await;
@@ -616,31 +653,21 @@ async fn remote_dispatch_polls_are_not_multiplied_by_the_replica_count() {
     for index in 0..replicas.len() {
         replicas.restart(index).await;
     }
-    let polls_in = |seconds: u64| {
-        let peer = &peer.daemon;
-        async move {
-            let before = calls_served(peer, "ExecuteCommand");
-            tokio::time::sleep(Duration::from_secs(seconds)).await;
-            calls_served(peer, "ExecuteCommand") - before
-        }
-    };
-    // Over 4 s at one poll every 200 ms: about 20 from the instance, not 60.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let polls = polls_in(4).await;
-    assert!(
-        (8..=28).contains(&polls),
-        "the peer got {polls} polls in 4 s from three replicas polling every 200 ms"
-    );
+    peer.wait_for_open_watches(1).await;
+    let polls_before = calls_served(&peer.daemon, "ExecuteCommand");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(peer.open_watches().await, 1, "one follower's stream");
+    let polls = calls_served(&peer.daemon, "ExecuteCommand") - polls_before;
+    assert_eq!(polls, 0, "the follower holds its stream and does not poll");
 
-    // The follower killed, whichever it is: the others take over.
+    // The follower killed, whichever it is: the others take over, again with
+    // one stream.
     replicas.kill(0).await;
     replicas.kill(1).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let polls = polls_in(3).await;
-    assert!(
-        (6..=21).contains(&polls),
-        "the peer got {polls} polls in 3 s from the replica left"
-    );
+    peer.wait_for_open_watches(1).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(peer.open_watches().await, 1, "the replica left follows");
     // And the job still ends with its agent.
     let mut agents = peer.agents().await;
     agents
