@@ -145,6 +145,11 @@ impl PeerClients {
         self.settings.call_timeout
     }
 
+    /// The largest message sent or received.
+    pub fn max_message_bytes(&self) -> usize {
+        self.settings.max_message_bytes
+    }
+
     /// The dial policy.
     pub fn policy(&self) -> &DialPolicy {
         &self.settings.policy

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -32,8 +33,8 @@ const GIVE_UP_AFTER: Duration = Duration::from_secs(30);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// The longest wait between resumes.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
-/// Events passed on ahead of the caller's reading.
-const QUEUE: usize = 1024;
+/// Batches of events passed on ahead of the caller's reading.
+const QUEUE: usize = 16;
 
 /// What to follow on a peer.
 #[derive(Debug, Clone, Default)]
@@ -52,7 +53,11 @@ pub struct RemoteWatch {
 }
 
 /// The events of a remote watch, verified, in order, each once.
-pub type RemoteEvents = ReceiverStream<Result<pb_agent::WatchAgentResponse, FederationError>>;
+pub type RemoteEvents =
+    futures::stream::BoxStream<'static, Result<pb_agent::WatchAgentResponse, FederationError>>;
+
+/// What the follower passes on: a verified batch's events, or the end.
+type Relayed = Result<Vec<pb_agent::WatchAgentResponse>, FederationError>;
 
 /// One `agent.watch` sent, with its stream open.
 struct Opened {
@@ -98,7 +103,14 @@ impl Federation {
         tokio::spawn(async move {
             federation.follow(watch, check, opened, sender).await;
         });
-        Ok(ReceiverStream::new(receiver))
+        // Batches cross the channel whole; the caller gets one event at a
+        // time.
+        Ok(ReceiverStream::new(receiver)
+            .flat_map(|relayed: Relayed| match relayed {
+                Ok(events) => futures::stream::iter(events.into_iter().map(Ok)).left_stream(),
+                Err(error) => futures::stream::once(std::future::ready(Err(error))).right_stream(),
+            })
+            .boxed())
     }
 
     async fn follow(
@@ -106,7 +118,7 @@ impl Federation {
         watch: RemoteWatch,
         mut check: BatchCheck,
         mut opened: Opened,
-        sender: mpsc::Sender<Result<pb_agent::WatchAgentResponse, FederationError>>,
+        sender: mpsc::Sender<Relayed>,
     ) {
         // When the stream was first cut since the last batch came through.
         let mut cut_since: Option<tokio::time::Instant> = None;
@@ -160,7 +172,7 @@ impl Federation {
         &self,
         opened: &mut Opened,
         check: &mut BatchCheck,
-        sender: &mpsc::Sender<Result<pb_agent::WatchAgentResponse, FederationError>>,
+        sender: &mpsc::Sender<Relayed>,
     ) -> (End, Option<(u64, u64)>) {
         let mut delivered: Option<(u64, u64)> = None;
         loop {
@@ -200,12 +212,9 @@ impl Federation {
                     last,
                 ));
             }
-            let mut ended = false;
-            for event in events {
-                ended |= is_terminal(&event);
-                if sender.send(Ok(event)).await.is_err() {
-                    return (End::Gone, delivered);
-                }
+            let ended = events.iter().any(is_terminal);
+            if sender.send(Ok(events)).await.is_err() {
+                return (End::Gone, delivered);
             }
             if ended {
                 return (End::Done, delivered);

@@ -26,10 +26,11 @@ use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogRecord, WriteOutcome};
 
 /// Most events in one batch.
-const MAX_BATCH_EVENTS: usize = 512;
-/// A batch is sealed once its events reach this many encoded bytes (a line
-/// is at most 64 KiB, so a batch stays far below the message size).
-const MAX_BATCH_BYTES: usize = 256 * 1024;
+const MAX_BATCH_EVENTS: usize = 4096;
+/// A batch is sealed once its events reach this many encoded bytes, or half
+/// the configured message size if that is less (a line is at most 4 KiB, so
+/// a batch stays inside the limit).
+const MAX_BATCH_BYTES: usize = 512 * 1024;
 /// How often a quiet stream checks that the connection still allows it.
 const RECHECK: Duration = Duration::from_secs(1);
 /// Batches sealed ahead of the watcher's reading.
@@ -121,6 +122,7 @@ impl Federation {
                 WatchFrom::Now => None,
             },
             sent: None,
+            batch_bytes: MAX_BATCH_BYTES.min(self.clients.max_message_bytes() / 2),
             sender,
         };
         tokio::spawn(stream.run(events, record));
@@ -198,6 +200,8 @@ struct Stream {
     next: Option<u64>,
     /// The sequences sent so far.
     sent: Option<(u64, u64)>,
+    /// Encoded event bytes at which a batch is sealed.
+    batch_bytes: usize,
     sender: mpsc::Sender<Result<pb::SignedEnvelope, FederationError>>,
 }
 
@@ -274,7 +278,7 @@ impl Stream {
             };
             bytes += event.encoded_len();
             batch.push(event);
-            if bytes >= MAX_BATCH_BYTES {
+            if bytes >= self.batch_bytes {
                 self.seal_and_send(std::mem::take(&mut batch)).await?;
                 bytes = 0;
             }
