@@ -23,6 +23,17 @@ pub trait Elsewhere: Send + Sync {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<AgentRecord, AgentError>>;
 
+    /// Asks the replica whose runner tag is `tag` (another replica this one
+    /// has reached before) to stop agent `agent_id`, as the replica that
+    /// supervises it would: `None` when no such replica is known. A guess
+    /// from the agent's id, so the answer may be that it does not run it.
+    fn kill_tagged<'a>(
+        &'a self,
+        agent_id: &'a str,
+        tag: [u8; 4],
+        reason: &'a str,
+    ) -> Option<BoxFuture<'a, Result<AgentRecord, AgentError>>>;
+
     /// Follows `agent` through the replica that supervises it.
     fn watch<'a>(
         &'a self,

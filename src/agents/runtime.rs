@@ -32,7 +32,7 @@ use super::model::{
 use super::paging;
 use super::process::{self, AGENT_ID_VARIABLE, GroupGuard, RUNNER_ID_VARIABLE};
 use super::registry::{Registry, StopRequest, Tracked};
-use super::spare::{self, AgentDir, Spares};
+use super::spare::{AgentDir, Spares};
 use super::supervisor::{self, Supervision};
 use crate::clock::now_ms;
 use crate::config::{AgentType, AgentsConfig};
@@ -79,7 +79,7 @@ impl AgentRuntime {
             store,
             slots: Arc::new(Semaphore::new(settings.max_concurrent)),
             settings: Arc::new(settings),
-            spares: Spares::new(agents_dir.clone()),
+            spares: Spares::new(agents_dir.clone(), runner_id.clone()),
             agents_dir,
             runner_id,
             registry: Arc::new(Registry::default()),
@@ -137,7 +137,7 @@ impl AgentRuntime {
         let dir = self.spares.take();
         let id = dir
             .as_ref()
-            .map_or_else(|_| spare::new_agent_id(), |dir| dir.id.clone());
+            .map_or_else(|_| self.spares.new_agent_id(), |dir| dir.id.clone());
         let now = now_ms();
         let record = AgentRecord {
             id,
@@ -535,6 +535,9 @@ impl AgentRuntime {
             tracked.request_stop(StopRequest::Kill(reason));
             return Ok(tracked.snapshot());
         }
+        if route && let Some(answer) = self.kill_where_tagged(id, reason).await {
+            return answer;
+        }
         let record = self
             .store
             .get_agent(id)
@@ -544,6 +547,34 @@ impl AgentRuntime {
             return Ok(record);
         }
         self.elsewhere(&record, route)?.kill(&record, reason).await
+    }
+
+    /// The kill of an agent this replica does not track, sent straight to
+    /// the replica its id's runner tag names, when that is another one this
+    /// replica has reached before: without reading the agent's record here.
+    /// Its answer (the agent, or NOT_FOUND) is final; `None` when there is
+    /// no such replica or it could not answer for the agent, and the kill
+    /// goes the long way.
+    async fn kill_where_tagged(
+        &self,
+        id: &str,
+        reason: &str,
+    ) -> Option<Result<AgentRecord, AgentError>> {
+        use crate::replicas::runner::{agent_runner_tag, runner_tag};
+        let tag = agent_runner_tag(id)?;
+        if runner_tag(&self.runner_id) == Some(tag) {
+            return None;
+        }
+        match self.elsewhere.get()?.kill_tagged(id, tag, reason)?.await {
+            Ok(agent) => Some(Ok(agent)),
+            Err(AgentError::Forwarded(status)) if status.code() == tonic::Code::NotFound => {
+                Some(Err(AgentError::Forwarded(status)))
+            }
+            Err(error) => {
+                tracing::debug!(agent.id = %id, %error, "the replica the agent id names did not kill it; looking the agent up");
+                None
+            }
+        }
     }
 
     /// Where an unfinished agent this replica does not track is reached:

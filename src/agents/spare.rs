@@ -48,6 +48,8 @@ pub(super) struct AgentDir {
 /// The spares of one runtime.
 pub(super) struct Spares {
     agents_dir: PathBuf,
+    /// The runner whose tag new agent ids carry.
+    runner_id: String,
     ready: Mutex<Vec<AgentDir>>,
     /// A refill is under way (at most one at a time).
     refilling: AtomicBool,
@@ -56,14 +58,22 @@ pub(super) struct Spares {
 }
 
 impl Spares {
-    /// No spares yet for `agents_dir`; [`Spares::refill`] makes them.
-    pub(super) fn new(agents_dir: PathBuf) -> Arc<Self> {
+    /// No spares yet for `agents_dir` of `runner_id`; [`Spares::refill`]
+    /// makes them.
+    pub(super) fn new(agents_dir: PathBuf, runner_id: String) -> Arc<Self> {
         Arc::new(Spares {
             agents_dir,
+            runner_id,
             ready: Mutex::new(Vec::new()),
             refilling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         })
+    }
+
+    /// A new agent id: a UUIDv7 carrying this runner's tag
+    /// ([`crate::replicas::runner::agent_id_for`]).
+    pub(super) fn new_agent_id(&self) -> String {
+        crate::replicas::runner::agent_id_for(&self.runner_id)
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<AgentDir>> {
@@ -77,7 +87,7 @@ impl Spares {
         let spare = self.lock().pop();
         match spare {
             Some(dir) => Ok(dir),
-            None => make(&self.agents_dir, new_agent_id(), false),
+            None => make(&self.agents_dir, self.new_agent_id(), false),
         }
     }
 
@@ -109,7 +119,7 @@ impl Spares {
         let spares = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
             while !spares.closed.load(Ordering::SeqCst) && spares.lock().len() < READY {
-                match make(&spares.agents_dir, new_agent_id(), true) {
+                match make(&spares.agents_dir, spares.new_agent_id(), true) {
                     Ok(dir) => {
                         let mut ready = spares.lock();
                         if spares.closed.load(Ordering::SeqCst) {
@@ -175,11 +185,6 @@ impl AgentDir {
     pub(super) fn is_spare(&self) -> bool {
         self.spare
     }
-}
-
-/// A new agent id: a UUIDv7, so ids sort roughly by when they were made.
-pub(super) fn new_agent_id() -> String {
-    uuid::Uuid::now_v7().to_string()
 }
 
 /// Makes the directory of agent `id` (after its marker, for a spare).

@@ -38,6 +38,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Deadline of a forwarded kill, and of a forwarded watch's first answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Deadline of a kill sent where the agent's id points (see
+/// `Elsewhere::kill_tagged`): a replica that holds its lease answers a kill
+/// in milliseconds.
+const TAGGED_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// How long a replica's registry row, read to find it, is used again
 /// without reading it: a kill or watch through a non-owner then costs one
 /// database read (the agent's) and the call. A call that fails reads the
@@ -242,6 +247,47 @@ impl Router {
             })
     }
 
+    /// A kill sent to the replica `runner_id` on `channel` because the
+    /// agent's id carries its tag. It gets [`TAGGED_CALL_TIMEOUT`]: the
+    /// caller falls back to looking the agent up, which has its own
+    /// deadline, so a stuck replica costs little twice.
+    async fn kill_at(
+        &self,
+        runner_id: String,
+        channel: Channel,
+        agent_id: &str,
+        reason: &str,
+    ) -> Result<AgentRecord, AgentError> {
+        let mut request = tonic::Request::new(pb::KillAgentRequest {
+            agent_id: agent_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+        request.set_timeout(TAGGED_CALL_TIMEOUT);
+        match ReplicaClient::new(channel).kill_agent(request).await {
+            Ok(answer) => answer
+                .into_inner()
+                .agent
+                .map(agent_from_proto)
+                .ok_or_else(|| {
+                    AgentError::Forwarded(tonic::Status::unavailable(
+                        "it answered without the agent",
+                    ))
+                }),
+            Err(status) => {
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ) {
+                    self.lock().remove(&runner_id);
+                }
+                Err(AgentError::Forwarded(status))
+            }
+        }
+    }
+
     async fn watch_there(
         &self,
         agent: &AgentRecord,
@@ -328,6 +374,20 @@ impl Elsewhere for Router {
         reason: &'a str,
     ) -> BoxFuture<'a, Result<AgentRecord, AgentError>> {
         Box::pin(self.kill_there(agent, reason))
+    }
+
+    fn kill_tagged<'a>(
+        &'a self,
+        agent_id: &'a str,
+        tag: [u8; 4],
+        reason: &'a str,
+    ) -> Option<BoxFuture<'a, Result<AgentRecord, AgentError>>> {
+        let (runner_id, channel) = self.lock().values().find_map(|owner| {
+            let channel = owner.channel.clone()?;
+            (super::runner::runner_tag(&owner.replica.runner_id) == Some(tag))
+                .then(|| (owner.replica.runner_id.clone(), channel))
+        })?;
+        Some(Box::pin(self.kill_at(runner_id, channel, agent_id, reason)))
     }
 
     fn watch<'a>(
