@@ -11,6 +11,7 @@
 //! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
 //!   instance by method tier, in memory or shared through Redis, with fallback.
 //! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
+//! - [`notify`]: `READY=1` and `STOPPING=1` to systemd (`Type=notify`).
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
 //!   says who a caller is before any handler runs; [`cache`]: the time-bounded cache
 //!   behind its lookups and the peers' keys.
@@ -43,6 +44,7 @@ pub mod federation;
 pub mod health;
 pub mod identity;
 pub mod metrics;
+pub mod notify;
 pub mod proto;
 pub mod ratelimit;
 pub mod replicas;

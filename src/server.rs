@@ -281,6 +281,10 @@ pub async fn serve(
         rate_limit.shadow = config.rate_limit.shadow,
         "serving with health and reflection (v1, v1alpha)"
     );
+    // Everything before serving is done: a service manager may start what
+    // depends on this daemon (connections wait in the listen backlog until
+    // the server below accepts them).
+    crate::notify::notify(&format!("READY=1\nSTATUS=serving on {}", config.listen)).await;
 
     let (stop_serving, stop_signal) = tokio::sync::oneshot::channel::<()>();
     let stop_signal = async {
