@@ -24,6 +24,9 @@ pub use crate::coordinator::settings::{
 pub use crate::federation::settings::{FederationConfig, FederationFileConfig};
 use crate::identity::InstanceProfile;
 
+mod listen;
+pub use listen::parse_listen_address;
+
 /// Path of the TOML configuration file.
 pub const ENV_CONFIG: &str = "MOSAIC_CONFIG";
 /// The data directory.
@@ -62,8 +65,9 @@ pub struct ConfigArgs {
     /// Database URL: `postgres://...` or `sqlite://PATH` [default: SQLite in the data dir].
     #[arg(long, env = ENV_DATABASE_URL, global = true, hide_env_values = true, value_name = "URL")]
     pub database_url: Option<String>,
-    /// Address to listen on [default: 127.0.0.1:7443].
-    #[arg(long, env = ENV_LISTEN, global = true, value_name = "ADDR")]
+    /// Address to listen on: IP:PORT, or localhost:PORT for 127.0.0.1
+    /// [default: 127.0.0.1:7443].
+    #[arg(long, env = ENV_LISTEN, global = true, value_name = "ADDR", value_parser = parse_listen_address)]
     pub listen: Option<SocketAddr>,
     /// Redis/Valkey URL for shared rate limits [default: none, in-memory limits].
     #[arg(long, env = ENV_REDIS_URL, global = true, hide_env_values = true, value_name = "URL")]
@@ -78,7 +82,7 @@ pub struct ConfigArgs {
     #[arg(long, env = ENV_PUBLIC_URL, global = true, value_name = "URL")]
     pub public_url: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP) [default: off].
-    #[arg(long, env = ENV_METRICS_LISTEN, global = true, value_name = "ADDR")]
+    #[arg(long, env = ENV_METRICS_LISTEN, global = true, value_name = "ADDR", value_parser = parse_listen_address)]
     pub metrics_listen: Option<SocketAddr>,
     /// Rate limits (`MOSAIC_RATE_LIMIT_*`).
     #[command(flatten)]
@@ -95,6 +99,7 @@ pub struct FileConfig {
     /// See [`Config::data_dir`].
     pub data_dir: Option<PathBuf>,
     /// See [`Config::listen`].
+    #[serde(default, deserialize_with = "listen::deserialize_optional")]
     pub listen: Option<SocketAddr>,
     /// See [`Config::database_url`].
     pub database_url: Option<String>,
@@ -103,6 +108,7 @@ pub struct FileConfig {
     /// See [`Config::plaintext`].
     pub plaintext: Option<bool>,
     /// See [`Config::metrics_listen`].
+    #[serde(default, deserialize_with = "listen::deserialize_optional")]
     pub metrics_listen: Option<SocketAddr>,
     /// `[instance]`.
     #[serde(default)]

@@ -5,8 +5,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use mosaic_mesh::cli::{Cli, LogFormat, dispatch};
+use mosaic_mesh::cli::{LogFormat, dispatch};
 
 /// jemalloc, which gives freed memory back to the system, so the daemon's
 /// resident size follows its live heap under sustained load (see Cargo.toml).
@@ -16,7 +15,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A bad value from a `MOSAIC_*` variable is reported under its name.
+    let cli = mosaic_mesh::cli::environment::parse_command_line();
     // Flushes the queued log lines when main returns.
     let _log = match init_tracing(cli.log.as_deref(), cli.log_format) {
         Ok(guard) => guard,

@@ -4,12 +4,15 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | failure not covered below (internal error, bad local state) |
-//! | 2 | usage: bad flags or arguments (clap uses 2 as well) |
+//! | 2 | usage: bad flags, arguments or configuration, including a master key that is missing, malformed or wrong (clap uses 2 as well) |
 //! | 3 | not found |
 //! | 4 | refused: unauthenticated, permission denied, invalid argument, precondition |
 //! | 5 | unavailable: no daemon, database or peer answered in time |
 
 use std::process::ExitCode;
+
+use crate::identity::IdentityError;
+use crate::identity::sealing::SealingError;
 
 /// How a command prints data.
 #[derive(Debug, Clone, Copy)]
@@ -22,13 +25,32 @@ impl Output {
     /// Prints `value` as pretty JSON, or `text()` for people.
     pub fn print(&self, value: &serde_json::Value, text: impl FnOnce() -> String) {
         if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
-            );
+            print_line(&serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string()));
         } else {
             // Names, reasons and states may come from peers and agents.
-            println!("{}", crate::text::escape_for_terminal(&text()));
+            print_line(&crate::text::escape_for_terminal(&text()));
+        }
+    }
+}
+
+/// Writes `text` and a newline to stdout, like `println!` but without its
+/// panic when the reader has gone (`mosaicd job list | head -1`): the process
+/// then ends quietly with 0, since the reader took what it wanted. It exits
+/// from here because printing is the last step of a command, and a command
+/// that streams (`job watch`) has nothing left to do without a reader.
+pub fn print_line(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.write_all(b"\n"))
+        .and_then(|()| stdout.flush());
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(error) => {
+            eprintln!("error: cannot write to stdout: {error}");
+            std::process::exit(1);
         }
     }
 }
@@ -178,10 +200,71 @@ impl CliError {
     }
 }
 
+/// A master key that is missing, malformed, too open or not the one the
+/// identity was sealed with is configuration, like a bad flag: exit code 2.
+/// Reading the key file or the cipher failing is not.
+fn sealing_code(error: &SealingError) -> u8 {
+    match error {
+        SealingError::MalformedMasterKey { .. }
+        | SealingError::KeyFileTooOpen { .. }
+        | SealingError::Missing { .. }
+        | SealingError::WrongKey => 2,
+        SealingError::Io { .. } | SealingError::Crypto => 1,
+    }
+}
+
+/// The exit code of an identity error (its sources are hidden behind
+/// `#[error(transparent)]`, so they are matched here rather than found in
+/// an error chain).
+fn identity_code(error: &IdentityError) -> u8 {
+    match error {
+        IdentityError::Sealing(sealing) => sealing_code(sealing),
+        IdentityError::Store(crate::store::StoreError::Unavailable(_)) => 5,
+        _ => 1,
+    }
+}
+
+/// `message` about `error`, with what to do when the master key is not the
+/// one the identity was sealed with.
+fn sealing_message(error: &SealingError, message: String) -> String {
+    match error {
+        SealingError::WrongKey => format!(
+            "{message}; MOSAIC_MASTER_KEY (or, when it is unset, master.key in the data dir) must be the key this database's identity was created with"
+        ),
+        _ => message,
+    }
+}
+
+impl CliError {
+    /// Maps an identity error with `message` (which may add context): master
+    /// key trouble exits 2, an unreachable database 5, anything else 1.
+    pub fn from_identity(error: &IdentityError, message: impl Into<String>) -> Self {
+        let message = match error {
+            IdentityError::Sealing(sealing) => sealing_message(sealing, message.into()),
+            _ => message.into(),
+        };
+        Self {
+            code: identity_code(error),
+            message,
+        }
+    }
+}
+
 impl From<anyhow::Error> for CliError {
     fn from(error: anyhow::Error) -> Self {
         if error.downcast_ref::<crate::config::ConfigError>().is_some() {
             return Self::usage(format!("{error:#}"));
+        }
+        for cause in error.chain() {
+            if let Some(identity) = cause.downcast_ref::<IdentityError>() {
+                return Self::from_identity(identity, format!("{error:#}"));
+            }
+            if let Some(sealing) = cause.downcast_ref::<SealingError>() {
+                return Self {
+                    code: sealing_code(sealing),
+                    message: sealing_message(sealing, format!("{error:#}")),
+                };
+            }
         }
         if error.chain().any(|cause| {
             cause

@@ -20,7 +20,8 @@ pub enum FederationCommand {
     /// with their outcomes.
     Log {
         /// Only commands exchanged with this peer: its instance id, or its name
-        /// when no other peer has it.
+        /// when no other peer has it (exit code 3 when no peer and no logged
+        /// command has that id or name).
         #[arg(long, value_name = "INSTANCE")]
         peer: Option<String>,
         /// Only commands in this workspace.
@@ -76,10 +77,12 @@ pub async fn run(
         .iter()
         .map(|known| (known.remote_instance_id.clone(), known.remote_name.clone()))
         .collect();
-    let peer_instance_id = match peer {
-        Some(peer) => instance_id_of(&names, &peer)?,
+    let peer_instance_id = match &peer {
+        Some(peer) => instance_id_of(&names, peer)?,
         None => String::new(),
     };
+    let first_page = page_token.is_empty();
+    let known_peer = names.contains_key(&peer_instance_id);
     let response = client
         .list_command_log(
             connection.request(pb::ListCommandLogRequest {
@@ -98,6 +101,17 @@ pub async fn run(
         .await
         .map_err(|status| connection.error(&status))?
         .into_inner();
+    // An instance that is no peer may still be in the log (a connection since
+    // deleted, a refused sender); one that is in neither is a typo.
+    if let Some(peer) = peer
+        && first_page
+        && response.entries.is_empty()
+        && !known_peer
+    {
+        return Err(CliError::not_found(format!(
+            "no peer {peer:?}: this instance has no connection with an instance of that id or name, and logged no command exchanged with one — `mosaicd peer list` shows the peers"
+        )));
+    }
     let value = json!({
         "entries": response.entries.iter().map(entry_json).collect::<Vec<_>>(),
         "next_page_token": response.next_page_token,

@@ -18,7 +18,7 @@ pub async fn show(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
     let store = open_existing_store(&config).await?;
     let Some((instance, public_key, previous_keys)) = crate::identity::load_public(&store)
         .await
-        .map_err(|error| CliError::failure(error.to_string()))?
+        .map_err(|error| CliError::from_identity(&error, error.to_string()))?
     else {
         return Err(CliError::not_found(
             "this database has no identity yet; run `mosaicd init`",
@@ -78,7 +78,7 @@ pub fn cert(args: &ConfigArgs) -> Result<(), CliError> {
             path.display()
         ))
     })?;
-    print!("{pem}");
+    super::exit::print_line(pem.strip_suffix('\n').unwrap_or(&pem));
     Ok(())
 }
 
@@ -114,7 +114,7 @@ pub async fn csr(
     let manager =
         crate::identity::IdentityManager::load_existing(store, &config.master_key_source())
             .await
-            .map_err(|error| CliError::failure(error.to_string()))?
+            .map_err(|error| CliError::from_identity(&error, error.to_string()))?
             .ok_or_else(|| {
                 CliError::not_found("this database has no identity yet; run `mosaicd init`")
             })?;

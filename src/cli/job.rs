@@ -1,5 +1,6 @@
-//! `mosaicd job create | get | history | list | status | progress | complete |
-//! fail | cancel | watch`: the Coordinator's job API from the command line.
+//! `mosaicd job create | dispatch | get | history | list | status | progress |
+//! complete | fail | cancel | watch`: the Coordinator's job API from the
+//! command line.
 
 use clap::Subcommand;
 use serde_json::json;
@@ -36,6 +37,43 @@ pub enum JobCommand {
         /// Makes retries safe: the same key returns the first job.
         #[arg(long, default_value = "", value_name = "KEY")]
         idempotency_key: String,
+    },
+    /// Create a job and start an agent for it in one call, here or with
+    /// --peer on a connected peer (API key with the `webhook` scope). The job
+    /// is RUNNING with its agent, and follows it to its end (`job watch ID`).
+    Dispatch {
+        /// Kind of work, e.g. `review`.
+        #[arg(long = "type", value_name = "TYPE")]
+        job_type: String,
+        /// The agent type to start: a `[agents.types.NAME]` of the daemon's
+        /// configuration (with --peer, of the peer's).
+        #[arg(long, value_name = "TYPE")]
+        agent_type: String,
+        /// The task given to the agent (its `{prompt}`).
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// Run the agent on this peer: its instance id (`mosaicd peer list`
+        /// shows it) [default: on this instance].
+        #[arg(long, value_name = "INSTANCE_ID")]
+        peer: Option<String>,
+        /// Workspace of the job; with --peer, the workspace of the connection
+        /// (needed only when the peer is connected in several).
+        #[arg(long, default_value = "")]
+        workspace: String,
+        /// Job input as a JSON document.
+        #[arg(long, default_value = "", value_name = "JSON")]
+        payload: String,
+        /// Priority; higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// A label, `NAME=VALUE`, on the job and its agent; repeat for more.
+        #[arg(long = "label", value_name = "NAME=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Makes retries safe: the same key returns the first job and agent
+        /// and starts nothing [default: a new UUID, printed when the call
+        /// fails in a way worth retrying].
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
     /// Show one job.
     Get {
@@ -268,6 +306,39 @@ pub async fn run(
             });
             Ok(())
         }
+        JobCommand::Dispatch {
+            job_type,
+            agent_type,
+            prompt,
+            peer,
+            workspace,
+            payload,
+            priority,
+            labels,
+            idempotency_key,
+        } => {
+            let idempotency_key =
+                idempotency_key.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let request = pb::DispatchJobRequest {
+                job_type,
+                workspace,
+                payload_json: payload,
+                priority,
+                labels: labels.into_iter().collect(),
+                agent_type,
+                prompt,
+                peer_instance_id: peer.clone().unwrap_or_default(),
+                idempotency_key: idempotency_key.clone(),
+            };
+            let response = client
+                .dispatch_job(connection.request(request)?)
+                .await
+                .map_err(|status| {
+                    dispatch_error(&connection, &status, peer.as_deref(), &idempotency_key)
+                })?
+                .into_inner();
+            print_dispatched(output, response)
+        }
         JobCommand::Get { id } => {
             let response = client
                 .get_job(connection.request(pb::GetJobRequest { job_id: id })?)
@@ -388,6 +459,71 @@ pub async fn run(
     }
 }
 
+/// A refused or failed dispatch: the daemon's (or the peer's) answer, with
+/// what to do next where it is not obvious.
+fn dispatch_error(
+    connection: &Connection,
+    status: &tonic::Status,
+    peer: Option<&str>,
+    idempotency_key: &str,
+) -> CliError {
+    use tonic::Code;
+    let retryable = matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded);
+    let mut error = match peer {
+        Some(peer) if retryable => connection.remote_error(status, peer, peer),
+        _ => connection.error(status),
+    };
+    match status.code() {
+        Code::PermissionDenied if status.message().contains("`webhook` scope") => {
+            error.message.push_str(
+                " — bots' keys have it: `mosaicd apikey create --name bot --scope webhook`",
+            );
+        }
+        Code::NotFound if peer.is_some() => error.message.push_str(
+            " — --peer takes the peer's instance id; `mosaicd peer list` shows the peers",
+        ),
+        _ => {}
+    }
+    if retryable {
+        if peer.is_some() {
+            error.message.push_str(
+                "; if the job was created it stays PENDING and the daemon sends the spawn again",
+            );
+        }
+        error.message.push_str(&format!(
+            "; run the same dispatch with --idempotency-key {idempotency_key} to get the job without starting a second agent"
+        ));
+    }
+    error
+}
+
+fn print_dispatched(output: Output, response: pb::DispatchJobResponse) -> Result<(), CliError> {
+    let job = response
+        .job
+        .ok_or_else(|| CliError::failure("the daemon answered without a job"))?;
+    let mut value = job_json(&job);
+    value["created"] = json!(response.created);
+    output.print(&value, || {
+        let place = if job.peer_instance_id.is_empty() {
+            String::new()
+        } else {
+            format!(" on peer {}", job.peer_instance_id)
+        };
+        let note = if response.created {
+            ""
+        } else {
+            "  (existing job for this idempotency key)"
+        };
+        format!(
+            "{}{note}\nagent: {}{place}\nfollow it: mosaicd job watch {}",
+            job_text(&job),
+            response.agent_id,
+            job.job_id
+        )
+    });
+    Ok(())
+}
+
 /// Prints each change as it comes, one line (or one JSON object) each.
 async fn watch(
     connection: &Connection,
@@ -408,12 +544,11 @@ async fn watch(
         let entry = message.entry.unwrap_or_default();
         let job = message.job.unwrap_or_default();
         if output.json {
-            println!(
-                "{}",
-                json!({ "entry": entry_json(&entry), "job": job_json(&job) })
+            super::exit::print_line(
+                &json!({ "entry": entry_json(&entry), "job": job_json(&job) }).to_string(),
             );
         } else {
-            println!("{}", crate::text::escape_for_terminal(&entry_text(&entry)));
+            super::exit::print_line(&crate::text::escape_for_terminal(&entry_text(&entry)));
         }
     }
     Ok(())

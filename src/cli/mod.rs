@@ -3,10 +3,14 @@
 
 pub mod agent;
 pub mod apikey;
+pub mod choices;
 pub mod client;
+pub mod config;
+pub mod environment;
 pub mod exit;
 pub mod federation;
 pub mod identity;
+pub mod init;
 pub mod job;
 pub mod peer;
 pub mod remote;
@@ -20,9 +24,25 @@ pub use self::exit::CliError;
 use crate::auth::Scope;
 use crate::config::ConfigArgs;
 
+/// What `mosaicd --version` prints after the name: the crate version, and the
+/// platform and profile it was built for (a commit hash would need build.rs).
+static VERSION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "{} ({} {}, {} build)",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+    )
+});
+
 /// mosaicd: federate Mosaic instances; run agents and jobs.
 #[derive(Debug, Parser)]
-#[command(name = "mosaicd", version, about, max_term_width = 100)]
+#[command(name = "mosaicd", version = VERSION.as_str(), about, max_term_width = 100)]
 pub struct Cli {
     /// Configuration shared by every command.
     #[command(flatten)]
@@ -58,10 +78,15 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the daemon (creates the identity on first start).
     Serve,
-    /// Create the data dir, database and identity, then exit.
+    /// Create the data dir, database and identity, then exit (an existing
+    /// instance is left as it is).
     Init,
     /// Run database migrations, then exit.
     Migrate,
+    /// Check the configuration (file, `MOSAIC_*` environment, flags) without
+    /// starting anything.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Show, print or rotate the instance identity.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -128,7 +153,7 @@ pub enum ApiKeyCommand {
         #[arg(long)]
         name: String,
         /// Scopes, comma separated: admin, agents, coordinator, webhook.
-        #[arg(long = "scope", required = true, value_delimiter = ',')]
+        #[arg(long = "scope", required = true, value_delimiter = ',', value_parser = choices::scopes())]
         scopes: Vec<Scope>,
     },
     /// List keys (never the secrets).
@@ -144,6 +169,10 @@ pub enum ApiKeyCommand {
 pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
     crate::tls::install_default_provider();
     let output = exit::Output { json: cli.json };
+    // `config check` reports them itself, with the rest of its findings.
+    if !matches!(cli.command, Command::Config(_)) {
+        environment::warn_about_unknown_variables();
+    }
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -162,7 +191,8 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         Command::Federation(command) => {
             federation::run(command, &cli.config, &cli.client, output).await
         }
-        Command::Init => serve::init(&cli.config, output).await,
+        Command::Init => init::init(&cli.config, output).await,
+        Command::Config(command) => config::run(command, &cli.config, output),
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,
         Command::Identity(IdentityCommand::Cert) => identity::cert(&cli.config),

@@ -1,4 +1,5 @@
-//! `mosaicd serve`, `init` and `migrate`.
+//! `mosaicd serve` and `migrate`, and the store and configuration helpers
+//! the offline commands share.
 
 use anyhow::Context as _;
 use serde_json::json;
@@ -23,7 +24,10 @@ pub async fn serve(args: &ConfigArgs) -> Result<(), CliError> {
                 config.listen
             )
         })?;
-    crate::server::run(listener, config, shutdown_signal()).await?;
+    // The signal handlers go in before the slow part of the start; the
+    // service manager hears STOPPING=1 when one starts the drain.
+    let shutdown = crate::notify::stopping_after(shutdown_signal());
+    crate::server::run(listener, config, shutdown).await?;
     Ok(())
 }
 
@@ -72,39 +76,6 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             tracing::info!("received SIGINT");
         }
     }
-}
-
-/// `mosaicd init`: creates the data dir, database and identity.
-///
-/// CA mode is not applied: the key must exist before a CA can certify it
-/// (`mosaicd identity csr`), so init never needs the CA-mode files.
-pub async fn init(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
-    let mut config = load_config(args)?;
-    config.tls = crate::tls::ca::TlsSettings::Pinned;
-    let shared = crate::server::prepare(&config).await?;
-    let identity = shared.identity.current();
-    let public_key = identity.public_key();
-    output.print(
-        &json!({
-            "instance_id": identity.instance_id,
-            "name": identity.profile.name,
-            "url": identity.profile.public_url,
-            "key_id": public_key.key_id(),
-            "fingerprint": public_key.fingerprint(),
-            "data_dir": config.data_dir,
-            "certificate": config.certificate_path(),
-        }),
-        || {
-            format!(
-                "initialised instance {} ({})\nfingerprint: {}\ndata dir:    {}",
-                identity.instance_id,
-                identity.profile.name,
-                public_key.fingerprint(),
-                config.data_dir.display()
-            )
-        },
-    );
-    Ok(())
 }
 
 /// `mosaicd migrate`: runs the embedded migrations alone.

@@ -643,18 +643,20 @@ async fn federation_log_shows_commands_in_and_out_with_filters_and_pages(backend
     );
     assert_eq!(received[2]["message_id"], spawned["message_id"]);
 
-    // Filters: nothing came in to A, nothing in another workspace or with
-    // another peer; the peer by name or by id is the same.
+    // Filters: nothing came in to A, nothing in another workspace; a peer A
+    // never knew is NOT_FOUND; the peer by name or by id is the same.
     for filter in [
         &["--direction", "in"][..],
         &["--workspace", "elsewhere"][..],
-        &["--peer", "some-other-instance"][..],
     ] {
         let mut args = vec!["federation", "log"];
         args.extend_from_slice(filter);
         let log = operator.json(&args).await;
         assert_eq!(log["entries"], serde_json::json!([]), "{filter:?}: {log}");
     }
+    operator
+        .fails(&["federation", "log", "--peer", "some-other-instance"], 3)
+        .await;
     let by_id = operator
         .json(&[
             "federation",
