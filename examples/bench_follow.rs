@@ -85,15 +85,27 @@ struct Clients {
 /// A stream of events, whichever way it goes.
 enum Events {
     Local(tonic::Streaming<agent_pb::WatchAgentResponse>),
-    Remote(tonic::Streaming<pb::WatchRemoteAgentResponse>),
+    /// A batch of events per message, and what is left of the last one.
+    Remote(
+        tonic::Streaming<pb::WatchRemoteAgentResponse>,
+        std::collections::VecDeque<agent_pb::WatchAgentResponse>,
+    ),
 }
 
 impl Events {
     async fn next(&mut self) -> anyhow::Result<Option<agent_pb::WatchAgentResponse>> {
-        Ok(match self {
-            Events::Local(stream) => stream.message().await?,
-            Events::Remote(stream) => stream.message().await?.and_then(|message| message.event),
-        })
+        match self {
+            Events::Local(stream) => Ok(stream.message().await?),
+            Events::Remote(stream, left) => loop {
+                if let Some(event) = left.pop_front() {
+                    return Ok(Some(event));
+                }
+                match stream.message().await? {
+                    Some(message) => left.extend(message.events),
+                    None => return Ok(None),
+                }
+            },
+        }
     }
 }
 
@@ -154,6 +166,7 @@ impl Clients {
                     ))
                     .await?
                     .into_inner(),
+                std::collections::VecDeque::new(),
             ),
         })
     }

@@ -238,8 +238,8 @@ async fn watch(
 ) -> Result<(), tonic::Status> {
     let mut stream = client.watch_remote_agent(request).await?.into_inner();
     while let Some(message) = stream.message().await? {
-        if let Some(event) = message.event {
-            print_event(&event, output);
+        for event in &message.events {
+            print_event(event, output);
         }
     }
     Ok(())

@@ -550,17 +550,18 @@ impl RemoteAgent<'_> {
             Ok(events) => events,
             Err(error) => return self.failed(error),
         };
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(event) => {
-                    if let Some(agent_pb::watch_agent_response::Event::StateChange(change)) =
-                        event.event
-                        && let Some(ended) = change.agent.as_ref().and_then(ended_agent)
-                    {
-                        return Learned::Ended(remote_job_change(&ended, self.peer));
-                    }
-                }
+        while let Some(batch) = events.next().await {
+            let batch = match batch {
+                Ok(batch) => batch,
                 Err(error) => return self.failed(error),
+            };
+            for event in batch {
+                if let Some(agent_pb::watch_agent_response::Event::StateChange(change)) =
+                    event.event
+                    && let Some(ended) = change.agent.as_ref().and_then(ended_agent)
+                {
+                    return Learned::Ended(remote_job_change(&ended, self.peer));
+                }
             }
         }
         Learned::Unknown("the stream ended before the agent did".to_owned())

@@ -337,7 +337,7 @@ impl pb::federation_server::Federation for FederationService {
             events
                 .map(|event| {
                     event
-                        .map(|event| pb::WatchRemoteAgentResponse { event: Some(event) })
+                        .map(|events| pb::WatchRemoteAgentResponse { events })
                         .map_err(Status::from)
                 })
                 .boxed(),

@@ -348,7 +348,9 @@ async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_sus
         .await
         .expect("first event")
         .expect("an event")
-        .event
+        .events
+        .into_iter()
+        .next()
         .expect("event");
     assert!(first.sequence >= 2, "the current state: {first:?}");
     admin_b.suspend(&ws2_on_b).await.expect("suspend");

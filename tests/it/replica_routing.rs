@@ -347,12 +347,16 @@ async fn a_peers_watch_through_the_other_replica_gets_every_line_in_order() {
         .into_inner();
     let (mut lines, mut last_state) = (Vec::new(), None);
     while let Some(message) = events.message().await.expect("every batch verifies") {
-        match message.event.and_then(|event| event.event) {
-            Some(agent_pb::watch_agent_response::Event::OutputLine(line)) => lines.push(line.line),
-            Some(agent_pb::watch_agent_response::Event::StateChange(change)) => {
-                last_state = Some(change.to_state());
+        for event in message.events {
+            match event.event {
+                Some(agent_pb::watch_agent_response::Event::OutputLine(line)) => {
+                    lines.push(line.line);
+                }
+                Some(agent_pb::watch_agent_response::Event::StateChange(change)) => {
+                    last_state = Some(change.to_state());
+                }
+                None => {}
             }
-            None => {}
         }
     }
     let expected: Vec<String> = (1..=2000).map(|number| number.to_string()).collect();

@@ -62,7 +62,7 @@ async fn watch(client: &mut FederationClient<Channel>, key: &str, peer: &str) ->
         let mut events = Vec::new();
         loop {
             match stream.message().await {
-                Ok(Some(message)) => events.push(message.event.expect("an event")),
+                Ok(Some(message)) => events.extend(message.events),
                 Ok(None) => {
                     return Watched {
                         events,

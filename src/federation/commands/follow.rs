@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -52,12 +51,12 @@ pub struct RemoteWatch {
     pub from_sequence: Option<u64>,
 }
 
-/// The events of a remote watch, verified, in order, each once.
-pub type RemoteEvents =
-    futures::stream::BoxStream<'static, Result<pb_agent::WatchAgentResponse, FederationError>>;
+/// The events of a remote watch, verified, in order, each once: a verified
+/// batch's events at a time, or the error that ended the watch.
+pub type RemoteEvents = ReceiverStream<Relayed>;
 
 /// What the follower passes on: a verified batch's events, or the end.
-type Relayed = Result<Vec<pb_agent::WatchAgentResponse>, FederationError>;
+pub type Relayed = Result<Vec<pb_agent::WatchAgentResponse>, FederationError>;
 
 /// One `agent.watch` sent, with its stream open.
 struct Opened {
@@ -103,14 +102,7 @@ impl Federation {
         tokio::spawn(async move {
             federation.follow(watch, check, opened, sender).await;
         });
-        // Batches cross the channel whole; the caller gets one event at a
-        // time.
-        Ok(ReceiverStream::new(receiver)
-            .flat_map(|relayed: Relayed| match relayed {
-                Ok(events) => futures::stream::iter(events.into_iter().map(Ok)).left_stream(),
-                Err(error) => futures::stream::once(std::future::ready(Err(error))).right_stream(),
-            })
-            .boxed())
+        Ok(ReceiverStream::new(receiver))
     }
 
     async fn follow(
