@@ -56,5 +56,6 @@ mod server;
 mod stress_faults;
 mod support;
 mod tidy;
+mod vectors;
 mod walkthrough;
 mod watch_tampering;
