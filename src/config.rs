@@ -303,6 +303,25 @@ pub fn default_capabilities() -> Vec<String> {
 }
 
 impl Config {
+    /// Why the URL this instance gives peers cannot be dialed, if its host is
+    /// "every address" (`0.0.0.0` or `[::]`): what a public URL derived from
+    /// `listen = "0.0.0.0:7443"` looks like.
+    pub fn public_url_warning(&self) -> Option<String> {
+        let unspecified = self
+            .instance
+            .public_host()?
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|address| address.is_unspecified());
+        unspecified.then(|| {
+            format!(
+                "the URL this instance gives peers is {}, which no peer can dial; set \
+                 instance.public_url (--public-url, MOSAIC_PUBLIC_URL) to https://HOST:PORT \
+                 with a name or address peers reach",
+                self.instance.public_url
+            )
+        })
+    }
+
     /// Reads the file named by `args.config` (if any) and resolves everything.
     pub fn load(args: &ConfigArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {

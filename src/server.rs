@@ -245,15 +245,8 @@ pub async fn serve(
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local_address}"));
-    let public_host = config.instance.public_host();
-    if public_host
-        .and_then(|host| host.parse::<std::net::IpAddr>().ok())
-        .is_some_and(|ip| ip.is_unspecified())
-    {
-        tracing::warn!(
-            public_url = %config.instance.public_url,
-            "instance.public_url names no host peers can dial (it defaults to the listen address, here every address); set instance.public_url (or --public-url) to the address peers use"
-        );
+    if let Some(warning) = config.public_url_warning() {
+        tracing::warn!(public_url = %config.instance.public_url, "{warning}");
     }
     if config.replicas.advertise_url.is_none() && local_address.ip().is_unspecified() {
         tracing::warn!(

@@ -59,7 +59,7 @@ fn check_beyond_the_tree(config: &Config) -> Result<(), CliError> {
 
 /// Findings that do not stop a start but are likely mistakes.
 fn warnings(config: &Config) -> Vec<String> {
-    let mut warnings = Vec::new();
+    let mut warnings: Vec<String> = config.public_url_warning().into_iter().collect();
     for unknown in unknown_variables_here() {
         warnings.push(match unknown.suggestion {
             Some(suggestion) => format!(

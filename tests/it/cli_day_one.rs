@@ -501,6 +501,29 @@ fn listen_takes_localhost_and_a_bad_variable_is_named() {
     );
     assert_eq!(checked["listen"], "127.0.0.1:7451");
     assert_eq!(checked["public_url"], "https://127.0.0.1:7451");
+    assert_eq!(checked["warnings"], serde_json::json!([]), "{checked}");
+    // Every address: the URL peers would get cannot be dialed, and it says so
+    // until a public URL is set.
+    let every_address = stdout_json(
+        &mosaicd(data_dir.path())
+            .args(["config", "check", "--json", "--listen", "0.0.0.0:7451"])
+            .output()
+            .expect("run"),
+    );
+    let warnings = every_address["warnings"].to_string();
+    assert!(warnings.contains("no peer can dial"), "{every_address}");
+    let with_public_url = stdout_json(
+        &mosaicd(data_dir.path())
+            .args(["config", "check", "--json", "--listen", "0.0.0.0:7451"])
+            .args(["--public-url", "https://mesh.example.org:7451"])
+            .output()
+            .expect("run"),
+    );
+    assert_eq!(
+        with_public_url["warnings"],
+        serde_json::json!([]),
+        "{with_public_url}"
+    );
 
     let from_variable = mosaicd(data_dir.path())
         .env("MOSAIC_LISTEN", "bogus")
