@@ -271,6 +271,11 @@ impl PeerClients {
             })?
             .connect_timeout(self.settings.connect_timeout)
             .timeout(self.settings.call_timeout)
+            // A watch streams batches of up to 512 KiB from the peer: HTTP/2's
+            // fixed 64 KiB window would hold each one back for round trips of
+            // window updates, so the window follows the measured
+            // bandwidth-delay product instead.
+            .http2_adaptive_window(true)
             .tcp_nodelay(true);
         let policy = self.settings.policy.clone();
         let connect_timeout = self.settings.connect_timeout;

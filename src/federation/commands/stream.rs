@@ -31,6 +31,10 @@ const MAX_BATCH_EVENTS: usize = 4096;
 /// the configured message size if that is less (a line is at most 4 KiB, so
 /// a batch stays inside the limit).
 const MAX_BATCH_BYTES: usize = 512 * 1024;
+/// A batch sealed within this time of the one before is part of a burst...
+const BURST: Duration = Duration::from_millis(5);
+/// ...and waits up to this long for more events before it is sealed.
+const LINGER: Duration = Duration::from_millis(2);
 /// How often a quiet stream checks that the connection still allows it.
 const RECHECK: Duration = Duration::from_secs(1);
 /// Batches sealed ahead of the watcher's reading.
@@ -220,10 +224,30 @@ impl Stream {
         let mut events = events.ready_chunks(MAX_BATCH_EVENTS);
         let mut recheck = tokio::time::interval(RECHECK);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // When the last batch went: a batch that follows closely lingers.
+        let mut last_sent: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 chunk = events.next() => {
-                    let Some(chunk) = chunk else { return Ok(()) };
+                    let Some(mut chunk) = chunk else { return Ok(()) };
+                    // In a burst, what is ready is often a handful of lines,
+                    // and each batch costs a signature here and a check on
+                    // the watcher's side: wait a moment for more. A quiet
+                    // agent's line goes at once.
+                    let mut ended = false;
+                    if last_sent.is_some_and(|sent| sent.elapsed() < BURST) {
+                        let until = tokio::time::Instant::now() + LINGER;
+                        while chunk.len() < MAX_BATCH_EVENTS {
+                            match tokio::time::timeout_at(until, events.next()).await {
+                                Ok(Some(more)) => chunk.extend(more),
+                                Ok(None) => {
+                                    ended = true;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     self.still_allowed().await?;
                     let mut ready = Vec::with_capacity(chunk.len());
                     let mut failed = None;
@@ -237,8 +261,12 @@ impl Stream {
                         }
                     }
                     self.send(ready).await?;
+                    last_sent = Some(tokio::time::Instant::now());
                     if let Some(error) = failed {
                         return Err(error);
+                    }
+                    if ended {
+                        return Ok(());
                     }
                 }
                 _ = recheck.tick() => self.still_allowed().await?,
