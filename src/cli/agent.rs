@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::client::{ClientArgs, Connection};
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::remote::RemoteArgs;
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
@@ -514,10 +514,11 @@ pub(super) fn agent_text(agent: &pb::Agent) -> String {
 
 /// Prints a page of agents: a table for people, or JSON.
 pub(super) fn print_list(response: &pb::ListAgentsResponse, output: Output) {
-    let value = json!({
-        "agents": response.agents.iter().map(agent_json).collect::<Vec<_>>(),
-        "next_page_token": response.next_page_token,
-    });
+    let value = list_json(
+        "agents",
+        response.agents.iter().map(agent_json).collect(),
+        &response.next_page_token,
+    );
     output.print(&value, || {
         let mut text = format!(
             "{:<36}  {:<12}  {:<10}  {:>8}  {}",

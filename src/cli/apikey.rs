@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::serve::{load_config, open_existing_store};
 use crate::auth::Scope;
 use crate::config::ConfigArgs;
@@ -77,7 +77,7 @@ pub async fn list(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
         .list_api_keys()
         .await
         .map_err(|error| CliError::from(anyhow::Error::new(error)))?;
-    let value = json!(keys.iter().map(key_json).collect::<Vec<_>>());
+    let value = list_json("api_keys", keys.iter().map(key_json).collect(), "");
     output.print(&value, || {
         let mut text = format!(
             "{:<36}  {:<20}  {:<12}  {:<24}  {}",
@@ -85,9 +85,9 @@ pub async fn list(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
         );
         for key in &keys {
             let state = if key.revoked_at_ms.is_some() {
-                "revoked"
+                "REVOKED"
             } else {
-                "active"
+                "ACTIVE"
             };
             text.push_str(&format!(
                 "\n{:<36}  {:<20}  {:<12}  {:<24}  {}",

@@ -33,6 +33,26 @@ impl Output {
     }
 }
 
+/// A list as every list command prints it with `--json`: an object with the
+/// items under their plural noun (the field name of the gRPC response, so
+/// `agents`, `jobs`, `entries`, `connections`, ...) and `next_page_token`,
+/// empty when there is no further page. One shape for all lists, paginated or
+/// not, so a script reads `.<items>[0]` and `.next_page_token` the same way
+/// everywhere; a list printed whole always has an empty token.
+pub fn list_json(
+    items_key: &str,
+    items: Vec<serde_json::Value>,
+    next_page_token: &str,
+) -> serde_json::Value {
+    let mut object = serde_json::Map::new();
+    object.insert(items_key.to_owned(), serde_json::Value::Array(items));
+    object.insert(
+        "next_page_token".to_owned(),
+        serde_json::Value::String(next_page_token.to_owned()),
+    );
+    serde_json::Value::Object(object)
+}
+
 /// Writes `text` and a newline to stdout, like `println!` but without its
 /// panic when the reader has gone (`mosaicd job list | head -1`): the process
 /// then ends quietly with 0, since the reader took what it wanted. It exits

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde_json::{Value, json};
 
 use super::client::ClientArgs;
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
@@ -112,10 +112,11 @@ pub async fn run(
             "no peer {peer:?}: this instance has no connection with an instance of that id or name, and logged no command exchanged with one — `mosaicd peer list` shows the peers"
         )));
     }
-    let value = json!({
-        "entries": response.entries.iter().map(entry_json).collect::<Vec<_>>(),
-        "next_page_token": response.next_page_token,
-    });
+    let value = list_json(
+        "entries",
+        response.entries.iter().map(entry_json).collect(),
+        &response.next_page_token,
+    );
     output.print(&value, || log_table(&response, &names));
     Ok(())
 }

@@ -6,7 +6,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::client::{ClientArgs, Connection};
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
@@ -354,7 +354,7 @@ pub async fn run(
                 .into_inner()
                 .entries;
             output.print(
-                &json!(entries.iter().map(entry_json).collect::<Vec<_>>()),
+                &list_json("entries", entries.iter().map(entry_json).collect(), ""),
                 || {
                     entries
                         .iter()
@@ -388,10 +388,11 @@ pub async fn run(
                 .map_err(failed)?
                 .into_inner();
             output.print(
-                &json!({
-                    "jobs": response.jobs.iter().map(job_json).collect::<Vec<_>>(),
-                    "next_page_token": response.next_page_token,
-                }),
+                &list_json(
+                    "jobs",
+                    response.jobs.iter().map(job_json).collect(),
+                    &response.next_page_token,
+                ),
                 || {
                     let mut lines: Vec<String> = response.jobs.iter().map(job_text).collect();
                     if lines.is_empty() {

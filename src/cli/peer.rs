@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::client::{ClientArgs, Connection};
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
@@ -43,7 +43,8 @@ pub enum PeerCommand {
         /// Only this workspace.
         #[arg(long, env = ENV_WORKSPACE)]
         workspace: Option<String>,
-        /// Only this state: pending, active, suspended, disconnected, rejected.
+        /// Only this state: PENDING, ACTIVE, SUSPENDED, DISCONNECTED or REJECTED
+        /// (any case).
         #[arg(long)]
         state: Option<String>,
     },
@@ -127,17 +128,23 @@ pub async fn run(
         PeerCommand::List { workspace, state } => {
             let state = match state.as_deref() {
                 None => pb::ConnectionState::Unspecified,
-                Some(text) => crate::federation::state::ConnectionState::parse(text)
-                    .map(crate::federation::state::ConnectionState::to_proto)
-                    .ok_or_else(|| {
-                        CliError::usage(format!(
-                            "--state {text:?}: expected pending, active, suspended, disconnected or rejected"
-                        ))
-                    })?,
+                Some(text) => {
+                    crate::federation::state::ConnectionState::parse(&text.to_ascii_lowercase())
+                        .map(crate::federation::state::ConnectionState::to_proto)
+                        .ok_or_else(|| {
+                            CliError::usage(format!(
+                                "--state {text:?}: expected PENDING, ACTIVE, SUSPENDED, DISCONNECTED or REJECTED"
+                            ))
+                        })?
+                }
             };
             let connections = list_all(&mut client, &connection, workspace, state).await?;
             output.print(
-                &Value::Array(connections.iter().map(connection_json).collect()),
+                &list_json(
+                    "connections",
+                    connections.iter().map(connection_json).collect(),
+                    "",
+                ),
                 || connection_table(&connections),
             );
         }
@@ -235,11 +242,10 @@ pub(super) async fn list_all(
     }
 }
 
+/// The state as the proto names it, without its prefix (`ACTIVE`): upper
+/// case like the agent and job states the CLI prints, in JSON and text alike.
 fn state_name(state: pb::ConnectionState) -> &'static str {
-    crate::federation::state::ConnectionState::from_proto(state).map_or(
-        "unspecified",
-        crate::federation::state::ConnectionState::as_str,
-    )
+    state.as_str_name().trim_start_matches("CONNECTION_STATE_")
 }
 
 fn direction_name(direction: pb::ConnectionDirection) -> &'static str {

@@ -1,9 +1,10 @@
 //! `mosaicd replicas`, offline on the database: the replicas of this
-//! instance, their state and how many agents each supervises.
+//! instance, their state (upper case, like every state the CLI prints) and
+//! how many agents each supervises.
 
 use serde_json::json;
 
-use super::exit::{CliError, Output};
+use super::exit::{CliError, Output, list_json};
 use super::serve::{load_config, open_existing_store};
 use crate::config::ConfigArgs;
 
@@ -16,21 +17,25 @@ pub async fn list(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
         .await
         .map_err(|error| CliError::from(anyhow::Error::new(error)))?;
     let now_ms = crate::clock::now_ms();
-    let value = json!(
+    let value = list_json(
+        "replicas",
         replicas
             .iter()
-            .map(|(replica, agents)| json!({
-                "runner_id": replica.runner_id,
-                "address": replica.address,
-                "state": replica.state_at(now_ms),
-                "epoch": replica.epoch,
-                "version": replica.version,
-                "agents": agents,
-                "started_at_ms": replica.started_at_ms,
-                "heartbeat_at_ms": replica.heartbeat_at_ms,
-                "expires_at_ms": replica.expires_at_ms,
-            }))
-            .collect::<Vec<_>>()
+            .map(|(replica, agents)| {
+                json!({
+                    "runner_id": replica.runner_id,
+                    "address": replica.address,
+                    "state": replica.state_at(now_ms).to_ascii_uppercase(),
+                    "epoch": replica.epoch,
+                    "version": replica.version,
+                    "agents": agents,
+                    "started_at_ms": replica.started_at_ms,
+                    "heartbeat_at_ms": replica.heartbeat_at_ms,
+                    "expires_at_ms": replica.expires_at_ms,
+                })
+            })
+            .collect(),
+        "",
     );
     output.print(&value, || {
         let mut text = format!(
@@ -42,7 +47,7 @@ pub async fn list(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
             text.push_str(&format!(
                 "\n{:<36}  {:<8}  {:>6}  {:>14}  {}",
                 replica.runner_id,
-                replica.state_at(now_ms),
+                replica.state_at(now_ms).to_ascii_uppercase(),
                 agents,
                 format!("{age} s ago"),
                 replica.address

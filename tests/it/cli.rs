@@ -75,7 +75,11 @@ fn init_show_and_api_keys_work_offline() {
         !listed_text.contains(secret),
         "list must never show the secret"
     );
-    assert_eq!(listed[0]["scopes"], serde_json::json!(["admin", "agents"]));
+    assert_eq!(listed["next_page_token"], "", "{listed}");
+    assert_eq!(
+        listed["api_keys"][0]["scopes"],
+        serde_json::json!(["admin", "agents"])
+    );
 
     let id = created["id"].as_str().expect("id");
     let revoked = stdout_json(&run(

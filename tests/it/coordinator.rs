@@ -1176,7 +1176,9 @@ async fn the_job_cli_drives_a_job_through_its_life(backend: Backend) {
     let fetched = json_of(&job_cli(&daemon, &key, &["get", &id, "--json"]).await);
     assert_eq!(fetched["result_json"], "{\"ok\":1}");
     let history = json_of(&job_cli(&daemon, &key, &["history", &id, "--json"]).await);
-    assert_eq!(history.as_array().map(Vec::len), Some(4));
+    assert_eq!(history["entries"].as_array().map(Vec::len), Some(4));
+    assert_eq!(history["entries"][3]["to_state"], "COMPLETED", "{history}");
+    assert_eq!(history["next_page_token"], "", "{history}");
     let listed = json_of(
         &job_cli(
             &daemon,

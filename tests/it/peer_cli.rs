@@ -82,7 +82,7 @@ async fn peer_commands_drive_a_handshake() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("fingerprint"));
     assert_eq!(
         json_of(&mosaicd(&a, &key_a, &["peer", "list"]).await),
-        serde_json::json!([])
+        serde_json::json!({ "connections": [], "next_page_token": "" })
     );
 
     let requested = json_of(
@@ -103,19 +103,28 @@ async fn peer_commands_drive_a_handshake() {
         )
         .await,
     );
-    assert_eq!(requested["state"], "pending");
+    assert_eq!(requested["state"], "PENDING");
     assert_eq!(requested["direction"], "outbound");
     let on_a = requested["connection_id"].as_str().expect("id").to_owned();
 
+    // States print in upper case; --state takes any case.
     let pending = json_of(&mosaicd(&b, &key_b, &["peer", "list", "--state", "pending"]).await);
-    let pending = pending.as_array().expect("array");
+    assert_eq!(pending["next_page_token"], "", "{pending}");
+    let pending = pending["connections"].as_array().expect("connections");
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0]["direction"], "inbound");
+    assert_eq!(pending[0]["state"], "PENDING");
     assert_eq!(
         pending[0]["capabilities_granted_to_us"],
         serde_json::json!(["agent.status"])
     );
     let on_b = pending[0]["connection_id"].as_str().expect("id").to_owned();
+    let upper = json_of(&mosaicd(&b, &key_b, &["peer", "list", "--state", "PENDING"]).await);
+    assert_eq!(
+        upper["connections"][0]["connection_id"],
+        on_b.as_str(),
+        "{upper}"
+    );
 
     let accepted = json_of(
         &mosaicd(
@@ -131,7 +140,7 @@ async fn peer_commands_drive_a_handshake() {
         )
         .await,
     );
-    assert_eq!(accepted["state"], "active");
+    assert_eq!(accepted["state"], "ACTIVE");
     assert_eq!(
         accepted["granted_capabilities"],
         serde_json::json!(["agent.spawn", "agent.status"])
@@ -140,7 +149,7 @@ async fn peer_commands_drive_a_handshake() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let shown = loop {
         let shown = json_of(&mosaicd(&a, &key_a, &["peer", "show", &on_a]).await);
-        if shown["state"] == "active" {
+        if shown["state"] == "ACTIVE" {
             break shown;
         }
         assert!(
@@ -154,6 +163,8 @@ async fn peer_commands_drive_a_handshake() {
         serde_json::json!(["agent.spawn", "agent.status"])
     );
     assert_eq!(shown["events"].as_array().expect("events").len(), 2);
+    assert_eq!(shown["events"][0]["to_state"], "PENDING", "{shown}");
+    assert_eq!(shown["events"][1]["to_state"], "ACTIVE", "{shown}");
     // For people, times are RFC 3339, not epoch milliseconds.
     let text = mosaicd_text(&a, &key_a, &["peer", "show", &on_a]).await;
     assert!(text.status.success(), "{text:?}");
@@ -196,9 +207,9 @@ async fn peer_commands_drive_a_handshake() {
         )
         .await,
     );
-    assert_eq!(suspended["state"], "suspended");
+    assert_eq!(suspended["state"], "SUSPENDED");
     let disconnected = json_of(&mosaicd(&b, &key_b, &["peer", "disconnect", &on_b]).await);
-    assert_eq!(disconnected["state"], "disconnected");
+    assert_eq!(disconnected["state"], "DISCONNECTED");
 
     a.stop().await;
     b.stop().await;

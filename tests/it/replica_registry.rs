@@ -29,7 +29,12 @@ fn listed(replicas: &Replicas, index: usize) -> Vec<serde_json::Value> {
         "mosaicd replicas failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).expect("a JSON array")
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(listed["next_page_token"], "", "{listed}");
+    listed["replicas"]
+        .as_array()
+        .expect("a replicas array")
+        .clone()
 }
 
 /// The entry of the replica at `address`.
@@ -55,7 +60,7 @@ async fn replicas_register_and_are_listed_with_their_state_and_agents() {
         .collect();
     for (index, address) in addresses.iter().enumerate() {
         let replica = entry(&all, address);
-        assert_eq!(replica["state"], "serving", "{replica}");
+        assert_eq!(replica["state"], "SERVING", "{replica}");
         let expected_agents = if index == 0 { 2 } else { 0 };
         assert_eq!(replica["agents"], expected_agents, "{replica}");
     }
@@ -66,13 +71,13 @@ async fn replicas_register_and_are_listed_with_their_state_and_agents() {
     replicas.terminate(1).await;
     replicas.kill(2).await;
     let all = listed(&replicas, 0);
-    assert_eq!(entry(&all, &addresses[1])["state"], "stopped");
-    assert_eq!(entry(&all, &addresses[2])["state"], "serving");
+    assert_eq!(entry(&all, &addresses[1])["state"], "STOPPED");
+    assert_eq!(entry(&all, &addresses[2])["state"], "SERVING");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all = listed(&replicas, 0);
-        if entry(&all, &addresses[2])["state"] == "lost" {
-            assert_eq!(entry(&all, &addresses[0])["state"], "serving", "{all:?}");
+        if entry(&all, &addresses[2])["state"] == "LOST" {
+            assert_eq!(entry(&all, &addresses[0])["state"], "SERVING", "{all:?}");
             break;
         }
         assert!(
@@ -187,7 +192,7 @@ async fn a_killed_replicas_agents_are_settled_by_another_and_its_restart_changes
     assert_eq!(records(&mut on_1, &ids).await, settled);
     let all = listed(&replicas, 1);
     assert_eq!(all.len(), 2, "{all:?}");
-    assert_eq!(entry(&all, replicas.address(0))["state"], "serving");
+    assert_eq!(entry(&all, replicas.address(0))["state"], "SERVING");
 
     drop(store);
     replicas.cleanup().await;

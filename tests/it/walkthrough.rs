@@ -116,7 +116,7 @@ async fn the_readme_walkthrough_federates_two_instances() {
     // What a reader would look for: the connection, the agent on bravo with
     // its output, its end, and both sides' command logs.
     for expected in [
-        "state:        pending",
+        "state:        PENDING",
         "peer:    bravo",
         "  hello from bravo",
         "state:   RUNNING",
