@@ -6,6 +6,7 @@ pub mod apikey;
 pub mod choices;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod environment;
 pub mod exit;
 pub mod federation;
@@ -87,6 +88,11 @@ pub enum Command {
     /// starting anything.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Check, in order, the configuration, the data dir's permissions, the
+    /// database, Redis, the identity, the listen address and the peers'
+    /// reachability (with an admin API key), and say what to do about each
+    /// problem; exit code of the first failure.
+    Doctor,
     /// Show, print or rotate the instance identity.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -193,6 +199,7 @@ pub async fn dispatch(cli: Cli) -> Result<(), CliError> {
         }
         Command::Init => init::init(&cli.config, output).await,
         Command::Config(command) => config::run(command, &cli.config, output),
+        Command::Doctor => doctor::run(&cli.config, &cli.client, output).await,
         Command::Migrate => serve::migrate(&cli.config, output).await,
         Command::Identity(IdentityCommand::Show) => identity::show(&cli.config, output).await,
         Command::Identity(IdentityCommand::Cert) => identity::cert(&cli.config),

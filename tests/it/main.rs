@@ -38,6 +38,7 @@ mod coordinator;
 mod coordinator_faults;
 mod deploy;
 mod dispatch_remote;
+mod doctor;
 mod faults;
 mod following;
 mod hostile_text;
