@@ -154,3 +154,59 @@ async fn the_readme_walkthrough_federates_two_instances() {
         "bravo logged one spawn received:\n{stdout}"
     );
 }
+
+/// The walkthrough with alpha's port already taken stops within seconds and
+/// says why, instead of waiting for a daemon that will never answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_walkthrough_with_its_port_taken_fails_fast_saying_why() {
+    let block = shell_block(README, MARKER);
+    let demo = tempfile::tempdir().expect("temporary dir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port_a = taken.local_addr().expect("address").port();
+    let (_, port_b) = free_ports();
+    let binary_dir = mosaicd_binary().parent().expect("binary dir");
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script =
+        format!("set -euo pipefail\ntrap 'kill $(jobs -p) 2> /dev/null || true' EXIT\n{block}");
+    let mut command = tokio::process::Command::new("bash");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MOSAIC_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", path)
+        .env("DEMO", demo.path())
+        .env("PORT_A", port_a.to_string())
+        .env("PORT_B", port_b.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let started = std::time::Instant::now();
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        command.spawn().expect("run bash").wait_with_output(),
+    )
+    .await
+    .expect("the walkthrough stops on its own")
+    .expect("bash output");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "it took {:?}",
+        started.elapsed()
+    );
+    assert!(stderr.contains("alpha did not start:"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port_a}")),
+        "the reason names the address: {stderr}"
+    );
+    drop(taken);
+}
