@@ -84,6 +84,13 @@ pub struct CliError {
     pub message: String,
 }
 
+/// Whether a failed call's status came from a server (which always sends
+/// `content-type`) rather than from this client's transport (no connection,
+/// a TLS failure, a timeout here), whose statuses carry no metadata.
+fn answered_by_server(status: &tonic::Status) -> bool {
+    status.metadata().get("content-type").is_some()
+}
+
 impl CliError {
     /// Exit code 1.
     pub fn failure(message: impl Into<String>) -> Self {
@@ -154,6 +161,11 @@ impl CliError {
         let message = match status.code() {
             Code::Unauthenticated => {
                 format!("{message} (pass --api-key or set MOSAIC_API_KEY)")
+            }
+            // The daemon answered: what was unavailable is behind it (a
+            // peer, the database), and it said which.
+            Code::Unavailable | Code::DeadlineExceeded if answered_by_server(status) => {
+                format!("the daemon at {server} is up, but: {message}")
             }
             Code::Unavailable | Code::DeadlineExceeded => format!(
                 "no answer from the daemon at {server}: {message} — is `mosaicd serve` running?"

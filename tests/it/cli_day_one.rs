@@ -270,6 +270,39 @@ async fn job_dispatch_with_peer_runs_the_agent_on_the_peer(backend: Backend) {
     environment_b.cleanup().await;
 }
 
+/// A peer the daemon cannot reach is the peer's fault, not the daemon's: the
+/// error says the daemon is up. A daemon that does not answer is named as
+/// before.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_peer_is_not_blamed_on_the_daemon() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start().await;
+    let admin = Client::of(&daemon, &[Scope::Admin]).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let nowhere = format!("https://{}", closed.local_addr().expect("address"));
+    drop(closed);
+    let stderr = admin
+        .fails(&["peer", "connect", &nowhere, "--workspace", "w"], 5)
+        .await;
+    assert!(
+        stderr.contains(&format!("the daemon at {} is up", daemon.url()))
+            && !stderr.contains("is `mosaicd serve` running"),
+        "{stderr}"
+    );
+    let url = daemon.url();
+    daemon.stop().await;
+    let gone = Client {
+        url: url.clone(),
+        ..admin
+    };
+    let stderr = gone.fails(&["peer", "list"], 5).await;
+    assert!(
+        stderr.contains(&url) && stderr.contains("is `mosaicd serve` running"),
+        "{stderr}"
+    );
+    environment.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn federation_log_of_an_unknown_peer_is_not_found() {
     let environment = TestEnvironment::new(Backend::Sqlite).await;
