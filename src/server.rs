@@ -269,7 +269,7 @@ pub async fn serve(
         tls.ca_mode = shared.identity.ca_trust().is_some(),
         instance.id = %identity.instance_id,
         fingerprint = %identity.public_key().fingerprint(),
-        services = ?crate::proto::SERVICE_NAMES,
+        services = %crate::proto::SERVICE_NAMES.join(","),
         rate_limit.storage = ?config.rate_limit.storage,
         rate_limit.shadow = config.rate_limit.shadow,
         "serving with health and reflection (v1, v1alpha)"

@@ -296,7 +296,7 @@ impl AgentRuntime {
         tracing::info!(
             agent.id = %running.id,
             agent.r#type = %running.agent_type,
-            origin = ?running.origin.kind(),
+            origin = running.origin.kind().as_str(),
             pid,
             "agent running"
         );

@@ -317,8 +317,8 @@ pub(super) async fn supervise(supervision: Supervision) {
     tracing::info!(
         agent.id = %agent_id,
         state = %ended.state,
-        exit_code = ?ended.exit_code,
-        signal = ?ended.signal,
+        exit_code = ended.exit_code,
+        signal = ended.signal,
         "agent ended"
     );
     drop(permit);

@@ -141,6 +141,7 @@ where
             let started = Instant::now();
             let (service, method) = labels_for(request.uri().path());
             let caller = CallerSlot::default();
+            let client = crate::ratelimit::layer::remote_address(request.extensions());
             request.extensions_mut().insert(caller.clone());
             let response = inner.call(request).await?;
             let mut recorder = CallRecorder {
@@ -149,6 +150,7 @@ where
                 service,
                 method,
                 caller,
+                client,
                 started,
                 recorded: false,
             };
@@ -195,6 +197,8 @@ struct CallRecorder {
     service: String,
     method: String,
     caller: CallerSlot,
+    /// The client's address and port, when the server knows it.
+    client: Option<std::net::SocketAddr>,
     started: Instant,
     recorded: bool,
 }
@@ -217,19 +221,22 @@ impl CallRecorder {
             .record_call(&self.service, method, code, duration);
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         let caller = self.caller.get();
+        let client = self
+            .client
+            .map_or_else(|| "-".to_owned(), |address| address.to_string());
         // The level of a tracing event is part of its static call site, so
         // each level has its own.
         match self.access_log {
             AccessLog::Info => tracing::event!(
                 target: "mosaic_mesh::access",
                 tracing::Level::INFO,
-                rpc.service = %self.service, rpc.method = %method, caller = %caller, code, duration_ms,
+                rpc.service = %self.service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"
             ),
             AccessLog::Debug => tracing::event!(
                 target: "mosaic_mesh::access",
                 tracing::Level::DEBUG,
-                rpc.service = %self.service, rpc.method = %method, caller = %caller, code, duration_ms,
+                rpc.service = %self.service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"
             ),
             AccessLog::Off => {}

@@ -169,11 +169,16 @@ where
 
 /// The remote address of the connection (TLS or plaintext).
 fn remote_ip(extensions: &http::Extensions) -> Option<IpAddr> {
+    remote_address(extensions).map(|address| address.ip())
+}
+
+/// The remote address and port of the connection a call came on (TLS or
+/// plaintext), as the server recorded it.
+pub fn remote_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
     if let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
-        return info.get_ref().remote_addr().map(|address| address.ip());
+        return info.get_ref().remote_addr();
     }
     extensions
         .get::<TcpConnectInfo>()
         .and_then(TcpConnectInfo::remote_addr)
-        .map(|address| address.ip())
 }

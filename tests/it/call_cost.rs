@@ -126,6 +126,10 @@ async fn the_call_log_line_follows_server_access_log() {
         let mut call_lines = 0;
         while let Ok(Some(line)) = lines.next_line().await {
             if line.contains("mosaic_mesh::access") && line.contains("rpc.method=Check") {
+                assert!(
+                    line.contains("client=127.0.0.1:"),
+                    "the caller's address: {line}"
+                );
                 call_lines += 1;
             }
         }
