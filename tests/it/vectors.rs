@@ -19,7 +19,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use mosaic_mesh::federation::envelope::{self, EnvelopeError, Payload, PayloadKind};
 use mosaic_mesh::identity::{InstanceKey, PublicKey, fingerprint};
@@ -839,22 +838,7 @@ fn python_with_cryptography() -> PathBuf {
         python.display()
     );
     let lock = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-grpcio.lock");
-    let started = Instant::now();
-    loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&lock)
-        {
-            Ok(_) => break,
-            Err(_) if started.elapsed() < Duration::from_secs(300) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(_) => {
-                let _ = std::fs::remove_file(&lock);
-            }
-        }
-    }
+    python::take_lock(&lock);
     if !has_it(&python) {
         let installed = Command::new(&python)
             .args([

@@ -41,6 +41,39 @@ fn free_ports() -> (u16, u16) {
     )
 }
 
+/// The README's block as bash runs it in the tests: failing on the first
+/// failing command, never leaving a daemon behind, with `mosaicd` on the
+/// path, no `MOSAIC_*` variable from the developer's shell, and its output
+/// captured.
+fn walkthrough(demo: &std::path::Path, port_a: u16, port_b: u16) -> tokio::process::Command {
+    let block = shell_block(README, MARKER);
+    let binary_dir = mosaicd_binary().parent().expect("binary dir");
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script =
+        format!("set -euo pipefail\ntrap 'kill $(jobs -p) 2> /dev/null || true' EXIT\n{block}");
+    let mut command = tokio::process::Command::new("bash");
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("MOSAIC_") {
+            command.env_remove(name);
+        }
+    }
+    command
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", path)
+        .env("DEMO", demo)
+        .env("PORT_A", port_a.to_string())
+        .env("PORT_B", port_b.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 #[test]
 fn the_walkthrough_block_is_found_and_starts_with_its_variables() {
     let block = shell_block(README, MARKER);
@@ -56,35 +89,10 @@ fn the_walkthrough_block_is_found_and_starts_with_its_variables() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_readme_walkthrough_federates_two_instances() {
-    let block = shell_block(README, MARKER);
     let demo = tempfile::tempdir().expect("temporary dir");
     let (port_a, port_b) = free_ports();
-    let binary_dir = mosaicd_binary().parent().expect("binary dir");
-    let path = format!(
-        "{}:{}",
-        binary_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    // Fail on the first failing command, and never leave a daemon behind.
-    let script =
-        format!("set -euo pipefail\ntrap 'kill $(jobs -p) 2> /dev/null || true' EXIT\n{block}");
-    let mut command = tokio::process::Command::new("bash");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MOSAIC_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .arg("-c")
-        .arg(&script)
-        .env("PATH", path)
-        .env("DEMO", demo.path())
-        .env("PORT_A", port_a.to_string())
-        .env("PORT_B", port_b.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    let mut command = walkthrough(demo.path(), port_a, port_b);
+    command.process_group(0);
     let child = command.spawn().expect("run bash");
     let group = child.id().expect("pid");
     let output = match tokio::time::timeout(WALKTHROUGH_DEADLINE, child.wait_with_output()).await {
@@ -159,35 +167,11 @@ async fn the_readme_walkthrough_federates_two_instances() {
 /// says why, instead of waiting for a daemon that will never answer.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_walkthrough_with_its_port_taken_fails_fast_saying_why() {
-    let block = shell_block(README, MARKER);
     let demo = tempfile::tempdir().expect("temporary dir");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port_a = taken.local_addr().expect("address").port();
     let (_, port_b) = free_ports();
-    let binary_dir = mosaicd_binary().parent().expect("binary dir");
-    let path = format!(
-        "{}:{}",
-        binary_dir.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let script =
-        format!("set -euo pipefail\ntrap 'kill $(jobs -p) 2> /dev/null || true' EXIT\n{block}");
-    let mut command = tokio::process::Command::new("bash");
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("MOSAIC_") {
-            command.env_remove(name);
-        }
-    }
-    command
-        .arg("-c")
-        .arg(&script)
-        .env("PATH", path)
-        .env("DEMO", demo.path())
-        .env("PORT_A", port_a.to_string())
-        .env("PORT_B", port_b.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    let mut command = walkthrough(demo.path(), port_a, port_b);
     let started = std::time::Instant::now();
     let output = tokio::time::timeout(
         std::time::Duration::from_secs(30),

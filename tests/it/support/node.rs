@@ -8,7 +8,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 /// Names a directory whose `node_modules` holds the example's packages (the
 /// `npm install --prefix` dir); the `node_modules` dir itself is accepted too.
@@ -31,23 +30,7 @@ pub fn node_modules_with_grpc() -> PathBuf {
     }
     let prefix = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-grpc");
     let lock = prefix.with_extension("lock");
-    let started = Instant::now();
-    loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&lock)
-        {
-            Ok(_) => break,
-            Err(_) if started.elapsed() < Duration::from_secs(300) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(_) => {
-                // A test killed while holding the lock; take it over.
-                let _ = std::fs::remove_file(&lock);
-            }
-        }
-    }
+    crate::support::python::take_lock(&lock);
     let node_modules = prefix.join("node_modules");
     if !(installed_from_current_package_files(&prefix) && packages_load(&node_modules)) {
         let _ = std::fs::remove_dir_all(&prefix);

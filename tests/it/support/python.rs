@@ -4,7 +4,7 @@
 //! `.ci/run` makes a throwaway virtualenv and sets `MOSAIC_TEST_PYTHON`; without it
 //! the tests make one under cargo's target tmp dir, once, behind a lock file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,29 @@ const PACKAGES: [&str; 5] = [
     "protobuf",
 ];
 
+/// Takes the lock file `lock` (made anew: whoever made it holds it), waiting
+/// while another test process holds it, for at most 300 s: then it was left
+/// by a test killed while holding it, and is taken over. The holder removes
+/// the file to release it.
+pub fn take_lock(lock: &Path) {
+    let started = Instant::now();
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(lock)
+        {
+            Ok(_) => return,
+            Err(_) if started.elapsed() < Duration::from_secs(300) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(_) => {
+                let _ = std::fs::remove_file(lock);
+            }
+        }
+    }
+}
+
 /// The path of a Python that can `import grpc, grpc_tools`.
 pub fn python_with_grpcio() -> PathBuf {
     if let Some(python) = std::env::var_os(PYTHON_VARIABLE).filter(|value| !value.is_empty()) {
@@ -26,23 +49,7 @@ pub fn python_with_grpcio() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-grpcio");
     let python = venv.join("bin").join("python");
     let lock = venv.with_extension("lock");
-    let started = Instant::now();
-    loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&lock)
-        {
-            Ok(_) => break,
-            Err(_) if started.elapsed() < Duration::from_secs(300) => {
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(_) => {
-                // A test killed while holding the lock; take it over.
-                let _ = std::fs::remove_file(&lock);
-            }
-        }
-    }
+    take_lock(&lock);
     let ready = python.exists()
         && Command::new(&python)
             .args([
