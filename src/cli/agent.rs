@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::client::{ClientArgs, Connection};
-use super::exit::{CliError, Output, list_json};
+use super::exit::{CliError, Output, list_json, print_line};
 use super::remote::RemoteArgs;
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
@@ -272,20 +272,21 @@ async fn watch(
 
 /// Prints one event of a watch: output lines to stdout or stderr as the
 /// agent wrote them, state changes on stderr; with --json, one JSON object
-/// per event on stdout.
+/// per event on stdout. A reader of stdout that went away ends the command
+/// quietly.
 pub fn print_event(message: &pb::WatchAgentResponse, output: Output) {
     match &message.event {
         Some(pb::watch_agent_response::Event::StateChange(change)) => {
             let agent = change.agent.clone().unwrap_or_default();
             if output.json {
-                println!(
-                    "{}",
-                    json!({ "sequence": message.sequence, "state_change": {
+                print_line(
+                    &json!({ "sequence": message.sequence, "state_change": {
                         "from_state": state_name(change.from_state),
                         "to_state": state_name(change.to_state),
                         "reason": change.reason,
                         "agent": agent_json(&agent),
                     }})
+                    .to_string(),
                 );
             } else {
                 eprintln!(
@@ -305,19 +306,19 @@ pub fn print_event(message: &pb::WatchAgentResponse, output: Output) {
                 _ => "stdout",
             };
             if output.json {
-                println!(
-                    "{}",
-                    json!({ "sequence": message.sequence, "output_line": {
+                print_line(
+                    &json!({ "sequence": message.sequence, "output_line": {
                         "stream": stream_name,
                         "line": line.line,
                     }})
+                    .to_string(),
                 );
             } else if stream_name == "stderr" {
                 eprintln!("{}", crate::text::escape_for_terminal(&line.line));
             } else {
                 // Escaped like everything else: the agent may run on a
                 // peer (`--json` gives the lines as they are).
-                println!("{}", crate::text::escape_for_terminal(&line.line));
+                print_line(&crate::text::escape_for_terminal(&line.line));
             }
         }
         None => {}

@@ -439,6 +439,23 @@ async fn agent_logs_prints_the_output_and_follows_from_a_sequence() {
     let stdout = String::from_utf8_lossy(&followed.stdout);
     assert_eq!(stdout, "one\nthree\n");
     assert!(String::from_utf8_lossy(&followed.stderr).contains("two"));
+    // A reader that went away (`| head -1` done) ends the follow quietly.
+    for json in [false, true] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let mut client = setup.client(&address);
+        if json {
+            client.arg("--json");
+        }
+        let gone = client
+            .args(["agent", "logs", &agent_id, "--follow"])
+            .stdout(writer)
+            .output()
+            .expect("agent logs --follow");
+        let stderr = String::from_utf8_lossy(&gone.stderr);
+        assert!(gone.status.success(), "json {json}: {stderr}");
+        assert!(!stderr.contains("panicked"), "json {json}: {stderr}");
+    }
 
     // Events: 1 recorded, 2 started, 3-5 the lines, 6 the end.
     let from = setup
