@@ -86,13 +86,6 @@ impl BatchCheck {
         self.next
     }
 
-    /// The same stream continued by another command (a resume): the next
-    /// batch answers `command_message_id` and still starts at
-    /// [`BatchCheck::next_sequence`].
-    pub fn resumed_by(&mut self, command_message_id: &str) {
-        command_message_id.clone_into(&mut self.command_message_id);
-    }
-
     /// Verifies one batch with the peer's `trusted` keys and returns its
     /// events; on success the next batch must start after this one's last
     /// sequence. A refused batch changes nothing.
@@ -226,8 +219,9 @@ mod tests {
             .check(Some(&batch(&b, "cmd-1", 4, 9, &[5, 9])), &trusted(&b), NOW)
             .expect("second batch");
         assert_eq!(check.next_sequence(), Some(10));
-        check.resumed_by("cmd-2");
-        check
+        // A resume: a new command, its batches from where this one stopped.
+        let mut resumed = BatchCheck::new("a", "b", "ws", "cmd-2", check.next_sequence());
+        resumed
             .check(Some(&batch(&b, "cmd-2", 10, 10, &[10])), &trusted(&b), NOW)
             .expect("a batch of the resumed command");
     }

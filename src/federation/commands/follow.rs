@@ -58,11 +58,13 @@ pub type RemoteEvents = ReceiverStream<Relayed>;
 /// What the follower passes on: a verified batch's events, or the end.
 pub type Relayed = Result<Vec<pb_agent::WatchAgentResponse>, FederationError>;
 
-/// One `agent.watch` sent, with its stream open.
+/// One `agent.watch` sent, with its stream open and the checks its batches
+/// must pass.
 struct Opened {
     responses: tonic::Streaming<pb::WatchCommandResponse>,
     record: CommandLogRecord,
     trusted: Vec<TrustedKey>,
+    check: BatchCheck,
 }
 
 /// How one command's stream ended.
@@ -95,28 +97,21 @@ impl Federation {
                 "agent_id is required".into(),
             ));
         }
-        let mut check = BatchCheck::new("", "", "", "", watch.from_sequence);
-        let opened = self.send_watch(&watch, &mut check).await?;
+        let opened = self.send_watch(&watch, watch.from_sequence).await?;
         let (sender, receiver) = mpsc::channel(QUEUE);
         let federation = Arc::clone(self);
         tokio::spawn(async move {
-            federation.follow(watch, check, opened, sender).await;
+            federation.follow(watch, opened, sender).await;
         });
         Ok(ReceiverStream::new(receiver))
     }
 
-    async fn follow(
-        &self,
-        watch: RemoteWatch,
-        mut check: BatchCheck,
-        mut opened: Opened,
-        sender: mpsc::Sender<Relayed>,
-    ) {
+    async fn follow(&self, watch: RemoteWatch, mut opened: Opened, sender: mpsc::Sender<Relayed>) {
         // When the stream was first cut since the last batch came through.
         let mut cut_since: Option<tokio::time::Instant> = None;
         let mut delay = FIRST_RETRY_DELAY;
         loop {
-            let (end, delivered) = self.relay(&mut opened, &mut check, &sender).await;
+            let (end, delivered) = self.relay(&mut opened, &sender).await;
             if delivered.is_some() {
                 cut_since = None;
                 delay = FIRST_RETRY_DELAY;
@@ -131,12 +126,13 @@ impl Federation {
                 End::Cut(cause) => cause,
             };
             // Resume from the last verified sequence with a new command.
+            let next = opened.check.next_sequence().or(watch.from_sequence);
             let first_cut = *cut_since.get_or_insert_with(tokio::time::Instant::now);
             opened = loop {
                 if first_cut.elapsed() >= GIVE_UP_AFTER {
                     let error = FederationError::Interrupted {
                         message: format!("the watch could not go on: {cause}"),
-                        resume_from: check.next_sequence().or(watch.from_sequence).unwrap_or(0),
+                        resume_from: next.unwrap_or(0),
                     };
                     let _ = sender.send(Err(error)).await;
                     return;
@@ -146,7 +142,7 @@ impl Federation {
                     () = sender.closed() => return,
                 }
                 delay = (delay * 2).min(MAX_RETRY_DELAY);
-                match self.send_watch(&watch, &mut check).await {
+                match self.send_watch(&watch, next).await {
                     Ok(opened) => break opened,
                     Err(error) if resumable(error.code()) => cause = error,
                     Err(error) => {
@@ -163,7 +159,6 @@ impl Federation {
     async fn relay(
         &self,
         opened: &mut Opened,
-        check: &mut BatchCheck,
         sender: &mpsc::Sender<Relayed>,
     ) -> (End, Option<(u64, u64)>) {
         let mut delivered: Option<(u64, u64)> = None;
@@ -185,19 +180,22 @@ impl Federation {
                 }
                 Err(status) => return (End::Failed(peer_status(status)), delivered),
             };
-            let first = check.next_sequence();
-            let events = match check.check(response.envelope.as_ref(), &opened.trusted, self.now())
-            {
-                Ok(events) => events,
-                Err(error) => {
-                    tracing::warn!(%error, "refused a batch of a watched remote agent");
-                    return (
-                        End::Failed(FederationError::BadReply(error.to_string())),
-                        delivered,
-                    );
-                }
-            };
-            if let Some(last) = check.next_sequence().map(|next| next - 1) {
+            let first = opened.check.next_sequence();
+            let events =
+                match opened
+                    .check
+                    .check(response.envelope.as_ref(), &opened.trusted, self.now())
+                {
+                    Ok(events) => events,
+                    Err(error) => {
+                        tracing::warn!(%error, "refused a batch of a watched remote agent");
+                        return (
+                            End::Failed(FederationError::BadReply(error.to_string())),
+                            delivered,
+                        );
+                    }
+                };
+            if let Some(last) = opened.check.next_sequence().map(|next| next - 1) {
                 let first = first.or(events.first().map(|event| event.sequence));
                 delivered = Some((
                     delivered.map_or(first.unwrap_or(last), |(first, _)| first),
@@ -214,12 +212,13 @@ impl Federation {
         }
     }
 
-    /// Signs and sends an `agent.watch` from where `check` stands, logs it,
-    /// and opens its stream; `check` then expects that command's batches.
+    /// Signs and sends an `agent.watch` of `watch` from sequence `from`
+    /// (`None`: the current state), logs it, and opens its stream, whose
+    /// batches must then answer that command and start at `from`.
     async fn send_watch(
         &self,
         watch: &RemoteWatch,
-        check: &mut BatchCheck,
+        from: Option<u64>,
     ) -> Result<Opened, FederationError> {
         let peer = self
             .active_connection_to(
@@ -235,11 +234,10 @@ impl Federation {
             &connection.workspace,
         );
         let header = envelope::new_header(&routing, identity.public_key().key_id());
-        let from_sequence = check.next_sequence().or(watch.from_sequence);
         let command = pb::command_payload::Command::AgentWatch(pb::AgentWatchCommand {
             agent_id: watch.agent_id.clone(),
             include_output: watch.include_output,
-            from_sequence,
+            from_sequence: from,
         });
         let record = CommandLogRecord {
             id: uuid::Uuid::new_v4().to_string(),
@@ -250,7 +248,7 @@ impl Federation {
             workspace: connection.workspace.clone(),
             command_type: command_type(&command).to_owned(),
             outcome: String::new(),
-            detail: match from_sequence {
+            detail: match from {
                 Some(from) => format!(
                     "watch of agent {} from sequence {}",
                     watch.agent_id,
@@ -275,20 +273,18 @@ impl Federation {
         }
         let opened = self.open_stream(&peer, sealed).await;
         match opened {
-            Ok(responses) => {
-                *check = BatchCheck::new(
+            Ok(responses) => Ok(Opened {
+                responses,
+                trusted: peer.trusted_keys(self.now()),
+                check: BatchCheck::new(
                     &identity.instance_id,
                     &connection.remote_instance_id,
                     &connection.workspace,
                     &record.message_id,
-                    check.next_sequence().or(watch.from_sequence),
-                );
-                Ok(Opened {
-                    responses,
-                    trusted: peer.trusted_keys(self.now()),
-                    record,
-                })
-            }
+                    from,
+                ),
+                record,
+            }),
             Err(error) => {
                 let (outcome, detail) = describe_error(&error);
                 self.write_watch_end(&record, outcome, format!("delivered nothing; {detail}"))
