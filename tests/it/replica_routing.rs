@@ -34,6 +34,91 @@ async fn through_balancer(replicas: &Replicas) -> tonic::transport::Channel {
     channel_to(&replicas.balancer.address.to_string(), replicas.data_dir(0)).await
 }
 
+/// A peer daemon connected to the replicas through the balancer in `ws`.
+struct PeerOfReplicas {
+    /// The peer's operator (admin client and key).
+    admin: Admin,
+    /// The replicas' instance id.
+    instance_id: String,
+    _daemon: crate::support::daemon::TestDaemon,
+    _environment: TestEnvironment,
+}
+
+impl PeerOfReplicas {
+    /// A new peer, connected and granted `grants` by the replicas.
+    async fn connect(replicas: &Replicas, grants: &[&str]) -> PeerOfReplicas {
+        let environment = TestEnvironment::new(Backend::Sqlite).await;
+        let daemon = environment.start_peer(0, |_| {}).await;
+        let admin = Admin::of(&daemon).await;
+        connect_and_accept_at(
+            &admin,
+            &replicas.admin(0).await,
+            &replicas.balancer.url(),
+            "ws",
+            grants,
+        )
+        .await;
+        PeerOfReplicas {
+            admin,
+            instance_id: replicas.admin(0).await.instance().await.instance_id,
+            _daemon: daemon,
+            _environment: environment,
+        }
+    }
+
+    /// Pins the balancer to replica `index` and cuts the peer's connection;
+    /// returns once a call from the peer is answered again (its channel
+    /// finds the cut on its next call and connects to that replica).
+    async fn via(&self, replicas: &Replicas, index: usize) {
+        replicas.balancer.pin(Some(index));
+        replicas.balancer.cut();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = self
+                .admin
+                .client
+                .clone()
+                .list_remote_agents(with_key(
+                    pb::ListRemoteAgentsRequest {
+                        peer_instance_id: self.instance_id.clone(),
+                        ..pb::ListRemoteAgentsRequest::default()
+                    },
+                    &self.admin.key,
+                ))
+                .await;
+            if listed.is_ok() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{listed:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A signed spawn of `sh -c prompt` on the replicas.
+    async fn spawn(&self, prompt: &str) -> agent_pb::Agent {
+        self.admin
+            .client
+            .clone()
+            .spawn_remote_agent(with_key(
+                pb::SpawnRemoteAgentRequest {
+                    peer_instance_id: self.instance_id.clone(),
+                    spawn: Some(agent_pb::SpawnRequest {
+                        agent_type: "sh".to_owned(),
+                        prompt: prompt.to_owned(),
+                        ..agent_pb::SpawnRequest::default()
+                    }),
+                    ..pb::SpawnRemoteAgentRequest::default()
+                },
+                &self.admin.key,
+            ))
+            .await
+            .expect("remote spawn")
+            .into_inner()
+            .agent
+            .expect("agent")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kills_through_the_balancer_all_stop_their_agents_wherever_they_run() {
     let (replicas, _store, key) = start(3, &[Scope::Agents]).await;
@@ -176,65 +261,13 @@ async fn a_job_cancelled_through_another_replica_stops_its_agent() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peers_signed_kill_works_through_either_replica() {
     let (replicas, _store, key) = start(2, &[Scope::Agents]).await;
-    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let peer = peer_environment.start_peer(0, |_| {}).await;
-    let admin_peer = Admin::of(&peer).await;
-    connect_and_accept_at(
-        &admin_peer,
-        &replicas.admin(0).await,
-        &replicas.balancer.url(),
-        "ws",
-        &["agent.spawn", "agent.status", "agent.kill"],
-    )
-    .await;
-    let instance_id = replicas.admin(0).await.instance().await.instance_id;
-    let mut peer_client = admin_peer.client.clone();
-    // The peer's calls follow its connection; a cut connection is made
-    // again to the replica the balancer is pinned to.
-    let via = async |index: usize| {
-        replicas.balancer.pin(Some(index));
-        replicas.balancer.cut();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let listed = admin_peer
-                .client
-                .clone()
-                .list_remote_agents(with_key(
-                    pb::ListRemoteAgentsRequest {
-                        peer_instance_id: instance_id.clone(),
-                        ..pb::ListRemoteAgentsRequest::default()
-                    },
-                    &admin_peer.key,
-                ))
-                .await;
-            if listed.is_ok() {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{listed:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    via(0).await;
+    let peer =
+        PeerOfReplicas::connect(&replicas, &["agent.spawn", "agent.status", "agent.kill"]).await;
+    let mut peer_client = peer.admin.client.clone();
+    peer.via(&replicas, 0).await;
     let mut spawned = Vec::new();
     for _ in 0..2 {
-        let agent = peer_client
-            .spawn_remote_agent(with_key(
-                pb::SpawnRemoteAgentRequest {
-                    peer_instance_id: instance_id.clone(),
-                    spawn: Some(agent_pb::SpawnRequest {
-                        agent_type: "sh".to_owned(),
-                        prompt: "sleep 600".to_owned(),
-                        ..agent_pb::SpawnRequest::default()
-                    }),
-                    ..pb::SpawnRemoteAgentRequest::default()
-                },
-                &admin_peer.key,
-            ))
-            .await
-            .expect("remote spawn")
-            .into_inner()
-            .agent
-            .expect("agent");
+        let agent = peer.spawn("sleep 600").await;
         assert!(agent.runner_id.is_empty(), "a peer learns no runner id");
         spawned.push(agent);
     }
@@ -247,16 +280,16 @@ async fn a_peers_signed_kill_works_through_either_replica() {
     // The first kill lands on the replica that does not run the agent, the
     // second on the one that does.
     for (agent, index) in spawned.iter().zip([1, 0]) {
-        via(index).await;
+        peer.via(&replicas, index).await;
         let killed = peer_client
             .kill_remote_agent(with_key(
                 pb::KillRemoteAgentRequest {
-                    peer_instance_id: instance_id.clone(),
+                    peer_instance_id: peer.instance_id.clone(),
                     agent_id: agent.agent_id.clone(),
                     reason: "done".to_owned(),
                     ..pb::KillRemoteAgentRequest::default()
                 },
-                &admin_peer.key,
+                &peer.admin.key,
             ))
             .await
             .unwrap_or_else(|status| panic!("remote kill through replica {index}: {status:?}"));
@@ -277,70 +310,24 @@ async fn a_peers_signed_kill_works_through_either_replica() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peers_watch_through_the_other_replica_gets_every_line_in_order() {
     let (replicas, _store, key) = start(2, &[Scope::Agents]).await;
-    let peer_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let peer = peer_environment.start_peer(0, |_| {}).await;
-    let admin_peer = Admin::of(&peer).await;
-    connect_and_accept_at(
-        &admin_peer,
-        &replicas.admin(0).await,
-        &replicas.balancer.url(),
-        "ws",
-        &["agent.spawn", "agent.status"],
-    )
-    .await;
-    let instance_id = replicas.admin(0).await.instance().await.instance_id;
-    let mut peer_client = admin_peer.client.clone();
-    replicas.balancer.pin(Some(0));
-    replicas.balancer.cut();
-    let agent = peer_client
-        .spawn_remote_agent(with_key(
-            pb::SpawnRemoteAgentRequest {
-                peer_instance_id: instance_id.clone(),
-                spawn: Some(agent_pb::SpawnRequest {
-                    agent_type: "sh".to_owned(),
-                    prompt: "sleep 1; seq 1 2000; sleep 1".to_owned(),
-                    ..agent_pb::SpawnRequest::default()
-                }),
-                ..pb::SpawnRemoteAgentRequest::default()
-            },
-            &admin_peer.key,
-        ))
-        .await
-        .expect("remote spawn")
-        .into_inner()
-        .agent
-        .expect("agent");
+    let peer = PeerOfReplicas::connect(&replicas, &["agent.spawn", "agent.status"]).await;
+    let mut peer_client = peer.admin.client.clone();
+    peer.via(&replicas, 0).await;
+    let agent = peer.spawn("sleep 1; seq 1 2000; sleep 1").await;
     let mut agents = Agents::new(replicas.channel(0).await, key);
     let owner = agents.get(&agent.agent_id).await.expect("get").runner_id;
     let mut agents_1 = Agents::new(replicas.channel(1).await, agents.key.clone());
-    replicas.balancer.pin(Some(1));
-    replicas.balancer.cut();
-    // The peer's channel finds the cut on its next call and connects again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while peer_client
-        .list_remote_agents(with_key(
-            pb::ListRemoteAgentsRequest {
-                peer_instance_id: instance_id.clone(),
-                ..pb::ListRemoteAgentsRequest::default()
-            },
-            &admin_peer.key,
-        ))
-        .await
-        .is_err()
-    {
-        assert!(tokio::time::Instant::now() < deadline, "never reconnected");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    peer.via(&replicas, 1).await;
     let mut events = peer_client
         .watch_remote_agent(with_key(
             pb::WatchRemoteAgentRequest {
-                peer_instance_id: instance_id.clone(),
+                peer_instance_id: peer.instance_id.clone(),
                 agent_id: agent.agent_id.clone(),
                 include_output: true,
                 from_sequence: Some(1),
                 ..pb::WatchRemoteAgentRequest::default()
             },
-            &admin_peer.key,
+            &peer.admin.key,
         ))
         .await
         .expect("a watch through replica 1")
