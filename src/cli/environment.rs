@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 
+use clap::CommandFactory as _;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
-use clap::{CommandFactory as _, Parser as _};
 
 use super::Cli;
 
@@ -135,7 +135,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// name (the flag was never typed). Exits on errors, `--help` and `--version`.
 pub fn parse_command_line() -> Cli {
     let arguments: Vec<OsString> = std::env::args_os().collect();
-    match Cli::try_parse_from(&arguments) {
+    match super::help::try_parse_from(&arguments) {
         Ok(cli) => cli,
         Err(error) => {
             if let Some(message) =
@@ -169,7 +169,7 @@ pub fn from_environment(
         return None;
     };
     // Arguments render (`--listen <ADDR>`) only once their command is built.
-    let mut command = Cli::command();
+    let mut command = super::help::command();
     command.build();
     let argument = argument_shown_as(&command, shown)?;
     let variable = argument.get_env()?;
@@ -275,7 +275,7 @@ mod tests {
     #[test]
     fn a_bad_value_from_a_variable_names_the_variable() {
         let arguments = names(&["mosaicd", "init"]);
-        let error = Cli::try_parse_from(&arguments).err();
+        let error = crate::cli::help::try_parse_from(&arguments).err();
         assert!(error.is_none(), "init parses without the variable");
         let lookup = |name: &OsStr| (name == "MOSAIC_LISTEN").then(|| OsString::from("bogus"));
         let error = Cli::command()
@@ -292,10 +292,10 @@ mod tests {
 
         // Typed on the command line: clap's own message stands.
         let typed = names(&["mosaicd", "--listen", "bogus", "init"]);
-        let error = Cli::try_parse_from(&typed).expect_err("bogus does not parse");
+        let error = crate::cli::help::try_parse_from(&typed).expect_err("bogus does not parse");
         assert_eq!(from_environment(&error, &typed, lookup), None);
         let typed = names(&["mosaicd", "--listen=bogus", "init"]);
-        let error = Cli::try_parse_from(&typed).expect_err("bogus does not parse");
+        let error = crate::cli::help::try_parse_from(&typed).expect_err("bogus does not parse");
         assert_eq!(from_environment(&error, &typed, lookup), None);
     }
 }

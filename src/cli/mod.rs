@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod environment;
 pub mod exit;
 pub mod federation;
+pub mod help;
 pub mod identity;
 pub mod init;
 pub mod job;
