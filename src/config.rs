@@ -25,7 +25,9 @@ pub use crate::federation::settings::{FederationConfig, FederationFileConfig};
 use crate::identity::InstanceProfile;
 
 mod listen;
+mod shown_url;
 pub use listen::parse_listen_address;
+pub use shown_url::url_without_credentials;
 
 /// Path of the TOML configuration file.
 pub const ENV_CONFIG: &str = "MOSAIC_CONFIG";

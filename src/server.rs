@@ -76,7 +76,12 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     })?;
     let store = Store::open(&config.database_url, &config.storage)
         .await
-        .context("cannot open the database")?;
+        .with_context(|| {
+            format!(
+                "cannot open the database at {}",
+                crate::config::url_without_credentials(&config.database_url)
+            )
+        })?;
     // Replicas started together migrate and create the identity one at a
     // time; the others then find both done.
     let startup = Store::lock_for_startup(&config.database_url, STARTUP_PATIENCE)

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use super::environment::unknown_variables_here;
 use super::exit::{CliError, Output};
 use super::serve::load_config;
+pub use crate::config::url_without_credentials;
 use crate::config::{Config, ConfigArgs};
 use crate::tls::ca::TlsSettings;
 
@@ -124,29 +125,6 @@ fn program_exists(program: &str, path_variable: &std::ffi::OsStr) -> bool {
     std::env::split_paths(path_variable)
         .filter(|directory| directory.is_absolute())
         .any(|directory| executable(&directory.join(program)))
-}
-
-/// `url` without user name, password and query (which may carry a password):
-/// `postgres://db.example:5432/mosaic`.
-pub fn url_without_credentials(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "(not a URL)".to_owned();
-    };
-    let (before_query, query) = match rest.split_once('?') {
-        Some((before, _)) => (before, true),
-        None => (rest, false),
-    };
-    let (location, credentials) = match before_query.rsplit_once('@') {
-        Some((_, location)) => (location, true),
-        None => (before_query, false),
-    };
-    let hidden = match (credentials, query) {
-        (true, true) => " (credentials and options not shown)",
-        (true, false) => " (credentials not shown)",
-        (false, true) => " (options not shown)",
-        (false, false) => "",
-    };
-    format!("{scheme}://{location}{hidden}")
 }
 
 fn summary_json(file: Option<&Path>, config: &Config, warnings: &[String]) -> Value {

@@ -85,7 +85,12 @@ pub async fn migrate(args: &ConfigArgs, output: Output) -> Result<(), CliError> 
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     let store = Store::open(&config.database_url, &config.storage)
         .await
-        .context("cannot open the database")?;
+        .with_context(|| {
+            format!(
+                "cannot open the database at {}",
+                crate::config::url_without_credentials(&config.database_url)
+            )
+        })?;
     store
         .run_migrations()
         .await
@@ -108,7 +113,12 @@ pub async fn open_existing_store(config: &Config) -> Result<Store, CliError> {
     }
     let store = Store::open(&config.database_url, &config.storage)
         .await
-        .context("cannot open the database")?;
+        .with_context(|| {
+            format!(
+                "cannot open the database at {}",
+                crate::config::url_without_credentials(&config.database_url)
+            )
+        })?;
     store
         .run_migrations()
         .await

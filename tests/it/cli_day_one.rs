@@ -289,6 +289,11 @@ async fn an_unreachable_peer_is_not_blamed_on_the_daemon() {
             && !stderr.contains("is `mosaicd serve` running"),
         "{stderr}"
     );
+    assert_eq!(
+        stderr.matches("(os error").count(),
+        1,
+        "the cause is said once: {stderr}"
+    );
     let url = daemon.url();
     daemon.stop().await;
     let gone = Client {
@@ -301,6 +306,40 @@ async fn an_unreachable_peer_is_not_blamed_on_the_daemon() {
         "{stderr}"
     );
     environment.cleanup().await;
+}
+
+/// A database that cannot be opened is named in the error (without its
+/// password), PostgreSQL and SQLite alike.
+#[test]
+fn a_database_that_cannot_be_opened_is_named_without_its_password() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = closed.local_addr().expect("address");
+    drop(closed);
+    let url = format!("postgres://mosaic:hunter2@{address}/mosaic");
+    let output = mosaicd(data_dir.path())
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("run mosaicd");
+    let refused = failure(&output, 5);
+    assert!(
+        refused.contains(&format!(
+            "cannot open the database at postgres://{address}/mosaic"
+        )) && !refused.contains("hunter2"),
+        "{refused}"
+    );
+    let missing = data_dir.path().join("no-such-dir").join("mosaic.db");
+    let url = format!("sqlite://{}", missing.display());
+    let output = mosaicd(data_dir.path())
+        .args(["migrate", "--database-url", &url])
+        .output()
+        .expect("run mosaicd");
+    let said = stderr(&output);
+    assert!(!output.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("cannot open the database at {url}")),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
