@@ -130,7 +130,7 @@ async fn a_healthy_instance_with_a_reachable_peer_passes_every_check(backend: Ba
     let output = run(true).await;
     let report = report(&output, 0);
     for name in CHECK_NAMES {
-        assert_eq!(check(&report, name)["status"], "ok", "{report:#}");
+        assert_eq!(check(&report, name)["status"], "OK", "{report:#}");
     }
     let peers = check(&report, "peers");
     let connections = peers["connections"].as_array().expect("connections");
@@ -187,7 +187,7 @@ fn a_database_others_can_read_is_a_warning_with_the_chmod() {
     // A warning is no failure.
     let report = report(&output, 0);
     let data_dir_check = check(&report, "data_dir");
-    assert_eq!(data_dir_check["status"], "warn", "{report:#}");
+    assert_eq!(data_dir_check["status"], "WARN", "{report:#}");
     let detail = data_dir_check["detail"].as_str().expect("detail");
     assert!(
         detail.contains(&database.display().to_string()) && detail.contains("0644"),
@@ -198,11 +198,11 @@ fn a_database_others_can_read_is_a_warning_with_the_chmod() {
         format!("chmod 600 {}", database.display())
     );
     for name in ["config", "database", "identity", "listener"] {
-        assert_eq!(check(&report, name)["status"], "ok", "{report:#}");
+        assert_eq!(check(&report, name)["status"], "OK", "{report:#}");
     }
     // Not configured, and no daemon to ask.
-    assert_eq!(check(&report, "redis")["status"], "skip");
-    assert_eq!(check(&report, "peers")["status"], "skip");
+    assert_eq!(check(&report, "redis")["status"], "SKIP");
+    assert_eq!(check(&report, "peers")["status"], "SKIP");
 }
 
 #[test]
@@ -230,7 +230,7 @@ fn a_listen_port_held_by_something_else_fails_the_listener_check() {
     // `serve` would exit 1 on this address.
     let report = report(&output, 1);
     let listener = check(&report, "listener");
-    assert_eq!(listener["status"], "fail", "{report:#}");
+    assert_eq!(listener["status"], "FAIL", "{report:#}");
     assert!(
         listener["detail"]
             .as_str()
@@ -243,8 +243,8 @@ fn a_listen_port_held_by_something_else_fails_the_listener_check() {
         hint.contains(&format!(":{}", address.port())) && hint.contains("--listen"),
         "{hint}"
     );
-    assert_eq!(check(&report, "identity")["status"], "ok");
-    assert_eq!(check(&report, "peers")["status"], "skip");
+    assert_eq!(check(&report, "identity")["status"], "OK");
+    assert_eq!(check(&report, "peers")["status"], "SKIP");
 
     let output = doctor(false);
     assert_eq!(output.status.code(), Some(1));
@@ -272,7 +272,7 @@ fn a_wrong_master_key_fails_the_identity_check_with_exit_code_2() {
         .expect("run mosaicd doctor");
     let report = report(&output, 2);
     let identity = check(&report, "identity");
-    assert_eq!(identity["status"], "fail", "{report:#}");
+    assert_eq!(identity["status"], "FAIL", "{report:#}");
     assert!(
         identity["detail"]
             .as_str()
@@ -289,7 +289,7 @@ fn a_wrong_master_key_fails_the_identity_check_with_exit_code_2() {
     );
     // Everything before it is fine; the identity was the first failure.
     for name in ["config", "data_dir", "database"] {
-        assert_eq!(check(&report, name)["status"], "ok", "{report:#}");
+        assert_eq!(check(&report, name)["status"], "OK", "{report:#}");
     }
     assert!(!text(&output.stdout).contains(OTHER_MASTER_KEY));
     assert!(!text(&output.stderr).contains(OTHER_MASTER_KEY));
@@ -311,7 +311,7 @@ fn an_unreachable_database_fails_with_exit_code_5() {
     assert!(started.elapsed() < std::time::Duration::from_secs(15));
     let report = report(&output, 5);
     let database = check(&report, "database");
-    assert_eq!(database["status"], "fail", "{report:#}");
+    assert_eq!(database["status"], "FAIL", "{report:#}");
     assert!(
         database["hint"]
             .as_str()
@@ -320,7 +320,7 @@ fn an_unreachable_database_fails_with_exit_code_5() {
         "{database:#}"
     );
     // What needs the database is skipped, not failed on its account.
-    assert_eq!(check(&report, "identity")["status"], "skip", "{report:#}");
+    assert_eq!(check(&report, "identity")["status"], "SKIP", "{report:#}");
     for stream in [&output.stdout, &output.stderr] {
         assert!(
             !text(stream).contains("secret-password"),

@@ -43,13 +43,13 @@ enum Status {
 }
 
 impl Status {
-    /// The word in JSON.
+    /// The word in JSON: upper case, as every state the CLI prints.
     fn as_str(self) -> &'static str {
         match self {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
-            Status::Skip => "skip",
+            Status::Ok => "OK",
+            Status::Warn => "WARN",
+            Status::Fail => "FAIL",
+            Status::Skip => "SKIP",
         }
     }
 
