@@ -360,6 +360,47 @@ async fn federation_log_of_an_unknown_peer_is_not_found() {
     environment.cleanup().await;
 }
 
+/// `--log-format json`: every line is one JSON object, and the per-call line
+/// carries the client's address and the duration as a number, not Rust
+/// debug text.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_are_one_object_per_line_with_plain_values() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let mut command = mosaicd(data_dir.path());
+    command.args(["--log-format", "json"]);
+    let (_daemon, address, mut lines) = crate::support::binary::spawn_serve_with_log(command).await;
+    let channel = crate::support::binary::channel_to(&address, data_dir.path()).await;
+    HealthClient::new(channel)
+        .check(HealthCheckRequest::default())
+        .await
+        .expect("health answers");
+    let call = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            let event: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|error| panic!("not one JSON object ({error}): {line}"));
+            if event["target"] == "mosaic_mesh::access" {
+                return event;
+            }
+        }
+        panic!("the daemon exited before logging the call");
+    })
+    .await
+    .expect("the call is logged within 10 s");
+    let fields = &call["fields"];
+    assert_eq!(fields["rpc.service"], "grpc.health.v1.Health", "{call}");
+    assert_eq!(fields["rpc.method"], "Check", "{call}");
+    assert!(fields["duration_ms"].is_u64(), "{call}");
+    let client = fields["client"].as_str().expect("client address");
+    assert!(
+        client.starts_with("127.0.0.1:") && client.parse::<std::net::SocketAddr>().is_ok(),
+        "{call}"
+    );
+    assert!(!call.to_string().contains("Some("), "no debug text: {call}");
+}
+
 #[test]
 fn init_on_an_existing_instance_says_it_exists_and_keeps_it() {
     let data_dir = tempfile::tempdir().expect("tempdir");

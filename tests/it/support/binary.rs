@@ -58,8 +58,8 @@ pub async fn spawn_serve_with_log(command: Command) -> (tokio::process::Child, S
     let mut lines = BufReader::new(stderr).lines();
     let address = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("read log") {
-            if let Some(rest) = line.split("listen=").nth(1) {
-                return rest.split_whitespace().next().expect("address").to_owned();
+            if let Some(address) = serving_address(&line) {
+                return address;
             }
         }
         panic!("mosaicd exited before serving");
@@ -67,6 +67,18 @@ pub async fn spawn_serve_with_log(command: Command) -> (tokio::process::Child, S
     .await
     .expect("mosaicd starts within 30 s");
     (child, address, lines)
+}
+
+/// The address in the daemon's "serving" line, in either log format: the
+/// `listen` field (not `metrics.listen`) of a text line or of a JSON one.
+fn serving_address(line: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let event: serde_json::Value = serde_json::from_str(line).ok()?;
+        return event["fields"]["listen"].as_str().map(str::to_owned);
+    }
+    line.split(' ')
+        .find_map(|field| field.strip_prefix("listen="))
+        .map(str::to_owned)
 }
 
 /// A TLS channel to a `mosaicd serve` at `address`, pinning the key of the
