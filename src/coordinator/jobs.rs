@@ -102,8 +102,6 @@ pub struct Jobs {
     store: Store,
     events: JobEvents,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Taken around each write transaction on SQLite; `None` on PostgreSQL.
-    sqlite_writes: Option<std::sync::Arc<tokio::sync::Mutex<()>>>,
     /// The daemon's job writer, shared with every `Jobs` of its
     /// `CoordinatorState`; started on the first write.
     writer: std::sync::Arc<std::sync::OnceLock<JobWriter>>,
@@ -117,43 +115,22 @@ impl Jobs {
         Jobs {
             events: state.events.clone(),
             shutdown: state.shutdown_signal(),
-            sqlite_writes: (store.backend() == crate::store::Backend::Sqlite)
-                .then(|| state.sqlite_writes()),
             writer: state.job_writes(),
             store,
             max_payload_bytes: config.max_payload_bytes,
         }
     }
 
-    /// Waits for this process's turn to write, on SQLite.
-    ///
-    /// SQLite admits one writer at a time. Without this queue, concurrent
-    /// writers each hold a pooled connection while SQLite's busy handler makes
-    /// them sleep and retry, unfairly: under 8 concurrent writers some waited
-    /// past the pool's checkout timeout and failed UNAVAILABLE. A FIFO queue in
-    /// front costs no throughput (the writes are serial anyway) and keeps the
-    /// waits fair. PostgreSQL writes to different rows run in parallel.
-    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
-        match &self.sqlite_writes {
-            Some(gate) => Some(gate.lock().await),
-            None => None,
-        }
-    }
-
     /// The job writer, started (on SQLite, a task on the current tokio
-    /// runtime) at the first write. A batch takes the SQLite write turn like
-    /// any other writer.
+    /// runtime) at the first write. Every job write goes through it —
+    /// creates, changes and webhook deliveries — so on SQLite the job
+    /// writes of the daemon are one queue, committed in batches.
     fn writer(&self) -> &JobWriter {
         self.writer.get_or_init(|| {
             let store = self.store.clone();
-            let gate = self.sqlite_writes.clone();
             GroupCommit::start(store.backend(), MAX_WRITE_BATCH, move |ops| {
-                let (store, gate) = (store.clone(), gate.clone());
+                let store = store.clone();
                 async move {
-                    let _turn = match &gate {
-                        Some(gate) => Some(gate.lock().await),
-                        None => None,
-                    };
                     let written = write_batch(&store, ops).await;
                     // Watchers on the other replicas hear of the changes.
                     super::events::notify_changes(
@@ -324,7 +301,7 @@ impl Jobs {
         let op = JobWriteOp::change(guard, write.clone());
         let written = match self.writer().write(op).await? {
             JobWritten::Changed(job) => job.map(|job| *job),
-            JobWritten::Inserted(_) => None,
+            JobWritten::Inserted(_) | JobWritten::Delivered(_) => None,
         };
         if let Some(job) = &written {
             let entry = write.entry(job, guard.state);
@@ -417,17 +394,20 @@ impl Jobs {
         })?;
         let now = now_ms();
         let job = webhook_job(&delivery, source, self.max_payload_bytes, now)?;
-        let turn = self.write_turn().await;
-        let outcome = self
-            .store
-            .record_webhook_delivery(
-                &delivery.source,
-                &delivery.delivery_id,
-                job.as_ref().map(|(job, creation)| (job, creation)),
-                now,
-            )
-            .await?;
-        drop(turn);
+        let op = JobWriteOp::Delivery {
+            source: delivery.source.clone(),
+            delivery_id: delivery.delivery_id.clone(),
+            job: job.clone().map(Box::new),
+            received_at_ms: now,
+        };
+        let outcome = match self.writer().write(op).await? {
+            JobWritten::Delivered(outcome) => outcome,
+            JobWritten::Inserted(_) | JobWritten::Changed(_) => {
+                return Err(CoordinatorError::Store(StoreError::Unavailable(
+                    "a webhook delivery was answered as another kind of write".to_owned(),
+                )));
+            }
+        };
         match outcome {
             DeliveryOutcome::Recorded => {
                 tracing::info!(

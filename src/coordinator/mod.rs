@@ -44,9 +44,6 @@ pub struct CoordinatorState {
     /// Becomes `true` when the daemon starts shutting down, so that watch
     /// streams end (UNAVAILABLE) instead of holding the drain.
     shutting_down: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Serialises the coordinator's write transactions on SQLite (see
-    /// `jobs::Jobs::write_turn`).
-    sqlite_writes: Arc<tokio::sync::Mutex<()>>,
     /// The group commit of job creates and changes, started on the first
     /// write (see `jobs::Jobs::writer`).
     job_writes: Arc<std::sync::OnceLock<jobs::JobWriter>>,
@@ -63,7 +60,6 @@ impl Default for CoordinatorState {
             events: JobEvents::default(),
             started_at: tokio::time::Instant::now(),
             shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
-            sqlite_writes: Arc::new(tokio::sync::Mutex::new(())),
             job_writes: Arc::default(),
             followers: following::Followers::default(),
             health: health::HealthProbe::default(),
@@ -75,11 +71,6 @@ impl CoordinatorState {
     /// Ends every watch stream, now and from now on.
     pub fn begin_shutdown(&self) {
         self.shutting_down.send_replace(true);
-    }
-
-    /// The queue of the coordinator's SQLite write transactions.
-    pub fn sqlite_writes(&self) -> Arc<tokio::sync::Mutex<()>> {
-        Arc::clone(&self.sqlite_writes)
     }
 
     /// Where the daemon's job writer is kept once started.

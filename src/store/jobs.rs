@@ -13,7 +13,9 @@
 //! transaction is atomic on its own), on SQLite one blocking call that runs
 //! `BEGIN IMMEDIATE`, the statements and `COMMIT` on the connection's thread.
 //! They are therefore written once per backend, unlike the other queries
-//! here; the unit tests below run each on both.
+//! here; the unit tests below run each on both. A webhook delivery and its
+//! job are a third write of the same kind, so that every job write goes
+//! through the coordinator's one job writer.
 
 mod postgres;
 mod sqlite;
@@ -27,31 +29,6 @@ use diesel_async::{AsyncConnection as _, RunQueryDsl};
 use super::schema::{job_history, job_labels, jobs, webhook_deliveries};
 use super::{Store, StoreError};
 use crate::coordinator::state::{JobState, JobWrite, Percent};
-
-/// Inserts a job's row, label rows and creation entry on `$conn`, inside the
-/// caller's transaction. A macro because it runs on either backend's
-/// connection type.
-macro_rules! insert_job_rows {
-    ($conn:ident, $rows:expr) => {{
-        let rows: &JobRows = &$rows;
-        diesel::insert_into(jobs::table)
-            .values(&rows.job)
-            .execute($conn)
-            .await?;
-        // One statement per label: diesel has no multi-row insert for
-        // SQLite, and jobs carry few labels.
-        for label in &rows.labels {
-            diesel::insert_into(job_labels::table)
-                .values(label)
-                .execute($conn)
-                .await?;
-        }
-        diesel::insert_into(job_history::table)
-            .values(&rows.creation)
-            .execute($conn)
-            .await?;
-    }};
-}
 
 /// A job as stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +160,16 @@ pub enum JobWriteOp {
         version: Option<i64>,
         write: JobWrite,
     },
+    /// A webhook delivery of `source` and, unless the delivery is ignored
+    /// (`job` is `None`), its job and creation entry: all written, or
+    /// nothing when the source's delivery id is already recorded. An empty
+    /// delivery id is not deduplicated (and no delivery row is kept).
+    Delivery {
+        source: String,
+        delivery_id: String,
+        job: Option<Box<(JobRecord, JobHistoryRecord)>>,
+        received_at_ms: i64,
+    },
 }
 
 impl JobWriteOp {
@@ -206,6 +193,8 @@ pub enum JobWritten {
     /// A change: the job as written, or `None` when no stored job matched
     /// the guard and nothing was written.
     Changed(Option<Box<JobRecord>>),
+    /// A webhook delivery: recorded, or a duplicate and nothing written.
+    Delivered(DeliveryOutcome),
 }
 
 impl Store {
@@ -244,7 +233,7 @@ impl Store {
             .await?
         {
             JobWritten::Changed(job) => Ok(job.map(|job| *job)),
-            JobWritten::Inserted(_) => Ok(None),
+            JobWritten::Inserted(_) | JobWritten::Delivered(_) => Ok(None),
         }
     }
 
@@ -275,7 +264,8 @@ impl Store {
             .iter()
             .map(|op| match op {
                 JobWriteOp::Insert { job, .. } => labels_json(job).map(Some),
-                JobWriteOp::Change { .. } => Ok(None),
+                JobWriteOp::Delivery { job: Some(job), .. } => labels_json(&job.0).map(Some),
+                JobWriteOp::Change { .. } | JobWriteOp::Delivery { job: None, .. } => Ok(None),
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let rows = with_connection!(
@@ -315,15 +305,18 @@ impl Store {
                         row.map(|row| JobRecord::try_from(*row).map(Box::new))
                             .transpose()?,
                     ),
+                    Written::Delivered(outcome) => JobWritten::Delivered(outcome),
                 })
             })
             .collect()
     }
 
     /// Records a webhook delivery of `source` and, unless the delivery is
-    /// ignored (`job` is `None`), its job, in one transaction. A delivery id
-    /// already recorded for the source writes nothing and returns the first
-    /// delivery's job id. An empty `delivery_id` is not deduplicated.
+    /// ignored (`job` is `None`), its job, atomically (`JobWriteOp::Delivery`,
+    /// written alone; the coordinator writes it through its job writer). A
+    /// delivery id already recorded for the source writes nothing and
+    /// returns the first delivery's job id. An empty `delivery_id` is not
+    /// deduplicated.
     pub async fn record_webhook_delivery(
         &self,
         source: &str,
@@ -331,49 +324,17 @@ impl Store {
         job: Option<(&JobRecord, &JobHistoryRecord)>,
         now_ms: i64,
     ) -> Result<DeliveryOutcome, StoreError> {
-        let rows = job
-            .map(|(job, creation)| {
-                Ok::<_, StoreError>(JobRows::of(job, creation, labels_json(job)?))
-            })
-            .transpose()?;
-        let delivery = NewDeliveryRow {
-            source,
-            delivery_id,
-            job_id: job.map(|(job, _)| job.id.as_str()),
+        let op = JobWriteOp::Delivery {
+            source: source.to_owned(),
+            delivery_id: delivery_id.to_owned(),
+            job: job.map(|(job, creation)| Box::new((job.clone(), creation.clone()))),
             received_at_ms: now_ms,
         };
-        let written = with_connection!(self, |conn| {
-            conn.transaction::<_, StoreError, _>(async |conn| {
-                // The job comes first because the delivery refers to it.
-                if let Some(rows) = &rows {
-                    insert_job_rows!(conn, rows);
-                }
-                if !delivery_id.is_empty() {
-                    diesel::insert_into(webhook_deliveries::table)
-                        .values(&delivery)
-                        .execute(conn)
-                        .await?;
-                }
-                Ok(())
-            })
-            .await
-        });
-        match written {
-            Ok(()) => Ok(DeliveryOutcome::Recorded),
-            Err(StoreError::Conflict(_)) if !delivery_id.is_empty() => {
-                // A concurrent or earlier delivery won; its row is committed
-                // (PostgreSQL made this transaction wait for it).
-                let job_id = with_connection!(self, |conn| {
-                    webhook_deliveries::table
-                        .filter(webhook_deliveries::source.eq(source))
-                        .filter(webhook_deliveries::delivery_id.eq(delivery_id))
-                        .select(webhook_deliveries::job_id)
-                        .first::<Option<String>>(conn)
-                        .await?
-                });
-                Ok(DeliveryOutcome::Duplicate { job_id })
-            }
-            Err(error) => Err(error),
+        match self.write_job(op).await? {
+            JobWritten::Delivered(outcome) => Ok(outcome),
+            JobWritten::Inserted(_) | JobWritten::Changed(_) => Err(StoreError::Unavailable(
+                "the delivery was answered as another kind of write".to_owned(),
+            )),
         }
     }
 
@@ -542,13 +503,22 @@ impl Store {
 enum Written {
     Inserted(bool),
     Changed(Option<Box<JobRow>>),
+    Delivered(DeliveryOutcome),
 }
 
-/// A write as each backend's statements take it: the rows of a new job, or
-/// a change and its guard.
+/// A write as each backend's statements take it: the rows of a new job, a
+/// change and its guard, or a delivery and its job's rows.
 enum Prepared<'a> {
     Insert(Box<JobRows<'a>>),
     Change(JobGuard<'a>, &'a JobWrite),
+    Delivery(DeliveryRows<'a>),
+}
+
+/// A webhook delivery as written: its row (not written when its id is
+/// empty) and its job's rows (none when the delivery is ignored).
+struct DeliveryRows<'a> {
+    delivery: NewDeliveryRow<'a>,
+    job: Option<Box<JobRows<'a>>>,
 }
 
 impl JobWriteOp {
@@ -574,6 +544,22 @@ impl JobWriteOp {
                 },
                 write,
             ),
+            JobWriteOp::Delivery {
+                source,
+                delivery_id,
+                job,
+                received_at_ms,
+            } => Prepared::Delivery(DeliveryRows {
+                delivery: NewDeliveryRow {
+                    source,
+                    delivery_id,
+                    job_id: job.as_ref().map(|job| job.0.id.as_str()),
+                    received_at_ms: *received_at_ms,
+                },
+                job: job.as_ref().map(|job| {
+                    Box::new(JobRows::of(&job.0, &job.1, labels_json.unwrap_or_default()))
+                }),
+            }),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The coordinator's two hot-path writes on PostgreSQL, each one SQL
+//! The coordinator's job writes on PostgreSQL (a new job, a change, a
+//! webhook delivery and its job), each one SQL
 //! statement and so one round trip: a statement run outside an explicit
 //! transaction is atomic on its own, its data-modifying CTEs pass rows to
 //! each other through `RETURNING`, and the foreign keys are checked at its
@@ -8,33 +9,78 @@ use diesel::QueryResult;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
-use super::{JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written};
+use super::{
+    DeliveryOutcome, DeliveryRows, JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written,
+};
 use crate::coordinator::state::JobWrite;
 use crate::store::pools::PostgresConnection;
 use crate::store::prepared::Cached;
+use crate::store::schema::webhook_deliveries;
 
-/// The job row, its label rows and its creation entry. `ON CONFLICT DO
-/// NOTHING` covers the id and the idempotency key: on a conflict no job row is
-/// returned, so no label or history row is written either, and the statement
-/// reports 0 rows.
-const INSERT_JOB: &str = "\
-WITH job AS (
-    INSERT INTO jobs (id, job_type, workspace, payload_json, priority, labels_json,
-        state, progress, progress_message, result_json, error, created_by, agent_id,
-        peer_instance_id, idempotency_key, version, created_at_ms, updated_at_ms,
-        started_at_ms, ended_at_ms)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
-        $17, $18, $19, $20)
-    ON CONFLICT DO NOTHING
-    RETURNING id
-), labels AS (
+/// The columns of a new job's row, bound as `$1` to `$20` in this order.
+macro_rules! job_columns {
+    () => {
+        "id, job_type, workspace, payload_json, priority, labels_json, state, progress, \
+         progress_message, result_json, error, created_by, agent_id, peer_instance_id, \
+         idempotency_key, version, created_at_ms, updated_at_ms, started_at_ms, ended_at_ms"
+    };
+}
+
+/// The parameters of [`job_columns`].
+macro_rules! job_parameters {
+    () => {
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
+         $19, $20"
+    };
+}
+
+/// The label rows (`$21`, `$22`) and the creation entry (`$23` to `$29`) of
+/// the job the CTE `job` returned, if it returned one.
+macro_rules! labels_and_creation {
+    () => {
+        "), labels AS (
     INSERT INTO job_labels (job_id, name, value)
     SELECT job.id, label.name, label.value
     FROM job, unnest($21::text[], $22::text[]) AS label (name, value)
 )
 INSERT INTO job_history (job_id, sequence, from_state, to_state, progress, message,
     actor, at_ms)
-SELECT id, $23, $24, $25, $26, $27, $28, $29 FROM job";
+SELECT id, $23, $24, $25, $26, $27, $28, $29 FROM job"
+    };
+}
+
+/// The job row, its label rows and its creation entry. `ON CONFLICT DO
+/// NOTHING` covers the id and the idempotency key: on a conflict no job row is
+/// returned, so no label or history row is written either, and the statement
+/// reports 0 rows.
+const INSERT_JOB: &str = concat!(
+    "WITH job AS (\n    INSERT INTO jobs (",
+    job_columns!(),
+    ")\n    VALUES (",
+    job_parameters!(),
+    ")\n    ON CONFLICT DO NOTHING\n    RETURNING id\n",
+    labels_and_creation!()
+);
+
+/// A webhook delivery (`$30` to `$32`; its job id is `$1`) and its job, as
+/// [`INSERT_JOB`] writes one, in one statement: when the source's delivery
+/// id is recorded already, `ON CONFLICT DO NOTHING` returns no delivery, so
+/// no job, label or history row is written and the statement reports 0
+/// rows. The delivery's reference to the job is checked at the statement's
+/// end, when the job's row exists.
+const DELIVER_JOB: &str = concat!(
+    "WITH delivery AS (
+    INSERT INTO webhook_deliveries (source, delivery_id, job_id, received_at_ms)
+    VALUES ($30, $31, $1, $32)
+    ON CONFLICT DO NOTHING
+    RETURNING job_id
+), job AS (\n    INSERT INTO jobs (",
+    job_columns!(),
+    ")\n    SELECT ",
+    job_parameters!(),
+    "\n    WHERE EXISTS (SELECT 1 FROM delivery)\n    RETURNING id\n",
+    labels_and_creation!()
+);
 
 /// A change under its guard and its history entry. `COALESCE` keeps the
 /// fields the change leaves alone (a NULL parameter); `version = COALESCE($13,
@@ -74,6 +120,51 @@ WITH changed AS (
 )
 SELECT * FROM changed";
 
+/// `$statement` with a new job's `$1` to `$29` bound: its row, its labels
+/// and its creation entry, from `$rows` (`JobRows`).
+macro_rules! bind_job {
+    ($statement:expr, $rows:expr) => {{
+        let rows: &JobRows<'_> = $rows;
+        let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
+            .labels
+            .iter()
+            .map(|label| (label.name, label.value))
+            .unzip();
+        let job = &rows.job;
+        let creation = &rows.creation;
+        $statement
+            .bind::<Text, _>(job.id)
+            .bind::<Text, _>(job.job_type)
+            .bind::<Text, _>(job.workspace)
+            .bind::<Text, _>(job.payload_json)
+            .bind::<Integer, _>(job.priority)
+            .bind::<Text, _>(job.labels_json.as_str())
+            .bind::<Text, _>(job.state)
+            .bind::<Integer, _>(job.progress)
+            .bind::<Text, _>(job.progress_message)
+            .bind::<Text, _>(job.result_json)
+            .bind::<Text, _>(job.error)
+            .bind::<Text, _>(job.created_by)
+            .bind::<Text, _>(job.agent_id)
+            .bind::<Text, _>(job.peer_instance_id)
+            .bind::<Nullable<Text>, _>(job.idempotency_key)
+            .bind::<BigInt, _>(job.version)
+            .bind::<BigInt, _>(job.created_at_ms)
+            .bind::<BigInt, _>(job.updated_at_ms)
+            .bind::<Nullable<BigInt>, _>(job.started_at_ms)
+            .bind::<Nullable<BigInt>, _>(job.ended_at_ms)
+            .bind::<Array<Text>, _>(label_names)
+            .bind::<Array<Text>, _>(label_values)
+            .bind::<BigInt, _>(creation.sequence)
+            .bind::<Nullable<Text>, _>(creation.from_state)
+            .bind::<Text, _>(creation.to_state)
+            .bind::<Integer, _>(creation.progress)
+            .bind::<Text, _>(creation.message)
+            .bind::<Text, _>(creation.actor)
+            .bind::<BigInt, _>(creation.at_ms)
+    }};
+}
+
 /// Writes `op` in one statement (atomic on its own, or part of the caller's
 /// transaction).
 pub(super) async fn write(
@@ -86,49 +177,65 @@ pub(super) async fn write(
         Prepared::Change(guard, write) => write_job_change(conn, &guard, write)
             .await
             .map(|row| Written::Changed(row.map(Box::new))),
+        Prepared::Delivery(rows) => record_delivery(conn, &rows).await.map(Written::Delivered),
     }
+}
+
+/// Writes a webhook delivery and its job in one statement, unless the
+/// source's delivery id is recorded already (then reads the first
+/// delivery's job id). A concurrent delivery of the same id makes the
+/// statement wait for its transaction, then write nothing.
+async fn record_delivery(
+    conn: &mut PostgresConnection,
+    rows: &DeliveryRows<'_>,
+) -> QueryResult<DeliveryOutcome> {
+    use diesel::{ExpressionMethods as _, QueryDsl as _};
+
+    let delivery = &rows.delivery;
+    let recorded = match (&rows.job, delivery.delivery_id.is_empty()) {
+        // Not deduplicated: the job alone.
+        (Some(job), true) => {
+            if !insert_job(conn, job).await? {
+                return Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    Box::new("a job with the webhook job's id exists".to_owned()),
+                ));
+            }
+            true
+        }
+        (None, true) => true,
+        (None, false) => {
+            diesel::insert_into(webhook_deliveries::table)
+                .values(delivery)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?
+                == 1
+        }
+        (Some(job), false) => {
+            let statement = bind_job!(diesel::sql_query(DELIVER_JOB), job)
+                .bind::<Text, _>(delivery.source)
+                .bind::<Text, _>(delivery.delivery_id)
+                .bind::<BigInt, _>(delivery.received_at_ms);
+            Cached(statement).execute(conn).await? == 1
+        }
+    };
+    if recorded {
+        return Ok(DeliveryOutcome::Recorded);
+    }
+    let job_id = webhook_deliveries::table
+        .filter(webhook_deliveries::source.eq(delivery.source))
+        .filter(webhook_deliveries::delivery_id.eq(delivery.delivery_id))
+        .select(webhook_deliveries::job_id)
+        .first::<Option<String>>(conn)
+        .await?;
+    Ok(DeliveryOutcome::Duplicate { job_id })
 }
 
 /// Writes `rows` in one statement: `false` when a job with the same id or
 /// idempotency key exists, and nothing was written.
 async fn insert_job(conn: &mut PostgresConnection, rows: &JobRows<'_>) -> QueryResult<bool> {
-    let (label_names, label_values): (Vec<&str>, Vec<&str>) = rows
-        .labels
-        .iter()
-        .map(|label| (label.name, label.value))
-        .unzip();
-    let job = &rows.job;
-    let creation = &rows.creation;
-    let statement = diesel::sql_query(INSERT_JOB)
-        .bind::<Text, _>(job.id)
-        .bind::<Text, _>(job.job_type)
-        .bind::<Text, _>(job.workspace)
-        .bind::<Text, _>(job.payload_json)
-        .bind::<Integer, _>(job.priority)
-        .bind::<Text, _>(&job.labels_json)
-        .bind::<Text, _>(job.state)
-        .bind::<Integer, _>(job.progress)
-        .bind::<Text, _>(job.progress_message)
-        .bind::<Text, _>(job.result_json)
-        .bind::<Text, _>(job.error)
-        .bind::<Text, _>(job.created_by)
-        .bind::<Text, _>(job.agent_id)
-        .bind::<Text, _>(job.peer_instance_id)
-        .bind::<Nullable<Text>, _>(job.idempotency_key)
-        .bind::<BigInt, _>(job.version)
-        .bind::<BigInt, _>(job.created_at_ms)
-        .bind::<BigInt, _>(job.updated_at_ms)
-        .bind::<Nullable<BigInt>, _>(job.started_at_ms)
-        .bind::<Nullable<BigInt>, _>(job.ended_at_ms)
-        .bind::<Array<Text>, _>(label_names)
-        .bind::<Array<Text>, _>(label_values)
-        .bind::<BigInt, _>(creation.sequence)
-        .bind::<Nullable<Text>, _>(creation.from_state)
-        .bind::<Text, _>(creation.to_state)
-        .bind::<Integer, _>(creation.progress)
-        .bind::<Text, _>(creation.message)
-        .bind::<Text, _>(creation.actor)
-        .bind::<BigInt, _>(creation.at_ms);
+    let statement = bind_job!(diesel::sql_query(INSERT_JOB), rows);
     let inserted = Cached(statement).execute(conn).await?;
     Ok(inserted == 1)
 }

@@ -1,4 +1,5 @@
-//! The coordinator's two hot-path writes on SQLite, run inside the one
+//! The coordinator's job writes on SQLite (a new job, a change, a webhook
+//! delivery and its job), run inside the one
 //! blocking call of `Store::write_jobs` on the connection's thread: `BEGIN
 //! IMMEDIATE`, the statements of every write in the batch, `COMMIT`. Through
 //! the asynchronous wrapper each statement would be a separate hop to tokio's
@@ -8,9 +9,11 @@
 
 use diesel::prelude::*;
 
-use super::{JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written};
+use super::{
+    DeliveryOutcome, DeliveryRows, JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written,
+};
 use crate::coordinator::state::JobWrite;
-use crate::store::schema::{job_history, job_labels, jobs};
+use crate::store::schema::{job_history, job_labels, jobs, webhook_deliveries};
 
 /// Writes `op`, inside the caller's transaction (`Store::write_jobs`).
 pub(super) fn write(
@@ -23,7 +26,45 @@ pub(super) fn write(
         Prepared::Change(guard, write) => {
             write_job_change(conn, &guard, write).map(|row| Written::Changed(row.map(Box::new)))
         }
+        Prepared::Delivery(rows) => record_delivery(conn, &rows).map(Written::Delivered),
     }
+}
+
+/// Writes a webhook delivery and its job, unless the source's delivery id
+/// is recorded already. The read and the inserts are one `BEGIN IMMEDIATE`
+/// transaction (`Store::write_jobs`): no other writer comes between them.
+fn record_delivery(
+    conn: &mut diesel::SqliteConnection,
+    rows: &DeliveryRows<'_>,
+) -> QueryResult<DeliveryOutcome> {
+    let delivery = &rows.delivery;
+    let deduplicated = !delivery.delivery_id.is_empty();
+    if deduplicated {
+        let first = webhook_deliveries::table
+            .filter(webhook_deliveries::source.eq(delivery.source))
+            .filter(webhook_deliveries::delivery_id.eq(delivery.delivery_id))
+            .select(webhook_deliveries::job_id)
+            .first::<Option<String>>(conn)
+            .optional()?;
+        if let Some(job_id) = first {
+            return Ok(DeliveryOutcome::Duplicate { job_id });
+        }
+    }
+    // The job comes first: the delivery refers to it.
+    if let Some(job) = &rows.job
+        && !insert_job(conn, job)?
+    {
+        return Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            Box::new("a job with the webhook job's id exists".to_owned()),
+        ));
+    }
+    if deduplicated {
+        diesel::insert_into(webhook_deliveries::table)
+            .values(delivery)
+            .execute(conn)?;
+    }
+    Ok(DeliveryOutcome::Recorded)
 }
 
 /// Writes `rows`: `false` when a job with the same id or idempotency key

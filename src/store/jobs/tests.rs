@@ -278,6 +278,67 @@ async fn a_webhook_delivery_is_recorded_once(store: Store) {
     assert_eq!(outcome, DeliveryOutcome::Duplicate { job_id: None });
 }
 
+fn delivery_of(delivery_id: &str, job: Option<&JobRecord>) -> JobWriteOp {
+    JobWriteOp::Delivery {
+        source: "github".to_owned(),
+        delivery_id: delivery_id.to_owned(),
+        job: job.map(|job| Box::new((job.clone(), creation_entry(job, "webhook:github")))),
+        received_at_ms: 1_000,
+    }
+}
+
+/// Deliveries go through the same batches as the other job writes: a
+/// delivery repeated within one batch is written once, one without an id
+/// is not deduplicated, and each job is written with its labels and entry.
+async fn deliveries_in_one_batch_are_written_once_each(store: Store) {
+    let (x, y, z, w) = (
+        job("x", 1_000),
+        job("y", 1_000),
+        job("z", 1_000),
+        job("w", 1_000),
+    );
+    let written = store
+        .write_jobs(Arc::from([
+            delivery_of("d-1", Some(&x)),
+            delivery_of("d-1", Some(&y)),
+            delivery_of("", Some(&z)),
+            delivery_of("d-2", None),
+            insert_of(&w),
+        ]))
+        .await
+        .expect("write the batch");
+    assert_eq!(
+        written,
+        vec![
+            JobWritten::Delivered(DeliveryOutcome::Recorded),
+            JobWritten::Delivered(DeliveryOutcome::Duplicate {
+                job_id: Some("x".to_owned())
+            }),
+            JobWritten::Delivered(DeliveryOutcome::Recorded),
+            JobWritten::Delivered(DeliveryOutcome::Recorded),
+            JobWritten::Inserted(true),
+        ]
+    );
+    for kept in [&x, &z, &w] {
+        assert_eq!(
+            store.find_job(&kept.id).await.expect("find").as_ref(),
+            Some(kept)
+        );
+        assert_eq!(
+            store.job_history(&kept.id, 0).await.expect("history").len(),
+            1
+        );
+    }
+    assert_eq!(store.find_job("y").await.expect("find"), None);
+    assert_eq!(
+        store
+            .record_webhook_delivery("github", "d-2", None, 2_000)
+            .await
+            .expect("record"),
+        DeliveryOutcome::Duplicate { job_id: None }
+    );
+}
+
 fn start_of(job_id: &str, at_ms: i64) -> JobWriteOp {
     let start = JobChange::Start {
         message: String::new(),
@@ -298,7 +359,7 @@ fn insert_of(job: &JobRecord) -> JobWriteOp {
 fn state_of(written: &JobWritten) -> Option<JobState> {
     match written {
         JobWritten::Changed(job) => job.as_ref().map(|job| job.state),
-        JobWritten::Inserted(_) => None,
+        JobWritten::Inserted(_) | JobWritten::Delivered(_) => None,
     }
 }
 
@@ -498,4 +559,5 @@ test_on_both_backends!(
     a_reused_idempotency_key_conflicts,
     lists_filter_and_page_newest_first,
     a_webhook_delivery_is_recorded_once,
+    deliveries_in_one_batch_are_written_once_each,
 );
