@@ -120,7 +120,7 @@ fn memory_check() {
                     .count_in_memory(tier, std::slice::from_ref(&key))
                     .expect("memory storage");
                 if matches!(
-                    limiter.enforce(verdict, path),
+                    limiter.enforce(tier, verdict, path),
                     mosaic_mesh::ratelimit::limiter::Enforcement::Admit(_)
                 ) {
                     admitted += 1;

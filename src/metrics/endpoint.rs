@@ -128,21 +128,21 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
 /// Store gauges; a failing query leaves its series out of this scrape (and is
 /// logged) rather than failing the whole scrape.
 async fn read_store_gauges(store: &Store) -> StoreGauges {
-    let agents_by_state = store.count_agents_by_state().await.unwrap_or_else(|error| {
-        tracing::warn!(%error, "metrics: cannot count agents");
-        Vec::new()
-    });
-    let jobs_by_state = store.count_jobs_by_state().await.unwrap_or_else(|error| {
-        tracing::warn!(%error, "metrics: cannot count jobs");
-        Vec::new()
-    });
+    let agents_by_state = store
+        .count_agents_by_state()
+        .await
+        .inspect_err(|error| tracing::warn!(%error, "metrics: cannot count agents"))
+        .ok();
+    let jobs_by_state = store
+        .count_jobs_by_state()
+        .await
+        .inspect_err(|error| tracing::warn!(%error, "metrics: cannot count jobs"))
+        .ok();
     let peers_by_state = store
         .count_connections_by_state()
         .await
-        .unwrap_or_else(|error| {
-            tracing::warn!(%error, "metrics: cannot count peers");
-            Vec::new()
-        });
+        .inspect_err(|error| tracing::warn!(%error, "metrics: cannot count peers"))
+        .ok();
     let now_ms = crate::clock::now_ms();
     let replicas = match store.list_replicas().await {
         Ok(replicas) => replicas

@@ -103,7 +103,7 @@ where
             if !limiter.settings().shadow
                 && let Some(refusal) = limiter.gate(tier, &ip_key)
                 && let Enforcement::Refuse(refusal) =
-                    limiter.enforce(Verdict::Refused(Box::new(refusal)), &path)
+                    limiter.enforce(tier, Verdict::Refused(Box::new(refusal)), &path)
             {
                 return Ok(refusal_response(&refusal));
             }
@@ -126,7 +126,7 @@ where
                         Some(verdict) => verdict,
                         None => limiter.count(tier, ip_only).await,
                     };
-                    let state = match limiter.enforce(verdict, &path) {
+                    let state = match limiter.enforce(tier, verdict, &path) {
                         Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                         Enforcement::Admit(state) => state,
                     };
@@ -147,7 +147,7 @@ where
                     None => limiter.count(tier, &keys).await,
                 },
             };
-            let state: Option<QuotaState> = match limiter.enforce(verdict, &path) {
+            let state: Option<QuotaState> = match limiter.enforce(tier, verdict, &path) {
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                 Enforcement::Admit(state) => state,
             };

@@ -131,7 +131,7 @@ impl RateLimiter {
             return None;
         }
         let wait = self.refused.refused_for(tier, key, Instant::now())?;
-        self.metrics.refused_from_cache();
+        self.metrics.refused_from_cache(tier);
         let quota = self.settings.limits.quota(tier);
         Some(Refusal {
             key: key.clone(),
@@ -271,15 +271,16 @@ impl RateLimiter {
         result
     }
 
-    /// Turns a verdict into what the layer does, applying shadow mode and counting.
-    pub fn enforce(&self, verdict: Verdict, method: &str) -> Enforcement {
+    /// Turns a verdict on a call of `tier` into what the layer does, applying
+    /// shadow mode and counting the outcome in the tier's counters.
+    pub fn enforce(&self, tier: Tier, verdict: Verdict, method: &str) -> Enforcement {
         match verdict {
             Verdict::Admitted(state) => {
-                self.metrics.allowed(state.near_limit());
+                self.metrics.allowed(tier, state.near_limit());
                 Enforcement::Admit(Some(state))
             }
             Verdict::Refused(refusal) if self.settings.shadow => {
-                self.metrics.refused(true);
+                self.metrics.refused(tier, true);
                 tracing::info!(
                     subject = %refusal.key.subject(),
                     tier = %refusal.tier,
@@ -290,7 +291,7 @@ impl RateLimiter {
                 Enforcement::Admit(Some(refusal.quota_state()))
             }
             Verdict::Refused(refusal) => {
-                self.metrics.refused(false);
+                self.metrics.refused(tier, false);
                 tracing::debug!(
                     subject = %refusal.key.subject(),
                     tier = %refusal.tier,

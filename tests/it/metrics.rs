@@ -37,13 +37,78 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> (String, String)
     )
 }
 
-/// The value of the series written exactly as `series` (name and labels).
+/// The value of the series `series`, written as in the text format
+/// (`name{label="value",...}`); the labels may come in any order, as a
+/// Prometheus query matches them.
 fn value_of(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-    })
+    let wanted = parse_series(series)?;
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (line_series, value) = line.rsplit_once(' ')?;
+            (parse_series(line_series)? == wanted)
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+}
+
+/// The sum of every series named `name`, whatever its labels.
+fn sum_of(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            (parse_series(series)?.0 == name)
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// A series' name and its labels, sorted by name.
+fn parse_series(series: &str) -> Option<(String, Vec<(String, String)>)> {
+    let Some((name, labels)) = series.split_once('{') else {
+        return Some((series.to_owned(), Vec::new()));
+    };
+    let mut rest = labels.strip_suffix('}')?;
+    let mut pairs = Vec::new();
+    while !rest.is_empty() {
+        let (label, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut characters = after.char_indices();
+        let end = loop {
+            match characters.next()? {
+                (_, '\\') => value.push(characters.next()?.1),
+                (index, '"') => break index,
+                (_, character) => value.push(character),
+            }
+        };
+        pairs.push((label.to_owned(), value));
+        rest = after.get(end + 1..)?.trim_start_matches(',');
+    }
+    pairs.sort();
+    Some((name.to_owned(), pairs))
+}
+
+/// A daemon on SQLite with the metrics listener on, started with `configure`
+/// applied to the test configuration; returns it with its metrics address.
+async fn daemon_with_metrics(
+    environment: &TestEnvironment,
+    configure: impl FnOnce(&mut mosaic_mesh::config::Config),
+) -> (crate::support::daemon::TestDaemon, std::net::SocketAddr) {
+    let mut config = environment.config();
+    config.metrics_listen = Some("127.0.0.1:0".parse().expect("address"));
+    configure(&mut config);
+    let daemon = environment.start_with(config).await.expect("daemon");
+    let address = metrics_address_of(&daemon).await;
+    (daemon, address)
+}
+
+/// The `/metrics` body, after checking the answer is 200.
+async fn scrape(address: std::net::SocketAddr) -> String {
+    let (status, body) = http_get(address, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    body
 }
 
 async fn scrape_counts_calls_by_code(backend: Backend) {
@@ -154,12 +219,12 @@ async fn scrape_counts_calls_by_code(backend: Backend) {
         "{body}"
     );
     assert_eq!(
-        value_of(&body, "mosaic_rate_limit_refused_total"),
+        value_of(&body, "mosaic_rate_limit_refused_total{tier=\"health\"}"),
         Some(1.0),
         "{body}"
     );
     assert!(
-        value_of(&body, "mosaic_rate_limit_allowed_total").is_some_and(|allowed| allowed >= 3.0),
+        sum_of(&body, "mosaic_rate_limit_allowed_total") >= 3.0,
         "{body}"
     );
     assert_eq!(
@@ -301,4 +366,152 @@ async fn signed_commands_are_counted_in_and_out_by_outcome() {
     for environment in environments {
         environment.cleanup().await;
     }
+}
+
+/// The standard process series and the build series, as a dashboard reads them.
+#[tokio::test(flavor = "multi_thread")]
+async fn process_and_build_series_describe_the_running_daemon() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let (daemon, address) = daemon_with_metrics(&environment, |_| {}).await;
+    let body = scrape(address).await;
+
+    let series = |name: &str| value_of(&body, name).unwrap_or_else(|| panic!("{name}: {body}"));
+    let resident = series("process_resident_memory_bytes");
+    assert!(resident > 1_000_000.0, "{resident} bytes resident");
+    assert!(series("process_virtual_memory_bytes") >= resident);
+    let open_fds = series("process_open_fds");
+    assert!(open_fds >= 3.0, "{open_fds} open descriptors");
+    assert!(series("process_max_fds") >= open_fds);
+    assert!(series("process_cpu_seconds_total") >= 0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64();
+    let started = series("process_start_time_seconds");
+    assert!(
+        started <= now + 1.0 && started > now - 3600.0,
+        "started at {started}, now {now}"
+    );
+    assert!(
+        body.contains("# TYPE process_cpu_seconds_total counter"),
+        "{body}"
+    );
+
+    assert_eq!(
+        value_of(
+            &body,
+            &format!(
+                "mosaic_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        Some(1.0),
+        "{body}"
+    );
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+/// On a daemon with no agents, jobs or peers every state's gauge reads 0, and
+/// every rate-limit tier's counters exist, so that alerts and dashboards see 0
+/// rather than no data.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_daemon_shows_every_state_and_tier_at_zero() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let (daemon, address) = daemon_with_metrics(&environment, |_| {}).await;
+    let body = scrape(address).await;
+
+    for state in [
+        "SPAWNING",
+        "RUNNING",
+        "COMPLETED",
+        "FAILED",
+        "KILLED",
+        "TIMED_OUT",
+    ] {
+        assert_eq!(
+            value_of(&body, &format!("mosaic_agents{{state=\"{state}\"}}")),
+            Some(0.0),
+            "agents {state}: {body}"
+        );
+    }
+    for state in ["PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED"] {
+        assert_eq!(
+            value_of(&body, &format!("mosaic_jobs{{state=\"{state}\"}}")),
+            Some(0.0),
+            "jobs {state}: {body}"
+        );
+    }
+    for state in ["pending", "active", "suspended", "disconnected", "rejected"] {
+        for reachable in ["true", "false"] {
+            assert_eq!(
+                value_of(
+                    &body,
+                    &format!("mosaic_peers{{state=\"{state}\",reachable=\"{reachable}\"}}")
+                ),
+                Some(0.0),
+                "peers {state} {reachable}: {body}"
+            );
+        }
+    }
+    for tier in ["webhook", "coordinator", "health", "federation", "default"] {
+        assert_eq!(
+            value_of(
+                &body,
+                &format!("mosaic_rate_limit_refused_total{{tier=\"{tier}\"}}")
+            ),
+            Some(0.0),
+            "refused in {tier}: {body}"
+        );
+    }
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+/// A call refused by the rate limit is counted in its method's tier, and only
+/// there; calls let through are counted in theirs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rate_limited_call_is_counted_under_its_tier() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let (daemon, address) = daemon_with_metrics(&environment, |config| {
+        let file: RateLimitFileConfig = toml::from_str("health_limit = 1\n").expect("section");
+        config.rate_limit = RateLimitSettings::resolve(file, &RateLimitArgs::default(), false)
+            .expect("rate limit settings");
+    })
+    .await;
+    let channel = daemon.channel().await;
+    let key = daemon.api_key(&[Scope::Agents]).await;
+    agent_pb::agent_control_client::AgentControlClient::new(channel.clone())
+        .list_agents(with_key(agent_pb::ListAgentsRequest::default(), &key))
+        .await
+        .expect("List with a key");
+    let mut health = HealthClient::new(channel);
+    let request = || HealthCheckRequest {
+        service: String::new(),
+    };
+    health
+        .check(request())
+        .await
+        .expect("the first health check");
+    let refused = health.check(request()).await.expect_err("over the limit");
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    let body = scrape(address).await;
+    let counter = |name: &str, tier: &str| {
+        value_of(&body, &format!("{name}{{tier=\"{tier}\"}}"))
+            .unwrap_or_else(|| panic!("{name} of {tier}: {body}"))
+    };
+    assert_eq!(counter("mosaic_rate_limit_refused_total", "health"), 1.0);
+    assert_eq!(counter("mosaic_rate_limit_allowed_total", "health"), 1.0);
+    assert_eq!(counter("mosaic_rate_limit_refused_total", "default"), 0.0);
+    assert_eq!(counter("mosaic_rate_limit_allowed_total", "default"), 1.0);
+    assert_eq!(
+        counter("mosaic_rate_limit_allowed_total", "coordinator"),
+        0.0
+    );
+
+    daemon.stop().await;
+    environment.cleanup().await;
 }
