@@ -47,6 +47,7 @@ mod managed_services;
 mod metrics;
 mod peer_cli;
 mod peering;
+mod python_peer;
 mod rate_limit;
 mod remote_cli;
 mod remote_watch;

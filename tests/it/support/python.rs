@@ -1,5 +1,6 @@
-//! A Python interpreter with `grpcio` and `grpcio-tools`, for tests that check the
-//! daemon against gRPC's C-core TLS stack (what most generated stubs use).
+//! A Python interpreter with `grpcio`, `grpcio-tools` and `cryptography`, for
+//! tests that check the daemon against gRPC's C-core TLS stack (what most
+//! generated stubs use) and against a crypto library that is not ring.
 //!
 //! `.ci/run` makes a throwaway virtualenv and sets `MOSAIC_TEST_PYTHON`; without it
 //! the tests make one under cargo's target tmp dir, once, behind a lock file.
@@ -10,12 +11,13 @@ use std::time::{Duration, Instant};
 
 /// Names the interpreter to use.
 pub const PYTHON_VARIABLE: &str = "MOSAIC_TEST_PYTHON";
-const PACKAGES: [&str; 5] = [
+const PACKAGES: [&str; 6] = [
     "grpcio",
     "grpcio-tools",
     "grpcio-reflection",
     "grpcio-health-checking",
     "protobuf",
+    "cryptography",
 ];
 
 /// Takes the lock file `lock` (made anew: whoever made it holds it), waiting
@@ -41,7 +43,8 @@ pub fn take_lock(lock: &Path) {
     }
 }
 
-/// The path of a Python that can `import grpc, grpc_tools`.
+/// The path of a Python that can `import grpc, grpc_tools, cryptography`
+/// (`MOSAIC_TEST_PYTHON` is taken as it is: `.ci/run` installs all of them).
 pub fn python_with_grpcio() -> PathBuf {
     if let Some(python) = std::env::var_os(PYTHON_VARIABLE).filter(|value| !value.is_empty()) {
         return PathBuf::from(python);
@@ -54,7 +57,7 @@ pub fn python_with_grpcio() -> PathBuf {
         && Command::new(&python)
             .args([
                 "-c",
-                "import grpc, grpc_tools, grpc_reflection, grpc_health",
+                "import grpc, grpc_tools, grpc_reflection, grpc_health, cryptography",
             ])
             .status()
             .is_ok_and(|status| status.success());
