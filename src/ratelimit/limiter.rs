@@ -7,12 +7,16 @@
 //! authentication either [`RateLimiter::count`] on the client IP plus the
 //! caller's key (gated first), or on the IP alone when authentication failed (so
 //! random API keys cost their sender's IP budget but create no state of their own).
+//! With Redis, a count is answered from the replica's local allowance when
+//! every key has one (`allowance.rs`), else by one script call that may spend a
+//! batch of calls ahead.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::time::Instant;
 
+use super::allowance::Allowances;
 use super::breaker::{CircuitBreaker, Permit, Transition};
 use super::decision::{QuotaState, Refusal, Verdict};
 use super::key::LimitKey;
@@ -38,6 +42,8 @@ struct RedisStorage {
     redis: RedisLimiter,
     fallback: MemoryLimiter,
     breaker: Mutex<CircuitBreaker>,
+    /// Calls spent in Redis ahead, admitted here without a round trip.
+    allowances: Allowances,
 }
 
 enum Backend {
@@ -86,6 +92,7 @@ impl RateLimiter {
                     settings.breaker_failures,
                     settings.breaker_cooldown,
                 )),
+                allowances: Allowances::new(settings.replicas),
             })),
             _ => Backend::Memory(MemoryLimiter::new(settings.limits, settings.max_keys)),
         };
@@ -167,9 +174,20 @@ impl RateLimiter {
         let Backend::Redis(storage) = &self.backend else {
             return self.untouched(tier);
         };
+        let limit = self.settings.limits.quota(tier).limit;
+        if let Some(state) = storage.allowances.take(tier, keys, limit, Instant::now()) {
+            return Verdict::Admitted(state);
+        }
         // Boxed: the Redis future is kilobytes, and carrying it in every caller's
         // future slowed the memory path down.
         let (verdict, authoritative) = Box::pin(self.check_redis(storage, tier, keys)).await;
+        // Refused, but a concurrent check of the same keys may have left calls
+        // here while this one waited: they were spent for this replica.
+        if let Some(Verdict::Refused(_)) = &verdict
+            && let Some(state) = storage.allowances.take(tier, keys, limit, Instant::now())
+        {
+            return Verdict::Admitted(state);
+        }
         self.settle(tier, verdict, authoritative)
     }
 
@@ -222,9 +240,23 @@ impl RateLimiter {
         if permit == Permit::Skip {
             return (self.fallback(storage, tier, keys), false);
         }
-        match storage.redis.check(&self.settings.limits, tier, keys).await {
-            Ok(verdict) => {
+        let wanted = storage.allowances.wanted(&self.settings.limits.quota(tier));
+        match storage
+            .redis
+            .check(&self.settings.limits, tier, keys, wanted)
+            .await
+        {
+            Ok((verdict, granted)) => {
                 self.metrics.redis_check();
+                if let Verdict::Admitted(state) = &verdict {
+                    storage.allowances.hold(
+                        tier,
+                        keys,
+                        granted.saturating_sub(1),
+                        state,
+                        Instant::now(),
+                    );
+                }
                 if self.with_breaker(storage, CircuitBreaker::record_success)
                     == Some(Transition::Closed)
                 {
@@ -307,7 +339,10 @@ impl RateLimiter {
     pub fn prune(&self) -> usize {
         let kept = match &self.backend {
             Backend::Memory(memory) => memory.prune(),
-            Backend::Redis(storage) => storage.fallback.prune(),
+            Backend::Redis(storage) => {
+                storage.allowances.prune(Instant::now());
+                storage.fallback.prune()
+            }
         };
         self.refused.prune(Instant::now());
         self.metrics.set_key_count(kept);

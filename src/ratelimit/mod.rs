@@ -11,6 +11,7 @@
 //! - [`decision`]: admitted with the quota left, or refused with the wait (pure).
 //! - [`memory`]: in-memory GCRA on governor keyed limiters, pruned and capped.
 //! - [`redis`]: the atomic multi-key GCRA script on Redis's clock, via bb8-redis.
+//! - [`allowance`]: calls spent in Redis ahead, admitted locally without I/O.
 //! - [`breaker`]: the circuit breaker in front of Redis (pure).
 //! - [`refused_cache`]: keys refused until a known time, answered locally.
 //! - [`metrics`]: every counter, in one place.
@@ -18,6 +19,7 @@
 //! - [`response`]: the headers and RESOURCE_EXHAUSTED details a client sees.
 //! - [`layer`]: the tower layer: IP gate, authentication, then the keyed check.
 
+pub mod allowance;
 pub mod breaker;
 pub mod decision;
 pub mod key;

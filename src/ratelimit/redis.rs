@@ -118,8 +118,10 @@ pub struct ScriptReply {
     pub index: usize,
     /// Time until whole (admitted) or until the call would pass (refused).
     pub micros: u64,
-    /// Calls left in the tightest bucket (admitted).
+    /// Calls left in the tightest bucket after the granted ones (admitted).
     pub remaining: u32,
+    /// Calls spent on every bucket: this one and the allowance (admitted).
+    pub granted: u32,
 }
 
 /// See the module documentation.
@@ -206,20 +208,23 @@ impl RedisLimiter {
         format!("{}{}:{}", self.prefix, tier.as_str(), key.subject())
     }
 
-    /// Runs the script for `keys` in `tier`, within the timeout.
+    /// Runs the script for `keys` in `tier`, within the timeout, asking for
+    /// `wanted` calls (this one and an allowance): the verdict on this call
+    /// and how many calls were spent (0 when refused).
     pub async fn check(
         &self,
         limits: &TierLimits,
         tier: Tier,
         keys: &[LimitKey],
-    ) -> Result<Verdict, RedisCheckError> {
+        wanted: u32,
+    ) -> Result<(Verdict, u32), RedisCheckError> {
         let quota = limits.quota(tier);
         let interval_micros =
             u64::try_from(quota.emission_interval().as_micros()).unwrap_or(u64::MAX);
         let buckets: Vec<String> = keys.iter().map(|key| self.bucket_name(tier, key)).collect();
         let reply = self
             .on_shared_connection(async |connection| {
-                self.run_script(connection, &buckets, interval_micros, quota.limit)
+                self.run_script(connection, &buckets, interval_micros, quota.limit, wanted)
                     .await
             })
             .await?;
@@ -228,19 +233,24 @@ impl RedisLimiter {
         })?;
         let micros = Duration::from_micros(reply.micros);
         Ok(if reply.admitted {
-            Verdict::Admitted(QuotaState {
+            let state = QuotaState {
                 limit: quota.limit,
                 remaining: reply.remaining.min(quota.limit),
                 reset: micros,
-            })
+            };
+            (
+                Verdict::Admitted(state),
+                reply.granted.clamp(1, wanted.max(1)),
+            )
         } else {
-            Verdict::Refused(Box::new(Refusal {
+            let refusal = Refusal {
                 key,
                 tier,
                 limit: quota.limit,
                 window: quota.window,
                 retry_after: micros,
-            }))
+            };
+            (Verdict::Refused(Box::new(refusal)), 0)
         })
     }
 
@@ -276,19 +286,20 @@ impl RedisLimiter {
         buckets: &[String],
         interval_micros: u64,
         limit: u32,
+        wanted: u32,
     ) -> Result<ScriptReply, RedisCheckError> {
         let mut invocation = self.script.prepare_invoke();
         for bucket in buckets {
             invocation.key(bucket);
         }
-        invocation.arg(interval_micros).arg(limit);
+        invocation.arg(interval_micros).arg(limit).arg(wanted);
         let reply: Vec<i64> = invocation.invoke_async(connection).await?;
         parse_reply(&reply)
     }
 }
 
 fn parse_reply(reply: &[i64]) -> Result<ScriptReply, RedisCheckError> {
-    let [admitted, index, micros, remaining] = reply else {
+    let [admitted, index, micros, remaining, granted] = reply else {
         return Err(RedisCheckError::Reply(format!("{reply:?}")));
     };
     let index = usize::try_from(*index)
@@ -300,6 +311,7 @@ fn parse_reply(reply: &[i64]) -> Result<ScriptReply, RedisCheckError> {
         index,
         micros: u64::try_from(*micros).unwrap_or(0),
         remaining: u32::try_from(*remaining).unwrap_or(0),
+        granted: u32::try_from(*granted).unwrap_or(0),
     })
 }
 
@@ -310,15 +322,16 @@ mod tests {
     #[test]
     fn replies_are_parsed_and_checked() {
         assert_eq!(
-            parse_reply(&[1, 2, 600_000, 7]).expect("reply"),
+            parse_reply(&[1, 2, 600_000, 7, 3]).expect("reply"),
             ScriptReply {
                 admitted: true,
                 index: 1,
                 micros: 600_000,
-                remaining: 7
+                remaining: 7,
+                granted: 3,
             }
         );
-        assert!(parse_reply(&[1, 0, 0, 0]).is_err());
-        assert!(parse_reply(&[1, 1, 0]).is_err());
+        assert!(parse_reply(&[1, 0, 0, 0, 1]).is_err());
+        assert!(parse_reply(&[1, 1, 0, 0]).is_err());
     }
 }

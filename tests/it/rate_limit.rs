@@ -556,6 +556,73 @@ async fn two_daemons_sharing_redis_admit_exactly_the_limit() {
     assert!(keys_with_prefix(&url, &prefix).await.is_empty());
 }
 
+/// A key far below its limit costs one Redis check per batch of calls (each
+/// check spends a few calls ahead for the replica that made it), and two
+/// daemons sharing Redis still never admit more than the limit: the calls
+/// held ahead cost at most a batch per daemon of early refusals.
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_it() {
+    let url = shared_redis_url();
+    let prefix = unique_prefix();
+    // 400 an hour: a batch of 400 / 20 = 20, and nothing refills meanwhile.
+    let section = format!(
+        "ttl = 3600\nhealth_limit = 400\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
+    );
+    let first_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let second_environment = TestEnvironment::new(Backend::Sqlite).await;
+    let first = first_environment
+        .start_with(limited(&first_environment, Some(url.clone()), &section))
+        .await
+        .expect("first daemon");
+    let second = second_environment
+        .start_with(limited(&second_environment, Some(url.clone()), &section))
+        .await
+        .expect("second daemon");
+    let channels = [first.channel().await, second.channel().await];
+
+    // Far below the limit: 200 calls, four at a time, on both daemons.
+    let mut admitted_count = 0;
+    for round in 0..50 {
+        let calls = (0..4).map(|n| health_check(channels[(round + n) % 2].clone(), None));
+        for result in futures::future::join_all(calls).await {
+            admitted_count += usize::from(admitted(&result));
+        }
+    }
+    assert_eq!(admitted_count, 200, "200 calls of 400 are all admitted");
+    let checks = || {
+        [&first, &second]
+            .iter()
+            .map(|daemon| daemon.rate_limiter.metrics().snapshot().redis_checks)
+            .sum::<u64>()
+    };
+    let below = checks();
+    assert!(
+        below <= 40,
+        "{below} Redis checks for 200 calls: at most one per 5 calls"
+    );
+
+    // Past the limit: 300 more calls, 30 at a time.
+    for round in 0..10 {
+        let calls = (0..30).map(|n| health_check(channels[(round + n) % 2].clone(), None));
+        for result in futures::future::join_all(calls).await {
+            admitted_count += usize::from(admitted(&result));
+        }
+    }
+    assert!(
+        (360..=400).contains(&admitted_count),
+        "{admitted_count} of 500 calls admitted on a limit of 400 shared by two daemons \
+         (never more than 400; at most a batch of 20 per daemon held back)"
+    );
+    for daemon in [&first, &second] {
+        let counters = daemon.rate_limiter.metrics().snapshot();
+        assert_eq!(counters.redis_errors, 0);
+        assert_eq!(counters.fallback_checks, 0);
+    }
+    first.stop().await;
+    second.stop().await;
+    delete_keys(&url, &prefix).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_outage_falls_back_to_a_share_of_the_limit_and_recovers() {
     let mut redis = PrivateRedis::start().await;
@@ -762,20 +829,22 @@ async fn the_redis_script_is_exact_and_all_or_nothing() {
     let api_key = LimitKey::ApiKey("key-1".into());
 
     for expected_remaining in (0..5).rev() {
-        let verdict = limiter
-            .check(&limits, Tier::Webhook, std::slice::from_ref(&ip))
+        let (verdict, granted) = limiter
+            .check(&limits, Tier::Webhook, std::slice::from_ref(&ip), 1)
             .await
             .expect("redis");
         let Verdict::Admitted(state) = verdict else {
             panic!("refused inside the burst: {verdict:?}");
         };
+        assert_eq!(granted, 1);
         assert_eq!(state.remaining, expected_remaining);
         assert_eq!(state.limit, 5);
     }
-    let verdict = limiter
-        .check(&limits, Tier::Webhook, &[api_key.clone(), ip.clone()])
+    let (verdict, granted) = limiter
+        .check(&limits, Tier::Webhook, &[api_key.clone(), ip.clone()], 3)
         .await
         .expect("redis");
+    assert_eq!(granted, 0);
     let Verdict::Refused(refusal) = verdict else {
         panic!("call 6 of 5 admitted: {verdict:?}");
     };
@@ -788,12 +857,30 @@ async fn the_redis_script_is_exact_and_all_or_nothing() {
         refusal.retry_after
     );
     // The refusal by the IP spent nothing of the API key.
-    let verdict = limiter
-        .check(&limits, Tier::Webhook, std::slice::from_ref(&api_key))
+    // Asked for calls ahead, a bucket spends as many as it can spare: 3 of
+    // the 5, then the 2 left (the call and one more), then none.
+    for (wanted, granted_then, remaining) in [(3, 3, 2), (3, 2, 0)] {
+        let (verdict, granted) = limiter
+            .check(
+                &limits,
+                Tier::Webhook,
+                std::slice::from_ref(&api_key),
+                wanted,
+            )
+            .await
+            .expect("redis");
+        assert_eq!(granted, granted_then);
+        assert!(
+            matches!(verdict, Verdict::Admitted(state) if state.remaining == remaining),
+            "{verdict:?}"
+        );
+    }
+    let (verdict, granted) = limiter
+        .check(&limits, Tier::Webhook, std::slice::from_ref(&api_key), 3)
         .await
         .expect("redis");
     assert!(
-        matches!(verdict, Verdict::Admitted(state) if state.remaining == 4),
+        matches!(verdict, Verdict::Refused(_)) && granted == 0,
         "{verdict:?}"
     );
     // Buckets expire when whole again; the TAT is stored exactly (µs integers).
