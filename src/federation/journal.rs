@@ -8,9 +8,8 @@
 //! the rows that queued up together in one transaction with an outcome per
 //! row (on PostgreSQL each row is committed on its own, as it comes). Sent
 //! reads (`SentLog`): a status or list read's log entry is written behind its
-//! answer, in batches, and a listing of the log waits for what is queued.
-
-use tokio::sync::{mpsc, oneshot};
+//! answer, in batches, by the same group commit in its mode written behind
+//! its callers, and a listing of the log waits for what is queued.
 
 use crate::store::{CommandLogRecord, GroupCommit, SeenMessage, Store, StoreError, WriteOutcome};
 
@@ -53,101 +52,64 @@ impl Journal {
     }
 }
 
-/// Sent log entries waiting for the writer before a read waits to queue
-/// its own (back-pressure, so a stalled database never grows memory without
-/// bound).
-const SENT_QUEUE: usize = 4096;
-
-/// One item for the sent-log writer.
-enum Sent {
-    /// A read's log entry.
-    Entry(Box<CommandLogRecord>),
-    /// Answered once every entry queued before it is written.
-    Flush(oneshot::Sender<()>),
-}
-
 /// The log entries of sent reads, written behind their answers (both
-/// backends): a status or list read's caller hears the answer once its entry
-/// is queued, and a writer task commits whatever has queued, up to
-/// [`MAX_BATCH`] entries in one transaction. The entry records what the
-/// sender asked and heard, and changes nothing that a retry or a replay
-/// check depends on (reads have no retry id; the peer keeps its own record
-/// of the message id), so nothing waits on its commit. [`SentLog::flush`]
-/// is what makes the log read its own writes: the log listing and shutdown
-/// wait on it. An entry is lost only if the process dies within the batch's
-/// commit (a millisecond or so); a failed batch is logged as a warning.
-/// The writer task ends when this is dropped, after writing what is queued
-/// (while its runtime runs: the server flushes before it stops).
+/// backends; `GroupCommit::start_behind`): a status or list read's caller
+/// hears the answer once its entry is queued, and the writer commits
+/// whatever has queued, up to [`MAX_BATCH`] entries in one transaction. The
+/// entry records what the sender asked and heard, and changes nothing that a
+/// retry or a replay check depends on (reads have no retry id; the peer
+/// keeps its own record of the message id), so nothing waits on its commit.
+/// [`SentLog::flush`] is what makes the log read its own writes: the log
+/// listing and shutdown wait on it. An entry is lost only if the process
+/// dies within the batch's commit (a millisecond or so); a failed batch is
+/// logged as a warning. The writer task ends when this is dropped, after
+/// writing what is queued (while its runtime runs: the server flushes
+/// before it stops).
 #[derive(Debug)]
 pub(super) struct SentLog {
-    queue: mpsc::Sender<Sent>,
+    writer: GroupCommit<CommandLogRecord, WriteOutcome<()>>,
 }
 
 impl SentLog {
     /// Starts the writer task on the current tokio runtime.
     pub(super) fn start(store: Store) -> SentLog {
-        let (queue, mut queued) = mpsc::channel::<Sent>(SENT_QUEUE);
-        tokio::spawn(async move {
-            while let Some(first) = queued.recv().await {
-                let mut entries = Vec::new();
-                let mut flushes = Vec::new();
-                let mut next = Some(first);
-                while let Some(item) = next.take() {
-                    match item {
-                        Sent::Entry(entry) => entries.push(*entry),
-                        Sent::Flush(done) => flushes.push(done),
-                    }
-                    if entries.len() < MAX_BATCH {
-                        next = queued.try_recv().ok();
-                    }
-                }
-                if !entries.is_empty() {
-                    let count = entries.len();
-                    match store.insert_command_logs(entries).await {
-                        Ok(outcomes) => {
-                            let duplicates = outcomes
-                                .iter()
-                                .filter(|outcome| **outcome != WriteOutcome::Done(()))
-                                .count();
-                            if duplicates > 0 {
-                                tracing::warn!(
-                                    duplicates,
-                                    "sent reads whose message id was logged already were not logged again"
-                                );
-                            }
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, count, "could not record the outcome of sent reads");
+        let writer = GroupCommit::start_behind(MAX_BATCH, move |entries: Vec<_>| {
+            let store = store.clone();
+            async move {
+                let count = entries.len();
+                let written = store.insert_command_logs(entries).await;
+                match &written {
+                    Ok(outcomes) => {
+                        let duplicates = outcomes
+                            .iter()
+                            .filter(|outcome| **outcome != WriteOutcome::Done(()))
+                            .count();
+                        if duplicates > 0 {
+                            tracing::warn!(
+                                duplicates,
+                                "sent reads whose message id was logged already were not logged again"
+                            );
                         }
                     }
+                    Err(error) => {
+                        tracing::warn!(%error, count, "could not record the outcome of sent reads");
+                    }
                 }
-                for done in flushes {
-                    let _ = done.send(());
-                }
+                crate::store::each_or_all(written, count)
             }
         });
-        SentLog { queue }
+        SentLog { writer }
     }
 
     /// Queues a sent read's log entry; waits only while the queue is full.
     pub(super) async fn record(&self, record: CommandLogRecord) -> Result<(), StoreError> {
-        let stopped = || StoreError::Unavailable("the command log writer has stopped".to_owned());
-        match self.queue.try_send(Sent::Entry(Box::new(record))) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(item)) => {
-                self.queue.send(item).await.map_err(|_| stopped())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(stopped()),
-        }
+        self.writer.queue(record).await
     }
 
     /// Returns once every entry queued before this call is written (or its
     /// batch has failed and been logged).
     pub(super) async fn flush(&self) {
-        let (done, written) = oneshot::channel();
-        if self.queue.send(Sent::Flush(done)).await.is_ok() {
-            let _ = written.await;
-        }
+        self.writer.flush().await;
     }
 }
 
