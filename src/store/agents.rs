@@ -1,6 +1,10 @@
 //! Queries for agents: recording one, persisting each state change with its
 //! event in one transaction, saving output, looking up, listing with filters
 //! and keyset paging, and finding a runner's unfinished agents.
+//!
+//! The two writes on the runtime's hot path, recording an agent and changing
+//! its state, are written once per backend, as the jobs' are: `sqlite.rs` (the
+//! statements inside one blocking call) and `postgres.rs` (one statement).
 
 use std::collections::BTreeMap;
 
@@ -8,6 +12,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 mod postgres;
+mod sqlite;
 
 use super::schema::{agent_events, agent_labels, agent_status, agents};
 use super::{Store, StoreError};
@@ -38,23 +43,7 @@ impl Store {
         let owned = agent.clone();
         in_transaction!(
             self,
-            // SQLite, synchronous, on the blocking pool.
-            |conn| {
-                use diesel::RunQueryDsl as Sync;
-                let rows = NewAgentRows::of(&owned)?;
-                Sync::execute(diesel::insert_into(agents::table).values(&rows.agent), conn)?;
-                Sync::execute(
-                    diesel::insert_into(agent_status::table).values(&rows.status),
-                    conn,
-                )?;
-                for label in &rows.labels {
-                    Sync::execute(diesel::insert_into(agent_labels::table).values(label), conn)?;
-                }
-                for event in &rows.events {
-                    Sync::execute(diesel::insert_into(agent_events::table).values(event), conn)?;
-                }
-                Ok(())
-            },
+            |conn| sqlite::insert_agent(conn, &owned),
             // PostgreSQL: one statement.
             statement = |conn| Ok(postgres::insert_agent(conn, &NewAgentRows::of(agent)?).await?),
         )
@@ -78,27 +67,12 @@ impl Store {
         let owned = agent.clone();
         in_transaction!(
             self,
-            // SQLite, synchronous, on the blocking pool.
             |conn| {
-                use diesel::RunQueryDsl as Sync;
-                let agent = &owned;
-                let updated = Sync::execute(
-                    diesel::update(
-                        agent_status::table
-                            .filter(agent_status::agent_id.eq(&agent.id))
-                            .filter(agent_status::state.eq(from.as_str())),
-                    )
-                    .set(&StatusRow::from_record(agent)?),
-                    conn,
-                )?;
-                if updated == 0 {
-                    return Err(conflict(&agent.id));
+                if sqlite::record_transition(conn, from, &owned)? {
+                    Ok(())
+                } else {
+                    Err(conflict(&owned.id))
                 }
-                Sync::execute(
-                    diesel::insert_into(agent_events::table).values(&transition_event(from, agent)),
-                    conn,
-                )?;
-                Ok(())
             },
             // PostgreSQL: one statement.
             statement = |conn| {
