@@ -24,9 +24,14 @@ pub use crate::coordinator::settings::{
 pub use crate::federation::settings::{FederationConfig, FederationFileConfig};
 use crate::identity::InstanceProfile;
 
+pub(crate) mod error;
 mod listen;
+pub(crate) mod secret;
 mod shown_url;
+pub use error::ConfigError;
+pub(crate) use error::invalid;
 pub use listen::parse_listen_address;
+pub use secret::Secret;
 pub use shown_url::url_without_credentials;
 
 /// Path of the TOML configuration file.
@@ -194,36 +199,6 @@ const DEFAULT_AUTH_CACHE_MS: u64 = 1000;
 /// The longest `server.auth_cache_ms`: a revoked key must stop working soon.
 const MAX_AUTH_CACHE_MS: u64 = 60_000;
 
-/// Why the configuration is unusable. Each message names the key.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this tree.
-    #[error("invalid config file {path}: {message}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// What is wrong (TOML's message names the key and line).
-        message: String,
-    },
-    /// A value is out of range or contradicts another.
-    #[error("invalid configuration value for `{key}`: {message}")]
-    Invalid {
-        /// The key (file key / flag / variable).
-        key: &'static str,
-        /// What is wrong and what to do.
-        message: String,
-    },
-}
-
 /// Creates the data directory (and any missing parent) readable by this
 /// user alone: it holds sealed keys, API-key hashes and agents' output. An
 /// existing directory keeps its mode (the operator's, or systemd's).
@@ -284,16 +259,6 @@ pub struct Config {
     pub tls: crate::tls::ca::TlsSettings,
     /// The SQLite WAL's bound and the retention of ended work (see `store::settings`).
     pub storage: crate::store::StorageSettings,
-}
-
-/// A secret string: zeroised on drop, never printed by `Debug`.
-#[derive(Clone)]
-pub struct Secret(pub zeroize::Zeroizing<String>);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("<redacted>")
-    }
 }
 
 /// Capabilities an instance offers unless configured otherwise.
@@ -510,10 +475,6 @@ impl Config {
 /// Where the daemon writes its current certificate (public) for local clients.
 pub fn certificate_path(data_dir: &Path) -> PathBuf {
     data_dir.join("tls").join("cert.pem")
-}
-
-pub(crate) fn invalid(key: &'static str, message: String) -> ConfigError {
-    ConfigError::Invalid { key, message }
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

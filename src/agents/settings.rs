@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[agents]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -131,7 +131,7 @@ pub(crate) fn resolve(
     let defaults = AgentsConfig::default();
     let max_concurrent = file.max_concurrent.unwrap_or(defaults.max_concurrent);
     if !(1..=10_000).contains(&max_concurrent) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "agents.max_concurrent",
             "must be between 1 and 10000".into(),
         ));
@@ -140,28 +140,28 @@ pub(crate) fn resolve(
         .kill_grace_secs
         .map_or(defaults.kill_grace, Duration::from_secs);
     if kill_grace > Duration::from_secs(600) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "agents.kill_grace_secs",
             "must be at most 600".into(),
         ));
     }
     let output_cap_bytes = file.output_cap_bytes.unwrap_or(defaults.output_cap_bytes);
     if output_cap_bytes < 1024 {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "agents.output_cap_bytes",
             "must be at least 1024".into(),
         ));
     }
     let tail_lines = file.tail_lines.unwrap_or(defaults.tail_lines);
     if !(1..=1000).contains(&tail_lines) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "agents.tail_lines",
             "must be between 1 and 1000".into(),
         ));
     }
     let max_prompt_bytes = file.max_prompt_bytes.unwrap_or(defaults.max_prompt_bytes);
     if max_prompt_bytes == 0 || max_prompt_bytes > max_message_bytes {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "agents.max_prompt_bytes",
             format!("must be between 1 and server.max_message_bytes ({max_message_bytes})"),
         ));
@@ -169,9 +169,9 @@ pub(crate) fn resolve(
     let mut types = BTreeMap::new();
     for (name, agent_type) in file.types {
         crate::agents::command::check_type_name(&name)
-            .map_err(|message| crate::config::invalid("agents.types", message))?;
+            .map_err(|message| crate::config::error::invalid("agents.types", message))?;
         crate::agents::command::check_template(&agent_type.command).map_err(|message| {
-            crate::config::invalid(
+            crate::config::error::invalid(
                 "agents.types.NAME.command",
                 format!("[agents.types.{name}] {message}"),
             )
@@ -180,7 +180,7 @@ pub(crate) fn resolve(
             .timeout_secs
             .unwrap_or(DEFAULT_AGENT_TIMEOUT_SECS);
         if !(1..=u64::from(u32::MAX)).contains(&timeout_secs) {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "agents.types.NAME.timeout_secs",
                 format!("[agents.types.{name}] must be at least 1"),
             ));
@@ -190,13 +190,13 @@ pub(crate) fn resolve(
             .keys()
             .find(|key| key.is_empty() || key.contains(['=', '\0']))
         {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "agents.types.NAME.env",
                 format!("[agents.types.{name}] {bad:?} is not an environment variable name"),
             ));
         }
         if agent_type.env.values().any(|value| value.contains('\0')) {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "agents.types.NAME.env",
                 format!("[agents.types.{name}] a value contains a NUL byte"),
             ));

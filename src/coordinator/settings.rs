@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[coordinator]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -81,7 +81,7 @@ pub const ENV_WEBHOOK_SECRET_PREFIX: &str = "MOSAIC_WEBHOOK_SECRET_";
 #[derive(Debug, Clone)]
 pub struct WebhookSource {
     /// HMAC-SHA256 secret; `None`: signatures are not checked.
-    pub secret: Option<crate::config::Secret>,
+    pub secret: Option<crate::config::secret::Secret>,
     /// Job type of events not listed in `events` (default `SOURCE.EVENT`).
     pub job_type: Option<String>,
     /// Workspace of the jobs made (default empty).
@@ -98,7 +98,7 @@ impl CoordinatorConfig {
             if let Some(value) =
                 lookup(&webhook_secret_variable(name)).filter(|value| !value.is_empty())
             {
-                source.secret = Some(crate::config::Secret(zeroize::Zeroizing::new(value)));
+                source.secret = Some(crate::config::secret::Secret(zeroize::Zeroizing::new(value)));
             }
         }
     }
@@ -115,7 +115,7 @@ pub fn webhook_secret_variable(source: &str) -> String {
 pub(crate) fn resolve(file: CoordinatorFileConfig) -> Result<CoordinatorConfig, ConfigError> {
     let max_payload_bytes = file.max_payload_bytes.unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
     if !(1024..=16 * 1024 * 1024).contains(&max_payload_bytes) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "coordinator.max_payload_bytes",
             "must be between 1024 and 16777216".into(),
         ));
@@ -124,7 +124,7 @@ pub(crate) fn resolve(file: CoordinatorFileConfig) -> Result<CoordinatorConfig, 
         .remote_agent_poll_ms
         .unwrap_or(DEFAULT_REMOTE_AGENT_POLL_MS);
     if !(10..=600_000).contains(&poll_ms) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "coordinator.remote_agent_poll_ms",
             "must be between 10 and 600000".into(),
         ));
@@ -137,19 +137,19 @@ pub(crate) fn resolve(file: CoordinatorFileConfig) -> Result<CoordinatorConfig, 
                 .chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
         if !valid_name {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "coordinator.webhooks",
                 format!("source name {name:?} must be 1 to 64 characters of a-z, 0-9, `-` and `_`"),
             ));
         }
         if source.secret.as_deref() == Some("") {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "coordinator.webhooks.SOURCE.secret",
                 format!("the secret of source {name:?} is empty; remove it or set one"),
             ));
         }
         if source.job_type.as_deref() == Some("") {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "coordinator.webhooks.SOURCE.job_type",
                 format!("the job type of source {name:?} is empty; remove it or set one"),
             ));
@@ -159,7 +159,7 @@ pub(crate) fn resolve(file: CoordinatorFileConfig) -> Result<CoordinatorConfig, 
             WebhookSource {
                 secret: source
                     .secret
-                    .map(|secret| crate::config::Secret(zeroize::Zeroizing::new(secret))),
+                    .map(|secret| crate::config::secret::Secret(zeroize::Zeroizing::new(secret))),
                 job_type: source.job_type,
                 workspace: source.workspace.unwrap_or_default(),
                 events: source.events,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::key::{IpRange, TrustedProxies};
 use super::tiers::{Tier, TierLimits};
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// Window of every limit, in seconds (default 60).
 pub const ENV_TTL: &str = "MOSAIC_RATE_LIMIT_TTL";

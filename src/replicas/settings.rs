@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[replicas]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -45,7 +45,7 @@ impl Default for ReplicasConfig {
 pub(crate) fn resolve(file: ReplicasFileConfig) -> Result<ReplicasConfig, ConfigError> {
     let lease_secs = file.lease_secs.unwrap_or(DEFAULT_LEASE_SECS);
     if !(3..=3600).contains(&lease_secs) {
-        return Err(crate::config::invalid(
+        return Err(crate::config::error::invalid(
             "replicas.lease_secs",
             "must be between 3 and 3600".into(),
         ));
@@ -56,7 +56,7 @@ pub(crate) fn resolve(file: ReplicasFileConfig) -> Result<ReplicasConfig, Config
             uri.host().is_some() && matches!(uri.scheme_str(), Some("https" | "http"))
         });
         if !valid {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "replicas.advertise_url",
                 format!("{advertise_url:?} must look like https://HOST:PORT"),
             ));

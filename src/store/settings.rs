@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// The WAL bound unless configured: small beside any disk, large enough that
 /// the checkpointer holds writers back about once a second at the soak's load.

@@ -25,7 +25,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 use crate::identity::PublicKey;
 
 /// The TLS mode.
@@ -367,29 +367,31 @@ fn pem_of(der: &[u8]) -> String {
     pem
 }
 
-/// Loads, checks and enables CA mode on `identity` when `config` asks for it.
+/// Loads, checks and enables CA mode on `identity` when `tls` asks for it.
 /// A chain that cannot serve stops the start with an error naming its key; a
-/// chain that does not name the public URL's host only warns (clients that
-/// verify names will refuse it, peers dialing another name may not).
+/// chain that does not name the host of `instance`'s public URL only warns
+/// (clients that verify names will refuse it, peers dialing another name may
+/// not).
 pub fn enable_if_configured(
     identity: &mut crate::identity::IdentityManager,
-    config: &crate::config::Config,
+    tls: &TlsSettings,
+    instance: &crate::identity::InstanceProfile,
 ) -> anyhow::Result<()> {
     let TlsSettings::Ca {
         cert_chain,
         ca_bundle,
-    } = &config.tls
+    } = tls
     else {
         return Ok(());
     };
     let trust = CaTrust::load(cert_chain, ca_bundle)?;
     trust.check(identity.current().public_key(), UnixTime::now())?;
-    let host = config.instance.public_host();
+    let host = instance.public_host();
     if let Some(host) = host
         && !trust.names_host(&host)
     {
         tracing::warn!(
-            public_url = %config.instance.public_url,
+            public_url = %instance.public_url,
             "the certificate in tls.cert_chain does not name the public URL's host; peers and clients that dial it will refuse it"
         );
     }

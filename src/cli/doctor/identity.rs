@@ -39,7 +39,9 @@ pub(super) async fn check_identity(config: &Config, store: Option<&Store>) -> Ch
                 );
             }
         };
-    if let Err(error) = crate::tls::ca::enable_if_configured(&mut manager, config) {
+    if let Err(error) =
+        crate::tls::ca::enable_if_configured(&mut manager, &config.tls, &config.instance)
+    {
         return Check::fail(
             "identity",
             2,
