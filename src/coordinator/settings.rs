@@ -98,7 +98,9 @@ impl CoordinatorConfig {
             if let Some(value) =
                 lookup(&webhook_secret_variable(name)).filter(|value| !value.is_empty())
             {
-                source.secret = Some(crate::config::secret::Secret(zeroize::Zeroizing::new(value)));
+                source.secret = Some(crate::config::secret::Secret(zeroize::Zeroizing::new(
+                    value,
+                )));
             }
         }
     }

@@ -8,10 +8,10 @@
 //! key has one left, without I/O. The calls are spent in Redis before they
 //! are admitted here, so replicas together never admit more than the limit;
 //! what an allowance costs is calls spent and not used — an earlier refusal
-//! elsewhere, bounded by the batch: at most `limit / (replicas × 20)` per key
-//! per replica (5 % of the limit across all replicas), and an allowance lapses
-//! after [`LIFETIME`], so the unused part of it is what the bucket lacks for at
-//! most that long. A quota small enough that the batch would be under 2 is
+//! elsewhere, bounded by the batch: at most `limit / (replicas × 200)` per
+//! key per replica (0.5 % of the limit across all replicas), and an allowance
+//! lapses after [`LIFETIME`], so the unused part of it is what the bucket
+//! lacks for at most that long. A quota under 400 calls per replica is
 //! checked against Redis on every call, exactly as before.
 
 use std::collections::HashMap;
@@ -27,8 +27,8 @@ use super::tiers::{Tier, TierQuota};
 /// The most calls one Redis check spends for later calls of a key.
 pub const MAX_BATCH: u32 = 64;
 
-/// Share of a quota one replica may hold per key: 1/20 of its part.
-const SHARE_DIVISOR: u32 = 20;
+/// Share of a quota one replica may hold per key: 1/200 of its part.
+const SHARE_DIVISOR: u32 = 200;
 
 /// How long an allowance may be used after Redis granted it.
 pub const LIFETIME: Duration = Duration::from_secs(1);
@@ -66,8 +66,8 @@ impl Allowances {
     }
 
     /// Calls one Redis check of `quota` asks for: this call and a batch of
-    /// 1/20 of the replica's share of the limit, at most [`MAX_BATCH`] in
-    /// all; 1 (no allowance) for small quotas.
+    /// 1/200 of the replica's share of the limit, at most [`MAX_BATCH`] in
+    /// all; 1 (no allowance) under 400 calls per replica.
     pub fn wanted(&self, quota: &TierQuota) -> u32 {
         (quota.limit / self.replicas / SHARE_DIVISOR).clamp(1, MAX_BATCH)
     }
@@ -185,14 +185,14 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_is_a_twentieth_of_a_replicas_share_and_none_for_small_limits() {
+    fn the_batch_is_a_two_hundredth_of_a_replicas_share_and_none_for_small_limits() {
         let one = Allowances::new(1);
-        assert_eq!(one.wanted(&quota(20)), 1);
-        assert_eq!(one.wanted(&quota(39)), 1);
-        assert_eq!(one.wanted(&quota(200)), 10);
+        assert_eq!(one.wanted(&quota(100)), 1);
+        assert_eq!(one.wanted(&quota(399)), 1);
+        assert_eq!(one.wanted(&quota(4_000)), 20);
         assert_eq!(one.wanted(&quota(100_000_000)), MAX_BATCH);
-        assert_eq!(Allowances::new(4).wanted(&quota(200)), 2);
-        assert_eq!(Allowances::new(0).wanted(&quota(200)), 10);
+        assert_eq!(Allowances::new(4).wanted(&quota(4_000)), 5);
+        assert_eq!(Allowances::new(0).wanted(&quota(4_000)), 20);
     }
 
     #[test]

@@ -564,9 +564,9 @@ async fn two_daemons_sharing_redis_admit_exactly_the_limit() {
 async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_it() {
     let url = shared_redis_url();
     let prefix = unique_prefix();
-    // 400 an hour: a batch of 400 / 20 = 20, and nothing refills meanwhile.
+    // 4000 an hour: a batch of 4000 / 200 = 20, and nothing refills meanwhile.
     let section = format!(
-        "ttl = 3600\nhealth_limit = 400\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
+        "ttl = 3600\nhealth_limit = 4000\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
     );
     let first_environment = TestEnvironment::new(Backend::Sqlite).await;
     let second_environment = TestEnvironment::new(Backend::Sqlite).await;
@@ -579,8 +579,16 @@ async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_
         .await
         .expect("second daemon");
     let channels = [first.channel().await, second.channel().await];
+    let checks = || {
+        [&first, &second]
+            .iter()
+            .map(|daemon| daemon.rate_limiter.metrics().snapshot().redis_checks)
+            .sum::<u64>()
+    };
 
-    // Far below the limit: 200 calls, four at a time, on both daemons.
+    // Far below the limit: 200 calls, four at a time, on both daemons. One
+    // check per call would be 200; a batch of 20 makes it about 10 per
+    // daemon (more only if an allowance lapses on a slow machine).
     let mut admitted_count = 0;
     for round in 0..50 {
         let calls = (0..4).map(|n| health_check(channels[(round + n) % 2].clone(), None));
@@ -588,30 +596,24 @@ async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_
             admitted_count += usize::from(admitted(&result));
         }
     }
-    assert_eq!(admitted_count, 200, "200 calls of 400 are all admitted");
-    let checks = || {
-        [&first, &second]
-            .iter()
-            .map(|daemon| daemon.rate_limiter.metrics().snapshot().redis_checks)
-            .sum::<u64>()
-    };
+    assert_eq!(admitted_count, 200, "200 calls of 4000 are all admitted");
     let below = checks();
     assert!(
-        below <= 40,
-        "{below} Redis checks for 200 calls: at most one per 5 calls"
+        below <= 100,
+        "{below} Redis checks for 200 calls far below the limit"
     );
 
-    // Past the limit: 300 more calls, 30 at a time.
-    for round in 0..10 {
-        let calls = (0..30).map(|n| health_check(channels[(round + n) % 2].clone(), None));
+    // Past the limit: 4400 more calls, 40 at a time.
+    for round in 0..110 {
+        let calls = (0..40).map(|n| health_check(channels[(round + n) % 2].clone(), None));
         for result in futures::future::join_all(calls).await {
             admitted_count += usize::from(admitted(&result));
         }
     }
     assert!(
-        (360..=400).contains(&admitted_count),
-        "{admitted_count} of 500 calls admitted on a limit of 400 shared by two daemons \
-         (never more than 400; at most a batch of 20 per daemon held back)"
+        (3_800..=4_000).contains(&admitted_count),
+        "{admitted_count} of 4600 calls admitted on a limit of 4000 shared by two daemons \
+         (never more than 4000; calls held ahead and unused cost a few)"
     );
     for daemon in [&first, &second] {
         let counters = daemon.rate_limiter.metrics().snapshot();
