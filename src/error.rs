@@ -112,7 +112,9 @@ impl From<FederationError> for Status {
             FederationError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
             FederationError::ResourceExhausted(_) => Status::resource_exhausted(message),
             FederationError::Unavailable(_) => Status::unavailable(message),
-            FederationError::Peer(status) => Status::new(status.code(), message),
+            FederationError::Peer(status) => {
+                Status::new(size_limit_code(status.code(), status.message()), message)
+            }
             FederationError::Command(status) => status,
             FederationError::Interrupted { resume_from, .. } => {
                 let mut details = tonic_types::ErrorDetails::new();
@@ -138,6 +140,51 @@ impl From<FederationError> for Status {
     }
 }
 
+/// How tonic's refusals of a message over a size limit begin: a request
+/// over `server.max_message_bytes` here, or a request or reply over it on a
+/// channel to a peer. tonic gives them OUT_OF_RANGE.
+const TONIC_MESSAGE_TOO_LARGE: [&str; 2] = [
+    "Error, decoded message length too large",
+    "Error, encoded message length too large",
+];
+
+/// The code of a status with `code` and `message`, except that tonic's
+/// refusal of a message over a size limit is RESOURCE_EXHAUSTED, the code
+/// gRPC's status-code guide names for a message larger than the configured
+/// limit (client or server side), instead of tonic's OUT_OF_RANGE, which the
+/// guide keeps for a position past the end (an output offset, here).
+pub fn size_limit_code(code: Code, message: &str) -> Code {
+    let too_large = code == Code::OutOfRange
+        && TONIC_MESSAGE_TOO_LARGE
+            .iter()
+            .any(|start| message.starts_with(start));
+    if too_large {
+        Code::ResourceExhausted
+    } else {
+        code
+    }
+}
+
+/// A response with [`size_limit_code`] applied: tonic refuses an oversized
+/// request before any handler runs, with a trailers-only response whose
+/// `grpc-status` this rewrites (its message, which names the sizes, stays).
+/// Mapped over every service's responses by the server.
+pub fn size_limit_response<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let Some(status) = response.extensions().get::<Status>() else {
+        return response;
+    };
+    let code = size_limit_code(status.code(), status.message());
+    if code != status.code() {
+        let rewritten = Status::new(code, status.message());
+        response.headers_mut().insert(
+            http::HeaderName::from_static("grpc-status"),
+            http::HeaderValue::from(code as i32),
+        );
+        response.extensions_mut().insert(rewritten);
+    }
+    response
+}
+
 /// The canonical name of a gRPC code (`PERMISSION_DENIED`), as metrics and
 /// the command log show it.
 pub fn code_name(code: Code) -> &'static str {
@@ -159,5 +206,45 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_over_the_size_limit_is_resource_exhausted() {
+        for message in [
+            "Error, decoded message length too large: found 65546 bytes, the limit is: 16384 bytes",
+            "Error, encoded message length too large: found 65546 bytes, the limit is: 16384 bytes",
+        ] {
+            assert_eq!(
+                size_limit_code(Code::OutOfRange, message),
+                Code::ResourceExhausted
+            );
+            let response =
+                size_limit_response(Status::out_of_range(message).into_http::<tonic::body::Body>());
+            assert_eq!(response.headers()["grpc-status"], "8");
+            let status = response.extensions().get::<Status>().expect("status");
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            assert_eq!(status.message(), message);
+        }
+        // An offset past the end stays OUT_OF_RANGE, and other codes stay.
+        let past_end = "offset 10 is past the end of the output (5 bytes)";
+        assert_eq!(
+            size_limit_code(Code::OutOfRange, past_end),
+            Code::OutOfRange
+        );
+        let response =
+            size_limit_response(Status::out_of_range(past_end).into_http::<tonic::body::Body>());
+        assert_eq!(response.headers()["grpc-status"], "11");
+        assert_eq!(
+            size_limit_code(
+                Code::InvalidArgument,
+                "Error, decoded message length too large"
+            ),
+            Code::InvalidArgument
+        );
     }
 }

@@ -222,6 +222,11 @@ pub async fn serve(
             Arc::clone(&shared.rate_limiter),
             authenticator,
         ))
+        // A request over max_message_bytes is RESOURCE_EXHAUSTED, not tonic's
+        // OUT_OF_RANGE (inside the layers above, which log and count it).
+        .layer(tower::util::MapResponseLayer::new(
+            crate::error::size_limit_response::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

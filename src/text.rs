@@ -1,6 +1,7 @@
 //! Text that comes from outside and is shown to people: what counts as
 //! printable, the check made at the boundary, and the escaping the CLI
-//! applies to everything it prints for a human.
+//! applies to everything it prints for a human. The rule for identifiers
+//! (ids, workspaces, agent types, label keys) is in [`identifier`].
 //!
 //! A peer, an agent or a caller can put escape sequences, carriage returns
 //! or invisible reordering characters into a name, a reason or an output
@@ -8,6 +9,8 @@
 //! operator's terminal, or forge and hide rows of a listing.
 
 use std::borrow::Cow;
+
+pub mod identifier;
 
 /// Whether `c` may be shown as it is: not a control character (C0, DEL,
 /// C1) and not an invisible format character that reorders or hides text
@@ -51,6 +54,24 @@ pub fn escape_for_terminal(text: &str) -> Cow<'_, str> {
     Cow::Owned(escaped)
 }
 
+/// One field of a row or a line (a name, a reason, a peer's detail) for a
+/// terminal: like [`escape_for_terminal`], and newlines and tabs are escaped
+/// too, so that a field can never start a row of its own.
+pub fn escape_field(text: &str) -> Cow<'_, str> {
+    if is_printable_line(text) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_printable(c) {
+            escaped.push(c);
+        } else {
+            escaped.extend(c.escape_default());
+        }
+    }
+    Cow::Owned(escaped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +100,15 @@ mod tests {
         assert_eq!(
             escape_for_terminal("evil\u{1b}[2J\rname\u{202e}gpj.exe\n"),
             "evil\\u{1b}[2J\\rname\\u{202e}gpj.exe\n"
+        );
+    }
+
+    #[test]
+    fn a_field_cannot_start_a_row_of_its_own() {
+        assert!(matches!(escape_field("alpha (eu-west)"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_field("ok\nbravo  ACTIVE\t\u{1b}[1m"),
+            "ok\\nbravo  ACTIVE\\t\\u{1b}[1m"
         );
     }
 }

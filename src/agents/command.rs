@@ -9,14 +9,14 @@ pub const PLACEHOLDERS: [&str; 4] = ["{prompt}", "{task_id}", "{agent_id}", "{wo
 
 /// At most this many labels per agent.
 pub const MAX_LABELS: usize = 32;
-/// Longest label key, in bytes.
-pub const MAX_LABEL_KEY_BYTES: usize = 128;
+/// Longest label key, in bytes (its characters are ASCII).
+pub const MAX_LABEL_KEY_BYTES: usize = crate::text::identifier::MAX_LABEL_KEY_CHARS;
 /// Longest label value, in bytes.
 pub const MAX_LABEL_VALUE_BYTES: usize = 256;
 /// Longest task id, in bytes.
 pub const MAX_TASK_ID_BYTES: usize = 256;
-/// Longest agent type name, in bytes.
-pub const MAX_TYPE_NAME_BYTES: usize = 64;
+/// Longest agent type name, in bytes (an identifier: ASCII).
+pub const MAX_TYPE_NAME_BYTES: usize = crate::text::identifier::MAX_CHARS;
 
 /// The values substituted into a command template.
 #[derive(Debug, Clone, Copy)]
@@ -83,41 +83,29 @@ pub fn render(command: &[String], values: Substitutions<'_>) -> Vec<String> {
         .collect()
 }
 
-/// Checks an agent type name: 1 to 64 of `[A-Za-z0-9_.-]`.
+/// Checks an agent type name: an identifier (`crate::text::identifier`).
 pub fn check_type_name(name: &str) -> Result<(), String> {
-    let allowed =
-        |character: char| character.is_ascii_alphanumeric() || matches!(character, '_' | '-' | '.');
-    if name.is_empty() || name.len() > MAX_TYPE_NAME_BYTES || !name.chars().all(allowed) {
-        return Err(format!(
-            "agent type names are 1 to {MAX_TYPE_NAME_BYTES} of A-Z a-z 0-9 _ - ., not {name:?}"
-        ));
-    }
-    Ok(())
+    crate::text::identifier::check("agent_type", name)
+        .map_err(|message| format!("{message}, not {name:?}"))
 }
 
-/// Checks labels: at most 32; keys 1 to 128 bytes of `[A-Za-z0-9_.-/]`;
-/// values up to 256 bytes without control characters.
+/// Checks labels: at most 32; keys as `crate::text::identifier` has them
+/// (1 to 128 identifier characters or `/`); values up to 256 bytes of
+/// printable text.
 pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), String> {
     if labels.len() > MAX_LABELS {
         return Err(format!("at most {MAX_LABELS} labels, not {}", labels.len()));
     }
-    let key_character = |character: char| {
-        character.is_ascii_alphanumeric() || matches!(character, '_' | '-' | '.' | '/')
-    };
     for (key, value) in labels {
-        if key.is_empty() || key.len() > MAX_LABEL_KEY_BYTES || !key.chars().all(key_character) {
-            return Err(format!(
-                "label keys are 1 to {MAX_LABEL_KEY_BYTES} of A-Z a-z 0-9 _ - . /, not {key:?}"
-            ));
-        }
+        crate::text::identifier::check_label_key(key)?;
         if value.len() > MAX_LABEL_VALUE_BYTES {
             return Err(format!(
                 "the value of label {key:?} is longer than {MAX_LABEL_VALUE_BYTES} bytes"
             ));
         }
-        if value.chars().any(char::is_control) {
+        if !crate::text::is_printable_line(value) {
             return Err(format!(
-                "the value of label {key:?} contains a control character"
+                "the value of label {key:?} must be printable text (no control or invisible formatting characters)"
             ));
         }
     }
@@ -209,6 +197,7 @@ mod tests {
             ("", "v"),
             ("has space", "v"),
             ("k", "line\nbreak"),
+            ("k", "invoice\u{202e}fdp.exe"),
             (&"k".repeat(MAX_LABEL_KEY_BYTES + 1) as &str, "v"),
             ("k", &"v".repeat(MAX_LABEL_VALUE_BYTES + 1) as &str),
         ] {

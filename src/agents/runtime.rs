@@ -382,6 +382,7 @@ impl AgentRuntime {
         if spec.agent_type.is_empty() {
             return Err(invalid("agent_type is required".to_owned()));
         }
+        command::check_type_name(&spec.agent_type).map_err(invalid)?;
         let Some(agent_type) = settings.types.get(&spec.agent_type) else {
             let known: Vec<&str> = settings.types.keys().map(String::as_str).collect();
             return Err(invalid(format!(

@@ -14,6 +14,7 @@ use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
 use crate::proto::agent as pb;
+use crate::text::escape_field as field;
 
 /// `mosaicd agent ...`
 #[derive(Debug, Subcommand)]
@@ -293,7 +294,7 @@ pub fn print_event(message: &pb::WatchAgentResponse, output: Output) {
                     "{}",
                     crate::text::escape_for_terminal(&format!(
                         "mosaicd: agent {} is {}{}",
-                        agent.agent_id,
+                        field(&agent.agent_id),
                         state_name(change.to_state),
                         reason_suffix(&change.reason)
                     ))
@@ -436,7 +437,7 @@ fn reason_suffix(reason: &str) -> String {
     if reason.is_empty() {
         String::new()
     } else {
-        format!(" ({reason})")
+        format!(" ({})", field(reason))
     }
 }
 
@@ -479,8 +480,8 @@ fn print_agent(agent: &pb::Agent, output: Output) {
 pub(super) fn agent_text(agent: &pb::Agent) -> String {
     let mut text = format!(
         "agent:   {}\ntype:    {}\nstate:   {}{}",
-        agent.agent_id,
-        agent.agent_type,
+        field(&agent.agent_id),
+        field(&agent.agent_type),
         state_name(agent.state),
         reason_suffix(&agent.state_reason)
     );
@@ -494,7 +495,7 @@ pub(super) fn agent_text(agent: &pb::Agent) -> String {
         text.push_str(&format!("\nsignal:  {signal}"));
     }
     if !agent.task_id.is_empty() {
-        text.push_str(&format!("\ntask:    {}", agent.task_id));
+        text.push_str(&format!("\ntask:    {}", field(&agent.task_id)));
     }
     if !agent.output_tail.is_empty() {
         text.push_str(&format!(
@@ -506,8 +507,10 @@ pub(super) fn agent_text(agent: &pb::Agent) -> String {
                 ""
             }
         ));
+        // One line each, whatever a peer put in them; tabs stay (they lay
+        // out the agent's own output) and the rest is escaped on printing.
         for line in &agent.output_tail {
-            text.push_str(&format!("\n  {line}"));
+            text.push_str(&format!("\n  {}", line.replace('\n', "\\n")));
         }
     }
     text
@@ -528,11 +531,11 @@ pub(super) fn print_list(response: &pb::ListAgentsResponse, output: Output) {
         for agent in &response.agents {
             text.push_str(&format!(
                 "\n{:<36}  {:<12}  {:<10}  {:>8}  {}",
-                agent.agent_id,
-                agent.agent_type,
+                field(&agent.agent_id),
+                field(&agent.agent_type),
                 state_name(agent.state),
                 agent.pid.map(|pid| pid.to_string()).unwrap_or_default(),
-                agent.state_reason
+                field(&agent.state_reason)
             ));
         }
         if !response.next_page_token.is_empty() {

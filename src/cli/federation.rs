@@ -12,6 +12,7 @@ use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
 use crate::proto::federation as pb;
+use crate::text::escape_field as field;
 
 /// `mosaicd federation ...`
 #[derive(Debug, clap::Subcommand)]
@@ -215,19 +216,19 @@ fn log_table(response: &pb::ListCommandLogResponse, names: &HashMap<String, Stri
             "\n{:<20}  {:<3}  {:<24}  {:<16}  {:<12}  {:<18}  {}",
             time_text(entry.recorded_at.as_ref()),
             direction_name(entry.direction()),
-            peer,
-            entry.workspace,
+            field(peer),
+            field(&entry.workspace),
             if entry.command_type.is_empty() {
-                "-"
+                "-".into()
             } else {
-                &entry.command_type
+                field(&entry.command_type)
             },
             if entry.outcome.is_empty() {
-                "(awaiting reply)"
+                "(awaiting reply)".into()
             } else {
-                &entry.outcome
+                field(&entry.outcome)
             },
-            entry.detail
+            field(&entry.detail)
         ));
     }
     if !response.next_page_token.is_empty() {
@@ -287,6 +288,37 @@ mod tests {
         assert!(
             row.contains("agent.spawn") && row.contains("(awaiting reply)"),
             "{row}"
+        );
+    }
+
+    #[test]
+    fn a_peers_detail_stays_on_its_row() {
+        let entry = pb::CommandLogEntry {
+            message_id: "m1".to_owned(),
+            direction: pb::CommandDirection::Inbound.into(),
+            sender_instance_id: "id-b".to_owned(),
+            recipient_instance_id: "id-a".to_owned(),
+            workspace: "ws".to_owned(),
+            command_type: "agent.spawn".to_owned(),
+            outcome: "INVALID_ARGUMENT".to_owned(),
+            detail: "no\n1970-01-01T00:00:00Z  in   bravo  ws  agent.kill  ok\t\u{1b}[2J"
+                .to_owned(),
+            recorded_at: Some(crate::clock::timestamp_from_ms(0)),
+            ..pb::CommandLogEntry::default()
+        };
+        let table = log_table(
+            &pb::ListCommandLogResponse {
+                entries: vec![entry],
+                next_page_token: String::new(),
+            },
+            &HashMap::new(),
+        );
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(
+            table.ends_with(
+                "no\\n1970-01-01T00:00:00Z  in   bravo  ws  agent.kill  ok\\t\\u{1b}[2J"
+            ),
+            "{table}"
         );
     }
 }

@@ -13,6 +13,7 @@ use crate::config::ConfigArgs;
 use crate::coordinator::state::JobState;
 use crate::proto::coordinator as pb;
 use crate::proto::coordinator::coordinator_client::CoordinatorClient;
+use crate::text::escape_field as field;
 
 /// `mosaicd job ...` (API key with the `coordinator` scope).
 #[derive(Debug, Subcommand)]
@@ -215,19 +216,21 @@ fn entry_json(entry: &pb::JobHistoryEntry) -> serde_json::Value {
 fn job_text(job: &pb::Job) -> String {
     let mut text = format!(
         "{}  {}  {}  {}%",
-        job.job_id,
-        job.job_type,
+        field(&job.job_id),
+        field(&job.job_type),
         state_name(job.state),
         job.progress
     );
+    // Messages and results come from agents and peers: each stays on its
+    // line, so none can pass for another job.
     if !job.progress_message.is_empty() {
-        text.push_str(&format!("  {}", job.progress_message));
+        text.push_str(&format!("  {}", field(&job.progress_message)));
     }
     if !job.error.is_empty() {
-        text.push_str(&format!("\nerror: {}", job.error));
+        text.push_str(&format!("\nerror: {}", field(&job.error)));
     }
     if !job.result_json.is_empty() {
-        text.push_str(&format!("\nresult: {}", job.result_json));
+        text.push_str(&format!("\nresult: {}", field(&job.result_json)));
     }
     text
 }
@@ -244,11 +247,11 @@ fn entry_text(entry: &pb::JobHistoryEntry) -> String {
         from,
         state_name(entry.to_state),
         entry.progress,
-        entry.actor,
+        field(&entry.actor),
         if entry.message.is_empty() {
             String::new()
         } else {
-            format!(": {}", entry.message)
+            format!(": {}", field(&entry.message))
         }
     )
 }
@@ -508,7 +511,7 @@ fn print_dispatched(output: Output, response: pb::DispatchJobResponse) -> Result
         let place = if job.peer_instance_id.is_empty() {
             String::new()
         } else {
-            format!(" on peer {}", job.peer_instance_id)
+            format!(" on peer {}", field(&job.peer_instance_id))
         };
         let note = if response.created {
             ""
@@ -518,8 +521,8 @@ fn print_dispatched(output: Output, response: pb::DispatchJobResponse) -> Result
         format!(
             "{}{note}\nagent: {}{place}\nfollow it: mosaicd job watch {}",
             job_text(&job),
-            response.agent_id,
-            job.job_id
+            field(&response.agent_id),
+            field(&job.job_id)
         )
     });
     Ok(())
@@ -558,6 +561,21 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_message_or_error_cannot_pass_for_another_job() {
+        let job = pb::Job {
+            job_id: "j1".to_owned(),
+            job_type: "build".to_owned(),
+            progress_message: "half\nj2  build  COMPLETED  100%".to_owned(),
+            error: "boom\r\u{1b}[2J".to_owned(),
+            ..pb::Job::default()
+        };
+        let text = job_text(&job);
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("half\\nj2  build  COMPLETED  100%"), "{text}");
+        assert!(text.ends_with("error: boom\\r\\u{1b}[2J"), "{text}");
+    }
 
     #[test]
     fn labels_and_states_parse_with_clear_errors() {

@@ -9,6 +9,7 @@ use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
 use crate::proto::federation as pb;
+use crate::text::escape_field as field;
 
 /// The workspace for `peer connect` and `peer list`.
 pub const ENV_WORKSPACE: &str = "MOSAIC_WORKSPACE";
@@ -53,7 +54,8 @@ pub enum PeerCommand {
         /// The connection id (from `peer list`).
         id: String,
     },
-    /// Accept an inbound pending connection.
+    /// Accept an inbound pending connection (check its fingerprint with the
+    /// peer's operator first).
     Accept {
         /// The connection id.
         id: String,
@@ -61,6 +63,11 @@ pub enum PeerCommand {
         /// agent.spawn,agent.status,agent.kill) [default: none].
         #[arg(long = "grant", value_delimiter = ',', value_name = "CAPABILITY")]
         grants: Vec<String>,
+        /// Accept although the peer's instance id is already bound to a
+        /// different key (`peer list` warns): only after checking the new
+        /// fingerprint with the peer's operator.
+        #[arg(long)]
+        new_key: bool,
     },
     /// Reject an inbound pending connection.
     Reject {
@@ -156,11 +163,16 @@ pub async fn run(
                 .into_inner();
             print_connection(output, response.connection, &response.events);
         }
-        PeerCommand::Accept { id, grants } => {
+        PeerCommand::Accept {
+            id,
+            grants,
+            new_key,
+        } => {
             let response = client
                 .accept_connection(connection.request(pb::AcceptConnectionRequest {
                     connection_id: id,
                     granted_capabilities: grants,
+                    accept_new_key_for_known_instance: new_key,
                 })?)
                 .await
                 .map_err(call_error)?
@@ -306,26 +318,26 @@ fn print_connection(
     output.print(&value, || {
         let mut text = format!(
             "connection:   {}\nworkspace:    {}\npeer:         {} ({})\nurl:          {}\nfingerprint:  {}\ndirection:    {}\nstate:        {}{}\nreachable:    {} (last contact {})\ngranted:      {}\ngranted to us: {}\npending notices: {}",
-            connection.connection_id,
-            connection.workspace,
-            connection.remote_name,
-            connection.remote_instance_id,
-            connection.remote_url,
-            connection.remote_fingerprint,
+            field(&connection.connection_id),
+            field(&connection.workspace),
+            field(&connection.remote_name),
+            field(&connection.remote_instance_id),
+            field(&connection.remote_url),
+            field(&connection.remote_fingerprint),
             direction_name(connection.direction()),
             state_name(connection.state()),
             if connection.state_reason.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", connection.state_reason)
+                format!(" ({})", field(&connection.state_reason))
             },
             connection.reachable,
             connection.last_contact_at.as_ref().map_or_else(
                 || "never".to_owned(),
                 |at| super::federation::time_text(Some(at))
             ),
-            connection.granted_capabilities.join(", "),
-            connection.capabilities_granted_to_us.join(", "),
+            field(&connection.granted_capabilities.join(", ")),
+            field(&connection.capabilities_granted_to_us.join(", ")),
             connection.pending_notices,
         );
         for event in events {
@@ -333,12 +345,12 @@ fn print_connection(
                 "\n  {} -> {} by {} at {}{}",
                 state_name(event.from_state()),
                 state_name(event.to_state()),
-                event.actor,
+                field(&event.actor),
                 super::federation::time_text(event.at.as_ref()),
                 if event.reason.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", event.reason)
+                    format!(": {}", field(&event.reason))
                 }
             ));
         }
@@ -372,16 +384,53 @@ fn connection_table(connections: &[pb::Connection]) -> String {
         );
         text.push_str(&format!(
             "\n{:<36}  {:<16}  {:<24}  {:<8}  {:<12}  {:<9}  {:<12}  {:<7}  {}",
-            connection.connection_id,
-            connection.workspace,
-            connection.remote_name,
+            field(&connection.connection_id),
+            field(&connection.workspace),
+            field(&connection.remote_name),
             direction_name(connection.direction()),
             state_name(connection.state()),
             if connection.reachable { "yes" } else { "no" },
             last_contact,
             connection.pending_notices,
-            connection.remote_fingerprint
+            field(&connection.remote_fingerprint)
         ));
+        // A request waits with a reason only when there is something to
+        // read before accepting it (an instance id bound to another key).
+        if connection.state() == pb::ConnectionState::Pending
+            && connection.direction() == pb::ConnectionDirection::Inbound
+            && !connection.state_reason.is_empty()
+        {
+            text.push_str(&format!("\n  ! {}", field(&connection.state_reason)));
+        }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_of_a_row_stays_on_its_row_and_the_fingerprint_is_shown() {
+        let connection = pb::Connection {
+            connection_id: "c1".to_owned(),
+            workspace: "ws".to_owned(),
+            remote_name: "alpha\nc2  ws  bravo\t\u{1b}[2J".to_owned(),
+            remote_fingerprint: "ABCD-EFGH".to_owned(),
+            state: pb::ConnectionState::Pending.into(),
+            ..pb::Connection::default()
+        };
+        let table = connection_table(std::slice::from_ref(&connection));
+        assert_eq!(table.lines().count(), 2, "{table}");
+        assert!(
+            table.contains("alpha\\nc2  ws  bravo\\t\\u{1b}[2J"),
+            "{table}"
+        );
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .is_some_and(|row| row.ends_with("ABCD-EFGH"))
+        );
+    }
 }

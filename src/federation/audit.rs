@@ -16,10 +16,6 @@ use crate::error::code_name;
 use crate::proto::federation as pb;
 use crate::store::{CommandDirection, CommandLogFilter, CommandLogRecord};
 
-/// Longest message id an operator may choose for a retriable command.
-/// The longest message id an operator may choose: the longest a peer
-/// accepts in a header, so that an id accepted here is never refused there.
-const MAX_MESSAGE_ID_CHARS: usize = super::envelope::MAX_ID_CHARS;
 /// Longest detail text kept in a log entry.
 const MAX_DETAIL_CHARS: usize = 512;
 /// Default and largest ListCommandLog page.
@@ -104,19 +100,11 @@ fn clip(text: &str) -> String {
 
 /// Checks a message id chosen by an operator: 1 to 64 characters from
 /// `A-Z a-z 0-9 . _ : -` (a UUID fits).
+/// It is the identifier rule a peer applies to a header's message id, so an
+/// id accepted here is never refused there.
 pub fn check_message_id(message_id: &str) -> Result<(), FederationError> {
-    let valid = !message_id.is_empty()
-        && message_id.chars().count() <= MAX_MESSAGE_ID_CHARS
-        && message_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(FederationError::InvalidArgument(format!(
-            "message_id must be 1 to {MAX_MESSAGE_ID_CHARS} characters of A-Z, a-z, 0-9, '.', '_', ':' or '-' (a UUID fits)"
-        )))
-    }
+    crate::text::identifier::check("message_id", message_id)
+        .map_err(FederationError::InvalidArgument)
 }
 
 /// SHA-256 over the peer, the workspace and the command, in a canonical form

@@ -17,12 +17,8 @@ use crate::proto::federation as pb;
 /// The first bytes of everything signed, so a federation signature can never be
 /// replayed as a signature for some other protocol that uses the same key.
 pub const DOMAIN_PREFIX: &[u8] = b"mosaic-federation-v1";
-/// Longest message id accepted (a UUID is 36 characters).
-pub(crate) const MAX_ID_CHARS: usize = 64;
 /// Length of an ECDSA P-256 signature in the fixed `r || s` form.
 const SIGNATURE_BYTES: usize = 64;
-/// Longest workspace name accepted.
-pub const MAX_WORKSPACE_CHARS: usize = 128;
 
 /// What a payload is; part of the signed bytes, so a signature made for one kind
 /// is never accepted for another.
@@ -68,22 +64,55 @@ pub trait Payload: Message + Default {
     const KIND: PayloadKind;
     /// Its header, if set.
     fn header(&self) -> Option<&pb::EnvelopeHeader>;
+    /// The public keys it carries that the receiver will use, by field name
+    /// (checked for their encoding in step 3).
+    fn carried_keys(&self) -> Vec<(&'static str, &[u8])> {
+        Vec::new()
+    }
 }
 
 macro_rules! payload {
     ($type:ty, $kind:expr) => {
+        payload!($type, $kind, |_payload| Vec::new());
+    };
+    ($type:ty, $kind:expr, |$payload:ident| $keys:expr) => {
         impl Payload for $type {
             const KIND: PayloadKind = $kind;
             fn header(&self) -> Option<&pb::EnvelopeHeader> {
                 self.header.as_ref()
             }
+            fn carried_keys(&self) -> Vec<(&'static str, &[u8])> {
+                let $payload = self;
+                $keys
+            }
         }
     };
 }
 
-payload!(pb::ConnectionRequestPayload, PayloadKind::ConnectionRequest);
+// A request carries the key it is signed with; a KEY_ROTATED notice, the
+// sender's new key (a new_key on any other notice is not read).
+payload!(
+    pb::ConnectionRequestPayload,
+    PayloadKind::ConnectionRequest,
+    |request| request
+        .sender
+        .iter()
+        .map(|sender| ("sender.public_key", sender.public_key.as_slice()))
+        .collect()
+);
 payload!(pb::ConnectionReplyPayload, PayloadKind::ConnectionReply);
-payload!(pb::ConnectionNoticePayload, PayloadKind::ConnectionNotice);
+payload!(
+    pb::ConnectionNoticePayload,
+    PayloadKind::ConnectionNotice,
+    |notice| match notice.kind() {
+        pb::NoticeKind::KeyRotated => notice
+            .new_key
+            .iter()
+            .map(|new_key| ("new_key.public_key", new_key.public_key.as_slice()))
+            .collect(),
+        _ => Vec::new(),
+    }
+);
 payload!(pb::NoticeAckPayload, PayloadKind::NoticeAck);
 payload!(pb::CommandPayload, PayloadKind::Command);
 payload!(pb::CommandResultPayload, PayloadKind::CommandResult);
@@ -202,7 +231,20 @@ pub enum EnvelopeError {
     /// The signature does not verify (UNAUTHENTICATED).
     #[error("the signature does not verify")]
     BadSignature,
+    /// The caller is not identified: there is no connection with the sender
+    /// the header names in its workspace, or the TLS key is not one that
+    /// connection trusts (UNAUTHENTICATED). One code and one message whatever
+    /// the reason, so that a caller learns nothing about connections it has
+    /// no part in.
+    #[error("{STRANGER_MESSAGE}")]
+    Stranger,
 }
+
+/// The message of [`EnvelopeError::Stranger`], the same for every stranger.
+/// It names the grace period because a real peer still using a rotated-out
+/// key is the likeliest reader.
+pub const STRANGER_MESSAGE: &str = "the TLS key is not the key of a connection this instance has \
+     with the sender the header names, in that workspace (or that key's grace period has ended)";
 
 /// A key a sender may sign with: its current key (no end) or a previous key in
 /// its grace period.
@@ -244,13 +286,10 @@ fn malformed(message: impl Into<String>) -> EnvelopeError {
     EnvelopeError::Malformed(message.into())
 }
 
+/// Every id in a header, the workspace included, follows the one identifier
+/// rule (`crate::text::identifier`).
 fn check_id(name: &str, value: &str) -> Result<(), EnvelopeError> {
-    if value.is_empty() || value.chars().count() > MAX_ID_CHARS {
-        return Err(malformed(format!(
-            "header.{name} must be 1 to {MAX_ID_CHARS} characters"
-        )));
-    }
-    Ok(())
+    crate::text::identifier::check(&format!("header.{name}"), value).map_err(malformed)
 }
 
 /// Step 3 of the receiver's checks: decodes the payload (as `P`, the kind fixed
@@ -281,13 +320,9 @@ pub fn parse<P: Payload>(
     check_id("sender_instance_id", &header.sender_instance_id)?;
     check_id("recipient_instance_id", &header.recipient_instance_id)?;
     check_id("key_id", &header.key_id)?;
-    if header.workspace.is_empty()
-        || header.workspace.chars().count() > MAX_WORKSPACE_CHARS
-        || !crate::text::is_printable_line(&header.workspace)
-    {
-        return Err(malformed(format!(
-            "header.workspace must be 1 to {MAX_WORKSPACE_CHARS} printable characters"
-        )));
+    check_id("workspace", &header.workspace)?;
+    for (field, key) in payload.carried_keys() {
+        PublicKey::from_spki_der(key).map_err(|error| malformed(format!("{field}: {error}")))?;
     }
     let issued_at_ms = header
         .issued_at
@@ -360,6 +395,29 @@ impl<P: Payload> Parsed<P> {
             .ok_or(EnvelopeError::UnknownKey)
     }
 
+    /// Whether a KEY_ROTATED notice identifies its caller although the TLS
+    /// key is not yet trusted: the TLS key is the notice's `new_key`, and the
+    /// notice is signed by a key the connection trusts (`trusted`), which
+    /// only the sender holds. Checks the signature without handing out the
+    /// payload; [`Parsed::verify_signature`] still runs in its turn.
+    pub fn proves_rotation_to(
+        &self,
+        new_key: &[u8],
+        trusted: &[TrustedKey],
+        tls_key: &PublicKey,
+        now_ms: i64,
+    ) -> bool {
+        new_key == tls_key.spki_der()
+            && self
+                .signing_key(trusted, now_ms)
+                .is_ok_and(|key| self.signature_verifies(&key))
+    }
+
+    fn signature_verifies(&self, key: &PublicKey) -> bool {
+        key.verify(&signed_bytes(self.kind, &self.bytes), &self.signature)
+            .is_ok()
+    }
+
     /// Step 7: the signing key is known and is the key of the TLS client
     /// certificate.
     pub fn check_key(
@@ -392,14 +450,34 @@ impl<P: Payload> Parsed<P> {
     /// Step 9: the signature verifies with `key` over the received bytes (never a
     /// re-encoding). Only now is the payload handed out.
     pub fn verify_signature(self, key: &PublicKey) -> Result<Verified<P>, EnvelopeError> {
-        key.verify(&signed_bytes(self.kind, &self.bytes), &self.signature)
-            .map_err(|_| EnvelopeError::BadSignature)?;
+        if !self.signature_verifies(key) {
+            return Err(EnvelopeError::BadSignature);
+        }
         Ok(Verified {
             digest: digest(&self.bytes),
             payload: self.payload,
             header: self.header,
             signing_key: key.clone(),
         })
+    }
+}
+
+/// Step 5: the caller is identified when its TLS key is one of the keys
+/// (`trusted`, current or in grace at `now_ms`) of the connection its header
+/// names; none when there is no such connection. Anyone else is a stranger,
+/// whatever the state of that connection, or its absence.
+pub fn identify_caller(
+    trusted: &[TrustedKey],
+    tls_key: &PublicKey,
+    now_ms: i64,
+) -> Result<(), EnvelopeError> {
+    let known = trusted.iter().any(|candidate| {
+        &candidate.key == tls_key && candidate.valid_until_ms.is_none_or(|until| until > now_ms)
+    });
+    if known {
+        Ok(())
+    } else {
+        Err(EnvelopeError::Stranger)
     }
 }
 
@@ -615,6 +693,96 @@ mod tests {
             open_reply::<pb::PingPayload>(Some(&envelope), "me", "sender", "w", &trusted, NOW)
                 .map(|_| ()),
             Err(EnvelopeError::WrongRecipient)
+        );
+    }
+
+    #[test]
+    fn only_a_key_of_the_connection_identifies_the_caller() {
+        let key = InstanceKey::generate().expect("key");
+        let stranger = InstanceKey::generate().expect("stranger");
+        assert_eq!(
+            identify_caller(&current(&key), key.public_key(), NOW),
+            Ok(())
+        );
+        let in_grace = [TrustedKey {
+            key: key.public_key().clone(),
+            valid_until_ms: Some(NOW + 1),
+        }];
+        assert_eq!(identify_caller(&in_grace, key.public_key(), NOW), Ok(()));
+        // No connection, another key, a key past its grace: one refusal.
+        for (trusted, tls_key, now) in [
+            (&[][..], key.public_key(), NOW),
+            (&current(&key)[..], stranger.public_key(), NOW),
+            (&in_grace[..], key.public_key(), NOW + 1),
+        ] {
+            let refused = identify_caller(trusted, tls_key, now).expect_err("a stranger");
+            assert_eq!(refused, EnvelopeError::Stranger);
+            assert_eq!(refused.to_string(), STRANGER_MESSAGE);
+        }
+    }
+
+    #[test]
+    fn a_key_rotation_is_proved_by_the_new_tls_key_and_an_old_signature() {
+        let old = InstanceKey::generate().expect("old key");
+        let new = InstanceKey::generate().expect("new key");
+        let stranger = InstanceKey::generate().expect("stranger");
+        let notice = |signer: &InstanceKey, signer_key_id: String| {
+            let payload = pb::ConnectionNoticePayload {
+                header: Some(new_header(&routing(), signer_key_id)),
+                kind: pb::NoticeKind::KeyRotated.into(),
+                new_key: Some(pb::PublicKeyInfo {
+                    public_key: new.public_key().spki_der().to_vec(),
+                    ..pb::PublicKeyInfo::default()
+                }),
+                ..pb::ConnectionNoticePayload::default()
+            };
+            seal(&payload, signer).expect("seal")
+        };
+        let trusted = current(&old);
+        let new_spki = new.public_key().spki_der();
+        let genuine = notice(&old, old.public_key().key_id());
+        let parsed = parse::<pb::ConnectionNoticePayload>(Some(&genuine)).expect("parse");
+        assert!(parsed.proves_rotation_to(new_spki, &trusted, new.public_key(), NOW));
+        // Replayed by someone else over their own TLS key.
+        assert!(!parsed.proves_rotation_to(new_spki, &trusted, stranger.public_key(), NOW));
+        // Naming the old key id but signed by someone else.
+        let mut forged = notice(&stranger, old.public_key().key_id());
+        forged.key_id = old.public_key().key_id();
+        let parsed = parse::<pb::ConnectionNoticePayload>(Some(&forged)).expect("parse");
+        assert!(!parsed.proves_rotation_to(new_spki, &trusted, new.public_key(), NOW));
+    }
+
+    #[test]
+    fn a_compressed_key_in_a_request_is_refused_with_its_reason() {
+        let key = InstanceKey::generate().expect("key");
+        let spki = key.public_key().spki_der();
+        let point = &spki[spki.len() - 65..];
+        let mut compressed = vec![
+            0x30, 0x39, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x22, 0x00,
+        ];
+        compressed.push(0x02 | (point[64] & 1));
+        compressed.extend_from_slice(&point[1..33]);
+        let request = pb::ConnectionRequestPayload {
+            header: Some(new_header(&routing(), key.public_key().key_id())),
+            sender: Some(pb::Instance {
+                public_key: compressed,
+                ..pb::Instance::default()
+            }),
+            ..pb::ConnectionRequestPayload::default()
+        };
+        let sealed = seal(&request, &key).expect("seal");
+        let refused = parse::<pb::ConnectionRequestPayload>(Some(&sealed)).expect_err("refused");
+        assert!(
+            matches!(refused, EnvelopeError::Malformed(_)),
+            "{refused:?}"
+        );
+        assert!(
+            refused.to_string().contains("sender.public_key")
+                && refused
+                    .to_string()
+                    .contains("send the uncompressed form (04 || X || Y)"),
+            "{refused}"
         );
     }
 }

@@ -70,7 +70,8 @@ impl From<EnvelopeError> for FederationError {
             EnvelopeError::WrongRecipient => Self::PermissionDenied(message),
             EnvelopeError::UnknownKey
             | EnvelopeError::KeyIsNotTlsKey
-            | EnvelopeError::BadSignature => Self::Unauthenticated(message),
+            | EnvelopeError::BadSignature
+            | EnvelopeError::Stranger => Self::Unauthenticated(message),
             EnvelopeError::OutsideClockWindow { .. } | EnvelopeError::Expired => {
                 Self::DeadlineExceeded(message)
             }
@@ -99,7 +100,8 @@ impl FederationError {
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::Peer(status) | Self::Command(status) => status.code(),
+            Self::Peer(status) => crate::error::size_limit_code(status.code(), status.message()),
+            Self::Command(status) => status.code(),
             Self::Interrupted { .. } => Code::Unavailable,
             Self::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Self::Store(StoreError::NotFound) => Code::NotFound,

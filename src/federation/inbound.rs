@@ -11,18 +11,44 @@ use crate::federation::state::{self, Actor, ConnectionState, Direction, NoticeKi
 use crate::identity::{PublicKey, fingerprint};
 use crate::proto::federation as pb;
 use crate::store::{
-    ConnectionCapabilities, ConnectionChange, ConnectionRecord, PeerKeyRecord, WriteOutcome,
+    ConnectionCapabilities, ConnectionChange, ConnectionRecord, InstanceKeyBinding, PeerKeyRecord,
+    WriteOutcome,
 };
 
 use crate::federation::Federation;
 use crate::federation::peering::*;
 
+/// Where a connection request came from, as the rate limiter groups clients
+/// (`ip:203.0.113.7`, `ip:2001:db8:1:2::/64`): the requests it has waiting
+/// are counted against its own quota
+/// (`federation.max_pending_inbound_per_source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSource(String);
+
+impl RequestSource {
+    /// The source of `request`: the address of its connection, or the client
+    /// a trusted proxy names, grouped as `limiter` groups clients (IPv6 by
+    /// /64).
+    pub fn of<T>(limiter: &crate::ratelimit::RateLimiter, request: &tonic::Request<T>) -> Self {
+        let address = crate::ratelimit::layer::remote_address(request.extensions())
+            .map(|address| address.ip());
+        let headers = request.metadata().clone().into_headers();
+        Self(limiter.client_key(address, &headers).subject())
+    }
+
+    /// As stored with the request.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl Federation {
-    /// RequestConnection from a peer.
+    /// RequestConnection from a peer, which came from `source`.
     pub async fn receive_request(
         &self,
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
+        source: &RequestSource,
     ) -> Result<pb::SignedEnvelope, FederationError> {
         let identity = self.identity.current();
         let now = self.now();
@@ -103,10 +129,25 @@ impl Federation {
             return Err(already_open(&header.workspace));
         }
 
-        let auto_accept = fingerprint::normalize(&sender_key.fingerprint())
+        // Keys before names: an instance id already bound to another key is
+        // a warning the operator reads before anything else (and accepting
+        // needs an explicit flag, see `accept_connection`).
+        let sender_fingerprint = sender_key.fingerprint();
+        let known_instance_warning = self
+            .other_key_binding(&header.sender_instance_id, &sender_fingerprint, None)
+            .await?
+            .map(|binding| {
+                new_key_warning(&header.sender_instance_id, &binding, &sender_fingerprint)
+            });
+        let auto_accept = fingerprint::normalize(&sender_fingerprint)
             .is_some_and(|printed| self.config.auto_accept_fingerprints.contains(&printed));
         // Anyone holding a key can ask, so the requests an operator has not
-        // answered yet are bounded.
+        // answered yet are bounded: per source first, so that one address
+        // or one key cannot fill the queue and a newcomer from elsewhere can
+        // still ask; then in all.
+        if !auto_accept {
+            self.check_source_quota(source, &sender_fingerprint).await?;
+        }
         if !auto_accept
             && self
                 .store
@@ -145,19 +186,24 @@ impl Federation {
             },
             direction: Direction::Inbound,
             state,
-            state_reason: String::new(),
+            state_reason: if auto_accept {
+                String::new()
+            } else {
+                known_instance_warning.clone().unwrap_or_default()
+            },
             suspended_by: None,
             reachable: true,
             last_contact_at_ms: Some(now),
             created_at_ms: now,
             updated_at_ms: now,
+            request_source: Some(source.as_str().to_owned()),
         };
         let mut events = vec![event(
             &record.id,
             None,
             ConnectionState::Pending,
             Actor::Peer,
-            "",
+            known_instance_warning.as_deref().unwrap_or_default(),
             now,
         )];
         if auto_accept {
@@ -200,7 +246,55 @@ impl Federation {
             state = record.state.as_str(),
             "received a federation connection request"
         );
+        if known_instance_warning.is_some() {
+            tracing::warn!(
+                connection.id = %record.id,
+                peer.id = %record.remote_instance_id,
+                peer.fingerprint = %record.remote_fingerprint,
+                "a connection request names an instance id already bound to another key"
+            );
+        }
         Ok(reply)
+    }
+
+    /// RESOURCE_EXHAUSTED when `source`, or the key of `fingerprint`, already
+    /// has `federation.max_pending_inbound_per_source` requests waiting.
+    async fn check_source_quota(
+        &self,
+        source: &RequestSource,
+        fingerprint: &str,
+    ) -> Result<(), FederationError> {
+        let quota = self.config.max_pending_inbound_per_source;
+        let waiting = self
+            .store
+            .count_pending_inbound_from_source(source.as_str())
+            .await?;
+        if waiting >= i64::from(quota) {
+            return Err(FederationError::ResourceExhausted(format!(
+                "this source's quota is full: {waiting} connection requests from {} wait for this instance's operator (at most {quota}); try again once they are answered or expire",
+                source.as_str()
+            )));
+        }
+        let waiting = self.store.count_pending_inbound_of_key(fingerprint).await?;
+        if waiting >= i64::from(quota) {
+            return Err(FederationError::ResourceExhausted(format!(
+                "this key's quota is full: {waiting} connection requests made with it wait for this instance's operator (at most {quota}); try again once they are answered or expire"
+            )));
+        }
+        Ok(())
+    }
+
+    /// A connection (other than `except_connection_id`) that binds
+    /// `instance_id` to a key other than `fingerprint`, when none binds it to
+    /// `fingerprint` itself; see [`binding_to_another_key`].
+    pub(super) async fn other_key_binding(
+        &self,
+        instance_id: &str,
+        fingerprint: &str,
+        except_connection_id: Option<&str>,
+    ) -> Result<Option<InstanceKeyBinding>, FederationError> {
+        let bindings = self.store.key_bindings_of_instance(instance_id).await?;
+        Ok(binding_to_another_key(&bindings, fingerprint, except_connection_id).cloned())
     }
 
     /// NotifyConnection from a peer.
@@ -446,5 +540,132 @@ impl Federation {
             locks.retain(|_, lock| Arc::strong_count(lock) > 1);
         }
         Arc::clone(locks.entry(connection_id.to_owned()).or_default())
+    }
+}
+
+/// Whether a connection binds its instance id to its key: one this instance
+/// chose (OUTBOUND) or an operator accepted, now or in the past. A request
+/// still waiting for the operator, or one that was rejected, binds nothing:
+/// anyone can ask under any id.
+fn binds_its_key(binding: &InstanceKeyBinding) -> bool {
+    match binding.state {
+        ConnectionState::Rejected => false,
+        ConnectionState::Pending => binding.direction == Direction::Outbound,
+        ConnectionState::Active | ConnectionState::Suspended | ConnectionState::Disconnected => {
+            true
+        }
+    }
+}
+
+/// Among `bindings` (newest first), other than `except_connection_id`: the
+/// newest that binds the instance id to a key other than `fingerprint`, unless
+/// one binds it to `fingerprint` (a key the instance is known by, e.g. after
+/// a rotation it proved on that connection).
+pub(super) fn binding_to_another_key<'a>(
+    bindings: &'a [InstanceKeyBinding],
+    fingerprint: &str,
+    except_connection_id: Option<&str>,
+) -> Option<&'a InstanceKeyBinding> {
+    let binding: Vec<&InstanceKeyBinding> = bindings
+        .iter()
+        .filter(|binding| Some(binding.connection_id.as_str()) != except_connection_id)
+        .filter(|binding| binds_its_key(binding))
+        .collect();
+    if binding
+        .iter()
+        .any(|binding| binding.fingerprint == fingerprint)
+    {
+        return None;
+    }
+    binding.into_iter().next()
+}
+
+/// The state reason of a request whose instance id is bound to another key.
+pub(super) fn new_key_warning(
+    instance_id: &str,
+    binding: &InstanceKeyBinding,
+    fingerprint: &str,
+) -> String {
+    format!(
+        "WARNING: instance id {instance_id} is already bound to a different key (fingerprint {}, on {} connection {} in workspace {}); this request's key has fingerprint {fingerprint}. Check it with the peer's operator; accepting it needs --new-key",
+        binding.fingerprint,
+        binding.state.as_str().to_ascii_uppercase(),
+        binding.connection_id,
+        binding.workspace
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(
+        id: &str,
+        direction: Direction,
+        state: ConnectionState,
+        fingerprint: &str,
+    ) -> InstanceKeyBinding {
+        InstanceKeyBinding {
+            connection_id: id.to_owned(),
+            workspace: "ws".to_owned(),
+            direction,
+            state,
+            fingerprint: fingerprint.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_known_instance_with_another_key_is_found_in_any_state_that_binds() {
+        use ConnectionState::*;
+        use Direction::*;
+        for (direction, state) in [
+            (Inbound, Active),
+            (Inbound, Suspended),
+            (Inbound, Disconnected),
+            (Outbound, Pending),
+            (Outbound, Active),
+            (Outbound, Disconnected),
+        ] {
+            let bindings = [binding("c1", direction, state, "OLD")];
+            assert_eq!(
+                binding_to_another_key(&bindings, "NEW", None).map(|found| &found.connection_id),
+                Some(&"c1".to_owned()),
+                "{direction:?} {state:?}"
+            );
+        }
+        // Requests nobody accepted bind nothing.
+        for (direction, state) in [
+            (Inbound, Pending),
+            (Inbound, Rejected),
+            (Outbound, Rejected),
+        ] {
+            let bindings = [binding("c1", direction, state, "OLD")];
+            assert!(binding_to_another_key(&bindings, "NEW", None).is_none());
+        }
+    }
+
+    #[test]
+    fn the_known_key_itself_and_the_connection_asked_about_are_no_conflict() {
+        use ConnectionState::*;
+        use Direction::*;
+        // Rotated on the active connection: the disconnected one's old key
+        // does not make the current key a stranger.
+        let rotated = [
+            binding("c2", Inbound, Active, "NEW"),
+            binding("c1", Inbound, Disconnected, "OLD"),
+        ];
+        assert!(binding_to_another_key(&rotated, "NEW", None).is_none());
+        // The connection being accepted does not bind its own key.
+        let own = [binding("c1", Inbound, Active, "NEW")];
+        assert!(binding_to_another_key(&own, "NEW", Some("c1")).is_none());
+        let other = [
+            binding("c3", Inbound, Pending, "NEW"),
+            binding("c1", Outbound, Active, "OLD"),
+        ];
+        assert_eq!(
+            binding_to_another_key(&other, "NEW", Some("c3"))
+                .map(|found| found.fingerprint.as_str()),
+            Some("OLD")
+        );
     }
 }

@@ -13,6 +13,9 @@
 //! - `peers`: the peer cache (open connections with their keys).
 //! - `operator`: what an operator does to connections (ConnectPeer, accept,
 //!   suspend, ...), and what a key rotation sets off.
+//! - `callers`: who a wire call comes from; a caller that is not a key of
+//!   the connection its header names gets one refusal, whatever that
+//!   connection's state.
 //! - `inbound`: what a peer sends: connection requests, notices, pings.
 //! - [`peering`]: the rules both sides share (limits, checks, history events).
 //! - [`outbox`]: notice delivery with retries, liveness pings, pruning.
@@ -21,6 +24,7 @@
 //! - [`settings`]: `[federation]`, as written and resolved.
 
 pub mod audit;
+mod callers;
 pub mod commands;
 pub mod convert;
 pub mod dial;

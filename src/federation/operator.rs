@@ -28,6 +28,27 @@ pub struct ConnectionView {
     pub pending_notices: u32,
 }
 
+/// Whether an accept goes ahead when the peer's instance id is already bound
+/// to another key (AcceptConnectionRequest.accept_new_key_for_known_instance).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewKeyForKnownInstance {
+    /// Refuse it (FAILED_PRECONDITION): the default.
+    Refuse,
+    /// The operator checked the new key's fingerprint: accept it.
+    Accept,
+}
+
+impl NewKeyForKnownInstance {
+    /// From the request flag.
+    pub fn from_flag(accept_new_key_for_known_instance: bool) -> Self {
+        if accept_new_key_for_known_instance {
+            Self::Accept
+        } else {
+            Self::Refuse
+        }
+    }
+}
+
 /// What ConnectPeer needs.
 #[derive(Debug, Clone)]
 pub struct ConnectRequest {
@@ -113,11 +134,20 @@ impl Federation {
                 claimed.fingerprint()
             )));
         }
-        if instance.instance_id.is_empty() || instance.instance_id.len() > 64 {
+        // What the peer says about itself is shown in `peer list` and named
+        // in every header: the same rules as for a request from a peer.
+        crate::text::identifier::check("the peer's instance id", &instance.instance_id).map_err(
+            |rule| FederationError::FailedPrecondition(format!("{rule}; nothing was stored")),
+        )?;
+        if !crate::text::is_printable_line(&instance.name) {
             return Err(FederationError::FailedPrecondition(
-                "the peer's identity has no usable instance id".into(),
+                "the peer's name is not printable text (control or invisible formatting characters); nothing was stored"
+                    .into(),
             ));
         }
+        check_capability_list("the peer's capabilities", &instance.capabilities).map_err(
+            |error| FederationError::FailedPrecondition(format!("{error}; nothing was stored")),
+        )?;
         if instance.instance_id == identity.instance_id {
             return Err(FederationError::InvalidArgument(
                 "the URL is this instance itself".into(),
@@ -185,6 +215,8 @@ impl Federation {
                 )
             })
             .ok_or_else(|| FederationError::BadReply("the reply has no usable state".into()))?;
+        check_capability_list("granted_capabilities", &reply.payload.granted_capabilities)
+            .map_err(|error| FederationError::BadReply(error.to_string()))?;
 
         let now = self.now();
         let record = ConnectionRecord {
@@ -213,6 +245,7 @@ impl Federation {
             last_contact_at_ms: Some(now),
             created_at_ms: now,
             updated_at_ms: now,
+            request_source: None,
         };
         let mut events = vec![event(
             &record.id,
@@ -284,6 +317,8 @@ impl Federation {
 
     /// Accept, reject, suspend, resume or disconnect, as an operator of this
     /// instance; the peer is told by a signed notice (queued, then tried at once).
+    /// An accept is refused when the peer's instance id is bound to another
+    /// key (see [`Federation::accept_connection`]).
     pub async fn operator_action(
         &self,
         connection_id: &str,
@@ -291,14 +326,91 @@ impl Federation {
         granted_capabilities: &[String],
         reason: &str,
     ) -> Result<ConnectionView, FederationError> {
+        self.act(
+            connection_id,
+            action,
+            granted_capabilities,
+            reason,
+            NewKeyForKnownInstance::Refuse,
+        )
+        .await
+    }
+
+    /// AcceptConnection. When another connection binds the peer's instance
+    /// id to another key (in any workspace, now or in the past: an accepted,
+    /// suspended, disconnected or outbound one), the accept is refused with
+    /// FAILED_PRECONDITION unless `new_key` says the operator checked the
+    /// new key's fingerprint; the history then says so.
+    pub async fn accept_connection(
+        &self,
+        connection_id: &str,
+        granted_capabilities: &[String],
+        new_key: NewKeyForKnownInstance,
+    ) -> Result<ConnectionView, FederationError> {
+        self.act(
+            connection_id,
+            OperatorAction::Accept,
+            granted_capabilities,
+            "",
+            new_key,
+        )
+        .await
+    }
+
+    async fn act(
+        &self,
+        connection_id: &str,
+        action: OperatorAction,
+        granted_capabilities: &[String],
+        reason: &str,
+        new_key: NewKeyForKnownInstance,
+    ) -> Result<ConnectionView, FederationError> {
+        // Sent to the peer in the notice, which refuses what is not printable.
+        if !crate::text::is_printable_line(reason) {
+            return Err(FederationError::InvalidArgument(
+                "reason must be printable text (no control or invisible formatting characters)"
+                    .into(),
+            ));
+        }
         let record = self.find(connection_id).await?;
         if action == OperatorAction::Accept {
             check_capability_list("granted_capabilities", granted_capabilities)?;
             check_offered(&self.identity.current(), granted_capabilities)?;
         }
         let reason = truncate(reason, MAX_REASON_CHARS);
-        let change =
+        let mut change =
             self.action_change(&record, action, granted_capabilities, reason, Actor::Local)?;
+        if action == OperatorAction::Accept
+            && let Some(binding) = self
+                .other_key_binding(
+                    &record.remote_instance_id,
+                    &record.remote_fingerprint,
+                    Some(&record.id),
+                )
+                .await?
+        {
+            if new_key == NewKeyForKnownInstance::Refuse {
+                return Err(FederationError::FailedPrecondition(format!(
+                    "instance id {} is already bound to a different key (fingerprint {}, on {} connection {} in workspace {}); this request's key has fingerprint {}. Check it with the peer's operator, then accept with accept_new_key_for_known_instance (mosaicd peer accept --new-key)",
+                    record.remote_instance_id,
+                    binding.fingerprint,
+                    binding.state.as_str().to_ascii_uppercase(),
+                    binding.connection_id,
+                    binding.workspace,
+                    record.remote_fingerprint
+                )));
+            }
+            // Kept here: the peer's ACCEPTED notice says nothing of the
+            // other connection.
+            let accepted = format!(
+                "accepted a new key (fingerprint {}) for instance id {}, which was bound to fingerprint {}",
+                record.remote_fingerprint, record.remote_instance_id, binding.fingerprint
+            );
+            if let Some(event) = change.event.as_mut() {
+                event.reason.clone_from(&accepted);
+            }
+            change.state_reason = accepted;
+        }
         let changed = match self.change_connection(&change).await? {
             WriteOutcome::Done(changed) => changed,
             _ => {

@@ -5,7 +5,6 @@
 //! operator does) and `inbound.rs` (what a peer sends).
 
 use crate::federation::FederationError;
-use crate::federation::envelope::{self};
 use crate::federation::peer_client::{FirstContactError, PeerError};
 use crate::federation::state::{Actor, ConnectionState, Situation};
 use crate::identity::Identity;
@@ -14,9 +13,8 @@ use crate::store::{ConnectionEventRecord, ConnectionRecord, SeenMessage, StoredR
 
 /// Longest grace a peer may claim for its rotated-out key (30 days).
 pub(super) const MAX_PEER_KEY_GRACE_MS: i64 = 30 * 24 * 60 * 60 * 1000;
-/// Most capabilities in one list, and longest capability name.
+/// Most capabilities in one list (each name is an identifier).
 pub(super) const MAX_CAPABILITIES: usize = 32;
-pub(super) const MAX_CAPABILITY_CHARS: usize = 64;
 /// Longest reason text kept.
 pub(super) const MAX_REASON_CHARS: usize = 1024;
 /// Longest instance name accepted from a peer.
@@ -97,19 +95,10 @@ pub(super) fn truncate(text: &str, max_chars: usize) -> String {
     text.chars().take(max_chars).collect()
 }
 
-/// A workspace name: 1 to 128 printable characters.
+/// A workspace name: an identifier (`crate::text::identifier`), as a
+/// header's workspace must be.
 pub fn check_workspace(workspace: &str) -> Result<(), FederationError> {
-    let length = workspace.chars().count();
-    if length == 0
-        || length > envelope::MAX_WORKSPACE_CHARS
-        || !crate::text::is_printable_line(workspace)
-    {
-        return Err(FederationError::InvalidArgument(format!(
-            "workspace must be 1 to {} printable characters",
-            envelope::MAX_WORKSPACE_CHARS
-        )));
-    }
-    Ok(())
+    crate::text::identifier::check("workspace", workspace).map_err(FederationError::InvalidArgument)
 }
 
 pub(super) fn check_capability_list(
@@ -117,14 +106,13 @@ pub(super) fn check_capability_list(
     capabilities: &[String],
 ) -> Result<(), FederationError> {
     if capabilities.len() > MAX_CAPABILITIES
-        || capabilities.iter().any(|capability| {
-            capability.is_empty()
-                || capability.chars().count() > MAX_CAPABILITY_CHARS
-                || capability.chars().any(char::is_control)
-        })
+        || capabilities
+            .iter()
+            .any(|capability| !crate::text::identifier::is_identifier(capability))
     {
         return Err(FederationError::InvalidArgument(format!(
-            "{field}: at most {MAX_CAPABILITIES} capabilities of 1 to {MAX_CAPABILITY_CHARS} characters"
+            "{field}: at most {MAX_CAPABILITIES} capabilities, each {}",
+            crate::text::identifier::RULE
         )));
     }
     Ok(())

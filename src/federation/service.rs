@@ -164,15 +164,18 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::AcceptConnectionResponse>, Status> {
         let request = request.into_inner();
         let view = self
-            .operator_action(
+            .shared
+            .federation
+            .accept_connection(
                 &request.connection_id,
-                OperatorAction::Accept,
                 &request.granted_capabilities,
-                "",
+                super::operator::NewKeyForKnownInstance::from_flag(
+                    request.accept_new_key_for_known_instance,
+                ),
             )
             .await?;
         Ok(Response::new(pb::AcceptConnectionResponse {
-            connection: Some(view),
+            connection: Some(connection_message(&view)),
         }))
     }
 
@@ -413,10 +416,13 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::RequestConnectionRequest>,
     ) -> Result<Response<pb::RequestConnectionResponse>, Status> {
         let tls_key = peer_certificate_key(&request)?;
-        let envelope = self
-            .shared
-            .federation
-            .receive_request(request.get_ref().envelope.as_ref(), &tls_key)
+        let sealed = request.get_ref().envelope.as_ref();
+        // Strangers learn nothing: the caller is identified first.
+        let federation = &self.shared.federation;
+        federation.identify_request_caller(sealed, &tls_key).await?;
+        let source = super::inbound::RequestSource::of(&self.shared.rate_limiter, &request);
+        let envelope = federation
+            .receive_request(sealed, &tls_key, &source)
             .await?;
         Ok(Response::new(pb::RequestConnectionResponse {
             envelope: Some(envelope),
@@ -428,11 +434,11 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::NotifyConnectionRequest>,
     ) -> Result<Response<pb::NotifyConnectionResponse>, Status> {
         let tls_key = peer_certificate_key(&request)?;
-        let envelope = self
-            .shared
-            .federation
-            .receive_notice(request.get_ref().envelope.as_ref(), &tls_key)
-            .await?;
+        let sealed = request.get_ref().envelope.as_ref();
+        // Strangers learn nothing: the caller is identified first.
+        let federation = &self.shared.federation;
+        federation.identify_notice_caller(sealed, &tls_key).await?;
+        let envelope = federation.receive_notice(sealed, &tls_key).await?;
         Ok(Response::new(pb::NotifyConnectionResponse {
             envelope: Some(envelope),
         }))
@@ -493,11 +499,11 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         let tls_key = peer_certificate_key(&request)?;
-        let envelope = self
-            .shared
-            .federation
-            .receive_ping(request.get_ref().envelope.as_ref(), &tls_key)
-            .await?;
+        let sealed = request.get_ref().envelope.as_ref();
+        // Strangers learn nothing: the caller is identified first.
+        let federation = &self.shared.federation;
+        federation.identify_ping_caller(sealed, &tls_key).await?;
+        let envelope = federation.receive_ping(sealed, &tls_key).await?;
         Ok(Response::new(pb::PingResponse {
             envelope: Some(envelope),
         }))

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// `[federation]` in the file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -37,6 +37,10 @@ pub struct FederationFileConfig {
     /// Most inbound connection requests waiting for an operator at once
     /// (default 100); past it new requests are refused.
     pub max_pending_inbound: Option<u32>,
+    /// Most inbound connection requests waiting for an operator from one
+    /// source: one client address group (as the rate limiter groups them) and,
+    /// separately, one key (default 10).
+    pub max_pending_inbound_per_source: Option<u32>,
     /// Seconds an inbound connection request waits for an operator before
     /// it is rejected as expired (default 604800, 7 days; at least 1).
     pub pending_request_ttl_secs: Option<u64>,
@@ -72,6 +76,11 @@ pub struct FederationConfig {
     /// Most inbound requests waiting for an operator (default 100): anyone with a
     /// key can ask, so unanswered requests are bounded.
     pub max_pending_inbound: u32,
+    /// Most inbound requests waiting for an operator from one client address
+    /// group (IPv4 address, IPv6 /64: the rate limiter's grouping), and from
+    /// one key (default 10), so that one source cannot fill the queue of
+    /// `max_pending_inbound` and a newcomer from elsewhere can still ask.
+    pub max_pending_inbound_per_source: u32,
     /// How long an inbound request waits for an operator before it is
     /// rejected as expired (default 7 days).
     pub pending_request_ttl: Duration,
@@ -91,7 +100,8 @@ impl FederationConfig {
             ranges
                 .iter()
                 .map(|range| {
-                    Cidr::parse(range).map_err(|message| crate::config::invalid(key, message))
+                    Cidr::parse(range)
+                        .map_err(|message| crate::config::error::invalid(key, message))
                 })
                 .collect::<Result<Vec<_>, _>>()
         };
@@ -105,14 +115,20 @@ impl FederationConfig {
         let positive_ms = |key: &'static str, value: Option<u64>, default: u64| {
             let value = value.unwrap_or(default);
             if value == 0 {
-                return Err(crate::config::invalid(key, "must be at least 1".into()));
+                return Err(crate::config::error::invalid(
+                    key,
+                    "must be at least 1".into(),
+                ));
             }
             Ok(Duration::from_millis(value))
         };
         let positive_secs = |key: &'static str, value: Option<u64>, default: u64| {
             let value = value.unwrap_or(default);
             if value == 0 {
-                return Err(crate::config::invalid(key, "must be at least 1".into()));
+                return Err(crate::config::error::invalid(
+                    key,
+                    "must be at least 1".into(),
+                ));
             }
             Ok(Duration::from_secs(value))
         };
@@ -122,7 +138,7 @@ impl FederationConfig {
             .iter()
             .map(|typed| {
                 crate::identity::fingerprint::normalize(typed).ok_or_else(|| {
-                    crate::config::invalid(
+                    crate::config::error::invalid(
                         "federation.auto_accept_fingerprints",
                         format!("{typed:?} is not a fingerprint (eight groups of four like ABCD-EFGH-...)"),
                     )
@@ -134,7 +150,7 @@ impl FederationConfig {
             .iter()
             .find(|grant| !capabilities.contains(grant))
         {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "federation.auto_accept_grants",
                 format!(
                     "{unknown:?} is not a capability this instance offers ({})",
@@ -153,7 +169,7 @@ impl FederationConfig {
             300_000,
         )?;
         if notice_retry_max < notice_retry_initial {
-            return Err(crate::config::invalid(
+            return Err(crate::config::error::invalid(
                 "federation.notice_retry_max_ms",
                 "must not be below federation.notice_retry_initial_ms".into(),
             ));
@@ -186,6 +202,7 @@ impl FederationConfig {
             auto_accept_fingerprints,
             auto_accept_grants,
             max_pending_inbound: file.max_pending_inbound.unwrap_or(100),
+            max_pending_inbound_per_source: file.max_pending_inbound_per_source.unwrap_or(10),
             pending_request_ttl: positive_secs(
                 "federation.pending_request_ttl_secs",
                 file.pending_request_ttl_secs,

@@ -19,6 +19,14 @@ const P256_SPKI_PREFIX: [u8; 26] = [
 ];
 /// Length of an uncompressed P-256 point (`0x04 || x || y`).
 const P256_POINT_LEN: usize = 65;
+/// The DER prefix of a SubjectPublicKeyInfo for a compressed P-256 point
+/// (`0x02` or `0x03 || x`): recognised only to say why it is refused.
+const P256_COMPRESSED_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x39, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x22, 0x00,
+];
+/// Length of a compressed P-256 point.
+const P256_COMPRESSED_POINT_LEN: usize = 33;
 /// Length of a fixed-size P-256 signature (`r || s`).
 pub const SIGNATURE_LEN: usize = 64;
 
@@ -28,6 +36,16 @@ pub enum KeyError {
     /// The public key is not a P-256 SubjectPublicKeyInfo.
     #[error("public key is not an ECDSA P-256 SubjectPublicKeyInfo")]
     UnsupportedPublicKey,
+    /// The public key is a P-256 SubjectPublicKeyInfo with a compressed point.
+    /// Refused rather than decompressed: keys are compared, and key ids and
+    /// fingerprints computed, over the exact SPKI bytes, so one key must have
+    /// one encoding; and the TLS certificate, which carries the same key, is
+    /// verified by ring, which takes uncompressed points only.
+    #[error(
+        "public key is a compressed P-256 point: compressed points are not accepted; \
+         send the uncompressed form (04 || X || Y)"
+    )]
+    CompressedPoint,
     /// The stored private key could not be parsed.
     #[error("private key is not a valid ECDSA P-256 PKCS#8 document")]
     InvalidPrivateKey,
@@ -46,8 +64,16 @@ pub struct PublicKey {
 }
 
 impl PublicKey {
-    /// Parses SubjectPublicKeyInfo DER; only uncompressed P-256 keys are accepted.
+    /// Parses SubjectPublicKeyInfo DER; only uncompressed P-256 keys are accepted
+    /// (a compressed point is refused with its own reason).
     pub fn from_spki_der(spki_der: &[u8]) -> Result<Self, KeyError> {
+        let compressed = spki_der.len()
+            == P256_COMPRESSED_SPKI_PREFIX.len() + P256_COMPRESSED_POINT_LEN
+            && spki_der.starts_with(&P256_COMPRESSED_SPKI_PREFIX)
+            && matches!(spki_der[P256_COMPRESSED_SPKI_PREFIX.len()], 0x02 | 0x03);
+        if compressed {
+            return Err(KeyError::CompressedPoint);
+        }
         let valid = spki_der.len() == P256_SPKI_PREFIX.len() + P256_POINT_LEN
             && spki_der.starts_with(&P256_SPKI_PREFIX)
             && spki_der[P256_SPKI_PREFIX.len()] == 0x04;
@@ -202,6 +228,30 @@ mod tests {
         );
         assert_eq!(
             PublicKey::from_spki_der(b""),
+            Err(KeyError::UnsupportedPublicKey)
+        );
+    }
+
+    #[test]
+    fn a_compressed_point_is_refused_with_its_own_reason() {
+        let key = InstanceKey::generate().expect("generate");
+        let point = &key.public_key().spki_der()[P256_SPKI_PREFIX.len()..];
+        let parity = 0x02 | (point[64] & 1);
+        let compressed = [&P256_COMPRESSED_SPKI_PREFIX[..], &[parity], &point[1..33]].concat();
+        let refused = PublicKey::from_spki_der(&compressed).expect_err("compressed");
+        assert_eq!(refused, KeyError::CompressedPoint);
+        assert!(
+            refused
+                .to_string()
+                .contains("send the uncompressed form (04 || X || Y)"),
+            "{refused}"
+        );
+        // Not every 59-byte SPKI is a compressed point: a bad prefix byte is
+        // just not a key.
+        let mut other = compressed.clone();
+        other[P256_COMPRESSED_SPKI_PREFIX.len()] = 0x05;
+        assert_eq!(
+            PublicKey::from_spki_der(&other),
             Err(KeyError::UnsupportedPublicKey)
         );
     }

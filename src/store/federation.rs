@@ -73,6 +73,9 @@ pub struct ConnectionRecord {
     pub last_contact_at_ms: Option<i64>,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Where an inbound request came from, as the rate limiter groups
+    /// clients (`ip:203.0.113.7`); `None` for outbound connections.
+    pub request_source: Option<String>,
 }
 
 /// One state change of a connection.
@@ -584,6 +587,7 @@ struct ConnectionRow {
     last_contact_at_ms: Option<i64>,
     created_at_ms: i64,
     updated_at_ms: i64,
+    request_source: Option<String>,
 }
 
 impl ConnectionRow {
@@ -605,6 +609,7 @@ impl ConnectionRow {
             last_contact_at_ms: record.last_contact_at_ms,
             created_at_ms: record.created_at_ms,
             updated_at_ms: record.updated_at_ms,
+            request_source: record.request_source.clone(),
         })
     }
 
@@ -633,6 +638,7 @@ impl ConnectionRow {
             last_contact_at_ms: self.last_contact_at_ms,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            request_source: self.request_source,
         })
     }
 }

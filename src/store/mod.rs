@@ -124,6 +124,7 @@ mod error;
 mod federation;
 mod group_commit;
 mod identity;
+mod inbound_requests;
 mod jobs;
 mod leases;
 mod metrics;
@@ -159,6 +160,7 @@ pub use federation::{
 };
 pub use group_commit::{GroupCommit, each_or_all};
 pub use identity::{InstanceKeyRecord, InstanceRecord};
+pub use inbound_requests::InstanceKeyBinding;
 pub use jobs::{
     DeliveryOutcome, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord, JobWriteOp,
     JobWritten,

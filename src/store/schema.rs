@@ -75,6 +75,9 @@ diesel::table! {
         last_contact_at_ms -> Nullable<BigInt>,
         created_at_ms -> BigInt,
         updated_at_ms -> BigInt,
+        /// Where an inbound request came from (the rate limiter's client
+        /// group, e.g. `ip:203.0.113.7`); NULL for outbound connections.
+        request_source -> Nullable<Text>,
     }
 }
 

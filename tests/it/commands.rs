@@ -28,8 +28,8 @@ on_both_backends!(
     a_suspended_connection_is_failed_precondition,
     a_command_for_another_instance_is_permission_denied,
     a_command_without_a_client_certificate_is_unauthenticated,
-    a_peer_without_a_connection_is_permission_denied,
-    a_command_in_another_workspace_is_permission_denied,
+    a_peer_without_a_connection_is_refused_as_a_stranger,
+    a_command_in_another_workspace_is_refused_as_from_a_stranger,
     empty_and_garbage_payloads_and_signatures_are_invalid_argument,
     stale_future_and_expired_commands_are_deadline_exceeded,
     an_oversized_prompt_is_an_invalid_argument_result,
@@ -38,9 +38,9 @@ on_both_backends!(
     a_peer_that_is_down_is_unavailable_within_the_deadline,
     a_command_signed_with_another_key_is_unauthenticated,
     a_pending_connection_is_permission_denied,
-    a_disconnected_connection_is_permission_denied,
+    a_disconnected_connection_is_refused_as_from_a_stranger,
     a_rotated_out_key_after_its_grace_is_unauthenticated,
-    a_message_over_the_transport_limit_is_out_of_range,
+    a_message_over_the_transport_limit_is_resource_exhausted,
     refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not,
     a_message_id_the_operator_may_choose_is_one_the_peer_accepts,
 );
@@ -124,6 +124,7 @@ impl Setup {
                 pb::AcceptConnectionRequest {
                     connection_id: self.connection_id.clone(),
                     granted_capabilities: grants.iter().map(|g| (*g).to_owned()).collect(),
+                    accept_new_key_for_known_instance: false,
                 },
                 &self.admin_key,
             ))
@@ -435,7 +436,8 @@ async fn a_command_without_a_client_certificate_is_unauthenticated(backend: Back
     setup.finish().await;
 }
 
-async fn a_peer_without_a_connection_is_permission_denied(backend: Backend) {
+/// Strangers learn nothing (tests/it/strangers.rs has every state).
+async fn a_peer_without_a_connection_is_refused_as_a_stranger(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
     let stranger = TestPeer::new("stranger").await;
     let payload = pb::CommandPayload {
@@ -453,19 +455,23 @@ async fn a_peer_without_a_connection_is_permission_denied(backend: Backend) {
         })
         .await
         .expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), envelope::STRANGER_MESSAGE);
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     setup.finish().await;
 }
 
-async fn a_command_in_another_workspace_is_permission_denied(backend: Backend) {
+/// The peer's key is not the key of a connection in the workspace it names:
+/// there it is a stranger.
+async fn a_command_in_another_workspace_is_refused_as_from_a_stranger(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
     let mut payload = setup.command(spawn_command("true"));
     if let Some(header) = payload.header.as_mut() {
         header.workspace = "other".to_owned();
     }
     let status = refused(setup.send(setup.seal(&payload)).await);
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), envelope::STRANGER_MESSAGE);
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     setup.finish().await;
 }
@@ -803,7 +809,8 @@ async fn a_pending_connection_is_permission_denied(backend: Backend) {
     setup.finish().await;
 }
 
-async fn a_disconnected_connection_is_permission_denied(backend: Backend) {
+/// A DISCONNECTED connection is no connection: its key identifies no one.
+async fn a_disconnected_connection_is_refused_as_from_a_stranger(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
     setup
         .admin
@@ -821,7 +828,8 @@ async fn a_disconnected_connection_is_permission_denied(backend: Backend) {
             .send(setup.seal(&setup.command(spawn_command("true"))))
             .await,
     );
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(status.message(), envelope::STRANGER_MESSAGE);
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     setup.finish().await;
 }
@@ -910,7 +918,9 @@ async fn a_rotated_out_key_after_its_grace_is_unauthenticated(backend: Backend) 
     setup.finish().await;
 }
 
-async fn a_message_over_the_transport_limit_is_out_of_range(backend: Backend) {
+/// gRPC's status-code guide: a message larger than the limit is
+/// RESOURCE_EXHAUSTED.
+async fn a_message_over_the_transport_limit_is_resource_exhausted(backend: Backend) {
     let mut setup = Setup::requested(backend, |config| config.max_message_bytes = 16 * 1024).await;
     setup.accept(ALL).await;
     let prompt = "x".repeat(64 * 1024);
@@ -919,7 +929,7 @@ async fn a_message_over_the_transport_limit_is_out_of_range(backend: Backend) {
             .send(setup.seal(&setup.command(spawn_command(&prompt))))
             .await,
     );
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(setup.agent_count().await, 0, "nothing spawned");
     assert!(setup.log().await.is_empty(), "never reached the handler");
     setup.finish().await;

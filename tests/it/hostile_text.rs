@@ -3,7 +3,10 @@
 //! line breaks are refused where they enter, the CLI escapes what it prints
 //! of an agent's output, a request claiming the daemon's own id is refused,
 //! and an unanswered request expires instead of holding its place in the
-//! queue forever.
+//! queue forever. Every identifier that enters (a header's ids and
+//! workspace, capability names, an operator's workspace, an agent type, a
+//! label) follows the one identifier rule, and a bad one is refused by name
+//! with nothing stored.
 
 use mosaic_mesh::auth::Scope;
 use mosaic_mesh::federation::envelope;
@@ -207,6 +210,194 @@ async fn an_unanswered_request_expires_and_frees_its_place_in_the_queue() {
         .request_connection(ask(&second))
         .await
         .expect("a newcomer gets a place once the old request expired");
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+/// The bad values every identifier field is tried with: control characters,
+/// an invisible reordering character, and characters outside the rule.
+const BAD_IDENTIFIERS: [&str; 4] = ["ws\u{1b}[2J", "ws\u{202e}", "two words", "a/b"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_id_of_a_requests_header_and_its_capabilities_are_identifiers_refused_by_name() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start_peer(0, |_| {}).await;
+    let admin = Admin::of(&daemon).await;
+    let instance = admin.instance().await;
+    let mallory = TestPeer::new("mallory").await;
+    let mut client = FederationClient::new(mallory.channel_to(&daemon).await);
+    let identity = mallory.current();
+
+    type Spoil = fn(&mut pb::ConnectionRequestPayload, &str);
+    let fields: [(&str, Spoil); 8] = [
+        ("header.message_id", |request, bad| {
+            request.header.as_mut().expect("header").message_id = bad.to_owned();
+        }),
+        ("header.sender_instance_id", |request, bad| {
+            request.header.as_mut().expect("header").sender_instance_id = bad.to_owned();
+            request.sender.as_mut().expect("sender").instance_id = bad.to_owned();
+        }),
+        ("header.recipient_instance_id", |request, bad| {
+            request
+                .header
+                .as_mut()
+                .expect("header")
+                .recipient_instance_id = bad.to_owned();
+        }),
+        ("header.workspace", |request, bad| {
+            request.header.as_mut().expect("header").workspace = bad.to_owned();
+        }),
+        ("header.key_id", |request, bad| {
+            request.header.as_mut().expect("header").key_id = bad.to_owned();
+        }),
+        ("requested_capabilities", |request, bad| {
+            request.requested_capabilities = vec![bad.to_owned()];
+        }),
+        ("offered_capabilities", |request, bad| {
+            request.offered_capabilities = vec![bad.to_owned()];
+        }),
+        ("sender.capabilities", |request, bad| {
+            request.sender.as_mut().expect("sender").capabilities = vec![bad.to_owned()];
+        }),
+    ];
+    for (field, spoil) in fields {
+        for bad in BAD_IDENTIFIERS {
+            let mut request = mallory.connection_request(&instance.instance_id, "ws");
+            spoil(&mut request, bad);
+            let mut sealed = envelope::seal(&request, identity.as_ref()).expect("seal");
+            // The envelope names the header's key id, so that only the
+            // header's own check can refuse it.
+            sealed.key_id = request.header.as_ref().expect("header").key_id.clone();
+            let status = client
+                .request_connection(pb::RequestConnectionRequest {
+                    envelope: Some(sealed),
+                })
+                .await
+                .expect_err(field);
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{field} = {bad:?}: {status:?}"
+            );
+            assert!(
+                status.message().contains(field),
+                "{field} = {bad:?}: the refusal does not name the field: {status:?}"
+            );
+        }
+    }
+    assert!(
+        admin.list().await.is_empty(),
+        "a refused request was stored"
+    );
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operators_workspace_and_reason_are_checked_where_they_enter() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment.start_peer(0, |_| {}).await;
+    let admin = Admin::of(&daemon).await;
+    let instance = admin.instance().await;
+    for bad in BAD_IDENTIFIERS {
+        // Refused before any contact: nothing listens on port 1.
+        let status = admin
+            .connect("https://127.0.0.1:1", bad, "", &[])
+            .await
+            .expect_err(bad);
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}: {status:?}");
+        assert!(status.message().contains("workspace"), "{status:?}");
+    }
+
+    let mallory = TestPeer::new("mallory").await;
+    let sealed = envelope::seal(
+        &mallory.connection_request(&instance.instance_id, "ws"),
+        mallory.current().as_ref(),
+    )
+    .expect("seal");
+    FederationClient::new(mallory.channel_to(&daemon).await)
+        .request_connection(pb::RequestConnectionRequest {
+            envelope: Some(sealed),
+        })
+        .await
+        .expect("a well-formed request waits");
+    let pending = admin.list().await.pop().expect("the request");
+    // The reason travels to the peer in a notice and is shown in its list.
+    let status = admin
+        .client
+        .clone()
+        .reject_connection(crate::support::daemon::with_key(
+            pb::RejectConnectionRequest {
+                connection_id: pending.connection_id.clone(),
+                reason: "no\r\nACTIVE  trusted".to_owned(),
+            },
+            &admin.key,
+        ))
+        .await
+        .expect_err("a reason with a line break");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("reason"), "{status:?}");
+    let still = admin.get(&pending.connection_id).await;
+    let still = still.connection.expect("connection");
+    assert_eq!(still.state(), pb::ConnectionState::Pending, "{still:?}");
+    daemon.stop().await;
+    environment.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_type_and_labels_are_checked_where_they_enter() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let daemon = environment
+        .start_peer(0, |config| *config = with_agent_types(config.clone()))
+        .await;
+    let mut agents = Agents::new(
+        daemon.channel().await,
+        daemon.api_key(&[Scope::Agents]).await,
+    );
+    let labelled = |key: &str, value: &str| agent_pb::SpawnRequest {
+        agent_type: "sh".to_owned(),
+        prompt: "true".to_owned(),
+        labels: [(key.to_owned(), value.to_owned())].into_iter().collect(),
+        ..agent_pb::SpawnRequest::default()
+    };
+    let mut cases = Vec::new();
+    for bad in BAD_IDENTIFIERS.into_iter().filter(|bad| *bad != "a/b") {
+        cases.push((
+            "agent_type",
+            agent_pb::SpawnRequest {
+                agent_type: bad.to_owned(),
+                prompt: "true".to_owned(),
+                ..agent_pb::SpawnRequest::default()
+            },
+        ));
+        cases.push(("label keys", labelled(bad, "v")));
+    }
+    for bad in ["line\nbreak", "esc\u{1b}[2J", "invoice\u{202e}fdp.exe"] {
+        cases.push(("the value of label", labelled("team", bad)));
+    }
+    for (field, request) in cases {
+        let status = agents
+            .spawn_request(request.clone())
+            .await
+            .expect_err(field);
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{request:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains(field),
+            "{request:?}: the refusal does not name the field: {status:?}"
+        );
+    }
+    let listed = agents
+        .list(agent_pb::ListAgentsRequest::default())
+        .await
+        .expect("list");
+    assert!(
+        listed.agents.is_empty(),
+        "a refused spawn left an agent: {listed:?}"
+    );
     daemon.stop().await;
     environment.cleanup().await;
 }

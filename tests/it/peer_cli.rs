@@ -12,14 +12,14 @@ use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary, spki_o
 
 /// Runs `mosaicd ARGS --json` as a client of `daemon`, with no `MOSAIC_*`
 /// variables inherited from the developer's shell.
-async fn mosaicd(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
+pub(crate) async fn mosaicd(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
     let mut json_args = vec!["--json"];
     json_args.extend_from_slice(args);
     mosaicd_text(daemon, api_key, &json_args).await
 }
 
 /// The same without `--json`: what a person reads.
-async fn mosaicd_text(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
+pub(crate) async fn mosaicd_text(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Output {
     let mut command = tokio::process::Command::new(mosaicd_binary());
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("MOSAIC_") {
@@ -38,7 +38,7 @@ async fn mosaicd_text(daemon: &TestDaemon, api_key: &str, args: &[&str]) -> Outp
     command.output().await.expect("run mosaicd")
 }
 
-fn json_of(output: &Output) -> serde_json::Value {
+pub(crate) fn json_of(output: &Output) -> serde_json::Value {
     assert!(
         output.status.success(),
         "mosaicd failed: {}",

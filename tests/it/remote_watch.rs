@@ -319,8 +319,16 @@ async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_sus
         })
         .await
         .expect_err("a stranger's watch");
-    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    assert_eq!(watch.code(), status.code(), "{watch:?}");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(
+        status.message(),
+        mosaic_mesh::federation::envelope::STRANGER_MESSAGE
+    );
+    assert_eq!(
+        (watch.code(), watch.message()),
+        (status.code(), status.message()),
+        "{watch:?}"
+    );
     // The streamed command by ExecuteCommand, or another by WatchCommand: no.
     let (tampered_route, other_route) = (
         wire.execute_command(pb::ExecuteCommandRequest {

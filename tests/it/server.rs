@@ -298,7 +298,8 @@ async fn oversized_requests_are_refused_before_any_handler_runs() {
         ))
         .await
         .expect_err("oversized");
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    // gRPC's status-code guide: a message over the limit is RESOURCE_EXHAUSTED.
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     // The daemon is still there for the next caller.
     instance_of(daemon.channel().await).await;
     daemon.stop().await;

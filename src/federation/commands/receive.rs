@@ -134,10 +134,11 @@ impl Federation {
 
     /// Steps 3 to 9 of the service's checks on a command: well formed with a
     /// known command type (one that `streamed` calls take, and only those),
-    /// for this instance, from an ACTIVE connection that grants its
-    /// capability, signed in time by the key of the TLS connection. Sets
-    /// `audit` once the sender is identified, so that a refusal after that
-    /// is logged.
+    /// for this instance, from a caller whose TLS key is a key of the
+    /// connection the header names (anyone else gets the one stranger's
+    /// refusal), on an ACTIVE connection that grants its capability, signed
+    /// in time by the key of the TLS connection. Sets `audit` once the
+    /// sender is identified, so that a refusal after that is logged.
     pub(super) async fn admit(
         &self,
         sealed: Option<&pb::SignedEnvelope>,
@@ -170,22 +171,28 @@ impl Federation {
         let header = parsed.header().clone();
         // Step 4.
         parsed.check_recipient(&identity.instance_id)?;
-        // Step 5: ACTIVE in that workspace; SUSPENDED is FAILED_PRECONDITION.
+        // Step 5: the TLS key is a key of an open connection with the sender
+        // in that workspace. Until it is, every refusal is the same one, so
+        // that a stranger learns nothing about that connection.
         let peer = self
             .open_peer(&header.workspace, &header.sender_instance_id)
-            .await?
-            .ok_or_else(no_connection)?;
-        let connection = &peer.connection;
+            .await?;
+        let trusted = peer
+            .as_ref()
+            .map(|peer| peer.trusted_keys(now))
+            .unwrap_or_default();
+        envelope::identify_caller(&trusted, tls_key, now)?;
+        let Some(peer) = peer else {
+            return Err(envelope::EnvelopeError::Stranger.into());
+        };
+        // The sender is identified: from here on, refusals are logged.
         let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
-        if connection.remote_public_key == tls_key.spki_der() {
-            *audit = Some(template.clone());
-        }
-        allows(connection, capability)?;
-        // Steps 7 to 9.
-        let trusted = peer.trusted_keys(now);
-        let key = parsed.check_key(&trusted, tls_key, now)?;
-        // The TLS key is one the connection trusts: the sender is identified.
         *audit = Some(template.clone());
+        // Step 6: ACTIVE (SUSPENDED is FAILED_PRECONDITION), with the
+        // capability granted.
+        allows(&peer.connection, capability)?;
+        // Steps 7 to 9.
+        let key = parsed.check_key(&trusted, tls_key, now)?;
         parsed.check_time(now, self.window_ms())?;
         let verified = parsed.verify_signature(&key)?;
         Ok(Admitted {
@@ -271,7 +278,7 @@ pub(super) struct Admitted {
     pub mutating: bool,
 }
 
-/// Steps 5 and 6 on a connection that is open: ACTIVE (SUSPENDED is
+/// Step 6, for an identified sender's open connection: ACTIVE (SUSPENDED is
 /// FAILED_PRECONDITION, anything else PERMISSION_DENIED), and `capability`
 /// granted on it (else PERMISSION_DENIED). Checked again during a stream.
 pub(super) fn allows(

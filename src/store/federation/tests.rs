@@ -25,6 +25,7 @@ fn connection(id: &str, state: ConnectionState) -> ConnectionRecord {
         last_contact_at_ms: None,
         created_at_ms: 1_000,
         updated_at_ms: 1_000,
+        request_source: Some("ip:127.0.0.1".to_owned()),
     }
 }
 

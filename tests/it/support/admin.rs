@@ -94,6 +94,7 @@ impl Admin {
         let request = pb::AcceptConnectionRequest {
             connection_id: id.to_owned(),
             granted_capabilities: grants.iter().map(|grant| (*grant).to_owned()).collect(),
+            accept_new_key_for_known_instance: false,
         };
         self.client
             .clone()

@@ -1,0 +1,2 @@
+DROP INDEX federation_connections_pending_by_source;
+ALTER TABLE federation_connections DROP COLUMN request_source;
