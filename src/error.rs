@@ -99,22 +99,42 @@ impl From<AgentError> for Status {
     }
 }
 
+/// The code each store error becomes.
+pub fn store_code(error: &StoreError) -> Code {
+    match error {
+        StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::NotFound => Code::NotFound,
+        StoreError::Conflict(_) => Code::AlreadyExists,
+        _ => Code::Internal,
+    }
+}
+
+/// The code each federation error becomes; `From<FederationError> for
+/// Status` below builds the status with it (adding details, and logging
+/// internal failures).
+pub fn federation_code(error: &FederationError) -> Code {
+    match error {
+        FederationError::InvalidArgument(_) => Code::InvalidArgument,
+        FederationError::NotFound(_) => Code::NotFound,
+        FederationError::FailedPrecondition(_) => Code::FailedPrecondition,
+        FederationError::PermissionDenied(_) => Code::PermissionDenied,
+        FederationError::Unauthenticated(_) => Code::Unauthenticated,
+        FederationError::AlreadyExists(_) => Code::AlreadyExists,
+        FederationError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        FederationError::ResourceExhausted(_) => Code::ResourceExhausted,
+        FederationError::Unavailable(_) | FederationError::Interrupted { .. } => Code::Unavailable,
+        FederationError::Peer(status) => size_limit_code(status.code(), status.message()),
+        FederationError::Command(status) => status.code(),
+        FederationError::Store(store) => store_code(store),
+        FederationError::BadReply(_) | FederationError::Internal(_) => Code::Internal,
+    }
+}
+
 impl From<FederationError> for Status {
     fn from(error: FederationError) -> Self {
+        let code = federation_code(&error);
         let message = error.to_string();
         match error {
-            FederationError::InvalidArgument(_) => Status::invalid_argument(message),
-            FederationError::NotFound(_) => Status::not_found(message),
-            FederationError::FailedPrecondition(_) => Status::failed_precondition(message),
-            FederationError::PermissionDenied(_) => Status::permission_denied(message),
-            FederationError::Unauthenticated(_) => Status::unauthenticated(message),
-            FederationError::AlreadyExists(_) => Status::already_exists(message),
-            FederationError::DeadlineExceeded(_) => Status::deadline_exceeded(message),
-            FederationError::ResourceExhausted(_) => Status::resource_exhausted(message),
-            FederationError::Unavailable(_) => Status::unavailable(message),
-            FederationError::Peer(status) => {
-                Status::new(size_limit_code(status.code(), status.message()), message)
-            }
             FederationError::Command(status) => status,
             FederationError::Interrupted { resume_from, .. } => {
                 let mut details = tonic_types::ErrorDetails::new();
@@ -126,16 +146,13 @@ impl From<FederationError> for Status {
                         resume_from.to_string(),
                     )]),
                 );
-                <Status as tonic_types::StatusExt>::with_error_details(
-                    Code::Unavailable,
-                    message,
-                    details,
-                )
+                <Status as tonic_types::StatusExt>::with_error_details(code, message, details)
             }
             FederationError::Store(store) => store.into(),
             FederationError::BadReply(_) | FederationError::Internal(_) => {
                 internal("federation", &error)
             }
+            _ => Status::new(code, message),
         }
     }
 }

@@ -86,27 +86,9 @@ impl From<crate::identity::KeyError> for FederationError {
 }
 
 impl FederationError {
-    /// The gRPC code this error becomes (the same table as `crate::error`),
+    /// The gRPC code this error becomes (`crate::error::federation_code`),
     /// without building the status (which logs internal failures).
     pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            Self::InvalidArgument(_) => Code::InvalidArgument,
-            Self::NotFound(_) => Code::NotFound,
-            Self::FailedPrecondition(_) => Code::FailedPrecondition,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::AlreadyExists(_) => Code::AlreadyExists,
-            Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Unavailable(_) => Code::Unavailable,
-            Self::Peer(status) => crate::error::size_limit_code(status.code(), status.message()),
-            Self::Command(status) => status.code(),
-            Self::Interrupted { .. } => Code::Unavailable,
-            Self::Store(StoreError::Unavailable(_)) => Code::Unavailable,
-            Self::Store(StoreError::NotFound) => Code::NotFound,
-            Self::Store(StoreError::Conflict(_)) => Code::AlreadyExists,
-            Self::Store(_) | Self::BadReply(_) | Self::Internal(_) => Code::Internal,
-        }
+        crate::error::federation_code(self)
     }
 }
