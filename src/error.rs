@@ -126,7 +126,11 @@ pub fn federation_code(error: &FederationError) -> Code {
         FederationError::Peer(status) => size_limit_code(status.code(), status.message()),
         FederationError::Command(status) => status.code(),
         FederationError::Store(store) => store_code(store),
-        FederationError::BadReply(_) | FederationError::Internal(_) => Code::Internal,
+        FederationError::Identity(IdentityError::Store(store)) => store_code(store),
+        FederationError::Identity(IdentityError::RotationInCaMode) => Code::FailedPrecondition,
+        FederationError::Identity(_)
+        | FederationError::BadReply(_)
+        | FederationError::Internal(_) => Code::Internal,
     }
 }
 
@@ -149,6 +153,7 @@ impl From<FederationError> for Status {
                 <Status as tonic_types::StatusExt>::with_error_details(code, message, details)
             }
             FederationError::Store(store) => store.into(),
+            FederationError::Identity(identity) => identity.into(),
             FederationError::BadReply(_) | FederationError::Internal(_) => {
                 internal("federation", &error)
             }

@@ -141,16 +141,11 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
 /// commands and tools such as `grpcurl -cacert` find it.
 pub fn write_certificate(shared: &Shared) -> anyhow::Result<()> {
     let path = shared.config.certificate_path();
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let temporary = path.with_extension("pem.tmp");
-    std::fs::write(&temporary, &shared.identity.current().certificate().pem)
-        .with_context(|| format!("cannot write {}", temporary.display()))?;
-    std::fs::rename(&temporary, &path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::identity::certificate::write_pem_file(
+        &path,
+        &shared.identity.current().certificate().pem,
+    )
+    .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Runs the daemon on `listener` until `shutdown` completes, then drains in-flight

@@ -57,6 +57,10 @@ pub enum FederationError {
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The instance identity refused or failed (a rotation in CA mode, its
+    /// store).
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     /// Anything else (INTERNAL, logged).
     #[error("{0}")]
     Internal(String),

@@ -518,6 +518,31 @@ impl Federation {
         Ok(expired)
     }
 
+    /// Makes a new key current, the old one trusted for `grace`; writes the
+    /// new certificate to `certificate_path` for local clients; and tells
+    /// every open connection with queued KEY_ROTATED notices, retried until
+    /// delivered. A failure to queue them is logged, not returned: the new
+    /// key is in use already.
+    pub async fn rotate_keys(
+        &self,
+        grace: std::time::Duration,
+        certificate_path: &std::path::Path,
+    ) -> Result<std::sync::Arc<crate::identity::Identity>, FederationError> {
+        let old_key_id = self.identity.current().public_key().key_id();
+        let identity = self.identity.rotate(grace).await?;
+        crate::identity::certificate::write_pem_file(certificate_path, &identity.certificate().pem)
+            .map_err(|error| {
+                FederationError::Internal(format!(
+                    "cannot write the new certificate to {}: {error}",
+                    certificate_path.display()
+                ))
+            })?;
+        if let Err(error) = self.after_rotation(&old_key_id).await {
+            tracing::error!(%error, "could not queue key-rotation notices for peers");
+        }
+        Ok(identity)
+    }
+
     /// After a key rotation: stop reusing channels made with the old certificate,
     /// and queue a KEY_ROTATED notice signed with `old_key_id` for every open
     /// connection (at most one pending per connection: its signing key is the

@@ -62,16 +62,11 @@ impl pb::federation_server::Federation for FederationService {
                 "grace_period_seconds must be at most 2592000 (30 days)",
             ));
         }
-        let old_key_id = self.shared.identity.current().public_key().key_id();
-        let identity = self.shared.identity.rotate(grace).await?;
-        crate::server::write_certificate(&self.shared)
-            .map_err(|error| crate::error::internal("writing the certificate", error.as_ref()))?;
-        // The rotation is committed; peers are told by queued notices that are
-        // retried until delivered. A failure to queue them is logged, not
-        // reported as a failed rotation (the new key is already in use).
-        if let Err(error) = self.shared.federation.after_rotation(&old_key_id).await {
-            tracing::error!(%error, "could not queue key-rotation notices for peers");
-        }
+        let identity = self
+            .shared
+            .federation
+            .rotate_keys(grace, &self.shared.config.certificate_path())
+            .await?;
         let now = now_ms();
         let previous_key = identity.previous_keys(now).next().map(previous_key_message);
         Ok(Response::new(pb::RotateKeysResponse {

@@ -153,6 +153,18 @@ pub fn spki_of_certificate(certificate_der: &[u8]) -> Option<Vec<u8>> {
     Some(certificate.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// Writes `pem` to `path` (its directory made if missing) through a
+/// temporary file renamed over it, so a reader never sees half a
+/// certificate: where local clients find the daemon's current certificate.
+pub fn write_pem_file(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("pem.tmp");
+    std::fs::write(&temporary, pem)?;
+    std::fs::rename(&temporary, path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
