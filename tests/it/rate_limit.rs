@@ -513,47 +513,82 @@ async fn shadow_mode_logs_and_refuses_nothing() {
     daemon.stop().await;
 }
 
+/// Two daemons (on SQLite) whose health tier shares `health_limit` calls
+/// per ten days in Redis, under a prefix of their own: nothing refills while
+/// a test runs (at 4000 an hour, GCRA would earn a call back every 0.9 s).
+struct SharingRedis {
+    url: String,
+    prefix: String,
+    daemons: [TestDaemon; 2],
+    channels: [tonic::transport::Channel; 2],
+    _environments: [TestEnvironment; 2],
+}
+
+impl SharingRedis {
+    async fn start(health_limit: u32) -> SharingRedis {
+        let url = shared_redis_url();
+        let prefix = unique_prefix();
+        let section = format!(
+            "ttl = 864000\nhealth_limit = {health_limit}\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
+        );
+        let environments = [
+            TestEnvironment::new(Backend::Sqlite).await,
+            TestEnvironment::new(Backend::Sqlite).await,
+        ];
+        let [one, two] = &environments;
+        let first = one
+            .start_with(limited(one, Some(url.clone()), &section))
+            .await
+            .expect("first daemon");
+        let second = two
+            .start_with(limited(two, Some(url.clone()), &section))
+            .await
+            .expect("second daemon");
+        let channels = [first.channel().await, second.channel().await];
+        SharingRedis {
+            url,
+            prefix,
+            daemons: [first, second],
+            channels,
+            _environments: environments,
+        }
+    }
+
+    /// Every check of either daemon was answered by Redis.
+    fn assert_redis_answered(&self) {
+        for daemon in &self.daemons {
+            let counters = daemon.rate_limiter.metrics().snapshot();
+            assert_eq!(
+                counters.redis_errors, 0,
+                "every check was answered by redis"
+            );
+            assert_eq!(counters.fallback_checks, 0);
+        }
+    }
+
+    /// Stops both daemons and deletes the prefix's keys.
+    async fn stop(self) {
+        for daemon in self.daemons {
+            daemon.stop().await;
+        }
+        delete_keys(&self.url, &self.prefix).await;
+        assert!(keys_with_prefix(&self.url, &self.prefix).await.is_empty());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn two_daemons_sharing_redis_admit_exactly_the_limit() {
-    let url = shared_redis_url();
-    let prefix = unique_prefix();
-    // An hour-long window: nothing refills while the test runs.
-    let section = format!(
-        "ttl = 3600\nhealth_limit = 100\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
-    );
-    let first_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let second_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let first = first_environment
-        .start_with(limited(&first_environment, Some(url.clone()), &section))
-        .await
-        .expect("first daemon");
-    let second = second_environment
-        .start_with(limited(&second_environment, Some(url.clone()), &section))
-        .await
-        .expect("second daemon");
-    let channels = [first.channel().await, second.channel().await];
-
-    let calls = (0..300).map(|n| health_check(channels[n % 2].clone(), None));
+    let pair = SharingRedis::start(100).await;
+    let calls = (0..300).map(|n| health_check(pair.channels[n % 2].clone(), None));
     let results = futures::future::join_all(calls).await;
     let admitted_count = results.iter().filter(|result| admitted(result)).count();
     assert_eq!(admitted_count, 100, "300 calls on one key limited to 100");
-
-    for daemon in [&first, &second] {
-        let counters = daemon.rate_limiter.metrics().snapshot();
-        assert_eq!(
-            counters.redis_errors, 0,
-            "every check was answered by redis"
-        );
-        assert_eq!(counters.fallback_checks, 0);
-    }
+    pair.assert_redis_answered();
     assert_eq!(
-        keys_with_prefix(&url, &prefix).await,
-        [format!("{prefix}health:ip:127.0.0.1")]
+        keys_with_prefix(&pair.url, &pair.prefix).await,
+        [format!("{}health:ip:127.0.0.1", pair.prefix)]
     );
-    first.stop().await;
-    second.stop().await;
-    delete_keys(&url, &prefix).await;
-    assert!(keys_with_prefix(&url, &prefix).await.is_empty());
+    pair.stop().await;
 }
 
 /// A key far below its limit costs one Redis check per batch of calls (each
@@ -562,25 +597,10 @@ async fn two_daemons_sharing_redis_admit_exactly_the_limit() {
 /// held ahead cost at most a batch per daemon of early refusals.
 #[tokio::test(flavor = "multi_thread")]
 async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_it() {
-    let url = shared_redis_url();
-    let prefix = unique_prefix();
-    // 4000 an hour: a batch of 4000 / 200 = 20, and nothing refills meanwhile.
-    let section = format!(
-        "ttl = 3600\nhealth_limit = 4000\nstorage = \"redis\"\nredis_prefix = \"{prefix}\"\nredis_timeout_ms = 5000\n"
-    );
-    let first_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let second_environment = TestEnvironment::new(Backend::Sqlite).await;
-    let first = first_environment
-        .start_with(limited(&first_environment, Some(url.clone()), &section))
-        .await
-        .expect("first daemon");
-    let second = second_environment
-        .start_with(limited(&second_environment, Some(url.clone()), &section))
-        .await
-        .expect("second daemon");
-    let channels = [first.channel().await, second.channel().await];
+    // A batch of 4000 / 200 = 20.
+    let pair = SharingRedis::start(4000).await;
     let checks = || {
-        [&first, &second]
+        pair.daemons
             .iter()
             .map(|daemon| daemon.rate_limiter.metrics().snapshot().redis_checks)
             .sum::<u64>()
@@ -591,7 +611,7 @@ async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_
     // daemon (more only if an allowance lapses on a slow machine).
     let mut admitted_count = 0;
     for round in 0..50 {
-        let calls = (0..4).map(|n| health_check(channels[(round + n) % 2].clone(), None));
+        let calls = (0..4).map(|n| health_check(pair.channels[(round + n) % 2].clone(), None));
         for result in futures::future::join_all(calls).await {
             admitted_count += usize::from(admitted(&result));
         }
@@ -605,7 +625,7 @@ async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_
 
     // Past the limit: 4400 more calls, 40 at a time.
     for round in 0..110 {
-        let calls = (0..40).map(|n| health_check(channels[(round + n) % 2].clone(), None));
+        let calls = (0..40).map(|n| health_check(pair.channels[(round + n) % 2].clone(), None));
         for result in futures::future::join_all(calls).await {
             admitted_count += usize::from(admitted(&result));
         }
@@ -615,14 +635,8 @@ async fn calls_far_below_the_limit_share_a_redis_check_and_replicas_stay_within_
         "{admitted_count} of 4600 calls admitted on a limit of 4000 shared by two daemons \
          (never more than 4000; calls held ahead and unused cost a few)"
     );
-    for daemon in [&first, &second] {
-        let counters = daemon.rate_limiter.metrics().snapshot();
-        assert_eq!(counters.redis_errors, 0);
-        assert_eq!(counters.fallback_checks, 0);
-    }
-    first.stop().await;
-    second.stop().await;
-    delete_keys(&url, &prefix).await;
+    pair.assert_redis_answered();
+    pair.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
