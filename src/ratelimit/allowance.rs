@@ -1,17 +1,20 @@
 //! Local allowances: calls a replica has already spent in Redis and may admit
-//! on its own, so a key far below its limit costs one Redis round trip per
+//! on its own, so a key far below a high limit costs one Redis round trip per
 //! batch of calls rather than one per call.
 //!
 //! When the script admits a call, it may spend up to `wanted` calls of every
 //! bucket of the call at once (as many as each can spare). The replica keeps
 //! the ones beyond the first for each key and admits later calls whose every
 //! key has one left, without I/O. The calls are spent in Redis before they
-//! are admitted here, so replicas together never admit more than the limit;
-//! what an allowance costs is calls spent and not used — an earlier refusal
-//! elsewhere, bounded by the batch: at most `limit / (replicas × 200)` per
-//! key per replica (0.5 % of the limit across all replicas), and an allowance
-//! lapses after [`LIFETIME`], so the unused part of it is what the bucket
-//! lacks for at most that long. A quota under 400 calls per replica is
+//! are admitted here, so replicas together never admit more than the limit.
+//!
+//! What an allowance costs is calls spent and not used, which lapse after
+//! [`LIFETIME`]. The batch is therefore a tenth of what the replica's share
+//! of the limit earns back in one lifetime (`limit × LIFETIME / (window ×
+//! replicas × 10)`, at most [`MAX_BATCH`]): a caller too slow to use its
+//! allowances burns at most one batch a lifetime, a tenth of the pace its
+//! limit allows, so it is never refused for calls it did not make. A quota
+//! earning back under 10 calls per replica a second (under 600 a minute) is
 //! checked against Redis on every call, exactly as before.
 
 use std::collections::HashMap;
@@ -27,8 +30,9 @@ use super::tiers::{Tier, TierQuota};
 /// The most calls one Redis check spends for later calls of a key.
 pub const MAX_BATCH: u32 = 64;
 
-/// Share of a quota one replica may hold per key: 1/200 of its part.
-const SHARE_DIVISOR: u32 = 200;
+/// The batch is this share of what the replica's part of a quota earns
+/// back in one [`LIFETIME`].
+const SHARE_DIVISOR: u128 = 10;
 
 /// How long an allowance may be used after Redis granted it.
 pub const LIFETIME: Duration = Duration::from_secs(1);
@@ -66,10 +70,15 @@ impl Allowances {
     }
 
     /// Calls one Redis check of `quota` asks for: this call and a batch of
-    /// 1/200 of the replica's share of the limit, at most [`MAX_BATCH`] in
-    /// all; 1 (no allowance) under 400 calls per replica.
+    /// a tenth of what the replica's share of the limit earns back in one
+    /// [`LIFETIME`], at most [`MAX_BATCH`] in all; 1 (no allowance) for a
+    /// quota earning back under 10 calls a second per replica.
     pub fn wanted(&self, quota: &TierQuota) -> u32 {
-        (quota.limit / self.replicas / SHARE_DIVISOR).clamp(1, MAX_BATCH)
+        let earned = u128::from(quota.limit) * LIFETIME.as_micros()
+            / (quota.window.as_micros().max(1) * u128::from(self.replicas) * SHARE_DIVISOR);
+        u32::try_from(earned)
+            .unwrap_or(MAX_BATCH)
+            .clamp(1, MAX_BATCH)
     }
 
     /// Admits a call of `tier` on `keys` from the allowances, when every key
@@ -185,14 +194,21 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_is_a_two_hundredth_of_a_replicas_share_and_none_for_small_limits() {
+    fn the_batch_is_a_tenth_of_what_a_lifetime_earns_back_and_none_for_slow_quotas() {
         let one = Allowances::new(1);
-        assert_eq!(one.wanted(&quota(100)), 1);
-        assert_eq!(one.wanted(&quota(399)), 1);
-        assert_eq!(one.wanted(&quota(4_000)), 20);
+        // Per minute: 600 earn back 10 a second, a batch of 1.
+        assert_eq!(one.wanted(&quota(300)), 1);
+        assert_eq!(one.wanted(&quota(1_199)), 1);
+        assert_eq!(one.wanted(&quota(6_000)), 10);
         assert_eq!(one.wanted(&quota(100_000_000)), MAX_BATCH);
-        assert_eq!(Allowances::new(4).wanted(&quota(4_000)), 5);
-        assert_eq!(Allowances::new(0).wanted(&quota(4_000)), 20);
+        assert_eq!(Allowances::new(5).wanted(&quota(6_000)), 2);
+        assert_eq!(Allowances::new(0).wanted(&quota(6_000)), 10);
+        // A long window earns little back each second: no batch.
+        let slow = TierQuota {
+            limit: 4_000,
+            window: Duration::from_secs(3_600),
+        };
+        assert_eq!(one.wanted(&slow), 1);
     }
 
     #[test]
