@@ -514,6 +514,15 @@ enum Prepared<'a> {
     Delivery(DeliveryRows<'a>),
 }
 
+/// The error of a webhook job whose id another job has (a new UUID v7:
+/// never, short of a broken clock and generator), on either backend.
+fn webhook_job_id_taken() -> diesel::result::Error {
+    diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::UniqueViolation,
+        Box::new("a job with the webhook job's id exists".to_owned()),
+    )
+}
+
 /// A webhook delivery as written: its row (not written when its id is
 /// empty) and its job's rows (none when the delivery is ignored).
 struct DeliveryRows<'a> {

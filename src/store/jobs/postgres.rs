@@ -196,10 +196,7 @@ async fn record_delivery(
         // Not deduplicated: the job alone.
         (Some(job), true) => {
             if !insert_job(conn, job).await? {
-                return Err(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::UniqueViolation,
-                    Box::new("a job with the webhook job's id exists".to_owned()),
-                ));
+                return Err(super::webhook_job_id_taken());
             }
             true
         }

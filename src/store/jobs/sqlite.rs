@@ -54,10 +54,7 @@ fn record_delivery(
     if let Some(job) = &rows.job
         && !insert_job(conn, job)?
     {
-        return Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            Box::new("a job with the webhook job's id exists".to_owned()),
-        ));
+        return Err(super::webhook_job_id_taken());
     }
     if deduplicated {
         diesel::insert_into(webhook_deliveries::table)
