@@ -66,32 +66,45 @@ impl Store {
     /// How many inbound requests from `source` (the rate limiter's client
     /// group) wait for an operator.
     pub async fn count_pending_inbound_from_source(&self, source: &str) -> Result<i64, StoreError> {
-        let count = with_connection!(self, |conn| {
-            federation_connections::table
-                .filter(federation_connections::request_source.eq(source))
-                .filter(federation_connections::state.eq(ConnectionState::Pending.as_str()))
-                .filter(federation_connections::direction.eq(Direction::Inbound.as_str()))
-                .count()
-                .get_result::<i64>(conn)
-                .await?
-        });
-        Ok(count)
+        self.count_pending_inbound(PendingFrom::Source(source))
+            .await
     }
 
     /// How many inbound requests made with the key of `fingerprint` wait for
     /// an operator.
     pub async fn count_pending_inbound_of_key(&self, fingerprint: &str) -> Result<i64, StoreError> {
+        self.count_pending_inbound(PendingFrom::Key(fingerprint))
+            .await
+    }
+
+    /// How many inbound requests from `from` wait for an operator.
+    async fn count_pending_inbound(&self, from: PendingFrom<'_>) -> Result<i64, StoreError> {
         let count = with_connection!(self, |conn| {
-            federation_connections::table
-                .filter(federation_connections::remote_fingerprint.eq(fingerprint))
+            let pending = federation_connections::table
                 .filter(federation_connections::state.eq(ConnectionState::Pending.as_str()))
                 .filter(federation_connections::direction.eq(Direction::Inbound.as_str()))
-                .count()
-                .get_result::<i64>(conn)
-                .await?
+                .into_boxed();
+            let pending = match from {
+                PendingFrom::Source(source) => {
+                    pending.filter(federation_connections::request_source.eq(source))
+                }
+                PendingFrom::Key(fingerprint) => {
+                    pending.filter(federation_connections::remote_fingerprint.eq(fingerprint))
+                }
+            };
+            pending.count().get_result::<i64>(conn).await?
         });
         Ok(count)
     }
+}
+
+/// Whose waiting requests [`Store::count_pending_inbound`] counts.
+#[derive(Clone, Copy)]
+enum PendingFrom<'a> {
+    /// One client address group.
+    Source(&'a str),
+    /// One key, by its fingerprint.
+    Key(&'a str),
 }
 
 #[cfg(test)]
