@@ -10,7 +10,10 @@
 
 use std::borrow::Cow;
 
+mod error_chain;
 pub mod identifier;
+
+pub use error_chain::error_chain;
 
 /// Whether `c` may be shown as it is: not a control character (C0, DEL,
 /// C1) and not an invisible format character that reorders or hides text

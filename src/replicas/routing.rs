@@ -103,13 +103,10 @@ impl Router {
         }
         let channel = match channel {
             Some(channel) => channel,
-            None => self.channel(&replica).await.map_err(|cause| {
-                unavailable(
-                    agent,
-                    &replica,
-                    crate::federation::peer_client::error_chain(&cause),
-                )
-            })?,
+            None => self
+                .channel(&replica)
+                .await
+                .map_err(|cause| unavailable(agent, &replica, crate::text::error_chain(&cause)))?,
         };
         Ok(Reached {
             replica,

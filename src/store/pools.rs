@@ -168,7 +168,7 @@ pub(super) fn open_postgres(
                 config.tcp_user_timeout(call_timeout);
             }
             let bad = |error: tokio_postgres::Error| {
-                ConnectionError::BadConnection(crate::federation::peer_client::error_chain(&error))
+                ConnectionError::BadConnection(crate::text::error_chain(&error))
             };
             let mut connection = match tls.config {
                 None => {

@@ -172,7 +172,7 @@ pub(super) async fn check_listener(
 /// Why the handshake with whatever holds the listen address failed, in an
 /// operator's words where the cause is a common one.
 fn handshake_failure(error: &crate::tls::TlsError, plaintext: bool) -> String {
-    let chain = crate::federation::peer_client::error_chain(error);
+    let chain = crate::text::error_chain(error);
     if chain.contains("invalid peer certificate") {
         "it answers TLS with a key that is not this instance's (another mosaicd instance, or another TLS server)".to_owned()
     } else if chain.contains("deadline has elapsed") || chain.contains("timed out") {
