@@ -99,7 +99,7 @@ pub async fn prepare(config: &Config) -> anyhow::Result<Shared> {
     .await
     .context("cannot load the instance identity")?;
     drop(startup);
-    crate::tls::ca::enable_if_configured(&mut identity, &config.tls, &config.instance)?;
+    identity.enable_ca_mode_if_configured(&config.tls, &config.instance)?;
     let agents = AgentRuntime::new(store.clone(), config.agents.clone(), &config.data_dir)
         .context("cannot prepare the agent runtime's directory")?;
     let rate_limiter = RateLimiter::new(config.rate_limit.clone(), config.redis_url.as_deref())

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
@@ -28,21 +28,13 @@ use tokio::net::TcpStream;
 use crate::identity::{IdentityManager, PublicKey, fingerprint};
 
 pub mod ca;
+mod provider;
+
+pub use provider::{crypto_provider, install_default_provider};
 
 /// The ALPN protocol gRPC needs; without it clients fail with "HTTP/2 was not
 /// negotiated".
 const ALPN_HTTP2: &[u8] = b"h2";
-
-/// The process-wide crypto provider. Only ring is linked (see STACK-NOTES trap 3).
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// Installs ring as rustls' default provider. Safe to call more than once.
-pub fn install_default_provider() {
-    // An error means a provider is already installed, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
 
 /// Why a TLS configuration could not be built or a connection made.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 use zeroize::Zeroizing;
 
 pub use self::certificate::InstanceCertificate;
@@ -26,7 +26,7 @@ pub use self::keys::{InstanceKey, KeyError, PublicKey};
 pub use self::sealing::{MasterKey, MasterKeySource, SealingError};
 use crate::clock::now_ms;
 use crate::store::{InstanceKeyRecord, InstanceRecord, Store, StoreError};
-use crate::tls::ca::CaTrust;
+use crate::tls::ca::{CaTrust, TlsSettings};
 
 /// Associated-data prefix binding a sealed private key to its key id.
 const SEALING_CONTEXT: &[u8] = b"mosaic-instance-key-v1:";
@@ -396,6 +396,38 @@ impl IdentityManager {
             current: RwLock::new(Arc::new(identity)),
             ca: None,
         }))
+    }
+
+    /// Loads, checks and enables CA mode when `tls` asks for it.
+    /// A chain that cannot serve stops the start with an error naming its key; a
+    /// chain that does not name the host of `instance`'s public URL only warns
+    /// (clients that verify names will refuse it, peers dialing another name may
+    /// not).
+    pub fn enable_ca_mode_if_configured(
+        &mut self,
+        tls: &TlsSettings,
+        instance: &InstanceProfile,
+    ) -> anyhow::Result<()> {
+        let TlsSettings::Ca {
+            cert_chain,
+            ca_bundle,
+        } = tls
+        else {
+            return Ok(());
+        };
+        let trust = CaTrust::load(cert_chain, ca_bundle)?;
+        trust.check(self.current().public_key(), UnixTime::now())?;
+        let host = instance.public_host();
+        if let Some(host) = host
+            && !trust.names_host(&host)
+        {
+            tracing::warn!(
+                public_url = %instance.public_url,
+                "the certificate in tls.cert_chain does not name the public URL's host; peers and clients that dial it will refuse it"
+            );
+        }
+        self.enable_ca_mode(Arc::new(trust))?;
+        Ok(())
     }
 
     /// Switches to CA mode: the identity presents `trust`'s chain (whose first

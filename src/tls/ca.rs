@@ -26,7 +26,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use serde::Deserialize;
 
 use crate::config::error::ConfigError;
-use crate::identity::PublicKey;
+use crate::identity::keys::PublicKey;
 
 /// The TLS mode.
 pub const ENV_TLS_MODE: &str = "MOSAIC_TLS_MODE";
@@ -197,7 +197,7 @@ impl CaTrust {
             })?;
         }
         let roots = Arc::new(roots);
-        let provider = super::crypto_provider();
+        let provider = super::provider::crypto_provider();
         let server_verifier =
             WebPkiServerVerifier::builder_with_provider(Arc::clone(&roots), Arc::clone(&provider))
                 .build()
@@ -261,7 +261,7 @@ impl CaTrust {
                 ),
             ));
         }
-        let provider = super::crypto_provider();
+        let provider = super::provider::crypto_provider();
         let parsed_leaf = rustls::server::ParsedCertificate::try_from(leaf)
             .map_err(|error| invalid("tls.cert_chain", error.to_string()))?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
@@ -365,36 +365,4 @@ fn pem_of(der: &[u8]) -> String {
     }
     pem.push_str("-----END CERTIFICATE-----\n");
     pem
-}
-
-/// Loads, checks and enables CA mode on `identity` when `tls` asks for it.
-/// A chain that cannot serve stops the start with an error naming its key; a
-/// chain that does not name the host of `instance`'s public URL only warns
-/// (clients that verify names will refuse it, peers dialing another name may
-/// not).
-pub fn enable_if_configured(
-    identity: &mut crate::identity::IdentityManager,
-    tls: &TlsSettings,
-    instance: &crate::identity::InstanceProfile,
-) -> anyhow::Result<()> {
-    let TlsSettings::Ca {
-        cert_chain,
-        ca_bundle,
-    } = tls
-    else {
-        return Ok(());
-    };
-    let trust = CaTrust::load(cert_chain, ca_bundle)?;
-    trust.check(identity.current().public_key(), UnixTime::now())?;
-    let host = instance.public_host();
-    if let Some(host) = host
-        && !trust.names_host(&host)
-    {
-        tracing::warn!(
-            public_url = %instance.public_url,
-            "the certificate in tls.cert_chain does not name the public URL's host; peers and clients that dial it will refuse it"
-        );
-    }
-    identity.enable_ca_mode(Arc::new(trust))?;
-    Ok(())
 }

@@ -39,9 +39,7 @@ pub(super) async fn check_identity(config: &Config, store: Option<&Store>) -> Ch
                 );
             }
         };
-    if let Err(error) =
-        crate::tls::ca::enable_if_configured(&mut manager, &config.tls, &config.instance)
-    {
+    if let Err(error) = manager.enable_ca_mode_if_configured(&config.tls, &config.instance) {
         return Check::fail(
             "identity",
             2,
