@@ -216,6 +216,15 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// How the caller shows in request logs (never the key itself).
+    pub fn describe(&self) -> String {
+        match self {
+            Caller::Anonymous => "anonymous".to_owned(),
+            Caller::ApiKey { id, .. } => format!("api_key:{id}"),
+            Caller::PeerCertificate(key) => format!("peer:{}", key.key_id()),
+        }
+    }
+
     /// The caller of a request that went through the auth layer.
     pub fn of<T>(request: &tonic::Request<T>) -> Caller {
         request
@@ -410,9 +419,51 @@ pub fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
     crate::tls::peer_public_key(&certificates)
 }
 
+/// Who the auth layer said was calling, filled in by the rate-limit layer so this
+/// outer layer can log it (never the key itself).
+#[derive(Clone, Debug, Default)]
+pub struct CallerSlot(Arc<Mutex<Option<String>>>);
+
+impl CallerSlot {
+    /// Records the caller's description (an API key id or an instance key id).
+    pub fn set(&self, description: String) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(description);
+        }
+    }
+
+    /// The recorded description, or `anonymous` when none was recorded.
+    pub fn get(&self) -> String {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|slot| slot.clone())
+            .unwrap_or_else(|| "anonymous".to_owned())
+    }
+}
+
+/// The remote address and port of the connection a call came on (TLS or
+/// plaintext), as the server recorded it.
+pub fn remote_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    if let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
+        return info.get_ref().remote_addr();
+    }
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_caller_slot_reads_anonymous() {
+        let slot = CallerSlot::default();
+        assert_eq!(slot.get(), "anonymous");
+        slot.set("api_key:abc".to_owned());
+        assert_eq!(slot.get(), "api_key:abc");
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
         let mut map = http::HeaderMap::new();

@@ -232,7 +232,7 @@ pub struct Config {
     /// Time a client has to complete the TLS handshake (default 10 s).
     pub tls_handshake_timeout: Duration,
     /// The level of the one log line per call (default info).
-    pub access_log: crate::metrics::layer::AccessLog,
+    pub access_log: crate::metrics::settings::AccessLog,
     /// How long an API key, peer connection or peer key read from the store is
     /// believed before it is read again (default 1 s; zero: every call reads).
     /// Changes made through this daemon apply at once; see [`crate::cache`].
@@ -395,7 +395,7 @@ impl Config {
             ));
         }
         let access_log = match file.server.access_log.as_deref() {
-            None => crate::metrics::layer::AccessLog::Info,
+            None => crate::metrics::settings::AccessLog::Info,
             Some(level) => level
                 .parse()
                 .map_err(|message| invalid("server.access_log", message))?,

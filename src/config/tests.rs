@@ -185,7 +185,7 @@ fn replica_settings_resolve_and_bad_ones_name_their_key() {
 
 #[test]
 fn the_call_log_level_is_read_and_a_bad_one_names_its_key() {
-    use crate::metrics::layer::AccessLog;
+    use crate::metrics::settings::AccessLog;
     let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
     assert_eq!(config.access_log, AccessLog::Info);
     for (level, expected) in [

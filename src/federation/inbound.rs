@@ -30,8 +30,7 @@ impl RequestSource {
     /// a trusted proxy names, grouped as `limiter` groups clients (IPv6 by
     /// /64).
     pub fn of<T>(limiter: &crate::ratelimit::RateLimiter, request: &tonic::Request<T>) -> Self {
-        let address = crate::ratelimit::layer::remote_address(request.extensions())
-            .map(|address| address.ip());
+        let address = crate::auth::remote_address(request.extensions()).map(|address| address.ip());
         let headers = request.metadata().clone().into_headers();
         Self(limiter.client_key(address, &headers).subject())
     }

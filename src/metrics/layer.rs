@@ -7,73 +7,15 @@
 //! body is wrapped: the call is recorded when its body ends (or is dropped).
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::Frame;
 
 use super::Metrics;
-
-/// The level of the one log line per call (`server.access_log`), target
-/// `mosaic_mesh::access`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AccessLog {
-    /// At INFO, shown by the default `--log info`.
-    #[default]
-    Info,
-    /// At DEBUG: kept out of the default log, there with `--log debug` (or
-    /// `mosaic_mesh::access=debug`).
-    Debug,
-    /// Not written at all (the call metrics still count every call).
-    Off,
-}
-
-impl std::str::FromStr for AccessLog {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "info" => Ok(AccessLog::Info),
-            "debug" => Ok(AccessLog::Debug),
-            "off" => Ok(AccessLog::Off),
-            other => Err(format!(
-                "{other:?} is not a level for the call log; expected \"info\", \"debug\" or \"off\""
-            )),
-        }
-    }
-}
-
-/// Who the auth layer said was calling, filled in by the rate-limit layer so this
-/// outer layer can log it (never the key itself).
-#[derive(Clone, Debug, Default)]
-pub struct CallerSlot(Arc<Mutex<Option<String>>>);
-
-impl CallerSlot {
-    /// Records the caller's description (an API key id or an instance key id).
-    pub fn set(&self, description: String) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(description);
-        }
-    }
-
-    fn get(&self) -> String {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|slot| slot.clone())
-            .unwrap_or_else(|| "anonymous".to_owned())
-    }
-}
-
-/// How a caller shows in request logs.
-pub fn describe_caller(caller: &crate::auth::Caller) -> String {
-    match caller {
-        crate::auth::Caller::Anonymous => "anonymous".to_owned(),
-        crate::auth::Caller::ApiKey { id, .. } => format!("api_key:{id}"),
-        crate::auth::Caller::PeerCertificate(key) => format!("peer:{}", key.key_id()),
-    }
-}
+use super::settings::AccessLog;
+use crate::auth::CallerSlot;
 
 /// See the module documentation.
 #[derive(Clone)]
@@ -141,7 +83,7 @@ where
             let started = Instant::now();
             let (service, method) = labels_for(request.uri().path());
             let caller = CallerSlot::default();
-            let client = crate::ratelimit::layer::remote_address(request.extensions());
+            let client = crate::auth::remote_address(request.extensions());
             request.extensions_mut().insert(caller.clone());
             let response = inner.call(request).await?;
             let mut recorder = CallRecorder {
@@ -321,13 +263,5 @@ mod tests {
         assert_eq!(code_name("16"), "UNAUTHENTICATED");
         assert_eq!(code_name("8"), "RESOURCE_EXHAUSTED");
         assert_eq!(code_name("not a number"), "UNKNOWN");
-    }
-
-    #[test]
-    fn an_empty_caller_slot_reads_anonymous() {
-        let slot = CallerSlot::default();
-        assert_eq!(slot.get(), "anonymous");
-        slot.set("api_key:abc".to_owned());
-        assert_eq!(slot.get(), "api_key:abc");
     }
 }

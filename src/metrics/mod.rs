@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod layer;
 pub mod log_writer;
 mod scrape;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;

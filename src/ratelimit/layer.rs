@@ -24,14 +24,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::decision::{QuotaState, Verdict};
 use super::key::LimitKey;
 use super::limiter::{Enforcement, RateLimiter};
 use super::response::{refusal_response, write_quota_headers};
 use super::tiers::tier_for;
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, CallerSlot, remote_address};
 
 /// See the module documentation.
 #[derive(Clone)]
@@ -151,11 +150,8 @@ where
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                 Enforcement::Admit(state) => state,
             };
-            if let Some(slot) = request
-                .extensions()
-                .get::<crate::metrics::layer::CallerSlot>()
-            {
-                slot.set(crate::metrics::layer::describe_caller(&caller));
+            if let Some(slot) = request.extensions().get::<CallerSlot>() {
+                slot.set(caller.describe());
             }
             request.extensions_mut().insert(caller);
             let mut response = inner.call(request).await?;
@@ -170,15 +166,4 @@ where
 /// The remote address of the connection (TLS or plaintext).
 fn remote_ip(extensions: &http::Extensions) -> Option<IpAddr> {
     remote_address(extensions).map(|address| address.ip())
-}
-
-/// The remote address and port of the connection a call came on (TLS or
-/// plaintext), as the server recorded it.
-pub fn remote_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
-    if let Some(info) = extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
-        return info.get_ref().remote_addr();
-    }
-    extensions
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr)
 }
