@@ -22,8 +22,10 @@ use crate::agents::AgentRuntime;
 use crate::agents::service::AgentControlService;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::coordinator::health::HealthCheck;
+use crate::coordinator::remote::RemoteDispatch;
 use crate::coordinator::service::CoordinatorService;
-use crate::federation::service::FederationService;
+use crate::federation::service::{FederationService, Rotation};
 use crate::identity::IdentityManager;
 use crate::proto::agent::agent_control_server::AgentControlServer;
 use crate::proto::coordinator::coordinator_server::CoordinatorServer;
@@ -205,6 +207,14 @@ pub async fn serve(
         .build_v1alpha()
         .context("cannot build the reflection service")?;
 
+    // Jobs run by peers' agents: built once for the handlers and the
+    // follow-up of this process alike.
+    let remote_dispatch = RemoteDispatch::new(
+        Arc::clone(&shared.federation),
+        shared.store.clone(),
+        &config,
+        shared.coordinator.followers(),
+    );
     let authenticator = Arc::new(Authenticator::new(shared.store.clone(), config.auth_cache));
     let _pruning = shared.rate_limiter.spawn_maintenance();
     let _metrics_endpoint = start_metrics_endpoint(&shared).await?;
@@ -226,16 +236,36 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            FederationServer::new(FederationService::new(shared.clone()))
+            FederationServer::new(FederationService::new(
+                Arc::clone(&shared.federation),
+                Arc::clone(&shared.agents),
+                Arc::clone(&shared.rate_limiter),
+                Rotation {
+                    default_grace: config.rotation_grace,
+                    certificate_path: config.certificate_path(),
+                },
+            ))
+            .max_decoding_message_size(max_message_bytes),
+        )
+        .add_service(
+            AgentControlServer::new(AgentControlService::new(Arc::clone(&shared.agents)))
                 .max_decoding_message_size(max_message_bytes),
         )
         .add_service(
-            AgentControlServer::new(AgentControlService::new(shared.clone()))
-                .max_decoding_message_size(max_message_bytes),
-        )
-        .add_service(
-            CoordinatorServer::new(CoordinatorService::new(shared.clone()))
-                .max_decoding_message_size(max_message_bytes),
+            CoordinatorServer::new(CoordinatorService::new(
+                shared.jobs.clone(),
+                Arc::clone(&shared.agents),
+                remote_dispatch.clone(),
+                HealthCheck::new(
+                    shared.store.clone(),
+                    Arc::clone(&shared.rate_limiter),
+                    Arc::clone(&shared.agents),
+                    config.redis_url.is_some(),
+                    !config.agents.types.is_empty(),
+                ),
+                Arc::clone(&config),
+            ))
+            .max_decoding_message_size(max_message_bytes),
         )
         .add_service(ReplicaServer::new(ReplicaService::new(
             Arc::clone(&shared.agents),
@@ -316,7 +346,7 @@ pub async fn serve(
     // Remote dispatches are followed by one replica at a time.
     let following = crate::coordinator::following::spawn(
         shared.jobs.clone(),
-        crate::coordinator::remote::RemoteDispatch::of(&shared),
+        remote_dispatch,
         shared.federation.lease_holder().to_owned(),
     );
     let _retention = AbortOnDrop(crate::retention::spawn(

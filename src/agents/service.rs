@@ -12,7 +12,6 @@ use super::convert::{
 use super::model::Origin;
 use super::runtime::AgentRuntime;
 use crate::proto::agent as pb;
-use crate::server::Shared;
 
 /// Handlers for the AgentControl service.
 pub struct AgentControlService {
@@ -20,11 +19,9 @@ pub struct AgentControlService {
 }
 
 impl AgentControlService {
-    /// Handlers over the daemon's shared state.
-    pub fn new(shared: Shared) -> Self {
-        Self {
-            runtime: shared.agents,
-        }
+    /// Handlers over the local agent runtime.
+    pub fn new(runtime: Arc<AgentRuntime>) -> Self {
+        Self { runtime }
     }
 }
 

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::agents::runtime::AgentRuntime;
 use crate::proto::coordinator as pb;
-use crate::server::Shared;
+use crate::ratelimit::RateLimiter;
 use crate::store::Store;
 
 /// How long the database may take to answer the health query.
@@ -19,10 +20,20 @@ const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How old a probe of the database and Redis may be when a call reports it.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// The last probe of the database and Redis, shared by the calls that come
-/// within [`PROBE_EVERY`] of it.
-#[derive(Clone, Debug, Default)]
-pub struct HealthProbe {
+/// What `Health` looks at, handed over by the server when it builds the
+/// service, and the last probe of the database and Redis, shared by the
+/// calls that come within [`PROBE_EVERY`] of it.
+#[derive(Clone)]
+pub struct HealthCheck {
+    store: Store,
+    rate_limiter: Arc<RateLimiter>,
+    agents: Arc<AgentRuntime>,
+    /// Whether `redis_url` is set.
+    redis_configured: bool,
+    /// Whether any agent type is configured.
+    agents_configured: bool,
+    /// When the daemon started, for the uptime.
+    started_at: tokio::time::Instant,
     last: Arc<tokio::sync::Mutex<Option<Probed>>>,
 }
 
@@ -33,18 +44,53 @@ struct Probed {
     redis: pb::ComponentHealth,
 }
 
-impl HealthProbe {
+impl HealthCheck {
+    /// Checks of these parts, counting the uptime from now.
+    pub fn new(
+        store: Store,
+        rate_limiter: Arc<RateLimiter>,
+        agents: Arc<AgentRuntime>,
+        redis_configured: bool,
+        agents_configured: bool,
+    ) -> HealthCheck {
+        HealthCheck {
+            store,
+            rate_limiter,
+            agents,
+            redis_configured,
+            agents_configured,
+            started_at: tokio::time::Instant::now(),
+            last: Arc::default(),
+        }
+    }
+
+    /// Checks every component and gives the verdict.
+    pub async fn check(&self) -> pb::HealthResponse {
+        let (database, redis) = self.components().await;
+        let redis = with_fallback_state(redis, &self.rate_limiter);
+        let agent_runtime = self.check_agent_runtime();
+        let status = verdict(&database, &redis);
+        pb::HealthResponse {
+            status: status.into(),
+            database: Some(database),
+            redis: Some(redis),
+            agent_runtime: Some(agent_runtime),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.started_at.elapsed().as_secs(),
+        }
+    }
+
     /// The database's and Redis's health, probed now unless a probe younger
     /// than [`PROBE_EVERY`] exists. Holding the lock while probing makes
     /// the calls that arrive meanwhile wait for this probe, not start theirs.
-    async fn components(&self, shared: &Shared) -> (pb::ComponentHealth, pb::ComponentHealth) {
+    async fn components(&self) -> (pb::ComponentHealth, pb::ComponentHealth) {
         let mut last = self.last.lock().await;
         if let Some(probed) = last.as_ref()
             && probed.at.elapsed() < PROBE_EVERY
         {
             return (probed.database.clone(), probed.redis.clone());
         }
-        let (database, redis) = tokio::join!(check_database(&shared.store), check_redis(shared));
+        let (database, redis) = tokio::join!(check_database(&self.store), self.check_redis());
         *last = Some(Probed {
             at: tokio::time::Instant::now(),
             database: database.clone(),
@@ -52,21 +98,46 @@ impl HealthProbe {
         });
         (database, redis)
     }
-}
 
-/// Checks every component and gives the verdict.
-pub async fn check(shared: &Shared) -> pb::HealthResponse {
-    let (database, redis) = shared.coordinator.health.components(shared).await;
-    let redis = with_fallback_state(redis, shared);
-    let agent_runtime = check_agent_runtime(shared);
-    let status = verdict(&database, &redis);
-    pb::HealthResponse {
-        status: status.into(),
-        database: Some(database),
-        redis: Some(redis),
-        agent_runtime: Some(agent_runtime),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        uptime_seconds: shared.coordinator.started_at.elapsed().as_secs(),
+    /// NOT_CONFIGURED without agent types; DEGRADED at the concurrent-agent
+    /// cap (spawns are refused); else OK, with how many agents run.
+    fn check_agent_runtime(&self) -> pb::ComponentHealth {
+        if !self.agents_configured {
+            return component(
+                pb::ComponentStatus::NotConfigured,
+                "no agent types configured ([agents.types.NAME])",
+                None,
+            );
+        }
+        let status = self.agents.status();
+        let detail = format!("{} of {} agents running", status.running, status.capacity);
+        if status.is_full() {
+            component(pb::ComponentStatus::Degraded, &detail, None)
+        } else {
+            component(pb::ComponentStatus::Ok, &detail, None)
+        }
+    }
+
+    /// PING through the rate limiter's pool (within its `redis_timeout`). The
+    /// detail never repeats the URL (it may hold a password).
+    async fn check_redis(&self) -> pb::ComponentHealth {
+        if !self.redis_configured {
+            return component(
+                pb::ComponentStatus::NotConfigured,
+                "in-memory rate limiting; set redis_url to share limits",
+                None,
+            );
+        }
+        let started = tokio::time::Instant::now();
+        match self.rate_limiter.ping_redis().await {
+            None => component(
+                pb::ComponentStatus::NotConfigured,
+                "redis_url is set but rate limits are kept in memory (rate_limit.storage = \"memory\")",
+                None,
+            ),
+            Some(Ok(())) => component(pb::ComponentStatus::Ok, "", Some(started.elapsed())),
+            Some(Err(error)) => component(pb::ComponentStatus::Down, &error.to_string(), None),
+        }
     }
 }
 
@@ -100,9 +171,12 @@ fn component(
 
 /// A reachable Redis is still DEGRADED while the rate limiter's breaker keeps
 /// it on the in-memory fallback.
-fn with_fallback_state(redis: pb::ComponentHealth, shared: &Shared) -> pb::ComponentHealth {
+fn with_fallback_state(
+    redis: pb::ComponentHealth,
+    rate_limiter: &RateLimiter,
+) -> pb::ComponentHealth {
     use crate::ratelimit::metrics::BreakerGauge;
-    let breaker = shared.rate_limiter.metrics().snapshot().breaker;
+    let breaker = rate_limiter.metrics().snapshot().breaker;
     if redis.status == i32::from(pb::ComponentStatus::Ok) && breaker != BreakerGauge::Closed {
         return pb::ComponentHealth {
             status: pb::ComponentStatus::Degraded.into(),
@@ -112,25 +186,6 @@ fn with_fallback_state(redis: pb::ComponentHealth, shared: &Shared) -> pb::Compo
         };
     }
     redis
-}
-
-/// NOT_CONFIGURED without agent types; DEGRADED at the concurrent-agent
-/// cap (spawns are refused); else OK, with how many agents run.
-fn check_agent_runtime(shared: &Shared) -> pb::ComponentHealth {
-    if shared.config.agents.types.is_empty() {
-        return component(
-            pb::ComponentStatus::NotConfigured,
-            "no agent types configured ([agents.types.NAME])",
-            None,
-        );
-    }
-    let status = shared.agents.status();
-    let detail = format!("{} of {} agents running", status.running, status.capacity);
-    if status.is_full() {
-        component(pb::ComponentStatus::Degraded, &detail, None)
-    } else {
-        component(pb::ComponentStatus::Ok, &detail, None)
-    }
 }
 
 async fn check_database(store: &Store) -> pb::ComponentHealth {
@@ -148,27 +203,5 @@ async fn check_database(store: &Store) -> pb::ComponentHealth {
             &format!("no answer within {} ms", DATABASE_TIMEOUT.as_millis()),
             None,
         ),
-    }
-}
-
-/// PING through the rate limiter's pool (within its `redis_timeout`). The
-/// detail never repeats the URL (it may hold a password).
-async fn check_redis(shared: &Shared) -> pb::ComponentHealth {
-    if shared.config.redis_url.is_none() {
-        return component(
-            pb::ComponentStatus::NotConfigured,
-            "in-memory rate limiting; set redis_url to share limits",
-            None,
-        );
-    }
-    let started = tokio::time::Instant::now();
-    match shared.rate_limiter.ping_redis().await {
-        None => component(
-            pb::ComponentStatus::NotConfigured,
-            "redis_url is set but rate limits are kept in memory (rate_limit.storage = \"memory\")",
-            None,
-        ),
-        Some(Ok(())) => component(pb::ComponentStatus::Ok, "", Some(started.elapsed())),
-        Some(Err(error)) => component(pb::ComponentStatus::Down, &error.to_string(), None),
     }
 }

@@ -39,8 +39,6 @@ pub use self::events::JobEvents;
 pub struct CoordinatorState {
     /// Committed job changes, for `WatchJob`.
     pub events: JobEvents,
-    /// When the daemon started, for `Health`'s uptime.
-    pub started_at: tokio::time::Instant,
     /// Becomes `true` when the daemon starts shutting down, so that watch
     /// streams end (UNAVAILABLE) instead of holding the drain.
     shutting_down: Arc<tokio::sync::watch::Sender<bool>>,
@@ -50,19 +48,15 @@ pub struct CoordinatorState {
     /// The tasks following remote dispatches, while this process holds their
     /// lease.
     followers: following::Followers,
-    /// The last probe of the database and Redis, for `Health`.
-    pub health: health::HealthProbe,
 }
 
 impl Default for CoordinatorState {
     fn default() -> Self {
         CoordinatorState {
             events: JobEvents::default(),
-            started_at: tokio::time::Instant::now(),
             shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
             job_writes: Arc::default(),
             followers: following::Followers::default(),
-            health: health::HealthProbe::default(),
         }
     }
 }

@@ -43,18 +43,23 @@ pub struct RemoteDispatch {
 }
 
 impl RemoteDispatch {
-    /// The daemon's federation, store and configured poll interval.
-    pub fn of(shared: &crate::server::Shared) -> RemoteDispatch {
+    /// Dispatch through `federation`, keeping the signed spawns in `store`,
+    /// with the configured poll interval and message lifetimes.
+    pub fn new(
+        federation: Arc<Federation>,
+        store: Store,
+        config: &crate::config::Config,
+        followers: Followers,
+    ) -> RemoteDispatch {
         RemoteDispatch {
-            federation: Arc::clone(&shared.federation),
-            store: shared.store.clone(),
-            poll_interval: shared.config.coordinator.remote_agent_poll,
-            spawn_valid_for: shared
-                .config
+            federation,
+            store,
+            poll_interval: config.coordinator.remote_agent_poll,
+            spawn_valid_for: config
                 .federation
                 .message_lifetime
-                .max(shared.config.federation.clock_window),
-            followers: shared.coordinator.followers(),
+                .max(config.federation.clock_window),
+            followers,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! domain values, a call into [`Jobs`], domain result to proto response.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -9,12 +10,14 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
 use super::dispatch::DispatchRequest;
+use super::health::HealthCheck;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
 use super::remote::RemoteDispatch;
 use super::state::{JobChange, Percent};
+use crate::agents::runtime::AgentRuntime;
 use crate::auth::Caller;
+use crate::config::Config;
 use crate::proto::coordinator as pb;
-use crate::server::Shared;
 use crate::store::JobFilter;
 
 /// The metadata key a client may send instead of `idempotency_key`.
@@ -22,20 +25,30 @@ pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 
 /// Handlers for the Coordinator service.
 pub struct CoordinatorService {
-    shared: Shared,
     jobs: Jobs,
+    agents: Arc<AgentRuntime>,
     peers: RemoteDispatch,
+    health: HealthCheck,
+    config: Arc<Config>,
 }
 
 impl CoordinatorService {
-    /// Handlers over the daemon's shared state.
-    pub fn new(shared: Shared) -> Self {
-        let jobs = shared.jobs.clone();
-        let peers = RemoteDispatch::of(&shared);
+    /// Handlers over the job operations, the local agents, dispatch to
+    /// peers, the health checks and the configuration (webhook sources,
+    /// dispatch's agent types).
+    pub fn new(
+        jobs: Jobs,
+        agents: Arc<AgentRuntime>,
+        peers: RemoteDispatch,
+        health: HealthCheck,
+        config: Arc<Config>,
+    ) -> Self {
         Self {
-            shared,
             jobs,
+            agents,
             peers,
+            health,
+            config,
         }
     }
 }
@@ -212,7 +225,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         let message = request.into_inner();
         let job = super::dispatch::cancel(
             &self.jobs,
-            &self.shared.agents,
+            &self.agents,
             &self.peers,
             &message.job_id,
             message.reason,
@@ -247,7 +260,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         &self,
         _request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        Ok(Response::new(super::health::check(&self.shared).await))
+        Ok(Response::new(self.health.check().await))
     }
 
     async fn handle_webhook(
@@ -268,7 +281,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let result = self
             .jobs
-            .handle_webhook(delivery, &self.shared.config.coordinator)
+            .handle_webhook(delivery, &self.config.coordinator)
             .await?;
         Ok(Response::new(pb::HandleWebhookResponse {
             job: result.job.map(job_to_proto),
@@ -298,9 +311,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         };
         let dispatched = super::dispatch::dispatch(
             &self.jobs,
-            &self.shared.agents,
+            &self.agents,
             &self.peers,
-            &self.shared.config,
+            &self.config,
             dispatch,
             &actor,
         )

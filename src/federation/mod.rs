@@ -91,6 +91,11 @@ pub struct Federation {
 }
 
 impl Federation {
+    /// The instance's identity as it is now (its current and previous keys).
+    pub fn identity(&self) -> Arc<Identity> {
+        self.identity.current()
+    }
+
     /// This process's name as the holder of leases on background work
     /// shared with the other replicas (a UUID made at start).
     pub fn lease_holder(&self) -> &str {

@@ -1,6 +1,8 @@
 //! The `mosaic.federation.v1.Federation` gRPC handlers. Thin: proto in, domain
 //! call, proto out. Authentication already happened in [`crate::auth`].
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status};
@@ -10,11 +12,12 @@ use super::convert::{current_key_message, instance_message, previous_key_message
 use super::paging::{decode_cursor, encode_cursor};
 use super::state::{ConnectionState, OperatorAction};
 use super::{ConnectRequest, ConnectionView};
+use crate::agents::runtime::AgentRuntime;
 use crate::auth::Caller;
 use crate::clock::{now_ms, timestamp_from_ms};
 use crate::identity::PublicKey;
 use crate::proto::federation as pb;
-use crate::server::Shared;
+use crate::ratelimit::RateLimiter;
 use crate::store::{ConnectionEventRecord, ConnectionFilter};
 
 /// Connections per page unless the caller asks for fewer.
@@ -27,13 +30,37 @@ const MAX_ROTATION_GRACE: Duration = Duration::from_secs(crate::config::MAX_ROTA
 
 /// Handlers for the Federation service.
 pub struct FederationService {
-    shared: Shared,
+    federation: Arc<super::Federation>,
+    agents: Arc<AgentRuntime>,
+    rate_limiter: Arc<RateLimiter>,
+    rotation: Rotation,
+}
+
+/// What key rotation needs beyond `Federation`: the grace period when the
+/// operator names none, and where the new certificate is written.
+pub struct Rotation {
+    /// The configured default grace period (`rotation_grace`).
+    pub default_grace: Duration,
+    /// The instance certificate's file in the data dir.
+    pub certificate_path: PathBuf,
 }
 
 impl FederationService {
-    /// Handlers over the daemon's shared state.
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
+    /// Handlers over peering, the local agents (which commands from peers
+    /// reach), the rate limiter (a connection request's source group) and
+    /// the rotation settings.
+    pub fn new(
+        federation: Arc<super::Federation>,
+        agents: Arc<AgentRuntime>,
+        rate_limiter: Arc<RateLimiter>,
+        rotation: Rotation,
+    ) -> Self {
+        Self {
+            federation,
+            agents,
+            rate_limiter,
+            rotation,
+        }
     }
 }
 
@@ -43,7 +70,7 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         _request: Request<pb::GetInstanceRequest>,
     ) -> Result<Response<pb::GetInstanceResponse>, Status> {
-        let identity = self.shared.identity.current();
+        let identity = self.federation.identity();
         Ok(Response::new(pb::GetInstanceResponse {
             instance: Some(instance_message(&identity)),
         }))
@@ -55,7 +82,7 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::RotateKeysResponse>, Status> {
         let grace = match request.get_ref().grace_period_seconds {
             Some(seconds) => Duration::from_secs(u64::from(seconds)),
-            None => self.shared.config.rotation_grace,
+            None => self.rotation.default_grace,
         };
         if grace > MAX_ROTATION_GRACE {
             return Err(Status::invalid_argument(
@@ -63,9 +90,8 @@ impl pb::federation_server::Federation for FederationService {
             ));
         }
         let identity = self
-            .shared
             .federation
-            .rotate_keys(grace, &self.shared.config.certificate_path())
+            .rotate_keys(grace, &self.rotation.certificate_path)
             .await?;
         let now = now_ms();
         let previous_key = identity.previous_keys(now).next().map(previous_key_message);
@@ -81,7 +107,6 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::ConnectPeerResponse>, Status> {
         let request = request.into_inner();
         let view = self
-            .shared
             .federation
             .connect_peer(ConnectRequest {
                 url: request.url,
@@ -114,7 +139,6 @@ impl pb::federation_server::Federation for FederationService {
             token => Some(decode_cursor(token, &filter_key)?),
         };
         let mut views = self
-            .shared
             .federation
             .list_connections(&ConnectionFilter {
                 workspace,
@@ -143,7 +167,6 @@ impl pb::federation_server::Federation for FederationService {
         request: Request<pb::GetConnectionRequest>,
     ) -> Result<Response<pb::GetConnectionResponse>, Status> {
         let (view, events) = self
-            .shared
             .federation
             .get_connection(&request.get_ref().connection_id)
             .await?;
@@ -159,7 +182,6 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::AcceptConnectionResponse>, Status> {
         let request = request.into_inner();
         let view = self
-            .shared
             .federation
             .accept_connection(
                 &request.connection_id,
@@ -295,7 +317,6 @@ impl pb::federation_server::Federation for FederationService {
         });
         let workspace = Some(request.workspace.as_str());
         let (_, outcome) = self
-            .shared
             .federation
             .send_command(&request.peer_instance_id, workspace, command, None)
             .await?;
@@ -321,7 +342,6 @@ impl pb::federation_server::Federation for FederationService {
         use futures::StreamExt as _;
         let request = request.into_inner();
         let events = self
-            .shared
             .federation
             .watch_remote(RemoteWatch {
                 peer_instance_id: request.peer_instance_id,
@@ -369,7 +389,6 @@ impl pb::federation_server::Federation for FederationService {
             page_token: request.page_token,
         });
         match self
-            .shared
             .federation
             .send_command(
                 &request.peer_instance_id,
@@ -395,11 +414,8 @@ impl pb::federation_server::Federation for FederationService {
         &self,
         request: Request<pb::ListCommandLogRequest>,
     ) -> Result<Response<pb::ListCommandLogResponse>, Status> {
-        let (entries, next_page_token) = self
-            .shared
-            .federation
-            .list_command_log(request.get_ref())
-            .await?;
+        let (entries, next_page_token) =
+            self.federation.list_command_log(request.get_ref()).await?;
         Ok(Response::new(pb::ListCommandLogResponse {
             entries,
             next_page_token,
@@ -413,9 +429,9 @@ impl pb::federation_server::Federation for FederationService {
         let tls_key = peer_certificate_key(&request)?;
         let sealed = request.get_ref().envelope.as_ref();
         // Strangers learn nothing: the caller is identified first.
-        let federation = &self.shared.federation;
+        let federation = &self.federation;
         federation.identify_request_caller(sealed, &tls_key).await?;
-        let source = super::inbound::RequestSource::of(&self.shared.rate_limiter, &request);
+        let source = super::inbound::RequestSource::of(&self.rate_limiter, &request);
         let envelope = federation
             .receive_request(sealed, &tls_key, &source)
             .await?;
@@ -431,7 +447,7 @@ impl pb::federation_server::Federation for FederationService {
         let tls_key = peer_certificate_key(&request)?;
         let sealed = request.get_ref().envelope.as_ref();
         // Strangers learn nothing: the caller is identified first.
-        let federation = &self.shared.federation;
+        let federation = &self.federation;
         federation.identify_notice_caller(sealed, &tls_key).await?;
         let envelope = federation.receive_notice(sealed, &tls_key).await?;
         Ok(Response::new(pb::NotifyConnectionResponse {
@@ -445,13 +461,8 @@ impl pb::federation_server::Federation for FederationService {
     ) -> Result<Response<pb::ExecuteCommandResponse>, Status> {
         let tls_key = peer_certificate_key(&request)?;
         let envelope = self
-            .shared
             .federation
-            .receive_command(
-                &self.shared.agents,
-                request.get_ref().envelope.as_ref(),
-                &tls_key,
-            )
+            .receive_command(&self.agents, request.get_ref().envelope.as_ref(), &tls_key)
             .await?;
         Ok(Response::new(pb::ExecuteCommandResponse {
             envelope: Some(envelope),
@@ -468,13 +479,8 @@ impl pb::federation_server::Federation for FederationService {
         use futures::StreamExt as _;
         let tls_key = peer_certificate_key(&request)?;
         let batches = self
-            .shared
             .federation
-            .receive_watch(
-                &self.shared.agents,
-                request.get_ref().envelope.as_ref(),
-                &tls_key,
-            )
+            .receive_watch(&self.agents, request.get_ref().envelope.as_ref(), &tls_key)
             .await?;
         Ok(Response::new(
             batches
@@ -496,7 +502,7 @@ impl pb::federation_server::Federation for FederationService {
         let tls_key = peer_certificate_key(&request)?;
         let sealed = request.get_ref().envelope.as_ref();
         // Strangers learn nothing: the caller is identified first.
-        let federation = &self.shared.federation;
+        let federation = &self.federation;
         federation.identify_ping_caller(sealed, &tls_key).await?;
         let envelope = federation.receive_ping(sealed, &tls_key).await?;
         Ok(Response::new(pb::PingResponse {
@@ -515,7 +521,6 @@ impl FederationService {
         retry_id: Option<&str>,
     ) -> Result<(String, crate::proto::agent::Agent), Status> {
         match self
-            .shared
             .federation
             .send_command(peer_instance_id, Some(workspace), command, retry_id)
             .await?
@@ -537,7 +542,6 @@ impl FederationService {
         reason: &str,
     ) -> Result<pb::Connection, Status> {
         let view = self
-            .shared
             .federation
             .operator_action(connection_id, action, granted_capabilities, reason)
             .await?;
