@@ -114,15 +114,19 @@ pub fn store_code(error: &StoreError) -> Code {
 /// internal failures).
 pub fn federation_code(error: &FederationError) -> Code {
     match error {
-        FederationError::InvalidArgument(_) => Code::InvalidArgument,
-        FederationError::NotFound(_) => Code::NotFound,
-        FederationError::FailedPrecondition(_) => Code::FailedPrecondition,
-        FederationError::PermissionDenied(_) => Code::PermissionDenied,
-        FederationError::Unauthenticated(_) => Code::Unauthenticated,
-        FederationError::AlreadyExists(_) => Code::AlreadyExists,
-        FederationError::DeadlineExceeded(_) => Code::DeadlineExceeded,
-        FederationError::ResourceExhausted(_) => Code::ResourceExhausted,
-        FederationError::Unavailable(_) | FederationError::Interrupted { .. } => Code::Unavailable,
+        FederationError::Invalid(_) => Code::InvalidArgument,
+        FederationError::NoConnection(_) => Code::NotFound,
+        FederationError::WrongState(_) | FederationError::UnacceptablePeer(_) => {
+            Code::FailedPrecondition
+        }
+        FederationError::NotPermitted(_) => Code::PermissionDenied,
+        FederationError::Unproven(_) => Code::Unauthenticated,
+        FederationError::Duplicate(_) => Code::AlreadyExists,
+        FederationError::Expired(_) | FederationError::PeerTimedOut(_) => Code::DeadlineExceeded,
+        FederationError::LimitReached(_) => Code::ResourceExhausted,
+        FederationError::PeerUnreachable(_)
+        | FederationError::ReplyPending(_)
+        | FederationError::Interrupted { .. } => Code::Unavailable,
         FederationError::Peer(status) => size_limit_code(status.code(), status.message()),
         FederationError::Command(status) => status.code(),
         FederationError::Store(store) => store_code(store),

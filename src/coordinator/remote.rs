@@ -280,8 +280,8 @@ async fn start(
 fn spawn_may_have_happened(error: &FederationError) -> bool {
     matches!(
         error,
-        FederationError::Unavailable(_)
-            | FederationError::DeadlineExceeded(_)
+        FederationError::PeerUnreachable(_)
+            | FederationError::PeerTimedOut(_)
             | FederationError::BadReply(_)
             | FederationError::Internal(_)
             | FederationError::Store(_)
@@ -751,17 +751,17 @@ mod tests {
 
     #[test]
     fn only_lost_calls_leave_the_spawn_undecided() {
-        assert!(spawn_may_have_happened(&FederationError::Unavailable(
+        assert!(spawn_may_have_happened(&FederationError::PeerUnreachable(
             "down".into()
         )));
-        assert!(spawn_may_have_happened(&FederationError::DeadlineExceeded(
+        assert!(spawn_may_have_happened(&FederationError::PeerTimedOut(
             "slow".into()
         )));
         assert!(!spawn_may_have_happened(&FederationError::Peer(
             tonic::Status::invalid_argument("unknown agent type")
         )));
-        assert!(!spawn_may_have_happened(
-            &FederationError::FailedPrecondition("no connection".into())
-        ));
+        assert!(!spawn_may_have_happened(&FederationError::WrongState(
+            "no connection".into()
+        )));
     }
 }

@@ -103,8 +103,7 @@ fn clip(text: &str) -> String {
 /// It is the identifier rule a peer applies to a header's message id, so an
 /// id accepted here is never refused there.
 pub fn check_message_id(message_id: &str) -> Result<(), FederationError> {
-    crate::text::identifier::check("message_id", message_id)
-        .map_err(FederationError::InvalidArgument)
+    crate::text::identifier::check("message_id", message_id).map_err(FederationError::Invalid)
 }
 
 /// SHA-256 over the peer, the workspace and the command, in a canonical form
@@ -175,7 +174,7 @@ impl Federation {
             Ok(pb::CommandDirection::Inbound) => Some(CommandDirection::Inbound),
             Ok(pb::CommandDirection::Outbound) => Some(CommandDirection::Outbound),
             Err(_) => {
-                return Err(FederationError::InvalidArgument(
+                return Err(FederationError::Invalid(
                     "direction is not a known CommandDirection".into(),
                 ));
             }

@@ -4,37 +4,58 @@
 use super::envelope::EnvelopeError;
 use crate::store::StoreError;
 
-/// Why a federation operation failed. Messages are for the caller and never
-/// contain keys, signatures or secrets.
+/// Why a federation operation failed, by cause; `crate::error` says which
+/// gRPC code each becomes (written beside each here). Messages are for the
+/// caller and never contain keys, signatures or secrets.
 #[derive(Debug, thiserror::Error)]
 pub enum FederationError {
-    /// Malformed input (INVALID_ARGUMENT).
+    /// The request or message is malformed (INVALID_ARGUMENT).
     #[error("{0}")]
-    InvalidArgument(String),
-    /// No such connection (NOT_FOUND).
+    Invalid(String),
+    /// No connection with that id, or with that peer in that workspace
+    /// (NOT_FOUND).
     #[error("{0}")]
-    NotFound(String),
-    /// The operation does not apply in the current state (FAILED_PRECONDITION).
+    NoConnection(String),
+    /// The connection (or request) is not in a state the operation applies
+    /// to, or changed meanwhile (FAILED_PRECONDITION).
     #[error("{0}")]
-    FailedPrecondition(String),
-    /// Not allowed (PERMISSION_DENIED).
+    WrongState(String),
+    /// The identity a peer presents cannot be taken: its key, fingerprint,
+    /// ids or name; nothing was stored (FAILED_PRECONDITION).
     #[error("{0}")]
-    PermissionDenied(String),
-    /// Identity not proven (UNAUTHENTICATED).
+    UnacceptablePeer(String),
+    /// The caller is known but may not do this: no open connection in that
+    /// workspace, a capability not granted, a URL the dial policy refuses
+    /// (PERMISSION_DENIED).
     #[error("{0}")]
-    Unauthenticated(String),
-    /// A duplicate (ALREADY_EXISTS).
+    NotPermitted(String),
+    /// The sender's identity is not proven: an unknown key, a bad
+    /// signature, a stranger (UNAUTHENTICATED).
     #[error("{0}")]
-    AlreadyExists(String),
-    /// A limit is reached (RESOURCE_EXHAUSTED).
+    Unproven(String),
+    /// The message id or request was already used (ALREADY_EXISTS).
     #[error("{0}")]
-    ResourceExhausted(String),
-    /// Too late (DEADLINE_EXCEEDED).
+    Duplicate(String),
+    /// A limit is reached: waiting requests, connections
+    /// (RESOURCE_EXHAUSTED).
     #[error("{0}")]
-    DeadlineExceeded(String),
-    /// The peer cannot be reached (UNAVAILABLE).
+    LimitReached(String),
+    /// The message is outside the clock window or past its expiry
+    /// (DEADLINE_EXCEEDED).
     #[error("{0}")]
-    Unavailable(String),
+    Expired(String),
+    /// The peer did not answer in time; what it did is unknown
+    /// (DEADLINE_EXCEEDED).
+    #[error("{0}")]
+    PeerTimedOut(String),
+    /// The peer cannot be reached, or the connection broke before its
+    /// answer; what it did is unknown (UNAVAILABLE).
+    #[error("{0}")]
+    PeerUnreachable(String),
+    /// An identical delivery of the command is still running here, and its
+    /// reply is not stored yet (UNAVAILABLE; send again).
+    #[error("{0}")]
+    ReplyPending(String),
     /// The peer refused; its status is passed on with its code.
     #[error("the peer refused: {}", .0.message())]
     Peer(tonic::Status),
@@ -70,14 +91,14 @@ impl From<EnvelopeError> for FederationError {
     fn from(error: EnvelopeError) -> Self {
         let message = error.to_string();
         match error {
-            EnvelopeError::Malformed(_) => Self::InvalidArgument(message),
-            EnvelopeError::WrongRecipient => Self::PermissionDenied(message),
+            EnvelopeError::Malformed(_) => Self::Invalid(message),
+            EnvelopeError::WrongRecipient => Self::NotPermitted(message),
             EnvelopeError::UnknownKey
             | EnvelopeError::KeyIsNotTlsKey
             | EnvelopeError::BadSignature
-            | EnvelopeError::Stranger => Self::Unauthenticated(message),
+            | EnvelopeError::Stranger => Self::Unproven(message),
             EnvelopeError::OutsideClockWindow { .. } | EnvelopeError::Expired => {
-                Self::DeadlineExceeded(message)
+                Self::Expired(message)
             }
         }
     }

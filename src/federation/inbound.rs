@@ -58,17 +58,17 @@ impl Federation {
         let sender = claimed
             .sender
             .as_ref()
-            .ok_or_else(|| FederationError::InvalidArgument("sender is missing".into()))?;
+            .ok_or_else(|| FederationError::Invalid("sender is missing".into()))?;
         if sender.instance_id != header.sender_instance_id {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "sender.instance_id is not the header's sender".into(),
             ));
         }
         let sender_key = PublicKey::from_spki_der(&sender.public_key).map_err(|_| {
-            FederationError::InvalidArgument("sender.public_key is not an ECDSA P-256 key".into())
+            FederationError::Invalid("sender.public_key is not an ECDSA P-256 key".into())
         })?;
         if sender_key.key_id() != header.key_id {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "header.key_id is not the key id of sender.public_key".into(),
             ));
         }
@@ -76,7 +76,7 @@ impl Federation {
         // instance's own id is someone else's key.
         parsed.check_recipient(&identity.instance_id)?;
         if header.sender_instance_id == identity.instance_id {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "the sender claims this instance's own id".into(),
             ));
         }
@@ -98,20 +98,20 @@ impl Federation {
         let sender = payload
             .sender
             .clone()
-            .ok_or_else(|| FederationError::InvalidArgument("sender is missing".into()))?;
+            .ok_or_else(|| FederationError::Invalid("sender is missing".into()))?;
         let (host, _) = super::peer_client::parse_peer_url(&sender.url)
-            .map_err(|error| FederationError::InvalidArgument(format!("sender.url: {error}")))?;
+            .map_err(|error| FederationError::Invalid(format!("sender.url: {error}")))?;
         if let Ok(address) = host.parse::<std::net::IpAddr>()
             && !self.clients.policy().permits(address)
         {
-            return Err(FederationError::PermissionDenied(
+            return Err(FederationError::NotPermitted(
                 "sender.url is an address this instance's dial policy denies".into(),
             ));
         }
         // Shown to the operator in `peer list`: no escape sequences, line
         // breaks or invisible reordering.
         if !crate::text::is_printable_line(&sender.name) {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "sender.name must be printable text (no control or invisible formatting characters)"
                     .into(),
             ));
@@ -154,7 +154,7 @@ impl Federation {
                 .await?
                 >= i64::from(self.config.max_pending_inbound)
         {
-            return Err(FederationError::ResourceExhausted(
+            return Err(FederationError::LimitReached(
                 "too many connection requests are waiting for this instance's operator; try again later"
                     .into(),
             ));
@@ -269,14 +269,14 @@ impl Federation {
             .count_pending_inbound_from_source(source.as_str())
             .await?;
         if waiting >= i64::from(quota) {
-            return Err(FederationError::ResourceExhausted(format!(
+            return Err(FederationError::LimitReached(format!(
                 "this source's quota is full: {waiting} connection requests from {} wait for this instance's operator (at most {quota}); try again once they are answered or expire",
                 source.as_str()
             )));
         }
         let waiting = self.store.count_pending_inbound_of_key(fingerprint).await?;
         if waiting >= i64::from(quota) {
-            return Err(FederationError::ResourceExhausted(format!(
+            return Err(FederationError::LimitReached(format!(
                 "this key's quota is full: {waiting} connection requests made with it wait for this instance's operator (at most {quota}); try again once they are answered or expire"
             )));
         }
@@ -309,23 +309,22 @@ impl Federation {
         let header = parsed.header().clone();
         let claimed = parsed.unverified_payload();
         let kind = NoticeKind::from_proto(claimed.kind()).ok_or_else(|| {
-            FederationError::InvalidArgument("the notice kind is not set or not known".into())
+            FederationError::Invalid("the notice kind is not set or not known".into())
         })?;
         let rotated_to = if kind == NoticeKind::KeyRotated {
-            let new_key = claimed.new_key.as_ref().ok_or_else(|| {
-                FederationError::InvalidArgument("KEY_ROTATED needs new_key".into())
-            })?;
+            let new_key = claimed
+                .new_key
+                .as_ref()
+                .ok_or_else(|| FederationError::Invalid("KEY_ROTATED needs new_key".into()))?;
             let key = PublicKey::from_spki_der(&new_key.public_key).map_err(|_| {
-                FederationError::InvalidArgument("new_key is not an ECDSA P-256 key".into())
+                FederationError::Invalid("new_key is not an ECDSA P-256 key".into())
             })?;
             let valid_until = claimed
                 .previous_key_valid_until
                 .as_ref()
                 .map(crate::clock::ms_from_timestamp)
                 .ok_or_else(|| {
-                    FederationError::InvalidArgument(
-                        "KEY_ROTATED needs previous_key_valid_until".into(),
-                    )
+                    FederationError::Invalid("KEY_ROTATED needs previous_key_valid_until".into())
                 })?;
             Some((
                 key,
@@ -364,9 +363,9 @@ impl Federation {
 
         let payload = &verified.payload;
         let outcome = state::after_notice(kind, situation(&connection))
-            .map_err(FederationError::FailedPrecondition)?;
+            .map_err(FederationError::WrongState)?;
         if !crate::text::is_printable_line(&payload.reason) {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "reason must be printable text (no control or invisible formatting characters)"
                     .into(),
             ));
@@ -437,7 +436,7 @@ impl Federation {
                 return self.replay_after_race(&header, &verified.digest).await;
             }
             _ => {
-                return Err(FederationError::FailedPrecondition(
+                return Err(FederationError::WrongState(
                     "the connection changed meanwhile; the notice was not applied".into(),
                 ));
             }
@@ -477,7 +476,7 @@ impl Federation {
         let verified = parsed.verify_signature(&key)?;
         let seen = seen_message(&verified.header, verified.digest.clone(), None, now);
         if self.store.insert_seen_message(&seen).await? != WriteOutcome::Done(()) {
-            return Err(FederationError::AlreadyExists(
+            return Err(FederationError::Duplicate(
                 "this ping's message id was already used".into(),
             ));
         }
@@ -523,9 +522,7 @@ impl Federation {
             .store
             .find_seen_message(&header.sender_instance_id, &header.message_id)
             .await?
-            .ok_or_else(|| {
-                FederationError::AlreadyExists("this message id was already used".into())
-            })?;
+            .ok_or_else(|| FederationError::Duplicate("this message id was already used".into()))?;
         stored_reply(seen, digest)
     }
 

@@ -102,13 +102,13 @@ impl Federation {
         let expected_fingerprint = match request.expected_fingerprint.as_deref() {
             None | Some("") => None,
             Some(typed) => Some(fingerprint::normalize(typed).ok_or_else(|| {
-                FederationError::InvalidArgument(format!(
+                FederationError::Invalid(format!(
                     "expected_fingerprint {typed:?} is not a fingerprint (eight groups of four like ABCD-EFGH-...)"
                 ))
             })?),
         };
         super::peer_client::parse_peer_url(&request.url)
-            .map_err(|error| FederationError::InvalidArgument(error.to_string()))?;
+            .map_err(|error| FederationError::Invalid(error.to_string()))?;
 
         let (instance, tls_key) = self
             .clients
@@ -116,12 +116,12 @@ impl Federation {
             .await
             .map_err(first_contact_error)?;
         let claimed = PublicKey::from_spki_der(&instance.public_key).map_err(|_| {
-            FederationError::FailedPrecondition(
+            FederationError::UnacceptablePeer(
                 "the peer claims a key that is not an ECDSA P-256 key; nothing was stored".into(),
             )
         })?;
         if claimed != tls_key {
-            return Err(FederationError::FailedPrecondition(
+            return Err(FederationError::UnacceptablePeer(
                 "the peer's TLS key is not the key it claims in GetInstance; nothing was stored"
                     .into(),
             ));
@@ -129,7 +129,7 @@ impl Federation {
         if let Some(expected) = &expected_fingerprint
             && !fingerprint::matches(expected, claimed.spki_der())
         {
-            return Err(FederationError::FailedPrecondition(format!(
+            return Err(FederationError::UnacceptablePeer(format!(
                 "the peer's fingerprint is {}, not the expected one; nothing was stored",
                 claimed.fingerprint()
             )));
@@ -137,19 +137,19 @@ impl Federation {
         // What the peer says about itself is shown in `peer list` and named
         // in every header: the same rules as for a request from a peer.
         crate::text::identifier::check("the peer's instance id", &instance.instance_id).map_err(
-            |rule| FederationError::FailedPrecondition(format!("{rule}; nothing was stored")),
+            |rule| FederationError::UnacceptablePeer(format!("{rule}; nothing was stored")),
         )?;
         if !crate::text::is_printable_line(&instance.name) {
-            return Err(FederationError::FailedPrecondition(
+            return Err(FederationError::UnacceptablePeer(
                 "the peer's name is not printable text (control or invisible formatting characters); nothing was stored"
                     .into(),
             ));
         }
         check_capability_list("the peer's capabilities", &instance.capabilities).map_err(
-            |error| FederationError::FailedPrecondition(format!("{error}; nothing was stored")),
+            |error| FederationError::UnacceptablePeer(format!("{error}; nothing was stored")),
         )?;
         if instance.instance_id == identity.instance_id {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "the URL is this instance itself".into(),
             ));
         }
@@ -305,14 +305,14 @@ impl Federation {
 
     async fn find(&self, connection_id: &str) -> Result<ConnectionRecord, FederationError> {
         if connection_id.is_empty() {
-            return Err(FederationError::InvalidArgument(
-                "connection_id is required".into(),
-            ));
+            return Err(FederationError::Invalid("connection_id is required".into()));
         }
         self.store
             .find_connection(connection_id)
             .await?
-            .ok_or_else(|| FederationError::NotFound(format!("no connection {connection_id:?}")))
+            .ok_or_else(|| {
+                FederationError::NoConnection(format!("no connection {connection_id:?}"))
+            })
     }
 
     /// Accept, reject, suspend, resume or disconnect, as an operator of this
@@ -367,7 +367,7 @@ impl Federation {
     ) -> Result<ConnectionView, FederationError> {
         // Sent to the peer in the notice, which refuses what is not printable.
         if !crate::text::is_printable_line(reason) {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "reason must be printable text (no control or invisible formatting characters)"
                     .into(),
             ));
@@ -390,7 +390,7 @@ impl Federation {
                 .await?
         {
             if new_key == NewKeyForKnownInstance::Refuse {
-                return Err(FederationError::FailedPrecondition(format!(
+                return Err(FederationError::WrongState(format!(
                     "instance id {} is already bound to a different key (fingerprint {}, on {} connection {} in workspace {}); this request's key has fingerprint {}. Check it with the peer's operator, then accept with accept_new_key_for_known_instance (mosaicd peer accept --new-key)",
                     record.remote_instance_id,
                     binding.fingerprint,
@@ -414,7 +414,7 @@ impl Federation {
         let changed = match self.change_connection(&change).await? {
             WriteOutcome::Done(changed) => changed,
             _ => {
-                return Err(FederationError::FailedPrecondition(
+                return Err(FederationError::WrongState(
                     "the connection changed meanwhile; look at it again".into(),
                 ));
             }
@@ -444,7 +444,7 @@ impl Federation {
         actor: Actor,
     ) -> Result<ConnectionChange, FederationError> {
         let outcome = state::after_operator_action(action, situation(record))
-            .map_err(FederationError::FailedPrecondition)?;
+            .map_err(FederationError::WrongState)?;
         let now = self.now();
         let capabilities = (action == OperatorAction::Accept).then(|| ConnectionCapabilities {
             granted: granted_capabilities.to_vec(),

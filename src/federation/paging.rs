@@ -15,7 +15,7 @@ pub fn encode_cursor(at_ms: i64, id: &str, filter_key: &str) -> String {
 /// `filter_key`; otherwise INVALID_ARGUMENT.
 pub fn decode_cursor(token: &str, filter_key: &str) -> Result<(i64, String), FederationError> {
     let invalid = || {
-        FederationError::InvalidArgument(
+        FederationError::Invalid(
             "page_token was not produced by this server for the same filters".into(),
         )
     };

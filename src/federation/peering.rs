@@ -30,7 +30,7 @@ pub(super) fn stored_reply(
             signature: reply.signature,
             key_id: reply.key_id,
         }),
-        _ => Err(FederationError::AlreadyExists(
+        _ => Err(FederationError::Duplicate(
             "this message id was already used for another message".into(),
         )),
     }
@@ -82,11 +82,11 @@ pub(super) fn event(
 }
 
 pub(super) fn no_connection() -> FederationError {
-    FederationError::PermissionDenied("no open connection with the sender in that workspace".into())
+    FederationError::NotPermitted("no open connection with the sender in that workspace".into())
 }
 
 pub(super) fn already_open(workspace: &str) -> FederationError {
-    FederationError::AlreadyExists(format!(
+    FederationError::Duplicate(format!(
         "a pending, active or suspended connection with this peer in workspace {workspace:?} already exists"
     ))
 }
@@ -98,7 +98,7 @@ pub(super) fn truncate(text: &str, max_chars: usize) -> String {
 /// A workspace name: an identifier (`crate::text::identifier`), as a
 /// header's workspace must be.
 pub fn check_workspace(workspace: &str) -> Result<(), FederationError> {
-    crate::text::identifier::check("workspace", workspace).map_err(FederationError::InvalidArgument)
+    crate::text::identifier::check("workspace", workspace).map_err(FederationError::Invalid)
 }
 
 pub(super) fn check_capability_list(
@@ -110,7 +110,7 @@ pub(super) fn check_capability_list(
             .iter()
             .any(|capability| !crate::text::identifier::is_identifier(capability))
     {
-        return Err(FederationError::InvalidArgument(format!(
+        return Err(FederationError::Invalid(format!(
             "{field}: at most {MAX_CAPABILITIES} capabilities, each {}",
             crate::text::identifier::RULE
         )));
@@ -126,7 +126,7 @@ pub(super) fn check_offered(
         .iter()
         .find(|grant| !identity.profile.capabilities.contains(grant))
     {
-        return Err(FederationError::InvalidArgument(format!(
+        return Err(FederationError::Invalid(format!(
             "{unknown:?} is not a capability this instance offers ({})",
             identity.profile.capabilities.join(", ")
         )));
@@ -136,9 +136,9 @@ pub(super) fn check_offered(
 
 pub(super) fn peer_error(error: PeerError) -> FederationError {
     match error {
-        PeerError::InvalidUrl { .. } => FederationError::InvalidArgument(error.to_string()),
-        PeerError::Denied(message) => FederationError::PermissionDenied(message),
-        PeerError::Unreachable(message) => FederationError::Unavailable(message),
+        PeerError::InvalidUrl { .. } => FederationError::Invalid(error.to_string()),
+        PeerError::Denied(message) => FederationError::NotPermitted(message),
+        PeerError::Unreachable(message) => FederationError::PeerUnreachable(message),
     }
 }
 
@@ -146,14 +146,14 @@ pub(super) fn peer_error(error: PeerError) -> FederationError {
 /// and DEADLINE_EXCEEDED; a refusal by the peer keeps the peer's code.
 pub(super) fn peer_status(status: tonic::Status) -> FederationError {
     match status.code() {
-        tonic::Code::DeadlineExceeded => FederationError::DeadlineExceeded(format!(
+        tonic::Code::DeadlineExceeded => FederationError::PeerTimedOut(format!(
             "the peer did not answer in time: {}",
             status.message()
         )),
         // tonic reports a broken connection (including a TLS refusal on the
         // first call, STACK-NOTES trap 6) as UNKNOWN or CANCELLED.
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
-            FederationError::Unavailable(format!(
+            FederationError::PeerUnreachable(format!(
                 "the peer cannot be reached: {}",
                 status.message()
             ))
@@ -167,7 +167,7 @@ pub(super) fn first_contact_error(error: FirstContactError) -> FederationError {
         FirstContactError::Peer(error) => peer_error(error),
         FirstContactError::Status(status) => peer_status(status),
         FirstContactError::NoInstance => {
-            FederationError::FailedPrecondition("the peer returned no identity".into())
+            FederationError::UnacceptablePeer("the peer returned no identity".into())
         }
     }
 }

@@ -88,14 +88,12 @@ impl Federation {
         watch: RemoteWatch,
     ) -> Result<RemoteEvents, FederationError> {
         if watch.peer_instance_id.is_empty() {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "peer_instance_id is required".into(),
             ));
         }
         if watch.agent_id.is_empty() {
-            return Err(FederationError::InvalidArgument(
-                "agent_id is required".into(),
-            ));
+            return Err(FederationError::Invalid("agent_id is required".into()));
         }
         let opened = self.send_watch(&watch, watch.from_sequence).await?;
         let (sender, receiver) = mpsc::channel(QUEUE);
@@ -170,7 +168,7 @@ impl Federation {
             let response = match message {
                 Ok(Some(response)) => response,
                 Ok(None) => {
-                    let cut = FederationError::Unavailable(
+                    let cut = FederationError::PeerUnreachable(
                         "the peer ended the stream before the agent ended".into(),
                     );
                     return (End::Cut(cut), delivered);
@@ -319,7 +317,7 @@ impl Federation {
         {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(peer_status(status)),
-            Err(_) => Err(FederationError::DeadlineExceeded(
+            Err(_) => Err(FederationError::PeerTimedOut(
                 "the peer did not open the watch in time".into(),
             )),
         }

@@ -155,13 +155,11 @@ impl Federation {
             .command
             .as_ref()
             .ok_or_else(|| {
-                FederationError::InvalidArgument(
-                    "the command payload carries no known command type".into(),
-                )
+                FederationError::Invalid("the command payload carries no known command type".into())
             })?;
         let (kind, capability) = (command_type(command), command_capability(command));
         if is_streamed(command) != streamed {
-            return Err(FederationError::InvalidArgument(if streamed {
+            return Err(FederationError::Invalid(if streamed {
                 format!("{kind} is answered by one result: send it with ExecuteCommand")
             } else {
                 format!("{kind} is answered by a stream: send it with WatchCommand")
@@ -233,7 +231,7 @@ impl Federation {
                 Some(_) | None => {}
             }
             if waited.elapsed() >= WAIT_FOR_CLAIMED_REPLY {
-                return Err(FederationError::Unavailable(
+                return Err(FederationError::ReplyPending(
                     "an identical delivery of this command is still running, or was interrupted; \
                      its reply is not stored yet"
                         .into(),
@@ -288,7 +286,7 @@ pub(super) fn allows(
     match connection.state {
         ConnectionState::Active => {}
         ConnectionState::Suspended => {
-            return Err(FederationError::FailedPrecondition(
+            return Err(FederationError::WrongState(
                 "the connection with the sender in that workspace is suspended".into(),
             ));
         }
@@ -300,7 +298,7 @@ pub(super) fn allows(
         .iter()
         .any(|granted| granted == capability)
     {
-        return Err(FederationError::PermissionDenied(format!(
+        return Err(FederationError::NotPermitted(format!(
             "capability {capability} is not granted to the sender on this connection"
         )));
     }

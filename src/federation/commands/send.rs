@@ -32,14 +32,14 @@ impl Federation {
         workspace: Option<&str>,
     ) -> Result<Arc<PeerEntry>, FederationError> {
         let not_active = |connection: &crate::store::ConnectionRecord| {
-            FederationError::FailedPrecondition(format!(
+            FederationError::WrongState(format!(
                 "the connection with that peer in workspace {:?} is {}, not ACTIVE",
                 connection.workspace,
                 connection.state.as_str().to_uppercase()
             ))
         };
         let not_found = || {
-            FederationError::NotFound(
+            FederationError::NoConnection(
                 "no connection with that peer (in that workspace); see ListConnections".into(),
             )
         };
@@ -81,7 +81,7 @@ impl Federation {
             }
             [] => {}
             _ => {
-                return Err(FederationError::InvalidArgument(
+                return Err(FederationError::Invalid(
                     "the peer is connected in several workspaces; name one with workspace".into(),
                 ));
             }
@@ -104,7 +104,7 @@ impl Federation {
         workspace: Option<&str>,
     ) -> Result<String, FederationError> {
         if peer_instance_id.is_empty() {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "peer_instance_id is required".into(),
             ));
         }
@@ -143,7 +143,7 @@ impl Federation {
         retry_id: Option<&str>,
     ) -> Result<(String, pb::command_result_payload::Outcome), FederationError> {
         if peer_instance_id.is_empty() {
-            return Err(FederationError::InvalidArgument(
+            return Err(FederationError::Invalid(
                 "peer_instance_id is required".into(),
             ));
         }
@@ -212,9 +212,7 @@ impl Federation {
                     self.previous_send(retry_id, &digest)
                         .await?
                         .ok_or_else(|| {
-                            FederationError::AlreadyExists(
-                                "this message_id was already used".into(),
-                            )
+                            FederationError::Duplicate("this message_id was already used".into())
                         })?
                 } else {
                     (record, sealed)
@@ -274,7 +272,7 @@ impl Federation {
                 }
             }
             _ => {
-                return Err(FederationError::AlreadyExists(
+                return Err(FederationError::Duplicate(
                     "this message_id was already used for a different request".into(),
                 ));
             }

@@ -91,7 +91,7 @@ impl Federation {
         };
         let seen = seen_message(&header, verified.digest.clone(), None, now);
         if self.journal().record(seen, record.clone()).await? != WriteOutcome::Done(()) {
-            return Err(FederationError::AlreadyExists(
+            return Err(FederationError::Duplicate(
                 "this agent.watch was received before; resume with a new command".into(),
             ));
         }
