@@ -396,8 +396,8 @@ async fn record_end(store: &Store, from: AgentState, ended: &super::model::Agent
     loop {
         match store.record_agent_transition(from, ended).await {
             Ok(()) => return,
-            Err(StoreError::Conflict(message)) => {
-                tracing::warn!(agent.id = %ended.id, %message, "agent end already recorded elsewhere");
+            Err(StoreError::Conflict(conflict)) => {
+                tracing::warn!(agent.id = %ended.id, %conflict, "agent end already recorded elsewhere");
                 return;
             }
             Err(error) => {

@@ -19,8 +19,8 @@ use super::{CoordinatorError, CoordinatorState};
 use crate::clock::now_ms;
 use crate::config::{CoordinatorConfig, WebhookSource};
 use crate::store::{
-    DeliveryOutcome, GroupCommit, JobCursor, JobFilter, JobGuard, JobHistoryRecord, JobRecord,
-    JobWriteOp, JobWritten, Store, StoreError,
+    Conflict, DeliveryOutcome, GroupCommit, JobCursor, JobFilter, JobGuard, JobHistoryRecord,
+    JobRecord, JobWriteOp, JobWritten, Store, StoreError,
 };
 
 /// Most job writes committed in one transaction.
@@ -185,9 +185,7 @@ impl Jobs {
                     None => None,
                 };
                 existing.map(|existing| (existing, false)).ok_or_else(|| {
-                    CoordinatorError::Store(StoreError::Conflict(
-                        "a job with this id already exists".to_owned(),
-                    ))
+                    CoordinatorError::Store(StoreError::Conflict(Conflict::JobExists))
                 })
             }
         }

@@ -15,7 +15,7 @@ mod postgres;
 mod sqlite;
 
 use super::schema::{agent_events, agent_labels, agent_status, agents};
-use super::{Store, StoreError};
+use super::{Conflict, Store, StoreError};
 use crate::agents::model::{AgentFilter, AgentRecord, AgentState, AgentTransition, Origin};
 
 /// Where a page of [`Store::list_agents`] starts: strictly after (older than)
@@ -61,8 +61,11 @@ impl Store {
         from: AgentState,
         agent: &AgentRecord,
     ) -> Result<(), StoreError> {
-        let conflict =
-            move |id: &str| StoreError::Conflict(format!("agent {id} is no longer {from}"));
+        let conflict = move |id: &str| {
+            StoreError::Conflict(Conflict::StateChanged(format!(
+                "agent {id} is no longer {from}"
+            )))
+        };
         // The SQLite body runs on a blocking thread: it gets its own copy.
         let owned = agent.clone();
         in_transaction!(

@@ -5,7 +5,8 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::federation::{DUPLICATE_MESSAGE, mark_conflict, outcome_of};
+use super::Conflict;
+use super::federation::outcome_of;
 use super::schema::{federation_command_log, federation_seen_messages};
 use super::seen_messages::SeenRow;
 use super::{SeenMessage, Store, StoreError, WriteOutcome};
@@ -96,7 +97,7 @@ impl Store {
                 .execute(conn)
                 .await
                 .map(|_| ())
-                .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))
+                .map_err(|error| Conflict::DuplicateMessage.mark(error))
         });
         outcome_of(written)
     }

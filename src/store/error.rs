@@ -19,10 +19,10 @@ pub enum StoreError {
     /// The row the operation needs does not exist.
     #[error("not found")]
     NotFound,
-    /// The write would break a uniqueness rule (an instance already exists, a
-    /// key hash is already registered, ...).
+    /// The write would break a uniqueness rule, or found its row no longer
+    /// as it expected: [`Conflict`] says which.
     #[error("conflict: {0}")]
-    Conflict(String),
+    Conflict(Conflict),
     /// Any other failure of a query, including a stored value that cannot be
     /// decoded.
     #[error("database query failed")]
@@ -35,12 +35,52 @@ pub enum StoreError {
     InvalidUrl(String),
 }
 
+/// Which rule a refused write broke. A write that knows which rule its
+/// unique violation means says so (`mark` in the write); any other unique
+/// violation stays [`Conflict::Unique`] with the database's words.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Conflict {
+    /// A unique constraint refused the row (the database's words).
+    #[error("{0}")]
+    Unique(String),
+    /// The sender's message id is already recorded.
+    #[error("duplicate message id")]
+    DuplicateMessage,
+    /// Another open connection holds that peer in that workspace.
+    #[error("open connection exists")]
+    OpenConnectionExists,
+    /// The instance row already exists (there is one per database).
+    #[error("an instance already exists")]
+    InstanceExists,
+    /// A job with this id or idempotency key already exists.
+    #[error("a job with this id or idempotency key already exists")]
+    JobExists,
+    /// The row is no longer in the state the write expected (which row, and
+    /// what it no longer is).
+    #[error("{0}")]
+    StateChanged(String),
+    /// Another daemon serves this SQLite database (what to do about it).
+    #[error("{0}")]
+    ServedElsewhere(String),
+}
+
+impl Conflict {
+    /// `error` as this conflict when it is a unique violation: how a write
+    /// that knows what its unique index means names it.
+    pub fn mark(self, error: DieselError) -> StoreError {
+        match StoreError::from(error) {
+            StoreError::Conflict(Conflict::Unique(_)) => StoreError::Conflict(self),
+            other => other,
+        }
+    }
+}
+
 impl From<DieselError> for StoreError {
     fn from(error: DieselError) -> Self {
         match error {
             DieselError::NotFound => StoreError::NotFound,
             DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
-                StoreError::Conflict(info.message().to_owned())
+                StoreError::Conflict(Conflict::Unique(info.message().to_owned()))
             }
             DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _) => {
                 StoreError::Unavailable("the database closed the connection".to_owned())

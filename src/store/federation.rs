@@ -15,7 +15,7 @@ use super::schema::{
     federation_seen_messages,
 };
 use super::seen_messages::{SeenMessage, SeenRow};
-use super::{Store, StoreError};
+use super::{Conflict, Store, StoreError};
 use crate::federation::state::{Actor, ConnectionState, Direction, NoticeKind};
 
 /// Inserts a notice (a `NoticeRow`) after every other pending one, on a
@@ -35,10 +35,6 @@ macro_rules! insert_notice_row {
             .await?;
     }};
 }
-
-/// Marks, inside a transaction, which uniqueness rule a write broke.
-pub(super) const DUPLICATE_MESSAGE: &str = "duplicate message id";
-const OPEN_CONNECTION_EXISTS: &str = "open connection exists";
 
 /// The capability lists of a connection (stored as one JSON object).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,13 +180,13 @@ impl Store {
                         .values(seen_row)
                         .execute(conn)
                         .await
-                        .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))?;
+                        .map_err(|error| Conflict::DuplicateMessage.mark(error))?;
                 }
                 diesel::insert_into(federation_connections::table)
                     .values(&row)
                     .execute(conn)
                     .await
-                    .map_err(|error| mark_conflict(error, OPEN_CONNECTION_EXISTS))?;
+                    .map_err(|error| Conflict::OpenConnectionExists.mark(error))?;
                 for event_row in &event_rows {
                     diesel::insert_into(federation_connection_events::table)
                         .values(event_row)
@@ -244,7 +240,7 @@ impl Store {
                     ))
                     .execute(conn)
                     .await
-                    .map_err(|error| mark_conflict(error, OPEN_CONNECTION_EXISTS))?;
+                    .map_err(|error| Conflict::OpenConnectionExists.mark(error))?;
                 if updated_rows == 0 {
                     return Err(StoreError::NotFound);
                 }
@@ -294,7 +290,7 @@ impl Store {
                         .values(seen_row)
                         .execute(conn)
                         .await
-                        .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))?;
+                        .map_err(|error| Conflict::DuplicateMessage.mark(error))?;
                 }
                 let row = federation_connections::table
                     .filter(federation_connections::id.eq(id))
@@ -536,20 +532,11 @@ impl Store {
     }
 }
 
-pub(super) fn mark_conflict(error: diesel::result::Error, mark: &str) -> StoreError {
-    match StoreError::from(error) {
-        StoreError::Conflict(_) => StoreError::Conflict(mark.to_owned()),
-        other => other,
-    }
-}
-
 pub(super) fn outcome_of<T>(written: Result<T, StoreError>) -> Result<WriteOutcome<T>, StoreError> {
     match written {
         Ok(value) => Ok(WriteOutcome::Done(value)),
-        Err(StoreError::Conflict(mark)) if mark == DUPLICATE_MESSAGE => {
-            Ok(WriteOutcome::DuplicateMessage)
-        }
-        Err(StoreError::Conflict(mark)) if mark == OPEN_CONNECTION_EXISTS => {
+        Err(StoreError::Conflict(Conflict::DuplicateMessage)) => Ok(WriteOutcome::DuplicateMessage),
+        Err(StoreError::Conflict(Conflict::OpenConnectionExists)) => {
             Ok(WriteOutcome::OpenConnectionExists)
         }
         Err(error) => Err(error),

@@ -289,7 +289,9 @@ mod tests {
                 ops.into_iter()
                     .map(|op| {
                         if op == 7 {
-                            Err(StoreError::Conflict("seven".to_owned()))
+                            Err(StoreError::Conflict(crate::store::Conflict::Unique(
+                                "seven".to_owned(),
+                            )))
                         } else {
                             Ok(op * 10)
                         }

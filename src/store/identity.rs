@@ -8,7 +8,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 
 use super::schema::{instance, instance_keys};
-use super::{Store, StoreError};
+use super::{Conflict, Store, StoreError};
 
 /// This instance's profile: who it is and what it offers.
 #[derive(Debug, Clone, PartialEq)]
@@ -257,10 +257,7 @@ impl Store {
 /// Turns the unique violation of the single-row index into a message a user
 /// can act on.
 fn instance_already_exists(error: diesel::result::Error) -> StoreError {
-    match StoreError::from(error) {
-        StoreError::Conflict(_) => StoreError::Conflict("an instance already exists".to_owned()),
-        other => other,
-    }
+    Conflict::InstanceExists.mark(error)
 }
 
 fn encode_capabilities(capabilities: &[String]) -> Result<String, StoreError> {
@@ -460,7 +457,10 @@ mod tests {
             .create_instance(&second, &key_record("key-b", 2_000))
             .await;
         assert!(
-            matches!(&outcome, Err(StoreError::Conflict(message)) if message == "an instance already exists"),
+            matches!(
+                &outcome,
+                Err(StoreError::Conflict(Conflict::InstanceExists))
+            ),
             "{outcome:?}"
         );
         assert_eq!(load(&store).await, (first, vec![first_key]));

@@ -27,7 +27,7 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
 
 use super::schema::{job_history, job_labels, jobs, webhook_deliveries};
-use super::{Store, StoreError};
+use super::{Conflict, Store, StoreError};
 use crate::coordinator::state::{JobState, JobWrite, Percent};
 
 /// A job as stored.
@@ -212,9 +212,7 @@ impl Store {
         };
         match self.write_job(op).await? {
             JobWritten::Inserted(true) => Ok(()),
-            _ => Err(StoreError::Conflict(
-                "a job with this id or idempotency key already exists".to_owned(),
-            )),
+            _ => Err(StoreError::Conflict(Conflict::JobExists)),
         }
     }
 

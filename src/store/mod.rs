@@ -153,7 +153,7 @@ pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
 pub use checkpoint::WalReading;
 pub use command_log::{CommandDirection, CommandLogFilter, CommandLogRecord, SignedCommand};
-pub use error::StoreError;
+pub use error::{Conflict, StoreError};
 pub use federation::{
     ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
     ConnectionRecord, NoticeRecord, PeerKeyRecord, WriteOutcome,

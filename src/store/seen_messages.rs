@@ -5,7 +5,8 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::federation::{DUPLICATE_MESSAGE, WriteOutcome, mark_conflict, outcome_of};
+use super::Conflict;
+use super::federation::{WriteOutcome, outcome_of};
 use super::schema::federation_seen_messages;
 use super::{Store, StoreError};
 
@@ -59,7 +60,7 @@ impl Store {
                 .execute(conn)
                 .await
                 .map(|_| ())
-                .map_err(|error| mark_conflict(error, DUPLICATE_MESSAGE))
+                .map_err(|error| Conflict::DuplicateMessage.mark(error))
         });
         outcome_of(written)
     }

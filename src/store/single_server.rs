@@ -8,7 +8,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 
-use super::{Store, StoreError};
+use super::{Conflict, Store, StoreError};
 
 /// Held while serving; the lock goes with the file handle when dropped (or
 /// when the process dies).
@@ -36,10 +36,12 @@ impl Store {
             .map_err(|error| StoreError::Unavailable(format!("cannot open {path}: {error}")))?;
         match file.try_lock() {
             Ok(()) => Ok(ServingLock { _file: Some(file) }),
-            Err(TryLockError::WouldBlock) => Err(StoreError::Conflict(format!(
-                "another mosaicd is serving the SQLite database {database} (it holds {path}); \
+            Err(TryLockError::WouldBlock) => {
+                Err(StoreError::Conflict(Conflict::ServedElsewhere(format!(
+                    "another mosaicd is serving the SQLite database {database} (it holds {path}); \
                  SQLite is for one daemon: stop the other, or run replicas on PostgreSQL"
-            ))),
+                ))))
+            }
             Err(TryLockError::Error(error)) => Err(StoreError::Unavailable(format!(
                 "cannot lock {path}: {error}"
             ))),
@@ -61,7 +63,9 @@ mod tests {
         let held = first.lock_for_serving().expect("the first serves");
         let file = database.url.trim_start_matches("sqlite://").to_owned();
         match second.lock_for_serving() {
-            Err(StoreError::Conflict(message)) => assert!(message.contains(&file), "{message}"),
+            Err(StoreError::Conflict(Conflict::ServedElsewhere(message))) => {
+                assert!(message.contains(&file), "{message}")
+            }
             other => panic!("a second server must be refused: {other:?}"),
         }
         drop(held);
