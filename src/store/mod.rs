@@ -140,6 +140,7 @@ mod seen_messages;
 mod settings;
 mod single_server;
 mod startup;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::fmt;
