@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::Conflict;
-use super::federation::outcome_of;
+use super::error::outcome_of;
 use super::schema::{federation_command_log, federation_seen_messages};
 use super::seen_messages::SeenRow;
 use super::{SeenMessage, Store, StoreError, WriteOutcome};

@@ -75,6 +75,32 @@ impl Conflict {
     }
 }
 
+/// The result of a write that a uniqueness rule or a concurrent change can stop.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOutcome<T> {
+    /// Written.
+    Done(T),
+    /// The message id was already recorded for this sender; nothing was written.
+    DuplicateMessage,
+    /// An open connection with this peer in this workspace exists; nothing was
+    /// written.
+    OpenConnectionExists,
+    /// The connection is no longer in the expected state; nothing was written.
+    StateChanged,
+}
+
+/// A write's result with the conflicts its caller handles as outcomes.
+pub(super) fn outcome_of<T>(written: Result<T, StoreError>) -> Result<WriteOutcome<T>, StoreError> {
+    match written {
+        Ok(value) => Ok(WriteOutcome::Done(value)),
+        Err(StoreError::Conflict(Conflict::DuplicateMessage)) => Ok(WriteOutcome::DuplicateMessage),
+        Err(StoreError::Conflict(Conflict::OpenConnectionExists)) => {
+            Ok(WriteOutcome::OpenConnectionExists)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 impl From<DieselError> for StoreError {
     fn from(error: DieselError) -> Self {
         match error {

@@ -10,12 +10,13 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use serde::{Deserialize, Serialize};
 
+use super::error::outcome_of;
 use super::schema::{
     federation_connection_events, federation_connections, federation_outbox, federation_peer_keys,
     federation_seen_messages,
 };
 use super::seen_messages::{SeenMessage, SeenRow};
-use super::{Conflict, Store, StoreError};
+use super::{Conflict, Store, StoreError, WriteOutcome};
 use crate::federation::state::{Actor, ConnectionState, Direction, NoticeKind};
 
 /// Inserts a notice (a `NoticeRow`) after every other pending one, on a
@@ -110,20 +111,6 @@ pub struct NoticeRecord {
     pub next_attempt_at_ms: i64,
     pub last_error: String,
     pub created_at_ms: i64,
-}
-
-/// The result of a write that a uniqueness rule or a concurrent change can stop.
-#[derive(Debug, Clone, PartialEq)]
-pub enum WriteOutcome<T> {
-    /// Written.
-    Done(T),
-    /// The message id was already recorded for this sender; nothing was written.
-    DuplicateMessage,
-    /// An open connection with this peer in this workspace exists; nothing was
-    /// written.
-    OpenConnectionExists,
-    /// The connection is no longer in the expected state; nothing was written.
-    StateChanged,
 }
 
 /// A change to one connection, written atomically with what goes with it.
@@ -529,17 +516,6 @@ impl Store {
             })
             .await
         })
-    }
-}
-
-pub(super) fn outcome_of<T>(written: Result<T, StoreError>) -> Result<WriteOutcome<T>, StoreError> {
-    match written {
-        Ok(value) => Ok(WriteOutcome::Done(value)),
-        Err(StoreError::Conflict(Conflict::DuplicateMessage)) => Ok(WriteOutcome::DuplicateMessage),
-        Err(StoreError::Conflict(Conflict::OpenConnectionExists)) => {
-            Ok(WriteOutcome::OpenConnectionExists)
-        }
-        Err(error) => Err(error),
     }
 }
 

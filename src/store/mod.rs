@@ -154,10 +154,10 @@ pub use agents::AgentCursor;
 pub use api_keys::ApiKeyRecord;
 pub use checkpoint::WalReading;
 pub use command_log::{CommandDirection, CommandLogFilter, CommandLogRecord, SignedCommand};
-pub use error::{Conflict, StoreError};
+pub use error::{Conflict, StoreError, WriteOutcome};
 pub use federation::{
     ConnectionCapabilities, ConnectionChange, ConnectionEventRecord, ConnectionFilter,
-    ConnectionRecord, NoticeRecord, PeerKeyRecord, WriteOutcome,
+    ConnectionRecord, NoticeRecord, PeerKeyRecord,
 };
 pub use group_commit::{GroupCommit, each_or_all};
 pub use identity::{InstanceKeyRecord, InstanceRecord};

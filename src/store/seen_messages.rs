@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::Conflict;
-use super::federation::{WriteOutcome, outcome_of};
+use super::error::{WriteOutcome, outcome_of};
 use super::schema::federation_seen_messages;
 use super::{Store, StoreError};
 
