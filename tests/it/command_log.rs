@@ -4,6 +4,7 @@
 //! peer that is down is logged, and old message ids are pruned after twice the
 //! clock window.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,15 +13,14 @@ use mosaic_mesh::federation::Federation;
 use mosaic_mesh::identity::{IdentityManager, InstanceProfile, MasterKeySource};
 use mosaic_mesh::proto::agent as agent_pb;
 use mosaic_mesh::proto::federation as pb;
-use mosaic_mesh::proto::federation::federation_client::FederationClient;
 use mosaic_mesh::store::SeenMessage;
 use tonic::Code;
-use tonic::transport::Channel;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, connect_and_accept};
-use crate::support::agents::{Agents, with_agent_types};
-use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::admin::Admin;
+use crate::support::agents::Agents;
+use crate::support::daemon::{TestEnvironment, with_key};
+use crate::support::pair::{Pair, with_test_agents};
 
 on_both_backends!(
     a_remote_spawn_retried_by_message_id_makes_one_agent,
@@ -31,58 +31,42 @@ on_both_backends!(
     remote_calls_without_an_active_connection_say_why,
 );
 
-const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
-
-/// Daemon A connected to daemon B (with the test agent types) in `ws`, B
-/// granting A everything.
-struct Pair {
-    environments: [TestEnvironment; 2],
-    a: TestDaemon,
-    b: TestDaemon,
-    client_a: FederationClient<Channel>,
-    client_b: FederationClient<Channel>,
-    key_a: String,
-    key_b: String,
-    a_id: String,
-    b_id: String,
+/// The [`Pair`] connected in `ws` (B with the test agent types, granting A
+/// everything) and an agents client for B; it reads as the Pair it extends.
+struct Remote {
+    pair: Pair,
     agents_b: Agents,
 }
 
-impl Pair {
-    async fn new(backend: Backend) -> Pair {
-        let environments = [
-            TestEnvironment::new(backend).await,
-            TestEnvironment::new(backend).await,
-        ];
-        let a = environments[0].start_peer(0, |_| {}).await;
-        let b = environments[1]
-            .start_peer(0, |config| *config = with_agent_types(config.clone()))
-            .await;
-        let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-        let a_id = admin_a.instance().await.instance_id;
-        let b_id = admin_b.instance().await.instance_id;
-        connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+impl Deref for Remote {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.pair
+    }
+}
+
+impl DerefMut for Remote {
+    fn deref_mut(&mut self) -> &mut Pair {
+        &mut self.pair
+    }
+}
+
+impl Remote {
+    async fn new(backend: Backend) -> Remote {
+        let pair = Pair::connected(backend, |_| {}, with_test_agents).await;
+        let b = pair.b();
         let agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
-        Pair {
-            client_a: FederationClient::new(a.channel().await),
-            client_b: FederationClient::new(b.channel().await),
-            key_a: a.api_key(&[Scope::Admin]).await,
-            key_b: b.api_key(&[Scope::Admin]).await,
-            environments,
-            a,
-            b,
-            a_id,
-            b_id,
-            agents_b,
-        }
+        Remote { pair, agents_b }
     }
 
     async fn spawn(
-        &mut self,
+        &self,
         message_id: &str,
         prompt: &str,
     ) -> Result<pb::SpawnRemoteAgentResponse, tonic::Status> {
-        self.client_a
+        self.admin_a
+            .client
+            .clone()
             .spawn_remote_agent(with_key(
                 pb::SpawnRemoteAgentRequest {
                     peer_instance_id: self.b_id.clone(),
@@ -98,21 +82,23 @@ impl Pair {
                         ..agent_pb::SpawnRequest::default()
                     }),
                 },
-                &self.key_a,
+                &self.admin_a.key,
             ))
             .await
             .map(tonic::Response::into_inner)
     }
 
-    async fn status(&mut self, agent_id: &str) -> Result<agent_pb::Agent, tonic::Status> {
-        self.client_a
+    async fn status(&self, agent_id: &str) -> Result<agent_pb::Agent, tonic::Status> {
+        self.admin_a
+            .client
+            .clone()
             .get_remote_agent(with_key(
                 pb::GetRemoteAgentRequest {
                     peer_instance_id: self.b_id.clone(),
                     workspace: String::new(),
                     agent_id: agent_id.to_owned(),
                 },
-                &self.key_a,
+                &self.admin_a.key,
             ))
             .await
             .map(|response| response.into_inner().agent.expect("agent"))
@@ -127,34 +113,34 @@ impl Pair {
     }
 
     async fn finish(self) {
-        drop(self.a);
-        drop(self.b);
-        for environment in self.environments {
-            environment.cleanup().await;
-        }
+        self.pair.finish().await;
     }
 }
 
+/// The command log of `admin`'s daemon, read with `key`.
 async fn log_of(
-    client: &mut FederationClient<Channel>,
+    admin: &Admin,
     key: &str,
     request: pb::ListCommandLogRequest,
 ) -> Result<pb::ListCommandLogResponse, tonic::Status> {
-    client
+    admin
+        .client
+        .clone()
         .list_command_log(with_key(request, key))
         .await
         .map(tonic::Response::into_inner)
 }
 
-async fn whole_log(client: &mut FederationClient<Channel>, key: &str) -> Vec<pb::CommandLogEntry> {
-    log_of(client, key, pb::ListCommandLogRequest::default())
+/// The whole command log of `admin`'s daemon, read with its admin key.
+async fn whole_log(admin: &Admin) -> Vec<pb::CommandLogEntry> {
+    log_of(admin, &admin.key, pb::ListCommandLogRequest::default())
         .await
         .expect("command log")
         .entries
 }
 
 async fn a_remote_spawn_retried_by_message_id_makes_one_agent(backend: Backend) {
-    let mut pair = Pair::new(backend).await;
+    let mut pair = Remote::new(backend).await;
     let message_id = uuid::Uuid::new_v4().to_string();
     let first = pair.spawn(&message_id, "sleep 30").await.expect("spawn");
     assert_eq!(first.message_id, message_id);
@@ -166,7 +152,7 @@ async fn a_remote_spawn_retried_by_message_id_makes_one_agent(backend: Backend) 
     assert_eq!(pair.agents_on_b().await.len(), 1);
 
     // The same id for another request is refused, and nothing is sent.
-    let log_before = whole_log(&mut pair.client_b, &pair.key_b).await;
+    let log_before = whole_log(&pair.admin_b).await;
     let status = pair
         .spawn(&message_id, "sleep 31")
         .await
@@ -179,10 +165,10 @@ async fn a_remote_spawn_retried_by_message_id_makes_one_agent(backend: Backend) 
         .expect_err("malformed id");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert_eq!(pair.agents_on_b().await.len(), 1);
-    assert_eq!(whole_log(&mut pair.client_b, &pair.key_b).await, log_before);
+    assert_eq!(whole_log(&pair.admin_b).await, log_before);
 
     // A holds one outbound entry for the id; B logged the run and the retry.
-    let outbound: Vec<_> = whole_log(&mut pair.client_a, &pair.key_a)
+    let outbound: Vec<_> = whole_log(&pair.admin_a)
         .await
         .into_iter()
         .filter(|entry| entry.message_id == message_id)
@@ -191,7 +177,7 @@ async fn a_remote_spawn_retried_by_message_id_makes_one_agent(backend: Backend) 
     assert_eq!(outbound[0].outcome, "ok");
     assert_eq!(outbound[0].direction(), pb::CommandDirection::Outbound);
     assert!(outbound[0].detail.contains(&agent.agent_id), "{outbound:?}");
-    let inbound = whole_log(&mut pair.client_b, &pair.key_b).await;
+    let inbound = whole_log(&pair.admin_b).await;
     assert_eq!(inbound.len(), 2, "{inbound:?}");
     assert!(inbound.iter().all(|entry| entry.message_id == message_id
         && entry.outcome == "ok"
@@ -205,7 +191,7 @@ async fn a_remote_spawn_retried_by_message_id_makes_one_agent(backend: Backend) 
 }
 
 async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backend: Backend) {
-    let mut pair = Pair::new(backend).await;
+    let pair = Remote::new(backend).await;
     let agent = pair
         .spawn("", "sleep 30")
         .await
@@ -218,7 +204,9 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
         .await
         .expect_err("unknown agent");
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
-    pair.client_a
+    pair.admin_a
+        .client
+        .clone()
         .kill_remote_agent(with_key(
             pb::KillRemoteAgentRequest {
                 peer_instance_id: pair.b_id.clone(),
@@ -226,7 +214,7 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
                 agent_id: agent.agent_id.clone(),
                 reason: "done".to_owned(),
             },
-            &pair.key_a,
+            &pair.admin_a.key,
         ))
         .await
         .expect("kill");
@@ -237,8 +225,8 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
         ("agent.status", "ok"),
         ("agent.spawn", "ok"),
     ];
-    let sent = whole_log(&mut pair.client_a, &pair.key_a).await;
-    let received = whole_log(&mut pair.client_b, &pair.key_b).await;
+    let sent = whole_log(&pair.admin_a).await;
+    let received = whole_log(&pair.admin_b).await;
     for (entries, direction) in [
         (&sent, pb::CommandDirection::Outbound),
         (&received, pb::CommandDirection::Inbound),
@@ -272,24 +260,24 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
         ..pb::ListCommandLogRequest::default()
     };
     let none = log_of(
-        &mut pair.client_b,
-        &pair.key_b,
+        &pair.admin_b,
+        &pair.admin_b.key,
         only(pb::CommandDirection::Outbound, ""),
     )
     .await
     .expect("log");
     assert!(none.entries.is_empty(), "{none:?}");
     let by_peer = log_of(
-        &mut pair.client_b,
-        &pair.key_b,
+        &pair.admin_b,
+        &pair.admin_b.key,
         only(pb::CommandDirection::Inbound, &pair.a_id),
     )
     .await
     .expect("log");
     assert_eq!(by_peer.entries.len(), 4);
     let other_peer = log_of(
-        &mut pair.client_b,
-        &pair.key_b,
+        &pair.admin_b,
+        &pair.admin_b.key,
         only(pb::CommandDirection::Unspecified, "someone-else"),
     )
     .await
@@ -298,8 +286,8 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
 
     // Pages of three then one, in the same order as the whole list.
     let first = log_of(
-        &mut pair.client_a,
-        &pair.key_a,
+        &pair.admin_a,
+        &pair.admin_a.key,
         pb::ListCommandLogRequest {
             page_size: 3,
             ..pb::ListCommandLogRequest::default()
@@ -310,8 +298,8 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
     assert_eq!(first.entries.len(), 3);
     assert!(!first.next_page_token.is_empty());
     let second = log_of(
-        &mut pair.client_a,
-        &pair.key_a,
+        &pair.admin_a,
+        &pair.admin_a.key,
         pb::ListCommandLogRequest {
             page_size: 3,
             page_token: first.next_page_token.clone(),
@@ -326,8 +314,8 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
     assert_eq!(paged, sent);
     // A token is bound to its filters; a bad direction is refused.
     let status = log_of(
-        &mut pair.client_a,
-        &pair.key_a,
+        &pair.admin_a,
+        &pair.admin_a.key,
         pb::ListCommandLogRequest {
             workspace: "other".to_owned(),
             page_token: first.next_page_token,
@@ -338,8 +326,8 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
     .expect_err("token of other filters");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     let status = log_of(
-        &mut pair.client_a,
-        &pair.key_a,
+        &pair.admin_a,
+        &pair.admin_a.key,
         pb::ListCommandLogRequest {
             direction: 42,
             ..pb::ListCommandLogRequest::default()
@@ -349,9 +337,9 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
     .expect_err("unknown direction");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // The log is an admin view: an agents-only key cannot read it.
-    let agents_key = pair.a.api_key(&[Scope::Agents]).await;
+    let agents_key = pair.a().api_key(&[Scope::Agents]).await;
     let status = log_of(
-        &mut pair.client_a,
+        &pair.admin_a,
         &agents_key,
         pb::ListCommandLogRequest::default(),
     )
@@ -362,25 +350,20 @@ async fn both_sides_log_every_command_newest_first_with_filters_and_pages(backen
 }
 
 async fn a_command_to_a_peer_that_is_down_is_logged_unavailable(backend: Backend) {
-    let Pair {
-        environments,
-        a,
-        b,
-        mut client_a,
-        key_a,
-        b_id,
-        ..
-    } = Pair::new(backend).await;
-    b.stop().await;
+    let mut pair = Remote::new(backend).await;
+    pair.stop_b().await;
     let started = std::time::Instant::now();
-    let status = client_a
+    let status = pair
+        .admin_a
+        .client
+        .clone()
         .get_remote_agent(with_key(
             pb::GetRemoteAgentRequest {
-                peer_instance_id: b_id,
+                peer_instance_id: pair.b_id.clone(),
                 workspace: String::new(),
                 agent_id: "any".to_owned(),
             },
-            &key_a,
+            &pair.admin_a.key,
         ))
         .await
         .expect_err("down");
@@ -392,7 +375,7 @@ async fn a_command_to_a_peer_that_is_down_is_logged_unavailable(backend: Backend
         started.elapsed() < Duration::from_secs(30),
         "within the deadline"
     );
-    let sent = whole_log(&mut client_a, &key_a).await;
+    let sent = whole_log(&pair.admin_a).await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0].command_type, "agent.status");
     assert_eq!(
@@ -400,10 +383,7 @@ async fn a_command_to_a_peer_that_is_down_is_logged_unavailable(backend: Backend
         mosaic_mesh::error::code_name(status.code()),
         "{sent:?}"
     );
-    drop(a);
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }
 
 async fn message_ids_are_kept_twice_the_clock_window_then_pruned(backend: Backend) {
@@ -472,18 +452,12 @@ async fn message_ids_are_kept_twice_the_clock_window_then_pruned(backend: Backen
 
 async fn a_reply_that_does_not_verify_is_not_believed(backend: Backend) {
     use crate::support::fake_peer::{self, FORGED_AGENT_ID, Reply};
-    let Pair {
-        environments,
-        a,
-        b,
-        mut client_a,
-        key_a,
-        b_id,
-        ..
-    } = Pair::new(backend).await;
+    let mut pair = Remote::new(backend).await;
+    let (mut client_a, key_a) = (pair.admin_a.client.clone(), pair.admin_a.key.clone());
+    let b_id = pair.b_id.clone();
     // B stops; a stand-in with B's own key and certificate takes its port.
-    let (b_address, b_config) = (b.address, b.config.clone());
-    b.stop().await;
+    let (b_address, b_config) = (pair.b().address, pair.b().config.clone());
+    pair.stop_b().await;
     let b_identity = mosaic_mesh::server::prepare(&b_config)
         .await
         .expect("B's identity")
@@ -527,7 +501,7 @@ async fn a_reply_that_does_not_verify_is_not_believed(backend: Backend) {
         );
     }
     // A's log records each outcome, the refused replies as INTERNAL.
-    let sent = whole_log(&mut client_a, &key_a).await;
+    let sent = whole_log(&pair.admin_a).await;
     let outcomes: Vec<_> = sent.iter().map(|entry| entry.outcome.as_str()).collect();
     assert_eq!(
         outcomes,
@@ -541,23 +515,13 @@ async fn a_reply_that_does_not_verify_is_not_believed(backend: Backend) {
         "{sent:?}"
     );
     stand_in.abort();
-    drop(a);
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }
 
 async fn remote_calls_without_an_active_connection_say_why(backend: Backend) {
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1].start_peer(0, |_| {}).await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    let key_a = a.api_key(&[Scope::Admin]).await;
-    let mut client_a = FederationClient::new(a.channel().await);
+    let pair = Pair::start(backend, |_| {}, |_| {}).await;
+    let b_id = pair.b_id.clone();
+    let (mut client_a, key_a) = (pair.admin_a.client.clone(), pair.admin_a.key.clone());
     let ask = |peer: &str, workspace: &str| {
         with_key(
             pb::GetRemoteAgentRequest {
@@ -577,8 +541,8 @@ async fn remote_calls_without_an_active_connection_say_why(backend: Backend) {
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
     }
     // Asked but not yet accepted: FAILED_PRECONDITION naming the state.
-    admin_a
-        .connect(&b.url(), "ws", "", &[])
+    pair.admin_a
+        .connect(&pair.b().url(), "ws", "", &[])
         .await
         .expect("connect");
     for workspace in ["", "ws"] {
@@ -601,9 +565,6 @@ async fn remote_calls_without_an_active_connection_say_why(backend: Backend) {
         .expect_err("no peer");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // Nothing was sent, so nothing was logged.
-    assert!(whole_log(&mut client_a, &key_a).await.is_empty());
-    drop((a, b));
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    assert!(whole_log(&pair.admin_a).await.is_empty());
+    pair.finish().await;
 }

@@ -15,6 +15,7 @@ use tonic::transport::Channel;
 use crate::support::Backend;
 use crate::support::agents::{Agents, with_agent_types};
 use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::pair::{ALL, Pair, with_test_agents};
 use crate::support::peer::TestPeer;
 
 on_both_backends!(
@@ -204,8 +205,6 @@ fn refused(outcome: Result<pb::SignedEnvelope, tonic::Status>) -> tonic::Status 
         Err(status) => status,
     }
 }
-
-const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
 
 async fn a_spawn_retried_with_the_same_bytes_makes_one_agent(backend: Backend) {
     let mut setup = Setup::new(backend, ALL).await;
@@ -589,29 +588,18 @@ async fn the_peer_kills_its_own_agent(backend: Backend) {
 /// neither see nor kill A's agent; once B suspends A, A's commands fail.
 async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
     use crate::support::admin::{Admin, connect_and_accept};
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1]
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let c = environments[2].start_peer(0, |_| {}).await;
-    let (admin_a, admin_b, admin_c) = (
-        Admin::of(&a).await,
-        Admin::of(&b).await,
-        Admin::of(&c).await,
-    );
-    let b_id = admin_b.instance().await.instance_id;
-    let (_, b_side_of_a) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
+    // A and B connected in `ws`, and a third daemon C.
+    let pair = Pair::connected(backend, |_| {}, with_test_agents).await;
+    let environment_c = TestEnvironment::new(backend).await;
+    let c = environment_c.start_peer(0, |_| {}).await;
+    let admin_c = Admin::of(&c).await;
+    let (b, b_id) = (pair.b(), pair.b_id.clone());
     // C's connection is in its own workspace so that B's operator view of
     // each workspace holds one connection.
-    connect_and_accept(&admin_c, &admin_b, &b, "ws-c", ALL).await;
-    let key_a = a.api_key(&[Scope::Admin]).await;
+    connect_and_accept(&admin_c, &pair.admin_b, b, "ws-c", ALL).await;
+    let key_a = pair.a().api_key(&[Scope::Admin]).await;
     let key_c = c.api_key(&[Scope::Admin]).await;
-    let mut client_a = FederationClient::new(a.channel().await);
+    let mut client_a = FederationClient::new(pair.a().channel().await);
     let mut client_c = FederationClient::new(c.channel().await);
 
     let agent = client_a
@@ -712,7 +700,10 @@ async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
     }
 
     // B suspends A: B refuses A's commands while its own row is SUSPENDED.
-    admin_b.suspend(&b_side_of_a).await.expect("suspend");
+    pair.admin_b
+        .suspend(pair.connection_on_b())
+        .await
+        .expect("suspend");
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let status = client_a
@@ -728,30 +719,20 @@ async fn three_daemons_spawn_watch_kill_and_suspend(backend: Backend) {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    drop((a, b, c));
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    c.stop().await;
+    pair.finish().await;
+    environment_c.cleanup().await;
 }
 
 async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend) {
-    use crate::support::admin::{Admin, connect_and_accept};
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1].start_peer(0, |_| {}).await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
-    b.stop().await;
-    let key_a = a.api_key(&[Scope::Admin]).await;
+    let mut pair = Pair::connected(backend, |_| {}, |_| {}).await;
+    pair.stop_b().await;
+    let key_a = pair.a().api_key(&[Scope::Admin]).await;
     let started = std::time::Instant::now();
-    let status = FederationClient::new(a.channel().await)
+    let status = FederationClient::new(pair.a().channel().await)
         .get_remote_agent(with_key(
             pb::GetRemoteAgentRequest {
-                peer_instance_id: b_id,
+                peer_instance_id: pair.b_id.clone(),
                 workspace: String::new(),
                 agent_id: "any".to_owned(),
             },
@@ -767,10 +748,7 @@ async fn a_peer_that_is_down_is_unavailable_within_the_deadline(backend: Backend
         started.elapsed() < std::time::Duration::from_secs(30),
         "within the deadline"
     );
-    drop(a);
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }
 
 async fn a_command_signed_with_another_key_is_unauthenticated(backend: Backend) {
@@ -1013,24 +991,15 @@ async fn refusals_of_the_connected_peer_are_logged_and_a_strangers_are_not(backe
 }
 
 async fn a_message_id_the_operator_may_choose_is_one_the_peer_accepts(backend: Backend) {
-    use crate::support::admin::{Admin, connect_and_accept};
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1]
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    connect_and_accept(&admin_a, &admin_b, &b, "ws", &["agent.spawn"]).await;
+    let pair = Pair::start(backend, |_| {}, with_test_agents).await;
+    pair.connect("ws", &["agent.spawn"]).await;
+    let a = pair.a();
     let key = a.api_key(&[Scope::Admin]).await;
     let mut client = FederationClient::new(a.channel().await);
     let spawn = |message_id: String| {
         with_key(
             pb::SpawnRemoteAgentRequest {
-                peer_instance_id: b_id.clone(),
+                peer_instance_id: pair.b_id.clone(),
                 message_id,
                 spawn: Some(agent_pb::SpawnRequest {
                     agent_type: "true".to_owned(),
@@ -1068,9 +1037,5 @@ async fn a_message_id_the_operator_may_choose_is_one_the_peer_accepts(backend: B
         .into_inner();
     assert_eq!(started.message_id, "m".repeat(64));
     assert!(started.agent.is_some());
-    a.stop().await;
-    b.stop().await;
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }

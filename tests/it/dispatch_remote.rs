@@ -5,6 +5,7 @@
 //! spawn), the peer checks the agent type, CancelJob stops the remote agent,
 //! and a dispatch to a peer we are not connected with writes nothing.
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use mosaic_mesh::auth::Scope;
@@ -18,9 +19,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, connect_and_accept};
-use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
-use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
+use crate::support::agents::{AGENT_DEADLINE, Agents};
+use crate::support::daemon::with_key;
+use crate::support::pair::{Configure, Pair, with_test_agents};
 
 on_both_backends!(
     a_job_dispatched_to_a_peer_follows_the_remote_agent,
@@ -28,33 +29,32 @@ on_both_backends!(
     a_remote_job_learns_its_agents_end_from_one_stream_without_polls,
 );
 
-const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
-
-/// Daemon A (the coordinator, polling every 100 ms) connected to daemon B
-/// (with the test agent types) in workspace `ws`, B granting A everything.
-struct Pair {
-    admin_a: Admin,
-    connection_a: String,
-    environments: [TestEnvironment; 2],
-    a: Option<TestDaemon>,
-    b: Option<TestDaemon>,
-    a_port: u16,
-    b_port: u16,
-    a_id: String,
-    b_id: String,
+/// A [`Pair`] with A as the coordinator (polling every 100 ms) connected to
+/// B (with the test agent types) in workspace `ws`, B granting A everything;
+/// and the keys its calls take besides A's admin key. It reads as the Pair
+/// it extends.
+struct Dispatch {
+    pair: Pair,
     webhook_key: String,
     jobs_key: String,
-    admin_key: String,
     agents_key_b: String,
-    configure_a: fn(&mut Config),
+}
+
+impl Deref for Dispatch {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.pair
+    }
+}
+
+impl DerefMut for Dispatch {
+    fn deref_mut(&mut self) -> &mut Pair {
+        &mut self.pair
+    }
 }
 
 fn config_a(config: &mut Config) {
     config.coordinator.remote_agent_poll = Duration::from_millis(100);
-}
-
-fn config_b(config: &mut Config) {
-    *config = with_agent_types(config.clone());
 }
 
 /// A that would poll a remote agent once a minute: a job that ends sooner
@@ -63,62 +63,20 @@ fn config_a_slow_polls(config: &mut Config) {
     config.coordinator.remote_agent_poll = Duration::from_secs(60);
 }
 
-impl Pair {
-    async fn new(backend: Backend) -> Pair {
-        Pair::with(backend, config_a).await
+impl Dispatch {
+    async fn new(backend: Backend) -> Dispatch {
+        Dispatch::with(backend, config_a).await
     }
 
-    async fn with(backend: Backend, configure_a: fn(&mut Config)) -> Pair {
-        let environments = [
-            TestEnvironment::new(backend).await,
-            TestEnvironment::new(backend).await,
-        ];
-        let a = environments[0].start_peer(0, configure_a).await;
-        let b = environments[1].start_peer(0, config_b).await;
-        let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-        let a_id = admin_a.instance().await.instance_id;
-        let b_id = admin_b.instance().await.instance_id;
-        let (connection_a, _) = connect_and_accept(&admin_a, &admin_b, &b, "ws", ALL).await;
-        Pair {
-            admin_a,
-            connection_a,
-            a_port: a.address.port(),
-            b_port: b.address.port(),
+    async fn with(backend: Backend, configure_a: Configure) -> Dispatch {
+        let pair = Pair::connected(backend, configure_a, with_test_agents).await;
+        let (a, b) = (pair.a(), pair.b());
+        Dispatch {
             webhook_key: a.api_key(&[Scope::Webhook]).await,
             jobs_key: a.api_key(&[Scope::Coordinator]).await,
-            admin_key: a.api_key(&[Scope::Admin]).await,
             agents_key_b: b.api_key(&[Scope::Agents]).await,
-            environments,
-            a: Some(a),
-            b: Some(b),
-            a_id,
-            b_id,
-            configure_a,
+            pair,
         }
-    }
-
-    fn a(&self) -> &TestDaemon {
-        self.a.as_ref().expect("A runs")
-    }
-
-    async fn stop_a(&mut self) {
-        self.a.take().expect("A runs").stop().await;
-    }
-
-    async fn start_a(&mut self) {
-        self.a = Some(
-            self.environments[0]
-                .start_peer(self.a_port, self.configure_a)
-                .await,
-        );
-    }
-
-    async fn stop_b(&mut self) {
-        self.b.take().expect("B runs").stop().await;
-    }
-
-    async fn start_b(&mut self) {
-        self.b = Some(self.environments[1].start_peer(self.b_port, config_b).await);
     }
 
     async fn coordinator(&self) -> CoordinatorClient<Channel> {
@@ -200,10 +158,7 @@ impl Pair {
     }
 
     async fn agents_b(&self) -> Agents {
-        Agents::new(
-            self.b.as_ref().expect("B runs").channel().await,
-            self.agents_key_b.clone(),
-        )
+        Agents::new(self.b().channel().await, self.agents_key_b.clone())
     }
 
     async fn agents_on_b(&self) -> Vec<agent_pb::Agent> {
@@ -229,7 +184,7 @@ impl Pair {
                         page_token: page_token.clone(),
                         ..fed_pb::ListCommandLogRequest::default()
                     },
-                    &self.admin_key,
+                    &self.admin_a.key,
                 ))
                 .await
                 .expect("ListCommandLog")
@@ -256,7 +211,7 @@ impl Pair {
                     page_size: 500,
                     ..fed_pb::ListCommandLogRequest::default()
                 },
-                &self.admin_key,
+                &self.admin_a.key,
             ))
             .await
             .expect("ListCommandLog")
@@ -290,16 +245,8 @@ impl Pair {
         pending[0].job_id.clone()
     }
 
-    async fn finish(mut self) {
-        if let Some(a) = self.a.take() {
-            a.stop().await;
-        }
-        if let Some(b) = self.b.take() {
-            b.stop().await;
-        }
-        for environment in self.environments {
-            environment.cleanup().await;
-        }
+    async fn finish(self) {
+        self.pair.finish().await;
     }
 }
 
@@ -308,7 +255,7 @@ fn result_of(job: &pb::Job) -> serde_json::Value {
 }
 
 async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
-    let pair = Pair::new(backend).await;
+    let pair = Dispatch::new(backend).await;
 
     // The agent runs on B for A, in the connection's workspace, and the job
     // on A completes with B's agent's exit code and output.
@@ -438,7 +385,7 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
     // Once the connection is suspended, a new dispatch is refused with
     // nothing written, and a retry still returns its job.
     pair.admin_a
-        .suspend(&pair.connection_a)
+        .suspend(pair.connection_on_a())
         .await
         .expect("suspend");
     let jobs_before = pair.jobs().await.len();
@@ -458,7 +405,7 @@ async fn a_job_dispatched_to_a_peer_follows_the_remote_agent(backend: Backend) {
 }
 
 async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Backend) {
-    let mut pair = Pair::new(backend).await;
+    let mut pair = Dispatch::new(backend).await;
 
     // A restarts while B's agent runs: the new A follows the agent again and
     // the job completes with it.
@@ -562,7 +509,7 @@ async fn a_remote_dispatch_survives_restarts_and_an_unreachable_peer(backend: Ba
 /// on B: the end came through the `agent.watch` stream. A's command log for
 /// the job is the spawn and one watch, with no status poll.
 async fn a_remote_job_learns_its_agents_end_from_one_stream_without_polls(backend: Backend) {
-    let pair = Pair::with(backend, config_a_slow_polls).await;
+    let pair = Dispatch::with(backend, config_a_slow_polls).await;
     let dispatched = pair
         .dispatch(pair.request("sh", "sleep 1; echo streamed-end", ""))
         .await

@@ -4,6 +4,7 @@
 //! table, a message that says what to do, and changed nothing on the peer. Each
 //! test runs on SQLite and on PostgreSQL.
 
+use std::ops::{Deref, DerefMut};
 use std::process::Output;
 use std::time::Duration;
 
@@ -12,9 +13,9 @@ use mosaic_mesh::proto::agent as agent_pb;
 use serde_json::Value;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, connect_and_accept};
 use crate::support::agents::{AGENT_DEADLINE, Agents, with_agent_types};
-use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary};
+use crate::support::daemon::{TestDaemon, mosaicd_binary};
+use crate::support::pair::{ALL, Pair};
 
 on_both_backends!(
     the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer,
@@ -22,9 +23,6 @@ on_both_backends!(
     a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage,
     federation_log_shows_commands_in_and_out_with_filters_and_pages,
 );
-
-/// Every capability a peer may grant (`agent.status` covers listing).
-const ALL: &[&str] = &["agent.spawn", "agent.status", "agent.kill"];
 
 /// Runs the `mosaicd` binary as a client of one daemon with one API key.
 struct Operator {
@@ -95,54 +93,48 @@ impl Operator {
     }
 }
 
-/// Daemon A (no agent types) and daemon B (the test agent types), with an
-/// operator for A and an agents client for B.
-struct Pair {
-    environments: [TestEnvironment; 2],
-    a: TestDaemon,
-    b: TestDaemon,
-    admin_a: Admin,
-    admin_b: Admin,
+/// A [`Pair`] of daemon A (`alpha`, no agent types) and daemon B (`bravo`,
+/// the test agent types), not yet connected, with an operator for A and an
+/// agents client for B. It reads as the Pair it extends.
+struct Cli {
+    pair: Pair,
     operator_a: Operator,
     agents_b: Agents,
-    a_id: String,
-    b_id: String,
 }
 
-impl Pair {
-    async fn start(backend: Backend) -> Pair {
-        let environments = [
-            TestEnvironment::new(backend).await,
-            TestEnvironment::new(backend).await,
-        ];
-        let a = environments[0]
-            .start_peer(0, |config| config.instance.name = "alpha".to_owned())
-            .await;
-        let b = environments[1].start_peer(0, bravo).await;
-        let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-        let a_id = admin_a.instance().await.instance_id;
-        let b_id = admin_b.instance().await.instance_id;
-        let operator_a = Operator::of(&a, &[Scope::Admin, Scope::Agents]).await;
+impl Deref for Cli {
+    type Target = Pair;
+    fn deref(&self) -> &Pair {
+        &self.pair
+    }
+}
+
+impl DerefMut for Cli {
+    fn deref_mut(&mut self) -> &mut Pair {
+        &mut self.pair
+    }
+}
+
+impl Cli {
+    async fn start(backend: Backend) -> Cli {
+        let pair = Pair::start(
+            backend,
+            |config| config.instance.name = "alpha".to_owned(),
+            bravo,
+        )
+        .await;
+        let operator_a = Operator::of(pair.a(), &[Scope::Admin, Scope::Agents]).await;
+        let b = pair.b();
         let agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
-        Pair {
-            environments,
-            a,
-            b,
-            admin_a,
-            admin_b,
+        Cli {
+            pair,
             operator_a,
             agents_b,
-            a_id,
-            b_id,
         }
     }
 
     async fn finish(self) {
-        let [environment_a, environment_b] = self.environments;
-        self.a.stop().await;
-        self.b.stop().await;
-        environment_a.cleanup().await;
-        environment_b.cleanup().await;
+        self.pair.finish().await;
     }
 }
 
@@ -180,8 +172,8 @@ async fn wait_for_remote(
 }
 
 async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Backend) {
-    let mut pair = Pair::start(backend).await;
-    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
+    let mut pair = Cli::start(backend).await;
+    pair.connect("ws", ALL).await;
     let operator = &pair.operator_a;
 
     // Spawn by the peer's name; the agent runs on B, started by A in ws.
@@ -336,11 +328,10 @@ async fn the_cli_spawns_inspects_lists_and_kills_an_agent_on_a_peer(backend: Bac
 }
 
 async fn remote_cli_errors_say_what_to_do_and_change_nothing(backend: Backend) {
-    let mut pair = Pair::start(backend).await;
+    let mut pair = Cli::start(backend).await;
     // ws-1 grants only agent.spawn; ws-2 grants everything.
-    let (on_a_1, _) =
-        connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-1", &ALL[..1]).await;
-    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws-2", ALL).await;
+    let (on_a_1, _) = pair.connect("ws-1", &ALL[..1]).await;
+    pair.connect("ws-2", ALL).await;
     let operator = &pair.operator_a;
     let spawn = |peer: &'static str, extra: &'static [&'static str]| {
         let mut args = vec![
@@ -438,7 +429,7 @@ async fn remote_cli_errors_say_what_to_do_and_change_nothing(backend: Backend) {
     assert!(stderr.contains("agent.status"), "{stderr}");
     assert!(stderr.contains("--grant"), "{stderr}");
     // An API key without the admin scope: refused (4), naming the scope.
-    let agents_only = Operator::of(&pair.a, &[Scope::Agents]).await;
+    let agents_only = Operator::of(pair.a(), &[Scope::Agents]).await;
     let stderr = agents_only
         .fails(&spawn("bravo", &["--workspace", "ws-2"]), 4)
         .await;
@@ -484,8 +475,8 @@ fn bravo(config: &mut mosaic_mesh::config::Config) {
 async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outage(
     backend: Backend,
 ) {
-    let mut pair = Pair::start(backend).await;
-    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
+    let mut pair = Cli::start(backend).await;
+    pair.connect("ws", ALL).await;
     let spawn = |prompt: &'static str, message_id: &'static str| {
         vec![
             "agent",
@@ -520,10 +511,8 @@ async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outag
 
     // B is down: unavailable (5) within the call deadline, naming the peer and
     // the message id to retry with.
-    let port_b = pair.b.address.port();
     let b_id = pair.b_id.clone();
-    let [environment_a, environment_b] = pair.environments;
-    pair.b.stop().await;
+    pair.stop_b().await;
     let started = tokio::time::Instant::now();
     let stderr = pair
         .operator_a
@@ -549,7 +538,8 @@ async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outag
         .to_owned();
 
     // B is back: the retry the error suggested starts the agent, and only once.
-    let b = environment_b.start_peer(port_b, bravo).await;
+    pair.start_b().await;
+    let b = pair.b();
     let mut agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
     let retry = [
         "agent",
@@ -573,16 +563,13 @@ async fn a_spawn_retried_by_message_id_starts_one_agent_even_across_a_peer_outag
         "retry-1 and this one"
     );
 
-    pair.a.stop().await;
-    b.stop().await;
-    environment_a.cleanup().await;
-    environment_b.cleanup().await;
+    pair.finish().await;
 }
 
 async fn federation_log_shows_commands_in_and_out_with_filters_and_pages(backend: Backend) {
-    let pair = Pair::start(backend).await;
-    connect_and_accept(&pair.admin_a, &pair.admin_b, &pair.b, "ws", ALL).await;
-    let operator_b = Operator::of(&pair.b, &[Scope::Admin]).await;
+    let pair = Cli::start(backend).await;
+    pair.connect("ws", ALL).await;
+    let operator_b = Operator::of(pair.b(), &[Scope::Admin]).await;
     let operator = &pair.operator_a;
     let spawned = operator
         .json(&[

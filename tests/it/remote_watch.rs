@@ -12,10 +12,10 @@ use pb::federation_client::FederationClient;
 use tonic::Code;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, connect_and_accept, connect_and_accept_at};
 use crate::support::agents::{Agents, with_agent_types};
-use crate::support::daemon::{TestDaemon, TestEnvironment, mosaicd_binary, with_key};
+use crate::support::daemon::{TestDaemon, mosaicd_binary, with_key};
 use crate::support::fault_proxy::{Fault, FaultProxy};
+use crate::support::pair::{Pair, with_test_agents};
 use crate::support::peer::TestPeer;
 
 on_both_backends!(
@@ -141,30 +141,25 @@ async fn remote(a: &TestDaemon, peer: &str) -> Remote {
 async fn a_remote_agent_followed_through_three_cuts_prints_every_line_once_in_order(
     backend: Backend,
 ) {
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1]
-        .start_peer(0, |config| {
+    let pair = Pair::start(
+        backend,
+        |_| {},
+        |config| {
             *config = with_agent_types(config.clone());
             config.instance.name = "bravo".to_owned();
-        })
-        .await;
+        },
+    )
+    .await;
+    let a = pair.a();
     // A dials B only through the proxy (the URL it connected with).
-    let proxy = FaultProxy::start(b.address).await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    connect_and_accept_at(
-        &admin_a,
-        &admin_b,
+    let proxy = FaultProxy::start(pair.b().address).await;
+    pair.connect_via(
         &format!("https://{}", proxy.address),
         "ws",
         &["agent.spawn", "agent.status"],
     )
     .await;
-    let mut remote = remote(&a, &b_id).await;
+    let mut remote = remote(a, &pair.b_id).await;
     let agent_id = remote
         .spawn(
             "ws",
@@ -229,11 +224,7 @@ async fn a_remote_agent_followed_through_three_cuts_prints_every_line_once_in_or
     );
 
     drop(proxy);
-    a.stop().await;
-    b.stop().await;
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }
 
 /// A is connected to B in `ws` with `agent.spawn` only and in `ws2` with
@@ -243,26 +234,11 @@ async fn a_remote_agent_followed_through_three_cuts_prints_every_line_once_in_or
 async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_suspends(
     backend: Backend,
 ) {
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1]
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    connect_and_accept(&admin_a, &admin_b, &b, "ws", &["agent.spawn"]).await;
-    let (_, ws2_on_b) = connect_and_accept(
-        &admin_a,
-        &admin_b,
-        &b,
-        "ws2",
-        &["agent.spawn", "agent.status"],
-    )
-    .await;
-    let mut remote = remote(&a, &b_id).await;
+    let pair = Pair::start(backend, |_| {}, with_test_agents).await;
+    let (b, b_id) = (pair.b(), &pair.b_id);
+    pair.connect("ws", &["agent.spawn"]).await;
+    let (_, ws2_on_b) = pair.connect("ws2", &["agent.spawn", "agent.status"]).await;
+    let mut remote = remote(pair.a(), b_id).await;
     let in_ws2 = remote.spawn("ws2", "sleep 30").await;
     let in_ws = remote.spawn("ws", "sleep 30").await;
     let mut agents_b = Agents::new(b.channel().await, b.api_key(&[Scope::Agents]).await);
@@ -288,11 +264,11 @@ async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_sus
 
     // A stranger's signed agent.watch is refused like its agent.status.
     let stranger = TestPeer::new("stranger").await;
-    let mut wire = FederationClient::new(stranger.channel_to(&b).await);
+    let mut wire = FederationClient::new(stranger.channel_to(b).await);
     let identity = stranger.current();
     let command = |command| {
         let payload = pb::CommandPayload {
-            header: Some(stranger.header(&b_id, "ws2", identity.public_key().key_id())),
+            header: Some(stranger.header(b_id, "ws2", identity.public_key().key_id())),
             command: Some(command),
         };
         envelope::seal(&payload, identity.as_ref()).expect("seal")
@@ -361,7 +337,7 @@ async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_sus
         .next()
         .expect("event");
     assert!(first.sequence >= 2, "the current state: {first:?}");
-    admin_b.suspend(&ws2_on_b).await.expect("suspend");
+    pair.admin_b.suspend(&ws2_on_b).await.expect("suspend");
     let ended = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
         .expect("the watch ends soon after the suspension")
@@ -374,9 +350,5 @@ async fn a_remote_watch_is_refused_as_agent_status_is_and_ends_when_the_peer_sus
     let entries = remote.watch_entries().await;
     assert_eq!(entries[0].outcome, "FAILED_PRECONDITION", "{entries:#?}");
 
-    a.stop().await;
-    b.stop().await;
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }

@@ -13,9 +13,10 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::support::Backend;
-use crate::support::admin::{Admin, PATIENCE, connect_and_accept};
-use crate::support::daemon::{TestEnvironment, bind_loopback, with_key};
+use crate::support::admin::PATIENCE;
+use crate::support::daemon::{bind_loopback, with_key};
 use crate::support::fake_peer::{self, Reply, WATCH_EVENTS};
+use crate::support::pair::Pair;
 use crate::support::peer::TestPeer;
 
 on_both_backends!(a_tampered_batch_ends_the_watch_after_the_honest_ones_and_is_logged);
@@ -84,20 +85,14 @@ async fn watch(client: &mut FederationClient<Channel>, key: &str, peer: &str) ->
 }
 
 async fn a_tampered_batch_ends_the_watch_after_the_honest_ones_and_is_logged(backend: Backend) {
-    let environments = [
-        TestEnvironment::new(backend).await,
-        TestEnvironment::new(backend).await,
-    ];
-    let a = environments[0].start_peer(0, |_| {}).await;
-    let b = environments[1].start_peer(0, |_| {}).await;
-    let (admin_a, admin_b) = (Admin::of(&a).await, Admin::of(&b).await);
-    let b_id = admin_b.instance().await.instance_id;
-    connect_and_accept(&admin_a, &admin_b, &b, "ws", &["agent.status"]).await;
-    let (mut client_a, key_a) = (admin_a.client.clone(), admin_a.key.clone());
+    let mut pair = Pair::start(backend, |_| {}, |_| {}).await;
+    pair.connect("ws", &["agent.status"]).await;
+    let (mut client_a, key_a) = (pair.admin_a.client.clone(), pair.admin_a.key.clone());
+    let b_id = pair.b_id.clone();
 
     // B stops; a stand-in with B's own key and certificate takes its port.
-    let (b_address, b_config) = (b.address, b.config.clone());
-    b.stop().await;
+    let (b_address, b_config) = (pair.b().address, pair.b().config.clone());
+    pair.stop_b().await;
     let b_identity = mosaic_mesh::server::prepare(&b_config)
         .await
         .expect("B's identity")
@@ -196,8 +191,5 @@ async fn a_tampered_batch_ends_the_watch_after_the_honest_ones_and_is_logged(bac
     }
 
     stand_in.abort();
-    drop(a);
-    for environment in environments {
-        environment.cleanup().await;
-    }
+    pair.finish().await;
 }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod fake_peer;
 pub mod fault_proxy;
 pub mod node;
+pub mod pair;
 pub mod peer;
 pub mod python;
 pub mod redis;
