@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::client::ClientArgs;
 use super::exit::{CliError, Output, list_json};
 use super::serve::load_config;
+use super::times::time_text;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
 use crate::proto::federation as pb;
@@ -180,22 +181,6 @@ fn entry_json(entry: &pb::CommandLogEntry) -> Value {
         "issued_at_ms": entry.issued_at.as_ref().map(ms_from_timestamp),
         "recorded_at_ms": entry.recorded_at.as_ref().map(ms_from_timestamp),
     })
-}
-
-/// `2026-11-23T22:00:29Z`, or `-` when unset.
-pub(super) fn time_text(timestamp: Option<&prost_types::Timestamp>) -> String {
-    timestamp.map_or_else(|| "-".to_owned(), |at| ms_text(ms_from_timestamp(at)))
-}
-
-/// An epoch-milliseconds time as RFC 3339 UTC, to the second.
-pub(super) fn ms_text(ms: i64) -> String {
-    u64::try_from(ms).map_or_else(
-        |_| "-".to_owned(),
-        |ms| {
-            let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-            humantime::format_rfc3339_seconds(at).to_string()
-        },
-    )
 }
 
 fn log_table(response: &pb::ListCommandLogResponse, names: &HashMap<String, String>) -> String {

@@ -59,7 +59,7 @@ pub async fn show(args: &ConfigArgs, output: Output) -> Result<(), CliError> {
                 text.push_str(&format!(
                     "\nprevious key: {} (valid until {})",
                     key.public_key.fingerprint(),
-                    super::federation::ms_text(key.valid_until_ms)
+                    super::times::ms_text(key.valid_until_ms)
                 ));
             }
             text
@@ -173,7 +173,7 @@ pub async fn rotate(
                 current.fingerprint,
                 current.key_id,
                 previous.fingerprint,
-                valid_until_ms.map_or_else(|| "-".to_owned(), super::federation::ms_text)
+                valid_until_ms.map_or_else(|| "-".to_owned(), super::times::ms_text)
             )
         },
     );

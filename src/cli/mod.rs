@@ -15,9 +15,9 @@ pub mod identity;
 pub mod init;
 pub mod job;
 pub mod peer;
-pub mod remote;
 pub mod replicas;
 pub mod serve;
+pub mod times;
 
 use clap::{Parser, Subcommand};
 

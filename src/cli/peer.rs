@@ -334,7 +334,7 @@ fn print_connection(
             connection.reachable,
             connection.last_contact_at.as_ref().map_or_else(
                 || "never".to_owned(),
-                |at| super::federation::time_text(Some(at))
+                |at| super::times::time_text(Some(at))
             ),
             field(&connection.granted_capabilities.join(", ")),
             field(&connection.capabilities_granted_to_us.join(", ")),
@@ -346,7 +346,7 @@ fn print_connection(
                 state_name(event.from_state()),
                 state_name(event.to_state()),
                 field(&event.actor),
-                super::federation::time_text(event.at.as_ref()),
+                super::times::time_text(event.at.as_ref()),
                 if event.reason.is_empty() {
                     String::new()
                 } else {

@@ -2,14 +2,16 @@
 //! daemon's AgentControl service (API key with the `agents` scope). With
 //! `--peer`, spawn, status, kill and list act on a peer instead (see `remote.rs`).
 
+pub mod remote;
+
 use std::collections::HashMap;
 
 use clap::Subcommand;
 use serde_json::json;
 
+use self::remote::RemoteArgs;
 use super::client::{ClientArgs, Connection};
 use super::exit::{CliError, Output, list_json, print_line};
-use super::remote::RemoteArgs;
 use super::serve::load_config;
 use crate::clock::ms_from_timestamp;
 use crate::config::ConfigArgs;
@@ -154,7 +156,7 @@ pub async fn run(
     let config = load_config(config_args)?;
     let connection = super::client::connect(&config, client_args).await?;
     if command.peer().is_some() {
-        return super::remote::run(command, &connection, output).await;
+        return remote::run(command, &connection, output).await;
     }
     let mut client = pb::agent_control_client::AgentControlClient::new(connection.channel.clone());
     match command {

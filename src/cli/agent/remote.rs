@@ -9,9 +9,9 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-use super::agent::{AgentCommand, OutputPrinter, agent_json, agent_text, print_event, print_list};
-use super::client::Connection;
-use super::exit::{CliError, Output};
+use super::{AgentCommand, OutputPrinter, agent_json, agent_text, print_event, print_list};
+use crate::cli::client::Connection;
+use crate::cli::exit::{CliError, Output};
 use crate::federation::state::ConnectionState;
 use crate::proto::agent as agent_pb;
 use crate::proto::federation as pb;
@@ -65,7 +65,7 @@ pub async fn run(
     let Some(peer) = peer else {
         return Err(CliError::usage("--peer is required here"));
     };
-    let connections = super::peer::list_all(
+    let connections = crate::cli::peer::list_all(
         &mut client,
         connection,
         None,
