@@ -22,8 +22,8 @@ use crate::agents::AgentRuntime;
 use crate::agents::service::AgentControlService;
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::coordinator::dispatch::remote::RemoteDispatch;
 use crate::coordinator::health::HealthCheck;
-use crate::coordinator::remote::RemoteDispatch;
 use crate::coordinator::service::CoordinatorService;
 use crate::federation::service::{FederationService, Rotation};
 use crate::identity::IdentityManager;
@@ -344,7 +344,7 @@ pub async fn serve(
         config.replicas.lease,
     ));
     // Remote dispatches are followed by one replica at a time.
-    let following = crate::coordinator::following::spawn(
+    let following = crate::coordinator::dispatch::following::spawn(
         shared.jobs.clone(),
         remote_dispatch,
         shared.federation.lease_holder().to_owned(),

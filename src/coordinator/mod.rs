@@ -18,11 +18,9 @@
 pub mod convert;
 pub mod dispatch;
 pub mod events;
-pub mod following;
 pub mod health;
 pub mod jobs;
 pub mod paging;
-pub mod remote;
 pub mod service;
 pub mod settings;
 pub mod state;
@@ -47,7 +45,7 @@ pub struct CoordinatorState {
     job_writes: Arc<std::sync::OnceLock<jobs::JobWriter>>,
     /// The tasks following remote dispatches, while this process holds their
     /// lease.
-    followers: following::Followers,
+    followers: dispatch::followers::Followers,
 }
 
 impl Default for CoordinatorState {
@@ -56,7 +54,7 @@ impl Default for CoordinatorState {
             events: JobEvents::default(),
             shutting_down: Arc::new(tokio::sync::watch::Sender::new(false)),
             job_writes: Arc::default(),
-            followers: following::Followers::default(),
+            followers: dispatch::followers::Followers::default(),
         }
     }
 }
@@ -73,7 +71,7 @@ impl CoordinatorState {
     }
 
     /// The tasks following remote dispatches from this process.
-    pub fn followers(&self) -> following::Followers {
+    pub fn followers(&self) -> dispatch::followers::Followers {
         self.followers.clone()
     }
 

@@ -10,9 +10,9 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{entry_to_proto, job_to_proto, state_from_proto};
 use super::dispatch::DispatchRequest;
+use super::dispatch::remote::RemoteDispatch;
 use super::health::HealthCheck;
 use super::jobs::{Delivery, Jobs, NewJob, validate_job_id};
-use super::remote::RemoteDispatch;
 use super::state::{JobChange, Percent};
 use crate::agents::runtime::AgentRuntime;
 use crate::auth::Caller;

@@ -1,15 +1,19 @@
 //! `DispatchJob`: a job and a local agent started for it, linked so that the
 //! job follows the agent's end state (COMPLETED when the agent completes,
 //! FAILED when it fails, is killed or times out), also across a restart. A
-//! dispatch to a peer is in [`super::remote`].
+//! dispatch to a peer is in [`remote`].
+
+pub mod followers;
+pub mod following;
+pub mod remote;
 
 use std::sync::Arc;
 
 use futures::StreamExt as _;
 
+use self::remote::RemoteDispatch;
 use super::CoordinatorError;
 use super::jobs::{Jobs, NewJob};
-use super::remote::RemoteDispatch;
 use super::state::JobChange;
 use crate::agents::{
     AgentEvent, AgentRecord, AgentRuntime, AgentState, Origin, SequencedEvent, SpawnSpec, WatchFrom,
@@ -67,7 +71,7 @@ pub async fn dispatch(
     crate::agents::command::check_labels(&request.job.labels).map_err(CoordinatorError::Invalid)?;
     if !request.peer_instance_id.is_empty() {
         // The peer checks the agent type against its own configuration.
-        return super::remote::dispatch(jobs, peers, request, actor).await;
+        return remote::dispatch(jobs, peers, request, actor).await;
     }
     // Refused before the job exists, so a typo leaves no failed job behind.
     if !config.agents.types.contains_key(&request.agent_type) {
@@ -157,7 +161,7 @@ pub async fn cancel(
         return Ok(job);
     }
     if !job.peer_instance_id.is_empty() {
-        super::remote::stop_remote_agent(
+        remote::stop_remote_agent(
             Arc::clone(&peers.federation),
             job.peer_instance_id.clone(),
             job.workspace.clone(),
@@ -172,7 +176,7 @@ pub async fn cancel(
 
 /// Follows the local agents of RUNNING jobs again, after a restart: each
 /// job ends as its agent did (at once for an agent the restart settled).
-/// Remote agents are followed by [`super::following`].
+/// Remote agents are followed by [`following`].
 pub async fn resume_following(
     jobs: &Jobs,
     agents: &Arc<AgentRuntime>,

@@ -9,12 +9,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::CoordinatorError;
-use super::dispatch::{DispatchRequest, Dispatched, SYSTEM_ACTOR, job_change_for};
-use super::following::{Followers, Work};
-use super::jobs::Jobs;
-use super::state::{JobChange, JobState};
+use super::followers::{Followers, Work};
+use super::{DispatchRequest, Dispatched, SYSTEM_ACTOR, job_change_for};
 use crate::agents::{AgentRecord, AgentState, Origin};
+use crate::coordinator::CoordinatorError;
+use crate::coordinator::jobs::Jobs;
+use crate::coordinator::state::{JobChange, JobState};
 use crate::federation::{Federation, FederationError};
 use crate::proto::agent as agent_pb;
 use crate::proto::federation as pb;
@@ -38,7 +38,7 @@ pub struct RemoteDispatch {
     /// longer of the message lifetime and the clock window): a spawn the peer
     /// has not answered in that time is given up.
     pub spawn_valid_for: Duration,
-    /// The follow-up tasks of this process (see [`super::following`]).
+    /// The follow-up tasks of this process (see [`super::followers`]).
     pub followers: Followers,
 }
 
