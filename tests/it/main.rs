@@ -61,6 +61,7 @@ mod strangers;
 mod stress_faults;
 mod support;
 mod tidy;
+mod tidy_layout;
 mod vectors;
 mod walkthrough;
 mod watch_tampering;
