@@ -6,8 +6,9 @@
 //! - [`state`]: the connection state machine (pure).
 //! - `Federation` (here): the state the handlers and the background task share.
 //! - [`commands`]: signed commands: the receiver's side and the sender's.
-//! - `journal`: the group commit of the command log: received commands' message ids and
-//!   log entries, and sent reads' log entries.
+//! - [`command_log`]: the command log as federation writes and lists it;
+//!   `log_writers`: its group commits (received commands' message ids and log
+//!   entries, `ReceivedLog`; sent reads' log entries, `SentLog`).
 //! - [`dial`]: the allow/deny CIDR lists for dialing peers (pure).
 //! - [`peer_client`]: cached mutual-TLS channels to peers.
 //! - `peers`: the peer cache (open connections with their keys).
@@ -23,15 +24,15 @@
 //! - [`service`]: the gRPC handlers.
 //! - [`settings`]: `[federation]`, as written and resolved.
 
-pub mod audit;
 mod callers;
+pub mod command_log;
 pub mod commands;
 pub mod convert;
 pub mod dial;
 pub mod envelope;
 mod error;
 mod inbound;
-mod journal;
+mod log_writers;
 mod operator;
 pub mod outbox;
 pub mod paging;
@@ -75,7 +76,7 @@ pub struct Federation {
     /// This process as the holder of leases on background work shared with
     /// the other replicas of the instance (a UUID per process).
     lease_holder: String,
-    command_counters: self::audit::CommandCounters,
+    command_counters: self::command_log::CommandCounters,
     /// Open connections with their keys by (workspace, peer instance id), read
     /// on every command; cleared by every connection change made here.
     peers: TtlCache<(String, String), Arc<PeerEntry>>,
@@ -84,10 +85,10 @@ pub struct Federation {
     sole_peers: TtlCache<String, Arc<PeerEntry>>,
     /// The group commit of received commands, started on first use (on the
     /// runtime that serves them).
-    journal: std::sync::OnceLock<self::journal::Journal>,
+    received_log: std::sync::OnceLock<self::log_writers::ReceivedLog>,
     /// The writer of sent reads' log entries (behind their answers),
     /// started on first use.
-    sent_log: std::sync::OnceLock<self::journal::SentLog>,
+    sent_log: std::sync::OnceLock<self::log_writers::SentLog>,
 }
 
 impl Federation {
@@ -144,10 +145,10 @@ impl Federation {
             delivery_locks: Mutex::new(HashMap::new()),
             wake_outbox: tokio::sync::Notify::new(),
             lease_holder: uuid::Uuid::new_v4().to_string(),
-            command_counters: self::audit::CommandCounters::default(),
+            command_counters: self::command_log::CommandCounters::default(),
             peers: TtlCache::new(std::time::Duration::ZERO),
             sole_peers: TtlCache::new(std::time::Duration::ZERO),
-            journal: std::sync::OnceLock::new(),
+            received_log: std::sync::OnceLock::new(),
             sent_log: std::sync::OnceLock::new(),
         }
     }
@@ -164,15 +165,15 @@ impl Federation {
     }
 
     /// The writer that commits received commands in groups.
-    fn journal(&self) -> &self::journal::Journal {
-        self.journal
-            .get_or_init(|| self::journal::Journal::start(self.store.clone()))
+    fn received_log(&self) -> &self::log_writers::ReceivedLog {
+        self.received_log
+            .get_or_init(|| self::log_writers::ReceivedLog::start(self.store.clone()))
     }
 
     /// The writer that commits sent reads' log entries behind their answers.
-    fn sent_log(&self) -> &self::journal::SentLog {
+    fn sent_log(&self) -> &self::log_writers::SentLog {
         self.sent_log
-            .get_or_init(|| self::journal::SentLog::start(self.store.clone()))
+            .get_or_init(|| self::log_writers::SentLog::start(self.store.clone()))
     }
 
     /// Returns once every sent read answered so far is in the command log:

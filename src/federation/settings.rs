@@ -44,7 +44,7 @@ pub struct FederationFileConfig {
     /// Seconds an inbound connection request waits for an operator before
     /// it is rejected as expired (default 604800, 7 days; at least 1).
     pub pending_request_ttl_secs: Option<u64>,
-    /// Days the command audit log keeps an entry (default 90).
+    /// Days the command log keeps an entry (default 90).
     pub command_log_retention_days: Option<u64>,
 }
 
@@ -84,7 +84,7 @@ pub struct FederationConfig {
     /// How long an inbound request waits for an operator before it is
     /// rejected as expired (default 7 days).
     pub pending_request_ttl: Duration,
-    /// How long the command audit log keeps an entry (default 90 days).
+    /// How long the command log keeps an entry (default 90 days).
     pub command_log_retention: Duration,
 }
 

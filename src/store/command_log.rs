@@ -1,4 +1,4 @@
-//! Queries for the audit log of signed commands: rows for commands received
+//! Queries for the command log of signed commands: rows for commands received
 //! and sent, the signed bytes kept with an outbound command so that a retry
 //! re-sends them, and the listing operators read.
 
@@ -48,7 +48,7 @@ pub struct SignedCommand {
     pub key_id: String,
 }
 
-/// One command in the audit log.
+/// One command in the command log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandLogRecord {
     pub id: String,

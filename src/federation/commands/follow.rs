@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::batches::BatchCheck;
 use super::command_type;
-use crate::federation::audit::describe_error;
+use crate::federation::command_log::describe_error;
 use crate::federation::envelope::{self, TrustedKey};
 use crate::federation::peering::{peer_error, peer_status};
 use crate::federation::peers::PeerEntry;

@@ -8,7 +8,7 @@ use crate::agents::convert::{agent_to_proto, output_chunk_to_proto, spawn_spec};
 use crate::agents::{AgentError, AgentFilter, AgentRecord, AgentRuntime, Origin};
 use crate::federation::Federation;
 use crate::federation::FederationError;
-use crate::federation::audit::describe_outcome;
+use crate::federation::command_log::describe_outcome;
 use crate::federation::envelope::{self, Verified};
 use crate::federation::peering::{no_connection, seen_message, stored_reply};
 use crate::federation::state::ConnectionState;
@@ -40,12 +40,12 @@ impl Federation {
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
     ) -> Result<pb::SignedEnvelope, FederationError> {
-        let mut audit = None;
+        let mut log_entry = None;
         let result = self
-            .receive_checked(agents, sealed, tls_key, &mut audit)
+            .receive_checked(agents, sealed, tls_key, &mut log_entry)
             .await;
         if let Err(error) = &result {
-            self.log_refusal(error, audit).await;
+            self.log_refusal(error, log_entry).await;
         }
         result
     }
@@ -55,7 +55,7 @@ impl Federation {
         agents: &AgentRuntime,
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
-        audit: &mut Option<CommandLogRecord>,
+        log_entry: &mut Option<CommandLogRecord>,
     ) -> Result<pb::SignedEnvelope, FederationError> {
         let identity = self.identity.current();
         let now = self.now();
@@ -64,7 +64,7 @@ impl Federation {
             template,
             kind,
             mutating,
-        } = self.admit(sealed, tls_key, false, audit, now).await?;
+        } = self.admit(sealed, tls_key, false, log_entry, now).await?;
         let header = verified.header.clone();
         // Step 10, serialised per message id in this process, so that
         // identical retries arriving together wait here rather than in the
@@ -113,7 +113,7 @@ impl Federation {
             if let Err(error) = self.store.insert_command_log(&record).await {
                 tracing::warn!(%error, "could not record a command that ran");
             }
-        } else if self.journal().record(seen, record).await? != WriteOutcome::Done(()) {
+        } else if self.received_log().record(seen, record).await? != WriteOutcome::Done(()) {
             let stored = self
                 .replay_after_race(&verified.header, &verified.digest)
                 .await?;
@@ -137,14 +137,14 @@ impl Federation {
     /// for this instance, from a caller whose TLS key is a key of the
     /// connection the header names (anyone else gets the one stranger's
     /// refusal), on an ACTIVE connection that grants its capability, signed
-    /// in time by the key of the TLS connection. Sets `audit` once the
+    /// in time by the key of the TLS connection. Sets `log_entry` once the
     /// sender is identified, so that a refusal after that is logged.
     pub(super) async fn admit(
         &self,
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
         streamed: bool,
-        audit: &mut Option<CommandLogRecord>,
+        log_entry: &mut Option<CommandLogRecord>,
         now: i64,
     ) -> Result<Admitted, FederationError> {
         let identity = self.identity.current();
@@ -185,7 +185,7 @@ impl Federation {
         };
         // The sender is identified: from here on, refusals are logged.
         let template = inbound_record(&header, kind, parsed.issued_at_ms(), now);
-        *audit = Some(template.clone());
+        *log_entry = Some(template.clone());
         // Step 6: ACTIVE (SUSPENDED is FAILED_PRECONDITION), with the
         // capability granted.
         allows(&peer.connection, capability)?;

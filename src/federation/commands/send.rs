@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{changes_state, command_type};
 use crate::federation::Federation;
 use crate::federation::FederationError;
-use crate::federation::audit::{
+use crate::federation::command_log::{
     check_message_id, describe_error, describe_outcome, request_digest,
 };
 use crate::federation::envelope::{self};
@@ -134,7 +134,7 @@ impl Federation {
     /// spawns and kills are written before they leave (a crash mid-call
     /// leaves an entry without outcome, and the signed bytes to retry);
     /// status and list reads once they end, written behind the answer
-    /// (`journal::SentLog`; the log listing waits for them).
+    /// (`log_writers::SentLog`; the log listing waits for them).
     pub async fn send_command(
         &self,
         peer_instance_id: &str,

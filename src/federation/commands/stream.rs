@@ -16,7 +16,7 @@ use super::receive::{Admitted, allows, own_agent};
 use crate::agents::convert::{event_to_proto, watch_from};
 use crate::agents::elsewhere::EventStream;
 use crate::agents::{AgentError, AgentRuntime, SequencedEvent, WatchFrom};
-use crate::federation::audit::describe_error;
+use crate::federation::command_log::describe_error;
 use crate::federation::envelope;
 use crate::federation::peering::{no_connection, seen_message};
 use crate::federation::{Federation, FederationError};
@@ -54,10 +54,12 @@ impl Federation {
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
     ) -> Result<Batches, FederationError> {
-        let mut audit = None;
-        let result = self.open_watch(agents, sealed, tls_key, &mut audit).await;
+        let mut log_entry = None;
+        let result = self
+            .open_watch(agents, sealed, tls_key, &mut log_entry)
+            .await;
         if let Err(error) = &result {
-            self.log_refusal(error, audit).await;
+            self.log_refusal(error, log_entry).await;
         }
         result
     }
@@ -67,12 +69,12 @@ impl Federation {
         agents: &AgentRuntime,
         sealed: Option<&pb::SignedEnvelope>,
         tls_key: &PublicKey,
-        audit: &mut Option<CommandLogRecord>,
+        log_entry: &mut Option<CommandLogRecord>,
     ) -> Result<Batches, FederationError> {
         let now = self.now();
         let Admitted {
             verified, template, ..
-        } = self.admit(sealed, tls_key, true, audit, now).await?;
+        } = self.admit(sealed, tls_key, true, log_entry, now).await?;
         let Some(pb::command_payload::Command::AgentWatch(watch)) = &verified.payload.command
         else {
             return Err(FederationError::Internal(
@@ -90,12 +92,12 @@ impl Federation {
             ..template
         };
         let seen = seen_message(&header, verified.digest.clone(), None, now);
-        if self.journal().record(seen, record.clone()).await? != WriteOutcome::Done(()) {
+        if self.received_log().record(seen, record.clone()).await? != WriteOutcome::Done(()) {
             return Err(FederationError::Duplicate(
                 "this agent.watch was received before; resume with a new command".into(),
             ));
         }
-        *audit = None;
+        *log_entry = None;
         let opened = match own_agent(
             agents,
             &watch.agent_id,
@@ -138,13 +140,13 @@ impl Federation {
     pub(super) async fn log_refusal(
         &self,
         error: &FederationError,
-        audit: Option<CommandLogRecord>,
+        log_entry: Option<CommandLogRecord>,
     ) {
         let (outcome, detail) = describe_error(error);
         self.command_counters
             .count(CommandDirection::Inbound, &outcome);
         tracing::info!(%outcome, %detail, "refused a command from a peer");
-        if let Some(template) = audit {
+        if let Some(template) = log_entry {
             let record = CommandLogRecord {
                 outcome,
                 detail,

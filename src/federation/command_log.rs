@@ -1,4 +1,4 @@
-//! The command audit log as federation uses it: what a log entry says about
+//! The command log as federation uses it: what a log entry says about
 //! a command's outcome, the per-direction counters behind the
 //! `mosaic_commands_total` metric, the digest that ties a retried message id
 //! to the operator's request, and ListCommandLog's paging.

@@ -1,6 +1,6 @@
 //! The command log's writers on the two paths every command takes.
 //!
-//! Received commands (`Journal`): each accepted command's message id and log
+//! Received commands (`ReceivedLog`): each accepted command's message id and log
 //! entry must be committed before its signed result leaves (that commit is
 //! what makes a replay return the stored result), and on one SQLite
 //! connection a commit per command is what bounds how many commands a daemon
@@ -19,13 +19,13 @@ const MAX_BATCH: usize = 64;
 /// The group commit of received commands; a writer task ends when this is
 /// dropped.
 #[derive(Debug)]
-pub(super) struct Journal {
+pub(super) struct ReceivedLog {
     writer: GroupCommit<(SeenMessage, CommandLogRecord), WriteOutcome<()>>,
 }
 
-impl Journal {
+impl ReceivedLog {
     /// Starts the writer task (SQLite) on the current tokio runtime.
-    pub(super) fn start(store: Store) -> Journal {
+    pub(super) fn start(store: Store) -> ReceivedLog {
         let writer = GroupCommit::start(store.backend(), MAX_BATCH, move |rows: Vec<_>| {
             let store = store.clone();
             async move {
@@ -37,7 +37,7 @@ impl Journal {
                 crate::store::each_or_all(written, count)
             }
         });
-        Journal { writer }
+        ReceivedLog { writer }
     }
 
     /// Commits a received command's message id and log entry (with whatever
