@@ -5,7 +5,7 @@
 //! - [`cli`]: the clap command tree; offline commands work on the data dir, client
 //!   commands talk gRPC to a running daemon.
 //! - [`config`]: the one configuration tree and its sources (file, `MOSAIC_*`, flags).
-//! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the three
+//! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the four
 //!   services, health, reflection and graceful shutdown; [`health`]: the
 //!   standard health service following the database.
 //! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
@@ -13,13 +13,15 @@
 //! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
 //! - [`notify`]: `READY=1` and `STOPPING=1` to systemd (`Type=notify`).
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
-//!   says who a caller is before any handler runs; [`cache`]: the time-bounded cache
+//!   says who a caller is before any handler runs (and how the per-call layers
+//!   name it); [`cache`]: the time-bounded cache
 //!   behind its lookups and the peers' keys.
 //! - [`tls`]: rustls configurations: the server that asks for (but does not demand) a
 //!   client certificate, and clients that pin a key instead of trusting a CA.
 //! - [`identity`]: the instance identity — the ECDSA P-256 key, its fingerprint, its
 //!   encryption at rest, its certificate and its rotation.
-//! - [`federation`], [`agents`], [`coordinator`]: the three gRPC services.
+//! - [`federation`], [`agents`], [`coordinator`]: the three public gRPC services
+//!   (the fourth, `Replica`, is spoken between replicas: [`replicas`]).
 //! - [`replicas`]: what replicas of one instance share: the runner id, leases,
 //!   key rotations taken up from the database, the registry of replicas and
 //!   the settling of a lost one's agents.
@@ -28,7 +30,7 @@
 //! - [`error`]: the one table from error kinds to `tonic::Status`.
 //! - [`clock`]: epoch milliseconds, and the injectable [`clock::Clock`].
 //! - [`text`]: what counts as printable in text from outside; escaping for a
-//!   terminal.
+//!   terminal; an error and its causes on one line.
 //! - [`proto`]: the generated code.
 #![forbid(unsafe_code)]
 
