@@ -24,7 +24,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-
 use super::decision::{QuotaState, Verdict};
 use super::key::LimitKey;
 use super::limiter::{Enforcement, RateLimiter};
