@@ -97,13 +97,13 @@ pub struct NewApiKey {
 /// Why an API key operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiKeyError {
-    /// Name or scopes are unusable.
+    /// Name or scopes are unusable (INVALID_ARGUMENT).
     #[error("{0}")]
     Invalid(String),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The random source failed.
+    /// The random source failed (INTERNAL, logged).
     #[error("the system random source failed")]
     Random,
 }

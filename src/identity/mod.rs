@@ -65,7 +65,9 @@ pub struct PreviousKey {
     pub valid_until_ms: i64,
 }
 
-/// Why the identity could not be loaded, created or rotated.
+/// Why the identity could not be loaded, created or rotated. To a caller:
+/// the store's code for `Store`, FAILED_PRECONDITION for `RotationInCaMode`,
+/// INTERNAL (logged) for the rest (`crate::error`).
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// Master key trouble (missing, malformed, wrong).

@@ -16,15 +16,15 @@ pub enum StoreError {
     /// may succeed.
     #[error("database unavailable: {0}")]
     Unavailable(String),
-    /// The row the operation needs does not exist.
+    /// The row the operation needs does not exist (NOT_FOUND).
     #[error("not found")]
     NotFound,
     /// The write would break a uniqueness rule, or found its row no longer
-    /// as it expected: [`Conflict`] says which.
+    /// as it expected: [`Conflict`] says which (ALREADY_EXISTS).
     #[error("conflict: {0}")]
     Conflict(Conflict),
     /// Any other failure of a query, including a stored value that cannot be
-    /// decoded.
+    /// decoded (INTERNAL, logged; so are the two below).
     #[error("database query failed")]
     Query(#[source] DieselError),
     /// The embedded migrations could not be applied.
