@@ -4,7 +4,11 @@
 //! each, closed loop), for `grpc.health.v1.Health/Check`, `Coordinator/Health`
 //! (no API key), `Coordinator/CreateJob` and `Coordinator/GetJob` of one job (a
 //! `coordinator`-scope API key, cached by the daemon), beside a bare tonic
-//! unary echo over the same TLS in a process of its own (the baseline). Two
+//! unary echo over the same TLS in a process of its own (the baseline), and
+//! the floor of a call that reads PostgreSQL: the same echo reading GetJob's
+//! row before each answer, once with tokio-postgres directly (a prepared
+//! statement on one pipelined connection) and once through the daemon's
+//! `Store`. Two
 //! daemons, each on a new PostgreSQL database with Redis rate limiting (its own
 //! prefix, limits that never refuse), log filter `info`: `[server] access_log`
 //! `"off"` and the default `"info"` (a line per call to a file). Rounds
@@ -44,6 +48,8 @@ const WARM_UP: Duration = Duration::from_millis(500);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Call {
     Echo,
+    EchoRawRead,
+    EchoStoreRead,
     GrpcHealth,
     CoordinatorHealth,
     GetJob,
@@ -62,6 +68,8 @@ impl Call {
     fn name(self) -> &'static str {
         match self {
             Call::Echo => "bare echo (baseline)",
+            Call::EchoRawRead => "echo + one PostgreSQL read (tokio-postgres)",
+            Call::EchoStoreRead => "echo + one PostgreSQL read (the daemon's `Store`)",
             Call::GrpcHealth => "`grpc.health.v1.Health/Check`",
             Call::CoordinatorHealth => "`Coordinator/Health`",
             Call::GetJob => "`Coordinator/GetJob`",
@@ -165,7 +173,7 @@ async fn measure(
             let (message, mut jobs) = (message.clone(), CoordinatorClient::new(channel.clone()));
             async move {
                 match call {
-                    Call::Echo => {
+                    Call::Echo | Call::EchoRawRead | Call::EchoStoreRead => {
                         let mut client = tonic::client::Grpc::new(channel);
                         echo::call(&mut client, message).await.map(drop)
                     }
@@ -308,7 +316,32 @@ async fn main() -> anyhow::Result<()> {
             reply_bytes: u32::try_from(job.encoded_len())?,
         },
     };
+    // The floor of a GetJob that reads the database: the echo, reading the
+    // first daemon's job from its database before each answer.
+    let (_, database, _) = &servers[0].1;
+    let mut reading_targets = Vec::new();
+    for (mode, call) in echo::READ_MODES
+        .into_iter()
+        .zip([Call::EchoRawRead, Call::EchoStoreRead])
+    {
+        let process = EchoProcess::reading(mode, &database.url, &first.job_id).await?;
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            channels.push(identity.channel(&process.url, process.key.clone()).await?);
+        }
+        let target = Target {
+            pid: process.pid,
+            channels: Arc::new(channels),
+            key: String::new(),
+            job_id: String::new(),
+            echo: echo_target.echo.clone(),
+        };
+        reading_targets.push((call, target, process));
+    }
     let mut plan = vec![("-", Call::Echo, &echo_target)];
+    for (call, target, _) in &reading_targets {
+        plan.push(("-", *call, target));
+    }
     for (access_log, (_, _, target)) in &servers {
         plan.extend(DAEMON_CALLS.map(|call| (*access_log, call, target)));
     }
@@ -401,6 +434,9 @@ fn print_report(
             );
         };
         row(Call::Echo, "-", echo);
+        for call in [Call::EchoRawRead, Call::EchoStoreRead] {
+            row(call, "-", get(callers, "-", call));
+        }
         for log in ACCESS_LOGS {
             for call in DAEMON_CALLS {
                 row(call, log, get(callers, log, call));
@@ -416,6 +452,13 @@ fn print_report(
                 echo.cpu_us,
                 verdict(cheap.iter().all(|(_, times)| *times <= 2.0)),
                 shown.join(", ")
+            ));
+            let floor = ratio(get(callers, "-", Call::EchoRawRead).cpu_us, echo.cpu_us);
+            let store_floor = ratio(get(callers, "-", Call::EchoStoreRead).cpu_us, echo.cpu_us);
+            let get_job = ratio(get(callers, log, Call::GetJob).cpu_us, echo.cpu_us);
+            goals.push(format!(
+                "- `GetJob`'s floor, {callers} clients, access_log {log}: GetJob {get_job:.2}× echo; echo + one PostgreSQL read {floor:.2}× with tokio-postgres, {store_floor:.2}× through the `Store`: the 2× goal is {} for a GetJob that reads the database",
+                if floor > 2.0 { "out of reach" } else { "within reach" }
             ));
             let throughput = ratio(
                 get(callers, log, Call::CoordinatorHealth).calls_per_second,

@@ -5,6 +5,12 @@
 //! signatures. An echo server can forward every call to another echo server
 //! over its own mutual-TLS channel, for the two-hop baseline (client → A → B).
 //!
+//! For the floor of a call that reads the database, an echo server can also
+//! read one row from PostgreSQL before each answer (`EchoProcess::reading`):
+//! with tokio-postgres directly (a statement prepared once, on one connection
+//! that pipelines concurrent queries: the cheapest read a Rust server can
+//! make), or through the daemon's own `Store` (diesel-async over a bb8 pool).
+//!
 //! The service is written by hand (what tonic's codegen would emit) so that the
 //! examples need no proto file of their own. Each echo server runs as a child
 //! process of the benchmark (the example re-executes itself with
@@ -42,6 +48,75 @@ pub struct EchoMessage {
 #[derive(Clone)]
 struct EchoServer {
     upstream: Option<tonic::client::Grpc<Channel>>,
+    read: Read,
+}
+
+/// What an echo call reads before it answers.
+#[derive(Clone)]
+enum Read {
+    /// Nothing.
+    Nothing,
+    /// One job row, by a statement prepared on one tokio-postgres connection.
+    Raw {
+        client: Arc<tokio_postgres::Client>,
+        statement: tokio_postgres::Statement,
+        job_id: String,
+    },
+    /// One job row through the daemon's store.
+    Store {
+        store: mosaic_mesh::store::Store,
+        job_id: String,
+    },
+}
+
+/// How an echo server reads the row: `raw` or `store`.
+pub const READ_MODES: [&str; 2] = ["raw", "store"];
+
+impl Read {
+    async fn open(mode: &str, url: &str, job_id: &str) -> anyhow::Result<Read> {
+        let job_id = job_id.to_owned();
+        match mode {
+            "raw" => {
+                let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                    .await
+                    .context("cannot connect to PostgreSQL")?;
+                tokio::spawn(connection);
+                let statement = client.prepare("SELECT * FROM jobs WHERE id = $1").await?;
+                Ok(Read::Raw {
+                    client: Arc::new(client),
+                    statement,
+                    job_id,
+                })
+            }
+            "store" => Ok(Read::Store {
+                store: mosaic_mesh::store::Store::connect(url).await?,
+                job_id,
+            }),
+            other => anyhow::bail!("unknown read mode {other:?}"),
+        }
+    }
+
+    /// Reads the row; an error or a missing row fails the call.
+    async fn read(&self) -> Result<(), tonic::Status> {
+        let failed = |error: String| tonic::Status::internal(error);
+        match self {
+            Read::Nothing => Ok(()),
+            Read::Raw {
+                client,
+                statement,
+                job_id,
+            } => client
+                .query_one(statement, &[job_id])
+                .await
+                .map(drop)
+                .map_err(|error| failed(error.to_string())),
+            Read::Store { store, job_id } => match store.find_job(job_id).await {
+                Ok(Some(_)) => Ok(()),
+                Ok(None) => Err(failed(format!("no job {job_id}"))),
+                Err(error) => Err(failed(error.to_string())),
+            },
+        }
+    }
 }
 
 impl tonic::server::NamedService for EchoServer {
@@ -49,7 +124,7 @@ impl tonic::server::NamedService for EchoServer {
 }
 
 /// One call, as a tonic unary service.
-struct EchoCall(Option<tonic::client::Grpc<Channel>>);
+struct EchoCall(Option<tonic::client::Grpc<Channel>>, Read);
 
 impl tonic::server::UnaryService<EchoMessage> for EchoCall {
     type Response = EchoMessage;
@@ -57,9 +132,10 @@ impl tonic::server::UnaryService<EchoMessage> for EchoCall {
         futures::future::BoxFuture<'static, Result<tonic::Response<EchoMessage>, tonic::Status>>;
 
     fn call(&mut self, request: tonic::Request<EchoMessage>) -> Self::Future {
-        let upstream = self.0.clone();
+        let (upstream, read) = (self.0.clone(), self.1.clone());
         Box::pin(async move {
             let message = request.into_inner();
+            read.read().await?;
             match upstream {
                 Some(mut upstream) => call(&mut upstream, message).await.map(tonic::Response::new),
                 None => Ok(tonic::Response::new(EchoMessage {
@@ -85,7 +161,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let upstream = self.upstream.clone();
+        let (upstream, read) = (self.upstream.clone(), self.read.clone());
         if request.uri().path() != ECHO_PATH {
             return Box::pin(async {
                 Ok(tonic::Status::unimplemented("only bench.Echo/Echo").into_http())
@@ -94,7 +170,7 @@ where
         Box::pin(async move {
             let codec = tonic_prost::ProstCodec::<EchoMessage, EchoMessage>::default();
             let mut grpc = tonic::server::Grpc::new(codec);
-            Ok(grpc.unary(EchoCall(upstream), request).await)
+            Ok(grpc.unary(EchoCall(upstream, read), request).await)
         })
     }
 }
@@ -117,14 +193,22 @@ pub async fn call(
 }
 
 /// The child-process side: if this process was started with
-/// `--echo-server [UPSTREAM_URL UPSTREAM_KEY]`, serve the echo until killed
-/// and never return; otherwise return at once.
+/// `--echo-server [UPSTREAM_URL UPSTREAM_KEY]` or
+/// `--echo-server --read MODE DATABASE_URL JOB_ID`, serve the echo until
+/// killed and never return; otherwise return at once.
 pub async fn run_if_echo_server() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) != Some("--echo-server") {
         return Ok(());
     }
     let identity = ClientIdentity::new().await?;
+    if args.get(2).map(String::as_str) == Some("--read") {
+        let (Some(mode), Some(url), Some(job_id)) = (args.get(3), args.get(4), args.get(5)) else {
+            anyhow::bail!("--read needs MODE DATABASE_URL JOB_ID");
+        };
+        let read = Read::open(mode, url, job_id).await?;
+        return serve_echo(identity, None, read).await;
+    }
     let upstream = match (args.get(2), args.get(3)) {
         (Some(url), Some(key)) => {
             let key =
@@ -133,6 +217,14 @@ pub async fn run_if_echo_server() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    serve_echo(identity, upstream, Read::Nothing).await
+}
+
+async fn serve_echo(
+    identity: ClientIdentity,
+    upstream: Option<tonic::client::Grpc<Channel>>,
+    read: Read,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let tls = mosaic_mesh::tls::server_config(Arc::clone(&identity.identity))?;
@@ -157,7 +249,7 @@ pub async fn run_if_echo_server() -> anyhow::Result<()> {
         }
     });
     tonic::transport::Server::builder()
-        .add_service(EchoServer { upstream })
+        .add_service(EchoServer { upstream, read })
         .serve_with_incoming(tokio_stream::wrappers::ReceiverStream::new(receiver))
         .await?;
     std::process::exit(0);
@@ -183,6 +275,26 @@ impl EchoProcess {
         if let Some(upstream) = upstream {
             command.arg(&upstream.url).arg(&upstream.key_base64);
         }
+        EchoProcess::spawn(command).await
+    }
+
+    /// Starts an echo server that reads job `job_id` from the PostgreSQL
+    /// database at `database_url` before each answer, `mode` being one of
+    /// [`READ_MODES`].
+    pub async fn reading(
+        mode: &str,
+        database_url: &str,
+        job_id: &str,
+    ) -> anyhow::Result<EchoProcess> {
+        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        command
+            .args(["--echo-server", "--read", mode])
+            .arg(database_url)
+            .arg(job_id);
+        EchoProcess::spawn(command).await
+    }
+
+    async fn spawn(mut command: tokio::process::Command) -> anyhow::Result<EchoProcess> {
         let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
