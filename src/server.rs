@@ -260,8 +260,7 @@ pub async fn serve(
                     shared.store.clone(),
                     Arc::clone(&shared.rate_limiter),
                     Arc::clone(&shared.agents),
-                    config.redis_url.is_some(),
-                    !config.agents.types.is_empty(),
+                    &config,
                 ),
                 Arc::clone(&config),
             ))

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::agents::runtime::AgentRuntime;
+use crate::config::Config;
 use crate::proto::coordinator as pb;
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
@@ -45,20 +46,20 @@ struct Probed {
 }
 
 impl HealthCheck {
-    /// Checks of these parts, counting the uptime from now.
+    /// Checks of these parts, as `config` sets them up (whether Redis and
+    /// agent types are configured), counting the uptime from now.
     pub fn new(
         store: Store,
         rate_limiter: Arc<RateLimiter>,
         agents: Arc<AgentRuntime>,
-        redis_configured: bool,
-        agents_configured: bool,
+        config: &Config,
     ) -> HealthCheck {
         HealthCheck {
             store,
             rate_limiter,
             agents,
-            redis_configured,
-            agents_configured,
+            redis_configured: config.redis_url.is_some(),
+            agents_configured: !config.agents.types.is_empty(),
             started_at: tokio::time::Instant::now(),
             last: Arc::default(),
         }
