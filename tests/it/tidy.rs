@@ -6,7 +6,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-fn files_with_extension(root: &Path, extension: &str, out: &mut Vec<PathBuf>) {
+/// Every file under `root` with `extension`, skipping `target` and hidden
+/// folders.
+pub(crate) fn files_with_extension(root: &Path, extension: &str, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };

@@ -16,21 +16,10 @@ use std::path::{Path, PathBuf};
 const MAX_LINES: usize = 850;
 
 fn source_files() -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).expect("read src").flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.extension().is_some_and(|extension| extension == "rs") {
-                out.push(path);
-            }
-        }
-    }
     let mut files = Vec::new();
-    walk(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-        &mut files,
-    );
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    crate::tidy::files_with_extension(&src, "rs", &mut files);
+    assert!(!files.is_empty(), "no Rust files under {}", src.display());
     files.sort();
     files
 }
