@@ -8,7 +8,6 @@
 //! label) follows the one identifier rule, and a bad one is refused by name
 //! with nothing stored.
 
-use mosaic_mesh::auth::Scope;
 use mosaic_mesh::federation::envelope;
 use mosaic_mesh::proto::agent as agent_pb;
 use mosaic_mesh::proto::federation as pb;
@@ -17,7 +16,7 @@ use tonic::Code;
 
 use crate::support::Backend;
 use crate::support::admin::Admin;
-use crate::support::agents::{Agents, with_agent_types};
+use crate::support::agents::start_agents;
 use crate::support::daemon::{TestEnvironment, mosaicd_binary};
 use crate::support::peer::TestPeer;
 
@@ -61,13 +60,7 @@ async fn a_strangers_name_or_workspace_with_control_characters_is_refused_and_no
 #[tokio::test(flavor = "multi_thread")]
 async fn a_kill_reason_with_control_characters_is_refused_and_the_agent_runs_on() {
     let environment = TestEnvironment::new(Backend::Sqlite).await;
-    let daemon = environment
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let mut agents = Agents::new(
-        daemon.channel().await,
-        daemon.api_key(&[Scope::Agents]).await,
-    );
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     let agent = agents.spawn("sh", "sleep 600").await.expect("spawn");
     agents
         .wait_for_state(&agent.agent_id, agent_pb::AgentState::Running)
@@ -90,11 +83,7 @@ async fn a_kill_reason_with_control_characters_is_refused_and_the_agent_runs_on(
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cli_escapes_an_agents_escape_sequences() {
     let environment = TestEnvironment::new(Backend::Sqlite).await;
-    let daemon = environment
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let key = daemon.api_key(&[Scope::Agents]).await;
-    let mut agents = Agents::new(daemon.channel().await, key.clone());
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     let agent = agents
         .spawn("sh", r"printf 'plain\n\033[2J\033[Hred\rover\n'")
         .await
@@ -109,7 +98,7 @@ async fn the_cli_escapes_an_agents_escape_sequences() {
         .arg("--server")
         .arg(daemon.url())
         .arg("--api-key")
-        .arg(&key)
+        .arg(&agents.key)
         .args(["agent", "status", &agent.agent_id])
         .env("MOSAIC_LOG", "warn")
         .env_remove("MOSAIC_API_KEY")
@@ -347,13 +336,7 @@ async fn an_operators_workspace_and_reason_are_checked_where_they_enter() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_type_and_labels_are_checked_where_they_enter() {
     let environment = TestEnvironment::new(Backend::Sqlite).await;
-    let daemon = environment
-        .start_peer(0, |config| *config = with_agent_types(config.clone()))
-        .await;
-    let mut agents = Agents::new(
-        daemon.channel().await,
-        daemon.api_key(&[Scope::Agents]).await,
-    );
+    let (daemon, mut agents) = start_agents(&environment, |_| {}).await;
     let labelled = |key: &str, value: &str| agent_pb::SpawnRequest {
         agent_type: "sh".to_owned(),
         prompt: "true".to_owned(),
