@@ -338,7 +338,7 @@ impl Store {
 
     /// The job with this id, if any.
     pub async fn find_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let row = with_connection!(self, |conn| {
+        let row = with_read_connection!(self, |conn| {
             jobs::table
                 .filter(jobs::id.eq(id))
                 .select(JobRow::as_select())
@@ -354,7 +354,7 @@ impl Store {
         &self,
         key: &str,
     ) -> Result<Option<JobRecord>, StoreError> {
-        let row = with_connection!(self, |conn| {
+        let row = with_read_connection!(self, |conn| {
             jobs::table
                 .filter(jobs::idempotency_key.eq(key))
                 .select(JobRow::as_select())

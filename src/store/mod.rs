@@ -44,32 +44,86 @@ macro_rules! with_connection {
     ($store:expr, sqlite = |$sqlite:ident| $sqlite_body:expr, postgres = |$postgres:ident| $postgres_body:expr) => {{
         let store: &$crate::store::Store = &$store;
         let deadline = tokio::time::Instant::now() + store.call_timeout;
+        match &store.pools {
+            $crate::store::Pools::Sqlite(pool) => {
+                pooled!(
+                    store,
+                    pool,
+                    deadline,
+                    |$sqlite: $crate::store::pools::SqliteConnection| $sqlite_body
+                )
+            }
+            $crate::store::Pools::Postgres(pool, _) => {
+                pooled!(
+                    store,
+                    pool,
+                    deadline,
+                    |$postgres: $crate::store::pools::PostgresConnection| $postgres_body
+                )
+            }
+        }
+    }};
+}
+
+/// `with_connection!`'s work on one pool: a turn, a connection from `$pool`
+/// and `$body` on it, all by `$deadline`.
+macro_rules! pooled {
+    ($store:expr, $pool:expr, $deadline:expr, |$conn:ident: $connection:ty| $body:expr) => {{
         // A turn first, in arrival order; then the pool cannot hand a
         // connection to a task that arrived later (bb8 lets a new `get` take
         // a connection just returned before a waiter wakes).
-        let _turn = store.turn(deadline).await?;
+        let _turn = $store.turn($deadline).await?;
+        let mut pooled = $store.checkout($pool.get(), $deadline).await?;
+        let outcome = {
+            let $conn: &mut $connection = &mut pooled;
+            tokio::time::timeout_at($deadline, async {
+                Ok::<_, $crate::store::StoreError>($body)
+            })
+            .await
+        };
+        $crate::store::deadline::settle(outcome, &mut *pooled, $store.call_timeout)?
+    }};
+}
+
+/// Runs `$body`, a read of one statement, like `with_connection!`, except
+/// that on PostgreSQL it runs on the store's shared read connection
+/// (`shared_reads.rs`), pipelined with the reads of concurrent calls, with
+/// `$conn` bound to a `&mut &PostgresConnection`. A read that failed
+/// because that connection closed under it (a server restart, a cut) runs
+/// once more on a new one, within the same deadline: a read changes
+/// nothing, so running it twice is safe. For the hot point reads only: one
+/// slow statement there delays every read queued behind it.
+macro_rules! with_read_connection {
+    ($store:expr, |$conn:ident| $body:expr) => {{
+        let store: &$crate::store::Store = &$store;
+        let deadline = tokio::time::Instant::now() + store.call_timeout;
         match &store.pools {
             $crate::store::Pools::Sqlite(pool) => {
-                let mut pooled = store.checkout(pool.get(), deadline).await?;
-                let outcome = {
-                    let $sqlite: &mut $crate::store::pools::SqliteConnection = &mut pooled;
-                    tokio::time::timeout_at(deadline, async {
-                        Ok::<_, $crate::store::StoreError>($sqlite_body)
-                    })
-                    .await
-                };
-                $crate::store::deadline::settle(outcome, &mut *pooled, store.call_timeout)?
+                pooled!(
+                    store,
+                    pool,
+                    deadline,
+                    |$conn: $crate::store::pools::SqliteConnection| $body
+                )
             }
-            $crate::store::Pools::Postgres(pool) => {
-                let mut pooled = store.checkout(pool.get(), deadline).await?;
-                let outcome = {
-                    let $postgres: &mut $crate::store::pools::PostgresConnection = &mut pooled;
-                    tokio::time::timeout_at(deadline, async {
-                        Ok::<_, $crate::store::StoreError>($postgres_body)
-                    })
-                    .await
-                };
-                $crate::store::deadline::settle(outcome, &mut *pooled, store.call_timeout)?
+            $crate::store::Pools::Postgres(_, reads) => {
+                let mut retried = false;
+                loop {
+                    let link = reads.link(deadline).await?;
+                    let outcome = {
+                        let mut shared: &$crate::store::pools::PostgresConnection =
+                            link.connection();
+                        let $conn = &mut shared;
+                        tokio::time::timeout_at(deadline, async {
+                            Ok::<_, $crate::store::StoreError>($body)
+                        })
+                        .await
+                    };
+                    match reads.settle(outcome, &link) {
+                        Err(_) if !retried && reads.lost(&link) => retried = true,
+                        settled => break settled?,
+                    }
+                }
             }
         }
     }};
@@ -138,6 +192,7 @@ mod retention;
 mod schema;
 mod seen_messages;
 mod settings;
+mod shared_reads;
 mod single_server;
 mod startup;
 #[cfg(any(test, feature = "testing"))]
@@ -209,11 +264,12 @@ pub struct Store {
     sqlite_path: Option<Arc<str>>,
 }
 
-/// One pool per backend; `with_connection!` matches on it.
+/// One pool per backend; `with_connection!` matches on it. PostgreSQL's
+/// hot point reads share one more connection (`with_read_connection!`).
 #[derive(Clone)]
 enum Pools {
     Sqlite(Pool<SqliteConnection>),
-    Postgres(Pool<PostgresConnection>),
+    Postgres(Pool<PostgresConnection>, Arc<shared_reads::SharedReads>),
 }
 
 /// Creates a new SQLite database file readable by this user alone, before
@@ -257,7 +313,13 @@ impl Store {
                 None,
             ),
             DatabaseTarget::Postgres { url } => (
-                Pools::Postgres(pools::postgres_pool(&url, settings.call_timeout).await?),
+                Pools::Postgres(
+                    pools::postgres_pool(&url, settings.call_timeout).await?,
+                    Arc::new(shared_reads::SharedReads::new(
+                        Arc::from(url.as_str()),
+                        settings.call_timeout,
+                    )),
+                ),
                 pools::POSTGRES_POOL_SIZE,
                 None,
                 Some(Arc::from(url.as_str())),
@@ -327,7 +389,7 @@ impl Store {
     pub fn backend(&self) -> Backend {
         match self.pools {
             Pools::Sqlite(_) => Backend::Sqlite,
-            Pools::Postgres(_) => Backend::Postgres,
+            Pools::Postgres(..) => Backend::Postgres,
         }
     }
 
@@ -357,7 +419,7 @@ impl Store {
         }
         match &self.pools {
             Pools::Sqlite(pool) => apply_pending_migrations(pool.get_owned().await?),
-            Pools::Postgres(pool) => apply_pending_migrations(pool.get_owned().await?),
+            Pools::Postgres(pool, _) => apply_pending_migrations(pool.get_owned().await?),
         }
     }
 }

@@ -139,61 +139,123 @@ fn open_sqlite(path: &str) -> SetupFuture<'_, SqliteConnection> {
 }
 
 /// Opens a PostgreSQL connection, with TLS as the URL's `sslmode` says
-/// (`postgres_tls.rs`), keeping the URL's password out of any error. The server cancels any statement running longer than
-/// `call_timeout`; the socket sends keepalives when idle, and gives up on
-/// data left unacknowledged for `call_timeout`, so that a server which
-/// stops answering (packets dropped, no reset) is noticed rather than
-/// waited on for the system's minutes. The URL's own `keepalives_idle` and
-/// `tcp_user_timeout` win.
+/// (`postgres_tls.rs`), keeping the URL's password out of any error. The
+/// connection is set up as `postgres_client_config` and
+/// `set_statement_timeout` say.
 pub(super) fn open_postgres(
     url: &str,
     call_timeout: Duration,
 ) -> SetupFuture<'_, PostgresConnection> {
     Box::pin(async move {
         within_connect_timeout(async {
-            let tls =
-                super::postgres_tls::prepare(url).map_err(ConnectionError::InvalidConnectionUrl)?;
-            let mut config: tokio_postgres::Config =
-                tls.url.parse().map_err(|error: tokio_postgres::Error| {
-                    ConnectionError::InvalidConnectionUrl(error.to_string())
-                })?;
-            if !url.contains("keepalives_idle") {
-                config
-                    .keepalives(true)
-                    .keepalives_idle(KEEPALIVE_IDLE)
-                    .keepalives_interval(KEEPALIVE_INTERVAL)
-                    .keepalives_retries(KEEPALIVE_RETRIES);
-            }
-            if !url.contains("tcp_user_timeout") {
-                config.tcp_user_timeout(call_timeout);
-            }
-            let bad = |error: tokio_postgres::Error| {
-                ConnectionError::BadConnection(crate::text::error_chain(&error))
-            };
-            let mut connection = match tls.config {
+            let (config, tls) = postgres_client_config(url, call_timeout)?;
+            let mut connection = match tls {
                 None => {
-                    let (client, connection) =
-                        config.connect(tokio_postgres::NoTls).await.map_err(bad)?;
+                    let (client, connection) = config
+                        .connect(tokio_postgres::NoTls)
+                        .await
+                        .map_err(bad_connection)?;
                     PostgresConnection::try_from_client_and_connection(client, connection).await?
                 }
                 Some(tls) => {
                     let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
-                    let (client, connection) = config.connect(connector).await.map_err(bad)?;
+                    let (client, connection) =
+                        config.connect(connector).await.map_err(bad_connection)?;
                     PostgresConnection::try_from_client_and_connection(client, connection).await?
                 }
             };
-            connection
-                .batch_execute(&format!(
-                    "SET statement_timeout = {}",
-                    call_timeout.as_millis()
-                ))
-                .await
-                .map_err(ConnectionError::CouldntSetupConfiguration)?;
+            set_statement_timeout(&mut connection, call_timeout).await?;
             Ok(connection)
         })
         .await
         .map_err(|error| ConnectionError::BadConnection(redact_password(&error.to_string(), url)))
     })
+}
+
+/// The future that drives a tokio-postgres connection's socket: it ends
+/// when the connection closes.
+pub(super) type ConnectionDriver =
+    Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+/// Opens a PostgreSQL client set up like `open_postgres`'s, handing back
+/// the future that drives its socket for the caller to spawn, so that the
+/// caller learns when the connection has closed (`shared_reads.rs`).
+pub(super) async fn open_postgres_client(
+    url: &str,
+    call_timeout: Duration,
+) -> ConnectionResult<(tokio_postgres::Client, ConnectionDriver)> {
+    within_connect_timeout(async {
+        let (config, tls) = postgres_client_config(url, call_timeout)?;
+        let opened: (tokio_postgres::Client, ConnectionDriver) = match tls {
+            None => {
+                let (client, connection) = config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map_err(bad_connection)?;
+                (client, Box::pin(connection))
+            }
+            Some(tls) => {
+                let connector = tokio_postgres_rustls::MakeRustlsConnect::new((*tls).clone());
+                let (client, connection) =
+                    config.connect(connector).await.map_err(bad_connection)?;
+                (client, Box::pin(connection))
+            }
+        };
+        Ok(opened)
+    })
+    .await
+    .map_err(|error| ConnectionError::BadConnection(redact_password(&error.to_string(), url)))
+}
+
+/// The client settings of every connection to `url`, and its TLS settings
+/// if the URL asks for TLS. The socket sends keepalives when idle, and
+/// gives up on data left unacknowledged for `call_timeout`, so that a
+/// server which stops answering (packets dropped, no reset) is noticed
+/// rather than waited on for the system's minutes. The URL's own
+/// `keepalives_idle` and `tcp_user_timeout` win.
+fn postgres_client_config(
+    url: &str,
+    call_timeout: Duration,
+) -> ConnectionResult<(
+    tokio_postgres::Config,
+    Option<std::sync::Arc<rustls::ClientConfig>>,
+)> {
+    let tls = super::postgres_tls::prepare(url).map_err(ConnectionError::InvalidConnectionUrl)?;
+    let mut config: tokio_postgres::Config =
+        tls.url.parse().map_err(|error: tokio_postgres::Error| {
+            ConnectionError::InvalidConnectionUrl(error.to_string())
+        })?;
+    if !url.contains("keepalives_idle") {
+        config
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES);
+    }
+    if !url.contains("tcp_user_timeout") {
+        config.tcp_user_timeout(call_timeout);
+    }
+    Ok((config, tls.config))
+}
+
+/// Has the server cancel any statement of `connection` running longer than
+/// `call_timeout`.
+pub(super) async fn set_statement_timeout<C: SimpleAsyncConnection>(
+    connection: &mut C,
+    call_timeout: Duration,
+) -> ConnectionResult<()> {
+    connection
+        .batch_execute(&format!(
+            "SET statement_timeout = {}",
+            call_timeout.as_millis()
+        ))
+        .await
+        .map_err(ConnectionError::CouldntSetupConfiguration)
+}
+
+/// A failure to connect, with the causes the error carries.
+fn bad_connection(error: tokio_postgres::Error) -> ConnectionError {
+    ConnectionError::BadConnection(crate::text::error_chain(&error))
 }
 
 /// Bounds the time `opening` may take by `CONNECT_TIMEOUT`.

@@ -259,3 +259,94 @@ async fn the_metrics_listener_answers_healthz_and_readyz_with_the_database() {
     drop(proxy);
     environment.cleanup().await;
 }
+
+/// `GetJob` reads on the connection its concurrent calls share
+/// (`store/shared_reads.rs`): when that connection is cut or stops
+/// answering, calls fail with UNAVAILABLE within the deadline, and the next
+/// calls after the database is back open a new one instead of failing on
+/// the old.
+#[tokio::test(flavor = "multi_thread")]
+async fn get_job_recovers_after_its_shared_connection_is_cut_or_goes_silent() {
+    let environment = TestEnvironment::new(Backend::Postgres).await;
+    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
+    let mut config = environment.config();
+    config.database_url = through(&environment.database.url, proxy.address);
+    config.storage.call_timeout = Duration::from_secs(1);
+    config.auth_cache = Duration::from_secs(300);
+    let daemon = environment.start_with(config).await.expect("start");
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let mut coordinator = CoordinatorClient::new(daemon.channel().await);
+    let job = coordinator
+        .create_job(with_key(
+            pb::CreateJobRequest {
+                job_type: "review".to_owned(),
+                workspace: "w1".to_owned(),
+                ..pb::CreateJobRequest::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("create a job")
+        .into_inner()
+        .job
+        .expect("the job");
+    let get = || {
+        with_key(
+            pb::GetJobRequest {
+                job_id: job.job_id.clone(),
+            },
+            &key,
+        )
+    };
+    coordinator
+        .get_job(get())
+        .await
+        .expect("read before a fault");
+
+    for fault in [Fault::Cut, Fault::Blackhole] {
+        proxy.set(fault);
+        let started = tokio::time::Instant::now();
+        let status = coordinator
+            .get_job(get())
+            .await
+            .expect_err("the database is gone");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unavailable,
+            "{fault:?}: {status:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{fault:?}: UNAVAILABLE within the 1 s deadline, took {:?}",
+            started.elapsed()
+        );
+
+        proxy.set(Fault::Pass);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Err(status) = coordinator.get_job(get()).await {
+            assert_eq!(
+                status.code(),
+                tonic::Code::Unavailable,
+                "{fault:?}: {status:?}"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{fault:?}: reads still fail after the database came back: {status:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for _ in 0..20 {
+            let read = coordinator
+                .get_job(get())
+                .await
+                .expect("every read works once the database is back")
+                .into_inner()
+                .job
+                .expect("the job");
+            assert_eq!(read.job_id, job.job_id);
+        }
+    }
+    daemon.stop().await;
+    drop(proxy);
+    environment.cleanup().await;
+}

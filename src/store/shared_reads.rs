@@ -1,0 +1,275 @@
+//! One PostgreSQL connection shared by the hot point reads (`GetJob`'s row,
+//! an API key by its hash), on which the queries of concurrent calls are
+//! pipelined: written to the socket together and answered together, where a
+//! pooled connection costs each call its own write, read and pair of
+//! wake-ups. Transactions and writes keep the pool.
+//!
+//! The connection is opened on first use and again after it closes (the
+//! server went away, the network cut it) or after a read on it ran out of
+//! time (it may sit behind a server that stopped answering): the next read
+//! opens a new one, within its own deadline. A read never waits on a
+//! connection known to be gone.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use diesel::ConnectionError;
+
+use super::StoreError;
+use super::database_url::redact_password;
+use super::pools::{self, PostgresConnection};
+
+/// The shared connection of one store, and how to open it again.
+pub(super) struct SharedReads {
+    /// The PostgreSQL URL. Never printed: it may hold a password.
+    url: Arc<str>,
+    /// `storage.call_timeout_ms`, the statement and TCP user timeout.
+    call_timeout: Duration,
+    /// The connection in use, if one is open.
+    current: Mutex<Option<Arc<Link>>>,
+    /// Held while a connection is opened, so that the reads arriving then
+    /// wait for that one instead of each opening their own.
+    opening: tokio::sync::Mutex<()>,
+}
+
+/// One open shared connection.
+pub(super) struct Link {
+    connection: PostgresConnection,
+    /// Cleared when the connection closes or is retired.
+    open: Arc<AtomicBool>,
+}
+
+impl Link {
+    /// The connection, for as many concurrent queries as there are calls.
+    pub(super) fn connection(&self) -> &PostgresConnection {
+        &self.connection
+    }
+
+    fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+}
+
+impl SharedReads {
+    /// Shared reads on `url`; nothing is opened until the first read.
+    pub(super) fn new(url: Arc<str>, call_timeout: Duration) -> SharedReads {
+        SharedReads {
+            url,
+            call_timeout,
+            current: Mutex::new(None),
+            opening: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The open connection, or a new one if there is none, by `deadline`;
+    /// else UNAVAILABLE.
+    pub(super) async fn link(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<Link>, StoreError> {
+        if let Some(link) = self.open_link() {
+            return Ok(link);
+        }
+        let no_connection = || {
+            StoreError::Unavailable(format!(
+                "no database connection within {} ms",
+                self.call_timeout.as_millis()
+            ))
+        };
+        let _opening = tokio::time::timeout_at(deadline, self.opening.lock())
+            .await
+            .map_err(|_elapsed| no_connection())?;
+        if let Some(link) = self.open_link() {
+            return Ok(link);
+        }
+        let link = tokio::time::timeout_at(deadline, self.open())
+            .await
+            .map_err(|_elapsed| no_connection())??;
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// The value of a read that finished in time. A read that ran out of
+    /// time retires its connection, which may sit behind a server that
+    /// stopped answering; the next read opens a new one.
+    pub(super) fn settle<T>(
+        &self,
+        outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
+        link: &Link,
+    ) -> Result<T, StoreError> {
+        match outcome {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                link.open.store(false, Ordering::Release);
+                Err(StoreError::Unavailable(format!(
+                    "the database did not answer within {} ms",
+                    self.call_timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// Whether `link` closed: a read that failed on it failed because of
+    /// that, not because of the read, and may run again on a new one.
+    pub(super) fn lost(&self, link: &Link) -> bool {
+        !link.is_open()
+    }
+
+    /// The current connection if it is still open; a closed one is let go.
+    fn open_link(&self) -> Option<Arc<Link>> {
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        match current.as_ref() {
+            Some(link) if link.is_open() => Some(Arc::clone(link)),
+            Some(_) => {
+                *current = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Opens a connection set up as the pool's are, driving its socket on a
+    /// task of its own that marks it closed when the socket closes.
+    async fn open(&self) -> Result<Arc<Link>, StoreError> {
+        let unavailable = |error: ConnectionError| {
+            StoreError::Unavailable(redact_password(&error.to_string(), &self.url))
+        };
+        let (client, driver) = pools::open_postgres_client(&self.url, self.call_timeout)
+            .await
+            .map_err(unavailable)?;
+        let open = Arc::new(AtomicBool::new(true));
+        let marks_closed = Arc::clone(&open);
+        tokio::spawn(async move {
+            if let Err(error) = driver.await {
+                tracing::debug!(error = %error, "the shared read connection closed");
+            }
+            marks_closed.store(false, Ordering::Release);
+        });
+        let mut connection = PostgresConnection::try_from(client)
+            .await
+            .map_err(unavailable)?;
+        pools::set_statement_timeout(&mut connection, self.call_timeout)
+            .await
+            .map_err(unavailable)?;
+        Ok(Arc::new(Link { connection, open }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use diesel::sql_types::BigInt;
+    use diesel_async::RunQueryDsl;
+
+    use crate::coordinator::state::creation_entry;
+    use crate::store::testing::TestDatabase;
+    use crate::store::{JobRecord, Store, StoreError};
+
+    #[derive(diesel::QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        count: i64,
+    }
+
+    /// The connections open to the store's database, this query's own
+    /// included.
+    async fn connections(store: &Store) -> Result<i64, StoreError> {
+        let count: Count = with_connection!(store, |conn| {
+            diesel::sql_query(
+                "SELECT count(*) AS count FROM pg_stat_activity \
+                 WHERE datname = current_database()",
+            )
+            .get_result(conn)
+            .await?
+        });
+        Ok(count.count)
+    }
+
+    /// Closes every connection to the store's database but the one this
+    /// runs on, as a server restart or a network cut would.
+    async fn close_other_connections(store: &Store) -> Result<(), StoreError> {
+        let _: Vec<Count> = with_connection!(store, |conn| {
+            diesel::sql_query(
+                "SELECT count(pg_terminate_backend(pid)) AS count FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .load(conn)
+            .await?
+        });
+        Ok(())
+    }
+
+    async fn store_with_a_job() -> (TestDatabase, Store) {
+        let database = TestDatabase::postgres()
+            .await
+            .expect("create a PostgreSQL test database");
+        let store = database.migrated_store().await.expect("open the database");
+        let job = JobRecord::new_pending("j1".to_owned(), "review".to_owned(), 1_000);
+        store
+            .insert_job(&job, &creation_entry(&job, "tester"))
+            .await
+            .expect("insert a job");
+        (database, store)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_point_reads_share_one_connection() {
+        let (database, store) = store_with_a_job().await;
+        let before = connections(&store).await.expect("count connections");
+        let reads: Vec<_> = (0..64)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.find_job("j1").await })
+            })
+            .collect();
+        for read in reads {
+            let job = read.await.expect("the read's task").expect("read");
+            assert_eq!(job.map(|job| job.id).as_deref(), Some("j1"));
+        }
+        assert_eq!(
+            connections(&store).await.expect("count connections"),
+            before + 1,
+            "64 concurrent reads opened one connection between them"
+        );
+        drop(store);
+        database.cleanup().await.expect("drop the test database");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn reads_open_a_new_connection_after_the_server_closed_theirs() {
+        let (database, store) = store_with_a_job().await;
+        store.find_job("j1").await.expect("the first read");
+        close_other_connections(&store)
+            .await
+            .expect("close the connections");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let mut failures = 0;
+        loop {
+            match store.find_job("j1").await {
+                Ok(job) => {
+                    assert!(job.is_some());
+                    break;
+                }
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    failures += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => panic!("reads did not recover: {error}"),
+            }
+        }
+        // The server's word that it closed the connection may reach a read
+        // before it reaches the task that drives the connection: that one
+        // read may fail; the next finds the connection gone.
+        assert!(
+            failures <= 1,
+            "at most the read racing the close fails, {failures} did"
+        );
+        for _ in 0..10 {
+            assert!(store.find_job("j1").await.expect("read").is_some());
+        }
+        drop(store);
+        database.cleanup().await.expect("drop the test database");
+    }
+}
