@@ -57,7 +57,7 @@ impl Store {
         &self,
         key_hash: &[u8],
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let row = with_read_connection!(self, |conn| {
+        let row = with_connection!(self, |conn| {
             api_keys::table
                 .filter(api_keys::key_hash.eq(key_hash))
                 .select(ApiKeyRow::as_select())

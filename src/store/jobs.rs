@@ -338,14 +338,17 @@ impl Store {
 
     /// The job with this id, if any.
     pub async fn find_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let row = with_read_connection!(self, |conn| {
-            jobs::table
-                .filter(jobs::id.eq(id))
-                .select(JobRow::as_select())
-                .first(conn)
-                .await
-                .optional()?
-        });
+        let row = match self.shared_reads() {
+            Some(reads) => postgres::read_job(reads, postgres::JOB_BY_ID, id).await?,
+            None => with_connection!(self, |conn| {
+                jobs::table
+                    .filter(jobs::id.eq(id))
+                    .select(JobRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?
+            }),
+        };
         row.map(JobRecord::try_from).transpose()
     }
 
@@ -354,14 +357,17 @@ impl Store {
         &self,
         key: &str,
     ) -> Result<Option<JobRecord>, StoreError> {
-        let row = with_read_connection!(self, |conn| {
-            jobs::table
-                .filter(jobs::idempotency_key.eq(key))
-                .select(JobRow::as_select())
-                .first(conn)
-                .await
-                .optional()?
-        });
+        let row = match self.shared_reads() {
+            Some(reads) => postgres::read_job(reads, postgres::JOB_BY_IDEMPOTENCY_KEY, key).await?,
+            None => with_connection!(self, |conn| {
+                jobs::table
+                    .filter(jobs::idempotency_key.eq(key))
+                    .select(JobRow::as_select())
+                    .first(conn)
+                    .await
+                    .optional()?
+            }),
+        };
         row.map(JobRecord::try_from).transpose()
     }
 

@@ -85,50 +85,6 @@ macro_rules! pooled {
     }};
 }
 
-/// Runs `$body`, a read of one statement, like `with_connection!`, except
-/// that on PostgreSQL it runs on the store's shared read connection
-/// (`shared_reads.rs`), pipelined with the reads of concurrent calls, with
-/// `$conn` bound to a `&mut &PostgresConnection`. A read that failed
-/// because that connection closed under it (a server restart, a cut) runs
-/// once more on a new one, within the same deadline: a read changes
-/// nothing, so running it twice is safe. For the hot point reads only: one
-/// slow statement there delays every read queued behind it.
-macro_rules! with_read_connection {
-    ($store:expr, |$conn:ident| $body:expr) => {{
-        let store: &$crate::store::Store = &$store;
-        let deadline = tokio::time::Instant::now() + store.call_timeout;
-        match &store.pools {
-            $crate::store::Pools::Sqlite(pool) => {
-                pooled!(
-                    store,
-                    pool,
-                    deadline,
-                    |$conn: $crate::store::pools::SqliteConnection| $body
-                )
-            }
-            $crate::store::Pools::Postgres(_, reads) => {
-                let mut retried = false;
-                loop {
-                    let link = reads.link(deadline).await?;
-                    let outcome = {
-                        let mut shared: &$crate::store::pools::PostgresConnection =
-                            link.connection();
-                        let $conn = &mut shared;
-                        tokio::time::timeout_at(deadline, async {
-                            Ok::<_, $crate::store::StoreError>($body)
-                        })
-                        .await
-                    };
-                    match reads.settle(outcome, &link) {
-                        Err(_) if !retried && reads.lost(&link) => retried = true,
-                        settled => break settled?,
-                    }
-                }
-            }
-        }
-    }};
-}
-
 /// Runs one transaction on either backend, through `with_connection!`'s
 /// second form: `in_transaction!(store, |conn| sqlite_body, |conn| postgres_body)`.
 /// On SQLite the first body runs with diesel's synchronous API in a single
@@ -265,7 +221,7 @@ pub struct Store {
 }
 
 /// One pool per backend; `with_connection!` matches on it. PostgreSQL's
-/// hot point reads share one more connection (`with_read_connection!`).
+/// hot point reads share one more connection (`shared_reads.rs`).
 #[derive(Clone)]
 enum Pools {
     Sqlite(Pool<SqliteConnection>),
@@ -383,6 +339,15 @@ impl Store {
     /// `None` on PostgreSQL.
     pub fn sqlite_wal(&self) -> Option<WalReading> {
         self.wal.as_ref().map(|stats| stats.read())
+    }
+
+    /// The shared read connection of a PostgreSQL store (`shared_reads.rs`);
+    /// `None` on SQLite, whose reads take the pool.
+    fn shared_reads(&self) -> Option<&shared_reads::SharedReads> {
+        match &self.pools {
+            Pools::Sqlite(_) => None,
+            Pools::Postgres(_, reads) => Some(reads),
+        }
     }
 
     /// The database engine behind this store.

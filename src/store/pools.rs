@@ -240,17 +240,20 @@ fn postgres_client_config(
 
 /// Has the server cancel any statement of `connection` running longer than
 /// `call_timeout`.
-pub(super) async fn set_statement_timeout<C: SimpleAsyncConnection>(
+async fn set_statement_timeout<C: SimpleAsyncConnection>(
     connection: &mut C,
     call_timeout: Duration,
 ) -> ConnectionResult<()> {
     connection
-        .batch_execute(&format!(
-            "SET statement_timeout = {}",
-            call_timeout.as_millis()
-        ))
+        .batch_execute(&statement_timeout_sql(call_timeout))
         .await
         .map_err(ConnectionError::CouldntSetupConfiguration)
+}
+
+/// The statement that sets a session's `statement_timeout` to
+/// `call_timeout`.
+pub(super) fn statement_timeout_sql(call_timeout: Duration) -> String {
+    format!("SET statement_timeout = {}", call_timeout.as_millis())
 }
 
 /// A failure to connect, with the causes the error carries.

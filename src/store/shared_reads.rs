@@ -1,30 +1,40 @@
 //! One PostgreSQL connection shared by the hot point reads (`GetJob`'s row,
-//! an API key by its hash), on which the queries of concurrent calls are
-//! pipelined: written to the socket together and answered together, where a
-//! pooled connection costs each call its own write, read and pair of
+//! a job by its idempotency key), on which the queries of concurrent calls
+//! are pipelined: written to the socket together and answered together,
+//! where a pooled connection costs each call its own write, read and pair of
 //! wake-ups. Transactions and writes keep the pool.
+//!
+//! The reads are hand-written statements (in the files of their tables),
+//! prepared once per connection and run with tokio-postgres directly:
+//! diesel-async builds a query's SQL text again on every call, which cost
+//! more CPU than the rest of such a read (BENCHMARKS.md, issue 23).
 //!
 //! The connection is opened on first use and again after it closes (the
 //! server went away, the network cut it) or after a read on it ran out of
 //! time (it may sit behind a server that stopped answering): the next read
-//! opens a new one, within its own deadline. A read never waits on a
-//! connection known to be gone.
+//! opens a new one, within its own deadline. A read that failed because its
+//! connection closed under it runs once more on a new one: a read changes
+//! nothing, so running it twice is safe.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use diesel::ConnectionError;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
 
 use super::StoreError;
 use super::database_url::redact_password;
-use super::pools::{self, PostgresConnection};
+use super::pools;
 
 /// The shared connection of one store, and how to open it again.
 pub(super) struct SharedReads {
     /// The PostgreSQL URL. Never printed: it may hold a password.
     url: Arc<str>,
-    /// `storage.call_timeout_ms`, the statement and TCP user timeout.
+    /// `storage.call_timeout_ms`: each read's deadline, and the connection's
+    /// statement and TCP user timeout.
     call_timeout: Duration,
     /// The connection in use, if one is open.
     current: Mutex<Option<Arc<Link>>>,
@@ -34,20 +44,42 @@ pub(super) struct SharedReads {
 }
 
 /// One open shared connection.
-pub(super) struct Link {
-    connection: PostgresConnection,
+struct Link {
+    client: Client,
+    /// The statements prepared on this connection, by their text.
+    statements: Mutex<HashMap<&'static str, Statement>>,
     /// Cleared when the connection closes or is retired.
     open: Arc<AtomicBool>,
 }
 
 impl Link {
-    /// The connection, for as many concurrent queries as there are calls.
-    pub(super) fn connection(&self) -> &PostgresConnection {
-        &self.connection
-    }
-
     fn is_open(&self) -> bool {
         self.open.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        self.open.store(false, Ordering::Release);
+    }
+
+    /// `sql` prepared on this connection: the first use prepares it.
+    async fn statement(&self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let known = self
+            .statements
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(sql)
+            .cloned();
+        match known {
+            Some(statement) => Ok(statement),
+            None => {
+                let statement = self.client.prepare(sql).await?;
+                self.statements
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(sql, statement.clone());
+                Ok(statement)
+            }
+        }
     }
 }
 
@@ -62,12 +94,60 @@ impl SharedReads {
         }
     }
 
+    /// The row `sql` (one statement, at most one row) finds with `params`,
+    /// within the store's call deadline; else UNAVAILABLE.
+    pub(super) async fn query_opt(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let deadline = tokio::time::Instant::now() + self.call_timeout;
+        let mut retried = false;
+        loop {
+            let link = self.link(deadline).await?;
+            let outcome = tokio::time::timeout_at(deadline, async {
+                let statement = link.statement(sql).await?;
+                link.client.query_opt(&statement, params).await
+            })
+            .await;
+            match outcome {
+                Ok(Ok(row)) => return Ok(row),
+                // Closed under the read: once more, on a new connection.
+                Ok(Err(_)) if !retried && !link.is_open() => retried = true,
+                Ok(Err(error)) => return Err(self.store_error(&error)),
+                Err(_elapsed) => {
+                    link.retire();
+                    return Err(StoreError::Unavailable(format!(
+                        "the database did not answer within {} ms",
+                        self.call_timeout.as_millis()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// A failed read in the store's terms: a lost connection, a server
+    /// shutting down or a statement cancelled by its timeout is
+    /// UNAVAILABLE; anything else is a failed query.
+    fn store_error(&self, error: &tokio_postgres::Error) -> StoreError {
+        match error.code() {
+            None => StoreError::Unavailable("the connection to the database was lost".to_owned()),
+            Some(code) if code.code().starts_with("08") || code.code().starts_with("57") => {
+                StoreError::Unavailable(format!(
+                    "the database did not answer the read: {}",
+                    error.as_db_error().map_or("", |error| error.message())
+                ))
+            }
+            Some(_) => StoreError::Query(DieselError::DatabaseError(
+                DatabaseErrorKind::Unknown,
+                Box::new(redact_password(&error.to_string(), &self.url)),
+            )),
+        }
+    }
+
     /// The open connection, or a new one if there is none, by `deadline`;
     /// else UNAVAILABLE.
-    pub(super) async fn link(
-        &self,
-        deadline: tokio::time::Instant,
-    ) -> Result<Arc<Link>, StoreError> {
+    async fn link(&self, deadline: tokio::time::Instant) -> Result<Arc<Link>, StoreError> {
         if let Some(link) = self.open_link() {
             return Ok(link);
         }
@@ -90,32 +170,6 @@ impl SharedReads {
         Ok(link)
     }
 
-    /// The value of a read that finished in time. A read that ran out of
-    /// time retires its connection, which may sit behind a server that
-    /// stopped answering; the next read opens a new one.
-    pub(super) fn settle<T>(
-        &self,
-        outcome: Result<Result<T, StoreError>, tokio::time::error::Elapsed>,
-        link: &Link,
-    ) -> Result<T, StoreError> {
-        match outcome {
-            Ok(result) => result,
-            Err(_elapsed) => {
-                link.open.store(false, Ordering::Release);
-                Err(StoreError::Unavailable(format!(
-                    "the database did not answer within {} ms",
-                    self.call_timeout.as_millis()
-                )))
-            }
-        }
-    }
-
-    /// Whether `link` closed: a read that failed on it failed because of
-    /// that, not because of the read, and may run again on a new one.
-    pub(super) fn lost(&self, link: &Link) -> bool {
-        !link.is_open()
-    }
-
     /// The current connection if it is still open; a closed one is let go.
     fn open_link(&self) -> Option<Arc<Link>> {
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
@@ -129,15 +183,15 @@ impl SharedReads {
         }
     }
 
-    /// Opens a connection set up as the pool's are, driving its socket on a
-    /// task of its own that marks it closed when the socket closes.
+    /// Opens a connection set up as the pool's are (TLS, keepalives, the
+    /// statement and TCP user timeouts), driving its socket on a task of
+    /// its own that marks it closed when the socket closes.
     async fn open(&self) -> Result<Arc<Link>, StoreError> {
-        let unavailable = |error: ConnectionError| {
-            StoreError::Unavailable(redact_password(&error.to_string(), &self.url))
-        };
         let (client, driver) = pools::open_postgres_client(&self.url, self.call_timeout)
             .await
-            .map_err(unavailable)?;
+            .map_err(|error| {
+                StoreError::Unavailable(redact_password(&error.to_string(), &self.url))
+            })?;
         let open = Arc::new(AtomicBool::new(true));
         let marks_closed = Arc::clone(&open);
         tokio::spawn(async move {
@@ -146,13 +200,15 @@ impl SharedReads {
             }
             marks_closed.store(false, Ordering::Release);
         });
-        let mut connection = PostgresConnection::try_from(client)
+        client
+            .batch_execute(&pools::statement_timeout_sql(self.call_timeout))
             .await
-            .map_err(unavailable)?;
-        pools::set_statement_timeout(&mut connection, self.call_timeout)
-            .await
-            .map_err(unavailable)?;
-        Ok(Arc::new(Link { connection, open }))
+            .map_err(|error| self.store_error(&error))?;
+        Ok(Arc::new(Link {
+            client,
+            statements: Mutex::new(HashMap::new()),
+            open,
+        }))
     }
 }
 

@@ -3,7 +3,8 @@
 //! statement and so one round trip: a statement run outside an explicit
 //! transaction is atomic on its own, its data-modifying CTEs pass rows to
 //! each other through `RETURNING`, and the foreign keys are checked at its
-//! end.
+//! end. And its hot reads (a job by id, by idempotency key), on the shared
+//! read connection (`store/shared_reads.rs`).
 
 use diesel::QueryResult;
 use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text};
@@ -13,9 +14,11 @@ use super::{
     DeliveryOutcome, DeliveryRows, JobGuard, JobRow, JobRows, JobWriteOp, Prepared, Written,
 };
 use crate::coordinator::state::JobWrite;
+use crate::store::StoreError;
 use crate::store::pools::PostgresConnection;
 use crate::store::prepared::Cached;
 use crate::store::schema::webhook_deliveries;
+use crate::store::shared_reads::SharedReads;
 
 /// The columns of a new job's row, bound as `$1` to `$20` in this order.
 macro_rules! job_columns {
@@ -32,6 +35,56 @@ macro_rules! job_parameters {
         "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, \
          $19, $20"
     };
+}
+
+/// A job by id, its columns in [`job_columns`]' order.
+pub(super) const JOB_BY_ID: &str = concat!("SELECT ", job_columns!(), " FROM jobs WHERE id = $1");
+
+/// A job by idempotency key, its columns in [`job_columns`]' order.
+pub(super) const JOB_BY_IDEMPOTENCY_KEY: &str = concat!(
+    "SELECT ",
+    job_columns!(),
+    " FROM jobs WHERE idempotency_key = $1"
+);
+
+/// The row of the job `sql` ([`JOB_BY_ID`] or [`JOB_BY_IDEMPOTENCY_KEY`])
+/// finds with `value`, on the shared read connection.
+pub(super) async fn read_job(
+    reads: &SharedReads,
+    sql: &'static str,
+    value: &str,
+) -> Result<Option<JobRow>, StoreError> {
+    reads
+        .query_opt(sql, &[&value])
+        .await?
+        .map(|row| job_row(&row).map_err(StoreError::undecodable))
+        .transpose()
+}
+
+/// A job's row from the columns of [`job_columns`], in that order.
+fn job_row(row: &tokio_postgres::Row) -> Result<JobRow, tokio_postgres::Error> {
+    Ok(JobRow {
+        id: row.try_get(0)?,
+        job_type: row.try_get(1)?,
+        workspace: row.try_get(2)?,
+        payload_json: row.try_get(3)?,
+        priority: row.try_get(4)?,
+        labels_json: row.try_get(5)?,
+        state: row.try_get(6)?,
+        progress: row.try_get(7)?,
+        progress_message: row.try_get(8)?,
+        result_json: row.try_get(9)?,
+        error: row.try_get(10)?,
+        created_by: row.try_get(11)?,
+        agent_id: row.try_get(12)?,
+        peer_instance_id: row.try_get(13)?,
+        idempotency_key: row.try_get(14)?,
+        version: row.try_get(15)?,
+        created_at_ms: row.try_get(16)?,
+        updated_at_ms: row.try_get(17)?,
+        started_at_ms: row.try_get(18)?,
+        ended_at_ms: row.try_get(19)?,
+    })
 }
 
 /// The label rows (`$21`, `$22`) and the creation entry (`$23` to `$29`) of

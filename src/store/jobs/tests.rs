@@ -548,7 +548,50 @@ async fn a_batch_with_a_failing_write_writes_nothing(store: Store) {
     );
 }
 
+/// Every column read back into its own field: on PostgreSQL the reads by id
+/// and by idempotency key decode the row by column position
+/// (`postgres.rs`), so two columns swapped would show here.
+async fn a_job_reads_back_every_field_by_id_and_by_key(store: Store) {
+    let mut stored = job("every-field", 1_000);
+    stored.payload_json = "{\"payload\":1}".to_owned();
+    stored.priority = 7;
+    stored.state = JobState::Failed;
+    stored.progress = Percent::new(42).expect("a percentage");
+    stored.progress_message = "progress message".to_owned();
+    stored.result_json = "{\"result\":2}".to_owned();
+    stored.error = "the error".to_owned();
+    stored.created_by = "the creator".to_owned();
+    stored.agent_id = "the agent".to_owned();
+    stored.peer_instance_id = "the peer".to_owned();
+    stored.idempotency_key = Some("the key".to_owned());
+    stored.version = 3;
+    stored.updated_at_ms = 2_000;
+    stored.started_at_ms = Some(1_500);
+    stored.ended_at_ms = Some(1_900);
+    insert(&store, &stored).await;
+    assert_eq!(
+        store.find_job("every-field").await.expect("by id"),
+        Some(stored.clone())
+    );
+    assert_eq!(
+        store
+            .find_job_by_idempotency_key("the key")
+            .await
+            .expect("by key"),
+        Some(stored)
+    );
+    assert_eq!(store.find_job("no-such-job").await.expect("by id"), None);
+    assert_eq!(
+        store
+            .find_job_by_idempotency_key("no such key")
+            .await
+            .expect("by key"),
+        None
+    );
+}
+
 test_on_both_backends!(
+    a_job_reads_back_every_field_by_id_and_by_key,
     a_batch_is_written_in_order_with_an_answer_each,
     a_batch_of_writes_to_distinct_jobs_writes_every_row,
     a_batch_with_a_failing_write_writes_nothing,
