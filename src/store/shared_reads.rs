@@ -16,7 +16,6 @@
 //! connection closed under it runs once more on a new one: a read changes
 //! nothing, so running it twice is safe.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -46,8 +45,9 @@ pub(super) struct SharedReads {
 /// One open shared connection.
 struct Link {
     client: Client,
-    /// The statements prepared on this connection, by their text.
-    statements: Mutex<HashMap<&'static str, Statement>>,
+    /// The statements prepared on this connection, with their text: a
+    /// handful, so a scan beats hashing a few hundred bytes of SQL per read.
+    statements: Mutex<Vec<(&'static str, Statement)>>,
     /// Cleared when the connection closes or is retired.
     open: Arc<AtomicBool>,
 }
@@ -67,8 +67,9 @@ impl Link {
             .statements
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(sql)
-            .cloned();
+            .iter()
+            .find(|(text, _)| *text == sql)
+            .map(|(_, statement)| statement.clone());
         match known {
             Some(statement) => Ok(statement),
             None => {
@@ -76,7 +77,7 @@ impl Link {
                 self.statements
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .insert(sql, statement.clone());
+                    .push((sql, statement.clone()));
                 Ok(statement)
             }
         }
@@ -206,7 +207,7 @@ impl SharedReads {
             .map_err(|error| self.store_error(&error))?;
         Ok(Arc::new(Link {
             client,
-            statements: Mutex::new(HashMap::new()),
+            statements: Mutex::new(Vec::new()),
             open,
         }))
     }
