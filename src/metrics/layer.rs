@@ -82,9 +82,14 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let (service, method) = labels_for(request.uri().path());
-            let caller = CallerSlot::default();
+            // Who called is only wanted for the log line: with the access
+            // log off, the rate-limit layer finds no slot to describe the
+            // caller into.
+            let caller = (access_log != AccessLog::Off).then(CallerSlot::default);
+            if let Some(slot) = &caller {
+                request.extensions_mut().insert(slot.clone());
+            }
             let client = crate::auth::remote_address(request.extensions());
-            request.extensions_mut().insert(caller.clone());
             let response = inner.call(request).await?;
             let mut recorder = CallRecorder {
                 metrics,
@@ -138,7 +143,9 @@ struct CallRecorder {
     access_log: AccessLog,
     service: String,
     method: String,
-    caller: CallerSlot,
+    /// Who called, filled in by the rate-limit layer; `None` when the
+    /// access log is off.
+    caller: Option<CallerSlot>,
     /// The client's address and port, when the server knows it.
     client: Option<std::net::SocketAddr>,
     started: Instant,
@@ -161,8 +168,11 @@ impl CallRecorder {
         };
         self.metrics
             .record_call(&self.service, method, code, duration);
+        let Some(caller) = &self.caller else {
+            return;
+        };
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let caller = self.caller.get();
+        let caller = caller.get();
         let client = self
             .client
             .map_or_else(|| "-".to_owned(), |address| address.to_string());
