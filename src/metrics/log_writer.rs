@@ -14,14 +14,25 @@ pub const QUEUE_LINES: usize = 65_536;
 /// The counter of the writer made by [`stderr`], once made.
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
+/// Bytes of lines the writer thread gathers before it must write them.
+const WRITE_BUFFER_BYTES: usize = 64 * 1024;
+
 /// A non-blocking writer to stderr, and the guard that flushes what is
 /// queued when it is dropped (keep it until the process ends).
+///
+/// The thread writes the lines queued since its last turn with one system
+/// call: it takes every line waiting in the queue, then flushes, so a
+/// buffer in front of stderr (unbuffered on its own: a system call per
+/// line) holds no line longer than the queue has none.
 pub fn stderr() -> (NonBlocking, WorkerGuard) {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUE_LINES)
         .thread_name("mosaicd-log")
-        .finish(std::io::stderr());
+        .finish(std::io::BufWriter::with_capacity(
+            WRITE_BUFFER_BYTES,
+            std::io::stderr(),
+        ));
     let _ = DROPPED.set(writer.error_counter());
     (writer, guard)
 }
