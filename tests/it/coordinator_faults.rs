@@ -14,7 +14,7 @@ use tonic_health::pb::health_client::HealthClient;
 use mosaic_mesh::auth::Scope;
 
 use crate::support::Backend;
-use crate::support::daemon::{TestEnvironment, with_key};
+use crate::support::daemon::{TestDaemon, TestEnvironment, with_key};
 use crate::support::fault_proxy::{Fault, FaultProxy};
 
 /// `url` with its `host:port` replaced by `address`.
@@ -71,6 +71,21 @@ async fn postgres_address(url: &str) -> std::net::SocketAddr {
         .expect("resolve")
         .next()
         .expect("address")
+}
+
+/// A daemon whose PostgreSQL is behind a fault proxy, with a 1 s call
+/// deadline, and a `coordinator` key. The daemon believes a key it has
+/// checked for 5 minutes, so once a call has used it, calls during a fault
+/// reach the database for their own work, not for the key.
+async fn behind_a_proxy(environment: &TestEnvironment) -> (FaultProxy, TestDaemon, String) {
+    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
+    let mut config = environment.config();
+    config.database_url = through(&environment.database.url, proxy.address);
+    config.storage.call_timeout = Duration::from_secs(1);
+    config.auth_cache = Duration::from_secs(300);
+    let daemon = environment.start_with(config).await.expect("start");
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    (proxy, daemon, key)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -148,14 +163,7 @@ async fn coordinator_health_follows_a_postgres_cut() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_database_that_stops_answering_fails_calls_within_the_deadline() {
     let environment = TestEnvironment::new(Backend::Postgres).await;
-    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
-    let mut config = environment.config();
-    config.database_url = through(&environment.database.url, proxy.address);
-    config.storage.call_timeout = Duration::from_secs(1);
-    // The API key is checked (and then cached) before the database goes.
-    config.auth_cache = Duration::from_secs(300);
-    let daemon = environment.start_with(config).await.expect("start");
-    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let (proxy, daemon, key) = behind_a_proxy(&environment).await;
     let channel = daemon.channel().await;
     let mut coordinator = CoordinatorClient::new(channel.clone());
     let mut standard = HealthClient::new(channel);
@@ -268,13 +276,7 @@ async fn the_metrics_listener_answers_healthz_and_readyz_with_the_database() {
 #[tokio::test(flavor = "multi_thread")]
 async fn get_job_recovers_after_its_shared_connection_is_cut_or_goes_silent() {
     let environment = TestEnvironment::new(Backend::Postgres).await;
-    let proxy = FaultProxy::start(postgres_address(&environment.database.url).await).await;
-    let mut config = environment.config();
-    config.database_url = through(&environment.database.url, proxy.address);
-    config.storage.call_timeout = Duration::from_secs(1);
-    config.auth_cache = Duration::from_secs(300);
-    let daemon = environment.start_with(config).await.expect("start");
-    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let (proxy, daemon, key) = behind_a_proxy(&environment).await;
     let mut coordinator = CoordinatorClient::new(daemon.channel().await);
     let job = coordinator
         .create_job(with_key(
