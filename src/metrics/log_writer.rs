@@ -21,9 +21,9 @@ const WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// queued when it is dropped (keep it until the process ends).
 ///
 /// The thread writes the lines queued since its last turn with one system
-/// call: it takes every line waiting in the queue, then flushes, so a
+/// call: it takes every line waiting in the queue, then flushes. So the
 /// buffer in front of stderr (unbuffered on its own: a system call per
-/// line) holds no line longer than the queue has none.
+/// line) never keeps a line once the queue is empty.
 pub fn stderr() -> (NonBlocking, WorkerGuard) {
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(true)
