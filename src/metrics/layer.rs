@@ -82,22 +82,24 @@ where
         Box::pin(async move {
             let started = Instant::now();
             let (service, method) = labels_for(request.uri().path());
-            // Who called is only wanted for the log line: with the access
-            // log off, the rate-limit layer finds no slot to describe the
-            // caller into.
-            let caller = (access_log != AccessLog::Off).then(CallerSlot::default);
-            if let Some(slot) = &caller {
-                request.extensions_mut().insert(slot.clone());
-            }
-            let client = crate::auth::remote_address(request.extensions());
+            // Who called, and from where, is only wanted for the log line:
+            // with the access log off, neither is looked up, and the
+            // rate-limit layer finds no slot to describe the caller into.
+            let line = (access_log != AccessLog::Off).then(|| {
+                let caller = CallerSlot::default();
+                request.extensions_mut().insert(caller.clone());
+                LineFields {
+                    caller,
+                    client: crate::auth::remote_address(request.extensions()),
+                }
+            });
             let response = inner.call(request).await?;
             let mut recorder = CallRecorder {
                 metrics,
                 access_log,
                 service,
                 method,
-                caller,
-                client,
+                line,
                 started,
                 recorded: false,
             };
@@ -143,13 +145,19 @@ struct CallRecorder {
     access_log: AccessLog,
     service: String,
     method: String,
-    /// Who called, filled in by the rate-limit layer; `None` when the
-    /// access log is off.
-    caller: Option<CallerSlot>,
-    /// The client's address and port, when the server knows it.
-    client: Option<std::net::SocketAddr>,
+    /// What the log line says beyond the call; `None` when the access log
+    /// is off.
+    line: Option<LineFields>,
     started: Instant,
     recorded: bool,
+}
+
+/// Who made a call and from where, for its log line.
+struct LineFields {
+    /// Who called, filled in by the rate-limit layer.
+    caller: CallerSlot,
+    /// The client's address and port, when the server knows it.
+    client: Option<std::net::SocketAddr>,
 }
 
 impl CallRecorder {
@@ -168,12 +176,12 @@ impl CallRecorder {
         };
         self.metrics
             .record_call(&self.service, method, code, duration);
-        let Some(caller) = &self.caller else {
+        let Some(line) = &self.line else {
             return;
         };
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let caller = caller.get();
-        let client = self
+        let caller = line.caller.get();
+        let client = line
             .client
             .map_or_else(|| "-".to_owned(), |address| address.to_string());
         // The level of a tracing event is part of its static call site, so
