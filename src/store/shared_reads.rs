@@ -190,9 +190,8 @@ impl SharedReads {
     async fn open(&self) -> Result<Arc<Link>, StoreError> {
         let (client, driver) = pools::open_postgres_client(&self.url, self.call_timeout)
             .await
-            .map_err(|error| {
-                StoreError::Unavailable(redact_password(&error.to_string(), &self.url))
-            })?;
+            // The password is already taken out of the error (`pools.rs`).
+            .map_err(|error| StoreError::Unavailable(error.to_string()))?;
         let open = Arc::new(AtomicBool::new(true));
         let marks_closed = Arc::clone(&open);
         tokio::spawn(async move {
