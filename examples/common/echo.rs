@@ -9,7 +9,8 @@
 //! read one row from PostgreSQL before each answer (`EchoProcess::reading`):
 //! with tokio-postgres directly (a statement prepared once, on one connection
 //! that pipelines concurrent queries: the cheapest read a Rust server can
-//! make), or through the daemon's own `Store` (diesel-async over a bb8 pool).
+//! make), or through the daemon's own `Store` (`Store::find_job`, the read
+//! `GetJob` makes).
 //!
 //! The service is written by hand (what tonic's codegen would emit) so that the
 //! examples need no proto file of their own. Each echo server runs as a child
