@@ -44,7 +44,7 @@ async fn main() -> ExitCode {
 fn init_tracing(
     filter: Option<&str>,
     format: LogFormat,
-) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
+) -> Result<mosaic_mesh::metrics::log_writer::LogGuard, String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).map_err(
         |error| {
             format!(
