@@ -364,6 +364,10 @@ impl Authenticator {
     }
 }
 
+/// The header an API key comes in (or `authorization: Bearer`); a constant,
+/// so its name is not parsed on every call.
+const API_KEY_HEADER: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 /// Extracts the key from `authorization: Bearer <key>` or `x-api-key: <key>`.
 fn presented_api_key(headers: &http::HeaderMap, scope: Scope) -> Result<&str, tonic::Status> {
     let malformed = |detail: &str| {
@@ -384,7 +388,7 @@ fn presented_api_key(headers: &http::HeaderMap, scope: Scope) -> Result<&str, to
             Some(key.trim())
         }
     };
-    let from_header = match headers.get("x-api-key") {
+    let from_header = match headers.get(API_KEY_HEADER) {
         None => None,
         Some(value) => Some(
             value

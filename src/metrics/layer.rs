@@ -81,7 +81,9 @@ where
         let access_log = self.access_log;
         Box::pin(async move {
             let started = Instant::now();
-            let (service, method) = labels_for(request.uri().path());
+            // A shared reference to the request's path, not a copy: the
+            // labels are slices of it.
+            let path = request.uri().path_and_query().cloned();
             // Who called, and from where, is only wanted for the log line:
             // with the access log off, neither is looked up, and the
             // rate-limit layer finds no slot to describe the caller into.
@@ -97,8 +99,7 @@ where
             let mut recorder = CallRecorder {
                 metrics,
                 access_log,
-                service,
-                method,
+                path,
                 line,
                 started,
                 recorded: false,
@@ -123,12 +124,12 @@ where
 
 /// (service, method) labels for a path: only the services this server knows, so
 /// scanners cannot grow the label set.
-fn labels_for(path: &str) -> (String, String) {
+fn labels_for(path: &str) -> (&str, &str) {
     match path.trim_start_matches('/').split_once('/') {
         Some((service, method)) if crate::auth::requirement_for(path).is_some() => {
-            (service.to_owned(), method.to_owned())
+            (service, method)
         }
-        _ => ("unknown".to_owned(), "unknown".to_owned()),
+        _ => ("unknown", "unknown"),
     }
 }
 
@@ -143,8 +144,8 @@ fn code_name(code: &str) -> &'static str {
 struct CallRecorder {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
-    service: String,
-    method: String,
+    /// The called path, for the (service, method) labels.
+    path: Option<http::uri::PathAndQuery>,
     /// What the log line says beyond the call; `None` when the access log
     /// is off.
     line: Option<LineFields>,
@@ -168,38 +169,49 @@ impl CallRecorder {
         self.recorded = true;
         let code = code_name(code);
         let duration = self.started.elapsed();
+        let (service, method) = labels_for(self.path.as_ref().map_or("", |path| path.path()));
         // An unknown method of a known service would otherwise add a label value.
         let method = if code == "UNIMPLEMENTED" {
             "unknown"
         } else {
-            self.method.as_str()
+            method
         };
-        self.metrics
-            .record_call(&self.service, method, code, duration);
+        self.metrics.record_call(service, method, code, duration);
         let Some(line) = &self.line else {
             return;
         };
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         let caller = line.caller.get();
-        let client = line
-            .client
-            .map_or_else(|| "-".to_owned(), |address| address.to_string());
+        let client = ClientAddress(line.client);
         // The level of a tracing event is part of its static call site, so
         // each level has its own.
         match self.access_log {
             AccessLog::Info => tracing::event!(
                 target: "mosaic_mesh::access",
                 tracing::Level::INFO,
-                rpc.service = %self.service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
+                rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"
             ),
             AccessLog::Debug => tracing::event!(
                 target: "mosaic_mesh::access",
                 tracing::Level::DEBUG,
-                rpc.service = %self.service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
+                rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"
             ),
             AccessLog::Off => {}
+        }
+    }
+}
+
+/// A client's address as the log line shows it, written straight into the
+/// line: `-` when the server does not know it.
+struct ClientAddress(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for ClientAddress {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(address) => address.fmt(formatter),
+            None => formatter.write_str("-"),
         }
     }
 }
@@ -263,16 +275,13 @@ mod tests {
     fn only_known_services_keep_their_labels() {
         assert_eq!(
             labels_for("/grpc.health.v1.Health/Check"),
-            ("grpc.health.v1.Health".to_owned(), "Check".to_owned())
+            ("grpc.health.v1.Health", "Check")
         );
         assert_eq!(
             labels_for("/scanner.Probe/Anything"),
-            ("unknown".to_owned(), "unknown".to_owned())
+            ("unknown", "unknown")
         );
-        assert_eq!(
-            labels_for("/"),
-            ("unknown".to_owned(), "unknown".to_owned())
-        );
+        assert_eq!(labels_for("/"), ("unknown", "unknown"));
     }
 
     #[test]

@@ -94,25 +94,29 @@ where
         let limiter = Arc::clone(&self.limiter);
         let authenticator = Arc::clone(&self.authenticator);
         Box::pin(async move {
-            let path = request.uri().path().to_owned();
-            let tier = tier_for(&path);
+            // A shared reference to the request's path, not a copy.
+            let path_and_query = request.uri().path_and_query().cloned();
+            let path = path_and_query
+                .as_ref()
+                .map_or("", http::uri::PathAndQuery::path);
+            let tier = tier_for(path);
             let ip_key = limiter.client_key(remote_ip(request.extensions()), request.headers());
 
             if !limiter.settings().shadow
                 && let Some(refusal) = limiter.gate(tier, &ip_key)
                 && let Enforcement::Refuse(refusal) =
-                    limiter.enforce(tier, Verdict::Refused(Box::new(refusal)), &path)
+                    limiter.enforce(tier, Verdict::Refused(Box::new(refusal)), path)
             {
                 return Ok(refusal_response(&refusal));
             }
 
             // The certificate is parsed only for the methods that use it.
-            let peer_key = (crate::auth::requirement_for(&path)
+            let peer_key = (crate::auth::requirement_for(path)
                 == Some(crate::auth::Requirement::PeerCertificate))
             .then(|| crate::auth::peer_key_of(request.extensions()))
             .flatten();
             let caller = match authenticator
-                .authenticate(&path, request.headers(), peer_key)
+                .authenticate(path, request.headers(), peer_key)
                 .await
             {
                 Ok(caller) => caller,
@@ -124,7 +128,7 @@ where
                         Some(verdict) => verdict,
                         None => limiter.count(tier, ip_only).await,
                     };
-                    let state = match limiter.enforce(tier, verdict, &path) {
+                    let state = match limiter.enforce(tier, verdict, path) {
                         Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                         Enforcement::Admit(state) => state,
                     };
@@ -136,16 +140,23 @@ where
                 }
             };
 
-            let mut keys = vec![ip_key];
-            keys.extend(LimitKey::for_caller(&caller));
+            // The IP's key, then the caller's if it has one (no vector per call).
+            let both;
+            let keys: &[LimitKey] = match LimitKey::for_caller(&caller) {
+                Some(caller_key) => {
+                    both = [ip_key, caller_key];
+                    &both
+                }
+                None => std::slice::from_ref(&ip_key),
+            };
             let verdict = match keys.get(1).and_then(|key| limiter.gate(tier, key)) {
                 Some(refusal) => Verdict::Refused(Box::new(refusal)),
-                None => match limiter.count_in_memory(tier, &keys) {
+                None => match limiter.count_in_memory(tier, keys) {
                     Some(verdict) => verdict,
-                    None => limiter.count(tier, &keys).await,
+                    None => limiter.count(tier, keys).await,
                 },
             };
-            let state: Option<QuotaState> = match limiter.enforce(tier, verdict, &path) {
+            let state: Option<QuotaState> = match limiter.enforce(tier, verdict, path) {
                 Enforcement::Refuse(refusal) => return Ok(refusal_response(&refusal)),
                 Enforcement::Admit(state) => state,
             };

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::decision::{QuotaState, Refusal};
@@ -15,17 +15,18 @@ pub const REASON_RATE_LIMITED: &str = "RATE_LIMITED";
 pub const ERROR_DOMAIN: &str = "mosaicd";
 
 /// Calls per window of the tightest quota the call counted against.
-pub const HEADER_LIMIT: &str = "x-ratelimit-limit";
+pub const HEADER_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 /// Calls left in that quota.
-pub const HEADER_REMAINING: &str = "x-ratelimit-remaining";
+pub const HEADER_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 /// Whole seconds until that quota is whole again (rounded up).
-pub const HEADER_RESET: &str = "x-ratelimit-reset";
+pub const HEADER_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 fn whole_seconds_rounded_up(duration: std::time::Duration) -> u64 {
     duration.as_secs() + u64::from(duration.subsec_nanos() > 0)
 }
 
-/// Writes the `x-ratelimit-*` headers.
+/// Writes the `x-ratelimit-*` headers. On every admitted call: the names
+/// are constants, so none is parsed per call.
 pub fn write_quota_headers(headers: &mut http::HeaderMap, state: &QuotaState) {
     headers.insert(HEADER_LIMIT, HeaderValue::from(state.limit));
     headers.insert(HEADER_REMAINING, HeaderValue::from(state.remaining));
