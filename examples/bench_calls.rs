@@ -18,7 +18,9 @@
 //! `cargo build --release --bin mosaicd --example bench_calls && target/release/examples/bench_calls`
 //! (`BENCH_SECONDS` per measurement, default 3; `BENCH_ROUNDS`, default 3;
 //! `MOSAIC_TEST_DATABASE_URL`; `BENCH_REDIS_URL`, default
-//! `redis://127.0.0.1:6379`). Markdown on stdout, progress on stderr.
+//! `redis://127.0.0.1:6379`; `BENCH_ONLY`, to measure only some calls while
+//! profiling: comma-separated parts of `ACCESS_LOG:Call`, e.g.
+//! `-:Echo,off:GetJob`). Markdown on stdout, progress on stderr.
 
 #![forbid(unsafe_code)]
 
@@ -346,6 +348,14 @@ async fn main() -> anyhow::Result<()> {
         plan.extend(DAEMON_CALLS.map(|call| (*access_log, call, target)));
     }
 
+    // To profile one call: only the measurements named (rows not measured
+    // print NaN).
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        plan.retain(|(log, call, _)| {
+            let name = format!("{log}:{call:?}");
+            only.split(',').any(|part| name.contains(part))
+        });
+    }
     eprintln!("warming up");
     for (_, call, target) in &plan {
         measure(*call, target, connections, WARM_UP).await?;
