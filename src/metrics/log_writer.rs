@@ -86,7 +86,8 @@ impl LogWriter {
         }
     }
 
-    /// Lines dropped so far because the buffer was full.
+    /// Lines dropped so far: the buffer was full, or no thread was left to
+    /// write them (it could not start, or the log closed).
     pub fn dropped_lines(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }
@@ -143,7 +144,7 @@ pub fn stderr() -> (LogWriter, LogGuard) {
     (writer, guard)
 }
 
-/// Log lines dropped so far because the buffer was full (0 when the log
+/// Log lines dropped so far by [`stderr`]'s writer (0 when the log
 /// does not go through [`stderr`], as in tests that run the daemon in
 /// process).
 pub fn dropped_lines() -> u64 {
