@@ -340,14 +340,21 @@ impl Store {
     pub async fn find_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let row = match self.shared_reads() {
             Some(reads) => postgres::read_job(reads, postgres::JOB_BY_ID, id).await?,
-            None => with_connection!(self, |conn| {
-                jobs::table
-                    .filter(jobs::id.eq(id))
-                    .select(JobRow::as_select())
-                    .first(conn)
-                    .await
-                    .optional()?
-            }),
+            // Boxed: the pool's future is kilobytes, and the shared read's
+            // would otherwise carry it on every call.
+            None => {
+                Box::pin(async {
+                    Ok::<_, StoreError>(with_connection!(self, |conn| {
+                        jobs::table
+                            .filter(jobs::id.eq(id))
+                            .select(JobRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?
+                    }))
+                })
+                .await?
+            }
         };
         row.map(JobRecord::try_from).transpose()
     }
@@ -359,14 +366,21 @@ impl Store {
     ) -> Result<Option<JobRecord>, StoreError> {
         let row = match self.shared_reads() {
             Some(reads) => postgres::read_job(reads, postgres::JOB_BY_IDEMPOTENCY_KEY, key).await?,
-            None => with_connection!(self, |conn| {
-                jobs::table
-                    .filter(jobs::idempotency_key.eq(key))
-                    .select(JobRow::as_select())
-                    .first(conn)
-                    .await
-                    .optional()?
-            }),
+            // Boxed: the pool's future is kilobytes, and the shared read's
+            // would otherwise carry it on every call.
+            None => {
+                Box::pin(async {
+                    Ok::<_, StoreError>(with_connection!(self, |conn| {
+                        jobs::table
+                            .filter(jobs::idempotency_key.eq(key))
+                            .select(JobRow::as_select())
+                            .first(conn)
+                            .await
+                            .optional()?
+                    }))
+                })
+                .await?
+            }
         };
         row.map(JobRecord::try_from).transpose()
     }
