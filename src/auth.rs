@@ -207,9 +207,9 @@ pub enum Caller {
     /// A validated, unrevoked API key.
     ApiKey {
         /// The key's id (never the key).
-        id: String,
+        id: Arc<str>,
         /// The key's name.
-        name: String,
+        name: Arc<str>,
     },
     /// A TLS client presenting a certificate for this key.
     PeerCertificate(PublicKey),
@@ -243,13 +243,21 @@ impl Caller {
     }
 }
 
+/// A stored key as the [`Authenticator`] keeps it: the record, with its id
+/// and name ready to be shared by every call's [`Caller`] (no copy per call).
+struct KnownKey {
+    record: ApiKeyRecord,
+    id: Arc<str>,
+    name: Arc<str>,
+}
+
 /// Checks credentials against the store.
 pub struct Authenticator {
     store: Store,
     /// Stored keys by hash, each believed for `server.auth_cache_ms` (revoked
     /// ones too, so that they stay refused). Only keys found in the store are
     /// kept: an unknown key is looked up every time it is presented.
-    keys: TtlCache<Vec<u8>, Arc<ApiKeyRecord>>,
+    keys: TtlCache<Vec<u8>, Arc<KnownKey>>,
     last_touched: Mutex<HashMap<String, i64>>,
 }
 
@@ -293,9 +301,10 @@ impl Authenticator {
     ) -> Result<Caller, tonic::Status> {
         let presented = presented_api_key(headers, scope)?;
         let record = self.find_key(hash_api_key(presented)).await?;
-        let Some(record) = record.filter(|record| record.revoked_at_ms.is_none()) else {
+        let Some(known) = record.filter(|known| known.record.revoked_at_ms.is_none()) else {
             return Err(tonic::Status::unauthenticated("invalid or revoked API key"));
         };
+        let record = &known.record;
         if !record
             .scopes
             .iter()
@@ -308,20 +317,20 @@ impl Authenticator {
         }
         self.touch(&record.id);
         Ok(Caller::ApiKey {
-            id: record.id.clone(),
-            name: record.name.clone(),
+            id: Arc::clone(&known.id),
+            name: Arc::clone(&known.name),
         })
     }
 
     /// The stored key with this hash, from the cache while it is fresh.
-    async fn find_key(&self, hash: Vec<u8>) -> Result<Option<Arc<ApiKeyRecord>>, tonic::Status> {
+    async fn find_key(&self, hash: Vec<u8>) -> Result<Option<Arc<KnownKey>>, tonic::Status> {
         let ticket = match self.keys.get(&hash) {
             Ok(record) => return Ok(Some(record)),
             Err(ticket) => ticket,
         };
-        let record = self
-            .store
-            .find_api_key_by_hash(&hash)
+        // Boxed: a miss is rare, and its future (kilobytes) would otherwise
+        // be carried by every call's.
+        let record = Box::pin(self.store.find_api_key_by_hash(&hash))
             .await
             .map_err(|error| match error {
                 StoreError::Unavailable(_) => {
@@ -332,7 +341,13 @@ impl Authenticator {
                     tonic::Status::internal("internal error")
                 }
             })?
-            .map(Arc::new);
+            .map(|record| {
+                Arc::new(KnownKey {
+                    id: Arc::from(record.id.as_str()),
+                    name: Arc::from(record.name.as_str()),
+                    record,
+                })
+            });
         if let Some(record) = &record {
             self.keys.insert(ticket, hash, Arc::clone(record));
         }
@@ -467,6 +482,37 @@ mod tests {
         assert_eq!(slot.get(), "anonymous");
         slot.set("api_key:abc".to_owned());
         assert_eq!(slot.get(), "api_key:abc");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_call_carries_a_small_future_and_shares_the_cached_key() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = crate::store::testing::TestDatabase::sqlite(dir.path())
+            .migrated_store()
+            .await
+            .expect("open the database");
+        let key = create_api_key(&store, "bot", &[Scope::Coordinator])
+            .await
+            .expect("create a key");
+        let authenticator = Authenticator::new(store, Duration::from_secs(60));
+        let headers = headers(&[("x-api-key", key.secret.as_str())]);
+        let path = "/mosaic.coordinator.v1.Coordinator/GetJob";
+        // The store's lookup, on a miss only, is boxed: it is kilobytes.
+        let call = authenticator.authenticate(path, &headers, None);
+        let bytes = std::mem::size_of_val(&call);
+        assert!(bytes <= 1024, "authenticate is a future of {bytes} bytes");
+        let first = call.await.expect("the key is valid");
+        let second = authenticator
+            .authenticate(path, &headers, None)
+            .await
+            .expect("the key is valid");
+        let (Caller::ApiKey { id: first, .. }, Caller::ApiKey { id: second, name }) =
+            (first, second)
+        else {
+            panic!("an API key caller");
+        };
+        assert_eq!(&*name, "bot");
+        assert!(Arc::ptr_eq(&first, &second), "one id shared, not copied");
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {

@@ -56,7 +56,7 @@ impl CoordinatorService {
 /// Who is recorded as having made a change: the API key's name.
 fn actor_of<T>(request: &Request<T>) -> String {
     match Caller::of(request) {
-        Caller::ApiKey { name, .. } => name,
+        Caller::ApiKey { name, .. } => name.to_string(),
         Caller::Anonymous | Caller::PeerCertificate(_) => "anonymous".to_owned(),
     }
 }

@@ -52,7 +52,7 @@ impl LimitKey {
     pub fn for_caller(caller: &Caller) -> Option<LimitKey> {
         match caller {
             Caller::Anonymous => None,
-            Caller::ApiKey { id, .. } => Some(LimitKey::ApiKey(Arc::from(id.as_str()))),
+            Caller::ApiKey { id, .. } => Some(LimitKey::ApiKey(Arc::clone(id))),
             Caller::PeerCertificate(public_key) => {
                 Some(LimitKey::Instance(Arc::from(public_key.key_id())))
             }
