@@ -9,7 +9,7 @@
 //! the handler. A method of a known service that is missing from the
 //! table is refused (fail closed).
 
-use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,11 +244,16 @@ impl Caller {
 }
 
 /// A stored key as the [`Authenticator`] keeps it: the record, with its id
-/// and name ready to be shared by every call's [`Caller`] (no copy per call).
+/// and name ready to be shared by every call's [`Caller`] (no copy per call),
+/// and when its use was last recorded.
 struct KnownKey {
     record: ApiKeyRecord,
     id: Arc<str>,
     name: Arc<str>,
+    /// `last_used_at` as this process last knew it: read with the record,
+    /// then set by [`Authenticator::touch`]. A call compares it with the
+    /// clock, with no lock and no lookup of its own.
+    last_used_at_ms: AtomicI64,
 }
 
 /// Checks credentials against the store.
@@ -258,7 +263,6 @@ pub struct Authenticator {
     /// ones too, so that they stay refused). Only keys found in the store are
     /// kept: an unknown key is looked up every time it is presented.
     keys: TtlCache<Vec<u8>, Arc<KnownKey>>,
-    last_touched: Mutex<HashMap<String, i64>>,
 }
 
 impl Authenticator {
@@ -268,7 +272,6 @@ impl Authenticator {
         Self {
             store,
             keys: TtlCache::new(cache_lifetime),
-            last_touched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -315,7 +318,7 @@ impl Authenticator {
                 record.name
             )));
         }
-        self.touch(&record.id);
+        self.touch(&known);
         Ok(Caller::ApiKey {
             id: Arc::clone(&known.id),
             name: Arc::clone(&known.name),
@@ -345,6 +348,7 @@ impl Authenticator {
                 Arc::new(KnownKey {
                     id: Arc::from(record.id.as_str()),
                     name: Arc::from(record.name.as_str()),
+                    last_used_at_ms: AtomicI64::new(record.last_used_at_ms.unwrap_or(i64::MIN)),
                     record,
                 })
             });
@@ -354,23 +358,24 @@ impl Authenticator {
         Ok(record)
     }
 
-    /// Records use of a key in the background, at most once per interval.
-    fn touch(&self, key_id: &str) {
+    /// Records use of a key in the background, at most once per interval:
+    /// the stored time is read with the key, so a key read again after its
+    /// cache entry expired (or read by another replica) is not written again
+    /// before the interval has passed. Of calls racing at the interval's end,
+    /// one writes.
+    fn touch(&self, known: &KnownKey) {
         let now = now_ms();
+        let previous = known.last_used_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(previous) < TOUCH_INTERVAL_MS
+            || known
+                .last_used_at_ms
+                .compare_exchange(previous, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
         {
-            let mut last_touched = self
-                .last_touched
-                .lock()
-                .unwrap_or_else(|poison| poison.into_inner());
-            match last_touched.get(key_id) {
-                Some(previous) if now - previous < TOUCH_INTERVAL_MS => return,
-                _ => {
-                    last_touched.insert(key_id.to_owned(), now);
-                }
-            }
+            return;
         }
         let store = self.store.clone();
-        let key_id = key_id.to_owned();
+        let key_id = known.record.id.clone();
         tokio::spawn(async move {
             if let Err(error) = store.touch_api_key(&key_id, now).await {
                 tracing::warn!(api_key.id = %key_id, %error, "could not record api key use");
@@ -513,6 +518,78 @@ mod tests {
         };
         assert_eq!(&*name, "bot");
         assert!(Arc::ptr_eq(&first, &second), "one id shared, not copied");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn use_is_recorded_once_a_minute_even_when_the_key_is_read_again() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = crate::store::testing::TestDatabase::sqlite(dir.path())
+            .migrated_store()
+            .await
+            .expect("open the database");
+        let key = create_api_key(&store, "bot", &[Scope::Coordinator])
+            .await
+            .expect("create a key");
+        let hash = hash_api_key(key.secret.as_str());
+        let last_used = || async {
+            store
+                .find_api_key_by_hash(&hash)
+                .await
+                .expect("read the key")
+                .expect("the key exists")
+                .last_used_at_ms
+        };
+        // No cache: every call reads the key again, as a call on another
+        // replica, or after the cache entry expired, would.
+        let authenticator = Authenticator::new(store.clone(), Duration::ZERO);
+        let headers = headers(&[("x-api-key", key.secret.as_str())]);
+        let path = "/mosaic.coordinator.v1.Coordinator/GetJob";
+        let call = || authenticator.authenticate(path, &headers, None);
+        call().await.expect("the key is valid");
+        let mut first = None;
+        for _ in 0..100 {
+            first = last_used().await;
+            if first.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first = first.expect("the first call's use was recorded");
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            call().await.expect("the key is valid");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            last_used().await,
+            Some(first),
+            "not written again within the minute"
+        );
+        // A minute later, the next call records its use again.
+        let long_ago = first - TOUCH_INTERVAL_MS - 1;
+        let id = store
+            .find_api_key_by_hash(&hash)
+            .await
+            .expect("read the key")
+            .expect("the key exists")
+            .id;
+        store
+            .touch_api_key(&id, long_ago)
+            .await
+            .expect("set the time back");
+        call().await.expect("the key is valid");
+        let mut again = None;
+        for _ in 0..100 {
+            again = last_used().await;
+            if again != Some(long_ago) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            again >= Some(first),
+            "written again after the minute: {again:?}"
+        );
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
