@@ -100,20 +100,25 @@ impl Allowances {
         if held.is_empty() {
             return None;
         }
+        // One lookup per key: each is spent as it is found, and a key
+        // without a call left gives back what the ones before it spent.
         let mut tightest: Option<(u32, Duration)> = None;
-        for key in keys {
-            let allowance = held.get(&(tier, key.clone()))?;
-            if allowance.left == 0 || allowance.until <= now {
+        for (index, key) in keys.iter().enumerate() {
+            let usable = held
+                .get_mut(&(tier, key.clone()))
+                .filter(|allowance| allowance.left > 0 && allowance.until > now);
+            let Some(allowance) = usable else {
+                for spent in &keys[..index] {
+                    if let Some(allowance) = held.get_mut(&(tier, spent.clone())) {
+                        allowance.left += 1;
+                    }
+                }
                 return None;
-            }
+            };
             let remaining = allowance.remaining.saturating_add(allowance.left - 1);
+            allowance.left -= 1;
             if tightest.is_none_or(|(fewest, _)| remaining < fewest) {
                 tightest = Some((remaining, allowance.reset));
-            }
-        }
-        for key in keys {
-            if let Some(allowance) = held.get_mut(&(tier, key.clone())) {
-                allowance.left -= 1;
             }
         }
         let (remaining, reset) = tightest?;
@@ -247,6 +252,25 @@ mod tests {
         assert_eq!(second.remaining, 900);
         assert_eq!(allowances.take(Tier::Default, &[ip], 1_000, now), None);
         assert_eq!(allowances.prune(now), 0, "both allowances are used up");
+    }
+
+    #[test]
+    fn a_key_named_twice_is_spent_twice_or_not_at_all() {
+        let allowances = Allowances::new(1);
+        let now = Instant::now();
+        let ip = key("ip");
+        allowances.hold(Tier::Default, std::slice::from_ref(&ip), 1, &state(10), now);
+        assert_eq!(
+            allowances.take(Tier::Default, &[ip.clone(), ip.clone()], 1_000, now),
+            None,
+            "one call held, two wanted"
+        );
+        assert!(
+            allowances
+                .take(Tier::Default, std::slice::from_ref(&ip), 1_000, now)
+                .is_some(),
+            "the refused take spent nothing"
+        );
     }
 
     #[test]
