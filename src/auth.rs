@@ -489,16 +489,22 @@ mod tests {
         assert_eq!(slot.get(), "api_key:abc");
     }
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn every_call_carries_a_small_future_and_shares_the_cached_key() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = crate::store::testing::TestDatabase::sqlite(dir.path())
+    /// A SQLite store (in `dir`) holding one coordinator key, `bot`.
+    async fn store_with_a_key(dir: &std::path::Path) -> (Store, NewApiKey) {
+        let store = crate::store::testing::TestDatabase::sqlite(dir)
             .migrated_store()
             .await
             .expect("open the database");
         let key = create_api_key(&store, "bot", &[Scope::Coordinator])
             .await
             .expect("create a key");
+        (store, key)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_call_carries_a_small_future_and_shares_the_cached_key() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, key) = store_with_a_key(dir.path()).await;
         let authenticator = Authenticator::new(store, Duration::from_secs(60));
         let headers = headers(&[("x-api-key", key.secret.as_str())]);
         let path = "/mosaic.coordinator.v1.Coordinator/GetJob";
@@ -523,13 +529,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn use_is_recorded_once_a_minute_even_when_the_key_is_read_again() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = crate::store::testing::TestDatabase::sqlite(dir.path())
-            .migrated_store()
-            .await
-            .expect("open the database");
-        let key = create_api_key(&store, "bot", &[Scope::Coordinator])
-            .await
-            .expect("create a key");
+        let (store, key) = store_with_a_key(dir.path()).await;
         let hash = hash_api_key(key.secret.as_str());
         let last_used = || async {
             store
