@@ -1,6 +1,6 @@
 //! Queries for coordinator jobs: creating a job with its first history entry,
-//! changing it under a guard, reading, listing and paging, and recording
-//! webhook deliveries.
+//! changing it under a guard, and recording webhook deliveries; reading,
+//! listing and paging are in `jobs/reads.rs`.
 //!
 //! Every change is a conditional `UPDATE ... WHERE id = ? AND state = ?`
 //! (and `AND version = ?` when the caller read the job first) written
@@ -18,13 +18,18 @@
 //! through the coordinator's one job writer.
 
 mod postgres;
+mod reads;
 mod sqlite;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection as _, RunQueryDsl};
+use diesel_async::AsyncConnection as _;
+// For the test-only write below; the other writes run in `postgres.rs` and
+// `sqlite.rs`, the reads in `reads.rs`.
+#[cfg(test)]
+use diesel_async::RunQueryDsl;
 
 use super::schema::{job_history, job_labels, jobs, webhook_deliveries};
 use super::{Conflict, Store, StoreError};
@@ -336,55 +341,6 @@ impl Store {
         }
     }
 
-    /// The job with this id, if any.
-    pub async fn find_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let row = match self.shared_reads() {
-            Some(reads) => postgres::read_job(reads, postgres::JOB_BY_ID, id).await?,
-            // Boxed: the pool's future is kilobytes, and the shared read's
-            // would otherwise carry it on every call.
-            None => {
-                Box::pin(async {
-                    Ok::<_, StoreError>(with_connection!(self, |conn| {
-                        jobs::table
-                            .filter(jobs::id.eq(id))
-                            .select(JobRow::as_select())
-                            .first(conn)
-                            .await
-                            .optional()?
-                    }))
-                })
-                .await?
-            }
-        };
-        row.map(JobRecord::try_from).transpose()
-    }
-
-    /// The job created with this idempotency key, if any.
-    pub async fn find_job_by_idempotency_key(
-        &self,
-        key: &str,
-    ) -> Result<Option<JobRecord>, StoreError> {
-        let row = match self.shared_reads() {
-            Some(reads) => postgres::read_job(reads, postgres::JOB_BY_IDEMPOTENCY_KEY, key).await?,
-            // Boxed: the pool's future is kilobytes, and the shared read's
-            // would otherwise carry it on every call.
-            None => {
-                Box::pin(async {
-                    Ok::<_, StoreError>(with_connection!(self, |conn| {
-                        jobs::table
-                            .filter(jobs::idempotency_key.eq(key))
-                            .select(JobRow::as_select())
-                            .first(conn)
-                            .await
-                            .optional()?
-                    }))
-                })
-                .await?
-            }
-        };
-        row.map(JobRecord::try_from).transpose()
-    }
-
     /// Writes a history entry of its own, as if a change had been recorded
     /// without its job being updated: the job's next change then breaks the
     /// history's primary key and fails. For tests of failing writes.
@@ -400,120 +356,6 @@ impl Store {
                 .await?
         });
         Ok(())
-    }
-
-    /// The job's history entries with a sequence above `after_sequence`,
-    /// oldest first (all of them for 0).
-    pub async fn job_history(
-        &self,
-        job_id: &str,
-        after_sequence: i64,
-    ) -> Result<Vec<JobHistoryRecord>, StoreError> {
-        let rows = with_connection!(self, |conn| {
-            job_history::table
-                .filter(job_history::job_id.eq(job_id))
-                .filter(job_history::sequence.gt(after_sequence))
-                .order(job_history::sequence.asc())
-                .select(HistoryRow::as_select())
-                .load(conn)
-                .await?
-        });
-        rows.into_iter().map(JobHistoryRecord::try_from).collect()
-    }
-
-    /// The RUNNING jobs that follow an agent of this instance, for the
-    /// coordinator to follow again after a restart.
-    pub async fn running_jobs_with_local_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = with_connection!(self, |conn| {
-            jobs::table
-                .filter(jobs::state.eq(JobState::Running.as_str()))
-                .filter(jobs::agent_id.ne(""))
-                .filter(jobs::peer_instance_id.eq(""))
-                .select(JobRow::as_select())
-                .load(conn)
-                .await?
-        });
-        rows.into_iter().map(JobRecord::try_from).collect()
-    }
-
-    /// The RUNNING jobs that follow an agent on a federated peer, for the
-    /// coordinator to poll again after a restart.
-    pub async fn running_jobs_with_remote_agents(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = with_connection!(self, |conn| {
-            jobs::table
-                .filter(jobs::state.eq(JobState::Running.as_str()))
-                .filter(jobs::agent_id.ne(""))
-                .filter(jobs::peer_instance_id.ne(""))
-                .select(JobRow::as_select())
-                .load(conn)
-                .await?
-        });
-        rows.into_iter().map(JobRecord::try_from).collect()
-    }
-
-    /// The PENDING jobs without agent created at or after `since_ms` (a
-    /// remote dispatch interrupted before its spawn was answered).
-    pub async fn pending_jobs_without_agent_since(
-        &self,
-        since_ms: i64,
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = with_connection!(self, |conn| {
-            jobs::table
-                .filter(jobs::state.eq(JobState::Pending.as_str()))
-                .filter(jobs::created_at_ms.ge(since_ms))
-                .filter(jobs::agent_id.eq(""))
-                .select(JobRow::as_select())
-                .load(conn)
-                .await?
-        });
-        rows.into_iter().map(JobRecord::try_from).collect()
-    }
-
-    /// Up to `limit` jobs matching `filter`, newest first, starting after
-    /// `after`.
-    pub async fn list_jobs(
-        &self,
-        filter: &JobFilter,
-        after: Option<&JobCursor>,
-        limit: i64,
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = with_connection!(self, |conn| {
-            let mut query = jobs::table.select(JobRow::as_select()).into_boxed();
-            if let Some(state) = filter.state {
-                query = query.filter(jobs::state.eq(state.as_str()));
-            }
-            if let Some(job_type) = &filter.job_type {
-                query = query.filter(jobs::job_type.eq(job_type));
-            }
-            if let Some(workspace) = &filter.workspace {
-                query = query.filter(jobs::workspace.eq(workspace));
-            }
-            for (name, value) in &filter.labels {
-                query = query.filter(
-                    jobs::id.eq_any(
-                        job_labels::table
-                            .filter(job_labels::name.eq(name))
-                            .filter(job_labels::value.eq(value))
-                            .select(job_labels::job_id),
-                    ),
-                );
-            }
-            if let Some(cursor) = after {
-                query = query.filter(
-                    jobs::created_at_ms
-                        .lt(cursor.created_at_ms)
-                        .or(jobs::created_at_ms
-                            .eq(cursor.created_at_ms)
-                            .and(jobs::id.lt(&cursor.id))),
-                );
-            }
-            query
-                .order((jobs::created_at_ms.desc(), jobs::id.desc()))
-                .limit(limit)
-                .load(conn)
-                .await?
-        });
-        rows.into_iter().map(JobRecord::try_from).collect()
     }
 }
 
