@@ -275,16 +275,17 @@ impl Authenticator {
         }
     }
 
-    /// Decides a call. `peer_key` is the key of the TLS connection's client
-    /// certificate, if any (the caller may skip parsing it for a method that
-    /// does not need one).
+    /// Decides a call to a method with this `requirement` (see
+    /// [`requirement_for`]). `peer_key` is the key of the TLS connection's
+    /// client certificate, if any (the caller may skip parsing it for a
+    /// method that does not need one).
     pub async fn authenticate(
         &self,
-        path: &str,
+        requirement: Option<Requirement>,
         headers: &http::HeaderMap,
         peer_key: Option<PublicKey>,
     ) -> Result<Caller, tonic::Status> {
-        match requirement_for(path) {
+        match requirement {
             None | Some(Requirement::Public) => Ok(Caller::Anonymous),
             Some(Requirement::PeerCertificate) => {
                 peer_key.map(Caller::PeerCertificate).ok_or_else(|| {
@@ -509,12 +510,12 @@ mod tests {
         let headers = headers(&[("x-api-key", key.secret.as_str())]);
         let path = "/mosaic.coordinator.v1.Coordinator/GetJob";
         // The store's lookup, on a miss only, is boxed: it is kilobytes.
-        let call = authenticator.authenticate(path, &headers, None);
+        let call = authenticator.authenticate(requirement_for(path), &headers, None);
         let bytes = std::mem::size_of_val(&call);
         assert!(bytes <= 1024, "authenticate is a future of {bytes} bytes");
         let first = call.await.expect("the key is valid");
         let second = authenticator
-            .authenticate(path, &headers, None)
+            .authenticate(requirement_for(path), &headers, None)
             .await
             .expect("the key is valid");
         let (Caller::ApiKey { id: first, .. }, Caller::ApiKey { id: second, name }) =
@@ -544,7 +545,7 @@ mod tests {
         let authenticator = Authenticator::new(store.clone(), Duration::ZERO);
         let headers = headers(&[("x-api-key", key.secret.as_str())]);
         let path = "/mosaic.coordinator.v1.Coordinator/GetJob";
-        let call = || authenticator.authenticate(path, &headers, None);
+        let call = || authenticator.authenticate(requirement_for(path), &headers, None);
         call().await.expect("the key is valid");
         let mut first = None;
         for _ in 0..100 {

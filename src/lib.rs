@@ -11,6 +11,8 @@
 //! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
 //!   instance by method tier, in memory or shared through Redis, with fallback.
 //! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
+//! - [`served`]: the methods the server serves, each classified once (who may
+//!   call it, its tier, its labels) for the per-call layers.
 //! - [`notify`]: `READY=1` and `STOPPING=1` to systemd (`Type=notify`).
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
 //!   says who a caller is before any handler runs (and how the per-call layers
@@ -51,6 +53,7 @@ pub mod proto;
 pub mod ratelimit;
 pub mod replicas;
 pub mod retention;
+pub mod served;
 pub mod server;
 pub mod store;
 pub mod text;

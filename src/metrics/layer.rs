@@ -81,9 +81,7 @@ where
         let access_log = self.access_log;
         Box::pin(async move {
             let started = Instant::now();
-            // A shared reference to the request's path, not a copy: the
-            // labels are slices of it.
-            let path = request.uri().path_and_query().cloned();
+            let labels = Labels::of(request.uri().path());
             // Who called, and from where, is only wanted for the log line:
             // with the access log off, neither is looked up, and the
             // rate-limit layer finds no slot to describe the caller into.
@@ -99,7 +97,7 @@ where
             let mut recorder = CallRecorder {
                 metrics,
                 access_log,
-                path,
+                labels,
                 line,
                 started,
                 recorded: false,
@@ -122,30 +120,56 @@ where
     }
 }
 
-/// (service, method) labels for a path: only the services this server knows, so
-/// scanners cannot grow the label set.
-fn labels_for(path: &str) -> (&str, &str) {
-    match path.trim_start_matches('/').split_once('/') {
-        Some((service, method)) if crate::auth::requirement_for(path).is_some() => {
-            (service, method)
+/// The (service, method) labels of a call: a served method's own, else
+/// `unknown` in place of whatever a client made up, so that scanners cannot
+/// grow the label set (a made-up method of one of our services keeps the
+/// service's name).
+enum Labels {
+    Served(&'static crate::served::Method),
+    /// A path no service of ours serves: the service's name if it is ours.
+    Unserved(Option<Box<str>>),
+}
+
+impl Labels {
+    fn of(path: &str) -> Labels {
+        if let Some(method) = crate::served::lookup(path) {
+            return Labels::Served(method);
         }
-        _ => ("unknown", "unknown"),
+        let ours = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .filter(|_| crate::auth::requirement_for(path).is_some());
+        Labels::Unserved(ours.map(|(service, _)| service.into()))
+    }
+
+    fn service(&self) -> &str {
+        match self {
+            Labels::Served(method) => method.service(),
+            Labels::Unserved(service) => service.as_deref().unwrap_or("unknown"),
+        }
+    }
+
+    fn method(&self) -> &str {
+        match self {
+            Labels::Served(method) => method.name(),
+            Labels::Unserved(_) => "unknown",
+        }
     }
 }
 
-/// The name Prometheus users expect for a numeric gRPC code.
-fn code_name(code: &str) -> &'static str {
-    code.trim().parse::<i32>().map_or("UNKNOWN", |code| {
-        crate::error::code_name(tonic::Code::from(code))
-    })
+/// The gRPC code of a `grpc-status` value (UNKNOWN when it is not one).
+fn code_of(code: &str) -> tonic::Code {
+    code.trim()
+        .parse::<i32>()
+        .map_or(tonic::Code::Unknown, tonic::Code::from)
 }
 
 /// Records one call once, with its duration and a log line.
 struct CallRecorder {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
-    /// The called path, for the (service, method) labels.
-    path: Option<http::uri::PathAndQuery>,
+    /// The called method's labels.
+    labels: Labels,
     /// What the log line says beyond the call; `None` when the access log
     /// is off.
     line: Option<LineFields>,
@@ -167,19 +191,22 @@ impl CallRecorder {
             return;
         }
         self.recorded = true;
-        let code = code_name(code);
+        let code = code_of(code);
         let duration = self.started.elapsed();
-        let (service, method) = labels_for(self.path.as_ref().map_or("", |path| path.path()));
-        // An unknown method of a known service would otherwise add a label value.
-        let method = if code == "UNIMPLEMENTED" {
-            "unknown"
-        } else {
-            method
-        };
-        self.metrics.record_call(service, method, code, duration);
+        match &self.labels {
+            Labels::Served(method) => self.metrics.record_served(method, code, duration),
+            labels => self.metrics.record_call(
+                labels.service(),
+                labels.method(),
+                crate::error::code_name(code),
+                duration,
+            ),
+        }
         let Some(line) = &self.line else {
             return;
         };
+        let (service, method) = (self.labels.service(), self.labels.method());
+        let code = crate::error::code_name(code);
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
         let caller = line.caller.get();
         let client = ClientAddress(line.client);
@@ -271,24 +298,35 @@ impl http_body::Body for RecordingBody {
 mod tests {
     use super::*;
 
+    fn labels_for(path: &str) -> (String, String) {
+        let labels = Labels::of(path);
+        (labels.service().to_owned(), labels.method().to_owned())
+    }
+
     #[test]
-    fn only_known_services_keep_their_labels() {
+    fn only_served_methods_keep_their_labels() {
+        let pair = |service: &str, method: &str| (service.to_owned(), method.to_owned());
         assert_eq!(
             labels_for("/grpc.health.v1.Health/Check"),
-            ("grpc.health.v1.Health", "Check")
+            pair("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            labels_for("/mosaic.federation.v1.Federation/MadeUp"),
+            pair("mosaic.federation.v1.Federation", "unknown")
         );
         assert_eq!(
             labels_for("/scanner.Probe/Anything"),
-            ("unknown", "unknown")
+            pair("unknown", "unknown")
         );
-        assert_eq!(labels_for("/"), ("unknown", "unknown"));
+        assert_eq!(labels_for("/"), pair("unknown", "unknown"));
     }
 
     #[test]
     fn numeric_codes_get_their_names() {
-        assert_eq!(code_name("0"), "OK");
-        assert_eq!(code_name("16"), "UNAUTHENTICATED");
-        assert_eq!(code_name("8"), "RESOURCE_EXHAUSTED");
-        assert_eq!(code_name("not a number"), "UNKNOWN");
+        let name = |code: &str| crate::error::code_name(code_of(code));
+        assert_eq!(name("0"), "OK");
+        assert_eq!(name("16"), "UNAUTHENTICATED");
+        assert_eq!(name("8"), "RESOURCE_EXHAUSTED");
+        assert_eq!(name("not a number"), "UNKNOWN");
     }
 }

@@ -20,7 +20,9 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 use crate::ratelimit::RateLimitMetricsSnapshot;
 
@@ -30,8 +32,23 @@ pub struct Metrics {
     registry: Registry,
     calls: IntCounterVec,
     durations: HistogramVec,
+    /// The series of each served method, by [`crate::served::Method::index`].
+    served: Box<[MethodSeries]>,
     local_address: OnceLock<SocketAddr>,
 }
+
+/// One served method's series in `calls` (one per gRPC code) and
+/// `durations`, each found in its family at its first use and kept: a call
+/// then neither hashes its labels nor locks the family, and a scrape still
+/// shows only the series of calls made.
+#[derive(Default)]
+struct MethodSeries {
+    calls: [OnceLock<IntCounter>; CODES],
+    duration: OnceLock<Histogram>,
+}
+
+/// gRPC's codes, 0 (OK) to 16 (UNAUTHENTICATED).
+const CODES: usize = 17;
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,8 +139,52 @@ impl Metrics {
             registry,
             calls,
             durations,
+            served: crate::served::all()
+                .iter()
+                .map(|_| MethodSeries::default())
+                .collect(),
             local_address: OnceLock::new(),
         }
+    }
+
+    /// Records one finished call of a served method: as
+    /// [`Metrics::record_call`] with its service and name, without looking
+    /// its series up again.
+    pub fn record_served(
+        &self,
+        method: &crate::served::Method,
+        code: tonic::Code,
+        duration: Duration,
+    ) {
+        let series = self.served.get(method.index);
+        let calls = usize::try_from(code as i32)
+            .ok()
+            .and_then(|index| series?.calls.get(index));
+        let (Some(series), Some(calls)) = (series, calls) else {
+            self.record_call(
+                method.service(),
+                method.name(),
+                crate::error::code_name(code),
+                duration,
+            );
+            return;
+        };
+        calls
+            .get_or_init(|| {
+                self.calls.with_label_values(&[
+                    method.service(),
+                    method.name(),
+                    crate::error::code_name(code),
+                ])
+            })
+            .inc();
+        series
+            .duration
+            .get_or_init(|| {
+                self.durations
+                    .with_label_values(&[method.service(), method.name()])
+            })
+            .observe(duration.as_secs_f64());
     }
 
     /// Records one finished call.
@@ -195,6 +256,29 @@ mod tests {
                 "mosaic_grpc_call_duration_seconds_count{method=\"M\",service=\"svc\"} 3\n"
             )
         );
+    }
+
+    #[test]
+    fn a_served_method_is_shown_only_once_called_and_as_any_call() {
+        let metrics = Metrics::default();
+        let method = crate::served::lookup("/mosaic.coordinator.v1.Coordinator/GetJob")
+            .expect("GetJob is served");
+        let before = metrics.render(&empty_rate_limit(), &StoreGauges::default());
+        assert!(!before.contains("GetJob"), "{before}");
+        metrics.record_served(method, tonic::Code::Ok, Duration::from_millis(3));
+        metrics.record_served(method, tonic::Code::Ok, Duration::from_millis(30));
+        metrics.record_served(method, tonic::Code::NotFound, Duration::from_millis(1));
+        let text = metrics.render(&empty_rate_limit(), &StoreGauges::default());
+        let labels = "method=\"GetJob\",service=\"mosaic.coordinator.v1.Coordinator\"";
+        for series in [
+            format!("mosaic_grpc_calls_total{{code=\"OK\",{labels}}} 2\n"),
+            format!("mosaic_grpc_calls_total{{code=\"NOT_FOUND\",{labels}}} 1\n"),
+            format!("mosaic_grpc_call_duration_seconds_count{{{labels}}} 3\n"),
+            format!("mosaic_grpc_call_duration_seconds_bucket{{{labels},le=\"0.005\"}} 2\n"),
+        ] {
+            assert!(text.contains(&series), "{series} in {text}");
+        }
+        assert!(!text.contains("code=\"INTERNAL\""), "{text}");
     }
 
     #[test]

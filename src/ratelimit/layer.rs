@@ -28,7 +28,6 @@ use super::decision::{QuotaState, Verdict};
 use super::key::LimitKey;
 use super::limiter::{Enforcement, RateLimiter};
 use super::response::{refusal_response, write_quota_headers};
-use super::tiers::tier_for;
 use crate::auth::{Authenticator, CallerSlot, remote_address};
 
 /// See the module documentation.
@@ -99,7 +98,8 @@ where
             let path = path_and_query
                 .as_ref()
                 .map_or("", http::uri::PathAndQuery::path);
-            let tier = tier_for(path);
+            let route = crate::served::route(path);
+            let tier = route.tier;
             let ip_key = limiter.client_key(remote_ip(request.extensions()), request.headers());
 
             if !limiter.settings().shadow
@@ -111,12 +111,11 @@ where
             }
 
             // The certificate is parsed only for the methods that use it.
-            let peer_key = (crate::auth::requirement_for(path)
-                == Some(crate::auth::Requirement::PeerCertificate))
-            .then(|| crate::auth::peer_key_of(request.extensions()))
-            .flatten();
+            let peer_key = (route.requirement == Some(crate::auth::Requirement::PeerCertificate))
+                .then(|| crate::auth::peer_key_of(request.extensions()))
+                .flatten();
             let caller = match authenticator
-                .authenticate(path, request.headers(), peer_key)
+                .authenticate(route.requirement, request.headers(), peer_key)
                 .await
             {
                 Ok(caller) => caller,

@@ -515,3 +515,76 @@ async fn a_rate_limited_call_is_counted_under_its_tier() {
     daemon.stop().await;
     environment.cleanup().await;
 }
+
+/// A unary call of `path` with an empty message; its gRPC code.
+async fn call_made_up(channel: tonic::transport::Channel, path: &'static str, key: &str) -> Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("the channel is ready");
+    let request = if key.is_empty() {
+        tonic::Request::new(())
+    } else {
+        with_key((), key)
+    };
+    grpc.unary::<(), (), _>(
+        request,
+        http::uri::PathAndQuery::from_static(path),
+        tonic_prost::ProstCodec::default(),
+    )
+    .await
+    .map_or_else(|status| status.code(), |_| Code::Ok)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_methods_add_no_series_of_their_own() {
+    let environment = TestEnvironment::new(Backend::Sqlite).await;
+    let (daemon, address) = daemon_with_metrics(&environment, |_| {}).await;
+    let channel = daemon.channel().await;
+    let key = daemon.api_key(&[Scope::Agents]).await;
+    // Refused before any handler (no key), and unimplemented (a key): a
+    // scanner trying names must not grow the label set either way.
+    let federation = "/mosaic.federation.v1.Federation/MadeUpByAScanner";
+    let agents = "/mosaic.agent.v1.AgentControl/MadeUpByAClient";
+    let stranger = "/scanner.v1.Probe/MadeUpEntirely";
+    assert_eq!(
+        call_made_up(channel.clone(), federation, "").await,
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        call_made_up(channel.clone(), agents, &key).await,
+        Code::Unimplemented
+    );
+    assert_eq!(
+        call_made_up(channel.clone(), stranger, "").await,
+        Code::Unimplemented
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let body = scrape(address).await;
+        let recorded = sum_of(&body, "mosaic_grpc_call_duration_seconds_count");
+        if recorded >= 3.0 || Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!body.contains("MadeUp"), "{body}");
+    for (service, code) in [
+        ("mosaic.federation.v1.Federation", "UNAUTHENTICATED"),
+        ("mosaic.agent.v1.AgentControl", "UNIMPLEMENTED"),
+        ("unknown", "UNIMPLEMENTED"),
+    ] {
+        assert_eq!(
+            value_of(
+                &body,
+                &format!(
+                    "mosaic_grpc_calls_total{{service=\"{service}\",method=\"unknown\",code=\"{code}\"}}"
+                )
+            ),
+            Some(1.0),
+            "{service} {code}: {body}"
+        );
+    }
+
+    daemon.stop().await;
+    environment.cleanup().await;
+}
