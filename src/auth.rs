@@ -10,7 +10,7 @@
 //! table is refused (fail closed).
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -216,15 +216,6 @@ pub enum Caller {
 }
 
 impl Caller {
-    /// How the caller shows in request logs (never the key itself).
-    pub fn describe(&self) -> String {
-        match self {
-            Caller::Anonymous => "anonymous".to_owned(),
-            Caller::ApiKey { id, .. } => format!("api_key:{id}"),
-            Caller::PeerCertificate(key) => format!("peer:{}", key.key_id()),
-        }
-    }
-
     /// The caller of a request that went through the auth layer.
     pub fn of<T>(request: &tonic::Request<T>) -> Caller {
         request
@@ -239,6 +230,18 @@ impl Caller {
         match self {
             Caller::PeerCertificate(key) => Some(key),
             _ => None,
+        }
+    }
+}
+
+/// How the caller shows in request logs (never the key itself): `anonymous`,
+/// `api_key:<id>` or `peer:<key id>`.
+impl std::fmt::Display for Caller {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Anonymous => formatter.write_str("anonymous"),
+            Caller::ApiKey { id, .. } => write!(formatter, "api_key:{id}"),
+            Caller::PeerCertificate(key) => write!(formatter, "peer:{}", key.key_id()),
         }
     }
 }
@@ -445,25 +448,23 @@ pub fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
 }
 
 /// Who the auth layer said was calling, filled in by the rate-limit layer so this
-/// outer layer can log it (never the key itself).
+/// outer layer can log it (never the key itself). It holds the [`Caller`]
+/// itself, shared, and is formatted only when the line is written.
 #[derive(Clone, Debug, Default)]
-pub struct CallerSlot(Arc<Mutex<Option<String>>>);
+pub struct CallerSlot(Arc<OnceLock<Caller>>);
+
+/// The caller of a call no layer described.
+static ANONYMOUS: Caller = Caller::Anonymous;
 
 impl CallerSlot {
-    /// Records the caller's description (an API key id or an instance key id).
-    pub fn set(&self, description: String) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(description);
-        }
+    /// Records the caller (the first one recorded stays).
+    pub fn set(&self, caller: &Caller) {
+        let _ = self.0.set(caller.clone());
     }
 
-    /// The recorded description, or `anonymous` when none was recorded.
-    pub fn get(&self) -> String {
-        self.0
-            .lock()
-            .ok()
-            .and_then(|slot| slot.clone())
-            .unwrap_or_else(|| "anonymous".to_owned())
+    /// The recorded caller, or [`Caller::Anonymous`] when none was recorded.
+    pub fn get(&self) -> &Caller {
+        self.0.get().unwrap_or(&ANONYMOUS)
     }
 }
 
@@ -485,9 +486,12 @@ mod tests {
     #[test]
     fn an_empty_caller_slot_reads_anonymous() {
         let slot = CallerSlot::default();
-        assert_eq!(slot.get(), "anonymous");
-        slot.set("api_key:abc".to_owned());
-        assert_eq!(slot.get(), "api_key:abc");
+        assert_eq!(slot.get().to_string(), "anonymous");
+        slot.set(&Caller::ApiKey {
+            id: Arc::from("abc"),
+            name: Arc::from("bot"),
+        });
+        assert_eq!(slot.get().to_string(), "api_key:abc");
     }
 
     /// A SQLite store (in `dir`) holding one coordinator key, `bot`.

@@ -160,7 +160,7 @@ where
                 Enforcement::Admit(state) => state,
             };
             if let Some(slot) = request.extensions().get::<CallerSlot>() {
-                slot.set(caller.describe());
+                slot.set(&caller);
             }
             request.extensions_mut().insert(caller);
             let mut response = inner.call(request).await?;

@@ -361,37 +361,65 @@ async fn federation_log_of_an_unknown_peer_is_not_found() {
 }
 
 /// `--log-format json`: every line is one JSON object, and the per-call line
-/// carries the client's address and the duration as a number, not Rust
-/// debug text.
+/// carries the caller (never the key), the client's address and the
+/// duration as a number, not Rust debug text.
 #[tokio::test(flavor = "multi_thread")]
 async fn json_logs_are_one_object_per_line_with_plain_values() {
+    use mosaic_mesh::proto::agent as agent_pb;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 
     let data_dir = tempfile::tempdir().expect("tempdir");
+    let created = stdout_json(
+        &mosaicd(data_dir.path())
+            .args([
+                "apikey", "create", "--name", "bot", "--scope", "agents", "--json",
+            ])
+            .output()
+            .expect("apikey create"),
+    );
+    let key = created["key"].as_str().expect("key").to_owned();
+    let key_id = created["id"].as_str().expect("id").to_owned();
     let mut command = mosaicd(data_dir.path());
     command.args(["--log-format", "json"]);
     let (_daemon, address, mut lines) = crate::support::binary::spawn_serve_with_log(command).await;
     let channel = crate::support::binary::channel_to(&address, data_dir.path()).await;
-    HealthClient::new(channel)
+    HealthClient::new(channel.clone())
         .check(HealthCheckRequest::default())
         .await
         .expect("health answers");
-    let call = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    agent_pb::agent_control_client::AgentControlClient::new(channel)
+        .list_agents(crate::support::daemon::with_key(
+            agent_pb::ListAgentsRequest::default(),
+            &key,
+        ))
+        .await
+        .expect("the key lists agents");
+    let calls = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut calls = Vec::new();
         while let Some(line) = lines.next_line().await.expect("read log") {
             let event: Value = serde_json::from_str(&line)
                 .unwrap_or_else(|error| panic!("not one JSON object ({error}): {line}"));
+            assert!(
+                !line.contains(&key),
+                "the key itself is never logged: {line}"
+            );
             if event["target"] == "mosaic_mesh::access" {
-                return event;
+                calls.push(event);
+                if calls.len() == 2 {
+                    return calls;
+                }
             }
         }
-        panic!("the daemon exited before logging the call");
+        panic!("the daemon exited before logging the calls");
     })
     .await
-    .expect("the call is logged within 10 s");
+    .expect("the calls are logged within 10 s");
+    let call = &calls[0];
     let fields = &call["fields"];
     assert_eq!(fields["rpc.service"], "grpc.health.v1.Health", "{call}");
     assert_eq!(fields["rpc.method"], "Check", "{call}");
+    assert_eq!(fields["caller"], "anonymous", "{call}");
     assert!(fields["duration_ms"].is_u64(), "{call}");
     let client = fields["client"].as_str().expect("client address");
     assert!(
@@ -399,6 +427,10 @@ async fn json_logs_are_one_object_per_line_with_plain_values() {
         "{call}"
     );
     assert!(!call.to_string().contains("Some("), "no debug text: {call}");
+    let listed = &calls[1]["fields"];
+    assert_eq!(listed["rpc.method"], "ListAgents", "{listed}");
+    assert_eq!(listed["code"], "OK", "{listed}");
+    assert_eq!(listed["caller"], format!("api_key:{key_id}"), "{listed}");
 }
 
 #[test]
