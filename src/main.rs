@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use mosaic_mesh::cli::{LogFormat, dispatch};
+use mosaic_mesh::metrics::access_line::AccessLineFormat;
 
 /// jemalloc, which gives freed memory back to the system, so the daemon's
 /// resident size follows its live heap under sustained load (see Cargo.toml).
@@ -57,9 +58,16 @@ fn init_tracing(
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
+    // The access line, written on every call, by a formatter of its own.
+    let standard = tracing_subscriber::fmt::format;
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder
+            .event_format(AccessLineFormat::text(standard()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .event_format(AccessLineFormat::json(standard().json()))
+            .init(),
     }
     Ok(guard)
 }

@@ -214,13 +214,13 @@ impl CallRecorder {
         // each level has its own.
         match self.access_log {
             AccessLog::Info => tracing::event!(
-                target: "mosaic_mesh::access",
+                target: super::access_line::TARGET,
                 tracing::Level::INFO,
                 rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"
             ),
             AccessLog::Debug => tracing::event!(
-                target: "mosaic_mesh::access",
+                target: super::access_line::TARGET,
                 tracing::Level::DEBUG,
                 rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
                 "call"

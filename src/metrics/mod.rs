@@ -10,6 +10,7 @@
 //! the SQLite WAL) is copied into a registry of its own at each scrape by
 //! [`scrape`], so those modules keep no metrics library of their own.
 
+pub mod access_line;
 pub mod endpoint;
 pub mod layer;
 pub mod log_writer;
