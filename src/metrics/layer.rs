@@ -75,25 +75,26 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let started = Instant::now();
+        let labels = Labels::of(request.uri().path());
+        // Who called, and from where, is only wanted for the log line: with
+        // the access log off, neither is looked up, and the rate-limit layer
+        // finds no slot to describe the caller into.
+        let line = (self.access_log != AccessLog::Off).then(|| {
+            let caller = CallerSlot::default();
+            request.extensions_mut().insert(caller.clone());
+            LineFields {
+                caller,
+                client: crate::auth::remote_address(request.extensions()),
+            }
+        });
+        // The service driven to readiness is called here, as tower asks,
+        // so no clone of it is made per call.
+        let called = self.inner.call(request);
         let metrics = Arc::clone(&self.metrics);
         let access_log = self.access_log;
         Box::pin(async move {
-            let started = Instant::now();
-            let labels = Labels::of(request.uri().path());
-            // Who called, and from where, is only wanted for the log line:
-            // with the access log off, neither is looked up, and the
-            // rate-limit layer finds no slot to describe the caller into.
-            let line = (access_log != AccessLog::Off).then(|| {
-                let caller = CallerSlot::default();
-                request.extensions_mut().insert(caller.clone());
-                LineFields {
-                    caller,
-                    client: crate::auth::remote_address(request.extensions()),
-                }
-            });
-            let response = inner.call(request).await?;
+            let response = called.await?;
             let mut recorder = CallRecorder {
                 metrics,
                 access_log,
