@@ -75,10 +75,14 @@ where
         }
         let now = humantime::format_rfc3339_micros(SystemTime::now());
         let level = metadata.level();
+        // Pieces are written as they are, not through `write!`'s format
+        // strings.
         match self.shape {
             Shape::Text => {
-                // `FmtLevel` pads the level to five characters.
-                write!(writer, "{now} {level:>5} {TARGET}: ")?;
+                write!(writer, "{now}")?;
+                writer.write_str(padded(*level))?;
+                writer.write_str(TARGET)?;
+                writer.write_str(": ")?;
                 let mut fields = TextFields {
                     writer: &mut writer,
                     first: true,
@@ -88,10 +92,11 @@ where
                 fields.result?;
             }
             Shape::Json => {
-                write!(
-                    writer,
-                    "{{\"timestamp\":\"{now}\",\"level\":\"{level}\",\"fields\":{{"
-                )?;
+                writer.write_str("{\"timestamp\":\"")?;
+                write!(writer, "{now}")?;
+                writer.write_str("\",\"level\":\"")?;
+                writer.write_str(level.as_str())?;
+                writer.write_str("\",\"fields\":{")?;
                 let mut fields = JsonFields {
                     writer: &mut writer,
                     first: true,
@@ -105,6 +110,18 @@ where
             }
         }
         writer.write_char('\n')
+    }
+}
+
+/// A level as `tracing-subscriber`'s `FmtLevel` writes it, padded to five
+/// characters, between spaces.
+fn padded(level: tracing::Level) -> &'static str {
+    match level {
+        tracing::Level::TRACE => " TRACE ",
+        tracing::Level::DEBUG => " DEBUG ",
+        tracing::Level::INFO => "  INFO ",
+        tracing::Level::WARN => "  WARN ",
+        tracing::Level::ERROR => " ERROR ",
     }
 }
 
@@ -126,10 +143,15 @@ impl TextFields<'_, '_> {
         } else {
             " "
         };
-        self.result = match field.name() {
-            "message" => write!(self.writer, "{separator}{value:?}"),
-            name => write!(self.writer, "{separator}{name}={value:?}"),
-        };
+        let writer = &mut *self.writer;
+        self.result = (|| {
+            writer.write_str(separator)?;
+            if field.name() != "message" {
+                writer.write_str(field.name())?;
+                writer.write_char('=')?;
+            }
+            write!(writer, "{value:?}")
+        })();
     }
 }
 
@@ -304,6 +326,8 @@ mod tests {
             );
         });
         tracing::info!(target: TARGET, "call");
+        tracing::warn!(target: TARGET, code = "INTERNAL", "call");
+        tracing::error!(target: TARGET, duration_ms = 3_u64, "call");
     }
 
     /// What a `tracing-subscriber` of `builder`'s settings writes for
@@ -337,8 +361,8 @@ mod tests {
         let plain = || tracing_subscriber::fmt().with_ansi(false);
         let written = lines!(plain(), AccessLineFormat::text(format()));
         let expected = lines!(plain(), format());
-        assert_eq!(written.len(), 5, "{written:?}");
-        assert_eq!(expected.len(), 5, "{expected:?}");
+        assert_eq!(written.len(), 7, "{written:?}");
+        assert_eq!(expected.len(), 7, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             assert_eq!(untimed(ours, ""), untimed(theirs, ""));
         }
@@ -360,7 +384,7 @@ mod tests {
         let coloured = || tracing_subscriber::fmt().with_ansi(true);
         let written = lines!(coloured(), AccessLineFormat::text(format()));
         let expected = lines!(coloured(), format());
-        assert_eq!(written.len(), 5, "{written:?}");
+        assert_eq!(written.len(), 7, "{written:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             // The timestamp is dimmed: it follows the style's opening.
             assert_eq!(untimed(ours, "\u{1b}[2m"), untimed(theirs, "\u{1b}[2m"));
@@ -373,8 +397,8 @@ mod tests {
         let json = || tracing_subscriber::fmt().json();
         let written = lines!(json(), AccessLineFormat::json(format()));
         let expected = lines!(json(), format());
-        assert_eq!(written.len(), 5, "{written:?}");
-        assert_eq!(expected.len(), 5, "{expected:?}");
+        assert_eq!(written.len(), 7, "{written:?}");
+        assert_eq!(expected.len(), 7, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             let opening = "{\"timestamp\":\"";
             assert_eq!(untimed(ours, opening), untimed(theirs, opening));
