@@ -146,12 +146,37 @@ impl TextFields<'_, '_> {
         let writer = &mut *self.writer;
         self.result = (|| {
             writer.write_str(separator)?;
-            if field.name() != "message" {
-                writer.write_str(field.name())?;
-                writer.write_char('=')?;
+            if field.name() == "message" {
+                // As `tracing-subscriber` does: a message cannot steer the
+                // terminal, unless the writer was told not to care.
+                if writer.sanitizes_ansi_escapes() {
+                    return write!(TerminalEscaped(writer), "{value:?}");
+                }
+                return write!(writer, "{value:?}");
             }
+            writer.write_str(field.name())?;
+            writer.write_char('=')?;
             write!(writer, "{value:?}")
         })();
+    }
+}
+
+/// Writes what it is given with the characters that could start a terminal
+/// sequence spelled out, as `tracing-subscriber` writes a message.
+struct TerminalEscaped<'a, 'w>(&'a mut Writer<'w>);
+
+impl fmt::Write for TerminalEscaped<'_, '_> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        for character in text.chars() {
+            match character {
+                '\x1b' | '\x07' | '\x08' | '\x0c' | '\x7f' => {
+                    write!(self.0, "\\x{:02x}", u32::from(character))?;
+                }
+                '\u{80}'..='\u{9f}' => write!(self.0, "\\u{{{:x}}}", u32::from(character))?,
+                _ => self.0.write_char(character)?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -178,46 +203,58 @@ struct JsonFields<'a, 'w> {
 }
 
 impl JsonFields<'_, '_> {
-    fn field(&mut self, field: &Field, value: fmt::Arguments<'_>, quoted: bool) {
+    /// A number or a boolean.
+    fn bare(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        self.entry(field, |writer| writer.write_fmt(value));
+    }
+
+    /// Anything else, as a string.
+    fn quoted(&mut self, field: &Field, value: fmt::Arguments<'_>) {
+        self.entry(field, |writer| {
+            writer.write_char('"')?;
+            JsonEscaped(writer).write_fmt(value)?;
+            writer.write_char('"')
+        });
+    }
+
+    /// `"name":` and the value `write` writes, after a comma but for the
+    /// first.
+    fn entry(&mut self, field: &Field, write: impl FnOnce(&mut Writer<'_>) -> fmt::Result) {
         if self.result.is_err() {
             return;
         }
         let writer = &mut *self.writer;
+        let first = std::mem::take(&mut self.first);
         self.result = (|| {
-            if !std::mem::take(&mut self.first) {
+            if !first {
                 writer.write_char(',')?;
             }
             write_json_string(writer, field.name())?;
             writer.write_char(':')?;
-            if !quoted {
-                return writer.write_fmt(value);
-            }
-            writer.write_char('"')?;
-            JsonEscaped(writer).write_fmt(value)?;
-            writer.write_char('"')
+            write(writer)
         })();
     }
 }
 
 impl Visit for JsonFields<'_, '_> {
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.field(field, format_args!("{value}"), false);
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.field(field, format_args!("{value}"), false);
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.field(field, format_args!("{value}"), false);
+        self.bare(field, format_args!("{value}"));
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, format_args!("{value}"), true);
+        self.quoted(field, format_args!("{value}"));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, format_args!("{value:?}"), true);
+        self.quoted(field, format_args!("{value:?}"));
     }
 }
 
@@ -328,6 +365,7 @@ mod tests {
         tracing::info!(target: TARGET, "call");
         tracing::warn!(target: TARGET, code = "INTERNAL", "call");
         tracing::error!(target: TARGET, duration_ms = 3_u64, "call");
+        tracing::info!(target: TARGET, "call \u{1b}[2J\u{7}\u{9b}2J plain é");
     }
 
     /// What a `tracing-subscriber` of `builder`'s settings writes for
@@ -361,8 +399,8 @@ mod tests {
         let plain = || tracing_subscriber::fmt().with_ansi(false);
         let written = lines!(plain(), AccessLineFormat::text(format()));
         let expected = lines!(plain(), format());
-        assert_eq!(written.len(), 7, "{written:?}");
-        assert_eq!(expected.len(), 7, "{expected:?}");
+        assert_eq!(written.len(), 8, "{written:?}");
+        assert_eq!(expected.len(), 8, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             assert_eq!(untimed(ours, ""), untimed(theirs, ""));
         }
@@ -384,7 +422,7 @@ mod tests {
         let coloured = || tracing_subscriber::fmt().with_ansi(true);
         let written = lines!(coloured(), AccessLineFormat::text(format()));
         let expected = lines!(coloured(), format());
-        assert_eq!(written.len(), 7, "{written:?}");
+        assert_eq!(written.len(), 8, "{written:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             // The timestamp is dimmed: it follows the style's opening.
             assert_eq!(untimed(ours, "\u{1b}[2m"), untimed(theirs, "\u{1b}[2m"));
@@ -397,8 +435,8 @@ mod tests {
         let json = || tracing_subscriber::fmt().json();
         let written = lines!(json(), AccessLineFormat::json(format()));
         let expected = lines!(json(), format());
-        assert_eq!(written.len(), 7, "{written:?}");
-        assert_eq!(expected.len(), 7, "{expected:?}");
+        assert_eq!(written.len(), 8, "{written:?}");
+        assert_eq!(expected.len(), 8, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             let opening = "{\"timestamp\":\"";
             assert_eq!(untimed(ours, opening), untimed(theirs, opening));
