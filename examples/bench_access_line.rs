@@ -18,7 +18,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use common::stats::ratio;
+use common::stats::{median, ratio, setting};
 use mosaic_mesh::metrics::access_line::{AccessLineFormat, TARGET};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -128,21 +128,9 @@ fn measure(formatter: Formatter, lines: u64) -> f64 {
     })
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
-    let lines = setting("BENCH_LINES", 200_000).max(1);
-    let rounds = setting("BENCH_ROUNDS", 5).max(1);
+    let lines = setting("BENCH_LINES", 200_000_u64).max(1);
+    let rounds = setting("BENCH_ROUNDS", 5_u64).max(1);
     for formatter in Formatter::ALL {
         measure(formatter, lines / 10 + 1);
     }

@@ -36,7 +36,7 @@ use anyhow::Context as _;
 use common::daemon::{ClientIdentity, Daemon, PreparedDaemon, with_key};
 use common::echo::{self, EchoMessage, EchoProcess};
 use common::load::{Errors, closed_loop, describe_errors};
-use common::stats::{Samples, ratio, verdict};
+use common::stats::{Samples, median, ratio, setting, verdict};
 use mosaic_mesh::proto::coordinator as pb;
 use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
 use mosaic_mesh::store::testing::TestDatabase;
@@ -120,13 +120,6 @@ struct Figures {
     calls_per_second: f64,
     cpu_us: f64,
     servers_us: f64,
-}
-
-fn setting(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
 }
 
 /// CPU time so far of every Redis and PostgreSQL server process.
@@ -260,15 +253,6 @@ async fn start_daemon(
     Ok((daemon, database, target))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
-}
-
 /// A counter's value in Prometheus text.
 fn metric<'a>(text: &'a str, name: &str) -> &'a str {
     let value = text
@@ -282,8 +266,8 @@ type Results = BTreeMap<(usize, &'static str, Call), Vec<Figures>>;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     echo::run_if_echo_server().await?;
-    let window = Duration::from_secs_f64(setting("BENCH_SECONDS", 3.0));
-    let rounds = setting("BENCH_ROUNDS", 3.0).max(1.0) as usize;
+    let window = Duration::from_secs_f64(setting("BENCH_SECONDS", 3.0_f64));
+    let rounds = setting("BENCH_ROUNDS", 3.0_f64).max(1.0) as usize;
     let machine = common::machine::description();
     let connections = CLIENTS.into_iter().max().unwrap_or(1);
     eprintln!("bench_calls: starting the echo server and two daemons");

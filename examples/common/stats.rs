@@ -73,6 +73,26 @@ pub fn human(duration: Duration) -> String {
     }
 }
 
+/// The median of `values` (the mean of the middle two for an even count),
+/// or NaN when there are none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The benchmark setting in the variable `name`, or `default` when it is
+/// unset or does not parse.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
 /// `value / base`, or NaN when the base is zero.
 pub fn ratio(value: f64, base: f64) -> f64 {
     if base == 0.0 { f64::NAN } else { value / base }
