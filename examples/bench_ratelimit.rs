@@ -100,7 +100,7 @@ fn memory_check() {
             }),
             per_call_ns(calls, |iteration| {
                 std::hint::black_box(
-                    limiter.count_in_memory(Tier::Health, std::slice::from_ref(key_of(iteration))),
+                    limiter.count_now(Tier::Health, std::slice::from_ref(key_of(iteration))),
                 );
             }),
             per_call_ns(calls, |iteration| {
@@ -117,7 +117,7 @@ fn memory_check() {
                     return;
                 }
                 let verdict = limiter
-                    .count_in_memory(tier, std::slice::from_ref(&key))
+                    .count_now(tier, std::slice::from_ref(&key))
                     .expect("memory storage");
                 if matches!(
                     limiter.enforce(tier, verdict, path),

@@ -1,23 +1,24 @@
 //! Who is calling: API keys (made, hashed, scoped, revoked) and the [`Authenticator`]
 //! that decides every call before any handler runs.
 //!
-//! The server's front door (`ratelimit::RateLimitLayer`, which rate-limits the
-//! client IP before authentication and the caller's key after it) calls
-//! [`Authenticator::authenticate`], which looks the method up in
+//! The server's front door (`front_door`, which rate-limits the client IP
+//! before authentication and the caller's key after it) calls
+//! [`Authenticator::authenticate_now`], and [`Authenticator::look_up`] when a
+//! key must be read from the store; the method is looked up in
 //! [`requirement_for`] — one table for the whole server — and either rejects the
 //! call or yields the [`Caller`] the layer puts into the request's extensions for
 //! the handler. A method of a known service that is missing from the
 //! table is refused (fail closed).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine;
 use ring::rand::{SecureRandom, SystemRandom};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
-use crate::cache::TtlCache;
+use crate::cache::{Ticket, TtlCache};
 use crate::clock::now_ms;
 use crate::identity::PublicKey;
 use crate::store::{ApiKeyRecord, Store, StoreError};
@@ -139,7 +140,7 @@ pub async fn create_api_key(
     let record = ApiKeyRecord {
         id: uuid::Uuid::new_v4().to_string(),
         name: name.to_owned(),
-        key_hash: hash_api_key(&secret),
+        key_hash: hash_api_key(&secret).to_vec(),
         prefix: secret.chars().take(DISPLAY_PREFIX_CHARS).collect(),
         scopes: sorted_scopes
             .iter()
@@ -155,10 +156,10 @@ pub async fn create_api_key(
 
 /// SHA-256 of the key. Keys carry 256 random bits, so a fast hash is enough: there
 /// is nothing to brute-force that a slow hash would protect.
-pub fn hash_api_key(key: &str) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, key.as_bytes())
-        .as_ref()
-        .to_vec()
+pub fn hash_api_key(key: &str) -> [u8; 32] {
+    let mut hash = [0; 32];
+    hash.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref());
+    hash
 }
 
 /// What a method demands of its caller.
@@ -265,7 +266,16 @@ pub struct Authenticator {
     /// Stored keys by hash, each believed for `server.auth_cache_ms` (revoked
     /// ones too, so that they stay refused). Only keys found in the store are
     /// kept: an unknown key is looked up every time it is presented.
-    keys: TtlCache<Vec<u8>, Arc<KnownKey>>,
+    keys: TtlCache<[u8; 32], Arc<KnownKey>>,
+}
+
+/// An API key [`Authenticator::authenticate_now`] did not find in its cache:
+/// its hash, the scope the method needs, and when the lookup began.
+#[derive(Debug)]
+pub struct KeyLookup {
+    hash: [u8; 32],
+    scope: Scope,
+    ticket: Ticket,
 }
 
 impl Authenticator {
@@ -288,53 +298,57 @@ impl Authenticator {
         headers: &http::HeaderMap,
         peer_key: Option<PublicKey>,
     ) -> Result<Caller, tonic::Status> {
+        match self.authenticate_now(requirement, headers, peer_key) {
+            Ok(decided) => decided,
+            Err(lookup) => self.look_up(lookup).await,
+        }
+    }
+
+    /// [`Self::authenticate`] without waiting: decided here unless an API
+    /// key must be read from the store (not cached, or its entry expired),
+    /// which [`Self::look_up`] then does. The front door's hot path, which
+    /// so pays for no future.
+    pub fn authenticate_now(
+        &self,
+        requirement: Option<Requirement>,
+        headers: &http::HeaderMap,
+        peer_key: Option<PublicKey>,
+    ) -> Result<Result<Caller, tonic::Status>, KeyLookup> {
         match requirement {
-            None | Some(Requirement::Public) => Ok(Caller::Anonymous),
+            None | Some(Requirement::Public) => Ok(Ok(Caller::Anonymous)),
             Some(Requirement::PeerCertificate) => {
-                peer_key.map(Caller::PeerCertificate).ok_or_else(|| {
+                Ok(peer_key.map(Caller::PeerCertificate).ok_or_else(|| {
                     tonic::Status::unauthenticated(
                         "this federation method needs a TLS client certificate of a connected peer",
                     )
-                })
+                }))
             }
-            Some(Requirement::ApiKey(scope)) => self.api_key(headers, scope).await,
+            Some(Requirement::ApiKey(scope)) => {
+                let presented = match presented_api_key(headers, scope) {
+                    Ok(presented) => presented,
+                    Err(status) => return Ok(Err(status)),
+                };
+                let hash = hash_api_key(presented);
+                match self.keys.get(&hash) {
+                    Ok(known) => Ok(self.admit_key(Some(known), scope)),
+                    Err(ticket) => Err(KeyLookup {
+                        hash,
+                        scope,
+                        ticket,
+                    }),
+                }
+            }
         }
     }
 
-    async fn api_key(
-        &self,
-        headers: &http::HeaderMap,
-        scope: Scope,
-    ) -> Result<Caller, tonic::Status> {
-        let presented = presented_api_key(headers, scope)?;
-        let record = self.find_key(hash_api_key(presented)).await?;
-        let Some(known) = record.filter(|known| known.record.revoked_at_ms.is_none()) else {
-            return Err(tonic::Status::unauthenticated("invalid or revoked API key"));
-        };
-        let record = &known.record;
-        if !record
-            .scopes
-            .iter()
-            .any(|granted| granted == scope.as_str())
-        {
-            return Err(tonic::Status::permission_denied(format!(
-                "API key {:?} lacks the `{scope}` scope this method needs",
-                record.name
-            )));
-        }
-        self.touch(&known);
-        Ok(Caller::ApiKey {
-            id: Arc::clone(&known.id),
-            name: Arc::clone(&known.name),
-        })
-    }
-
-    /// The stored key with this hash, from the cache while it is fresh.
-    async fn find_key(&self, hash: Vec<u8>) -> Result<Option<Arc<KnownKey>>, tonic::Status> {
-        let ticket = match self.keys.get(&hash) {
-            Ok(record) => return Ok(Some(record)),
-            Err(ticket) => ticket,
-        };
+    /// Reads the key of a call [`Self::authenticate_now`] could not decide,
+    /// keeps it for `server.auth_cache_ms`, and decides the call.
+    pub async fn look_up(&self, lookup: KeyLookup) -> Result<Caller, tonic::Status> {
+        let KeyLookup {
+            hash,
+            scope,
+            ticket,
+        } = lookup;
         // Boxed: a miss is rare, and its future (kilobytes) would otherwise
         // be carried by every call's.
         let record = Box::pin(self.store.find_api_key_by_hash(&hash))
@@ -359,7 +373,35 @@ impl Authenticator {
         if let Some(record) = &record {
             self.keys.insert(ticket, hash, Arc::clone(record));
         }
-        Ok(record)
+        self.admit_key(record, scope)
+    }
+
+    /// The caller of a key found (or not) in the store, for a method that
+    /// needs `scope`.
+    fn admit_key(
+        &self,
+        known: Option<Arc<KnownKey>>,
+        scope: Scope,
+    ) -> Result<Caller, tonic::Status> {
+        let Some(known) = known.filter(|known| known.record.revoked_at_ms.is_none()) else {
+            return Err(tonic::Status::unauthenticated("invalid or revoked API key"));
+        };
+        let record = &known.record;
+        if !record
+            .scopes
+            .iter()
+            .any(|granted| granted == scope.as_str())
+        {
+            return Err(tonic::Status::permission_denied(format!(
+                "API key {:?} lacks the `{scope}` scope this method needs",
+                record.name
+            )));
+        }
+        self.touch(&known);
+        Ok(Caller::ApiKey {
+            id: Arc::clone(&known.id),
+            name: Arc::clone(&known.name),
+        })
     }
 
     /// Records use of a key in the background, at most once per interval:
@@ -447,27 +489,6 @@ pub fn peer_key_of(extensions: &http::Extensions) -> Option<PublicKey> {
     crate::tls::peer_public_key(&certificates)
 }
 
-/// Who the auth layer said was calling, filled in by the rate-limit layer so this
-/// outer layer can log it (never the key itself). It holds the [`Caller`]
-/// itself, shared, and is formatted only when the line is written.
-#[derive(Clone, Debug, Default)]
-pub struct CallerSlot(Arc<OnceLock<Caller>>);
-
-/// The caller of a call no layer described.
-static ANONYMOUS: Caller = Caller::Anonymous;
-
-impl CallerSlot {
-    /// Records the caller (the first one recorded stays).
-    pub fn set(&self, caller: &Caller) {
-        let _ = self.0.set(caller.clone());
-    }
-
-    /// The recorded caller, or [`Caller::Anonymous`] when none was recorded.
-    pub fn get(&self) -> &Caller {
-        self.0.get().unwrap_or(&ANONYMOUS)
-    }
-}
-
 /// The remote address and port of the connection a call came on (TLS or
 /// plaintext), as the server recorded it.
 pub fn remote_address(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
@@ -479,23 +500,13 @@ pub fn remote_address(extensions: &http::Extensions) -> Option<std::net::SocketA
         .and_then(TcpConnectInfo::remote_addr)
 }
 
+/// What the tests of this module and of the front door set up.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_empty_caller_slot_reads_anonymous() {
-        let slot = CallerSlot::default();
-        assert_eq!(slot.get().to_string(), "anonymous");
-        slot.set(&Caller::ApiKey {
-            id: Arc::from("abc"),
-            name: Arc::from("bot"),
-        });
-        assert_eq!(slot.get().to_string(), "api_key:abc");
-    }
+pub(crate) mod testing {
+    use super::{NewApiKey, Scope, Store, create_api_key};
 
     /// A SQLite store (in `dir`) holding one coordinator key, `bot`.
-    async fn store_with_a_key(dir: &std::path::Path) -> (Store, NewApiKey) {
+    pub(crate) async fn store_with_a_key(dir: &std::path::Path) -> (Store, NewApiKey) {
         let store = crate::store::testing::TestDatabase::sqlite(dir)
             .migrated_store()
             .await
@@ -505,6 +516,13 @@ mod tests {
             .expect("create a key");
         (store, key)
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::testing::store_with_a_key;
 
     #[tokio::test(flavor = "multi_thread")]
     async fn every_call_carries_a_small_future_and_shares_the_cached_key() {

@@ -5,14 +5,16 @@
 //! - [`cli`]: the clap command tree; offline commands work on the data dir, client
 //!   commands talk gRPC to a running daemon.
 //! - [`config`]: the one configuration tree and its sources (file, `MOSAIC_*`, flags).
-//! - [`server`]: `run(listener, config, shutdown)` — TLS, the auth layer, the four
+//! - [`server`]: `run(listener, config, shutdown)` — TLS, the front door, the four
 //!   services, health, reflection and graceful shutdown; [`health`]: the
 //!   standard health service following the database.
-//! - [`ratelimit`]: the front-door layer: GCRA limits per client IP, API key and
-//!   instance by method tier, in memory or shared through Redis, with fallback.
-//! - [`metrics`]: the outermost layer that counts and times every call, and `/metrics`.
+//! - [`front_door`]: the one layer in front of every service: it records each
+//!   call, rate-limits it, authenticates it and rate-limits it again.
+//! - [`ratelimit`]: GCRA limits per client IP, API key and instance by method
+//!   tier, in memory or shared through Redis, with fallback.
+//! - [`metrics`]: each call's count, duration and log line, and `/metrics`.
 //! - [`served`]: the methods the server serves, each classified once (who may
-//!   call it, its tier, its labels) for the per-call layers.
+//!   call it, its tier, its labels) for the front door.
 //! - [`notify`]: `READY=1` and `STOPPING=1` to systemd (`Type=notify`).
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
 //!   says who a caller is before any handler runs (and how the per-call layers
@@ -45,6 +47,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod federation;
+pub mod front_door;
 pub mod health;
 pub mod identity;
 pub mod metrics;

@@ -2,9 +2,9 @@
 //! also serves by reflection, each classified once: who may call it
 //! ([`Requirement`]), its rate-limit [`Tier`], and its metrics labels.
 //!
-//! A call's path is looked up here once per layer, instead of being split and
-//! matched against the service tables again by each layer that needs to know
-//! something of it. A path that is not listed (a method no service of ours
+//! A call's path is looked up here once, by the front door, instead of being
+//! split and matched against the service tables again by each part that
+//! needs to know something of it. A path that is not listed (a method no service of ours
 //! has) is classified by the same tables, [`requirement_for`] and
 //! [`tier_for`], at call time: the answers never differ, only their cost.
 
@@ -53,18 +53,26 @@ pub struct Route {
     pub tier: Tier,
 }
 
+impl Route {
+    /// The route of a call to `path`, whose served method is `method` (as
+    /// [`lookup`] found it, so that a caller that wants both looks once).
+    pub fn of(method: Option<&Method>, path: &str) -> Route {
+        match method {
+            Some(method) => Route {
+                requirement: Some(method.requirement),
+                tier: method.tier,
+            },
+            None => Route {
+                requirement: requirement_for(path),
+                tier: tier_for(path),
+            },
+        }
+    }
+}
+
 /// The route of a call to `path`.
 pub fn route(path: &str) -> Route {
-    match lookup(path) {
-        Some(method) => Route {
-            requirement: Some(method.requirement),
-            tier: method.tier,
-        },
-        None => Route {
-            requirement: requirement_for(path),
-            tier: tier_for(path),
-        },
-    }
+    Route::of(lookup(path), path)
 }
 
 /// The served method at `path`, if there is one.

@@ -31,7 +31,7 @@ use crate::proto::agent::agent_control_server::AgentControlServer;
 use crate::proto::coordinator::coordinator_server::CoordinatorServer;
 use crate::proto::federation::federation_server::FederationServer;
 use crate::proto::replica::replica_server::ReplicaServer;
-use crate::ratelimit::{RateLimitLayer, RateLimiter};
+use crate::ratelimit::RateLimiter;
 use crate::replicas::service::ReplicaService;
 use crate::store::Store;
 
@@ -219,16 +219,14 @@ pub async fn serve(
     let _pruning = shared.rate_limiter.spawn_maintenance();
     let _metrics_endpoint = start_metrics_endpoint(&shared).await?;
     let router = Server::builder()
-        .layer(crate::metrics::layer::MetricsLayer::new(
+        .layer(crate::front_door::FrontDoorLayer::new(
+            Arc::clone(&shared.rate_limiter),
+            authenticator,
             Arc::clone(&shared.metrics),
             config.access_log,
         ))
-        .layer(RateLimitLayer::new(
-            Arc::clone(&shared.rate_limiter),
-            authenticator,
-        ))
         // A request over max_message_bytes is RESOURCE_EXHAUSTED, not tonic's
-        // OUT_OF_RANGE (inside the layers above, which log and count it).
+        // OUT_OF_RANGE (inside the front door, which logs and counts it).
         .layer(tower::util::MapResponseLayer::new(
             crate::error::size_limit_response::<tonic::body::Body>,
         ))

@@ -1,4 +1,4 @@
-//! Prometheus metrics: call counts and durations recorded by [`layer::MetricsLayer`],
+//! Prometheus metrics: call counts and durations recorded per call by [`call_record`],
 //! the process and build series, the rate limiter's own counters, and gauges read
 //! from the store at scrape time, served as Prometheus text by [`endpoint`] on a
 //! separate plain-HTTP listener.
@@ -11,8 +11,8 @@
 //! [`scrape`], so those modules keep no metrics library of their own.
 
 pub mod access_line;
+pub mod call_record;
 pub mod endpoint;
-pub mod layer;
 pub mod log_writer;
 mod scrape;
 pub mod settings;

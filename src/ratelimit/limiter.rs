@@ -168,16 +168,13 @@ impl RateLimiter {
     /// already (the layer gates the IP before authentication, the caller's key
     /// after it).
     pub async fn count(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
-        if let Some(verdict) = self.count_in_memory(tier, keys) {
+        if let Some(verdict) = self.count_now(tier, keys) {
             return verdict;
         }
         let Backend::Redis(storage) = &self.backend else {
             return self.untouched(tier);
         };
         let limit = self.settings.limits.quota(tier).limit;
-        if let Some(state) = storage.allowances.take(tier, keys, limit, Instant::now()) {
-            return Verdict::Admitted(state);
-        }
         // Boxed: the Redis future is kilobytes, and carrying it in every caller's
         // future slowed the memory path down.
         let (verdict, authoritative) = Box::pin(self.check_redis(storage, tier, keys)).await;
@@ -191,13 +188,21 @@ impl RateLimiter {
         self.settle(tier, verdict, authoritative)
     }
 
-    /// [`Self::count`] when storage is memory, which never waits: answered
-    /// synchronously, so the hot path pays for no future at all. `None` with
-    /// Redis storage.
-    pub fn count_in_memory(&self, tier: Tier, keys: &[LimitKey]) -> Option<Verdict> {
+    /// [`Self::count`] when it needs no wait: always with memory storage;
+    /// with Redis when every key has a call left in this replica's
+    /// allowance. Answered synchronously, so the hot path pays for no future
+    /// at all. `None` when only Redis can answer: nothing was spent, and
+    /// [`Self::count`] is the call to make.
+    pub fn count_now(&self, tier: Tier, keys: &[LimitKey]) -> Option<Verdict> {
         match &self.backend {
             Backend::Memory(memory) => Some(self.settle(tier, memory.check_all(tier, keys), true)),
-            Backend::Redis(_) => None,
+            Backend::Redis(storage) => {
+                let limit = self.settings.limits.quota(tier).limit;
+                storage
+                    .allowances
+                    .take(tier, keys, limit, Instant::now())
+                    .map(Verdict::Admitted)
+            }
         }
     }
 

@@ -17,13 +17,14 @@
 //! - [`metrics`]: every counter, in one place.
 //! - [`limiter`]: the above put together: storage choice, fallback, shadow mode.
 //! - [`response`]: the headers and RESOURCE_EXHAUSTED details a client sees.
-//! - [`layer`]: the tower layer: IP gate, authentication, then the keyed check.
+//!
+//! The front door (`crate::front_door`) puts them to work on every call: IP
+//! gate, authentication, then the keyed check.
 
 pub mod allowance;
 pub mod breaker;
 pub mod decision;
 pub mod key;
-pub mod layer;
 pub mod limiter;
 pub mod memory;
 pub mod metrics;
@@ -35,7 +36,6 @@ pub mod tiers;
 
 pub use self::decision::{QuotaState, Refusal, Verdict};
 pub use self::key::LimitKey;
-pub use self::layer::RateLimitLayer;
 pub use self::limiter::{MaintenanceGuard, RateLimiter};
 pub use self::metrics::{RateLimitMetrics, RateLimitMetricsSnapshot};
 pub use self::settings::{RateLimitArgs, RateLimitFileConfig, RateLimitSettings, Storage};

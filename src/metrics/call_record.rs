@@ -1,6 +1,6 @@
-//! The tower layer that times every call, records its gRPC code and writes one
-//! log line per call. It sits outside the rate-limit layer, so refused and
-//! unauthenticated calls are counted too.
+//! One call's record: its count and duration by gRPC code, and its log line,
+//! made by the front door (`crate::front_door`), which sits outside every
+//! service, so refused and unauthenticated calls are counted too.
 //!
 //! The code comes from the `grpc-status` header for trailers-only answers
 //! (errors, refusals) and otherwise from the trailers, which is why the response
@@ -15,108 +15,85 @@ use http_body::Frame;
 
 use super::Metrics;
 use super::settings::AccessLog;
-use crate::auth::CallerSlot;
+use crate::auth::Caller;
 
-/// See the module documentation.
-#[derive(Clone)]
-pub struct MetricsLayer {
+/// A call as it arrives: what its record will need, taken before anything
+/// else runs (the duration starts here).
+pub struct CallStart {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
+    labels: Labels,
+    started: Instant,
+    /// What the log line says beyond the call; `None` when the access log
+    /// is off.
+    line: Option<LineFields>,
 }
 
-impl MetricsLayer {
-    /// A layer recording into `metrics` and writing the call log line at
-    /// `access_log`.
-    pub fn new(metrics: Arc<Metrics>, access_log: AccessLog) -> Self {
-        Self {
-            metrics,
+impl CallStart {
+    /// The start of a call to `path`, whose served method is `method` (see
+    /// [`crate::served::lookup`]), on a connection described by
+    /// `extensions`, to be recorded in `metrics` and logged at
+    /// `access_log`. The client's address is looked up only for the log
+    /// line.
+    pub fn new(
+        metrics: &Arc<Metrics>,
+        access_log: AccessLog,
+        method: Option<&'static crate::served::Method>,
+        path: &str,
+        extensions: &http::Extensions,
+    ) -> CallStart {
+        CallStart {
+            metrics: Arc::clone(metrics),
             access_log,
+            labels: Labels::of(method, path),
+            started: Instant::now(),
+            line: (access_log != AccessLog::Off).then(|| LineFields {
+                caller: None,
+                client: crate::auth::remote_address(extensions),
+            }),
         }
     }
-}
 
-impl<S> tower::Layer<S> for MetricsLayer {
-    type Service = MetricsService<S>;
+    /// Whether the log line wants the caller: [`Self::set_caller`] is then
+    /// worth a clone of it.
+    pub fn wants_caller(&self) -> bool {
+        self.line.is_some()
+    }
 
-    fn layer(&self, inner: S) -> Self::Service {
-        MetricsService {
-            inner,
-            metrics: Arc::clone(&self.metrics),
+    /// Records who made the call, for the log line (anonymous when not set).
+    pub fn set_caller(&mut self, caller: Caller) {
+        if let Some(line) = &mut self.line {
+            line.caller = Some(caller);
+        }
+    }
+
+    /// The call's response, recorded now if it carries its code in its
+    /// headers (trailers-only), else when its body ends or is dropped.
+    pub fn finish(
+        self,
+        response: http::Response<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let mut recorder = CallRecorder {
+            metrics: self.metrics,
             access_log: self.access_log,
+            labels: self.labels,
+            line: self.line,
+            started: self.started,
+            recorded: false,
+        };
+        if let Some(code) = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|value| value.to_str().ok())
+        {
+            // Trailers-only: the call is over, whatever the body holds.
+            recorder.record(code);
         }
-    }
-}
-
-/// See [`MetricsLayer`].
-#[derive(Clone)]
-pub struct MetricsService<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-    access_log: AccessLog,
-}
-
-type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
-
-impl<S, B> tower::Service<http::Request<B>> for MetricsService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    B: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let started = Instant::now();
-        let labels = Labels::of(request.uri().path());
-        // Who called, and from where, is only wanted for the log line: with
-        // the access log off, neither is looked up, and the rate-limit layer
-        // finds no slot to describe the caller into.
-        let line = (self.access_log != AccessLog::Off).then(|| {
-            let caller = CallerSlot::default();
-            request.extensions_mut().insert(caller.clone());
-            LineFields {
-                caller,
-                client: crate::auth::remote_address(request.extensions()),
-            }
-        });
-        // The service driven to readiness is called here, as tower asks,
-        // so no clone of it is made per call.
-        let called = self.inner.call(request);
-        let metrics = Arc::clone(&self.metrics);
-        let access_log = self.access_log;
-        Box::pin(async move {
-            let response = called.await?;
-            let mut recorder = CallRecorder {
-                metrics,
-                access_log,
-                labels,
-                line,
-                started,
-                recorded: false,
-            };
-            if let Some(code) = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|value| value.to_str().ok())
-            {
-                // Trailers-only: the call is over, whatever the body holds.
-                recorder.record(code);
-            }
-            Ok(response.map(|body| {
-                tonic::body::Body::new(RecordingBody {
-                    inner: body,
-                    recorder,
-                })
-            }))
+        response.map(|body| {
+            tonic::body::Body::new(RecordingBody {
+                inner: body,
+                recorder,
+            })
         })
     }
 }
@@ -132,8 +109,8 @@ enum Labels {
 }
 
 impl Labels {
-    fn of(path: &str) -> Labels {
-        if let Some(method) = crate::served::lookup(path) {
+    fn of(method: Option<&'static crate::served::Method>, path: &str) -> Labels {
+        if let Some(method) = method {
             return Labels::Served(method);
         }
         let ours = path
@@ -180,8 +157,8 @@ struct CallRecorder {
 
 /// Who made a call and from where, for its log line.
 struct LineFields {
-    /// Who called, filled in by the rate-limit layer.
-    caller: CallerSlot,
+    /// Who called, once the front door knows; anonymous until then.
+    caller: Option<Caller>,
     /// The client's address and port, when the server knows it.
     client: Option<std::net::SocketAddr>,
 }
@@ -209,7 +186,7 @@ impl CallRecorder {
         let (service, method) = (self.labels.service(), self.labels.method());
         let code = crate::error::code_name(code);
         let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let caller = line.caller.get();
+        let caller = line.caller.as_ref().unwrap_or(&Caller::Anonymous);
         let client = ClientAddress(line.client);
         // The level of a tracing event is part of its static call site, so
         // each level has its own.
@@ -300,7 +277,7 @@ mod tests {
     use super::*;
 
     fn labels_for(path: &str) -> (String, String) {
-        let labels = Labels::of(path);
+        let labels = Labels::of(crate::served::lookup(path), path);
         (labels.service().to_owned(), labels.method().to_owned())
     }
 
