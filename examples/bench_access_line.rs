@@ -1,7 +1,7 @@
 //! The cost of the access line alone (issue 23): the one log line per call,
 //! formatted by `tracing-subscriber`'s own text and JSON formatters and by
 //! `metrics::access_line` (the daemon's), in this process, on one thread,
-//! into a writer that keeps nothing. The event is the one the metrics layer
+//! into a writer that keeps nothing. The event is the one the front door
 //! writes, with a caller and a client as a `GetJob` has them. Rounds alternate
 //! the formatters; the medians of the rounds are shown, in ns per line, with
 //! the ratio to `tracing-subscriber`'s formatter of the same format.
@@ -103,7 +103,7 @@ impl Formatter {
     }
 }
 
-/// The metrics layer's line for one `GetJob`.
+/// The front door's line for one `GetJob`.
 fn access_line(client: &SocketAddr, duration_ms: u64) {
     let (service, method) = ("mosaic.coordinator.v1.Coordinator", "GetJob");
     let caller = "api_key:0193a4f2-7c1e-7b55-9a3d-5e2f1c0b8d47";

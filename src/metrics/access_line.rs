@@ -1,5 +1,5 @@
 //! The access line's own formatter: the one log line per call (target
-//! `mosaic_mesh::access`, written by [`super::layer`]) is written field by
+//! `mosaic_mesh::access`, recorded by [`super::call_record`]) is written field by
 //! field straight into the line, byte for byte what `tracing-subscriber`'s
 //! text and JSON formatters write for it, without their general machinery
 //! (padding and styling per piece, a map serializer, a string per
