@@ -6,7 +6,7 @@
 //! One layer, not one per concern: each call's path is looked up once, the
 //! caller the log line names is the one admission found, and a call decided
 //! without waiting (the key cached, the count in memory or in this replica's
-//! Redis allowance) is passed to the service from [`FrontDoor::call`]
+//! Redis allowance) is passed to the service from `FrontDoor::call`
 //! itself, with no future of the door's own beyond [`CallFuture`]. Only a
 //! call that waits for the store or Redis gets a boxed future.
 
