@@ -529,6 +529,16 @@ mod tests {
 
     use super::testing::store_with_a_key;
 
+    #[test]
+    fn a_caller_is_shown_by_its_key_id_never_its_key() {
+        assert_eq!(Caller::Anonymous.to_string(), "anonymous");
+        let caller = Caller::ApiKey {
+            id: Arc::from("abc"),
+            name: Arc::from("bot"),
+        };
+        assert_eq!(caller.to_string(), "api_key:abc");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn every_call_carries_a_small_future_and_shares_the_cached_key() {
         let dir = tempfile::tempdir().expect("a temporary directory");

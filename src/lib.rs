@@ -17,8 +17,8 @@
 //!   call it, its tier, its labels) for the front door.
 //! - [`notify`]: `READY=1` and `STOPPING=1` to systemd (`Type=notify`).
 //! - [`auth`]: API keys (generation, hashing, scopes) and the authenticator that
-//!   says who a caller is before any handler runs (and how the per-call layers
-//!   name it); [`cache`]: the time-bounded cache
+//!   says who a caller is before any handler runs (and how the front door
+//!   names it); [`cache`]: the time-bounded cache
 //!   behind its lookups and the peers' keys.
 //! - [`tls`]: rustls configurations: the server that asks for (but does not demand) a
 //!   client certificate, and clients that pin a key instead of trusting a CA.
