@@ -4,9 +4,9 @@
 //!
 //! A call's path is looked up here once, by the front door, instead of being
 //! split and matched against the service tables again by each part that
-//! needs to know something of it. A path that is not listed (a method no service of ours
-//! has) is classified by the same tables, [`requirement_for`] and
-//! [`tier_for`], at call time: the answers never differ, only their cost.
+//! needs to know something of it. A path that is not listed (a method no
+//! service of ours has) is classified by the same tables, [`requirement_for`]
+//! and [`tier_for`], at call time: the answers never differ, only their cost.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -68,11 +68,6 @@ impl Route {
             },
         }
     }
-}
-
-/// The route of a call to `path`.
-pub fn route(path: &str) -> Route {
-    Route::of(lookup(path), path)
 }
 
 /// The served method at `path`, if there is one.
@@ -182,7 +177,7 @@ mod tests {
             "/",
             "",
         ] {
-            let route = route(path);
+            let route = Route::of(lookup(path), path);
             assert!(lookup(path).is_none(), "{path}");
             assert_eq!(route.requirement, requirement_for(path), "{path}");
             assert_eq!(route.tier, tier_for(path), "{path}");
@@ -194,7 +189,7 @@ mod tests {
         assert!(all().len() > 40, "{} methods", all().len());
         for method in all() {
             let path = format!("/{}/{}", method.service(), method.name());
-            let route = route(&path);
+            let route = Route::of(lookup(&path), &path);
             assert_eq!(route.requirement, requirement_for(&path), "{path}");
             assert_eq!(route.tier, tier_for(&path), "{path}");
         }

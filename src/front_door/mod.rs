@@ -120,9 +120,7 @@ where
                 response: Some(start.finish(response)),
             },
             Ok(Admission::Admit { caller, quota }) => {
-                if start.wants_caller() {
-                    start.set_caller(caller.clone());
-                }
+                start.set_caller(&caller);
                 request.extensions_mut().insert(caller);
                 // The service driven to readiness is called here, as tower
                 // asks, so no clone of it is made.
@@ -143,9 +141,7 @@ where
                         match shared.door.admit_later(pending, path).await {
                             Admission::Answer(response) => Ok(start.finish(response)),
                             Admission::Admit { caller, quota } => {
-                                if start.wants_caller() {
-                                    start.set_caller(caller.clone());
-                                }
+                                start.set_caller(&caller);
                                 request.extensions_mut().insert(caller);
                                 let response = inner.call(request).await?;
                                 Ok(Finish { start, quota }.finish(response))

@@ -54,16 +54,11 @@ impl CallStart {
         }
     }
 
-    /// Whether the log line wants the caller: [`Self::set_caller`] is then
-    /// worth a clone of it.
-    pub fn wants_caller(&self) -> bool {
-        self.line.is_some()
-    }
-
-    /// Records who made the call, for the log line (anonymous when not set).
-    pub fn set_caller(&mut self, caller: Caller) {
+    /// Records who made the call, for the log line (anonymous when not
+    /// set): a clone of `caller`, made only when the line is written.
+    pub fn set_caller(&mut self, caller: &Caller) {
         if let Some(line) = &mut self.line {
-            line.caller = Some(caller);
+            line.caller = Some(caller.clone());
         }
     }
 

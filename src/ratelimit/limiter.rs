@@ -1,15 +1,16 @@
 //! The rate limiter the server holds: the chosen storage (memory, or Redis with
 //! its breaker and in-memory fallback), the "refused until" cache, shadow mode
-//! and the counters, behind three calls the layer makes per request.
+//! and the counters, behind the calls the front door makes per request.
 //!
 //! Per request: [`RateLimiter::gate`] on the client IP before authentication
 //! (refuses a key that is known to be refused, without I/O), then after
-//! authentication either [`RateLimiter::count`] on the client IP plus the
-//! caller's key (gated first), or on the IP alone when authentication failed (so
-//! random API keys cost their sender's IP budget but create no state of their own).
-//! With Redis, a count is answered from the replica's local allowance when
-//! every key has one (`allowance.rs`), else by one script call that may spend a
-//! batch of calls ahead.
+//! authentication a count on the client IP plus the caller's key (gated
+//! first), or on the IP alone when authentication failed (so random API keys
+//! cost their sender's IP budget but create no state of their own).
+//! [`RateLimiter::count_now`] answers a count that needs no wait: in memory,
+//! or with Redis from the replica's local allowance when every key has one
+//! (`allowance.rs`); else [`RateLimiter::count`] makes one script call that
+//! may spend a batch of calls ahead.
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -164,9 +165,9 @@ impl RateLimiter {
         self.count(tier, keys).await
     }
 
-    /// [`Self::check`] without the gate, for a caller that has gated every key
-    /// already (the layer gates the IP before authentication, the caller's key
-    /// after it).
+    /// [`Self::check`] without the gate, for a caller that has gated every
+    /// key already (the front door gates the IP before authentication, the
+    /// caller's key after it).
     pub async fn count(&self, tier: Tier, keys: &[LimitKey]) -> Verdict {
         if let Some(verdict) = self.count_now(tier, keys) {
             return verdict;
