@@ -22,7 +22,8 @@
 //! `MOSAIC_TEST_DATABASE_URL`; `BENCH_REDIS_URL`, default
 //! `redis://127.0.0.1:6379`; `BENCH_ONLY`, to measure only some calls while
 //! profiling: comma-separated parts of `ACCESS_LOG:Call`, e.g.
-//! `-:Echo,off:GetJob`). Markdown on stdout, progress on stderr.
+//! `-:Echo,off:GetJob`). Markdown on stdout; progress on stderr, with each
+//! measurement as it is made (µs per call, calls/s).
 
 #![forbid(unsafe_code)]
 
@@ -371,6 +372,10 @@ async fn main() -> anyhow::Result<()> {
             };
             for (log, call, target) in reads.into_iter().chain(writes) {
                 let (figures, errors) = measure(*call, target, callers, window).await?;
+                eprintln!(
+                    "  {log} {call:?}: {:.1} µs/call, {:.0} calls/s",
+                    figures.cpu_us, figures.calls_per_second
+                );
                 results
                     .entry((callers, log, *call))
                     .or_default()
@@ -467,12 +472,19 @@ fn print_report(
                 verdict(cheap.iter().all(|(_, times)| *times <= 2.0)),
                 shown.join(", ")
             ));
-            let floor = ratio(get(callers, "-", Call::EchoRawRead).cpu_us, echo.cpu_us);
+            let floor_us = get(callers, "-", Call::EchoRawRead).cpu_us;
+            let floor = ratio(floor_us, echo.cpu_us);
             let store_floor = ratio(get(callers, "-", Call::EchoStoreRead).cpu_us, echo.cpu_us);
-            let get_job = ratio(get(callers, log, Call::GetJob).cpu_us, echo.cpu_us);
+            let get_job_us = get(callers, log, Call::GetJob).cpu_us;
+            let get_job = ratio(get_job_us, echo.cpu_us);
+            // What 2× the echo leaves beyond the read, and what GetJob
+            // spends there: the key's check, the count, the row's decoding,
+            // the answer's encoding and the call's record.
+            let headroom_us = 2.0 * echo.cpu_us - floor_us;
             goals.push(format!(
-                "- `GetJob`'s floor, {callers} clients, access_log {log}: GetJob {get_job:.2}× echo; echo + one PostgreSQL read {floor:.2}× with tokio-postgres, {store_floor:.2}× through the `Store`: the 2× goal is {} for a GetJob that reads the database",
-                if floor > 2.0 { "out of reach" } else { "within reach" }
+                "- `GetJob`'s floor, {callers} clients, access_log {log}: GetJob {get_job:.2}× echo; echo + one PostgreSQL read {floor:.2}× with tokio-postgres, {store_floor:.2}× through the `Store`: the 2× goal is {} for a GetJob that reads the database. 2× the echo leaves {headroom_us:.1} µs per call beyond the read; GetJob spends {:.1} µs there",
+                if floor > 2.0 { "out of reach" } else { "within reach" },
+                get_job_us - floor_us
             ));
             let throughput = ratio(
                 get(callers, log, Call::CoordinatorHealth).calls_per_second,
