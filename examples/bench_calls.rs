@@ -32,34 +32,17 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use common::daemon::{ClientIdentity, Daemon, PreparedDaemon, with_key};
-use common::echo::{self, EchoMessage, EchoProcess};
+use common::calls::{Call, Pool, Target, metric, start_daemon, start_echoes};
+use common::daemon::{ClientIdentity, Launcher};
 use common::load::{Errors, closed_loop, describe_errors};
 use common::stats::{Samples, median, ratio, setting, verdict};
-use mosaic_mesh::proto::coordinator as pb;
-use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
-use mosaic_mesh::store::testing::TestDatabase;
-use prost::Message as _;
-use tonic::transport::Channel;
 
 const CLIENTS: [usize; 2] = [8, 32];
 const ACCESS_LOGS: [&str; 2] = ["off", "info"];
 const WARM_UP: Duration = Duration::from_millis(500);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Call {
-    Echo,
-    EchoRawRead,
-    EchoStoreRead,
-    GrpcHealth,
-    CoordinatorHealth,
-    GetJob,
-    CreateJob,
-}
 
 const DAEMON_CALLS: [Call; 4] = [
     Call::GrpcHealth,
@@ -68,54 +51,6 @@ const DAEMON_CALLS: [Call; 4] = [
     Call::CreateJob,
 ];
 const CHEAP_CALLS: [Call; 3] = [Call::GrpcHealth, Call::CoordinatorHealth, Call::GetJob];
-
-impl Call {
-    fn name(self) -> &'static str {
-        match self {
-            Call::Echo => "bare echo (baseline)",
-            Call::EchoRawRead => "echo + one PostgreSQL read (tokio-postgres)",
-            Call::EchoStoreRead => "echo + one PostgreSQL read (the daemon's `Store`)",
-            Call::GrpcHealth => "`grpc.health.v1.Health/Check`",
-            Call::CoordinatorHealth => "`Coordinator/Health`",
-            Call::GetJob => "`Coordinator/GetJob`",
-            Call::CreateJob => "`Coordinator/CreateJob`",
-        }
-    }
-}
-
-/// Connections; each call takes the next in turn, so N callers on the first N
-/// connections keep about one call in flight on each.
-#[derive(Clone)]
-struct Pool {
-    channels: Arc<Vec<Channel>>,
-    size: usize,
-    next: Arc<AtomicUsize>,
-}
-
-impl Pool {
-    fn new(channels: Arc<Vec<Channel>>, size: usize) -> Pool {
-        let size = size.clamp(1, channels.len());
-        let next = Arc::new(AtomicUsize::new(0));
-        Pool {
-            channels,
-            size,
-            next,
-        }
-    }
-
-    fn take(&self) -> Channel {
-        self.channels[self.next.fetch_add(1, Ordering::Relaxed) % self.size].clone()
-    }
-}
-
-/// A process to measure and how to call it.
-struct Target {
-    pid: u32,
-    channels: Arc<Vec<Channel>>,
-    key: String,
-    job_id: String,
-    echo: EchoMessage,
-}
 
 /// One measurement, or the medians of several.
 #[derive(Clone, Copy, Default)]
@@ -145,15 +80,6 @@ fn cpu(pid: u32) -> anyhow::Result<Duration> {
     common::machine::cpu_time(pid).with_context(|| format!("no CPU time for process {pid}"))
 }
 
-fn create_request() -> pb::CreateJobRequest {
-    pb::CreateJobRequest {
-        job_type: "bench".to_owned(),
-        workspace: "bench".to_owned(),
-        payload_json: "{\"n\":1}".to_owned(),
-        ..pb::CreateJobRequest::default()
-    }
-}
-
 /// `call` on `target` from `callers` clients for `window`.
 async fn measure(
     call: Call,
@@ -168,30 +94,8 @@ async fn measure(
     let (samples, errors): (Samples, Errors) =
         closed_loop(callers, usize::MAX, window, pool, move |pool: Pool| {
             let (channel, key, job_id) = (pool.take(), key.clone(), job_id.clone());
-            let (message, mut jobs) = (message.clone(), CoordinatorClient::new(channel.clone()));
-            async move {
-                match call {
-                    Call::Echo | Call::EchoRawRead | Call::EchoStoreRead => {
-                        let mut client = tonic::client::Grpc::new(channel);
-                        echo::call(&mut client, message).await.map(drop)
-                    }
-                    Call::GrpcHealth => {
-                        let request = tonic_health::pb::HealthCheckRequest::default();
-                        let mut client =
-                            tonic_health::pb::health_client::HealthClient::new(channel);
-                        client.check(request).await.map(drop)
-                    }
-                    Call::CoordinatorHealth => jobs.health(pb::HealthRequest {}).await.map(drop),
-                    Call::GetJob => {
-                        let request = with_key(pb::GetJobRequest { job_id }, &key);
-                        jobs.get_job(request).await.map(drop)
-                    }
-                    Call::CreateJob => {
-                        let request = with_key(create_request(), &key);
-                        jobs.create_job(request).await.map(drop)
-                    }
-                }
-            }
+            let message = message.clone();
+            async move { common::calls::make(call, channel, &key, job_id, message).await }
         })
         .await;
     let cpu_used = cpu(target.pid)?.saturating_sub(cpu_before);
@@ -205,130 +109,30 @@ async fn measure(
     Ok((figures, errors))
 }
 
-/// A daemon on a new PostgreSQL database with Redis rate limiting and
-/// `access_log`, `connections` connections to it, a coordinator-scope key and
-/// one job.
-async fn start_daemon(
-    access_log: &str,
-    identity: &ClientIdentity,
-    connections: usize,
-) -> anyhow::Result<(Daemon, TestDatabase, Target)> {
-    let redis_url =
-        std::env::var("BENCH_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let database = TestDatabase::postgres().await?;
-    let prepared = PreparedDaemon::on(&format!("calls-{access_log}"), Some(database.url.clone()))?;
-    let prefix = format!("bench_calls:{}:{access_log}:", std::process::id());
-    let extra = format!("[server]\naccess_log = \"{access_log}\"\n");
-    // Appended TOML cannot reopen `[rate_limit]` or the root keys the base
-    // config writes, so these settings go in as variables.
-    let limits = ["GLOBAL", "WEBHOOK", "COORDINATOR", "HEALTH", "FEDERATION"]
-        .map(|tier| format!("MOSAIC_RATE_LIMIT_{tier}_LIMIT"));
-    let mut env = vec![
-        ("MOSAIC_LOG", "info"),
-        ("MOSAIC_REDIS_URL", redis_url.as_str()),
-        ("MOSAIC_RATE_LIMIT_STORAGE", "redis"),
-        ("MOSAIC_RATE_LIMIT_REDIS_PREFIX", prefix.as_str()),
-    ];
-    // Limits that never refuse.
-    env.extend(limits.iter().map(|name| (name.as_str(), "100000000")));
-    let daemon = prepared.serve_with_env(&extra, &env).await?;
-    let store = mosaic_mesh::store::Store::connect(&database.url).await?;
-    let scopes = [mosaic_mesh::auth::Scope::Coordinator];
-    let key = mosaic_mesh::auth::create_api_key(&store, "bench-calls", &scopes).await?;
-    let key = key.secret.to_string();
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        channels.push(daemon.channel(identity).await?);
-    }
-    let job = CoordinatorClient::new(channels[0].clone())
-        .create_job(with_key(create_request(), &key))
-        .await?
-        .into_inner()
-        .job
-        .context("CreateJob returned no job")?;
-    let target = Target {
-        pid: daemon.pid,
-        channels: Arc::new(channels),
-        key,
-        job_id: job.job_id,
-        echo: EchoMessage::default(),
-    };
-    Ok((daemon, database, target))
-}
-
-/// A counter's value in Prometheus text.
-fn metric<'a>(text: &'a str, name: &str) -> &'a str {
-    let value = text
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
-    value.unwrap_or("?").trim()
-}
-
 type Results = BTreeMap<(usize, &'static str, Call), Vec<Figures>>;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    echo::run_if_echo_server().await?;
+    common::echo::run_if_echo_server().await?;
     let window = Duration::from_secs_f64(setting("BENCH_SECONDS", 3.0_f64));
     let rounds = setting("BENCH_ROUNDS", 3.0_f64).max(1.0) as usize;
     let machine = common::machine::description();
     let connections = CLIENTS.into_iter().max().unwrap_or(1);
     eprintln!("bench_calls: starting the echo server and two daemons");
     let identity = ClientIdentity::new().await?;
-    let echo_process = EchoProcess::start(None).await?;
+    let launcher = Launcher::default();
     let mut servers = Vec::new();
     for access_log in ACCESS_LOGS {
-        let server = start_daemon(access_log, &identity, connections).await?;
+        let server = start_daemon(&launcher, access_log, &[], &identity, connections).await?;
         servers.push((access_log, server));
     }
-    // The echo carries as many bytes each way as a GetJob.
-    let (_, _, first) = &servers[0].1;
-    let get_job = pb::GetJobRequest {
-        job_id: first.job_id.clone(),
-    };
-    let job = CoordinatorClient::new(first.channels[0].clone())
-        .get_job(with_key(get_job.clone(), &first.key))
-        .await?
-        .into_inner();
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        let key = echo_process.key.clone();
-        channels.push(identity.channel(&echo_process.url, key).await?);
-    }
-    let echo_target = Target {
-        pid: echo_process.pid,
-        channels: Arc::new(channels),
-        key: String::new(),
-        job_id: String::new(),
-        echo: EchoMessage {
-            payload: vec![0x5a; get_job.encoded_len()],
-            reply_bytes: u32::try_from(job.encoded_len())?,
-        },
-    };
-    // The floor of a GetJob that reads the database: the echo, reading the
-    // first daemon's job from its database before each answer.
-    let (_, database, _) = &servers[0].1;
-    let mut reading_targets = Vec::new();
-    for (mode, call) in echo::READ_MODES
-        .into_iter()
-        .zip([Call::EchoRawRead, Call::EchoStoreRead])
-    {
-        let process = EchoProcess::reading(mode, &database.url, &first.job_id).await?;
-        let mut channels = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            channels.push(identity.channel(&process.url, process.key.clone()).await?);
-        }
-        let target = Target {
-            pid: process.pid,
-            channels: Arc::new(channels),
-            key: String::new(),
-            job_id: String::new(),
-            echo: echo_target.echo.clone(),
-        };
-        reading_targets.push((call, target, process));
-    }
-    let mut plan = vec![("-", Call::Echo, &echo_target)];
-    for (call, target, _) in &reading_targets {
+    // The echo, and the floor of a GetJob that reads the database: the
+    // echo, reading the first daemon's job from its database before each
+    // answer.
+    let (_, database, first) = &servers[0].1;
+    let echoes = start_echoes(&launcher, &identity, connections, first, database).await?;
+    let mut plan = Vec::new();
+    for (call, target, _) in &echoes {
         plan.push(("-", *call, target));
     }
     for (access_log, (_, _, target)) in &servers {

@@ -40,6 +40,48 @@ pub fn mosaicd_binary() -> anyhow::Result<PathBuf> {
     Ok(candidate)
 }
 
+/// What a server process is started under: nothing, or a tool such as
+/// valgrind with its options. The process then runs `TOOL OPTIONS… PROGRAM
+/// ARGS…`; its pid is the tool's, which runs the program in its own process.
+#[derive(Clone, Debug)]
+pub struct Launcher {
+    /// The tool and its options; empty to run the program itself.
+    pub prefix: Vec<String>,
+    /// How long the server may take to answer its first call.
+    pub startup: Duration,
+}
+
+impl Default for Launcher {
+    fn default() -> Launcher {
+        Launcher {
+            prefix: Vec::new(),
+            startup: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Launcher {
+    /// `command` (its program, arguments and environment) under this
+    /// launcher.
+    pub fn wrap(&self, command: std::process::Command) -> std::process::Command {
+        let Some((tool, options)) = self.prefix.split_first() else {
+            return command;
+        };
+        let mut wrapped = std::process::Command::new(tool);
+        wrapped
+            .args(options)
+            .arg(command.get_program())
+            .args(command.get_args());
+        for (name, value) in command.get_envs() {
+            match value {
+                Some(value) => wrapped.env(name, value),
+                None => wrapped.env_remove(name),
+            };
+        }
+        wrapped
+    }
+}
+
 /// A free loopback port (bound and released; the daemon binds it right after).
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -228,9 +270,21 @@ impl PreparedDaemon {
         extra_toml: &str,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Daemon> {
+        self.serve_under(&Launcher::default(), extra_toml, env)
+            .await
+    }
+
+    /// [`serve_with_env`](Self::serve_with_env), `mosaicd serve` started
+    /// under `launcher`.
+    pub async fn serve_under(
+        self,
+        launcher: &Launcher,
+        extra_toml: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Daemon> {
         self.write_config(extra_toml)?;
         let log = std::fs::File::create(self.data_dir.path().join("daemon.log"))?;
-        let mut command = tokio::process::Command::from(self.command());
+        let mut command = tokio::process::Command::from(launcher.wrap(self.command()));
         command
             .envs(env.iter().copied())
             .arg("serve")
@@ -246,7 +300,7 @@ impl PreparedDaemon {
             pid,
             server_key: None,
         };
-        daemon.wait_until_serving().await?;
+        daemon.wait_until_serving(launcher.startup).await?;
         Ok(daemon)
     }
 }
@@ -296,8 +350,8 @@ impl Daemon {
         Ok(PublicKey::from_spki_der(&spki)?)
     }
 
-    async fn wait_until_serving(&mut self) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    async fn wait_until_serving(&mut self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
         let client = ClientIdentity::new().await?;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -323,8 +377,9 @@ impl Daemon {
             }
             anyhow::ensure!(
                 tokio::time::Instant::now() < deadline,
-                "mosaicd {} did not serve within 30 s",
-                self.prepared.name
+                "mosaicd {} did not serve within {} s",
+                self.prepared.name,
+                limit.as_secs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -19,7 +19,6 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine as _;
@@ -27,7 +26,7 @@ use mosaic_mesh::identity::PublicKey;
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
 
-use super::daemon::ClientIdentity;
+use super::daemon::{ClientIdentity, Launcher};
 
 /// The method path.
 const ECHO_PATH: &str = "/bench.Echo/Echo";
@@ -271,31 +270,43 @@ pub struct EchoProcess {
 impl EchoProcess {
     /// Starts this executable as an echo server; forwarding to `upstream` if given.
     pub async fn start(upstream: Option<&EchoProcess>) -> anyhow::Result<EchoProcess> {
-        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        let mut command = std::process::Command::new(std::env::current_exe()?);
         command.arg("--echo-server");
         if let Some(upstream) = upstream {
             command.arg(&upstream.url).arg(&upstream.key_base64);
         }
-        EchoProcess::spawn(command).await
+        EchoProcess::spawn(command, &Launcher::default()).await
+    }
+
+    /// A bare echo server (no upstream, no read) started under `launcher`.
+    pub async fn start_under(launcher: &Launcher) -> anyhow::Result<EchoProcess> {
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command.arg("--echo-server");
+        EchoProcess::spawn(command, launcher).await
     }
 
     /// Starts an echo server that reads job `job_id` from the PostgreSQL
     /// database at `database_url` before each answer, `mode` being one of
-    /// [`READ_MODES`].
+    /// [`READ_MODES`], under `launcher`.
     pub async fn reading(
+        launcher: &Launcher,
         mode: &str,
         database_url: &str,
         job_id: &str,
     ) -> anyhow::Result<EchoProcess> {
-        let mut command = tokio::process::Command::new(std::env::current_exe()?);
+        let mut command = std::process::Command::new(std::env::current_exe()?);
         command
             .args(["--echo-server", "--read", mode])
             .arg(database_url)
             .arg(job_id);
-        EchoProcess::spawn(command).await
+        EchoProcess::spawn(command, launcher).await
     }
 
-    async fn spawn(mut command: tokio::process::Command) -> anyhow::Result<EchoProcess> {
+    async fn spawn(
+        command: std::process::Command,
+        launcher: &Launcher,
+    ) -> anyhow::Result<EchoProcess> {
+        let mut command = tokio::process::Command::from(launcher.wrap(command));
         let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
@@ -304,9 +315,14 @@ impl EchoProcess {
         let pid = child.id().context("the echo server exited at once")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        let line = tokio::time::timeout(launcher.startup, lines.next_line())
             .await
-            .context("echo server did not start within 30 s")??
+            .with_context(|| {
+                format!(
+                    "echo server did not start within {} s",
+                    launcher.startup.as_secs()
+                )
+            })??
             .context("echo server exited")?;
         let mut words = line.split_whitespace().skip(1);
         let (Some(address), Some(key_base64)) = (words.next(), words.next()) else {

@@ -6,6 +6,7 @@
 // Each example uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod calls;
 pub mod daemon;
 pub mod echo;
 pub mod load;
