@@ -26,7 +26,7 @@ pub struct TtlCache<K, V> {
 
 #[derive(Debug)]
 struct Entries<K, V> {
-    map: HashMap<K, (Instant, V)>,
+    map: HashMap<K, (Instant, V), foldhash::quality::RandomState>,
     /// Bumped by every invalidation, so that a value read before one is not
     /// stored after it (a reader racing a change would otherwise put the old
     /// record back for a whole lifetime).
@@ -44,7 +44,7 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         Self {
             lifetime,
             entries: Mutex::new(Entries {
-                map: HashMap::new(),
+                map: HashMap::default(),
                 generation: 0,
             }),
         }

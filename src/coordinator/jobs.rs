@@ -572,12 +572,20 @@ fn new_job_id() -> String {
 /// Checks a one-line field: at most `max` bytes, no control characters.
 fn check_length(field: &str, value: &str, max: usize) -> Result<(), CoordinatorError> {
     check_size(field, value, max)?;
-    if value.chars().any(char::is_control) {
+    if has_control(value) {
         return Err(CoordinatorError::Invalid(format!(
             "{field} contains control characters"
         )));
     }
     Ok(())
+}
+
+/// Whether `value` holds a control character (Unicode's `Cc`: C0, DEL and
+/// C1). The ASCII ones are found by byte, which is what most identifiers
+/// are made of; only text beyond ASCII is decoded to look for C1.
+fn has_control(value: &str) -> bool {
+    value.bytes().any(|byte| byte.is_ascii_control())
+        || (!value.is_ascii() && value.chars().any(char::is_control))
 }
 
 /// Checks free text (messages may span lines): at most `max` bytes.

@@ -17,6 +17,10 @@ use super::Metrics;
 use super::settings::AccessLog;
 use crate::auth::Caller;
 
+/// The header or trailer a call's code is in. A constant, so that reading
+/// it on every call parses no name.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 /// A call as it arrives: what its record will need, taken before anything
 /// else runs (the duration starts here).
 pub struct CallStart {
@@ -78,7 +82,7 @@ impl CallStart {
         };
         if let Some(code) = response
             .headers()
-            .get("grpc-status")
+            .get(GRPC_STATUS)
             .and_then(|value| value.to_str().ok())
         {
             // Trailers-only: the call is over, whatever the body holds.
@@ -243,7 +247,7 @@ impl http_body::Body for RecordingBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame
                     .trailers_ref()
-                    .and_then(|trailers| trailers.get("grpc-status"))
+                    .and_then(|trailers| trailers.get(GRPC_STATUS))
                     .and_then(|value| value.to_str().ok())
                 {
                     this.recorder.record(code);

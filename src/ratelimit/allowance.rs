@@ -57,7 +57,7 @@ struct Held {
 #[derive(Debug)]
 pub struct Allowances {
     replicas: u32,
-    held: Mutex<HashMap<(Tier, LimitKey), Held>>,
+    held: Mutex<HashMap<(Tier, LimitKey), Held, foldhash::quality::RandomState>>,
 }
 
 impl Allowances {
@@ -65,7 +65,7 @@ impl Allowances {
     pub fn new(replicas: u32) -> Allowances {
         Allowances {
             replicas: replicas.max(1),
-            held: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::default()),
         }
     }
 

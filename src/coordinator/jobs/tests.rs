@@ -178,6 +178,27 @@ fn malformed_jobs_are_refused_with_the_field_named() {
 }
 
 #[test]
+fn every_control_character_is_refused_in_a_job_id_and_other_text_is_not() {
+    // C0, DEL and C1 (a terminal's CSI is U+009B), alone and beside text
+    // beyond ASCII.
+    for job_id in ["a\u{1}b", "ab\u{7f}", "\u{9b}31m", "é\u{85}", "\u{1b}[2J"] {
+        match validate_job_id(job_id) {
+            Err(CoordinatorError::Invalid(message)) => {
+                assert!(message.contains("control"), "{job_id:?}: {message}");
+            }
+            other => panic!("{job_id:?}: expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+    for job_id in [
+        "01a24f22-465d-728d-b92e-f2dfcd3769e9",
+        "tâche-№7",
+        "\u{a0}x\u{2028}",
+    ] {
+        assert!(validate_job_id(job_id).is_ok(), "{job_id:?}");
+    }
+}
+
+#[test]
 fn results_must_be_json_and_messages_bounded() {
     assert!(
         validate_change(
