@@ -31,14 +31,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use common::calls::{Call, Pool, Target, metric, start_daemon, start_echoes};
+use common::calls::{Call, Target, counters, load, start_daemon, start_echoes};
 use common::daemon::{ClientIdentity, Launcher};
-use common::load::{Errors, closed_loop, describe_errors};
-use common::stats::{Samples, median, ratio, setting, verdict};
+use common::load::{Errors, describe_errors};
+use common::stats::{median, ratio, setting, verdict};
 
 const CLIENTS: [usize; 2] = [8, 32];
 const ACCESS_LOGS: [&str; 2] = ["off", "info"];
@@ -87,17 +86,8 @@ async fn measure(
     callers: usize,
     window: Duration,
 ) -> anyhow::Result<(Figures, Errors)> {
-    let pool = Pool::new(Arc::clone(&target.channels), callers);
-    let (key, job_id) = (target.key.clone(), target.job_id.clone());
-    let message = target.echo.clone();
     let (cpu_before, servers_before) = (cpu(target.pid)?, servers_cpu());
-    let (samples, errors): (Samples, Errors) =
-        closed_loop(callers, usize::MAX, window, pool, move |pool: Pool| {
-            let (channel, key, job_id) = (pool.take(), key.clone(), job_id.clone());
-            let message = message.clone();
-            async move { common::calls::make(call, channel, &key, job_id, message).await }
-        })
-        .await;
+    let (samples, errors) = load(call, target, callers, usize::MAX, window).await;
     let cpu_used = cpu(target.pid)?.saturating_sub(cpu_before);
     let servers_used = servers_cpu().saturating_sub(servers_before);
     let calls = samples.latencies.len().max(1) as f64;
@@ -192,16 +182,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let mut counters = Vec::new();
-    for (access_log, (daemon, _, _)) in &servers {
-        let text = daemon.scrape_metrics().await?;
-        counters.push(format!(
-            "access_log {access_log}: Redis checks {}, fallback checks {}, log lines dropped {}",
-            metric(&text, "mosaic_rate_limit_redis_checks_total"),
-            metric(&text, "mosaic_rate_limit_fallback_checks_total"),
-            metric(&text, "mosaic_log_lines_dropped_total"),
-        ));
-    }
+    let daemons: Vec<_> = servers
+        .iter()
+        .map(|(access_log, (daemon, _, _))| (*access_log, daemon))
+        .collect();
+    let counters = counters(&daemons).await?;
     print_report(&results, &machine, window, rounds, &counters);
     for (_, (daemon, database, _)) in servers {
         daemon.stop().await;
@@ -211,13 +196,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_report(
-    results: &Results,
-    machine: &str,
-    window: Duration,
-    rounds: usize,
-    counters: &[String],
-) {
+fn print_report(results: &Results, machine: &str, window: Duration, rounds: usize, counters: &str) {
     let get = |callers: usize, log: &'static str, call: Call| {
         let rounds = results
             .get(&(callers, log, call))
@@ -302,5 +281,5 @@ fn print_report(
         println!();
     }
     println!("Goals:\n\n{}\n", goals.join("\n"));
-    println!("Counters at the end: {}.", counters.join("; "));
+    println!("Counters at the end: {counters}.");
 }

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use common::daemon::with_key;
+use common::daemon::{Launcher, with_key};
 use common::echo::{self, EchoMessage, EchoProcess};
 use common::load::{Errors, closed_loop, describe_errors};
 use common::mesh::Mesh;
@@ -115,8 +115,8 @@ async fn main() -> anyhow::Result<()> {
     let load_before = common::machine::load_average();
     eprintln!("bench_commands: starting daemons A and B and the echo servers");
     let mesh = Mesh::start().await?;
-    let echo_b = EchoProcess::start(None).await?;
-    let echo_a = EchoProcess::start(Some(&echo_b)).await?;
+    let echo_b = EchoProcess::start(&Launcher::default(), None).await?;
+    let echo_a = EchoProcess::start(&Launcher::default(), Some(&echo_b)).await?;
     let federation = mesh.federation_a().await?;
     let one_hop = echo_b.client(&mesh.client).await?;
     let two_hops = echo_a.client(&mesh.client).await?;

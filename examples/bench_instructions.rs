@@ -38,13 +38,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use common::calls::{Call, Pool, Target, metric, start_daemon, start_echoes};
+use common::calls::{Call, Target, counters, load, start_daemon, start_echoes};
 use common::daemon::{ClientIdentity, Launcher};
-use common::load::{closed_loop, describe_errors};
+use common::load::describe_errors;
 use common::stats::{median, ratio, setting};
 
 /// The daemon's calls measured, by access log.
@@ -118,18 +117,7 @@ async fn run_calls(
     clients: usize,
     calls: usize,
 ) -> anyhow::Result<()> {
-    let pool = Pool::new(Arc::clone(&target.channels), clients);
-    let (key, job_id, message) = (
-        target.key.clone(),
-        target.job_id.clone(),
-        target.echo.clone(),
-    );
-    let (samples, errors) = closed_loop(clients, calls, TIME_LIMIT, pool, move |pool: Pool| {
-        let (channel, key, job_id) = (pool.take(), key.clone(), job_id.clone());
-        let message = message.clone();
-        async move { common::calls::make(call, channel, &key, job_id, message).await }
-    })
-    .await;
+    let (samples, errors) = load(call, target, clients, calls, TIME_LIMIT).await;
     anyhow::ensure!(
         errors.is_empty() && samples.latencies.len() == calls,
         "{}: {} of {calls} calls answered; failed: {}",
@@ -258,16 +246,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     print_report(&results, &plan, &valgrind, calls, clients, rounds);
-    let mut counters = Vec::new();
-    for (access_log, (daemon, _, _)) in &daemons {
-        let text = daemon.scrape_metrics().await?;
-        counters.push(format!(
-            "access_log {access_log}: Redis checks {}, checks counted in memory as Redis did not answer {}",
-            metric(&text, "mosaic_rate_limit_redis_checks_total"),
-            metric(&text, "mosaic_rate_limit_fallback_checks_total"),
-        ));
-    }
-    println!("\nCounters at the end: {}.", counters.join("; "));
+    let running: Vec<_> = daemons
+        .iter()
+        .map(|(access_log, (daemon, _, _))| (*access_log, daemon))
+        .collect();
+    println!("\nCounters at the end: {}.", counters(&running).await?);
     for (_, (daemon, database, _)) in daemons {
         daemon.stop().await;
         let _ = database.cleanup().await;

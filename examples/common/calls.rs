@@ -16,6 +16,8 @@ use tonic::transport::Channel;
 
 use super::daemon::{ClientIdentity, Daemon, Launcher, PreparedDaemon, with_key};
 use super::echo::{self, EchoMessage, EchoProcess};
+use super::load::{Errors, closed_loop};
+use super::stats::Samples;
 
 /// A call measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -142,6 +144,27 @@ pub async fn make(
     }
 }
 
+/// `call` on `target` from `clients` clients (closed loops, each call on the
+/// next of the first `clients` connections), `requests` calls in all or
+/// until `time_limit`, whichever comes first.
+pub async fn load(
+    call: Call,
+    target: &Target,
+    clients: usize,
+    requests: usize,
+    time_limit: std::time::Duration,
+) -> (Samples, Errors) {
+    let pool = Pool::new(Arc::clone(&target.channels), clients);
+    let (key, job_id) = (target.key.clone(), target.job_id.clone());
+    let message = target.echo.clone();
+    closed_loop(clients, requests, time_limit, pool, move |pool: Pool| {
+        let (channel, key, job_id) = (pool.take(), key.clone(), job_id.clone());
+        let message = message.clone();
+        async move { make(call, channel, &key, job_id, message).await }
+    })
+    .await
+}
+
 /// A daemon under `launcher` on a new PostgreSQL database with Redis rate
 /// limiting (`BENCH_REDIS_URL`, default `redis://127.0.0.1:6379`; its own
 /// prefix; limits that never refuse) and `access_log`, and the variables
@@ -228,7 +251,7 @@ pub async fn start_echoes(
         (Call::EchoStoreRead, Some(echo::READ_MODES[1])),
     ] {
         let process = match mode {
-            None => EchoProcess::start_under(launcher).await?,
+            None => EchoProcess::start(launcher, None).await?,
             Some(mode) => {
                 EchoProcess::reading(launcher, mode, &database.url, &daemon.job_id).await?
             }
@@ -250,9 +273,26 @@ pub async fn start_echoes(
 }
 
 /// A counter's value in Prometheus text.
-pub fn metric<'a>(text: &'a str, name: &str) -> &'a str {
+fn metric<'a>(text: &'a str, name: &str) -> &'a str {
     let value = text
         .lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '));
     value.unwrap_or("?").trim()
+}
+
+/// The rate limiter's and the log's counters of each daemon, for the end of
+/// a report: Redis checks, checks counted in memory because Redis did not
+/// answer, log lines dropped.
+pub async fn counters(daemons: &[(&str, &Daemon)]) -> anyhow::Result<String> {
+    let mut counters = Vec::new();
+    for (access_log, daemon) in daemons {
+        let text = daemon.scrape_metrics().await?;
+        counters.push(format!(
+            "access_log {access_log}: Redis checks {}, fallback checks {}, log lines dropped {}",
+            metric(&text, "mosaic_rate_limit_redis_checks_total"),
+            metric(&text, "mosaic_rate_limit_fallback_checks_total"),
+            metric(&text, "mosaic_log_lines_dropped_total"),
+        ));
+    }
+    Ok(counters.join("; "))
 }

@@ -268,20 +268,17 @@ pub struct EchoProcess {
 }
 
 impl EchoProcess {
-    /// Starts this executable as an echo server; forwarding to `upstream` if given.
-    pub async fn start(upstream: Option<&EchoProcess>) -> anyhow::Result<EchoProcess> {
+    /// Starts this executable as an echo server under `launcher`;
+    /// forwarding to `upstream` if given.
+    pub async fn start(
+        launcher: &Launcher,
+        upstream: Option<&EchoProcess>,
+    ) -> anyhow::Result<EchoProcess> {
         let mut command = std::process::Command::new(std::env::current_exe()?);
         command.arg("--echo-server");
         if let Some(upstream) = upstream {
             command.arg(&upstream.url).arg(&upstream.key_base64);
         }
-        EchoProcess::spawn(command, &Launcher::default()).await
-    }
-
-    /// A bare echo server (no upstream, no read) started under `launcher`.
-    pub async fn start_under(launcher: &Launcher) -> anyhow::Result<EchoProcess> {
-        let mut command = std::process::Command::new(std::env::current_exe()?);
-        command.arg("--echo-server");
         EchoProcess::spawn(command, launcher).await
     }
 
