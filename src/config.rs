@@ -180,6 +180,9 @@ pub struct ServerFileConfig {
     /// The level of the one log line per call: `info` (default), `debug` or
     /// `off`.
     pub access_log: Option<String>,
+    /// Threads that serve calls, each with its own connections (default
+    /// half the CPUs, at least one).
+    pub serving_threads: Option<usize>,
 }
 
 /// `[identity]` in the file.
@@ -198,6 +201,18 @@ pub const MAX_ROTATION_GRACE_SECS: u64 = 30 * 24 * 60 * 60;
 const DEFAULT_AUTH_CACHE_MS: u64 = 1000;
 /// The longest `server.auth_cache_ms`: a revoked key must stop working soon.
 const MAX_AUTH_CACHE_MS: u64 = 60_000;
+
+/// The most serving threads `server.serving_threads` may ask for.
+const MAX_SERVING_THREADS: usize = 256;
+
+/// Half the CPUs this process may use, at least one: the other half is left
+/// to the main runtime (background work, agents' I/O), the log's writer and
+/// a database or Redis on the same machine. One thread serving every call
+/// costs less CPU per call than two sharing them on a 2-CPU machine
+/// (BENCHMARKS.md, issue 23, session 24).
+fn default_serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))
+}
 
 /// Creates the data directory (and any missing parent) readable by this
 /// user alone: it holds sealed keys, API-key hashes and agents' output. An
@@ -233,6 +248,9 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// The level of the one log line per call (default info).
     pub access_log: crate::metrics::settings::AccessLog,
+    /// Threads that serve calls, each owning the connections handed to it
+    /// (default half the CPUs, at least one; see [`crate::serving`]).
+    pub serving_threads: usize,
     /// How long an API key, peer connection or peer key read from the store is
     /// believed before it is read again (default 1 s; zero: every call reads).
     /// Changes made through this daemon apply at once; see [`crate::cache`].
@@ -400,6 +418,16 @@ impl Config {
                 .parse()
                 .map_err(|message| invalid("server.access_log", message))?,
         };
+        let serving_threads = file
+            .server
+            .serving_threads
+            .unwrap_or_else(default_serving_threads);
+        if !(1..=MAX_SERVING_THREADS).contains(&serving_threads) {
+            return Err(invalid(
+                "server.serving_threads",
+                format!("must be between 1 and {MAX_SERVING_THREADS}"),
+            ));
+        }
         let auth_cache_ms = file.server.auth_cache_ms.unwrap_or(DEFAULT_AUTH_CACHE_MS);
         if auth_cache_ms > MAX_AUTH_CACHE_MS {
             return Err(invalid(
@@ -442,6 +470,7 @@ impl Config {
             max_message_bytes,
             tls_handshake_timeout: Duration::from_secs(handshake_secs),
             access_log,
+            serving_threads,
             auth_cache: Duration::from_millis(auth_cache_ms),
             rotation_grace: Duration::from_secs(rotation_grace_secs),
             federation,

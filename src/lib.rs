@@ -58,6 +58,7 @@ pub mod replicas;
 pub mod retention;
 pub mod served;
 pub mod server;
+pub(crate) mod serving;
 pub mod store;
 pub mod text;
 pub mod tls;

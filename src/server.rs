@@ -7,15 +7,14 @@
 //! tests bind `127.0.0.1:0` and stop the daemon when they like.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 
 use crate::agents::AgentRuntime;
@@ -33,11 +32,9 @@ use crate::proto::federation::federation_server::FederationServer;
 use crate::proto::replica::replica_server::ReplicaServer;
 use crate::ratelimit::RateLimiter;
 use crate::replicas::service::ReplicaService;
+use crate::serving::ServingThreads;
 use crate::store::Store;
 
-/// Accepted connections waiting for tonic; a full queue slows `accept`, which is
-/// the backpressure we want.
-const ACCEPT_QUEUE: usize = 128;
 /// How long a starting replica waits for another that is migrating the
 /// database or creating the identity.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(60);
@@ -315,20 +312,26 @@ pub async fn serve(
     let stop_signal = async {
         let _ = stop_signal.await;
     };
-    let serving: std::pin::Pin<
-        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-    > = if config.plaintext {
-        Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_signal))
+    let open_connections = shared.metrics.serving_thread_gauges(config.serving_threads);
+    // Each serving thread runs a server of its own (a clone of this one) on
+    // the connections handed to it.
+    let mut threads = if config.plaintext {
+        let serve = move |incoming, stop| router.serve_with_incoming_shutdown(incoming, stop);
+        let handshake = |tcp: TcpStream, _remote| std::future::ready(Some(tcp));
+        ServingThreads::start(listener, open_connections, handshake, serve, stop_signal)
     } else {
         let tls = crate::tls::server_config(Arc::clone(&shared.identity))
             .context("cannot configure TLS")?;
-        let incoming = tls_incoming(
-            listener,
-            TlsAcceptor::from(Arc::new(tls)),
-            config.tls_handshake_timeout,
-        );
-        Box::pin(router.serve_with_incoming_shutdown(incoming, stop_signal))
-    };
+        let acceptor = TlsAcceptor::from(Arc::new(tls));
+        let timeout = config.tls_handshake_timeout;
+        let handshake = move |tcp, remote| tls_handshake(acceptor.clone(), tcp, remote, timeout);
+        let serve = move |incoming, stop| router.serve_with_incoming_shutdown(incoming, stop);
+        ServingThreads::start(listener, open_connections, handshake, serve, stop_signal)
+    }
+    .context("cannot start the serving threads")?;
+    let serving: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = Box::pin(threads.finished());
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
@@ -410,6 +413,8 @@ pub async fn serve(
     let was_lost = *registration.lost().borrow();
     // Stopped cleanly: nobody waits for this replica's lease to run out.
     registration.stop().await;
+    // Last: what calls spawned on the serving threads ran until now.
+    threads.exit().await;
     if was_lost {
         anyhow::bail!(
             "another replica took this replica's lease over while it did not renew it, and settled its agents; start it again to rejoin"
@@ -479,48 +484,23 @@ async fn drain_on_shutdown(
     Ok(())
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently (a slow
-/// client cannot hold up others), yielding finished TLS streams to tonic.
-fn tls_incoming(
-    listener: TcpListener,
+/// A client's TLS handshake on `tcp`, within `timeout`; `None` (logged at
+/// debug) if it fails or takes longer.
+async fn tls_handshake(
     acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
-    let (sender, receiver) = mpsc::channel(ACCEPT_QUEUE);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = sender.closed() => break,
-            };
-            let (tcp, remote) = match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Usually EMFILE; back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "could not set TCP_NODELAY");
-            }
-            let acceptor = acceptor.clone();
-            let sender = sender.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = sender.send(Ok(stream)).await;
-                    }
-                    Ok(Err(error)) => {
-                        tracing::debug!(client.address = %remote, %error, "tls handshake failed");
-                    }
-                    Err(_) => {
-                        tracing::debug!(client.address = %remote, "tls handshake timed out");
-                    }
-                }
-            });
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(client.address = %remote, %error, "tls handshake failed");
+            None
         }
-    });
-    ReceiverStream::new(receiver)
+        Err(_) => {
+            tracing::debug!(client.address = %remote, "tls handshake timed out");
+            None
+        }
+    }
 }

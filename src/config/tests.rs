@@ -314,3 +314,19 @@ fn agent_types_are_read_and_checked() {
         .expect_err("unknown key");
     assert!(error.contains("timeout"), "{error}");
 }
+
+#[test]
+fn serving_threads_default_to_half_the_cpus_and_a_bad_count_names_its_key() {
+    let config = Config::resolve(FileConfig::default(), &args_with_dir()).expect("config");
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    assert_eq!(config.serving_threads, (cpus / 2).max(1));
+    let file = parse_file("[server]\nserving_threads = 3\n").expect("parse");
+    let config = Config::resolve(file, &args_with_dir()).expect("config");
+    assert_eq!(config.serving_threads, 3);
+    for count in [0, 257] {
+        let file = parse_file(&format!("[server]\nserving_threads = {count}\n")).expect("parse");
+        let error = Config::resolve(file, &args_with_dir()).expect_err("a bad count");
+        assert!(error.to_string().contains("server.serving_threads"), "{error}");
+        assert!(error.to_string().contains("between 1 and 256"), "{error}");
+    }
+}

@@ -22,7 +22,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::ratelimit::RateLimitMetricsSnapshot;
@@ -33,6 +34,8 @@ pub struct Metrics {
     registry: Registry,
     calls: IntCounterVec,
     durations: HistogramVec,
+    /// Open connections per serving thread (`crate::serving`).
+    serving_connections: IntGaugeVec,
     /// The series of each served method, by [`crate::served::Method::index`].
     served: Box<[MethodSeries]>,
     local_address: OnceLock<SocketAddr>,
@@ -118,11 +121,20 @@ impl Metrics {
         )
         .expect("the build series' name and label are valid");
         build_info.set(1);
+        let serving_connections = IntGaugeVec::new(
+            Opts::new(
+                "mosaic_serving_thread_connections",
+                "Client connections open on each serving thread (server.serving_threads).",
+            ),
+            &["thread"],
+        )
+        .expect("the serving threads' gauge name and label are valid");
         let registry = Registry::new();
         for collector in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(durations.clone()),
             Box::new(build_info),
+            Box::new(serving_connections.clone()),
         ] {
             registry
                 .register(collector)
@@ -140,6 +152,7 @@ impl Metrics {
             registry,
             calls,
             durations,
+            serving_connections,
             served: crate::served::all()
                 .iter()
                 .map(|_| MethodSeries::default())
@@ -197,6 +210,17 @@ impl Metrics {
     }
 
     /// The metrics listener's address, once it is bound.
+    /// The open-connection gauges of `threads` serving threads, numbered
+    /// from 0.
+    pub(crate) fn serving_thread_gauges(&self, threads: usize) -> Vec<IntGauge> {
+        (0..threads)
+            .map(|thread| {
+                self.serving_connections
+                    .with_label_values(&[thread.to_string().as_str()])
+            })
+            .collect()
+    }
+
     pub fn local_address(&self) -> Option<SocketAddr> {
         self.local_address.get().copied()
     }

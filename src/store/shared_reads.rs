@@ -9,7 +9,11 @@
 //! diesel-async builds a query's SQL text again on every call, which cost
 //! more CPU than the rest of such a read (BENCHMARKS.md, issue 23).
 //!
-//! The connection is opened on first use and again after it closes (the
+//! Each serving thread (`crate::serving`) has a connection of its own,
+//! driven on that thread, so that a call's read never wakes another
+//! thread; the rest of the daemon shares one more.
+//!
+//! A connection is opened on first use and again after it closes (the
 //! server went away, the network cut it) or after a read on it ran out of
 //! time (it may sit behind a server that stopped answering): the next read
 //! opens a new one, within its own deadline. A read that failed because its
@@ -18,6 +22,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::ThreadId;
 use std::time::Duration;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
@@ -35,8 +40,9 @@ pub(super) struct SharedReads {
     /// `storage.call_timeout_ms`: each read's deadline, and the connection's
     /// statement and TCP user timeout.
     call_timeout: Duration,
-    /// The connection in use, if one is open.
-    current: Mutex<Option<Arc<Link>>>,
+    /// The connections opened: one per serving thread that has read, and
+    /// one (`None`) for every other thread. A handful, so a scan.
+    current: Mutex<Vec<(Option<ThreadId>, Arc<Link>)>>,
     /// Held while a connection is opened, so that the reads arriving then
     /// wait for that one instead of each opening their own.
     opening: tokio::sync::Mutex<()>,
@@ -92,7 +98,7 @@ impl SharedReads {
         SharedReads {
             url,
             call_timeout,
-            current: Mutex::new(None),
+            current: Mutex::new(Vec::new()),
             opening: tokio::sync::Mutex::new(()),
         }
     }
@@ -172,26 +178,30 @@ impl SharedReads {
         let link = tokio::time::timeout_at(deadline, Box::pin(self.open()))
             .await
             .map_err(|_elapsed| no_connection())??;
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&link));
+        let home = crate::serving::serving_thread();
+        let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        current.retain(|(thread, _)| *thread != home);
+        current.push((home, Arc::clone(&link)));
         Ok(link)
     }
 
-    /// The current connection if it is still open; a closed one is let go.
+    /// This thread's connection if it is still open; a closed one is let go.
     fn open_link(&self) -> Option<Arc<Link>> {
+        let home = crate::serving::serving_thread();
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
-        match current.as_ref() {
-            Some(link) if link.is_open() => Some(Arc::clone(link)),
-            Some(_) => {
-                *current = None;
-                None
-            }
-            None => None,
+        let index = current.iter().position(|(thread, _)| *thread == home)?;
+        if current[index].1.is_open() {
+            Some(Arc::clone(&current[index].1))
+        } else {
+            current.swap_remove(index);
+            None
         }
     }
 
     /// Opens a connection set up as the pool's are (TLS, keepalives, the
     /// statement and TCP user timeouts), driving its socket on a task of
-    /// its own that marks it closed when the socket closes.
+    /// its own, on the caller's runtime, that marks it closed when the
+    /// socket closes.
     async fn open(&self) -> Result<Arc<Link>, StoreError> {
         let (client, driver) = pools::open_postgres_client(&self.url, self.call_timeout)
             .await

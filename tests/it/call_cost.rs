@@ -1,13 +1,15 @@
 //! The cost of a call (issue "The cost of a call"): no call opens a
 //! connection of its own to Redis or the database; anonymous health checks
-//! are answered from a probe shared by the calls of one second.
+//! are answered from a probe shared by the calls of one second; calls are
+//! served on serving threads of their own.
 
+use mosaic_mesh::auth::Scope;
 use mosaic_mesh::proto::coordinator as pb;
 use mosaic_mesh::proto::coordinator::coordinator_client::CoordinatorClient;
 use mosaic_mesh::ratelimit::Storage;
 
 use crate::support::Backend;
-use crate::support::daemon::TestEnvironment;
+use crate::support::daemon::{TestEnvironment, with_key};
 use crate::support::redis::PrivateRedis;
 
 /// Connections the Redis server has accepted since it started.
@@ -135,4 +137,82 @@ async fn the_call_log_line_follows_server_access_log() {
         }
         assert_eq!(call_lines, expected_lines, "access_log = {level:?}");
     }
+}
+
+/// The open connections of serving thread `thread`, by `/metrics`.
+async fn open_on_thread(metrics: std::net::SocketAddr, thread: usize) -> f64 {
+    let body = crate::metrics::scrape(metrics).await;
+    crate::metrics::value_of(
+        &body,
+        &format!("mosaic_serving_thread_connections{{thread=\"{thread}\"}}"),
+    )
+    .unwrap_or_else(|| panic!("no gauge for serving thread {thread}: {body}"))
+}
+
+/// Each connection goes to the serving thread with the fewest open, every
+/// thread answers its calls (a `GetJob` reading PostgreSQL on the thread's
+/// own read connection), and a closed connection leaves its thread's count.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_are_spread_over_the_serving_threads_and_leave_them_when_closed() {
+    let environment = TestEnvironment::new(Backend::Postgres).await;
+    let (daemon, metrics) = crate::metrics::daemon_with_metrics(&environment, |config| {
+        config.serving_threads = 2;
+    })
+    .await;
+    let key = daemon.api_key(&[Scope::Coordinator]).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(CoordinatorClient::new(daemon.channel().await));
+    }
+    let job = clients[0]
+        .create_job(with_key(
+            pb::CreateJobRequest {
+                job_type: "review".to_owned(),
+                workspace: "w1".to_owned(),
+                payload_json: "{}".to_owned(),
+                ..pb::CreateJobRequest::default()
+            },
+            &key,
+        ))
+        .await
+        .expect("create a job")
+        .into_inner()
+        .job
+        .expect("the job");
+    for (index, client) in clients.iter_mut().enumerate() {
+        for _ in 0..3 {
+            let found = client
+                .get_job(with_key(
+                    pb::GetJobRequest {
+                        job_id: job.job_id.clone(),
+                    },
+                    &key,
+                ))
+                .await
+                .unwrap_or_else(|status| panic!("GetJob on connection {index}: {status:?}"))
+                .into_inner();
+            assert_eq!(found.job.expect("the job").job_id, job.job_id);
+        }
+    }
+    assert_eq!(open_on_thread(metrics, 0).await, 2.0);
+    assert_eq!(open_on_thread(metrics, 1).await, 2.0);
+
+    drop(clients);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let open = (
+            open_on_thread(metrics, 0).await,
+            open_on_thread(metrics, 1).await,
+        );
+        if open == (0.0, 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections still counted open 10 s after they closed: {open:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    daemon.stop().await;
+    environment.cleanup().await;
 }

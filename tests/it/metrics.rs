@@ -17,7 +17,7 @@ use crate::support::Backend;
 use crate::support::daemon::{TestEnvironment, with_key};
 
 /// A plain HTTP GET of `path`; returns (status line, body).
-async fn http_get(address: std::net::SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn http_get(address: std::net::SocketAddr, path: &str) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect to the metrics listener");
@@ -40,7 +40,7 @@ async fn http_get(address: std::net::SocketAddr, path: &str) -> (String, String)
 /// The value of the series `series`, written as in the text format
 /// (`name{label="value",...}`); the labels may come in any order, as a
 /// Prometheus query matches them.
-fn value_of(text: &str, series: &str) -> Option<f64> {
+pub(crate) fn value_of(text: &str, series: &str) -> Option<f64> {
     let wanted = parse_series(series)?;
     text.lines()
         .filter(|line| !line.starts_with('#'))
@@ -92,7 +92,7 @@ fn parse_series(series: &str) -> Option<(String, Vec<(String, String)>)> {
 
 /// A daemon on SQLite with the metrics listener on, started with `configure`
 /// applied to the test configuration; returns it with its metrics address.
-async fn daemon_with_metrics(
+pub(crate) async fn daemon_with_metrics(
     environment: &TestEnvironment,
     configure: impl FnOnce(&mut mosaic_mesh::config::Config),
 ) -> (crate::support::daemon::TestDaemon, std::net::SocketAddr) {
@@ -105,7 +105,7 @@ async fn daemon_with_metrics(
 }
 
 /// The `/metrics` body, after checking the answer is 200.
-async fn scrape(address: std::net::SocketAddr) -> String {
+pub(crate) async fn scrape(address: std::net::SocketAddr) -> String {
     let (status, body) = http_get(address, "/metrics").await;
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     body
