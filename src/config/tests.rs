@@ -326,7 +326,10 @@ fn serving_threads_default_to_half_the_cpus_and_a_bad_count_names_its_key() {
     for count in [0, 257] {
         let file = parse_file(&format!("[server]\nserving_threads = {count}\n")).expect("parse");
         let error = Config::resolve(file, &args_with_dir()).expect_err("a bad count");
-        assert!(error.to_string().contains("server.serving_threads"), "{error}");
+        assert!(
+            error.to_string().contains("server.serving_threads"),
+            "{error}"
+        );
         assert!(error.to_string().contains("between 1 and 256"), "{error}");
     }
 }
