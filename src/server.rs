@@ -1,7 +1,7 @@
-//! The server: one tonic server on one listener with the Mosaic services,
-//! `grpc.health.v1.Health` and server reflection (v1 and v1alpha), behind the
-//! front door (which records, rate-limits and authenticates each call), over
-//! TLS unless `--plaintext` on loopback.
+//! The server: one listener; the Mosaic services, `grpc.health.v1.Health` and
+//! server reflection (v1 and v1alpha) served by a tonic server on each serving
+//! thread (`serving.rs`), behind the front door (which records, rate-limits
+//! and authenticates each call), over TLS unless `--plaintext` on loopback.
 //!
 //! [`run`] takes its listener and shutdown future as arguments (mini-redis style), so
 //! tests bind `127.0.0.1:0` and stop the daemon when they like.

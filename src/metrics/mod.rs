@@ -209,7 +209,6 @@ impl Metrics {
             .observe(duration.as_secs_f64());
     }
 
-    /// The metrics listener's address, once it is bound.
     /// The open-connection gauges of `threads` serving threads, numbered
     /// from 0.
     pub(crate) fn serving_thread_gauges(&self, threads: usize) -> Vec<IntGauge> {
@@ -221,6 +220,7 @@ impl Metrics {
             .collect()
     }
 
+    /// The metrics listener's address, once it is bound.
     pub fn local_address(&self) -> Option<SocketAddr> {
         self.local_address.get().copied()
     }
