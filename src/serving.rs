@@ -126,9 +126,11 @@ impl ServingThreads {
             let (sockets, incoming) = mpsc::channel::<Handoff>(QUEUE);
             let (finishes, finished_signal) = oneshot::channel();
             let (exits, exited_signal) = oneshot::channel();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = ThreadRuntime(Some(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+            ));
             let thread = Thread {
                 incoming,
                 handshake: handshake.clone(),
@@ -139,6 +141,10 @@ impl ServingThreads {
             std::thread::Builder::new()
                 .name(format!("mosaicd-serve-{index}"))
                 .spawn(move || {
+                    let mut runtime = runtime;
+                    let Some(runtime) = runtime.0.take() else {
+                        return;
+                    };
                     SERVING.with(|serving| serving.set(Some(std::thread::current().id())));
                     runtime.block_on(thread.run(finishes));
                     runtime.shutdown_timeout(EXIT_PATIENCE);
@@ -185,6 +191,20 @@ impl Drop for ServingThreads {
     /// Stops accepting, and tells the threads to exit without waiting.
     fn drop(&mut self) {
         self.accepting.abort();
+    }
+}
+
+/// A serving thread's runtime on its way to the thread. Should the thread
+/// not start, it is dropped where `start` runs, inside the main runtime,
+/// where dropping a runtime the usual way (waiting for its tasks) panics:
+/// it has none yet, so it is let go without waiting.
+struct ThreadRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for ThreadRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -385,5 +405,21 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ThreadRuntime;
+
+    #[tokio::test]
+    async fn a_runtime_whose_thread_did_not_start_is_dropped_without_a_panic() {
+        // As when `std::thread::Builder::spawn` fails inside `start`: the
+        // runtime meant for the thread is dropped on the main runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        drop(ThreadRuntime(Some(runtime)));
     }
 }
