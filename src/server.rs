@@ -32,7 +32,7 @@ use crate::proto::federation::federation_server::FederationServer;
 use crate::proto::replica::replica_server::ReplicaServer;
 use crate::ratelimit::RateLimiter;
 use crate::replicas::service::ReplicaService;
-use crate::serving::ServingThreads;
+use crate::serving::{AbortOnDrop, ServingThreads};
 use crate::store::Store;
 
 /// How long a starting replica waits for another that is migrating the
@@ -329,9 +329,7 @@ pub async fn serve(
         ServingThreads::start(listener, open_connections, handshake, serve, stop_signal)
     }
     .context("cannot start the serving threads")?;
-    let serving: std::pin::Pin<
-        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-    > = Box::pin(threads.finished());
+    let serving = threads.finished();
     // Notice delivery, liveness pings and pruning run while the server does and
     // stop with it (the guard aborts the task when dropped).
     let _federation_background = shared.federation.start_background();
@@ -423,16 +421,6 @@ pub async fn serve(
     drained
 }
 
-/// Aborts a background task (the metrics endpoint, the pruning) when dropped
-/// (when serving stops).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Binds and serves `/metrics` if `metrics_listen` is set.
 async fn start_metrics_endpoint(shared: &Shared) -> anyhow::Result<Option<AbortOnDrop>> {
     let Some(address) = shared.config.metrics_listen else {
@@ -460,13 +448,12 @@ async fn start_metrics_endpoint(shared: &Shared) -> anyhow::Result<Option<AbortO
 /// Runs `serving`; when `shutdown` fires, stops accepting and gives in-flight calls
 /// `grace` to finish.
 async fn drain_on_shutdown(
-    mut serving: std::pin::Pin<
-        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
-    >,
+    serving: impl Future<Output = Result<(), tonic::transport::Error>>,
     shutdown: impl Future<Output = ()>,
     stop_serving: tokio::sync::oneshot::Sender<()>,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    tokio::pin!(serving);
     tokio::select! {
         result = &mut serving => return result.context("the server stopped"),
         () = shutdown => {}

@@ -59,11 +59,12 @@ pub(crate) struct ServingThreads {
     finished: Vec<oneshot::Receiver<Finished>>,
     /// Dropped to tell the threads to exit (their runtimes, and what still
     /// runs there, are dropped).
-    exit: Option<watch::Sender<()>>,
+    exit: watch::Sender<()>,
     /// Sent by each thread once its runtime is gone.
     exited: Vec<oneshot::Receiver<()>>,
-    /// The accepting task, on the main runtime.
-    accepting: tokio::task::JoinHandle<()>,
+    /// The accepting task, on the main runtime; dropping the handle stops
+    /// accepting (and the threads, told by the dropped `exit`, end).
+    _accepting: AbortOnDrop,
 }
 
 /// One accepted socket on its way to a serving thread, counted in that
@@ -156,9 +157,9 @@ impl ServingThreads {
         }
         Ok(ServingThreads {
             finished,
-            exit: Some(exit),
+            exit,
             exited,
-            accepting: tokio::spawn(accept(listener, targets, stop, stop_serving)),
+            _accepting: AbortOnDrop(tokio::spawn(accept(listener, targets, stop, stop_serving))),
         })
     }
 
@@ -179,18 +180,12 @@ impl ServingThreads {
 
     /// Tells the threads to exit and waits until they have: what calls
     /// spawned there is dropped, and every connection is closed.
-    pub(crate) async fn exit(mut self) {
-        self.exit = None;
-        for exited in std::mem::take(&mut self.exited) {
+    pub(crate) async fn exit(self) {
+        let ServingThreads { exit, exited, .. } = self;
+        drop(exit);
+        for exited in exited {
             let _ = exited.await;
         }
-    }
-}
-
-impl Drop for ServingThreads {
-    /// Stops accepting, and tells the threads to exit without waiting.
-    fn drop(&mut self) {
-        self.accepting.abort();
     }
 }
 
@@ -399,8 +394,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
     }
 }
 
-/// Aborts the handshakes' task when the server stops.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a task when dropped: here the accepting task and a thread's
+/// handshakes; in `server.rs` the background tasks that stop with serving.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
