@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use mosaic_mesh::cli::{LogFormat, dispatch};
-use mosaic_mesh::metrics::access_line::AccessLineFormat;
+use mosaic_mesh::metrics::access_line::{self, AccessLineFormat, Shape};
 
 /// jemalloc, which gives freed memory back to the system, so the daemon's
 /// resident size follows its live heap under sustained load (see Cargo.toml).
@@ -54,20 +54,30 @@ fn init_tracing(
         },
     )?;
     let (writer, guard) = mosaic_mesh::metrics::log_writer::stderr();
+    let coloured = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::stderr().is_terminal());
-    // The access line, written on every call, by a formatter of its own.
+        .with_writer(writer.clone())
+        .with_ansi(coloured);
+    // The access line, written on every call, by a formatter of its own,
+    // and where the log has no colours, straight into the log's buffer.
     let standard = tracing_subscriber::fmt::format;
     match format {
-        LogFormat::Text => builder
-            .event_format(AccessLineFormat::text(standard()))
-            .init(),
-        LogFormat::Json => builder
-            .json()
-            .event_format(AccessLineFormat::json(standard().json()))
-            .init(),
+        LogFormat::Text => {
+            builder
+                .event_format(AccessLineFormat::text(standard()))
+                .init();
+            if !coloured {
+                access_line::write_straight_to(writer, Shape::Text);
+            }
+        }
+        LogFormat::Json => {
+            builder
+                .json()
+                .event_format(AccessLineFormat::json(standard().json()))
+                .init();
+            access_line::write_straight_to(writer, Shape::Json);
+        }
     }
     Ok(guard)
 }

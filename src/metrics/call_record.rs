@@ -14,6 +14,7 @@ use std::time::Instant;
 use http_body::Frame;
 
 use super::Metrics;
+use super::access_line::{self, AccessLine, ClientAddress};
 use super::settings::AccessLog;
 use crate::auth::Caller;
 
@@ -162,6 +163,29 @@ struct LineFields {
     client: Option<std::net::SocketAddr>,
 }
 
+/// Writes an access line at `$level` if tracing's filter lets it through:
+/// straight into the log where it can, else as a tracing event with the
+/// same fields. A macro because a tracing call site's level is part of it.
+macro_rules! log_access {
+    ($level:expr, $line:expr) => {{
+        let line: &AccessLine<'_> = $line;
+        if tracing::event_enabled!(
+            target: access_line::TARGET,
+            $level,
+            message, rpc.service, rpc.method, caller, client, code, duration_ms
+        ) && !access_line::write_straight($level, line)
+        {
+            tracing::event!(
+                target: access_line::TARGET,
+                $level,
+                rpc.service = %line.service, rpc.method = %line.method, caller = %line.caller,
+                client = %ClientAddress(line.client), code = line.code, duration_ms = line.duration_ms,
+                "call"
+            );
+        }
+    }};
+}
+
 impl CallRecorder {
     fn record(&mut self, code: &str) {
         if self.recorded {
@@ -182,40 +206,18 @@ impl CallRecorder {
         let Some(line) = &self.line else {
             return;
         };
-        let (service, method) = (self.labels.service(), self.labels.method());
-        let code = crate::error::code_name(code);
-        let duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
-        let caller = line.caller.as_ref().unwrap_or(&Caller::Anonymous);
-        let client = ClientAddress(line.client);
-        // The level of a tracing event is part of its static call site, so
-        // each level has its own.
+        let line = AccessLine {
+            service: self.labels.service(),
+            method: self.labels.method(),
+            caller: line.caller.as_ref().unwrap_or(&Caller::Anonymous),
+            client: line.client,
+            code: crate::error::code_name(code),
+            duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        };
         match self.access_log {
-            AccessLog::Info => tracing::event!(
-                target: super::access_line::TARGET,
-                tracing::Level::INFO,
-                rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
-                "call"
-            ),
-            AccessLog::Debug => tracing::event!(
-                target: super::access_line::TARGET,
-                tracing::Level::DEBUG,
-                rpc.service = %service, rpc.method = %method, caller = %caller, client = %client, code, duration_ms,
-                "call"
-            ),
+            AccessLog::Info => log_access!(tracing::Level::INFO, &line),
+            AccessLog::Debug => log_access!(tracing::Level::DEBUG, &line),
             AccessLog::Off => {}
-        }
-    }
-}
-
-/// A client's address as the log line shows it, written straight into the
-/// line: `-` when the server does not know it.
-struct ClientAddress(Option<std::net::SocketAddr>);
-
-impl std::fmt::Display for ClientAddress {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(address) => address.fmt(formatter),
-            None => formatter.write_str("-"),
         }
     }
 }

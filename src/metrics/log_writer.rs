@@ -73,7 +73,7 @@ pub struct LogWriter {
 impl LogWriter {
     /// Appends one formatted line, or drops and counts it when the buffer
     /// is full or the log closed. Never waits for the log's thread.
-    fn push(&self, line: &[u8]) {
+    pub(crate) fn push(&self, line: &[u8]) {
         let mut pending = self.shared.pending();
         if pending.closing || pending.bytes.len() + line.len() > self.shared.limit_bytes {
             drop(pending);
