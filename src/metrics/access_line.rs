@@ -83,10 +83,14 @@ where
     ) -> fmt::Result {
         let metadata = event.metadata();
         let styled = self.shape == Shape::Text && writer.has_ansi_escapes();
-        if metadata.target() != TARGET || styled || context.event_scope().is_some() {
+        let now = SystemTime::now();
+        // A clock before 1970 is `humantime`'s panic and
+        // `tracing-subscriber`'s negative year.
+        let before_1970 = now < SystemTime::UNIX_EPOCH;
+        if metadata.target() != TARGET || styled || before_1970 || context.event_scope().is_some() {
             return self.other.format_event(context, writer, event);
         }
-        let now = humantime::format_rfc3339_micros(SystemTime::now());
+        let now = humantime::format_rfc3339_micros(now);
         let level = metadata.level();
         // Pieces are written as they are, not through `write!`'s format
         // strings.
@@ -465,20 +469,21 @@ impl LineBuffer {
 
     /// `now` as `humantime::format_rfc3339_micros` writes it
     /// (`2026-12-06T20:41:18.018829Z`), its second from the last line's
-    /// when they are the same.
+    /// when they are the same; an error before 1970 (where `humantime`
+    /// panics) and after 9999, which tracing's formatter then writes.
     fn timestamp(&mut self, now: SystemTime) -> fmt::Result {
         let Ok(since_epoch) = now.duration_since(SystemTime::UNIX_EPOCH) else {
-            return write!(self.text, "{}", humantime::format_rfc3339_micros(now));
+            return Err(fmt::Error);
         };
         let second = since_epoch.as_secs();
         if self.second_text.is_empty() || self.second != second {
             self.second_text.clear();
             let whole = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(second);
-            write!(
-                self.second_text,
-                "{}",
-                humantime::format_rfc3339_seconds(whole)
-            )?;
+            let text = humantime::format_rfc3339_seconds(whole);
+            if write!(self.second_text, "{text}").is_err() {
+                self.second_text.clear();
+                return Err(fmt::Error);
+            }
             // Without the `Z`.
             self.second_text.pop();
             self.second = second;
@@ -787,6 +792,25 @@ mod tests {
             "api_key:key\"quoted\"\\\u{1b}[31m\ttab\u{7f}é"
         );
         assert_eq!(second["fields"]["client"], "[2001:db8::1]:443");
+    }
+
+    #[test]
+    fn a_time_before_1970_or_after_9999_is_left_to_tracing_without_a_panic() {
+        use std::time::Duration;
+        let callers = awkward_callers();
+        let calls = awkward_calls(&callers);
+        let times = [
+            SystemTime::UNIX_EPOCH - Duration::from_secs(1),
+            humantime::parse_rfc3339("9999-12-31T23:59:59Z").expect("time")
+                + Duration::from_secs(1),
+        ];
+        for now in times {
+            for shape in [Shape::Text, Shape::Json] {
+                let mut buffer = LineBuffer::new();
+                let written = buffer.format(shape, tracing::Level::INFO, now, &calls[0]);
+                assert!(written.is_err(), "{now:?} {shape:?}: {}", buffer.text);
+            }
+        }
     }
 
     #[test]
