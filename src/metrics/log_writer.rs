@@ -64,7 +64,8 @@ impl Shared {
     }
 }
 
-/// The handle `tracing-subscriber` writes its lines through; cheap to clone.
+/// The handle `tracing-subscriber` writes its lines through, and the access
+/// line its own (`super::access_line::write_straight`); cheap to clone.
 #[derive(Clone)]
 pub struct LogWriter {
     shared: Arc<Shared>,
