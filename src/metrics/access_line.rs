@@ -380,21 +380,23 @@ mod tests {
         tracing::info!(target: TARGET, "call \u{1b}[2J\u{7}\u{9b}2J plain é");
     }
 
-    /// What a `tracing-subscriber` of `builder`'s settings writes for
-    /// [`emit`] with `format`, split into lines.
+    /// What a `tracing-subscriber` of `builder`'s settings writes with
+    /// `format` for the events `emit` makes ([`emit`] here), split into
+    /// lines.
     macro_rules! lines {
-        ($builder:expr, $format:expr) => {{
-            let captured = Captured::default();
+        ($builder:expr, $format:expr, $emit:expr) => {{
+            let captured = $crate::metrics::access_line::tests::Captured::default();
             let subscriber = $builder
                 .with_max_level(tracing::Level::DEBUG)
                 .with_writer(captured.clone())
                 .event_format($format)
                 .finish();
-            tracing::subscriber::with_default(subscriber, emit);
+            tracing::subscriber::with_default(subscriber, $emit);
             let lines: Vec<String> = captured.text().lines().map(str::to_owned).collect();
             lines
         }};
     }
+    pub(super) use lines;
 
     /// A line without its timestamp, after checking the timestamp's shape
     /// (`2026-12-06T20:41:18.018829Z`), which comes after `opening`.
@@ -409,8 +411,8 @@ mod tests {
     fn text_lines_are_tracing_subscribers_own() {
         let format = tracing_subscriber::fmt::format;
         let plain = || tracing_subscriber::fmt().with_ansi(false);
-        let written = lines!(plain(), AccessLineFormat::text(format()));
-        let expected = lines!(plain(), format());
+        let written = lines!(plain(), AccessLineFormat::text(format()), emit);
+        let expected = lines!(plain(), format(), emit);
         assert_eq!(written.len(), 8, "{written:?}");
         assert_eq!(expected.len(), 8, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
@@ -432,8 +434,8 @@ mod tests {
     fn coloured_text_is_left_to_tracing_subscriber() {
         let format = tracing_subscriber::fmt::format;
         let coloured = || tracing_subscriber::fmt().with_ansi(true);
-        let written = lines!(coloured(), AccessLineFormat::text(format()));
-        let expected = lines!(coloured(), format());
+        let written = lines!(coloured(), AccessLineFormat::text(format()), emit);
+        let expected = lines!(coloured(), format(), emit);
         assert_eq!(written.len(), 8, "{written:?}");
         for (ours, theirs) in written.iter().zip(&expected) {
             // The timestamp is dimmed: it follows the style's opening.
@@ -445,8 +447,8 @@ mod tests {
     fn json_lines_are_tracing_subscribers_own() {
         let format = || tracing_subscriber::fmt::format().json();
         let json = || tracing_subscriber::fmt().json();
-        let written = lines!(json(), AccessLineFormat::json(format()));
-        let expected = lines!(json(), format());
+        let written = lines!(json(), AccessLineFormat::json(format()), emit);
+        let expected = lines!(json(), format(), emit);
         assert_eq!(written.len(), 8, "{written:?}");
         assert_eq!(expected.len(), 8, "{expected:?}");
         for (ours, theirs) in written.iter().zip(&expected) {

@@ -223,7 +223,7 @@ fn write_client(out: &mut String, client: Option<SocketAddr>) -> fmt::Result {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{Captured, untimed};
+    use super::super::tests::{lines, untimed};
     use super::*;
 
     /// Lines of `LineBuffer::format` for each of `calls`, beside what
@@ -232,13 +232,7 @@ mod tests {
     macro_rules! straight_and_theirs {
         ($shape:expr, $builder:expr, $format:expr, $calls:expr) => {{
             let calls: &[AccessLine<'_>] = $calls;
-            let captured = Captured::default();
-            let subscriber = $builder
-                .with_max_level(tracing::Level::DEBUG)
-                .with_writer(captured.clone())
-                .event_format($format)
-                .finish();
-            tracing::subscriber::with_default(subscriber, || {
+            let theirs = lines!($builder, $format, || {
                 for line in calls {
                     tracing::event!(
                         target: TARGET,
@@ -250,7 +244,6 @@ mod tests {
                     );
                 }
             });
-            let theirs: Vec<String> = captured.text().lines().map(str::to_owned).collect();
             let ours: Vec<String> = calls
                 .iter()
                 .map(|line| {
